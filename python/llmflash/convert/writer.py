@@ -1,0 +1,130 @@
+"""StoreWriter: writes a store atomically (a temporary sibling folder, renamed when complete).
+
+Converters hand it the canonical resident tensors and, layer by layer, the FFN matrices in
+Hugging Face layout; it bundles neuron i's gate row, up row, down column (and fc1 bias) into
+one contiguous record (llmflash.store documents the format), pads each layer's region to 4 KiB
+and records a CRC-32 per region. An interrupted conversion leaves only the temporary folder,
+which is removed on the way out (and ignored, never read, if the process was killed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import store as S
+from ..errors import ConvertError
+from ..models.config import ModelConfig
+
+
+class StoreWriter:
+    def __init__(self, dst: str | os.PathLike[str], config: ModelConfig, dtype: str = "float16",
+                 source: str = "", force: bool = False):
+        if dtype not in S.DTYPES:
+            raise ConvertError(f"unsupported dtype {dtype!r}; choose one of {sorted(S.DTYPES)}")
+        config.validate()
+        self.dst = Path(dst)
+        if self.dst.exists() and not force:
+            raise ConvertError("destination already exists (pass --force to replace it)", self.dst)
+        self.config, self.dtype_name, self.dtype = config, dtype, S.DTYPES[dtype]
+        self.source = source
+        self.tmp = self.dst.parent / f".{self.dst.name}.tmp-{os.getpid()}"
+        self.force = force
+        self.regions = S.plan_regions(config, dtype)
+        self.layers: list[dict[str, Any] | None] = [None] * config.n_layers
+        self.extra: dict[str, Any] = {}
+        self._ffn = None
+
+    # -- context management: anything but a clean exit removes the temporary folder ---------------
+    def __enter__(self) -> "StoreWriter":
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.dst.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir()
+        self._ffn = open(self.tmp / S.FFN, "wb")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._ffn is not None and not self._ffn.closed:
+            self._ffn.close()
+        if exc_type is None:
+            self._finish()
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- contents -------------------------------------------------------------------------------------
+    def write_resident(self, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        want = S.expected_resident(self.config)
+        missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+        if missing or extra:
+            raise ConvertError(f"resident tensors do not match the config: missing {missing[:5]}, extra {extra[:5]}")
+        out = {}
+        for name, shape in want.items():
+            t = tensors[name]
+            if tuple(t.shape) != shape:
+                raise ConvertError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+            out[name] = t.detach().to(self.dtype).contiguous()
+        save_file(out, str(self.tmp / S.RESIDENT), metadata={"format": S.FORMAT})
+
+    def write_layer(self, i: int, up: torch.Tensor, down: torch.Tensor, gate: torch.Tensor | None = None,
+                    bias: torch.Tensor | None = None) -> None:
+        """Layer i's FFN in HF layout: gate/up (n, dim), down (dim, n), bias (n,). In order."""
+        if i != sum(x is not None for x in self.layers):
+            raise ConvertError(f"layers must be written in order (got {i})")
+        c, n = self.config, self.config.ffn_dims[i]
+        parts = {"gate": gate, "up": up, "down": None if down is None else down.t(), "bias": bias}
+        cols = []
+        for name, k in c.bundle_fields:
+            t = parts[name]
+            if t is None:
+                raise ConvertError(f"layer {i}: missing FFN tensor {name!r}")
+            t = t.detach().reshape(n, k) if k == 1 else t.detach()
+            if tuple(t.shape) != (n, k):
+                raise ConvertError(f"layer {i}: FFN {name} has shape {tuple(t.shape)}, expected {(n, k)}")
+            cols.append(t.to(self.dtype))
+        bundles = torch.cat(cols, dim=1).contiguous()                    # (n, bundle_values)
+        payload = bundles.view(torch.uint8).numpy().tobytes()
+        offset, bb, region = self.regions[i]
+        assert len(payload) == n * bb and self._ffn is not None
+        if self._ffn.tell() != offset:
+            raise ConvertError(f"layer {i}: internal offset mismatch {self._ffn.tell()} != {offset}")
+        self._ffn.write(payload)
+        self._ffn.write(b"\0" * (region - len(payload)))
+        self.layers[i] = S.LayerRegion(i, offset, n, bb, region, tuple(c.bundle_fields),
+                                       zlib.crc32(payload), None).to_dict()
+
+    def write_tokenizer(self, tokenizer_json: str | bytes, chat_template: str | None = None) -> None:
+        data = tokenizer_json.encode() if isinstance(tokenizer_json, str) else tokenizer_json
+        (self.tmp / S.TOKENIZER).write_bytes(data)
+        if chat_template:
+            self.extra["chat_template"] = chat_template
+
+    def _finish(self) -> None:
+        missing = [i for i, L in enumerate(self.layers) if L is None]
+        if missing:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise ConvertError(f"conversion incomplete: FFN layers {missing[:5]} not written")
+        if not (self.tmp / S.RESIDENT).exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise ConvertError("conversion incomplete: resident weights not written")
+        ffn_bytes = (self.tmp / S.FFN).stat().st_size
+        manifest = {
+            "format": S.FORMAT, "version": S.VERSION, "dtype": self.dtype_name, "source": self.source,
+            "config": self.config.to_dict(), "ffn_bytes": ffn_bytes, "alignment": S.ALIGN,
+            "layers": self.layers, "chat_template": self.extra.get("chat_template"),
+        }
+        (self.tmp / S.MANIFEST).write_text(json.dumps(manifest, indent=1))
+        for name in os.listdir(self.tmp):                                 # durable before visible
+            with open(self.tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        if self.dst.exists():
+            shutil.rmtree(self.dst) if self.dst.is_dir() else self.dst.unlink()
+        os.replace(self.tmp, self.dst)

@@ -1,0 +1,300 @@
+"""The llmflash store: a folder that holds one converted model.
+
+    manifest.json           format/version, ModelConfig, dtype, per-layer FFN regions (below)
+    resident.safetensors    what stays in DRAM: embeddings, attention, norms, LM head
+                            (canonical names: llmflash.models.config)
+    ffn.bin                 per layer, its neurons as row-column bundles
+    tokenizer.json          the tokenizer (`tokenizers` format), when the source had one
+    predictors.safetensors  per-layer sparsity predictors, once calibrated
+
+ffn.bin: layer i's region starts at `layers[i].offset` (a multiple of ALIGN = 4096, so direct
+I/O can address it) and holds `n_neurons` bundles back to back, `bundle_bytes` each, padded
+with zeros to `region_bytes` (a multiple of ALIGN). Bundle j is neuron `order[j]` (identity
+when `order` is null) and holds, in the store dtype, little-endian:
+    gate  (dim values)   row j of gate_proj.weight     (SwiGLU models only)
+    up    (dim values)   row j of up_proj / fc1.weight
+    down  (dim values)   column j of down_proj / fc2.weight
+    bias  (1 value)      fc1.bias[j]                    (OPT only)
+so one contiguous read brings everything neuron j contributes. `crc32` (zlib's CRC-32) covers
+the `n_neurons * bundle_bytes` payload bytes of the region.
+
+Every manifest is treated as hostile: sizes are capped, arithmetic is checked against the real
+file sizes, and every problem is a StoreError naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import StoreError
+from .models.config import ModelConfig
+
+FORMAT = "llmflash-store"
+VERSION = 1
+ALIGN = 4096
+MANIFEST = "manifest.json"
+RESIDENT = "resident.safetensors"
+FFN = "ffn.bin"
+TOKENIZER = "tokenizer.json"
+PREDICTORS = "predictors.safetensors"
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_FILE_BYTES = 1 << 50
+
+DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+}
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+def align_up(n: int, a: int = ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class LayerRegion:
+    """Where layer i's bundles live in ffn.bin."""
+
+    index: int
+    offset: int
+    n_neurons: int
+    bundle_bytes: int
+    region_bytes: int
+    fields: tuple[tuple[str, int], ...]
+    crc32: int
+    order: tuple[int, ...] | None   # store position -> original neuron id; None = identity
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.n_neurons * self.bundle_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "offset": self.offset,
+            "n_neurons": self.n_neurons,
+            "bundle_bytes": self.bundle_bytes,
+            "region_bytes": self.region_bytes,
+            "fields": [list(f) for f in self.fields],
+            "crc32": self.crc32,
+            "order": list(self.order) if self.order is not None else None,
+        }
+
+
+def plan_regions(config: ModelConfig, dtype: str) -> list[tuple[int, int, int]]:
+    """(offset, bundle_bytes, region_bytes) per layer for a new store, regions back to back."""
+    bundle_bytes = config.bundle_values * ITEMSIZE[dtype]
+    out, offset = [], 0
+    for n in config.ffn_dims:
+        region = align_up(n * bundle_bytes)
+        out.append((offset, bundle_bytes, region))
+        offset += region
+    return out
+
+
+def expected_resident(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical resident tensor names and shapes for a config (see models/config.py)."""
+    c, d, e = config, config.dim, config.embed_dim
+    want: dict[str, tuple[int, ...]] = {"embed.weight": (c.vocab_size, e)}
+    if c.learned_pos:
+        want["pos_embed.weight"] = (c.max_positions + c.pos_offset, d)
+    if e != d:
+        want["project_in.weight"] = (d, e)
+        want["project_out.weight"] = (e, d)
+    norm_names = ["attn_norm", "ffn_norm"]
+    for i in range(c.n_layers):
+        q, kv = c.n_heads[i] * c.head_dim, c.n_kv_heads[i] * c.head_dim
+        p = f"layers.{i}."
+        for n in norm_names:
+            want[p + n + ".weight"] = (d,)
+            if c.norm == "layer":
+                want[p + n + ".bias"] = (d,)
+        for n, rows, cols in (("q", q, d), ("k", kv, d), ("v", kv, d), ("o", d, q)):
+            want[p + f"attn.{n}.weight"] = (rows, cols)
+            if c.attn_bias:
+                want[p + f"attn.{n}.bias"] = (rows,)
+        if c.qk_norm:
+            want[p + "attn.q_norm.weight"] = (c.head_dim,)
+            want[p + "attn.k_norm.weight"] = (c.head_dim,)
+        if c.ffn_bias:
+            want[p + "ffn.down_bias"] = (d,)
+    if c.final_norm:
+        want["norm.weight"] = (d,)
+        if c.norm == "layer":
+            want["norm.bias"] = (d,)
+    if not c.tie_embeddings:
+        want["lm_head.weight"] = (c.vocab_size, e)
+    return want
+
+
+def _int(v: Any, what: str, path: Path, lo: int = 0, hi: int = MAX_FILE_BYTES) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise StoreError(f"{what} = {v!r:.60} is not an integer in [{lo}, {hi}]", path)
+    return v
+
+
+class Store:
+    """An opened, validated store. Cheap to open: nothing large is read until asked for."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise StoreError("no such store folder", self.path)
+        if not self.path.is_dir():
+            raise StoreError("a store is a folder (made by `llmflash convert`), this is a file", self.path)
+        mpath = self.path / MANIFEST
+        for name in (MANIFEST, RESIDENT, FFN):
+            if not (self.path / name).is_file():
+                raise StoreError(f"missing {name}: not a complete llmflash store", self.path / name)
+        size = mpath.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise StoreError(f"manifest is {size} bytes, over the {MAX_MANIFEST_BYTES} cap", mpath)
+        try:
+            m = json.loads(mpath.read_bytes())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise StoreError(f"manifest is not valid JSON ({e})", mpath) from None
+        if not isinstance(m, dict):
+            raise StoreError("manifest is not a JSON object", mpath)
+        self.manifest: dict[str, Any] = m
+        self._validate(m, mpath)
+
+    # -- validation ------------------------------------------------------------------------
+    def _validate(self, m: dict[str, Any], mpath: Path) -> None:
+        if m.get("format") != FORMAT:
+            raise StoreError(f"format is {m.get('format')!r:.40}, expected {FORMAT!r}", mpath)
+        if m.get("version") != VERSION:
+            raise StoreError(
+                f"unknown format version {m.get('version')!r:.20} (this llmflash reads version {VERSION}); "
+                "re-run `llmflash convert` or upgrade llmflash", mpath)
+        dtype = m.get("dtype")
+        if dtype not in DTYPES:
+            raise StoreError(f"dtype {dtype!r:.40} is not one of {sorted(DTYPES)}", mpath)
+        self.dtype_name: str = dtype
+        self.dtype: torch.dtype = DTYPES[dtype]
+        try:
+            cfg = m.get("config")
+            if not isinstance(cfg, dict):
+                raise ValueError("missing config object")
+            self.config = ModelConfig.from_dict(cfg)
+            self.config.validate()
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"bad config: {e}", mpath) from None
+        ffn_path = self.path / FFN
+        ffn_size = ffn_path.stat().st_size
+        declared = _int(m.get("ffn_bytes"), "ffn_bytes", mpath)
+        if ffn_size != declared:
+            raise StoreError(
+                f"file is {ffn_size} bytes but the manifest says {declared}: truncated or replaced", ffn_path)
+        layers = m.get("layers")
+        if not isinstance(layers, list) or len(layers) != self.config.n_layers:
+            raise StoreError(f"layers must list {self.config.n_layers} regions", mpath)
+        want_fields = tuple((n, k) for n, k in self.config.bundle_fields)
+        want_bundle = self.config.bundle_values * ITEMSIZE[dtype]
+        regions, end = [], 0
+        for i, L in enumerate(layers):
+            if not isinstance(L, dict):
+                raise StoreError(f"layers[{i}] is not an object", mpath)
+            off = _int(L.get("offset"), f"layers[{i}].offset", mpath)
+            n = _int(L.get("n_neurons"), f"layers[{i}].n_neurons", mpath, 1, 1 << 24)
+            bb = _int(L.get("bundle_bytes"), f"layers[{i}].bundle_bytes", mpath, 1, 1 << 30)
+            rb = _int(L.get("region_bytes"), f"layers[{i}].region_bytes", mpath)
+            crc = _int(L.get("crc32"), f"layers[{i}].crc32", mpath, 0, 0xFFFFFFFF)
+            try:
+                fields = tuple((str(a), int(b)) for a, b in L.get("fields", []))
+            except (TypeError, ValueError):
+                raise StoreError(f"layers[{i}].fields is malformed", mpath) from None
+            if n != self.config.ffn_dims[i]:
+                raise StoreError(f"layers[{i}].n_neurons = {n} but config.ffn_dims[{i}] = {self.config.ffn_dims[i]}", mpath)
+            if fields != want_fields or bb != want_bundle:
+                raise StoreError(f"layers[{i}] bundle layout {fields}/{bb} B does not match the config "
+                                 f"({want_fields}/{want_bundle} B)", mpath)
+            if off % ALIGN or rb % ALIGN:
+                raise StoreError(f"layers[{i}] offset {off} / size {rb} not {ALIGN}-byte aligned", mpath)
+            if rb < n * bb or rb > n * bb + ALIGN:
+                raise StoreError(f"layers[{i}].region_bytes = {rb} does not hold {n} bundles of {bb} B", mpath)
+            if off < end:
+                raise StoreError(f"layers[{i}] region at {off} overlaps the previous one (ends at {end})", mpath)
+            end = off + rb
+            if end > ffn_size:
+                raise StoreError(f"layers[{i}] region [{off}, {end}) lies outside ffn.bin ({ffn_size} bytes)", mpath)
+            order = L.get("order")
+            if order is not None:
+                if not isinstance(order, list) or len(order) != n or sorted(order) != list(range(n)):
+                    raise StoreError(f"layers[{i}].order is not a permutation of 0..{n - 1}", mpath)
+                order = tuple(order)
+            regions.append(LayerRegion(i, off, n, bb, rb, fields, crc, order))
+        self.layers: list[LayerRegion] = regions
+        self.ffn_path = ffn_path
+
+    # -- contents --------------------------------------------------------------------------
+    @property
+    def chat_template(self) -> str | None:
+        t = self.manifest.get("chat_template")
+        return t if isinstance(t, str) else None
+
+    def resident(self) -> dict[str, torch.Tensor]:
+        """Load resident.safetensors, checking every canonical name and shape is there."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        rpath = self.path / RESIDENT
+        try:
+            tensors = load_file(str(rpath))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise StoreError(f"cannot read resident weights: {e}", rpath) from None
+        want = expected_resident(self.config)
+        missing = sorted(set(want) - set(tensors))
+        if missing:
+            raise StoreError(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}", rpath)
+        extra = sorted(set(tensors) - set(want))
+        if extra:
+            raise StoreError(f"unexpected tensors {extra[:5]}", rpath)
+        for name, shape in want.items():
+            if tuple(tensors[name].shape) != shape:
+                raise StoreError(f"{name} has shape {tuple(tensors[name].shape)}, expected {shape}", rpath)
+        return tensors
+
+    def read_layer(self, i: int, verify: bool = True) -> torch.Tensor:
+        """Layer i's bundles, (n_neurons, bundle_values) in the store dtype, read whole (buffered)."""
+        L = self.layers[i]
+        buf = np.empty(L.payload_bytes, dtype=np.uint8)
+        with open(self.ffn_path, "rb") as f:
+            f.seek(L.offset)
+            got = f.readinto(memoryview(buf))
+        if got != L.payload_bytes:
+            raise StoreError(f"short read of layer {i} at offset {L.offset}: {got} of {L.payload_bytes} bytes",
+                             self.ffn_path)
+        if verify and zlib.crc32(buf) != L.crc32:
+            raise StoreError(f"checksum mismatch in layer {i}'s region at offset {L.offset}: the file is corrupt",
+                             self.ffn_path)
+        t = torch.from_numpy(buf).view(self.dtype)
+        return t.view(L.n_neurons, -1)
+
+    def tokenizer(self):
+        """The store's `tokenizers.Tokenizer`, or None when the source shipped none."""
+        tpath = self.path / TOKENIZER
+        if not tpath.is_file():
+            return None
+        from tokenizers import Tokenizer
+
+        try:
+            return Tokenizer.from_file(str(tpath))
+        except Exception as e:  # tokenizers raises a bare Exception subclass
+            raise StoreError(f"cannot read tokenizer: {e}", tpath) from None
+
+
+def split_bundles(bundles: torch.Tensor, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Views of a (n, bundle_values) bundle matrix as gate/up/down (n, dim) and bias (n,)."""
+    out, col = {}, 0
+    for name, k in config.bundle_fields:
+        out[name] = bundles[:, col:col + k] if k > 1 else bundles[:, col]
+        col += k
+    return out
