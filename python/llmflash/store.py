@@ -45,6 +45,7 @@ RESIDENT = "resident.safetensors"
 FFN = "ffn.bin"
 TOKENIZER = "tokenizer.json"
 PREDICTORS = "predictors.safetensors"
+KNOWN_FILES = frozenset({MANIFEST, RESIDENT, FFN, TOKENIZER, PREDICTORS})
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_FILE_BYTES = 1 << 50
 
@@ -154,6 +155,10 @@ class Store:
         for name in (MANIFEST, RESIDENT, FFN):
             if not (self.path / name).is_file():
                 raise StoreError(f"missing {name}: not a complete llmflash store", self.path / name)
+        for name in sorted(os.listdir(self.path)):
+            if name not in KNOWN_FILES and not name.startswith("."):
+                raise StoreError("unexpected file in the store (a store holds only "
+                                 f"{', '.join(sorted(KNOWN_FILES))})", self.path / name)
         size = mpath.stat().st_size
         if size > MAX_MANIFEST_BYTES:
             raise StoreError(f"manifest is {size} bytes, over the {MAX_MANIFEST_BYTES} cap", mpath)
