@@ -1,0 +1,68 @@
+"""The memory budget: how much DRAM the weights may use, and what that leaves for neuron caches.
+
+`--memory` takes an absolute size ("150MB", "1.5GiB", "800000000") or a share of the model's
+weights ("0.5x", "50%"). The budget covers the resident part (embeddings, attention, norms, LM
+head), the predictors, the per-layer neuron caches and one scratch area for neurons that a token
+wants beyond a full cache. What remains after the fixed parts is split across layers in
+proportion to their FFN size, so every layer caches the same share of its neurons.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import BudgetError
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40, "k": 10**3, "m": 10**6, "g": 10**9}
+
+
+def parse_memory(spec: str | int | float, model_bytes: int) -> int:
+    """Bytes allowed for weights. `model_bytes` is what 1.0x (100%) means."""
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        if spec <= 0:
+            raise BudgetError(f"memory budget must be positive, got {spec}")
+        return int(spec)
+    s = str(spec).strip().lower().replace(" ", "")
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)(x|%)", s)
+    if m:
+        frac = float(m.group(1)) / (100.0 if m.group(2) == "%" else 1.0)
+        if frac <= 0:
+            raise BudgetError(f"memory budget {spec!r} must be positive")
+        return int(frac * model_bytes)
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)([a-z]*)", s)
+    if not m or m.group(2) not in _UNITS:
+        raise BudgetError(f"cannot parse memory budget {spec!r}: use e.g. 150MB, 1.5GiB, 0.5x or 50%")
+    value = int(float(m.group(1)) * _UNITS[m.group(2)])
+    if value <= 0:
+        raise BudgetError(f"memory budget {spec!r} must be positive")
+    return value
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    budget: int                 # bytes for weights in all
+    resident: int               # embeddings, attention, norms, LM head, predictors
+    scratch: int                # one layer's overflow area (reused by every layer)
+    capacities: tuple[int, ...]  # cache slots (neurons) per layer
+
+    @property
+    def cache_bytes_total(self) -> int:
+        return self.budget - self.resident - self.scratch
+
+
+def plan_caches(budget: int, resident_bytes: int, ffn_dims: list[int], bundle_bytes: int,
+                scratch_neurons: int, store_name: str = "") -> CachePlan:
+    """Split what the budget leaves after the fixed parts into per-layer capacities."""
+    scratch = scratch_neurons * bundle_bytes
+    fixed = resident_bytes + scratch
+    if budget < fixed:
+        raise BudgetError(
+            f"memory budget {budget / 1e6:.1f} MB is below what must stay resident "
+            f"({resident_bytes / 1e6:.1f} MB of embeddings/attention/norms + {scratch / 1e6:.1f} MB scratch); "
+            f"use at least {fixed / 1e6:.1f} MB", store_name or None)
+    total = sum(ffn_dims)
+    share = min(1.0, (budget - fixed) / (total * bundle_bytes))
+    caps = tuple(min(n, int(share * n)) for n in ffn_dims)
+    return CachePlan(budget, resident_bytes, scratch, caps)
