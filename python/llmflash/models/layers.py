@@ -1,0 +1,98 @@
+"""The building blocks of the decoder, as plain functions on tensors (no nn.Module).
+
+Precision: weights stay in the store dtype; norms, RoPE and the attention softmax run in float32
+(casting a (T, D) activation is cheap next to the (D, D) matrix products), so float16/bfloat16
+stores lose only what their weights lose.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """(..., C) -> (..., C) float32: x / rms(x) * weight (Llama, OpenELM; weight float32)."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """(..., C) -> (..., C) float32 (OPT; weight and bias float32)."""
+    return F.layer_norm(x.float(), weight.shape, weight, bias, eps)
+
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,            # exact (erf) GELU: Hugging Face's "gelu"
+}
+
+
+# -- rotary position embedding ----------------------------------------------------------------------
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> Tensor:
+    """(head_dim/2,) float32 inverse frequencies, computed the way transformers does (float32
+    powers of theta), with the "linear" and "llama3" (Llama 3.1) rescalings."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / float(scaling["factor"])               # type: ignore[index]
+    if kind == "llama3":
+        s = scaling                                          # type: ignore[assignment]
+        factor, lo, hi = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+        old_len = float(s["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_len / lo, old_len / hi
+        wavelen = 2 * math.pi / inv
+        # long wavelengths (low frequencies) are slowed down by `factor`, short ones kept, the band
+        # between them interpolated smoothly.
+        inv_l = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, inv_l)
+    raise ValueError(f"unsupported rope scaling {kind!r}")
+
+
+def rope_tables(inv_freq: Tensor, n_positions: int) -> tuple[Tensor, Tensor]:
+    """cos, sin (n_positions, head_dim) float32 for positions 0..n_positions-1 (half-split layout)."""
+    pos = torch.arange(n_positions, dtype=torch.float32)
+    freqs = pos[:, None] * inv_freq[None, :]                # (P, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)                  # (P, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (H, T, hd) float32, cos/sin (T, hd): rotate pairs (i, i + hd/2) by each position's angles."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+# -- attention --------------------------------------------------------------------------------------
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
+    """Grouped-query causal attention for one sequence, float32.
+
+    q (Hq, T, hd): queries at positions start..start+T-1; k, v (Hkv, S, hd) with S = start + T:
+    every key so far. Query head h reads KV head h // (Hq // Hkv) (transformers' repeat_kv and
+    corenet's repeat_interleave). Returns (T, Hq * hd).
+    """
+    Hq, T, hd = q.shape
+    Hkv, S, _ = k.shape
+    g = Hq // Hkv
+    # Grouping the query heads by their KV head lets one batched matmul serve the whole group
+    # without materialising repeated keys: (Hkv, g*T, hd) @ (Hkv, hd, S).
+    qg = q.reshape(Hkv, g * T, hd)
+    scores = torch.matmul(qg, k.transpose(1, 2)) * (hd ** -0.5)          # (Hkv, g*T, S)
+    if T > 1:
+        t = torch.arange(T).unsqueeze(1) + start                          # (T, 1) query positions
+        future = torch.arange(S).unsqueeze(0) > t                         # (T, S)
+        scores = scores.view(Hkv, g, T, S).masked_fill(future, float("-inf")).view(Hkv, g * T, S)
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, v)                                          # (Hkv, g*T, hd)
+    return out.view(Hq, T, hd).transpose(0, 1).reshape(T, Hq * hd)

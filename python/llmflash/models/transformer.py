@@ -1,0 +1,241 @@
+"""The decoder-only transformer for every supported architecture (Llama family, OPT, OpenELM),
+driven by ModelConfig flags, with the FFN plugged in from outside (llmflash.strategies).
+
+    model = Transformer(store.config, store.resident(), DenseFFN(store))
+    cache = model.new_cache(64)
+    logits = model.forward(torch.tensor(prompt_ids), cache)      # (T, V) float32, cache advanced
+    logits = model.forward(torch.tensor([next_id]), cache)       # one more token
+
+One sequence at a time (batch 1: the case the paper optimises). Per layer:
+
+    pre-norm  (Llama, OpenELM, OPT >= 1.3B):  x = x + attn(norm1(x));  x = x + ffn(norm2(x))
+    post-norm (OPT-350m):                     x = norm1(x + attn(x));  x = norm2(x + ffn(x))
+
+The residual stream is float32 whatever the store dtype; each matrix product casts its input
+to the weights' dtype (see models/layers.py for the precision rules).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import LlmflashError
+from ..store import Store
+from ..strategies.base import FFN
+from .config import ModelConfig
+from .layers import apply_rope, causal_attention, layer_norm, rms_norm, rope_inv_freq, rope_tables
+
+
+class ContextLengthError(LlmflashError, ValueError):
+    """A sequence ran past the positions a model with learned position embeddings has."""
+
+
+class KVCache:
+    """Keys (after RoPE) and values of one sequence, per layer: k[i], v[i] (Hkv_i, capacity, hd)
+    in the compute dtype; positions 0..length-1 are filled. Grows by doubling when a forward
+    needs more room, up to `limit` positions when the model has one (learned positions)."""
+
+    def __init__(self, n_kv_heads: list[int], head_dim: int, capacity: int, dtype: torch.dtype,
+                 limit: int | None = None):
+        capacity = max(1, capacity if limit is None else min(capacity, limit))
+        self.k = [torch.zeros(h, capacity, head_dim, dtype=dtype) for h in n_kv_heads]
+        self.v = [torch.zeros(h, capacity, head_dim, dtype=dtype) for h in n_kv_heads]
+        self.length = 0
+        self.limit = limit
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[1]
+
+    def reserve(self, n: int) -> None:
+        """Make room for n positions in all."""
+        if self.limit is not None and n > self.limit:
+            raise ContextLengthError(f"sequence of {n} tokens exceeds the model's {self.limit} positions "
+                                     "(learned position embeddings cannot extrapolate)")
+        if n <= self.capacity:
+            return
+        cap = max(n, 2 * self.capacity)
+        if self.limit is not None:
+            cap = min(cap, self.limit)
+        for buf in (self.k, self.v):
+            for i, t in enumerate(buf):
+                grown = t.new_zeros(t.shape[0], cap, t.shape[2])
+                grown[:, :self.length] = t[:, :self.length]
+                buf[i] = grown
+
+    def truncate(self, n: int) -> None:
+        """Forget every position from n on (rewind; e.g. to reuse a shared prompt)."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {n}")
+        self.length = n
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+
+@dataclass
+class Norm:
+    weight: Tensor                # (D,) float32
+    bias: Tensor | None           # (D,) float32, LayerNorm only
+
+
+@dataclass
+class Layer:
+    attn_norm: Norm
+    ffn_norm: Norm
+    q: Tensor                     # (Hq*hd, D)
+    k: Tensor                     # (Hkv*hd, D)
+    v: Tensor                     # (Hkv*hd, D)
+    o: Tensor                     # (D, Hq*hd)
+    q_b: Tensor | None            # attention biases (OPT, Llama with attention_bias)
+    k_b: Tensor | None
+    v_b: Tensor | None
+    o_b: Tensor | None
+    q_norm: Tensor | None         # (hd,) float32, OpenELM
+    k_norm: Tensor | None
+    down_bias: Tensor | None      # (D,) float32, OPT fc2 bias
+    n_heads: int
+    n_kv_heads: int
+
+
+class Transformer:
+    def __init__(self, config: ModelConfig, resident: dict[str, Tensor], ffn: FFN,
+                 dtype: torch.dtype | None = None):
+        c = self.config = config
+        self.ffn = ffn
+        self.dtype = dtype or resident["embed.weight"].dtype
+        w = lambda name: resident[name].to(self.dtype)                      # noqa: E731
+        f32 = lambda name: resident[name].float()                           # noqa: E731
+        opt = lambda name, conv: conv(name) if name in resident else None   # noqa: E731
+
+        self.embed = w("embed.weight")                                      # (V, E)
+        self.pos_embed = opt("pos_embed.weight", w)                         # (P + offset, D)
+        self.project_in = opt("project_in.weight", w)                       # (D, E)
+        self.project_out = opt("project_out.weight", w)                     # (E, D)
+        self.norm = Norm(f32("norm.weight"), opt("norm.bias", f32)) if c.final_norm else None
+        self.lm_head = self.embed if c.tie_embeddings else w("lm_head.weight")   # (V, E)
+        self.layers: list[Layer] = []
+        for i in range(c.n_layers):
+            p = f"layers.{i}."
+            self.layers.append(Layer(
+                attn_norm=Norm(f32(p + "attn_norm.weight"), opt(p + "attn_norm.bias", f32)),
+                ffn_norm=Norm(f32(p + "ffn_norm.weight"), opt(p + "ffn_norm.bias", f32)),
+                q=w(p + "attn.q.weight"), k=w(p + "attn.k.weight"),
+                v=w(p + "attn.v.weight"), o=w(p + "attn.o.weight"),
+                q_b=opt(p + "attn.q.bias", w), k_b=opt(p + "attn.k.bias", w),
+                v_b=opt(p + "attn.v.bias", w), o_b=opt(p + "attn.o.bias", w),
+                q_norm=opt(p + "attn.q_norm.weight", f32), k_norm=opt(p + "attn.k_norm.weight", f32),
+                down_bias=opt(p + "ffn.down_bias", f32),
+                n_heads=c.n_heads[i], n_kv_heads=c.n_kv_heads[i]))
+        self.inv_freq = (rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
+                         if c.rope_theta is not None else None)
+        self._cos = self._sin = torch.empty(0)
+
+    @classmethod
+    def from_store(cls, store: Store, ffn: FFN) -> "Transformer":
+        """A model over `store`'s resident weights (checked against the config) and `ffn`."""
+        return cls(store.config, store.resident(), ffn, dtype=store.dtype)
+
+    def new_cache(self, max_len: int) -> KVCache:
+        """An empty KV cache with room for max_len positions (it grows when needed)."""
+        c = self.config
+        return KVCache(c.n_kv_heads, c.head_dim, max_len, self.dtype,
+                       limit=c.max_positions if c.learned_pos else None)
+
+    # -- forward ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, tokens: Tensor, cache: KVCache) -> Tensor:
+        """tokens (T,) int64 continuing the sequence at cache.length -> logits (T, V) float32.
+        The cache advances by T."""
+        c = self.config
+        if tokens.dim() != 1 or tokens.numel() == 0:
+            raise ValueError(f"tokens must be a non-empty 1-D tensor, got shape {tuple(tokens.shape)}")
+        T, start = tokens.shape[0], cache.length
+        cache.reserve(start + T)
+        x = F.embedding(tokens, self.embed)                                 # (T, E)
+        if self.project_in is not None:
+            x = F.linear(x, self.project_in)                                # (T, D)
+        x = x.float()
+        if self.pos_embed is not None:
+            x = x + self.pos_embed[start + c.pos_offset:start + c.pos_offset + T].float()
+        cos, sin = self._rope(start, T)
+        for i, L in enumerate(self.layers):
+            if c.pre_norm:
+                x = x + self._attention(i, L, self._norm(x, L.attn_norm), cache, start, cos, sin)
+                x = x + self._ffn(i, L, self._norm(x, L.ffn_norm))
+            else:
+                x = self._norm(x + self._attention(i, L, x, cache, start, cos, sin), L.attn_norm)
+                x = self._norm(x + self._ffn(i, L, x), L.ffn_norm)
+        cache.length = start + T
+        if self.norm is not None:
+            x = self._norm(x, self.norm)
+        h = x.to(self.dtype)
+        if self.project_out is not None:
+            h = F.linear(h, self.project_out)                               # (T, E)
+        return F.linear(h, self.lm_head).float()                           # (T, V)
+
+    __call__ = forward
+
+    def _norm(self, x: Tensor, n: Norm) -> Tensor:
+        if self.config.norm == "rms":
+            return rms_norm(x, n.weight, self.config.norm_eps)
+        return layer_norm(x, n.weight, n.bias, self.config.norm_eps)       # type: ignore[arg-type]
+
+    def _rope(self, start: int, T: int) -> tuple[Tensor | None, Tensor | None]:
+        if self.inv_freq is None:
+            return None, None
+        if self._cos.shape[0] < start + T:                                  # grow the tables
+            self._cos, self._sin = rope_tables(self.inv_freq, max(start + T, 2 * self._cos.shape[0], 256))
+        return self._cos[start:start + T], self._sin[start:start + T]     # (T, hd) each
+
+    def _attention(self, i: int, L: Layer, x: Tensor, cache: KVCache, start: int,
+                   cos: Tensor | None, sin: Tensor | None) -> Tensor:
+        """x (T, D) -> (T, D) float32; writes this layer's keys and values into the cache."""
+        c, hd, T = self.config, self.config.head_dim, x.shape[0]
+        h = x.to(self.dtype)
+        q = F.linear(h, L.q, L.q_b).view(T, L.n_heads, hd).transpose(0, 1)          # (Hq, T, hd)
+        k = F.linear(h, L.k, L.k_b).view(T, L.n_kv_heads, hd).transpose(0, 1)       # (Hkv, T, hd)
+        v = F.linear(h, L.v, L.v_b).view(T, L.n_kv_heads, hd).transpose(0, 1)       # (Hkv, T, hd)
+        q, k = q.float(), k.float()
+        if L.q_norm is not None and L.k_norm is not None:                  # OpenELM, before RoPE
+            q, k = rms_norm(q, L.q_norm, c.norm_eps), rms_norm(k, L.k_norm, c.norm_eps)
+        if cos is not None and sin is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache.k[i][:, start:start + T] = k
+        cache.v[i][:, start:start + T] = v
+        keys = cache.k[i][:, :start + T].float()                            # (Hkv, S, hd)
+        values = cache.v[i][:, :start + T].float()
+        out = causal_attention(q, keys, values, start)                      # (T, Hq*hd)
+        return F.linear(out.to(self.dtype), L.o, L.o_b).float()            # (T, D)
+
+    def _ffn(self, i: int, L: Layer, x: Tensor) -> Tensor:
+        y = self.ffn(i, x.to(self.dtype)).float()                           # (T, D)
+        return y + L.down_bias if L.down_bias is not None else y
+
+
+def greedy(model: Transformer, prompt: list[int], max_new_tokens: int,
+           eos_token_ids: list[int] | None = None) -> list[int]:
+    """Greedy continuation of `prompt` with a KV cache: the new token ids (stops after an EOS)."""
+    cache = model.new_cache(len(prompt) + max_new_tokens)
+    logits = model.forward(torch.tensor(prompt, dtype=torch.long), cache)[-1]
+    out: list[int] = []
+    for step in range(max_new_tokens):
+        tok = int(torch.argmax(logits))
+        out.append(tok)
+        if eos_token_ids and tok in eos_token_ids or step + 1 == max_new_tokens:
+            break
+        logits = model.forward(torch.tensor([tok], dtype=torch.long), cache)[-1]
+    return out
+
+
+def load_dense(path: str | os.PathLike[str]) -> tuple[Transformer, Store]:
+    """(Transformer with the dense FFN, Store) for the store folder at `path`."""
+    from ..strategies.dense import DenseFFN
+
+    store = Store(path)
+    return Transformer.from_store(store, DenseFFN(store)), store

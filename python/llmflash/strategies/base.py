@@ -1,0 +1,49 @@
+"""The one interface every FFN strategy implements (dense, naive, flash), so the transformer and
+`bench` treat them alike.
+
+An FFN strategy maps a layer's FFN input x (T, D) to
+
+    y = sum over neurons i of  act_i(x) * down_i          (T, D)
+    act_i(x) = act(x . gate_i) * (x . up_i)               gated (SwiGLU: Llama, OpenELM)
+             = act(x . up_i + bias_i)                     plain (OPT: fc1 with its bias)
+
+where gate_i, up_i, down_i (D,) are neuron i's bundle fields. OPT's fc2 bias is not a neuron's:
+the transformer adds it from the resident weights. A strategy that admits only some neurons
+returns the same sum over those; with every neuron admitted it must equal `dense`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from ..models.layers import ACTIVATIONS
+
+
+@runtime_checkable
+class FFN(Protocol):
+    def __call__(self, layer: int, x: Tensor) -> Tensor:
+        """x (T, D) in the store dtype -> (T, D), in the store dtype or float32."""
+        ...
+
+
+def bundle_ffn(x: Tensor, up: Tensor, down: Tensor, gate: Tensor | None = None,
+               bias: Tensor | None = None, act: str = "silu") -> Tensor:
+    """The FFN over a set of neurons given as rows: x (T, D); up, gate, down (n, D); bias (n,).
+
+    The rows may be strided views into a bundle matrix (store.split_bundles): matmul reads them
+    in place, with the bundle length as the row stride, so no copy is made.
+    """
+    f = ACTIVATIONS[act]
+    h = torch.matmul(x, up.t())                                          # (T, n)
+    if gate is not None:
+        if bias is not None:
+            raise ValueError("a gated FFN with an fc1 bias is not a supported layout")
+        h = f(torch.matmul(x, gate.t())) * h                             # (T, n)
+    else:
+        if bias is not None:
+            h = h + bias
+        h = f(h)
+    return torch.matmul(h, down)                                         # (T, D)
