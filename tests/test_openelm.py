@@ -1,0 +1,217 @@
+"""OpenELM: no weights are available offline, so random tensors under the Hugging Face checkpoint
+names, a config.json like Apple's, and a reference forward written here from Apple's code
+(corenet general_gpt.py and the HF modeling_openelm.py), independent of llmflash's model code."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from conftest import tiny_tokenizer_json
+from llmflash.convert.hf import convert_hf
+from llmflash.errors import ConvertError
+from llmflash.models.openelm import make_divisible, openelm_dims
+from llmflash.models.transformer import greedy, load_dense
+
+# A small config whose layers differ in head count and FFN width.
+D, HD, L, GROUPS, DIVISOR, V = 128, 16, 4, 2, 32, 128
+# Worked by hand from corenet's formulas: qkv multipliers linspace(0.5, 1.0, 4) rounded to 2
+# places = .5 .67 .83 1 -> query dims make_divisible(128 m, 32) = 64 96 96 128; FFN multipliers
+# .5 1.67 2.83 4 -> make_divisible(128 m, 32) = 64 224 352 512.
+HEADS, KV_HEADS, FFN = [4, 6, 6, 8], [2, 3, 3, 4], [64, 224, 352, 512]
+
+
+def hf_config(style: str = "hf", **kw) -> dict:
+    """`hf`: what Apple's HF repos ship (computed per-layer lists saved alongside the pairs);
+    `corenet`: only the (first, last) multiplier pairs."""
+    c = {"architectures": ["OpenELMForCausalLM"], "model_type": "openelm", "activation_fn_name": "swish",
+         "bos_token_id": 1, "eos_token_id": 2, "ffn_dim_divisor": DIVISOR, "ffn_with_glu": True,
+         "head_dim": HD, "max_context_length": 64, "model_dim": D, "normalization_layer_name": "rms_norm",
+         "normalize_qk_projections": True, "num_gqa_groups": GROUPS, "num_transformer_layers": L,
+         "qkv_multipliers": [0.5, 1.0], "ffn_multipliers": [0.5, 4.0], "rope_freq_constant": 10000,
+         "rope_max_length": 128, "share_input_output_layers": True, "vocab_size": V}
+    if style == "hf":
+        c.update(num_query_heads=HEADS, num_kv_heads=KV_HEADS, ffn_multipliers=[0.5, 1.67, 2.83, 4.0])
+    c.update(kw)
+    return c
+
+
+def random_weights(seed: int = 0, tie: bool = True) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: 0.15 * torch.randn(*s, generator=g)            # noqa: E731
+    norm = lambda n: 1 + 0.1 * torch.randn(n, generator=g)          # noqa: E731
+    w = {"transformer.token_embeddings.weight": rnd(V, D), "transformer.norm.weight": norm(D)}
+    for i in range(L):
+        p, hq, hkv, n = f"transformer.layers.{i}.", HEADS[i], KV_HEADS[i], FFN[i]
+        w[p + "attn_norm.weight"] = norm(D)
+        w[p + "ffn_norm.weight"] = norm(D)
+        w[p + "attn.qkv_proj.weight"] = rnd((hq + 2 * hkv) * HD, D)
+        w[p + "attn.q_norm.weight"] = norm(HD)
+        w[p + "attn.k_norm.weight"] = norm(HD)
+        w[p + "attn.out_proj.weight"] = rnd(D, hq * HD)
+        w[p + "ffn.proj_1.weight"] = rnd(2 * n, D)
+        w[p + "ffn.proj_2.weight"] = rnd(D, n)
+    if not tie:
+        w["lm_head.weight"] = rnd(V, D)
+    return w
+
+
+def save_openelm(folder: Path, config: dict, weights: dict[str, torch.Tensor]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+# -- the reference, after corenet's GeneralGPTModel / HF OpenELMForCausalLM ------------------------
+def ref_rms_norm(x, weight, eps=1e-6):
+    return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def ref_rope(query, key, freq_constant=10000):
+    """OpenELMRotaryEmbedding.forward: [B, H, S, hd]; queries take the last positions of the keys."""
+    dim, key_len, query_len = key.shape[-1], key.shape[2], query.shape[2]
+    inv_freq = 1.0 / (freq_constant ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    theta = torch.einsum("i,j->ij", torch.arange(key_len, dtype=torch.float32), inv_freq)
+    emb = torch.cat((theta, theta), dim=-1)
+    cos, sin = emb.cos()[None, None], emb.sin()[None, None]
+
+    def rot(x, s, c):
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * c + torch.cat((-x2, x1), dim=-1) * s
+
+    q = rot(query.float(), sin[..., key_len - query_len:key_len, :], cos[..., key_len - query_len:key_len, :])
+    k = rot(key.float(), sin[..., :key_len, :], cos[..., :key_len, :])
+    return q.type_as(query), k.type_as(key)
+
+
+def ref_forward(w: dict[str, torch.Tensor], ids: torch.Tensor, tie: bool = True) -> torch.Tensor:
+    """Logits [S, V] for one sequence, full causal attention, no cache."""
+    x = F.embedding(ids[None], w["transformer.token_embeddings.weight"])            # [1, S, d]
+    B, S, _ = x.shape
+    for i in range(L):
+        p, hq, hkv, n = f"transformer.layers.{i}.", HEADS[i], KV_HEADS[i], FFN[i]
+        y = ref_rms_norm(x, w[p + "attn_norm.weight"])
+        qkv = F.linear(y, w[p + "attn.qkv_proj.weight"]).reshape(B, S, hq + 2 * hkv, HD).transpose(1, 2)
+        q, k, v = qkv.split([hq, hkv, hkv], dim=1)
+        q, k = ref_rms_norm(q, w[p + "attn.q_norm.weight"]), ref_rms_norm(k, w[p + "attn.k_norm.weight"])
+        q, k = ref_rope(q, k)
+        k, v = k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0, is_causal=True)
+        a = a.transpose(1, 2).contiguous().reshape(B, S, hq * HD)
+        x = x + F.linear(a, w[p + "attn.out_proj.weight"])
+        y = ref_rms_norm(x, w[p + "ffn_norm.weight"])
+        y1, y2 = F.linear(y, w[p + "ffn.proj_1.weight"]).chunk(2, dim=-1)
+        x = x + F.linear(F.silu(y1) * y2, w[p + "ffn.proj_2.weight"])
+    x = ref_rms_norm(x, w["transformer.norm.weight"])
+    head = w["transformer.token_embeddings.weight"] if tie else w["lm_head.weight"]
+    return F.linear(x, head)[0]
+
+
+@pytest.fixture(scope="module")
+def elm(tmp_path_factory):
+    w = random_weights()
+    src = save_openelm(tmp_path_factory.mktemp("openelm") / "hf", hf_config(), w)
+    tok = tmp_path_factory.mktemp("tok")
+    (tok / "tokenizer.json").write_text(tiny_tokenizer_json(V))
+    dst = tmp_path_factory.mktemp("store") / "elm.llmflash"
+    convert_hf(src, dst, dtype="float32", tokenizer=tok)
+    return w, dst
+
+
+# -- the layer-wise scaling formula -----------------------------------------------------------------
+def test_make_divisible():
+    assert make_divisible(640, 256) == 768            # nearest multiple
+    assert make_divisible(1, 8) == 8                  # at least the divisor
+    assert make_divisible(10, 8) == 16                # 8 would lose more than 10%
+    assert make_divisible(5120, 256) == 5120
+
+
+def test_tiny_dims_both_config_styles():
+    for ffn in ([0.5, 4.0], [0.5, 1.67, 2.83, 4.0]):
+        d = openelm_dims(D, HD, L, GROUPS, [0.5, 1.0], ffn, DIVISOR)
+        assert (d.n_heads, d.n_kv_heads, d.ffn_dims) == (HEADS, KV_HEADS, FFN)
+
+
+def test_openelm_270m_dims():
+    """DESIGN §7: 16 layers, d=1280, head_dim 64 -> query heads 12x5, 16x7, 20x4; FFN 768 ... 5120."""
+    d = openelm_dims(1280, 64, 16, 4, (0.5, 1.0), (0.5, 4.0), 256)
+    assert d.n_heads == [12] * 5 + [16] * 7 + [20] * 4
+    assert d.n_kv_heads == [h // 4 for h in d.n_heads]
+    assert d.ffn_dims[0] == 768 and d.ffn_dims[-1] == 5120
+    assert d.ffn_dims == sorted(d.ffn_dims) and all(f % 256 == 0 for f in d.ffn_dims)
+
+
+# -- conversion and the forward ---------------------------------------------------------------------
+def test_converted_config(elm):
+    _, dst = elm
+    model, store = load_dense(dst)
+    c = store.config
+    assert (c.arch, c.n_heads, c.n_kv_heads, c.ffn_dims) == ("openelm", HEADS, KV_HEADS, FFN)
+    assert c.qk_norm and c.gated and c.tie_embeddings and c.norm_eps == 1e-6
+    assert c.bos_token_id == 1 and c.eos_token_ids == [2]
+    assert [L_.n_neurons for L_ in store.layers] == FFN
+    assert store.tokenizer() is not None and store.tokenizer().encode("t5 t7").ids == [5, 7]
+
+
+def test_logits_match_reference(elm):
+    w, dst = elm
+    model, _ = load_dense(dst)
+    ids = torch.randint(0, V, (16,), generator=torch.Generator().manual_seed(3))
+    ours = model.forward(ids, model.new_cache(16))
+    ref = ref_forward(w, ids)
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def test_greedy_generation_matches_reference(elm):
+    w, dst = elm
+    model, _ = load_dense(dst)
+    ids = torch.randint(0, V, (10,), generator=torch.Generator().manual_seed(4)).tolist()
+    ours = greedy(model, ids, 8)
+    seq = list(ids)
+    for _ in range(8):                                # reference: full recomputation each step
+        seq.append(int(ref_forward(w, torch.tensor(seq))[-1].argmax()))
+    assert ours == seq[len(ids):]
+
+
+@pytest.mark.parametrize("style", ["hf", "corenet"])
+def test_untied_and_corenet_style_config(style, tmp_path):
+    w = random_weights(seed=1, tie=False)
+    src = save_openelm(tmp_path / "hf", hf_config(style, share_input_output_layers=False), w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_hf(src, tmp_path / "st", dtype="float32")
+    model, store = load_dense(tmp_path / "st")
+    assert not store.config.tie_embeddings and store.config.ffn_dims == FFN
+    ids = torch.arange(12)
+    assert (model.forward(ids, model.new_cache(12)) - ref_forward(w, ids, tie=False)).abs().max() <= 1e-4
+
+
+def test_head_list_disagreeing_with_formula(tmp_path):
+    src = save_openelm(tmp_path / "hf", hf_config(num_query_heads=[4, 4, 6, 8]), random_weights())
+    with pytest.raises(ConvertError, match="num_query_heads") as e:
+        convert_hf(src, tmp_path / "st", tokenizer=None)
+    assert str(src / "config.json") in str(e.value)
+    assert not (tmp_path / "st").exists()
+
+
+def test_tensor_shape_disagreeing_with_formula(tmp_path):
+    w = random_weights()
+    w["transformer.layers.2.ffn.proj_1.weight"] = torch.zeros(2 * 320, D)
+    src = save_openelm(tmp_path / "hf", hf_config(), w)
+    with pytest.raises(ConvertError, match=r"transformer\.layers\.2\.ffn\.proj_1\.weight.*\(640, 128\)") as e:
+        convert_hf(src, tmp_path / "st")
+    assert str(src / "model.safetensors") in str(e.value)
+
+
+def test_missing_tokenizer_argument_path(tmp_path):
+    src = save_openelm(tmp_path / "hf", hf_config(), random_weights())
+    with pytest.raises(ConvertError, match="tokenizer.json") as e:
+        convert_hf(src, tmp_path / "st", tokenizer=tmp_path / "nowhere")
+    assert str(tmp_path / "nowhere") in str(e.value)
