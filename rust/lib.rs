@@ -1,0 +1,29 @@
+//! llmflash's I/O core: the part of "LLM in a flash" that talks to the disk.
+//!
+//! - [`aligned`]: 4 KiB-aligned buffers owned by Rust (direct I/O needs them; Python views them
+//!   without copying).
+//! - [`reader`]: one file opened with `O_DIRECT`, a persistent pool of `pread` workers that keeps
+//!   many requests in flight, batch reads that complete or fail as a whole.
+//! - [`planner`]: wanted neurons -> few large aligned reads, priced with the disk [`profile`].
+//! - [`profile`]: measured throughput by request size x concurrency (the paper's Figure 2).
+//! - [`stats`]: counters of what was read and how long it took.
+//!
+//! The core never imports pyo3; the Python bindings live in `py/` behind the `python` feature.
+
+pub mod aligned;
+pub mod error;
+pub mod planner;
+mod pool;
+pub mod profile;
+pub mod reader;
+pub mod stats;
+
+#[cfg(feature = "python")]
+mod py;
+
+pub use aligned::{AlignedBuf, ALIGN};
+pub use error::{Error, Result};
+pub use planner::{plan, Plan, PlanOptions, Region, Request};
+pub use profile::Profile;
+pub use reader::{ReadOp, Reader, ReaderOptions};
+pub use stats::{Stats, StatsSnapshot};

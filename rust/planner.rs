@@ -1,0 +1,492 @@
+//! The read planner: wanted neurons of one layer -> few large, aligned read requests.
+//!
+//! Pure (no I/O). A layer's region holds `n_neurons` bundles of `bundle_bytes` back to back from
+//! a 4 KiB-aligned `offset`, padded to a whole page (llmflash.store). Direct I/O reads whole
+//! pages, so a bundle j costs the pages [j*bb / 4K, ceil((j+1)*bb / 4K)).
+//!
+//! Choices, each priced with the disk profile (`Profile::request_seconds`):
+//! 1. Sparse: sort and dedupe the wanted neurons, turn each into its pages, merge runs that
+//!    touch, and bridge a gap of up to `max_gap_bytes` (reading it costs less than one more
+//!    request: `Profile::bridge_gap_bytes`), then cut runs longer than `max_request_bytes` into
+//!    even pieces (big requests gain nothing past the table's top size, and pieces spread one
+//!    run over several workers).
+//! 2. Whole region: read the entire region in even pieces of at most `max_request_bytes`.
+//!    DESIGN §3: for SmolLM2's 3,456-byte bundles and half of the neurons wanted, the sparse
+//!    plan reads 41% of the FFN in 5,700 small requests (420 ms/token) while reading all of it
+//!    in large requests takes 97 ms. Flash must never be slower than naive: the cheaper wins.
+//!
+//! Destination layout: the requests' data lie back to back in one buffer of `buffer_bytes`
+//! (request r at `dest_offset`, a multiple of 4 KiB so direct I/O can write it). The wanted
+//! neuron `neurons[k]` lands at `landing[k]`, inside request `request_index[k]` (a bundle whose
+//! run was cut may continue into the next request, which directly follows it in the buffer).
+
+use crate::aligned::ALIGN;
+use crate::error::{Error, Result};
+use crate::profile::Profile;
+use crate::reader::ReadOp;
+
+const PAGE: u64 = ALIGN as u64;
+
+/// One layer's FFN region in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    /// File offset of bundle 0 (a multiple of 4096).
+    pub offset: u64,
+    pub n_neurons: u32,
+    pub bundle_bytes: u64,
+}
+
+impl Region {
+    /// `n_neurons * bundle_bytes`, checked.
+    pub fn payload_bytes(&self) -> Result<u64> {
+        (self.n_neurons as u64).checked_mul(self.bundle_bytes).ok_or_else(|| {
+            Error::layout(format!("{} neurons x {} bytes overflows", self.n_neurons, self.bundle_bytes))
+        })
+    }
+
+    /// The payload rounded up to a whole page: the bytes a plan may read.
+    pub fn region_bytes(&self) -> Result<u64> {
+        let p = self.payload_bytes()?;
+        crate::aligned::align_up(p).ok_or_else(|| Error::layout(format!("region of {p} bytes overflows")))
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.bundle_bytes == 0 {
+            return Err(Error::layout("bundle_bytes = 0 (expected at least one byte per neuron)"));
+        }
+        if self.offset % PAGE != 0 {
+            return Err(Error::layout(format!(
+                "region offset {} is not a multiple of {PAGE}: direct I/O cannot address it",
+                self.offset
+            )));
+        }
+        let len = self.region_bytes()?;
+        if self.offset.checked_add(len).is_none_or(|end| end > i64::MAX as u64) {
+            return Err(Error::layout(format!("region [{}, +{len}) overflows a file offset", self.offset)));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PlanOptions {
+    /// Largest single request (rounded down to a multiple of 4096; at least 4096).
+    pub max_request_bytes: u64,
+    /// Reads in flight (the reader's concurrency): which column of the profile applies.
+    pub concurrency: u32,
+    /// Consider reading the whole region when it is cheaper.
+    pub allow_whole: bool,
+    /// Override the profile's bridgeable gap (bytes; rounded down to whole pages).
+    pub max_gap_bytes: Option<u64>,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions { max_request_bytes: 1 << 20, concurrency: 32, allow_whole: true, max_gap_bytes: None }
+    }
+}
+
+/// One aligned read: `len` bytes at file `offset`, to `dest_offset` in the plan's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    pub offset: u64,
+    pub len: u64,
+    pub dest_offset: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub region: Region,
+    /// Aligned requests in file order; destinations back to back from 0.
+    pub requests: Vec<Request>,
+    /// The unique wanted neurons, sorted.
+    pub neurons: Vec<u32>,
+    /// For each of `neurons`: where its bundle starts in the plan's buffer.
+    pub landing: Vec<u64>,
+    /// For each of `neurons`: the request holding its bundle's first byte.
+    pub request_index: Vec<u32>,
+    /// Sum of request lengths: bytes read from disk, and the buffer size needed.
+    pub buffer_bytes: u64,
+    /// Bytes of wanted bundles (`neurons.len() * bundle_bytes`).
+    pub useful_bytes: u64,
+    /// Widest gap (bytes) the sparse plan bridges rather than issuing another request.
+    pub max_gap_bytes: u64,
+    /// The plan reads the entire region (cheaper than the sparse plan by the profile).
+    pub whole_region: bool,
+    /// Estimated seconds for the chosen plan, the sparse plan and the whole-region plan.
+    pub est_seconds: f64,
+    pub est_sparse_seconds: f64,
+    pub est_whole_seconds: f64,
+}
+
+/// Split page runs `[p0, p1)` into pieces of at most `max_pages`, evenly; place them back to back.
+fn pieces(runs: &[(u64, u64)], max_pages: u64, out: &mut Vec<(u64, u64)>) {
+    for &(p0, p1) in runs {
+        let len = p1 - p0;
+        let k = len.div_ceil(max_pages);
+        let step = len.div_ceil(k);
+        let mut p = p0;
+        while p < p1 {
+            let q = (p + step).min(p1);
+            out.push((p, q));
+            p = q;
+        }
+    }
+}
+
+/// Cost of reading these page runs, all in one batch with up to `concurrency` in flight.
+fn cost(profile: &Profile, runs: &[(u64, u64)], concurrency: u32) -> f64 {
+    let c = (runs.len() as u64).min(concurrency as u64).max(1) as u32;
+    runs.iter().map(|&(a, b)| profile.request_seconds((b - a) * PAGE, c)).sum()
+}
+
+/// Cut runs into pieces, choosing the piece cap (max_pages, max_pages/2, ... down to 16 pages)
+/// that the profile prices cheapest: one 5 MB layer read as five 1 MiB requests keeps only 5
+/// in flight, and at 5 in flight the table gives less than 21 requests of 256 KiB do at 21.
+fn split_cheapest(profile: &Profile, runs: &[(u64, u64)], max_pages: u64, concurrency: u32) -> (Vec<(u64, u64)>, f64) {
+    let mut best: Option<(Vec<(u64, u64)>, f64)> = None;
+    let mut cap = max_pages;
+    loop {
+        let mut out = Vec::with_capacity(runs.len());
+        pieces(runs, cap, &mut out);
+        let c = cost(profile, &out, concurrency);
+        if best.as_ref().is_none_or(|b| c < b.1) {
+            best = Some((out, c));
+        }
+        if cap <= 16 || (runs.len() as u64) >= concurrency as u64 {
+            break; // enough requests in flight already: smaller pieces only add overhead
+        }
+        cap /= 2;
+    }
+    best.unwrap_or_default()
+}
+
+/// Plan the reads of `wanted` (neuron ids in store order; any order, duplicates allowed).
+pub fn plan(wanted: &[u32], region: &Region, profile: &Profile, opts: &PlanOptions) -> Result<Plan> {
+    region.validate()?;
+    if opts.max_request_bytes < PAGE {
+        return Err(Error::invalid(format!("max_request_bytes = {} (expected at least {PAGE})", opts.max_request_bytes)));
+    }
+    if opts.concurrency == 0 {
+        return Err(Error::invalid("concurrency = 0 (expected at least 1 read in flight)"));
+    }
+    let bb = region.bundle_bytes;
+    let region_pages = region.region_bytes()? / PAGE;
+    let max_pages = opts.max_request_bytes / PAGE;
+
+    let mut neurons = wanted.to_vec();
+    if let Some(&bad) = neurons.iter().find(|&&j| j >= region.n_neurons) {
+        return Err(Error::invalid(format!(
+            "neuron {bad} is out of range: the layer has {} neurons (ids 0..{})",
+            region.n_neurons, region.n_neurons
+        )));
+    }
+    neurons.sort_unstable();
+    neurons.dedup();
+
+    let max_gap_bytes = opts.max_gap_bytes.unwrap_or_else(|| profile.bridge_gap_bytes(opts.concurrency)) / PAGE * PAGE;
+    let gap_pages = max_gap_bytes / PAGE;
+
+    // Sparse: each bundle's pages, merged when they touch or the gap is bridgeable.
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &j in &neurons {
+        let start = j as u64 * bb; // < region bytes: no overflow (validated)
+        let (a, b) = (start / PAGE, (start + bb).div_ceil(PAGE));
+        match runs.last_mut() {
+            Some(last) if a <= last.1 + gap_pages => last.1 = last.1.max(b),
+            _ => runs.push((a, b)),
+        }
+    }
+    let (sparse, est_sparse_seconds) = split_cheapest(profile, &runs, max_pages, opts.concurrency);
+    let whole_run: &[(u64, u64)] = if region_pages > 0 { &[(0, region_pages)] } else { &[] };
+    let (whole, est_whole_seconds) = split_cheapest(profile, whole_run, max_pages, opts.concurrency);
+
+    let whole_region = opts.allow_whole && !neurons.is_empty() && est_whole_seconds < est_sparse_seconds;
+    let (chosen, est_seconds) =
+        if whole_region { (whole, est_whole_seconds) } else { (sparse, est_sparse_seconds) };
+
+    let mut requests = Vec::with_capacity(chosen.len());
+    let mut dest = 0u64;
+    for &(a, b) in &chosen {
+        let len = (b - a) * PAGE;
+        requests.push(Request { offset: region.offset + a * PAGE, len, dest_offset: dest });
+        dest += len;
+    }
+
+    // Landing places: neurons and pieces are both sorted by position, so one merge-like scan.
+    let mut landing = Vec::with_capacity(neurons.len());
+    let mut request_index = Vec::with_capacity(neurons.len());
+    let mut r = 0usize;
+    for &j in &neurons {
+        let start = j as u64 * bb;
+        while chosen[r].1 * PAGE <= start {
+            r += 1; // every bundle's first byte lies in some piece, so r stays in range
+        }
+        landing.push(requests[r].dest_offset + (start - chosen[r].0 * PAGE));
+        request_index.push(r as u32);
+    }
+
+    Ok(Plan {
+        region: *region,
+        requests,
+        useful_bytes: neurons.len() as u64 * bb,
+        neurons,
+        landing,
+        request_index,
+        buffer_bytes: dest,
+        max_gap_bytes,
+        whole_region,
+        est_seconds,
+        est_sparse_seconds,
+        est_whole_seconds,
+    })
+}
+
+impl Plan {
+    /// The requests as reader operations into the plan's buffer.
+    pub fn read_ops(&self) -> Vec<ReadOp> {
+        self.requests
+            .iter()
+            .map(|r| ReadOp { file_offset: r.offset, len: r.len as usize, dest_offset: r.dest_offset as usize })
+            .collect()
+    }
+
+    /// Copy each wanted bundle from the plan's buffer `src` into `dst`, row k = `neurons[k]`
+    /// (`dst` holds at least `neurons.len() * bundle_bytes` bytes).
+    pub fn gather(&self, src: &[u8], dst: &mut [u8]) -> Result<()> {
+        let bb = self.region.bundle_bytes as usize;
+        if (src.len() as u64) < self.buffer_bytes {
+            return Err(Error::invalid(format!("source buffer of {} bytes is smaller than the plan's {}", src.len(), self.buffer_bytes)));
+        }
+        if (dst.len() as u64) < self.useful_bytes {
+            return Err(Error::invalid(format!(
+                "destination of {} bytes cannot hold {} bundles of {bb} bytes",
+                dst.len(),
+                self.neurons.len()
+            )));
+        }
+        for (k, &at) in self.landing.iter().enumerate() {
+            let at = at as usize;
+            dst[k * bb..(k + 1) * bb].copy_from_slice(&src[at..at + bb]);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn region(n: u32, bb: u64) -> Region {
+        Region { offset: 7 * PAGE, n_neurons: n, bundle_bytes: bb }
+    }
+
+    fn sparse_opts(gap: u64) -> PlanOptions {
+        PlanOptions { allow_whole: false, max_gap_bytes: Some(gap), ..Default::default() }
+    }
+
+    #[test]
+    fn merges_neighbours_and_bridges_small_gaps() {
+        let r = region(1000, 4096);
+        let p = plan(&[5, 3, 4, 4, 20], &r, &Profile::default(), &sparse_opts(0)).unwrap();
+        assert_eq!(p.neurons, vec![3, 4, 5, 20]);
+        assert_eq!(
+            p.requests,
+            vec![
+                Request { offset: 7 * PAGE + 3 * PAGE, len: 3 * PAGE, dest_offset: 0 },
+                Request { offset: 7 * PAGE + 20 * PAGE, len: PAGE, dest_offset: 3 * PAGE },
+            ]
+        );
+        assert_eq!(p.landing, vec![0, PAGE, 2 * PAGE, 3 * PAGE]);
+        assert_eq!(p.request_index, vec![0, 0, 0, 1]);
+        // A 14-page gap is bridged with a 14-page allowance, not with 13.
+        let p = plan(&[5, 20], &r, &Profile::default(), &sparse_opts(14 * PAGE)).unwrap();
+        assert_eq!(p.requests.len(), 1);
+        assert_eq!(p.landing, vec![0, 15 * PAGE]);
+        let p = plan(&[5, 20], &r, &Profile::default(), &sparse_opts(13 * PAGE)).unwrap();
+        assert_eq!(p.requests.len(), 2);
+    }
+
+    #[test]
+    fn unaligned_bundles_share_pages() {
+        let r = region(100, 3456);
+        let p = plan(&[0, 1], &r, &Profile::default(), &sparse_opts(0)).unwrap();
+        // Bundles 0 and 1 span bytes [0, 6912): pages 0 and 1.
+        assert_eq!(p.requests, vec![Request { offset: 7 * PAGE, len: 2 * PAGE, dest_offset: 0 }]);
+        assert_eq!(p.landing, vec![0, 3456]);
+        let p = plan(&[3], &r, &Profile::default(), &sparse_opts(0)).unwrap();
+        // Bundle 3: bytes [10368, 13824): pages 2 and 3; lands at 10368 - 8192.
+        assert_eq!(p.requests, vec![Request { offset: 9 * PAGE, len: 2 * PAGE, dest_offset: 0 }]);
+        assert_eq!(p.landing, vec![2176]);
+    }
+
+    #[test]
+    fn whole_region_when_dense_and_small() {
+        // DESIGN §3's case: SmolLM2 float16 bundles, a dense wanted set. Half the neurons at
+        // random: bridging merges everything, so the sparse plan is the whole region already.
+        let r = region(1536, 3456);
+        let half: Vec<u32> = (0..1536u32).filter(|j| (j.wrapping_mul(2654435761) >> 7) % 2 == 0).collect();
+        let p = plan(&half, &r, &Profile::default(), &PlanOptions::default()).unwrap();
+        assert_eq!(p.buffer_bytes, r.region_bytes().unwrap());
+        assert!(p.est_seconds <= p.est_whole_seconds && p.est_seconds <= p.est_sparse_seconds);
+        // Every 4th neuron without bridging: 384 small requests cost more than reading it all.
+        let p = plan(&(0..1536).step_by(4).collect::<Vec<u32>>(), &r, &Profile::default(),
+                     &PlanOptions { max_gap_bytes: Some(0), ..Default::default() }).unwrap();
+        assert!(p.whole_region, "{p:?}");
+        assert!(p.est_seconds < p.est_sparse_seconds);
+        assert_eq!(p.buffer_bytes, r.region_bytes().unwrap());
+        assert!(p.requests.iter().all(|q| q.len <= 1 << 20));
+        // Sparse wanted sets at the paper's bundle size stay sparse.
+        let r = region(16384, 16384);
+        let wanted: Vec<u32> = (0..16384).step_by(40).collect();
+        let p = plan(&wanted, &r, &Profile::default(), &PlanOptions::default()).unwrap();
+        assert!(!p.whole_region);
+        assert!(p.est_seconds < p.est_whole_seconds);
+    }
+
+    #[test]
+    fn errors() {
+        let prof = Profile::default();
+        let o = PlanOptions::default();
+        assert!(matches!(plan(&[10], &region(10, 100), &prof, &o), Err(Error::Invalid { .. })));
+        let bad = Region { offset: 100, n_neurons: 10, bundle_bytes: 100 };
+        assert!(matches!(plan(&[1], &bad, &prof, &o), Err(Error::Layout { .. })));
+        let bad = Region { offset: 0, n_neurons: 10, bundle_bytes: 0 };
+        assert!(matches!(plan(&[1], &bad, &prof, &o), Err(Error::Layout { .. })));
+        let bad = Region { offset: 0, n_neurons: u32::MAX, bundle_bytes: u64::MAX / 2 };
+        assert!(matches!(plan(&[1], &bad, &prof, &o), Err(Error::Layout { .. })));
+        let o2 = PlanOptions { max_request_bytes: 100, ..o };
+        assert!(matches!(plan(&[1], &region(10, 100), &prof, &o2), Err(Error::Invalid { .. })));
+        let empty = plan(&[], &region(10, 100), &prof, &o).unwrap();
+        assert!(empty.requests.is_empty() && empty.buffer_bytes == 0 && !empty.whole_region);
+    }
+
+    #[test]
+    fn gather_copies_rows() {
+        let r = Region { offset: 0, n_neurons: 50, bundle_bytes: 1000 };
+        let p = plan(&[7, 3, 49], &r, &Profile::default(), &sparse_opts(0)).unwrap();
+        let file: Vec<u8> = (0..r.region_bytes().unwrap()).map(|i| (i % 251) as u8).collect();
+        let mut buf = vec![0u8; p.buffer_bytes as usize];
+        for q in &p.requests {
+            buf[q.dest_offset as usize..(q.dest_offset + q.len) as usize]
+                .copy_from_slice(&file[q.offset as usize..(q.offset + q.len) as usize]);
+        }
+        let mut out = vec![0u8; 3000];
+        p.gather(&buf, &mut out).unwrap();
+        for (k, &j) in p.neurons.iter().enumerate() {
+            assert_eq!(&out[k * 1000..(k + 1) * 1000], &file[j as usize * 1000..(j as usize + 1) * 1000]);
+        }
+    }
+
+    fn profiles() -> impl Strategy<Value = Profile> {
+        prop_oneof![
+            Just(Profile::default()),
+            // Flat (no per-request overhead) and steep (small requests very costly) disks.
+            Just(Profile::new(vec![4096, 1 << 20], vec![1, 32], vec![vec![100.0, 100.0], vec![25600.0, 25600.0]], String::new()).unwrap()),
+            Just(Profile::new(vec![4096, 1 << 20], vec![1], vec![vec![10.0], vec![3000.0]], String::new()).unwrap()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+        #[test]
+        fn plan_properties(
+            n in 1u32..3000,
+            bb in prop_oneof![1u64..64, Just(3456u64), Just(4096u64), Just(16384u64), 1u64..20000],
+            picks in proptest::collection::vec(any::<u32>(), 0..400),
+            offset_pages in 0u64..1000,
+            max_pages in 1u64..300,
+            gap in prop_oneof![Just(None), (0u64..40).prop_map(|g| Some(g * 4096 + 17))],
+            allow_whole in any::<bool>(),
+            conc in 1u32..64,
+            profile in profiles(),
+        ) {
+            let region = Region { offset: offset_pages * PAGE, n_neurons: n, bundle_bytes: bb };
+            let wanted: Vec<u32> = picks.iter().map(|&x| x % n).collect();
+            let opts = PlanOptions { max_request_bytes: max_pages * PAGE + 5, concurrency: conc, allow_whole, max_gap_bytes: gap };
+            let p = plan(&wanted, &region, &profile, &opts).unwrap();
+
+            // Each wanted neuron exactly once, sorted.
+            let mut want = wanted.clone();
+            want.sort_unstable();
+            want.dedup();
+            prop_assert_eq!(&p.neurons, &want);
+            prop_assert_eq!(p.landing.len(), want.len());
+            prop_assert_eq!(p.useful_bytes, want.len() as u64 * bb);
+
+            // Requests: aligned, inside the region, in order, non-overlapping, within max size,
+            // destinations back to back.
+            let (lo, hi) = (region.offset, region.offset + region.region_bytes().unwrap());
+            let mut dest = 0;
+            let mut prev_end = lo;
+            for q in &p.requests {
+                prop_assert!(q.offset % PAGE == 0 && q.len % PAGE == 0 && q.len > 0);
+                prop_assert!(q.offset >= prev_end && q.offset + q.len <= hi);
+                prop_assert!(q.len <= max_pages * PAGE);
+                prop_assert_eq!(q.dest_offset, dest);
+                dest += q.len;
+                prev_end = q.offset + q.len;
+            }
+            prop_assert_eq!(p.buffer_bytes, dest);
+            prop_assert!(p.est_seconds <= p.est_sparse_seconds + 1e-15);
+            if !allow_whole { prop_assert!(!p.whole_region); }
+
+            // Every byte of every wanted bundle arrives where `landing` says: map buffer
+            // positions back to file positions through the requests.
+            let mut file_at = vec![0u64; p.buffer_bytes as usize / PAGE as usize]; // page -> file offset
+            for q in &p.requests {
+                for k in 0..q.len / PAGE {
+                    file_at[((q.dest_offset / PAGE) + k) as usize] = q.offset + k * PAGE;
+                }
+            }
+            for (k, (&j, &at)) in p.neurons.iter().zip(&p.landing).enumerate() {
+                prop_assert!(at + bb <= p.buffer_bytes);
+                let r = p.request_index[k] as usize;
+                let q = p.requests[r];
+                prop_assert!(at >= q.dest_offset && at < q.dest_offset + q.len);
+                for t in [0, bb / 2, bb - 1] {
+                    let d = at + t;
+                    let f = file_at[(d / PAGE) as usize] + d % PAGE;
+                    prop_assert_eq!(f, lo + j as u64 * bb + t);
+                }
+            }
+
+            // Sparse plans read no unwanted page except inside bridged gaps of at most
+            // max_gap_bytes, and no run of unwanted pages at a request's ends.
+            if !p.whole_region {
+                let gap_pages = p.max_gap_bytes / PAGE;
+                let mut wanted_page = std::collections::HashSet::new();
+                for &j in &p.neurons {
+                    let s = j as u64 * bb;
+                    for pg in s / PAGE..(s + bb).div_ceil(PAGE) { wanted_page.insert(pg); }
+                }
+                let mut pages: Vec<u64> = p.requests.iter().flat_map(|q| {
+                    let a = (q.offset - lo) / PAGE;
+                    a..a + q.len / PAGE
+                }).collect();
+                pages.sort_unstable();
+                let (mut run, mut prev) = (0u64, None::<u64>);
+                for &pg in &pages {
+                    if prev.is_none_or(|p| pg != p + 1) {
+                        // A request run starts here: nothing unwanted before or after a true gap.
+                        prop_assert_eq!(run, 0, "unwanted pages at the end of a run");
+                        prop_assert!(wanted_page.contains(&pg), "unwanted page {} starts a run", pg);
+                    }
+                    if wanted_page.contains(&pg) {
+                        prop_assert!(run <= gap_pages, "bridged {} pages, allowed {}", run, gap_pages);
+                        run = 0;
+                    } else {
+                        run += 1;
+                    }
+                    prev = Some(pg);
+                }
+                prop_assert_eq!(run, 0, "trailing unwanted pages");
+                prop_assert_eq!(pages.len() as u64, p.buffer_bytes / PAGE);
+            } else {
+                prop_assert_eq!(p.buffer_bytes, region.region_bytes().unwrap());
+                prop_assert!(p.est_whole_seconds < p.est_sparse_seconds);
+            }
+        }
+    }
+}

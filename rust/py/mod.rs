@@ -1,0 +1,27 @@
+//! Python bindings (`llmflash._native`), one file per Python-visible concept. Only this folder
+//! imports pyo3; the core (`rust/*.rs`) is plain Rust, usable from other Rust code.
+
+use pyo3::prelude::*;
+
+mod buffer;
+mod errors;
+mod planner;
+mod profile;
+mod reader;
+
+
+#[pymodule]
+#[pyo3(name = "_native")]
+fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<buffer::PyAlignedBuf>()?;
+    m.add_class::<reader::PyReader>()?;
+    m.add_class::<planner::PyPlan>()?;
+    m.add_class::<profile::PyProfile>()?;
+    m.add_function(wrap_pyfunction!(planner::plan, m)?)?;
+    m.add_function(wrap_pyfunction!(profile::measure_point, m)?)?;
+    m.add_function(wrap_pyfunction!(profile::measure, m)?)?;
+    m.add("ALIGN", crate::aligned::ALIGN)?;
+    m.add("DEFAULT_CONCURRENCY", crate::reader::DEFAULT_CONCURRENCY)?;
+    m.add("MAX_CONCURRENCY", crate::reader::MAX_CONCURRENCY)?;
+    Ok(())
+}

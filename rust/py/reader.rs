@@ -1,0 +1,174 @@
+//! `Reader` for Python: batch reads into `AlignedBuf`s with the GIL released for the whole
+//! batch, and the I/O counters as a dict.
+
+use std::path::PathBuf;
+
+use pyo3::exceptions::{PyRuntimeWarning, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use super::buffer::PyAlignedBuf;
+use super::planner::PyPlan;
+use crate::error::Error;
+use crate::reader::{check_disjoint, RawOp, Reader, ReaderOptions};
+
+#[pyclass(frozen, name = "Reader", module = "llmflash._native")]
+pub struct PyReader {
+    reader: Reader,
+}
+
+/// Raw operations carried across `py.detach` (raw pointers are not Send).
+struct Ops(Vec<RawOp>);
+// SAFETY: the pointers target AlignedBuf allocations kept alive by Python references that the
+// calling function holds (on its stack) until the detached read has returned.
+unsafe impl Send for Ops {}
+
+impl Ops {
+    fn get(&self) -> &[RawOp] {
+        &self.0
+    }
+}
+
+impl PyReader {
+    /// Read `ops` with the GIL released. The caller holds references to every destination.
+    fn run(&self, py: Python<'_>, ops: Ops) -> PyResult<()> {
+        let reader = &self.reader;
+        // SAFETY: each op's destination lies inside an AlignedBuf that the caller keeps alive
+        // (a Python reference held across this call), and ranges were checked disjoint.
+        // Python code may read those buffers meanwhile (as with any I/O into a numpy array);
+        // nothing frees or moves them.
+        py.detach(move || unsafe { reader.read_raw(ops.get()) })?;
+        Ok(())
+    }
+}
+
+#[pymethods]
+impl PyReader {
+    /// Open `path` for reading with O_DIRECT (falls back to buffered reads, with a
+    /// RuntimeWarning, where the filesystem refuses it) and `concurrency` reads in flight.
+    #[new]
+    #[pyo3(signature = (path, concurrency = crate::reader::DEFAULT_CONCURRENCY, direct = true))]
+    fn new(py: Python<'_>, path: PathBuf, concurrency: usize, direct: bool) -> PyResult<PyReader> {
+        let reader = py.detach(|| Reader::open_with(&path, ReaderOptions { concurrency, direct }))?;
+        if direct && !reader.is_direct() {
+            let msg = std::ffi::CString::new(format!(
+                "{}: the filesystem refuses O_DIRECT; reading through the page cache (with \
+                 posix_fadvise DONTNEED) instead, so reads are slower and timings not those of the disk",
+                path.display()
+            ))
+            .unwrap_or_default();
+            PyErr::warn(py, &py.get_type::<PyRuntimeWarning>(), &msg, 1)?;
+        }
+        Ok(PyReader { reader })
+    }
+
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.reader.path().to_path_buf()
+    }
+
+    /// True when reads bypass the page cache (O_DIRECT).
+    #[getter]
+    fn direct(&self) -> bool {
+        self.reader.is_direct()
+    }
+
+    #[getter]
+    fn concurrency(&self) -> usize {
+        self.reader.concurrency()
+    }
+
+    /// The file's current size in bytes.
+    fn file_size(&self) -> PyResult<u64> {
+        Ok(self.reader.file_len()?)
+    }
+
+    /// Run a batch of reads `(file_offset, length, dest, dest_offset)`; returns when all are
+    /// done (GIL released), or raises FlashIOError for the first that failed.
+    fn read(&self, py: Python<'_>, requests: Vec<(u64, usize, Bound<'_, PyAlignedBuf>, usize)>) -> PyResult<()> {
+        let mut ops = Vec::with_capacity(requests.len());
+        let mut ranges = Vec::with_capacity(requests.len());
+        for (i, (file_offset, len, buf, dest_offset)) in requests.iter().enumerate() {
+            let b = &buf.get().buf;
+            if dest_offset.checked_add(*len).is_none_or(|end| end > b.len()) {
+                return Err(PyValueError::new_err(format!(
+                    "request {i}: {len} bytes at destination offset {dest_offset} overflow the {}-byte buffer",
+                    b.len()
+                )));
+            }
+            let start = b.as_ptr() as usize + dest_offset;
+            ranges.push((start, start + len));
+            // SAFETY: dest_offset + len <= b.len() (checked above): the pointer stays in bounds.
+            ops.push(RawOp { file_offset: *file_offset, len: *len, dest: unsafe { b.as_mut_ptr().add(*dest_offset) } });
+        }
+        // Disjoint destination memory, across all buffers (distinct allocations never overlap).
+        check_disjoint(&mut ranges)?;
+        self.run(py, Ops(ops))
+        // `requests` (holding every destination) is dropped only after the read returned.
+    }
+
+    /// Read `length` bytes at `offset` into a new AlignedBuf, in ~1 MiB requests in parallel.
+    fn read_region(&self, py: Python<'_>, offset: u64, length: usize) -> PyResult<PyAlignedBuf> {
+        let reader = &self.reader;
+        let buf = py.detach(move || reader.read_region(offset, length))?;
+        Ok(PyAlignedBuf::from_buf(buf))
+    }
+
+    /// Read a plan's requests into `out` (an AlignedBuf of at least plan.buffer_bytes) or a new
+    /// buffer, which is returned. Bundle k of plan.neurons then starts at plan.landing[k].
+    #[pyo3(signature = (plan, out = None))]
+    fn read_plan<'py>(
+        &self,
+        py: Python<'py>,
+        plan: &Bound<'py, PyPlan>,
+        out: Option<Bound<'py, PyAlignedBuf>>,
+    ) -> PyResult<Bound<'py, PyAlignedBuf>> {
+        let plan = &plan.get().plan;
+        let out = match out {
+            Some(b) => {
+                if (b.get().buf.len() as u64) < plan.buffer_bytes {
+                    return Err(Error::invalid(format!(
+                        "output buffer of {} bytes is smaller than the plan's {}",
+                        b.get().buf.len(),
+                        plan.buffer_bytes
+                    ))
+                    .into());
+                }
+                b
+            }
+            None => Bound::new(py, PyAlignedBuf::from_buf(crate::aligned::AlignedBuf::zeroed(plan.buffer_bytes as usize)?))?,
+        };
+        let base = out.get().buf.as_mut_ptr();
+        let ops = plan
+            .requests
+            .iter()
+            // SAFETY: requests lie back to back inside [0, buffer_bytes), checked above to fit.
+            .map(|r| RawOp { file_offset: r.offset, len: r.len as usize, dest: unsafe { base.add(r.dest_offset as usize) } })
+            .collect();
+        self.run(py, Ops(ops))?;
+        self.reader.stats().add_useful(plan.useful_bytes);
+        Ok(out)
+    }
+
+    /// Counters since open or the last reset: bytes_read, bytes_useful, requests, batches, io_ns.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (k, v) in self.reader.stats().snapshot().fields() {
+            d.set_item(k, v)?;
+        }
+        Ok(d)
+    }
+
+    fn reset_stats(&self) {
+        self.reader.stats().reset();
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Reader({:?}, concurrency={}, direct={})",
+            self.reader.path().display().to_string(),
+            self.reader.concurrency(),
+            self.reader.is_direct()
+        )
+    }
+}

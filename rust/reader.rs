@@ -1,0 +1,521 @@
+//! `Reader`: one file, read with direct I/O by a persistent pool of `pread` workers.
+//!
+//! Direct I/O (`O_DIRECT`) bypasses the page cache, as the paper does (F_NOCACHE / direct I/O):
+//! the bytes we read are used once and copied into the neuron cache, and a page cache filling
+//! with the model would steal the memory budget and make timings lie. A filesystem that refuses
+//! `O_DIRECT` at open (EINVAL; ramfs, older tmpfs, some FUSE) gets buffered reads followed by
+//! `posix_fadvise(DONTNEED)` on the range read, and the reader says so (`is_direct() == false`;
+//! the Python binding warns). Direct reads need the file offset, the length and the destination
+//! address 4 KiB aligned: a request that is not goes through the buffered descriptor, so every
+//! request is served, only slower.
+//!
+//! Concurrency: threads + `pread`, not io_uring. DESIGN §3 measured io_uring at queue depth 128
+//! giving about the same throughput as 32 psync threads on this disk; threads need no extra
+//! crate, work on every kernel and container (io_uring is often disabled by seccomp), and the
+//! measured engine/fio ratio in benches/README.md shows they reach the disk's limit.
+//!
+//! A batch completes or fails as a whole: short reads are continued, EINTR is retried, and any
+//! other failure (an I/O error, the end of the file before the request's end) makes the batch
+//! call return that error, naming the file, the offset and the length.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::aligned::{AlignedBuf, ALIGN};
+use crate::error::{Error, Result};
+use crate::planner::Plan;
+use crate::pool::{BatchJob, Pool};
+use crate::stats::Stats;
+
+/// Default number of reads in flight: where DESIGN §3's table saturates the disk.
+pub const DEFAULT_CONCURRENCY: usize = 32;
+/// Upper bound on worker threads per reader.
+pub const MAX_CONCURRENCY: usize = 1024;
+/// Piece size for `read_region`: large enough for full bandwidth (DESIGN §3: 1 MiB requests
+/// reach 2 GB/s at 32 threads), small enough to spread a layer over many workers.
+pub const REGION_PIECE: usize = 1 << 20;
+
+#[derive(Debug, Clone, Copy)]
+pub struct ReaderOptions {
+    /// Worker threads, i.e. reads in flight at once (1..=1024).
+    pub concurrency: usize,
+    /// Try `O_DIRECT` (falls back to buffered reads where the filesystem refuses it).
+    pub direct: bool,
+}
+
+impl Default for ReaderOptions {
+    fn default() -> Self {
+        ReaderOptions { concurrency: DEFAULT_CONCURRENCY, direct: true }
+    }
+}
+
+/// One read into a single destination slice: `len` bytes at `file_offset` to `dest[dest_offset..]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadOp {
+    pub file_offset: u64,
+    pub len: usize,
+    pub dest_offset: usize,
+}
+
+/// One read to a raw destination (for callers that manage buffer lifetimes themselves, like the
+/// Python binding with several `AlignedBuf`s, or a cache reading into its slot matrix).
+#[derive(Debug, Clone, Copy)]
+pub struct RawOp {
+    pub file_offset: u64,
+    pub len: usize,
+    pub dest: *mut u8,
+}
+
+struct Inner {
+    path: PathBuf,
+    direct: Option<File>,
+    buffered: File,
+    stats: Stats,
+}
+
+pub struct Reader {
+    inner: Arc<Inner>,
+    pool: Pool,
+}
+
+fn is_aligned(x: u64) -> bool {
+    x % ALIGN as u64 == 0
+}
+
+impl Reader {
+    /// Open `path` with the default options (O_DIRECT, 32 reads in flight).
+    pub fn open(path: impl AsRef<Path>) -> Result<Reader> {
+        Reader::open_with(path, ReaderOptions::default())
+    }
+
+    pub fn open_with(path: impl AsRef<Path>, opts: ReaderOptions) -> Result<Reader> {
+        let path = path.as_ref().to_path_buf();
+        if opts.concurrency == 0 || opts.concurrency > MAX_CONCURRENCY {
+            return Err(Error::invalid(format!(
+                "concurrency = {} (expected 1..={MAX_CONCURRENCY} reads in flight)",
+                opts.concurrency
+            )));
+        }
+        let buffered = File::open(&path).map_err(|source| Error::Open { path: path.clone(), source })?;
+        if !buffered.metadata().map(|m| m.is_file()).unwrap_or(false) {
+            return Err(Error::Open {
+                path,
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
+            });
+        }
+        let direct = if opts.direct {
+            match OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&path) {
+                Ok(f) => Some(f),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => None, // filesystem refuses
+                Err(source) => return Err(Error::Open { path, source }),
+            }
+        } else {
+            None
+        };
+        let pool = Pool::new(opts.concurrency, "llmflash-io")
+            .map_err(|source| Error::Open { path: path.clone(), source })?;
+        Ok(Reader { inner: Arc::new(Inner { path, direct, buffered, stats: Stats::default() }), pool })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Whether reads bypass the page cache (O_DIRECT accepted by the filesystem).
+    pub fn is_direct(&self) -> bool {
+        self.inner.direct.is_some()
+    }
+
+    pub fn concurrency(&self) -> usize {
+        self.pool.threads()
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    /// The file's current size.
+    pub fn file_len(&self) -> Result<u64> {
+        self.inner.buffered.metadata().map(|m| m.len()).map_err(|source| Error::Read {
+            path: self.inner.path.clone(),
+            offset: 0,
+            len: 0,
+            source,
+        })
+    }
+
+    /// Run `ops`, all writing into `dest`; return when every one has completed, or the first
+    /// error. Destination ranges must lie inside `dest` and not overlap.
+    pub fn read_into(&self, ops: &[ReadOp], dest: &mut [u8]) -> Result<()> {
+        let mut ranges: Vec<(usize, usize)> = Vec::with_capacity(ops.len());
+        for op in ops {
+            let end = op.dest_offset.checked_add(op.len).filter(|&e| e <= dest.len()).ok_or_else(|| {
+                Error::invalid(format!(
+                    "read of {} bytes at offset {} into destination offset {} overflows the {}-byte destination",
+                    op.len, op.file_offset, op.dest_offset, dest.len()
+                ))
+            })?;
+            ranges.push((op.dest_offset, end));
+        }
+        check_disjoint(&mut ranges)?;
+        let base = dest.as_mut_ptr();
+        let raw: Vec<RawOp> = ops
+            .iter()
+            // SAFETY: dest_offset + len <= dest.len() was checked above, so the pointer stays
+            // inside (or one past) the destination slice.
+            .map(|op| RawOp { file_offset: op.file_offset, len: op.len, dest: unsafe { base.add(op.dest_offset) } })
+            .collect();
+        // SAFETY: every destination range lies inside `dest` and they are pairwise disjoint; the
+        // exclusive borrow of `dest` keeps the memory alive and unaliased until read_raw returns,
+        // and read_raw returns only after every worker has finished with it.
+        unsafe { self.read_raw(&raw) }
+    }
+
+    /// Run `ops` against raw destinations.
+    ///
+    /// # Safety
+    /// Each `dest .. dest + len` must be valid for writes, not overlap another op's range, and
+    /// not be read or written by anyone else until this call returns.
+    pub unsafe fn read_raw(&self, ops: &[RawOp]) -> Result<()> {
+        let t0 = Instant::now();
+        for op in ops {
+            if op.file_offset.checked_add(op.len as u64).is_none() {
+                return Err(Error::invalid(format!(
+                    "read of {} bytes at offset {} overflows a 64-bit file offset",
+                    op.len, op.file_offset
+                )));
+            }
+        }
+        let job = Arc::new(ReadJob {
+            inner: self.inner.clone(),
+            ops: ops.to_vec(),
+            failed: AtomicBool::new(false),
+            error: Mutex::new(None),
+        });
+        self.pool.run(job.clone());
+        self.inner.stats.add_batch(t0.elapsed().as_nanos() as u64);
+        let err = job.error.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Read `len` bytes at `offset` into a new aligned buffer, as ~1 MiB requests in parallel.
+    pub fn read_region(&self, offset: u64, len: usize) -> Result<AlignedBuf> {
+        let mut buf = AlignedBuf::zeroed(len)?;
+        let pieces = len.div_ceil(REGION_PIECE);
+        let ops: Vec<ReadOp> = (0..pieces)
+            .map(|i| {
+                let start = i * REGION_PIECE;
+                ReadOp { file_offset: offset + start as u64, len: REGION_PIECE.min(len - start), dest_offset: start }
+            })
+            .collect();
+        self.read_into(&ops, buf.as_mut_slice())?;
+        Ok(buf)
+    }
+
+    /// Read a plan's requests into a new buffer of `plan.buffer_bytes` (requests back to back,
+    /// at their `dest_offset`s); counts the plan's useful bytes in the stats.
+    pub fn read_plan(&self, plan: &Plan) -> Result<AlignedBuf> {
+        let mut buf = AlignedBuf::zeroed(plan.buffer_bytes as usize)?;
+        self.read_plan_into(plan, buf.as_mut_slice())?;
+        Ok(buf)
+    }
+
+    /// As `read_plan`, into a caller's destination of at least `plan.buffer_bytes` bytes
+    /// (4 KiB aligned for direct I/O, e.g. an `AlignedBuf`; otherwise reads go buffered).
+    pub fn read_plan_into(&self, plan: &Plan, dest: &mut [u8]) -> Result<()> {
+        self.read_into(&plan.read_ops(), dest)?;
+        self.inner.stats.add_useful(plan.useful_bytes);
+        Ok(())
+    }
+}
+
+/// Check that half-open ranges `[start, end)` (destination offsets or addresses) do not overlap.
+pub fn check_disjoint(ranges: &mut [(usize, usize)]) -> Result<()> {
+    ranges.sort_unstable();
+    for w in ranges.windows(2) {
+        if w[1].0 < w[0].1 && w[1].0 < w[1].1 {
+            return Err(Error::invalid(format!(
+                "destination ranges [{}, {}) and [{}, {}) overlap",
+                w[0].0, w[0].1, w[1].0, w[1].1
+            )));
+        }
+    }
+    Ok(())
+}
+
+struct ReadJob {
+    inner: Arc<Inner>,
+    ops: Vec<RawOp>,
+    failed: AtomicBool,
+    error: Mutex<Option<Error>>,
+}
+
+// SAFETY: the raw destination pointers are only written through, by one worker per op, and
+// `Reader::read_raw`'s contract keeps them valid and unshared until the batch has finished
+// (`Pool::run` returns only after every op ran); the rest of ReadJob is Send + Sync.
+unsafe impl Send for ReadJob {}
+// SAFETY: as for Send.
+unsafe impl Sync for ReadJob {}
+
+impl BatchJob for ReadJob {
+    fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    fn run(&self, i: usize) {
+        if self.failed.load(Ordering::Relaxed) {
+            return; // the batch has failed already: do not spend the disk on it
+        }
+        let op = self.ops[i];
+        match self.inner.read_one(op) {
+            Ok(()) => self.inner.stats.add_read(op.len as u64),
+            Err(e) => {
+                self.failed.store(true, Ordering::Relaxed);
+                let mut slot = self.error.lock().unwrap_or_else(|e| e.into_inner());
+                if slot.is_none() {
+                    *slot = Some(e);
+                }
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// One request: loop over `pread` until `len` bytes are in, or fail.
+    fn read_one(&self, op: RawOp) -> Result<()> {
+        let mut done = 0usize;
+        let mut used_buffered = false;
+        while done < op.len {
+            let off = op.file_offset + done as u64;
+            let want = op.len - done;
+            // SAFETY: the caller of read_raw guarantees dest..dest+len is writable and ours.
+            let dst = unsafe { op.dest.add(done) };
+            let aligned = is_aligned(off) && is_aligned(want as u64) && (dst as usize) % ALIGN == 0;
+            let file = match &self.direct {
+                Some(f) if aligned => f,
+                _ => {
+                    used_buffered = true;
+                    &self.buffered
+                }
+            };
+            // SAFETY: dst is valid for `want` bytes of writes (see above); the file descriptor is
+            // kept open by `self` (an Arc held by the job for the whole batch).
+            let r = unsafe { libc::pread(file.as_raw_fd(), dst.cast(), want, off as libc::off_t) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) | Some(libc::EAGAIN) => continue,
+                    // A filesystem that accepted O_DIRECT at open but refuses this read (block
+                    // size over 4 KiB, some FUSE): serve the rest through the page cache.
+                    Some(libc::EINVAL) if self.direct.is_some() && !used_buffered => {
+                        used_buffered = true;
+                        let r = self.read_buffered(op, done)?;
+                        done = r;
+                        continue;
+                    }
+                    _ => {
+                        return Err(Error::Read {
+                            path: self.path.clone(),
+                            offset: op.file_offset,
+                            len: op.len as u64,
+                            source: e,
+                        })
+                    }
+                }
+            }
+            if r == 0 {
+                return Err(self.eof(op, done));
+            }
+            done += r as usize;
+        }
+        if used_buffered {
+            self.drop_cached(op.file_offset, op.len as u64);
+        }
+        Ok(())
+    }
+
+    /// Finish `op` from byte `done` through the buffered descriptor; returns op.len on success.
+    fn read_buffered(&self, op: RawOp, mut done: usize) -> Result<usize> {
+        while done < op.len {
+            let off = op.file_offset + done as u64;
+            // SAFETY: as in read_one: the destination range belongs to this op until the batch ends.
+            let r = unsafe {
+                libc::pread(self.buffered.as_raw_fd(), op.dest.add(done).cast(), op.len - done, off as libc::off_t)
+            };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN)) {
+                    continue;
+                }
+                return Err(Error::Read { path: self.path.clone(), offset: op.file_offset, len: op.len as u64, source: e });
+            }
+            if r == 0 {
+                return Err(self.eof(op, done));
+            }
+            done += r as usize;
+        }
+        Ok(done)
+    }
+
+    fn eof(&self, op: RawOp, got: usize) -> Error {
+        Error::Eof {
+            path: self.path.clone(),
+            offset: op.file_offset,
+            len: op.len as u64,
+            got: got as u64,
+            file_len: self.buffered.metadata().ok().map(|m| m.len()),
+        }
+    }
+
+    /// Tell the kernel we will not read these pages again (buffered fallback only), so a model
+    /// streamed through the page cache does not fill memory with it.
+    fn drop_cached(&self, offset: u64, len: u64) {
+        // SAFETY: plain system call on a descriptor kept open by self; no memory is passed.
+        unsafe {
+            libc::posix_fadvise(
+                self.buffered.as_raw_fd(),
+                offset as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_DONTNEED,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn pattern(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect()
+    }
+
+    fn temp_file(data: &[u8]) -> tempfile::NamedTempFile {
+        // Under the target dir's filesystem (the real disk), not a tmpfs.
+        let mut f = tempfile::NamedTempFile::new_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        f.write_all(data).unwrap();
+        f.flush().unwrap();
+        f
+    }
+
+    #[test]
+    fn round_trip_aligned_and_unaligned() {
+        let data = pattern(3 << 20);
+        let f = temp_file(&data);
+        let r = Reader::open_with(f.path(), ReaderOptions { concurrency: 8, direct: true }).unwrap();
+        let ops = [
+            ReadOp { file_offset: 0, len: 4096, dest_offset: 0 },
+            ReadOp { file_offset: 1 << 20, len: 65536, dest_offset: 8192 },
+            ReadOp { file_offset: 12345, len: 3456, dest_offset: 100_000 }, // unaligned: buffered
+            ReadOp { file_offset: (3 << 20) - 4096, len: 4096, dest_offset: 200_704 },
+        ];
+        let mut dest = AlignedBuf::zeroed(300_000).unwrap();
+        r.read_into(&ops, &mut dest).unwrap();
+        for op in ops {
+            let f = op.file_offset as usize;
+            assert_eq!(&dest[op.dest_offset..op.dest_offset + op.len], &data[f..f + op.len]);
+        }
+        let s = r.stats().snapshot();
+        assert_eq!((s.requests, s.batches, s.bytes_read), (4, 1, 4096 + 65536 + 3456 + 4096));
+        r.stats().reset();
+        assert_eq!(r.stats().snapshot(), Default::default());
+    }
+
+    #[test]
+    fn read_region_matches_file() {
+        let data = pattern((5 << 20) + 4096 * 3);
+        let f = temp_file(&data);
+        let r = Reader::open(f.path()).unwrap();
+        let off = 4096 * 5;
+        let len = data.len() - off;
+        let buf = r.read_region(off as u64, len).unwrap();
+        assert_eq!(&buf[..], &data[off..]);
+        assert_eq!(r.stats().snapshot().requests, len.div_ceil(1 << 20) as u64);
+    }
+
+    #[test]
+    fn past_eof_is_an_error_naming_file_offset_length() {
+        let f = temp_file(&pattern(8192));
+        let r = Reader::open(f.path()).unwrap();
+        let err = r.read_region(4096, 8192).unwrap_err();
+        match &err {
+            Error::Eof { offset, len, got, file_len, .. } => {
+                assert_eq!((*offset, *len, *got, *file_len), (4096, 8192, 4096, Some(8192)));
+            }
+            e => panic!("unexpected {e:?}"),
+        }
+        let msg = err.to_string();
+        assert!(msg.contains(&f.path().display().to_string()) && msg.contains("4096") && msg.contains("8192"), "{msg}");
+        // Entirely past the end.
+        assert!(matches!(r.read_region(1 << 20, 4096), Err(Error::Eof { got: 0, .. })));
+    }
+
+    #[test]
+    fn truncated_under_an_open_reader() {
+        let data = pattern(4 << 20);
+        let f = temp_file(&data);
+        let r = Reader::open(f.path()).unwrap();
+        assert_eq!(&r.read_region(0, 1 << 20).unwrap()[..], &data[..1 << 20]);
+        f.as_file().set_len(1 << 20).unwrap();
+        let err = r.read_region(0, 4 << 20).unwrap_err();
+        assert!(matches!(err, Error::Eof { file_len: Some(1048576), .. }), "{err:?}");
+    }
+
+    #[test]
+    fn bad_destinations_are_rejected() {
+        let f = temp_file(&pattern(16384));
+        let r = Reader::open(f.path()).unwrap();
+        let mut dest = AlignedBuf::zeroed(8192).unwrap();
+        let over = [ReadOp { file_offset: 0, len: 8192, dest_offset: 4096 }];
+        assert!(matches!(r.read_into(&over, &mut dest), Err(Error::Invalid { .. })));
+        let overlap =
+            [ReadOp { file_offset: 0, len: 4096, dest_offset: 0 }, ReadOp { file_offset: 0, len: 4096, dest_offset: 2048 }];
+        assert!(matches!(r.read_into(&overlap, &mut dest), Err(Error::Invalid { .. })));
+        assert!(Reader::open_with(f.path(), ReaderOptions { concurrency: 0, direct: true }).is_err());
+        assert!(matches!(Reader::open("/nonexistent/llmflash"), Err(Error::Open { .. })));
+    }
+
+    #[test]
+    fn many_batches_from_many_threads() {
+        let data = pattern(2 << 20);
+        let f = temp_file(&data);
+        let r = Reader::open_with(f.path(), ReaderOptions { concurrency: 4, direct: true }).unwrap();
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let (r, data) = (&r, &data);
+                s.spawn(move || {
+                    for k in 0..20 {
+                        let ops: Vec<ReadOp> = (0..7)
+                            .map(|j| ReadOp { file_offset: (((t * 31 + k * 7 + j) % 500) * 4096) as u64, len: 4096, dest_offset: j * 4096 })
+                            .collect();
+                        let mut dest = AlignedBuf::zeroed(7 * 4096).unwrap();
+                        r.read_into(&ops, &mut dest).unwrap();
+                        for op in ops {
+                            let o = op.file_offset as usize;
+                            assert_eq!(&dest[op.dest_offset..op.dest_offset + 4096], &data[o..o + 4096]);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(r.stats().snapshot().batches, 80);
+    }
+
+    #[test]
+    fn buffered_mode_reads_the_same() {
+        let data = pattern(1 << 20);
+        let f = temp_file(&data);
+        let r = Reader::open_with(f.path(), ReaderOptions { concurrency: 2, direct: false }).unwrap();
+        assert!(!r.is_direct());
+        assert_eq!(&r.read_region(0, 1 << 20).unwrap()[..], &data[..]);
+    }
+}
