@@ -16,6 +16,8 @@ VARIANTS = {
     "llama3_rope": ("llama", dict(rope_parameters={
         "rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 32}, num_key_value_heads=1)),
+    "llama_linear_rope": ("llama", dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0,
+                                                          "factor": 4.0})),
     "opt_pre_ln": ("opt", {}),
     "opt_proj": ("opt", dict(word_embed_proj_dim=32)),
     "opt_post_ln": ("opt", dict(do_layer_norm_before=False)),
