@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 
 use crate::aligned::AlignedBuf;
 
-#[pyclass(frozen, name = "AlignedBuf", module = "llmflash._native")]
+#[pyclass(frozen, weakref, name = "AlignedBuf", module = "llmflash._native")]
 pub struct PyAlignedBuf {
     pub(crate) buf: AlignedBuf,
 }

@@ -2,6 +2,7 @@
 //! its landing map out as numpy int64 arrays (ready for numpy/torch indexing).
 
 use numpy::{PyArray1, PyReadonlyArray1};
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 
 use super::buffer::PyAlignedBuf;
@@ -53,7 +54,7 @@ pub struct PyPlan {
                     max_request_bytes = 1 << 20, concurrency = 32, allow_whole = true, max_gap_bytes = None))]
 #[allow(clippy::too_many_arguments)]
 pub fn plan(
-    wanted: Wanted<'_>,
+    wanted: &Bound<'_, PyAny>,
     bundle_bytes: u64,
     region_offset: u64,
     n_neurons: u32,
@@ -63,7 +64,10 @@ pub fn plan(
     allow_whole: bool,
     max_gap_bytes: Option<u64>,
 ) -> PyResult<PyPlan> {
-    let ids = wanted.ids(n_neurons)?;
+    let ids = match wanted.extract::<Wanted<'_>>() {
+        Ok(w) => w.ids(n_neurons)?,
+        Err(_) => as_int64_array(wanted)?.ids(n_neurons)?, // torch tensors, other array-likes
+    };
     let region = Region { offset: region_offset, n_neurons, bundle_bytes };
     let opts = PlanOptions { max_request_bytes, concurrency, allow_whole, max_gap_bytes };
     let default;
@@ -75,6 +79,20 @@ pub fn plan(
         }
     };
     Ok(PyPlan { plan: plan_reads(&ids, &region, profile, &opts)? })
+}
+
+/// `numpy.asarray(x)` for anything array-like with an integer dtype, as a 1-D int64 array.
+fn as_int64_array<'py>(x: &Bound<'py, PyAny>) -> PyResult<Wanted<'py>> {
+    let arr = x.py().import("numpy")?.call_method1("asarray", (x,))?;
+    let kind: String = arr.getattr("dtype")?.getattr("kind")?.extract()?;
+    let ndim: usize = arr.getattr("ndim")?.extract()?;
+    if !(kind == "i" || kind == "u") || ndim != 1 {
+        return Err(PyTypeError::new_err(format!(
+            "wanted must be a 1-D sequence or array of integer neuron ids, got {}-D of dtype kind {kind:?}",
+            ndim
+        )));
+    }
+    Ok(Wanted::I64(arr.call_method1("astype", ("int64",))?.extract()?))
 }
 
 fn i64_array<'py>(py: Python<'py>, it: impl Iterator<Item = u64>) -> Bound<'py, PyArray1<i64>> {
@@ -189,7 +207,7 @@ impl PyPlan {
             p.requests.len(),
             p.buffer_bytes,
             p.useful_bytes,
-            p.whole_region,
+            if p.whole_region { "True" } else { "False" },
             p.max_gap_bytes,
             p.est_seconds * 1e3
         )

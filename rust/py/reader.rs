@@ -168,7 +168,7 @@ impl PyReader {
             "Reader({:?}, concurrency={}, direct={})",
             self.reader.path().display().to_string(),
             self.reader.concurrency(),
-            self.reader.is_direct()
+            if self.reader.is_direct() { "True" } else { "False" }
         )
     }
 }

@@ -1,0 +1,128 @@
+"""Type stubs for llmflash._native, the Rust I/O core (rust/py/). Private: use llmflash.io."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import numpy as np
+import numpy.typing as npt
+
+ALIGN: int                 # 4096: direct-I/O alignment of offsets, lengths and buffers
+DEFAULT_CONCURRENCY: int   # 32 reads in flight
+MAX_CONCURRENCY: int       # 1024
+
+_Path = Union[str, os.PathLike[str]]
+_Ids = Union[npt.NDArray[np.integer], Sequence[int]]
+
+
+class AlignedBuf:
+    """A zeroed, 4096-byte-aligned byte buffer owned by Rust. Supports the buffer protocol
+    (writable, format "B"): np.asarray(buf), memoryview(buf), torch.frombuffer(buf, dtype=...)
+    view it without copying, and each view keeps it alive."""
+
+    def __init__(self, length: int) -> None: ...
+    @property
+    def address(self) -> int: ...          # address of byte 0 (== a zero-copy tensor's data_ptr())
+    @property
+    def capacity(self) -> int: ...         # length rounded up to 4096
+    def __len__(self) -> int: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+
+
+class Profile:
+    """Disk cost profile: MB/s by request size x requests in flight (the paper's Figure 2)."""
+
+    def __init__(self, sizes: Sequence[int], concurrencies: Sequence[int],
+                 mbps: Sequence[Sequence[float]], source: str = "") -> None: ...
+    @staticmethod
+    def default() -> Profile: ...          # DESIGN.md section 3's table
+    @staticmethod
+    def load(path: _Path) -> Profile: ...   # ValueError if malformed, FlashIOError if unreadable
+    @staticmethod
+    def from_json(text: str) -> Profile: ...
+    def to_json(self) -> str: ...
+    def save(self, path: _Path) -> None: ...
+    @property
+    def sizes(self) -> list[int]: ...
+    @property
+    def concurrencies(self) -> list[int]: ...
+    @property
+    def mbps(self) -> list[list[float]]: ...  # mbps[i][j]: sizes[i] at concurrencies[j]
+    @property
+    def source(self) -> str: ...
+    def throughput_mbps(self, size: int, concurrency: int) -> float: ...
+    def request_seconds(self, size: int, concurrency: int) -> float: ...
+    def bridge_gap_bytes(self, concurrency: int = 32) -> int: ...
+
+
+class Plan:
+    """Aligned reads covering a set of wanted neurons of one layer region."""
+
+    @property
+    def requests(self) -> list[tuple[int, int, int]]: ...   # (file_offset, length, dest_offset)
+    @property
+    def neurons(self) -> npt.NDArray[np.int64]: ...          # unique wanted ids, sorted
+    @property
+    def landing(self) -> npt.NDArray[np.int64]: ...          # bundle start in the plan's buffer
+    @property
+    def request_index(self) -> npt.NDArray[np.int64]: ...    # request holding the first byte
+    @property
+    def offset_in_request(self) -> npt.NDArray[np.int64]: ...
+    @property
+    def buffer_bytes(self) -> int: ...     # bytes read == buffer size needed
+    @property
+    def useful_bytes(self) -> int: ...     # len(neurons) * bundle_bytes
+    @property
+    def max_gap_bytes(self) -> int: ...    # widest gap bridged by the sparse plan
+    @property
+    def whole_region(self) -> bool: ...    # the whole region was cheaper than sparse reads
+    @property
+    def est_seconds(self) -> float: ...
+    @property
+    def est_sparse_seconds(self) -> float: ...
+    @property
+    def est_whole_seconds(self) -> float: ...
+    @property
+    def bundle_bytes(self) -> int: ...
+    @property
+    def region_offset(self) -> int: ...
+    @property
+    def n_neurons(self) -> int: ...
+    def __len__(self) -> int: ...          # number of requests
+    def gather(self, buf: AlignedBuf) -> AlignedBuf: ...  # rows of bundle_bytes, row k = neurons[k]
+
+
+def plan(wanted: _Ids, bundle_bytes: int, region_offset: int, n_neurons: int,
+         profile: Optional[Profile] = None, max_request_bytes: int = 1048576,
+         concurrency: int = 32, allow_whole: bool = True,
+         max_gap_bytes: Optional[int] = None) -> Plan:
+    """Plan reads of `wanted` (store positions, any order, duplicates allowed). ValueError for ids
+    out of range or bad options; StoreError for an impossible region (misaligned, overflowing)."""
+    ...
+
+
+class Reader:
+    """One file read with O_DIRECT by a persistent pool of `concurrency` pread threads. Every
+    read releases the GIL; failures raise FlashIOError naming the file, offset and length."""
+
+    def __init__(self, path: _Path, concurrency: int = 32, direct: bool = True) -> None: ...
+    @property
+    def path(self) -> pathlib.Path: ...
+    @property
+    def direct(self) -> bool: ...          # False: the filesystem refused O_DIRECT (warned)
+    @property
+    def concurrency(self) -> int: ...
+    def file_size(self) -> int: ...
+    def read(self, requests: Sequence[tuple[int, int, AlignedBuf, int]]) -> None: ...
+    def read_region(self, offset: int, length: int) -> AlignedBuf: ...
+    def read_plan(self, plan: Plan, out: Optional[AlignedBuf] = None) -> AlignedBuf: ...
+    def stats(self) -> dict[str, int]: ...  # bytes_read, bytes_useful, requests, batches, io_ns
+    def reset_stats(self) -> None: ...
+
+
+def measure_point(path: _Path, size: int, concurrency: int, seconds: float) -> float: ...
+def measure(path: _Path, sizes: Sequence[int], concurrencies: Sequence[int],
+            seconds_per_point: float) -> Profile: ...

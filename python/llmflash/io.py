@@ -1,0 +1,65 @@
+"""Flash I/O from Python: a thin layer over the Rust core (llmflash._native).
+
+    reader = Reader(store.ffn_path)                       # O_DIRECT, 32 reads in flight
+    ids, rows = read_neurons(reader, store.layers[3], wanted)   # rows: (len(ids), bundle_bytes) uint8
+
+`wanted` are store positions (bundle j of the region; see LayerRegion.order for the original
+neuron ids). The planner chooses exact bundles, bridged runs or the whole region, whichever the
+disk profile (llmflash.profile_disk.load_profile) prices cheapest.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence, Union
+
+import numpy as np
+
+from ._native import (ALIGN, DEFAULT_CONCURRENCY, AlignedBuf, Plan, Profile, Reader, measure,
+                      measure_point, plan)
+
+if TYPE_CHECKING:
+    import torch
+
+    from .store import LayerRegion
+
+__all__ = ["ALIGN", "DEFAULT_CONCURRENCY", "AlignedBuf", "Plan", "Profile", "Reader", "plan",
+           "measure", "measure_point", "plan_layer", "read_neurons", "as_array", "as_tensor"]
+
+Ids = Union[np.ndarray, Sequence[int]]
+
+
+def plan_layer(region: "LayerRegion", wanted: Ids, profile: Profile | None = None,
+               concurrency: int = DEFAULT_CONCURRENCY, **options) -> Plan:
+    """Plan the reads of `wanted` store positions of one layer region (options: see plan())."""
+    if profile is None:
+        from .profile_disk import load_profile
+        profile = load_profile()
+    return plan(wanted, region.bundle_bytes, region.offset, region.n_neurons, profile=profile,
+                concurrency=concurrency, **options)
+
+
+def read_neurons(reader: Reader, region: "LayerRegion", wanted: Ids,
+                 profile: Profile | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read the bundles of `wanted` (store positions) from one layer region.
+
+    Returns (ids, rows): the unique ids sorted (int64) and a (len(ids), bundle_bytes) uint8 array
+    whose row k is bundle ids[k], viewing a Rust-owned buffer (no copy).
+    """
+    p = plan_layer(region, wanted, profile, concurrency=reader.concurrency)
+    rows = p.gather(reader.read_plan(p))
+    return p.neurons, as_array(rows).reshape(len(p.neurons), region.bundle_bytes)
+
+
+def as_array(buf: AlignedBuf, dtype: np.dtype | type = np.uint8) -> np.ndarray:
+    """A numpy view of `buf` (no copy; keeps `buf` alive)."""
+    return np.frombuffer(buf, dtype=dtype) if len(buf) else np.empty(0, dtype=dtype)
+
+
+def as_tensor(buf: AlignedBuf, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
+    """A torch view of `buf` (no copy: data_ptr() == buf.address; keeps `buf` alive)."""
+    import torch
+
+    dtype = dtype or torch.uint8
+    if len(buf) == 0:
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype)

@@ -1,0 +1,145 @@
+"""`llmflash profile-disk [PATH]`: measure this disk's random-read throughput by request size
+and requests in flight (the paper's Figure 2), save it as the planner's cost profile, and plot it.
+
+The scratch file is written with real (non-zero) data on PATH's filesystem, so reads reach the
+device, and is removed afterwards. Reads use O_DIRECT (no page cache), like the engine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from ._native import Profile, measure_point
+
+SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20]
+CONCURRENCIES = [1, 4, 8, 16, 32]
+
+
+def default_profile_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llmflash" / "disk-profile.json"
+
+
+def load_profile(path: str | os.PathLike[str] | None = None) -> Profile:
+    """The measured profile (default location: ~/.cache/llmflash/disk-profile.json), or DESIGN's
+    table when none was measured; a corrupt file is reported with a warning, never fatal."""
+    p = Path(path) if path is not None else default_profile_path()
+    if not p.is_file():
+        return Profile.default()
+    try:
+        return Profile.load(p)
+    except (ValueError, OSError) as e:
+        warnings.warn(f"ignoring disk profile {p}: {e}; using the default profile "
+                      "(re-run `llmflash profile-disk`)", RuntimeWarning, stacklevel=2)
+        return Profile.default()
+
+
+def _fmt_size(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
+
+
+def format_table(profile: Profile) -> str:
+    head = "request   " + "".join(f"{c:>9}" for c in profile.concurrencies)
+    lines = [f"MB/s by requests in flight ({profile.source})", head]
+    for s, row in zip(profile.sizes, profile.mbps):
+        lines.append(f"{_fmt_size(s):<10}" + "".join(f"{v:>9.0f}" for v in row))
+    return "\n".join(lines)
+
+
+def plot(profile: Profile, out: str | os.PathLike[str]) -> None:
+    """MB/s vs request size, one line per concurrency (the paper's Figure 2)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    kib = [s / 1024 for s in profile.sizes]
+    for j, c in enumerate(profile.concurrencies):
+        ax.plot(kib, [row[j] for row in profile.mbps], marker="o", label=f"{c} in flight")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(kib, [_fmt_size(s) for s in profile.sizes])
+    ax.set_xlabel("request size")
+    ax.set_ylabel("random read throughput (MB/s)")
+    ax.set_title("Random direct-I/O reads (cf. LLM in a flash, Fig. 2)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def _write_scratch(path: Path, size: int) -> None:
+    # Random-looking data (a 16 MiB random block repeated, each copy salted), fsynced: zeros or a
+    # sparse file would be served without touching the device.
+    chunk = bytearray(os.urandom(16 << 20))
+    with open(path, "wb") as f:
+        written, i = 0, 0
+        while written < size:
+            chunk[:8] = i.to_bytes(8, "little")
+            n = min(len(chunk), size - written)
+            f.write(memoryview(chunk)[:n])
+            written, i = written + n, i + 1
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="llmflash profile-disk", description=__doc__.split("\n\n")[0])
+    ap.add_argument("path", nargs="?", default=".", help="a folder on the disk to measure (default: .)")
+    ap.add_argument("--out", default=None, help=f"profile JSON (default: {default_profile_path()})")
+    ap.add_argument("--plot", default=None, help="write the Figure-2-style PNG here")
+    ap.add_argument("--seconds", type=float, default=1.0, help="seconds per point (default: 1)")
+    ap.add_argument("--size-mb", type=int, default=1024, help="scratch file size in MB (default: 1024)")
+    args = ap.parse_args(argv)
+    from tqdm import tqdm
+
+    folder = Path(args.path)
+    if not folder.is_dir():
+        print(f"llmflash profile-disk: {folder} is not a folder", file=sys.stderr)
+        return 2
+    size = args.size_mb << 20
+    if size < SIZES[-1] * 4:
+        print(f"llmflash profile-disk: --size-mb must be at least {SIZES[-1] * 4 >> 20}", file=sys.stderr)
+        return 2
+    fd, name = tempfile.mkstemp(prefix=".llmflash-profile-", dir=folder)
+    os.close(fd)
+    scratch = Path(name)
+    try:
+        print(f"writing a {args.size_mb} MB scratch file in {folder.resolve()} ...", file=sys.stderr)
+        _write_scratch(scratch, size)
+        points = [(s, c) for s in SIZES for c in CONCURRENCIES]
+        mbps = {p: 0.0 for p in points}
+        # Interleave the passes (every point once, then again) so a throttled stretch of a
+        # shared disk does not land on one request size alone; keep the best of two.
+        passes = 2
+        with tqdm(total=len(points) * passes, desc="measuring", unit="point") as bar:
+            for _ in range(passes):
+                for s, c in points:
+                    bar.set_postfix_str(f"{_fmt_size(s)} x {c}")
+                    mbps[(s, c)] = max(mbps[(s, c)], measure_point(scratch, s, c, args.seconds / passes))
+                    bar.update()
+    finally:
+        scratch.unlink(missing_ok=True)
+    table = [[max(mbps[(s, c)], 1e-3) for c in CONCURRENCIES] for s in SIZES]
+    profile = Profile(SIZES, CONCURRENCIES, table,
+                      f"measured on {folder.resolve()} at {time.strftime('%Y-%m-%d %H:%M')}")
+    print(format_table(profile))
+    out = Path(args.out) if args.out else default_profile_path()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    profile.save(out)
+    print(f"profile saved to {out}")
+    if args.plot:
+        plot(profile, args.plot)
+        print(f"plot saved to {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
