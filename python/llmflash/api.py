@@ -95,7 +95,7 @@ class FlashModel:
         cache = self.model.new_cache(len(ids) + max_new_tokens)
         eos = set(self.config.eos_token_ids) if stop_at_eos else set()
         t0 = time.perf_counter()
-        logits = self.model.forward(torch.tensor(ids, dtype=torch.long), cache)[-1]
+        logits = self.model.forward(torch.tensor(ids, dtype=torch.long), cache, last_only=True)[-1]
         self._stats["tokens_in"] += len(ids)
         self._stats["prefill_s"] += time.perf_counter() - t0
         for step in range(max_new_tokens):
@@ -106,7 +106,7 @@ class FlashModel:
             if step + 1 == max_new_tokens:
                 return
             t0 = time.perf_counter()
-            logits = self.model.forward(torch.tensor([tok], dtype=torch.long), cache)[-1]
+            logits = self.model.forward(torch.tensor([tok], dtype=torch.long), cache, last_only=True)[-1]
             self._stats["decode_s"] += time.perf_counter() - t0
             self._stats["tokens_out"] += 1
 
