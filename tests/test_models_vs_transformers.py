@@ -96,6 +96,11 @@ def test_half_precision_close(name, dtype, make_hf, convert_to):
     tol = 0.01 if dtype == "float16" else 0.06             # bfloat16 keeps 8 mantissa bits
     assert (ours - ref).abs().max().item() <= tol * scale
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.8
+    # Short chunks and single tokens take the half-precision kernels (layers.linear).
+    cache = model.new_cache(PROMPT_LEN)
+    steps = torch.cat([model.forward(ids[:4], cache)] + [model.forward(ids[t:t + 1], cache)
+                                                         for t in range(4, PROMPT_LEN)])
+    assert (steps - ref).abs().max().item() <= tol * scale
 
 
 def test_learned_positions_limit(make_hf, convert_to):

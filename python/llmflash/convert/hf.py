@@ -506,7 +506,8 @@ def _cast(t: torch.Tensor, dtype: torch.dtype, name: str, path: Path) -> torch.T
 def convert_hf(src: str | os.PathLike[str], dst: str | os.PathLike[str], dtype: str = "float16",
                force: bool = False, tokenizer: str | os.PathLike[str] | None = None) -> Path:
     """Convert the Hugging Face model folder SRC into the store DST (written atomically).
-    `tokenizer`: a tokenizer.json, or a folder holding one, for sources that ship none (OpenELM).
+    `tokenizer`: a tokenizer.json, or a folder holding one (its tokenizer_config.json supplies the
+    chat template), for sources that ship none (OpenELM); it takes precedence over SRC's own.
     Raises ConvertError / UnsupportedModelError naming the offending file."""
     src, dst = Path(src), Path(dst)
     dtype = parse_dtype(dtype)

@@ -11,8 +11,8 @@ One sequence at a time (batch 1: the case the paper optimises). Per layer:
     pre-norm  (Llama, OpenELM, OPT >= 1.3B):  x = x + attn(norm1(x));  x = x + ffn(norm2(x))
     post-norm (OPT-350m):                     x = norm1(x + attn(x));  x = norm2(x + ffn(x))
 
-The residual stream is float32 whatever the store dtype; each matrix product casts its input
-to the weights' dtype (see models/layers.py for the precision rules).
+The residual stream is float32 whatever the store dtype; matrix products take weights in the
+store dtype and give float32 (models/layers.py: `linear`, and the precision rules).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ..errors import LlmflashError
 from ..store import Store
 from ..strategies.base import FFN
 from .config import ModelConfig
-from .layers import apply_rope, causal_attention, layer_norm, rms_norm, rope_inv_freq, rope_tables
+from .layers import apply_rope, causal_attention, layer_norm, linear, rms_norm, rope_inv_freq, rope_tables
 
 
 class ContextLengthError(LlmflashError, ValueError):
@@ -149,18 +149,18 @@ class Transformer:
 
     # -- forward ------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, tokens: Tensor, cache: KVCache) -> Tensor:
-        """tokens (T,) int64 continuing the sequence at cache.length -> logits (T, V) float32.
-        The cache advances by T."""
+    def forward(self, tokens: Tensor, cache: KVCache, last_only: bool = False) -> Tensor:
+        """tokens (T,) int64 continuing the sequence at cache.length -> logits (T, V) float32,
+        or (1, V) for the last position only with last_only (what generation needs: it spares
+        the LM head's T x V product at prefill). The cache advances by T."""
         c = self.config
         if tokens.dim() != 1 or tokens.numel() == 0:
             raise ValueError(f"tokens must be a non-empty 1-D tensor, got shape {tuple(tokens.shape)}")
         T, start = tokens.shape[0], cache.length
         cache.reserve(start + T)
-        x = F.embedding(tokens, self.embed)                                 # (T, E)
+        x = F.embedding(tokens, self.embed).float()                         # (T, E)
         if self.project_in is not None:
-            x = F.linear(x, self.project_in)                                # (T, D)
-        x = x.float()
+            x = linear(x, self.project_in)                                  # (T, D)
         if self.pos_embed is not None:
             x = x + self.pos_embed[start + c.pos_offset:start + c.pos_offset + T].float()
         cos, sin = self._rope(start, T)
@@ -172,12 +172,13 @@ class Transformer:
                 x = self._norm(x + self._attention(i, L, x, cache, start, cos, sin), L.attn_norm)
                 x = self._norm(x + self._ffn(i, L, x), L.ffn_norm)
         cache.length = start + T
+        if last_only:
+            x = x[-1:]
         if self.norm is not None:
             x = self._norm(x, self.norm)
-        h = x.to(self.dtype)
         if self.project_out is not None:
-            h = F.linear(h, self.project_out)                               # (T, E)
-        return F.linear(h, self.lm_head).float()                           # (T, V)
+            x = linear(x, self.project_out)                                 # (T, E)
+        return linear(x, self.lm_head)                                      # (T, V)
 
     __call__ = forward
 
@@ -197,11 +198,9 @@ class Transformer:
                    cos: Tensor | None, sin: Tensor | None) -> Tensor:
         """x (T, D) -> (T, D) float32; writes this layer's keys and values into the cache."""
         c, hd, T = self.config, self.config.head_dim, x.shape[0]
-        h = x.to(self.dtype)
-        q = F.linear(h, L.q, L.q_b).view(T, L.n_heads, hd).transpose(0, 1)          # (Hq, T, hd)
-        k = F.linear(h, L.k, L.k_b).view(T, L.n_kv_heads, hd).transpose(0, 1)       # (Hkv, T, hd)
-        v = F.linear(h, L.v, L.v_b).view(T, L.n_kv_heads, hd).transpose(0, 1)       # (Hkv, T, hd)
-        q, k = q.float(), k.float()
+        q = linear(x, L.q, L.q_b).view(T, L.n_heads, hd).transpose(0, 1)            # (Hq, T, hd)
+        k = linear(x, L.k, L.k_b).view(T, L.n_kv_heads, hd).transpose(0, 1)         # (Hkv, T, hd)
+        v = linear(x, L.v, L.v_b).view(T, L.n_kv_heads, hd).transpose(0, 1)         # (Hkv, T, hd)
         if L.q_norm is not None and L.k_norm is not None:                  # OpenELM, before RoPE
             q, k = rms_norm(q, L.q_norm, c.norm_eps), rms_norm(k, L.k_norm, c.norm_eps)
         if cos is not None and sin is not None:
@@ -211,7 +210,7 @@ class Transformer:
         keys = cache.k[i][:, :start + T].float()                            # (Hkv, S, hd)
         values = cache.v[i][:, :start + T].float()
         out = causal_attention(q, keys, values, start)                      # (T, Hq*hd)
-        return F.linear(out.to(self.dtype), L.o, L.o_b).float()            # (T, D)
+        return linear(out, L.o, L.o_b)                                      # (T, D)
 
     def _ffn(self, i: int, L: Layer, x: Tensor) -> Tensor:
         y = self.ffn(i, x.to(self.dtype)).float()                           # (T, D)
@@ -222,7 +221,7 @@ def greedy(model: Transformer, prompt: list[int], max_new_tokens: int,
            eos_token_ids: list[int] | None = None) -> list[int]:
     """Greedy continuation of `prompt` with a KV cache: the new token ids (stops after an EOS)."""
     cache = model.new_cache(len(prompt) + max_new_tokens)
-    logits = model.forward(torch.tensor(prompt, dtype=torch.long), cache)[-1]
+    logits = model.forward(torch.tensor(prompt, dtype=torch.long), cache, last_only=True)[-1]
     out: list[int] = []
     for step in range(max_new_tokens):
         tok = int(torch.argmax(logits))
