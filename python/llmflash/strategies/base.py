@@ -17,10 +17,9 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..models.layers import ACTIVATIONS
+from ..models.layers import ACTIVATIONS, linear
 
 
 @runtime_checkable
@@ -35,17 +34,17 @@ def bundle_ffn(x: Tensor, up: Tensor, down: Tensor, gate: Tensor | None = None,
     """The FFN over a set of neurons given as rows: x (T, D); up, gate, down (n, D); bias (n,).
     Returns (T, D) float32.
 
-    The rows may be strided views into a bundle matrix (store.split_bundles): F.linear reads
-    gate/up in place with the bundle length as row stride. The down rows are in the slow layout
+    The rows may be strided views into a bundle matrix (store.split_bundles): `linear` reads
+    gate/up in place with the bundle length as row stride (and upcasts for many rows). The down rows are in the slow layout
     for half-precision products (models/layers.py), so half-precision down rows are upcast for
     the call (measured here: 0.2 ms against 0.7 ms for 1536 x 576 float16 rows).
     """
     f = ACTIVATIONS[act]
-    h = F.linear(x.to(up.dtype), up).float()                              # (T, n)
+    h = linear(x, up)                                                     # (T, n)
     if gate is not None:
         if bias is not None:
             raise ValueError("a gated FFN with an fc1 bias is not a supported layout")
-        h = f(F.linear(x.to(gate.dtype), gate).float()) * h               # (T, n)
+        h = f(linear(x, gate)) * h                                        # (T, n)
     else:
         if bias is not None:
             h = h + bias.float()
