@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import build_hf, tiny_tokenizer_json
-from llmflash.convert.hf import _rope, HFConfig, convert_hf
+from llmflash.convert.hf import HFConfig, convert_hf
+from llmflash.convert.hf_archs import _rope
 from llmflash.convert.writer import StoreWriter
 from llmflash.errors import ConvertError, UnsupportedModelError
 from llmflash.models.transformer import load_dense
