@@ -333,3 +333,5 @@ def test_legacy_rope_keys():
     assert _rope(Cfg({"rope_scaling": {"type": "linear", "factor": 2}})) == (10000.0, {"rope_type": "linear", "factor": 2.0})
     with pytest.raises(ConvertError, match="low_freq_factor"):
         _rope(Cfg({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}))
+    with pytest.raises(ConvertError, match="inconsistent"):
+        _rope(Cfg({"rope_scaling": {**want, "high_freq_factor": 0.5}}))

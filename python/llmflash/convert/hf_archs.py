@@ -41,24 +41,28 @@ def _rope(hf: HFConfig) -> tuple[float, dict[str, Any] | None]:
         raise ConvertError(f"rope_parameters/rope_scaling is not an object: {params!r:.60}", hf.path)
     if any(isinstance(v, dict) for v in params.values()):
         raise hf.unsupported("per-layer-type RoPE parameters")
-    if params.get("rope_theta") is not None:
-        theta = float(params["rope_theta"])
     if params.get("partial_rotary_factor", 1.0) != 1.0 or hf.get("partial_rotary_factor", 1.0) != 1.0:
         raise hf.unsupported("partial rotary embeddings")
     kind = params.get("rope_type", params.get("type", "default"))
     try:
+        if params.get("rope_theta") is not None:
+            theta = float(params["rope_theta"])
         if kind == "default":
             return theta, None
         if kind == "linear":
             return theta, {"rope_type": "linear", "factor": float(params["factor"])}
         if kind == "llama3":
-            return theta, {"rope_type": "llama3", "factor": float(params["factor"]),
-                           "low_freq_factor": float(params["low_freq_factor"]),
-                           "high_freq_factor": float(params["high_freq_factor"]),
-                           "original_max_position_embeddings": int(params.get(
-                               "original_max_position_embeddings", hf.int("max_position_embeddings", 2048)))}
+            s = {"rope_type": "llama3", "factor": float(params["factor"]),
+                 "low_freq_factor": float(params["low_freq_factor"]),
+                 "high_freq_factor": float(params["high_freq_factor"]),
+                 "original_max_position_embeddings": int(params.get(
+                     "original_max_position_embeddings", hf.int("max_position_embeddings", 2048)))}
+            if not (s["factor"] > 0 and s["high_freq_factor"] > s["low_freq_factor"] > 0
+                    and s["original_max_position_embeddings"] > 0):
+                raise ValueError(f"inconsistent values {s}")
+            return theta, s
     except (KeyError, TypeError, ValueError) as e:
-        raise ConvertError(f"RoPE scaling {kind!r} lacks or garbles {e}", hf.path) from None
+        raise ConvertError(f"RoPE parameters for {kind!r} are missing or malformed ({e})", hf.path) from None
     raise hf.unsupported(f"RoPE scaling {kind!r} (supported: default, linear, llama3)")
 
 
