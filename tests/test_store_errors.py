@@ -129,6 +129,7 @@ def test_checksum_mismatch(store):
     (lambda m: m["config"].update(arch="gpt_neox"), "unsupported architecture 'gpt_neox'"),
     (lambda m: m["config"].update(n_layers=3), "n_heads must list 3 layers"),
     (lambda m: m["config"].update(bogus=1), "unknown config keys"),
+    (lambda m: m["config"].update(rope_scaling={"rope_type": "yarn"}), "rope_scaling type 'yarn'"),
     (lambda m: m["layers"][1].update(offset=1 << 40), "outside ffn.bin"),
     (lambda m: m["layers"][1].update(offset=2 ** 70), "layers\\[1\\].offset"),
     (lambda m: m["layers"][1].update(offset=-4096), "layers\\[1\\].offset"),

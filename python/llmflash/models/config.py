@@ -98,6 +98,10 @@ class ModelConfig:
                 raise ValueError(f"query heads {hq} not a multiple of KV heads {hkv}")
         if self.norm not in ("rms", "layer"):
             raise ValueError(f"config.norm = {self.norm!r} (expected 'rms' or 'layer')")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", "default") if isinstance(self.rope_scaling, dict) else None
+            if kind not in ("default", "linear", "llama3"):
+                raise ValueError(f"config.rope_scaling type {kind!r} is not supported")
         if self.act not in ("silu", "relu", "gelu"):
             raise ValueError(f"config.act = {self.act!r} (expected 'silu', 'relu' or 'gelu')")
 
