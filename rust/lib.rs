@@ -2,8 +2,9 @@
 //!
 //! - [`aligned`]: 4 KiB-aligned buffers owned by Rust (direct I/O needs them; Python views them
 //!   without copying).
-//! - [`reader`]: one file opened with `O_DIRECT`, a persistent pool of `pread` workers that keeps
-//!   many requests in flight, batch reads that complete or fail as a whole.
+//! - [`reader`]: one file opened with `O_DIRECT`, many requests in flight (io_uring for small
+//!   batches, a persistent pool of `pread` workers for large ones), batch reads that complete or
+//!   fail as a whole.
 //! - [`planner`]: wanted neurons -> few large aligned reads, priced with the disk [`profile`].
 //! - [`profile`]: measured throughput by request size x concurrency (the paper's Figure 2).
 //! - [`stats`]: counters of what was read and how long it took.
@@ -14,6 +15,7 @@ pub mod aligned;
 pub mod error;
 pub mod planner;
 mod pool;
+mod uring;
 pub mod profile;
 pub mod reader;
 pub mod stats;
@@ -25,5 +27,5 @@ pub use aligned::{AlignedBuf, ALIGN};
 pub use error::{Error, Result};
 pub use planner::{plan, Plan, PlanOptions, Region, Request};
 pub use profile::Profile;
-pub use reader::{ReadOp, Reader, ReaderOptions};
+pub use reader::{Engine, RawOp, ReadOp, Reader, ReaderOptions};
 pub use stats::{Stats, StatsSnapshot};

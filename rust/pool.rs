@@ -4,10 +4,10 @@
 //! SmolLM2), each a few hundred microseconds of I/O; spawning 32 threads costs about as much
 //! as the reads. The workers sleep on a condition variable between batches.
 //!
-//! A batch is a job with `len()` items; workers claim item indices one at a time (under the
-//! queue lock, which is held for a few instructions), so a batch of k items keeps
-//! min(k, threads) reads in flight, and several batches from several callers share the workers
-//! in FIFO order. The caller blocks until every item of its batch has run.
+//! A batch is a job with `len()` items; workers take the oldest batch with unclaimed items from
+//! the queue and claim its items with an atomic counter (no lock per item), so a batch of k
+//! items keeps min(k, threads) reads in flight, and several batches from several callers share
+//! the workers in FIFO order. The caller blocks until every item of its batch has run.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,9 +22,20 @@ pub(crate) trait BatchJob: Send + Sync {
 
 struct Batch {
     job: Arc<dyn BatchJob>,
-    next: AtomicUsize,     // next unclaimed item (claimed under the queue lock)
-    left: Mutex<usize>,    // items not yet finished
+    next: AtomicUsize, // next unclaimed item
+    left: AtomicUsize, // items not yet finished
+    done_lock: Mutex<()>,
     done: Condvar,
+}
+
+impl Batch {
+    fn finish_one(&self) {
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Take the lock so the waiter is either before its check or inside wait(): no lost wake-up.
+            let _g = lock(&self.done_lock);
+            self.done.notify_all();
+        }
+    }
 }
 
 struct Queue {
@@ -66,10 +77,6 @@ impl Pool {
         Ok(pool)
     }
 
-    pub(crate) fn threads(&self) -> usize {
-        self.threads.len()
-    }
-
     /// Run every item of `job` on the workers; return when all have finished.
     pub(crate) fn run(&self, job: Arc<dyn BatchJob>) {
         let n = job.len();
@@ -83,11 +90,14 @@ impl Pool {
             }
             return;
         }
-        let batch = Arc::new(Batch { job, next: AtomicUsize::new(0), left: Mutex::new(n), done: Condvar::new() });
-        {
-            let mut q = lock(&self.shared.queue);
-            q.batches.push_back(batch.clone());
-        }
+        let batch = Arc::new(Batch {
+            job,
+            next: AtomicUsize::new(0),
+            left: AtomicUsize::new(n),
+            done_lock: Mutex::new(()),
+            done: Condvar::new(),
+        });
+        lock(&self.shared.queue).batches.push_back(batch.clone());
         if n >= self.threads.len() {
             self.shared.work.notify_all();
         } else {
@@ -95,48 +105,45 @@ impl Pool {
                 self.shared.work.notify_one();
             }
         }
-        let mut left = lock(&batch.left);
-        while *left > 0 {
-            left = batch.done.wait(left).unwrap_or_else(|e| e.into_inner());
+        let mut g = lock(&batch.done_lock);
+        while batch.left.load(Ordering::Acquire) > 0 {
+            g = batch.done.wait(g).unwrap_or_else(|e| e.into_inner());
         }
     }
 }
 
 fn worker(shared: &Shared) {
     loop {
-        let (batch, i) = {
+        // Find a batch with unclaimed items (dropping exhausted ones from the queue)...
+        let batch = {
             let mut q = lock(&shared.queue);
             loop {
-                if let Some(b) = q.batches.front() {
-                    let b = b.clone();
-                    let i = b.next.fetch_add(1, Ordering::Relaxed);
-                    if i + 1 >= b.job.len() {
-                        q.batches.pop_front(); // last item claimed: the batch leaves the queue
+                match q.batches.front() {
+                    Some(b) if b.next.load(Ordering::Relaxed) < b.job.len() => break b.clone(),
+                    Some(_) => {
+                        q.batches.pop_front();
                     }
-                    if i < b.job.len() {
-                        break (b, i);
-                    }
-                    continue;
+                    None if q.shutdown => return,
+                    None => q = shared.work.wait(q).unwrap_or_else(|e| e.into_inner()),
                 }
-                if q.shutdown {
-                    return;
-                }
-                q = shared.work.wait(q).unwrap_or_else(|e| e.into_inner());
             }
         };
-        // Count the item as finished even if `run` unwinds, so the caller never waits forever.
-        struct Finish<'a>(&'a Batch);
-        impl Drop for Finish<'_> {
-            fn drop(&mut self) {
-                let mut left = lock(&self.0.left);
-                *left -= 1;
-                if *left == 0 {
-                    self.0.done.notify_all();
+        // ...then claim its items without the lock until none is left.
+        loop {
+            let i = batch.next.fetch_add(1, Ordering::Relaxed);
+            if i >= batch.job.len() {
+                break;
+            }
+            // Count the item as finished even if `run` unwinds, so the caller never waits forever.
+            struct Finish<'a>(&'a Batch);
+            impl Drop for Finish<'_> {
+                fn drop(&mut self) {
+                    self.0.finish_one();
                 }
             }
+            let _finish = Finish(&batch);
+            batch.job.run(i);
         }
-        let _finish = Finish(&batch);
-        batch.job.run(i);
     }
 }
 

@@ -27,6 +27,8 @@ from llmflash.io import as_array, as_tensor, read_neurons
 from test_planner import make_store
 
 BIG = 96 << 20          # large enough that one read takes tens of milliseconds on the disk
+ENGINES = ["threads", "io_uring", "auto"]
+engines = pytest.mark.parametrize("engine", ENGINES)
 
 
 def write_random(path: Path, size: int, seed: int = 0) -> np.ndarray:
@@ -86,9 +88,11 @@ def test_zero_copy_views_and_lifetime(big_file):
     assert alive() is None, "nothing views the buffer any more: it must be freed"
 
 
-def test_read_into_many_buffers(big_file):
+@engines
+def test_read_into_many_buffers(big_file, engine):
     path, data = big_file
-    reader = Reader(path, concurrency=4)
+    reader = Reader(path, concurrency=4, engine=engine)
+    assert reader.engine == engine
     bufs = [AlignedBuf(1 << 16) for _ in range(3)]
     reqs = [(0, 4096, bufs[0], 0), (1 << 20, 8192, bufs[0], 8192), (12345, 3456, bufs[1], 100),
             (BIG - 65536, 65536, bufs[2], 0)]
@@ -105,14 +109,17 @@ def test_read_into_many_buffers(big_file):
         reader.read([(0, 4096, bufs[0], 0), (0, 4096, bufs[0], 2048)])
     with pytest.raises(ValueError, match="concurrency"):
         Reader(path, concurrency=0)
+    with pytest.raises(ValueError, match="engine"):
+        Reader(path, engine="aio")
     reader.read([])
 
 
 # -- the GIL is released during reads ---------------------------------------------------------------
 
-def test_python_thread_runs_during_a_read(big_file):
+@engines
+def test_python_thread_runs_during_a_read(big_file, engine):
     path, _ = big_file
-    reader = Reader(path)
+    reader = Reader(path, engine=engine)
     count, stop = [0], threading.Event()
 
     def counter():
@@ -133,9 +140,10 @@ def test_python_thread_runs_during_a_read(big_file):
     assert c1 - c0 > 1000, f"counter advanced {c1 - c0} during a {dt * 1e3:.0f} ms read"
 
 
-def test_two_reading_threads_overlap(big_file):
+@engines
+def test_two_reading_threads_overlap(big_file, engine):
     path, data = big_file
-    reader = Reader(path)
+    reader = Reader(path, engine=engine)
     spans: dict[int, tuple[float, float]] = {}
     errors: list[BaseException] = []
     barrier = threading.Barrier(2)
@@ -166,10 +174,11 @@ def test_two_reading_threads_overlap(big_file):
 
 # -- faults --------------------------------------------------------------------------------------
 
-def test_truncated_under_an_open_reader(tmp_path):
+@engines
+def test_truncated_under_an_open_reader(tmp_path, engine):
     path = tmp_path / "ffn.bin"
     data = write_random(path, 4 << 20)
-    reader = Reader(path)
+    reader = Reader(path, engine=engine)
     assert np.array_equal(as_array(reader.read_region(0, 1 << 20)), data[:1 << 20])
     os.truncate(path, 1 << 20)
     with pytest.raises(FlashIOError) as e:
@@ -180,10 +189,11 @@ def test_truncated_under_an_open_reader(tmp_path):
     assert isinstance(e.value, OSError) and isinstance(e.value, LlmflashError)
 
 
-def test_read_past_end(tmp_path):
+@engines
+def test_read_past_end(tmp_path, engine):
     path = tmp_path / "small.bin"
     write_random(path, 3 * 4096)
-    reader = Reader(path)
+    reader = Reader(path, engine=engine)
     assert reader.file_size() == 3 * 4096
     with pytest.raises(FlashIOError, match=r"8192 bytes at offset 8192") as e:
         reader.read([(8192, 8192, AlignedBuf(8192), 0)])

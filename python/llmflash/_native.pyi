@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -108,7 +108,10 @@ class Reader:
     """One file read with O_DIRECT by a persistent pool of `concurrency` pread threads. Every
     read releases the GIL; failures raise FlashIOError naming the file, offset and length."""
 
-    def __init__(self, path: _Path, concurrency: int = 32, direct: bool = True) -> None: ...
+    def __init__(self, path: _Path, concurrency: int = 32, direct: bool = True,
+                 engine: Literal["auto", "threads", "io_uring"] = "auto") -> None: ...
+    @property
+    def engine(self) -> Literal["auto", "threads", "io_uring"]: ...
     @property
     def path(self) -> pathlib.Path: ...
     @property

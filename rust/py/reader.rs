@@ -10,7 +10,7 @@ use pyo3::types::PyDict;
 use super::buffer::PyAlignedBuf;
 use super::planner::PyPlan;
 use crate::error::Error;
-use crate::reader::{check_disjoint, RawOp, Reader, ReaderOptions};
+use crate::reader::{check_disjoint, Engine, RawOp, Reader, ReaderOptions};
 
 #[pyclass(frozen, name = "Reader", module = "llmflash._native")]
 pub struct PyReader {
@@ -46,10 +46,22 @@ impl PyReader {
 impl PyReader {
     /// Open `path` for reading with O_DIRECT (falls back to buffered reads, with a
     /// RuntimeWarning, where the filesystem refuses it) and `concurrency` reads in flight.
+    /// `engine`: "auto" (io_uring where the kernel allows it, else threads), "threads" or
+    /// "io_uring".
     #[new]
-    #[pyo3(signature = (path, concurrency = crate::reader::DEFAULT_CONCURRENCY, direct = true))]
-    fn new(py: Python<'_>, path: PathBuf, concurrency: usize, direct: bool) -> PyResult<PyReader> {
-        let reader = py.detach(|| Reader::open_with(&path, ReaderOptions { concurrency, direct }))?;
+    #[pyo3(signature = (path, concurrency = crate::reader::DEFAULT_CONCURRENCY, direct = true, engine = "auto"))]
+    fn new(py: Python<'_>, path: PathBuf, concurrency: usize, direct: bool, engine: &str) -> PyResult<PyReader> {
+        let engine = match engine {
+            "auto" => Engine::Auto,
+            "threads" => Engine::Threads,
+            "io_uring" => Engine::Uring,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "engine = {other:?} (expected \"auto\", \"threads\" or \"io_uring\")"
+                )))
+            }
+        };
+        let reader = py.detach(|| Reader::open_with(&path, ReaderOptions { concurrency, direct, engine }))?;
         if direct && !reader.is_direct() {
             let msg = std::ffi::CString::new(format!(
                 "{}: the filesystem refuses O_DIRECT; reading through the page cache (with \
@@ -71,6 +83,17 @@ impl PyReader {
     #[getter]
     fn direct(&self) -> bool {
         self.reader.is_direct()
+    }
+
+    /// "auto" (io_uring for batches up to 4 x concurrency requests, threads for larger ones),
+    /// "threads" or "io_uring": what is in use (auto without io_uring support is "threads").
+    #[getter]
+    fn engine(&self) -> &'static str {
+        match self.reader.engine() {
+            Engine::Auto => "auto",
+            Engine::Uring => "io_uring",
+            Engine::Threads => "threads",
+        }
     }
 
     #[getter]
@@ -165,9 +188,10 @@ impl PyReader {
 
     fn __repr__(&self) -> String {
         format!(
-            "Reader({:?}, concurrency={}, direct={})",
+            "Reader({:?}, concurrency={}, engine={:?}, direct={})",
             self.reader.path().display().to_string(),
             self.reader.concurrency(),
+            self.engine(),
             if self.reader.is_direct() { "True" } else { "False" }
         )
     }
