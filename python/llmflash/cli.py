@@ -22,7 +22,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .api import FlashModel
 
-    model = FlashModel.open(args.store, strategy=args.strategy)
+    model = FlashModel.open(args.store, strategy=args.strategy, **flash_options(args))
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     pieces = model.generate(prompt, max_new_tokens=args.n, stream=True, chat=args.chat,
                             temperature=args.temperature, top_p=args.top_p, seed=args.seed)
@@ -36,10 +36,32 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_profile_disk(argv: list[str]) -> int:
-    from .profile_disk import main as profile_main
+def flash_options(args: argparse.Namespace) -> dict:
+    """Options for the flash strategy from --memory/--window/--sparsity (only those given)."""
+    opts = {k: getattr(args, k) for k in ("memory", "window", "sparsity") if getattr(args, k) is not None}
+    if opts and args.strategy not in (None, "flash"):
+        raise ValueError(f"--memory/--window/--sparsity apply to the flash strategy, not {args.strategy!r}")
+    return opts
 
-    return profile_main(argv)
+
+def add_flash_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory", help="DRAM for weights: e.g. 150MB, 1.5GiB, 0.5x or 50%% of the model (flash)")
+    p.add_argument("--window", type=int, help="keep neurons wanted in the last K tokens (flash, default 4)")
+    p.add_argument("--sparsity", help="wanted neurons: predictor, oracle[:KEEP] or all (flash)")
+
+
+# Subcommands with parsers of their own (module.main(argv) -> exit code).
+DELEGATED = {
+    "profile-disk": ("profile_disk", "measure random direct-I/O read throughput (the paper's Figure 2)"),
+    "bench": ("bench", "per-token latency of naive vs flash, measured in one interleaved run"),
+}
+
+
+def _delegate(command: str, argv: list[str]) -> int:
+    import importlib
+
+    module = importlib.import_module(f".{DELEGATED[command][0]}", __package__)
+    return module.main(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,20 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--strategy", default="dense", help="FFN strategy (default dense)")
+    g.add_argument("--strategy", choices=("dense", "naive", "flash"),
+                   help="FFN strategy (default: flash when --memory/--window/--sparsity is given, else dense)")
+    add_flash_flags(g)
     g.add_argument("--stats", action="store_true", help="print timing and I/O counters to stderr")
     g.set_defaults(func=_cmd_generate)
 
-    sub.add_parser("profile-disk", help="measure random direct-I/O read throughput (the paper's Figure 2)",
-                   add_help=False)
+    for command, (_, text) in DELEGATED.items():
+        sub.add_parser(command, help=text, add_help=False)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] == "profile-disk":
-            return _cmd_profile_disk(argv[1:])
+        if argv and argv[0] in DELEGATED:
+            return _delegate(argv[0], argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
     except LlmflashError as e:

@@ -1,6 +1,7 @@
 """FFN strategies, all behind one interface (strategies/base.py) so `bench` compares them in
 one run: `dense` keeps every neuron in DRAM (the exactness reference); `naive` reads every
-layer's whole FFN from flash each token (the paper's baseline)."""
+layer's whole FFN from flash each token (the paper's baseline); `flash` keeps a windowed neuron cache per layer under a memory
+budget and reads only the missing neurons."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 from ..store import Store
 
-STRATEGIES = ("dense", "naive")
+STRATEGIES = ("dense", "naive", "flash")
 
 
 def make_ffn(name: str, store: Store, **options: Any):
@@ -20,4 +21,7 @@ def make_ffn(name: str, store: Store, **options: Any):
     if name == "naive":
         from .naive import NaiveFFN
         return NaiveFFN(store, **options)
+    if name == "flash":
+        from .flash import FlashFFN
+        return FlashFFN(store, **options)
     raise ValueError(f"unknown strategy {name!r} (choose from {', '.join(STRATEGIES)})")
