@@ -61,7 +61,7 @@ impl Region {
             )));
         }
         let len = self.region_bytes()?;
-        if self.offset.checked_add(len).is_none_or(|end| end > i64::MAX as u64) {
+        if self.offset.checked_add(len).map_or(true, |end| end > i64::MAX as u64) {
             return Err(Error::layout(format!("region [{}, +{len}) overflows a file offset", self.offset)));
         }
         Ok(())
@@ -150,7 +150,7 @@ fn split_cheapest(profile: &Profile, runs: &[(u64, u64)], max_pages: u64, concur
         let mut out = Vec::with_capacity(runs.len());
         pieces(runs, cap, &mut out);
         let c = cost(profile, &out, concurrency);
-        if best.as_ref().is_none_or(|b| c < b.1) {
+        if best.as_ref().map_or(true, |b| c < b.1) {
             best = Some((out, c));
         }
         if cap <= 16 || (runs.len() as u64) >= concurrency as u64 {
@@ -468,7 +468,7 @@ mod tests {
                 pages.sort_unstable();
                 let (mut run, mut prev) = (0u64, None::<u64>);
                 for &pg in &pages {
-                    if prev.is_none_or(|p| pg != p + 1) {
+                    if prev.map_or(true, |p| pg != p + 1) {
                         // A request run starts here: nothing unwanted before or after a true gap.
                         prop_assert_eq!(run, 0, "unwanted pages at the end of a run");
                         prop_assert!(wanted_page.contains(&pg), "unwanted page {} starts a run", pg);

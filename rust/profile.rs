@@ -148,7 +148,7 @@ impl Profile {
         let smax = *self.sizes.last().unwrap_or(&smin);
         let bw = self.throughput_mbps(smax, concurrency) * 1e6; // bytes/s
         let overhead = self.request_seconds(smin, concurrency) - smin as f64 / bw;
-        if !(overhead > 0.0) {
+        if overhead.is_nan() || overhead <= 0.0 {
             return 0;
         }
         let g = (overhead * bw).min(1e12) as u64;

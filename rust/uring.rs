@@ -136,7 +136,7 @@ pub(crate) unsafe fn run(ring: &mut IoUring, inner: &Inner, ops: &[RawOp], depth
     }
 }
 
-fn direct_for<'a>(inner: &'a Inner, op: RawOp) -> Option<&'a std::fs::File> {
+fn direct_for(inner: &Inner, op: RawOp) -> Option<&std::fs::File> {
     inner
         .direct
         .as_ref()

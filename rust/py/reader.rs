@@ -113,7 +113,7 @@ impl PyReader {
         let mut ranges = Vec::with_capacity(requests.len());
         for (i, (file_offset, len, buf, dest_offset)) in requests.iter().enumerate() {
             let b = &buf.get().buf;
-            if dest_offset.checked_add(*len).is_none_or(|end| end > b.len()) {
+            if dest_offset.checked_add(*len).map_or(true, |end| end > b.len()) {
                 return Err(PyValueError::new_err(format!(
                     "request {i}: {len} bytes at destination offset {dest_offset} overflow the {}-byte buffer",
                     b.len()
