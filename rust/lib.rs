@@ -6,24 +6,30 @@
 //!   batches, a persistent pool of `pread` workers for large ones), batch reads that complete or
 //!   fail as a whole.
 //! - [`planner`]: wanted neurons -> few large aligned reads, priced with the disk [`profile`].
+//! - [`cache`]: the per-layer neuron cache (sliding window, LRW eviction under a capacity,
+//!   contiguous live rows, background fills).
+//! - [`staging`]: staging buffers shared by caches (bounded transient memory).
 //! - [`profile`]: measured throughput by request size x concurrency (the paper's Figure 2).
 //! - [`stats`]: counters of what was read and how long it took.
 //!
 //! The core never imports pyo3; the Python bindings live in `py/` behind the `python` feature.
 
 pub mod aligned;
+pub mod cache;
 pub mod error;
 pub mod planner;
 mod pool;
 mod uring;
 pub mod profile;
 pub mod reader;
+pub mod staging;
 pub mod stats;
 
 #[cfg(feature = "python")]
 mod py;
 
 pub use aligned::{AlignedBuf, ALIGN};
+pub use cache::{Admission, CacheStats, NeuronCache, StagingPool};
 pub use error::{Error, Result};
 pub use planner::{plan, Plan, PlanOptions, Region, Request};
 pub use profile::Profile;

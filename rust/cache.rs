@@ -1,0 +1,866 @@
+//! The per-layer neuron cache: the paper's sliding window (§3.1) and its DRAM management (§3.3).
+//!
+//! A cache holds up to `capacity` bundles of one layer's FFN region in a preallocated slot
+//! matrix (one 4 KiB-aligned allocation, row k = bytes `[k*bb, (k+1)*bb)`), an index
+//! neuron -> row, the row's neuron, and the step (token) at which each neuron was last wanted.
+//! Each step, `begin(wanted, step)`:
+//! 1. marks every wanted neuron as wanted at `step`;
+//! 2. evicts every live neuron not wanted in the last `window` steps (`step - last > window`);
+//! 3. when the missing neurons do not fit, evicts live neurons not wanted at this step, least
+//!    recently wanted first (ties: lower neuron id first), only as many as needed;
+//! 4. appends the missing neurons that fit (in the caller's order, so the caller may sort them
+//!    by priority) and returns the rest as `overflow` for the caller to stream itself;
+//! 5. plans the appended neurons' reads (the planner picks exact bundles, bridged runs or the
+//!    whole region by the disk profile) and starts them in the background.
+//!
+//! Deletion moves the last live row into the hole and insertion appends (the paper's Figure 7),
+//! so live rows are always the contiguous block `[0, live)` and the FFN runs on one matrix view
+//! with no gather. A deletion costs one bundle copy; rows evicted from the end cost none.
+//!
+//! Concurrency and memory ordering (who may touch which row when). Three parties use a cache:
+//! the *owner* (the thread calling begin/wait/admit; they take `&mut self`, so one at a time),
+//! the *filler* (one thread per cache, started by the first background admission, which drives
+//! the reader's pool workers and then copies staged bundles into rows), and *compute* (Python
+//! reading the slot matrix through a zero-copy view). For the admission with epoch `e`:
+//! - rows `[0, ready)` belong to the owner and compute. Only `begin` writes them (eviction moves),
+//!   and `begin` first settles the pending fill, so no fill is running when rows move. Compute
+//!   may read them until the next `begin` on this cache: the filler never writes below `ready`.
+//! - rows `[ready, total)` belong to fill `e` from the moment `begin` sends it to the filler
+//!   until the owner receives its result (`wait`, or the next `begin`). Compute must not read
+//!   them before `wait` returns.
+//! - rows `[total, capacity)` are unused (state EMPTY, neuron ABSENT).
+//!
+//! Publication: every write of a read into the staging buffer happens-before `Reader::read_raw`
+//! returns in the filler (with the thread pool, the per-batch counter is decremented with AcqRel
+//! and read with Acquire; with io_uring, the filler reaps each completion itself). The filler then copies each bundle into its row and stores `state[row] = READY`
+//! (Release), stores `done_epoch = e` (Release), and sends the result on a channel. The owner's
+//! `recv` (like an Acquire load of `state`/`done_epoch`, used by `is_ready`) synchronises-with
+//! those stores, so every byte of the new rows is visible to the owner, and to Python code it
+//! runs afterwards, before `wait` returns. In the other direction, the owner's last writes to
+//! the rows being refilled (eviction moves, EMPTY/FILLING state stores, Relaxed) happen-before
+//! its channel send of the fill, which the filler's `recv` acquires. Layers never share rows,
+//! so layer A's fill runs in the pool while compute reads layer B's matrix with no
+//! synchronisation at all. No lock guards slot data; the locks that exist (the pool's queue,
+//! the channels' wake-up, the staging pool) are taken a few times per fill, never per row, and
+//! never while bundle bytes move. (The result receiver sits in a Mutex only to make the cache
+//! `Sync`; the owner reaches it through `Mutex::get_mut`, which never locks.)
+//!
+//! Staging: reads land in a staging buffer (direct I/O reads whole pages, and bundles are not
+//! page-sized), taken from a [`StagingPool`] shared by all caches so that transient memory is
+//! bounded by the reads in flight, not by the number of layers (30 layers each keeping a
+//! whole-region buffer would hold the entire FFN in DRAM and defeat the memory budget).
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::aligned::AlignedBuf;
+use crate::error::{Error, Result};
+use crate::planner::{plan, Plan, PlanOptions, Region, Request};
+use crate::profile::Profile;
+use crate::reader::{RawOp, Reader};
+pub use crate::staging::StagingPool;
+
+/// `slot_of[neuron]` for a neuron that is not in the cache.
+pub const ABSENT: u32 = u32::MAX;
+/// Row states (`row_states`).
+pub const EMPTY: u8 = 0;
+pub const FILLING: u8 = 1;
+pub const READY: u8 = 2;
+
+/// What one `begin` did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admission {
+    /// Serial number of this admission (1, 2, ... per cache).
+    pub epoch: u64,
+    /// Rows `[0, ready_rows)` are filled now and do not move until the next `begin`.
+    pub ready_rows: usize,
+    /// Rows `[ready_rows, total_rows)` are being filled; valid once `wait` returns Ok.
+    pub total_rows: usize,
+    /// Unique wanted neurons already live (no read needed).
+    pub hits: usize,
+    /// Unique wanted neurons that did not fit, in the caller's order (store positions): the
+    /// caller streams them itself (`read_neurons`).
+    pub overflow: Vec<u32>,
+    /// Neurons evicted because they fell out of the window / to make room.
+    pub evicted_window: usize,
+    pub evicted_capacity: usize,
+    /// The plan for the appended neurons: bytes read (requests, bridged gaps, page padding),
+    /// bytes of wanted bundles, requests, whether it reads the whole region, its estimate.
+    pub bytes_read: u64,
+    pub bytes_useful: u64,
+    pub requests: usize,
+    pub whole_region: bool,
+    pub est_seconds: f64,
+}
+
+impl Admission {
+    /// Neurons appended (`total_rows - ready_rows`).
+    pub fn misses(&self) -> usize {
+        self.total_rows - self.ready_rows
+    }
+}
+
+/// Counters, updated with relaxed atomics (statistics: no other memory is ordered by them).
+#[derive(Debug, Default)]
+struct Counters {
+    admissions: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    overflow: AtomicU64,
+    evicted_window: AtomicU64,
+    evicted_capacity: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_useful: AtomicU64,
+    requests: AtomicU64,
+    failed_fills: AtomicU64,
+    io_ns: AtomicU64,
+    wait_ns: AtomicU64,
+    mgmt_ns: AtomicU64,
+}
+
+/// A copy of a cache's counters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStats {
+    /// `begin` calls.
+    pub admissions: u64,
+    /// Unique wanted neurons found live / appended (read) / returned as overflow.
+    pub hits: u64,
+    pub misses: u64,
+    pub overflow: u64,
+    /// Neurons evicted by the window / for capacity.
+    pub evicted_window: u64,
+    pub evicted_capacity: u64,
+    /// Bytes read from disk for this layer (fills and `read_neurons`), of which wanted bundles.
+    pub bytes_read: u64,
+    pub bytes_useful: u64,
+    /// Read requests issued.
+    pub requests: u64,
+    /// Fills that failed (their neurons were dropped from the index).
+    pub failed_fills: u64,
+    /// Wall time of read batches (device time, possibly overlapped with compute).
+    pub io_ns: u64,
+    /// Time the owner spent blocked waiting for fills (the I/O that was not overlapped).
+    pub wait_ns: u64,
+    /// Memory management: eviction moves, index updates, staging -> row copies.
+    pub mgmt_ns: u64,
+}
+
+impl CacheStats {
+    /// (name, value) pairs in a fixed order (the Python dict's keys).
+    pub fn fields(&self) -> [(&'static str, u64); 13] {
+        [
+            ("admissions", self.admissions),
+            ("hits", self.hits),
+            ("misses", self.misses),
+            ("overflow", self.overflow),
+            ("evicted_window", self.evicted_window),
+            ("evicted_capacity", self.evicted_capacity),
+            ("bytes_read", self.bytes_read),
+            ("bytes_useful", self.bytes_useful),
+            ("requests", self.requests),
+            ("failed_fills", self.failed_fills),
+            ("io_ns", self.io_ns),
+            ("wait_ns", self.wait_ns),
+            ("mgmt_ns", self.mgmt_ns),
+        ]
+    }
+}
+
+fn add(c: &AtomicU64, v: u64) {
+    c.fetch_add(v, Ordering::Relaxed);
+}
+
+fn ns_since(t: Instant) -> u64 {
+    t.elapsed().as_nanos().min(u64::MAX as u128) as u64
+}
+
+/// What the owner and the filler share.
+struct Shared {
+    reader: Arc<Reader>,
+    staging: Arc<StagingPool>,
+    slots: Arc<AlignedBuf>,
+    bundle_bytes: usize,
+    state: Box<[AtomicU8]>,
+    /// Epoch of the last fill that finished (successfully or not).
+    done_epoch: AtomicU64,
+    counters: Counters,
+}
+
+/// One admission's reads, handed to the filler.
+struct Fill {
+    epoch: u64,
+    requests: Vec<Request>,
+    buffer_bytes: u64,
+    useful_bytes: u64,
+    /// (offset in staging, row) for every appended neuron.
+    copies: Vec<(usize, usize)>,
+}
+
+struct FillResult {
+    epoch: u64,
+    error: Option<Error>,
+}
+
+struct Filler {
+    jobs: Sender<Fill>,
+    /// Only ever reached through `Mutex::get_mut` (the owner has `&mut self`): never locked.
+    /// The Mutex makes the cache `Sync` (a channel receiver is not), which Python classes need.
+    results: Mutex<Receiver<FillResult>>,
+}
+
+/// Run a fill: read its plan into staging, then copy each bundle into its row.
+fn run_fill(shared: &Shared, fill: Fill) -> FillResult {
+    let epoch = fill.epoch;
+    let finish = |error: Option<Error>| {
+        if error.is_some() {
+            add(&shared.counters.failed_fills, 1);
+        }
+        shared.done_epoch.store(epoch, Ordering::Release);
+        FillResult { epoch, error }
+    };
+    let staging = match shared.staging.take(fill.buffer_bytes as usize) {
+        Ok(b) => b,
+        Err(e) => return finish(Some(e)),
+    };
+    let base = staging.as_mut_ptr();
+    let ops: Vec<RawOp> = fill
+        .requests
+        .iter()
+        // SAFETY: the planner places requests back to back in [0, buffer_bytes), and staging
+        // holds at least buffer_bytes: every pointer stays inside the allocation.
+        .map(|r| RawOp { file_offset: r.offset, len: r.len as usize, dest: unsafe { base.add(r.dest_offset as usize) } })
+        .collect();
+    let t0 = Instant::now();
+    // SAFETY: the destinations are disjoint ranges of `staging`, which this function owns (taken
+    // from the pool, not shared) and keeps alive until after read_raw has returned, i.e. after
+    // every worker has finished writing.
+    let r = unsafe { shared.reader.read_raw(&ops) };
+    add(&shared.counters.io_ns, ns_since(t0));
+    if let Err(e) = r {
+        shared.staging.give(staging);
+        return finish(Some(e));
+    }
+    let t1 = Instant::now();
+    let bb = shared.bundle_bytes;
+    let dst = shared.slots.as_mut_ptr();
+    for &(at, row) in &fill.copies {
+        // SAFETY: `at + bb <= buffer_bytes <= staging.len()` and `row < capacity` were checked
+        // in `begin`; staging is ours and the workers are done with it; rows `[ready, total)`
+        // belong to this fill until the owner receives its result (module comment), so nobody
+        // else reads or writes `dst[row*bb..]` meanwhile; `shared` (held by the caller through
+        // an Arc) keeps the slot matrix alive. Staging and slots are distinct allocations.
+        unsafe { std::ptr::copy_nonoverlapping(staging.as_ptr().add(at), dst.add(row * bb), bb) };
+        shared.state[row].store(READY, Ordering::Release);
+    }
+    add(&shared.counters.mgmt_ns, ns_since(t1));
+    shared.staging.give(staging);
+    add(&shared.counters.bytes_read, fill.buffer_bytes);
+    add(&shared.counters.bytes_useful, fill.useful_bytes);
+    add(&shared.counters.requests, fill.requests.len() as u64);
+    shared.reader.stats().add_useful(fill.useful_bytes);
+    finish(None)
+}
+
+/// How `evict` chooses rows.
+#[derive(Clone, Copy)]
+enum Doom {
+    /// Not wanted in the last `window` steps before `step`.
+    Window { step: u64, window: u32 },
+    /// Marked in `doomed`.
+    Marked,
+}
+
+pub struct NeuronCache {
+    shared: Arc<Shared>,
+    region: Region,
+    capacity: usize,
+    window: u32,
+    profile: Profile,
+    opts: PlanOptions,
+    slot_of: Vec<u32>,
+    neuron_of: Vec<u32>,
+    last_wanted: Vec<u64>,
+    /// Per neuron: the serial of the last `begin` that listed it (deduplication).
+    seen: Vec<u64>,
+    /// Per neuron: chosen for capacity eviction (only during `begin`).
+    doomed: Vec<bool>,
+    serial: u64,
+    live: usize,
+    ready: usize,
+    /// Epoch of the fill in flight, if any.
+    pending: Option<u64>,
+    filler: Option<Filler>,
+    /// The filler could not be started: fills run inline (begin then blocks).
+    inline_only: bool,
+}
+
+impl NeuronCache {
+    /// A cache of `capacity` rows (0..=n_neurons) for one layer `region` read through `reader`.
+    /// `opts` are the planner's options (concurrency: the reader's, normally); staging buffers
+    /// come from `staging` (None: the process-wide pool).
+    pub fn new(
+        reader: Arc<Reader>,
+        region: Region,
+        capacity: usize,
+        window: u32,
+        profile: Profile,
+        opts: PlanOptions,
+        staging: Option<Arc<StagingPool>>,
+    ) -> Result<NeuronCache> {
+        region.validate()?;
+        let n = region.n_neurons as usize;
+        if capacity > n {
+            return Err(Error::invalid(format!(
+                "cache capacity {capacity} exceeds the layer's {n} neurons (expected 0..={n} rows)"
+            )));
+        }
+        if opts.max_request_bytes < crate::aligned::ALIGN as u64 || opts.concurrency == 0 {
+            return Err(Error::invalid(format!(
+                "plan options max_request_bytes = {}, concurrency = {} (expected >= 4096 and >= 1)",
+                opts.max_request_bytes, opts.concurrency
+            )));
+        }
+        let bb = usize::try_from(region.bundle_bytes)
+            .map_err(|_| Error::layout(format!("bundle of {} bytes does not fit in memory", region.bundle_bytes)))?;
+        let bytes = capacity.checked_mul(bb).ok_or(Error::Alloc { bytes: u64::MAX })?;
+        let slots = Arc::new(AlignedBuf::zeroed(bytes)?);
+        let state = (0..capacity).map(|_| AtomicU8::new(EMPTY)).collect();
+        let shared = Arc::new(Shared {
+            reader,
+            staging: staging.unwrap_or_else(StagingPool::global),
+            slots,
+            bundle_bytes: bb,
+            state,
+            done_epoch: AtomicU64::new(0),
+            counters: Counters::default(),
+        });
+        Ok(NeuronCache {
+            shared,
+            region,
+            capacity,
+            window,
+            profile,
+            opts,
+            slot_of: vec![ABSENT; n],
+            neuron_of: vec![ABSENT; capacity],
+            last_wanted: vec![0; n],
+            seen: vec![0; n],
+            doomed: vec![false; n],
+            serial: 0,
+            live: 0,
+            ready: 0,
+            pending: None,
+            filler: None,
+            inline_only: false,
+        })
+    }
+
+    pub fn region(&self) -> &Region {
+        &self.region
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn window(&self) -> u32 {
+        self.window
+    }
+
+    /// Change the window; applies from the next `begin`.
+    pub fn set_window(&mut self, window: u32) {
+        self.window = window;
+    }
+
+    pub fn bundle_bytes(&self) -> usize {
+        self.shared.bundle_bytes
+    }
+
+    pub fn reader(&self) -> &Arc<Reader> {
+        &self.shared.reader
+    }
+
+    /// Rows in use: `[0, live)`, ready or being filled by the pending admission.
+    pub fn live(&self) -> usize {
+        self.live
+    }
+
+    /// Rows filled and stable until the next `begin`: `[0, ready_rows)`. Equals `live` once the
+    /// pending admission has been waited for.
+    pub fn ready_rows(&self) -> usize {
+        self.ready
+    }
+
+    /// An admission's fill is in flight (not yet waited for).
+    pub fn is_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// The pending fill has finished (wait would not block). True when none is pending.
+    pub fn is_ready(&self) -> bool {
+        match self.pending {
+            None => true,
+            Some(e) => self.shared.done_epoch.load(Ordering::Acquire) >= e,
+        }
+    }
+
+    /// The slot matrix (`capacity * bundle_bytes` bytes), shared: Python views hold a clone.
+    pub fn slots(&self) -> &Arc<AlignedBuf> {
+        &self.shared.slots
+    }
+
+    /// The bytes of rows `[0, ready_rows)`: stable while borrowed (only `begin` moves them).
+    pub fn ready_bytes(&self) -> &[u8] {
+        // SAFETY: ready * bb <= capacity * bb = slots.len(); the filler writes only rows at or
+        // past `ready`, and the owner moves rows only in `begin` (`&mut self`, excluded by this
+        // borrow), so nothing writes these bytes while the slice lives; `self.shared` keeps the
+        // allocation alive.
+        unsafe { std::slice::from_raw_parts(self.shared.slots.as_ptr(), self.ready * self.shared.bundle_bytes) }
+    }
+
+    /// `slot -> neuron` for rows `[0, live)`.
+    pub fn slot_neurons(&self) -> &[u32] {
+        &self.neuron_of[..self.live]
+    }
+
+    /// The row holding `neuron`, if it is live (ready, or being filled by the pending fill).
+    pub fn row_of(&self, neuron: u32) -> Option<usize> {
+        match self.slot_of.get(neuron as usize) {
+            Some(&r) if r != ABSENT => Some(r as usize),
+            _ => None,
+        }
+    }
+
+    pub fn contains(&self, neuron: u32) -> bool {
+        self.row_of(neuron).is_some()
+    }
+
+    /// The step at which `neuron` was last wanted (0 if never; meaningful only for live ones).
+    pub fn last_wanted(&self, neuron: u32) -> Option<u64> {
+        self.last_wanted.get(neuron as usize).copied()
+    }
+
+    /// Each row's state (EMPTY, FILLING, READY), loaded with Acquire.
+    pub fn row_states(&self) -> Vec<u8> {
+        self.shared.state.iter().map(|s| s.load(Ordering::Acquire)).collect()
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let c = &self.shared.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CacheStats {
+            admissions: l(&c.admissions),
+            hits: l(&c.hits),
+            misses: l(&c.misses),
+            overflow: l(&c.overflow),
+            evicted_window: l(&c.evicted_window),
+            evicted_capacity: l(&c.evicted_capacity),
+            bytes_read: l(&c.bytes_read),
+            bytes_useful: l(&c.bytes_useful),
+            requests: l(&c.requests),
+            failed_fills: l(&c.failed_fills),
+            io_ns: l(&c.io_ns),
+            wait_ns: l(&c.wait_ns),
+            mgmt_ns: l(&c.mgmt_ns),
+        }
+    }
+
+    pub fn reset_stats(&self) {
+        let c = &self.shared.counters;
+        for a in [
+            &c.admissions, &c.hits, &c.misses, &c.overflow, &c.evicted_window, &c.evicted_capacity,
+            &c.bytes_read, &c.bytes_useful, &c.requests, &c.failed_fills, &c.io_ns, &c.wait_ns, &c.mgmt_ns,
+        ] {
+            a.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn check_ids(&self, wanted: &[u32]) -> Result<()> {
+        let n = self.region.n_neurons;
+        match wanted.iter().find(|&&j| j >= n) {
+            Some(&bad) => Err(Error::invalid(format!(
+                "neuron {bad} is out of range: the layer has {n} neurons (ids 0..{n})"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Admit `wanted` (store positions; any order, duplicates allowed) at `step` and start
+    /// reading the missing ones in the background; see the module comment. Steps should not
+    /// decrease (a neuron's age is `step - last_wanted`, saturating at 0).
+    ///
+    /// A pending fill is settled first; if it failed and its error was not yet returned by
+    /// `wait`, that error is returned now (the cache is consistent, this admission not done).
+    pub fn begin(&mut self, wanted: &[u32], step: u64) -> Result<Admission> {
+        self.begin_inner(wanted, step, true)
+    }
+
+    /// `begin` then `wait`, reading on the calling thread (no thread hand-off).
+    pub fn admit(&mut self, wanted: &[u32], step: u64) -> Result<Admission> {
+        self.begin_inner(wanted, step, false)
+    }
+
+    /// Block until the pending fill (if any) is done. On an I/O error the fill's neurons are
+    /// removed from the cache (rows `[ready, total)` are dropped, nothing is presented as
+    /// filled) and the error, naming the file, offset and length, is returned.
+    pub fn wait(&mut self) -> Result<()> {
+        let Some(epoch) = self.pending else { return Ok(()) };
+        let t0 = Instant::now();
+        let result = match &mut self.filler {
+            Some(f) => f.results.get_mut().unwrap_or_else(|e| e.into_inner()).recv().unwrap_or_else(|_| FillResult {
+                epoch,
+                error: Some(self.filler_died()),
+            }),
+            None => FillResult { epoch, error: Some(self.filler_died()) },
+        };
+        add(&self.shared.counters.wait_ns, ns_since(t0));
+        if result.epoch != epoch {
+            // Cannot happen (one fill in flight per cache); fail closed rather than trust rows.
+            return self.settle(Some(Error::invalid(format!(
+                "cache fill result for epoch {} while waiting for {epoch}",
+                result.epoch
+            ))));
+        }
+        self.settle(result.error)
+    }
+
+    fn filler_died(&self) -> Error {
+        Error::Read {
+            path: self.shared.reader.path().to_path_buf(),
+            offset: self.region.offset,
+            len: 0,
+            source: std::io::Error::other("the cache's fill thread stopped"),
+        }
+    }
+
+    /// Finish the pending admission: on success its rows become ready; on failure they go.
+    fn settle(&mut self, error: Option<Error>) -> Result<()> {
+        self.pending = None;
+        match error {
+            None => {
+                self.ready = self.live;
+                Ok(())
+            }
+            Some(e) => {
+                for row in self.ready..self.live {
+                    let j = self.neuron_of[row];
+                    self.slot_of[j as usize] = ABSENT;
+                    self.neuron_of[row] = ABSENT;
+                    self.shared.state[row].store(EMPTY, Ordering::Relaxed);
+                }
+                self.live = self.ready;
+                Err(e)
+            }
+        }
+    }
+
+    fn is_doomed(&self, j: u32, how: Doom) -> bool {
+        match how {
+            Doom::Window { step, window } => step.saturating_sub(self.last_wanted[j as usize]) > window as u64,
+            Doom::Marked => self.doomed[j as usize],
+        }
+    }
+
+    /// Drop row `row` from the index (its bytes stay until overwritten).
+    fn unindex(&mut self, row: usize) {
+        let j = self.neuron_of[row];
+        self.slot_of[j as usize] = ABSENT;
+        self.doomed[j as usize] = false;
+        self.neuron_of[row] = ABSENT;
+        self.shared.state[row].store(EMPTY, Ordering::Relaxed);
+    }
+
+    /// Evict every live row whose neuron is doomed, moving the last live row into each hole.
+    /// Only called with no fill pending, so every live row is ready and owned by the owner.
+    fn evict(&mut self, how: Doom) -> usize {
+        let bb = self.shared.bundle_bytes;
+        let base = self.shared.slots.as_mut_ptr();
+        let mut evicted = 0;
+        let mut i = 0;
+        while i < self.live {
+            if !self.is_doomed(self.neuron_of[i], how) {
+                i += 1;
+                continue;
+            }
+            // Doomed rows at the end go without a copy.
+            while self.live - 1 > i && self.is_doomed(self.neuron_of[self.live - 1], how) {
+                self.unindex(self.live - 1);
+                self.live -= 1;
+                evicted += 1;
+            }
+            let last = self.live - 1;
+            self.unindex(i);
+            evicted += 1;
+            if last > i {
+                // SAFETY: i < last < live <= capacity, so both rows lie inside the slot matrix
+                // (capacity * bb bytes, kept alive by self.shared) and are distinct; no fill is
+                // pending, so no other thread writes them (module comment); compute may not
+                // read rows across a `begin`.
+                unsafe { std::ptr::copy_nonoverlapping(base.add(last * bb), base.add(i * bb), bb) };
+                let j = self.neuron_of[last];
+                self.neuron_of[i] = j;
+                self.slot_of[j as usize] = i as u32;
+                self.shared.state[i].store(READY, Ordering::Relaxed);
+                self.neuron_of[last] = ABSENT;
+                self.shared.state[last].store(EMPTY, Ordering::Relaxed);
+                i += 1;
+            }
+            self.live -= 1;
+        }
+        self.ready = self.live;
+        evicted
+    }
+
+    fn begin_inner(&mut self, wanted: &[u32], step: u64, background: bool) -> Result<Admission> {
+        self.check_ids(wanted)?;
+        self.wait()?;
+        let t0 = Instant::now();
+        self.serial += 1;
+        let serial = self.serial;
+
+        // 1. Mark, deduplicating in the caller's order.
+        let mut unique = Vec::with_capacity(wanted.len());
+        for &j in wanted {
+            let k = j as usize;
+            if self.seen[k] != serial {
+                self.seen[k] = serial;
+                self.last_wanted[k] = step;
+                unique.push(j);
+            }
+        }
+
+        // 2. The window.
+        let evicted_window = self.evict(Doom::Window { step, window: self.window });
+
+        // 3. Capacity: evict least recently wanted neurons not wanted at this step.
+        let missing: Vec<u32> = unique.iter().copied().filter(|&j| self.slot_of[j as usize] == ABSENT).collect();
+        let hits = unique.len() - missing.len();
+        let mut evicted_capacity = 0;
+        if self.live + missing.len() > self.capacity {
+            let need = self.live + missing.len() - self.capacity;
+            let mut cand: Vec<(u64, u32)> = self.neuron_of[..self.live]
+                .iter()
+                .map(|&j| (self.last_wanted[j as usize], j))
+                .filter(|&(t, _)| t < step)
+                .collect();
+            let k = need.min(cand.len());
+            if k > 0 {
+                if k < cand.len() {
+                    cand.select_nth_unstable(k); // cand[..k]: the k oldest (keys are unique)
+                }
+                for &(_, j) in &cand[..k] {
+                    self.doomed[j as usize] = true;
+                }
+                evicted_capacity = self.evict(Doom::Marked);
+            }
+        }
+
+        // 4. Append what fits; the rest overflows.
+        let m = missing.len().min(self.capacity - self.live);
+        let (append, overflow) = missing.split_at(m);
+        let ready_rows = self.live;
+        let c = &self.shared.counters;
+        add(&c.admissions, 1);
+        add(&c.hits, hits as u64);
+        add(&c.misses, m as u64);
+        add(&c.overflow, overflow.len() as u64);
+        add(&c.evicted_window, evicted_window as u64);
+        add(&c.evicted_capacity, evicted_capacity as u64);
+        let mut adm = Admission {
+            epoch: serial,
+            ready_rows,
+            total_rows: ready_rows,
+            hits,
+            overflow: overflow.to_vec(),
+            evicted_window,
+            evicted_capacity,
+            bytes_read: 0,
+            bytes_useful: 0,
+            requests: 0,
+            whole_region: false,
+            est_seconds: 0.0,
+        };
+        if m == 0 {
+            add(&self.shared.counters.mgmt_ns, ns_since(t0));
+            return Ok(adm);
+        }
+
+        // 5. Plan the appended neurons and start their reads.
+        let p = plan(append, &self.region, &self.profile, &self.opts)?;
+        let copies = self.copies(&p, append, ready_rows)?;
+        for (i, &j) in append.iter().enumerate() {
+            let row = ready_rows + i;
+            self.neuron_of[row] = j;
+            self.slot_of[j as usize] = row as u32;
+            self.shared.state[row].store(FILLING, Ordering::Relaxed);
+        }
+        self.live = ready_rows + m;
+        adm.total_rows = self.live;
+        adm.bytes_read = p.buffer_bytes;
+        adm.bytes_useful = p.useful_bytes;
+        adm.requests = p.requests.len();
+        adm.whole_region = p.whole_region;
+        adm.est_seconds = p.est_seconds;
+        let fill = Fill {
+            epoch: serial,
+            buffer_bytes: p.buffer_bytes,
+            useful_bytes: p.useful_bytes,
+            requests: p.requests,
+            copies,
+        };
+        add(&self.shared.counters.mgmt_ns, ns_since(t0));
+        self.pending = Some(serial);
+        if background && self.start_filler() {
+            if let Some(f) = &self.filler {
+                match f.jobs.send(fill) {
+                    Ok(()) => return Ok(adm),
+                    Err(back) => {
+                        // The filler is gone: run this fill here.
+                        self.filler = None;
+                        self.inline_only = true;
+                        return self.run_inline(back.0, adm);
+                    }
+                }
+            }
+        }
+        self.run_inline(fill, adm)
+    }
+
+    fn run_inline(&mut self, fill: Fill, adm: Admission) -> Result<Admission> {
+        let t0 = Instant::now();
+        let r = run_fill(&self.shared, fill);
+        add(&self.shared.counters.wait_ns, ns_since(t0));
+        self.settle(r.error)?;
+        Ok(adm)
+    }
+
+    /// (staging offset, row) for each appended neuron, bounds-checked.
+    fn copies(&self, p: &Plan, append: &[u32], first_row: usize) -> Result<Vec<(usize, usize)>> {
+        let bb = self.shared.bundle_bytes as u64;
+        append
+            .iter()
+            .enumerate()
+            .map(|(i, j)| {
+                let k = p.neurons.binary_search(j).map_err(|_| Error::invalid(format!("plan lacks neuron {j}")))?;
+                let at = p.landing[k];
+                let inside = matches!(at.checked_add(bb), Some(e) if e <= p.buffer_bytes);
+                if !inside || first_row + i >= self.capacity {
+                    return Err(Error::invalid(format!("plan lands neuron {j} at {at}, outside its {} bytes", p.buffer_bytes)));
+                }
+                Ok((at as usize, first_row + i))
+            })
+            .collect()
+    }
+
+    /// Start the fill thread once; false if fills must run inline.
+    fn start_filler(&mut self) -> bool {
+        if self.filler.is_some() {
+            return true;
+        }
+        if self.inline_only {
+            return false;
+        }
+        let (jobs, job_rx) = channel::<Fill>();
+        let (res_tx, results) = channel::<FillResult>();
+        let shared = self.shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("llmflash-cache-fill".into())
+            .stack_size(256 << 10)
+            .spawn(move || {
+                // Ends when the cache (the job sender) is dropped. The slot matrix stays alive
+                // through `shared` while a last fill finishes, so dropping a cache never waits.
+                for fill in job_rx {
+                    if res_tx.send(run_fill(&shared, fill)).is_err() {
+                        break;
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => {
+                self.filler = Some(Filler { jobs, results: Mutex::new(results) });
+                true
+            }
+            Err(_) => {
+                self.inline_only = true; // no thread to be had: reads run in begin (correct, slower)
+                false
+            }
+        }
+    }
+
+    /// Read the bundles of `wanted` (duplicates allowed) into `dest`, packed: row k (bytes
+    /// `[k*bb, (k+1)*bb)`) = bundle `wanted[k]`. Returns `wanted.len()`. Does not touch the
+    /// cache's rows; may run while a fill is pending (overflow streaming).
+    pub fn read_neurons(&self, wanted: &[u32], dest: &mut [u8]) -> Result<usize> {
+        // SAFETY: `dest` is an exclusive borrow of dest.len() writable bytes, alive for the call.
+        unsafe { self.read_neurons_raw(wanted, dest.as_mut_ptr(), dest.len()) }
+    }
+
+    /// `read_neurons` into raw memory.
+    ///
+    /// # Safety
+    /// `dest .. dest + dest_len` must be valid for writes and not accessed by anyone else until
+    /// this call returns.
+    pub unsafe fn read_neurons_raw(&self, wanted: &[u32], dest: *mut u8, dest_len: usize) -> Result<usize> {
+        self.check_ids(wanted)?;
+        let bb = self.shared.bundle_bytes;
+        let need = wanted.len().checked_mul(bb).filter(|&b| b <= dest_len).ok_or_else(|| {
+            Error::invalid(format!(
+                "destination of {dest_len} bytes cannot hold {} bundles of {bb} bytes",
+                wanted.len()
+            ))
+        })?;
+        if need == 0 {
+            return Ok(0);
+        }
+        let p = plan(wanted, &self.region, &self.profile, &self.opts)?;
+        let staging = self.shared.staging.take(p.buffer_bytes as usize)?;
+        let base = staging.as_mut_ptr();
+        let ops: Vec<RawOp> = p
+            .requests
+            .iter()
+            // SAFETY: requests lie back to back in [0, buffer_bytes) and staging is that large.
+            .map(|r| RawOp { file_offset: r.offset, len: r.len as usize, dest: unsafe { base.add(r.dest_offset as usize) } })
+            .collect();
+        let t0 = Instant::now();
+        // SAFETY: disjoint ranges of `staging`, owned here and alive until read_raw returns.
+        let r = unsafe { self.shared.reader.read_raw(&ops) };
+        add(&self.shared.counters.io_ns, ns_since(t0));
+        if let Err(e) = r {
+            self.shared.staging.give(staging);
+            return Err(e);
+        }
+        let t1 = Instant::now();
+        for (k, j) in wanted.iter().enumerate() {
+            // Every wanted id is in the plan (it plans exactly these ids).
+            let Ok(i) = p.neurons.binary_search(j) else { continue };
+            let at = p.landing[i] as usize;
+            if at + bb > staging.len() {
+                self.shared.staging.give(staging);
+                return Err(Error::invalid(format!("plan lands neuron {j} at {at}, outside its {} bytes", p.buffer_bytes)));
+            }
+            // SAFETY: `at + bb <= staging.len()` (checked) and `(k+1)*bb <= need <= dest_len`;
+            // the caller guarantees dest is ours; staging is a different allocation.
+            unsafe { std::ptr::copy_nonoverlapping(staging.as_ptr().add(at), dest.add(k * bb), bb) };
+        }
+        add(&self.shared.counters.mgmt_ns, ns_since(t1));
+        self.shared.staging.give(staging);
+        add(&self.shared.counters.bytes_read, p.buffer_bytes);
+        add(&self.shared.counters.bytes_useful, p.useful_bytes);
+        add(&self.shared.counters.requests, p.requests.len() as u64);
+        self.shared.reader.stats().add_useful(p.useful_bytes);
+        Ok(wanted.len())
+    }
+}
+
+impl Drop for NeuronCache {
+    fn drop(&mut self) {
+        // Dropping the filler's channels ends its thread after any fill in flight; that fill
+        // writes into the slot matrix it keeps alive through its own Arc<Shared>.
+        self.filler = None;
+    }
+}
+
+#[cfg(test)]
+mod tests;
