@@ -126,6 +126,84 @@ class Reader:
     def reset_stats(self) -> None: ...
 
 
+class Admission:
+    """What one NeuronCache.begin did."""
+
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def ready_rows(self) -> int: ...       # rows [0, ready_rows) valid now, stable until next begin
+    @property
+    def total_rows(self) -> int: ...       # rows [ready_rows, total_rows) valid after wait()
+    @property
+    def hits(self) -> int: ...             # unique wanted neurons already live
+    @property
+    def misses(self) -> int: ...           # appended (read): total_rows - ready_rows
+    @property
+    def overflow(self) -> npt.NDArray[np.int64]: ...  # did not fit: stream with read_neurons
+    @property
+    def evicted_window(self) -> int: ...
+    @property
+    def evicted_capacity(self) -> int: ...
+    @property
+    def bytes_read(self) -> int: ...       # the fill plan's buffer_bytes (gaps, padding included)
+    @property
+    def bytes_useful(self) -> int: ...     # misses * bundle_bytes
+    @property
+    def requests(self) -> int: ...
+    @property
+    def whole_region(self) -> bool: ...
+    @property
+    def est_seconds(self) -> float: ...
+
+
+class NeuronCache:
+    """One FFN layer's neuron cache: a slot matrix of `capacity` bundles whose live rows are
+    always the block [0, live). Neurons not wanted in the last `window` steps are evicted; under
+    capacity pressure the least recently wanted neurons not wanted now go first (ties: lower id).
+    Deletion moves the last live row into the hole; insertion appends. Mutating methods must be
+    called from one thread at a time; every blocking call releases the GIL."""
+
+    def __init__(self, reader: Reader, region_offset: int, n_neurons: int, bundle_bytes: int,
+                 capacity: int, window: int, profile: Optional[Profile] = None,
+                 max_request_bytes: int = 1048576, concurrency: Optional[int] = None,
+                 allow_whole: bool = True, max_gap_bytes: Optional[int] = None) -> None: ...
+    def begin(self, wanted: _Ids, step: int) -> Admission: ...   # evict, plan, start reads
+    def wait(self) -> None: ...            # FlashIOError: the fill's neurons were removed
+    def admit(self, wanted: _Ids, step: int) -> Admission: ...   # begin + wait, inline
+    def read_neurons(self, wanted: _Ids, out: AlignedBuf) -> int: ...  # row k = wanted[k]
+    @property
+    def slots(self) -> AlignedBuf: ...     # capacity * bundle_bytes bytes, zero-copy, same object
+    @property
+    def live(self) -> int: ...
+    @property
+    def ready_rows(self) -> int: ...
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def window(self) -> int: ...
+    @window.setter
+    def window(self, window: int) -> None: ...
+    @property
+    def n_neurons(self) -> int: ...
+    @property
+    def bundle_bytes(self) -> int: ...
+    @property
+    def region_offset(self) -> int: ...
+    @property
+    def pending(self) -> bool: ...         # a fill was started and not yet waited for
+    def is_ready(self) -> bool: ...        # wait() would not block
+    def slot_neurons(self) -> npt.NDArray[np.int64]: ...   # row -> store position, rows [0, live)
+    def rows_of(self, wanted: _Ids) -> npt.NDArray[np.int64]: ...  # -1 where not live
+    def contains(self, neuron: int) -> bool: ...
+    def __contains__(self, neuron: int) -> bool: ...
+    def __len__(self) -> int: ...          # live
+    def row_states(self) -> npt.NDArray[np.uint8]: ...     # 0 empty, 1 filling, 2 ready
+    def stats(self) -> dict[str, int]: ...  # admissions, hits, misses, overflow, evicted_window,
+    #   evicted_capacity, bytes_read, bytes_useful, requests, failed_fills, io_ns, wait_ns, mgmt_ns
+    def reset_stats(self) -> None: ...
+
+
 def measure_point(path: _Path, size: int, concurrency: int, seconds: float) -> float: ...
 def measure(path: _Path, sizes: Sequence[int], concurrencies: Sequence[int],
             seconds_per_point: float) -> Profile: ...

@@ -3,6 +3,12 @@
     reader = Reader(store.ffn_path)                       # O_DIRECT, 32 reads in flight
     ids, rows = read_neurons(reader, store.layers[3], wanted)   # rows: (len(ids), bundle_bytes) uint8
 
+    cache = layer_cache(reader, store.layers[3], capacity=256, window=4)
+    adm = cache.begin(wanted, step)        # evict, plan, start reads (background)
+    rows = cache_rows(cache, torch.float16) # (capacity, bundle_values), zero-copy
+    ... rows[:adm.ready_rows] usable now; cache.wait(); rows[:adm.total_rows] ...
+    cache.read_neurons(adm.overflow, scratch)   # what did not fit, packed row by row
+
 `wanted` are store positions (bundle j of the region; see LayerRegion.order for the original
 neuron ids). The planner chooses exact bundles, bridged runs or the whole region, whichever the
 disk profile (llmflash.profile_disk.load_profile) prices cheapest.
@@ -14,16 +20,17 @@ from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
 
-from ._native import (ALIGN, DEFAULT_CONCURRENCY, AlignedBuf, Plan, Profile, Reader, measure,
-                      measure_point, plan)
+from ._native import (ALIGN, DEFAULT_CONCURRENCY, Admission, AlignedBuf, NeuronCache, Plan, Profile,
+                      Reader, measure, measure_point, plan)
 
 if TYPE_CHECKING:
     import torch
 
     from .store import LayerRegion
 
-__all__ = ["ALIGN", "DEFAULT_CONCURRENCY", "AlignedBuf", "Plan", "Profile", "Reader", "plan",
-           "measure", "measure_point", "plan_layer", "read_neurons", "as_array", "as_tensor"]
+__all__ = ["ALIGN", "DEFAULT_CONCURRENCY", "Admission", "AlignedBuf", "NeuronCache", "Plan", "Profile",
+           "Reader", "plan", "measure", "measure_point", "plan_layer", "read_neurons", "layer_cache",
+           "cache_rows", "as_array", "as_tensor"]
 
 Ids = Union[np.ndarray, Sequence[int]]
 
@@ -48,6 +55,26 @@ def read_neurons(reader: Reader, region: "LayerRegion", wanted: Ids,
     p = plan_layer(region, wanted, profile, concurrency=reader.concurrency)
     rows = p.gather(reader.read_plan(p))
     return p.neurons, as_array(rows).reshape(len(p.neurons), region.bundle_bytes)
+
+
+def layer_cache(reader: Reader, region: "LayerRegion", capacity: int, window: int,
+                profile: Profile | None = None, **options) -> NeuronCache:
+    """A NeuronCache of `capacity` rows for one layer region (options: see plan())."""
+    if profile is None:
+        from .profile_disk import load_profile
+        profile = load_profile()
+    return NeuronCache(reader, region.offset, region.n_neurons, region.bundle_bytes, capacity, window,
+                       profile=profile, **options)
+
+
+def cache_rows(cache: NeuronCache, dtype: "torch.dtype") -> "torch.Tensor":
+    """The cache's slot matrix as a (capacity, bundle_bytes // itemsize) tensor (no copy)."""
+    import torch
+
+    item = torch.empty(0, dtype=dtype).element_size()
+    if cache.bundle_bytes % item:
+        raise ValueError(f"bundle of {cache.bundle_bytes} bytes is not a whole number of {dtype} values")
+    return as_tensor(cache.slots, dtype).view(cache.capacity, cache.bundle_bytes // item)
 
 
 def as_array(buf: AlignedBuf, dtype: np.dtype | type = np.uint8) -> np.ndarray:

@@ -5,6 +5,7 @@
 //! name that created it for exactly as long as something still views it.
 
 use std::ffi::c_int;
+use std::sync::Arc;
 
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -13,11 +14,17 @@ use crate::aligned::AlignedBuf;
 
 #[pyclass(frozen, weakref, name = "AlignedBuf", module = "llmflash._native")]
 pub struct PyAlignedBuf {
-    pub(crate) buf: AlignedBuf,
+    /// Shared with Rust owners that outlive or precede the Python object (a neuron cache's slot
+    /// matrix): the allocation is freed when the last of them goes.
+    pub(crate) buf: Arc<AlignedBuf>,
 }
 
 impl PyAlignedBuf {
     pub(crate) fn from_buf(buf: AlignedBuf) -> PyAlignedBuf {
+        PyAlignedBuf { buf: Arc::new(buf) }
+    }
+
+    pub(crate) fn shared(buf: Arc<AlignedBuf>) -> PyAlignedBuf {
         PyAlignedBuf { buf }
     }
 }
@@ -27,7 +34,7 @@ impl PyAlignedBuf {
     /// A zeroed buffer of `length` bytes, its start 4096-byte aligned.
     #[new]
     fn new(py: Python<'_>, length: usize) -> PyResult<PyAlignedBuf> {
-        Ok(PyAlignedBuf { buf: py.detach(|| AlignedBuf::zeroed(length))? })
+        Ok(PyAlignedBuf::from_buf(py.detach(|| AlignedBuf::zeroed(length))?))
     }
 
     /// The address of the first byte (equal to a zero-copy tensor's `data_ptr()`).
@@ -55,8 +62,8 @@ impl PyAlignedBuf {
         let (ptr, len) = (slf.get().buf.as_mut_ptr(), slf.get().buf.len());
         // SAFETY: `view` is the exporter's Py_buffer supplied by the interpreter. PyBuffer_FillInfo
         // stores a new reference to `slf` in view.obj, and that reference keeps this object, so
-        // the AlignedBuf allocation (which never moves or resizes), alive until the consumer
-        // releases the view. The format pointer it sets is a static string: nothing to free.
+        // its Arc on the AlignedBuf allocation (which never moves or resizes), alive until the
+        // consumer releases the view. The format pointer it sets is a static string: nothing to free.
         let r = unsafe { ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr.cast(), len as ffi::Py_ssize_t, 0, flags) };
         if r != 0 {
             return Err(PyErr::fetch(slf.py()));

@@ -4,6 +4,7 @@
 use pyo3::prelude::*;
 
 mod buffer;
+mod cache;
 mod errors;
 mod planner;
 mod profile;
@@ -15,6 +16,8 @@ mod reader;
 fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<buffer::PyAlignedBuf>()?;
     m.add_class::<reader::PyReader>()?;
+    m.add_class::<cache::PyNeuronCache>()?;
+    m.add_class::<cache::PyAdmission>()?;
     m.add_class::<planner::PyPlan>()?;
     m.add_class::<profile::PyProfile>()?;
     m.add_function(wrap_pyfunction!(planner::plan, m)?)?;

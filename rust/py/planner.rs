@@ -31,7 +31,7 @@ fn to_ids<T: Copy + TryInto<u32> + std::fmt::Display>(it: impl Iterator<Item = T
 }
 
 impl Wanted<'_> {
-    fn ids(&self, n: u32) -> Result<Vec<u32>, Error> {
+    pub(crate) fn ids(&self, n: u32) -> Result<Vec<u32>, Error> {
         match self {
             Wanted::I64(a) => to_ids(a.as_array().iter().copied(), n),
             Wanted::I32(a) => to_ids(a.as_array().iter().copied(), n),
@@ -82,7 +82,7 @@ pub fn plan(
 }
 
 /// `numpy.asarray(x)` for anything array-like with an integer dtype, as a 1-D int64 array.
-fn as_int64_array<'py>(x: &Bound<'py, PyAny>) -> PyResult<Wanted<'py>> {
+pub(crate) fn as_int64_array<'py>(x: &Bound<'py, PyAny>) -> PyResult<Wanted<'py>> {
     let arr = x.py().import("numpy")?.call_method1("asarray", (x,))?;
     let kind: String = arr.getattr("dtype")?.getattr("kind")?.extract()?;
     let ndim: usize = arr.getattr("ndim")?.extract()?;

@@ -2,6 +2,7 @@
 //! batch, and the I/O counters as a dict.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use pyo3::exceptions::{PyRuntimeWarning, PyValueError};
 use pyo3::prelude::*;
@@ -14,7 +15,8 @@ use crate::reader::{check_disjoint, Engine, RawOp, Reader, ReaderOptions};
 
 #[pyclass(frozen, name = "Reader", module = "llmflash._native")]
 pub struct PyReader {
-    reader: Reader,
+    /// Shared with the neuron caches built on this reader (rust/py/cache.rs).
+    pub(crate) reader: Arc<Reader>,
 }
 
 /// Raw operations carried across `py.detach` (raw pointers are not Send).
@@ -71,7 +73,7 @@ impl PyReader {
             .unwrap_or_default();
             PyErr::warn(py, &py.get_type::<PyRuntimeWarning>(), &msg, 1)?;
         }
-        Ok(PyReader { reader })
+        Ok(PyReader { reader: Arc::new(reader) })
     }
 
     #[getter]

@@ -1,0 +1,337 @@
+//! `NeuronCache` and `Admission` for Python: one cache per FFN layer (rust/cache.rs). Every call
+//! that can block (begin settles a pending fill, wait, admit, read_neurons) releases the GIL.
+//! The slot matrix is exported as an `AlignedBuf` sharing the cache's allocation, so
+//! `torch.frombuffer(cache.slots, dtype=...)` views the rows without copying.
+
+use numpy::PyArray1;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use super::buffer::PyAlignedBuf;
+use super::planner::{as_int64_array, Wanted};
+use super::profile::PyProfile;
+use super::reader::PyReader;
+use crate::cache::{Admission, NeuronCache};
+use crate::planner::{PlanOptions, Region};
+
+/// Neuron ids from a numpy array, a torch tensor or any sequence of ints.
+fn ids(wanted: &Bound<'_, PyAny>, n: u32) -> PyResult<Vec<u32>> {
+    Ok(match wanted.extract::<Wanted<'_>>() {
+        Ok(w) => w.ids(n)?,
+        Err(_) => as_int64_array(wanted)?.ids(n)?,
+    })
+}
+
+fn i64_array<'py>(py: Python<'py>, it: impl Iterator<Item = i64>) -> Bound<'py, PyArray1<i64>> {
+    PyArray1::from_vec(py, it.collect())
+}
+
+/// What one `NeuronCache.begin` did (see NeuronCache.begin).
+#[pyclass(frozen, name = "Admission", module = "llmflash._native")]
+pub struct PyAdmission {
+    adm: Admission,
+}
+
+#[pymethods]
+impl PyAdmission {
+    #[getter]
+    fn epoch(&self) -> u64 {
+        self.adm.epoch
+    }
+
+    /// Rows [0, ready_rows) are valid now and do not move until the next begin().
+    #[getter]
+    fn ready_rows(&self) -> usize {
+        self.adm.ready_rows
+    }
+
+    /// Rows [ready_rows, total_rows) are valid once wait() has returned.
+    #[getter]
+    fn total_rows(&self) -> usize {
+        self.adm.total_rows
+    }
+
+    #[getter]
+    fn hits(&self) -> usize {
+        self.adm.hits
+    }
+
+    /// Neurons appended (read): total_rows - ready_rows.
+    #[getter]
+    fn misses(&self) -> usize {
+        self.adm.misses()
+    }
+
+    /// Wanted neurons that did not fit (store positions, int64, the caller's order).
+    #[getter]
+    fn overflow<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
+        i64_array(py, self.adm.overflow.iter().map(|&j| j as i64))
+    }
+
+    #[getter]
+    fn evicted_window(&self) -> usize {
+        self.adm.evicted_window
+    }
+
+    #[getter]
+    fn evicted_capacity(&self) -> usize {
+        self.adm.evicted_capacity
+    }
+
+    /// The fill's plan: bytes it reads (requests, with bridged gaps and page padding)...
+    #[getter]
+    fn bytes_read(&self) -> u64 {
+        self.adm.bytes_read
+    }
+
+    /// ...of which bytes of appended bundles (misses * bundle_bytes).
+    #[getter]
+    fn bytes_useful(&self) -> u64 {
+        self.adm.bytes_useful
+    }
+
+    #[getter]
+    fn requests(&self) -> usize {
+        self.adm.requests
+    }
+
+    #[getter]
+    fn whole_region(&self) -> bool {
+        self.adm.whole_region
+    }
+
+    #[getter]
+    fn est_seconds(&self) -> f64 {
+        self.adm.est_seconds
+    }
+
+    fn __repr__(&self) -> String {
+        let a = &self.adm;
+        format!(
+            "Admission(epoch={}, ready_rows={}, total_rows={}, hits={}, overflow={}, evicted_window={}, \
+             evicted_capacity={}, bytes_read={}, requests={})",
+            a.epoch, a.ready_rows, a.total_rows, a.hits, a.overflow.len(), a.evicted_window,
+            a.evicted_capacity, a.bytes_read, a.requests
+        )
+    }
+}
+
+/// The neuron cache of one FFN layer. Methods that change it take the object mutably: call them
+/// from one thread at a time (another thread gets RuntimeError "Already borrowed").
+#[pyclass(name = "NeuronCache", module = "llmflash._native")]
+pub struct PyNeuronCache {
+    cache: NeuronCache,
+    slots: Py<PyAlignedBuf>,
+}
+
+#[pymethods]
+impl PyNeuronCache {
+    /// A cache of `capacity` rows (0..=n_neurons) over the layer region of `n_neurons` bundles
+    /// of `bundle_bytes` at `region_offset` in `reader`'s file. Neurons not wanted in the last
+    /// `window` steps are evicted. Plan options as for plan(); concurrency defaults to the
+    /// reader's.
+    #[new]
+    #[pyo3(signature = (reader, region_offset, n_neurons, bundle_bytes, capacity, window, profile = None,
+                        max_request_bytes = 1 << 20, concurrency = None, allow_whole = true, max_gap_bytes = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        reader: PyRef<'_, PyReader>,
+        region_offset: u64,
+        n_neurons: u32,
+        bundle_bytes: u64,
+        capacity: usize,
+        window: u32,
+        profile: Option<PyRef<'_, PyProfile>>,
+        max_request_bytes: u64,
+        concurrency: Option<u32>,
+        allow_whole: bool,
+        max_gap_bytes: Option<u64>,
+    ) -> PyResult<PyNeuronCache> {
+        let reader = reader.reader.clone();
+        let concurrency = concurrency.unwrap_or(reader.concurrency().min(u32::MAX as usize) as u32);
+        let opts = PlanOptions { max_request_bytes, concurrency, allow_whole, max_gap_bytes };
+        let profile = profile.map(|p| p.profile.clone()).unwrap_or_default();
+        let region = Region { offset: region_offset, n_neurons, bundle_bytes };
+        // Allocating (and zeroing) the slot matrix can take a while: without the GIL.
+        let cache = py.detach(move || NeuronCache::new(reader, region, capacity, window, profile, opts, None))?;
+        let slots = Py::new(py, PyAlignedBuf::shared(cache.slots().clone()))?;
+        Ok(PyNeuronCache { cache, slots })
+    }
+
+    /// Admit `wanted` (store positions: numpy ints, torch tensor or sequence; any order,
+    /// duplicates allowed) at `step` (the token index; should not decrease): evict by window,
+    /// then by capacity (least recently wanted first, never a neuron wanted now), append the
+    /// missing neurons that fit and start reading them in the background. Rows
+    /// [0, ready_rows) may be used at once; [ready_rows, total_rows) after wait(). A failure
+    /// of an earlier fill that was never waited for is raised here.
+    fn begin(&mut self, py: Python<'_>, wanted: &Bound<'_, PyAny>, step: u64) -> PyResult<PyAdmission> {
+        let ids = ids(wanted, self.cache.region().n_neurons)?;
+        let cache = &mut self.cache;
+        let adm = py.detach(move || cache.begin(&ids, step))?;
+        Ok(PyAdmission { adm })
+    }
+
+    /// Block (GIL released) until the pending fill is done. On FlashIOError, the fill's
+    /// neurons have been removed: nothing unread is presented as filled.
+    fn wait(&mut self, py: Python<'_>) -> PyResult<()> {
+        let cache = &mut self.cache;
+        py.detach(move || cache.wait())?;
+        Ok(())
+    }
+
+    /// begin() + wait(), reading on the calling thread (GIL released).
+    fn admit(&mut self, py: Python<'_>, wanted: &Bound<'_, PyAny>, step: u64) -> PyResult<PyAdmission> {
+        let ids = ids(wanted, self.cache.region().n_neurons)?;
+        let cache = &mut self.cache;
+        let adm = py.detach(move || cache.admit(&ids, step))?;
+        Ok(PyAdmission { adm })
+    }
+
+    /// Read bundles of `wanted` (duplicates allowed) into `out`, packed: row k = wanted[k].
+    /// For the overflow; `out` (a reusable scratch AlignedBuf) must hold len(wanted) rows and
+    /// must not be this cache's slot matrix. Returns len(wanted). GIL released.
+    fn read_neurons(&self, py: Python<'_>, wanted: &Bound<'_, PyAny>, out: &Bound<'_, PyAlignedBuf>) -> PyResult<usize> {
+        let ids = ids(wanted, self.cache.region().n_neurons)?;
+        let buf = &out.get().buf;
+        if std::sync::Arc::ptr_eq(buf, self.cache.slots()) {
+            return Err(PyValueError::new_err("read_neurons cannot write into the cache's own slot matrix"));
+        }
+        let (dest, len) = (Dest(buf.as_mut_ptr()), buf.len());
+        let cache = &self.cache;
+        // SAFETY: `out` (a Python reference this function holds until it returns) keeps the
+        // destination allocation alive through the detached read; it is a different allocation
+        // from the slot matrix (checked) and from any staging buffer. Python code may touch
+        // `out` meanwhile, as with any buffer handed to an I/O call; nothing frees or moves it.
+        let n = py.detach(move || unsafe { cache.read_neurons_raw(&ids, dest.get(), len) })?;
+        Ok(n)
+    }
+
+    /// The slot matrix: capacity * bundle_bytes bytes, row k = bytes [k*bb, (k+1)*bb). Always
+    /// the same AlignedBuf (zero-copy views keep the cache's memory alive).
+    #[getter]
+    fn slots(&self, py: Python<'_>) -> Py<PyAlignedBuf> {
+        self.slots.clone_ref(py)
+    }
+
+    /// Rows in use, [0, live): ready, or being filled by the pending admission.
+    #[getter]
+    fn live(&self) -> usize {
+        self.cache.live()
+    }
+
+    #[getter]
+    fn ready_rows(&self) -> usize {
+        self.cache.ready_rows()
+    }
+
+    #[getter]
+    fn capacity(&self) -> usize {
+        self.cache.capacity()
+    }
+
+    #[getter]
+    fn window(&self) -> u32 {
+        self.cache.window()
+    }
+
+    #[setter]
+    fn set_window(&mut self, window: u32) {
+        self.cache.set_window(window);
+    }
+
+    #[getter]
+    fn n_neurons(&self) -> u32 {
+        self.cache.region().n_neurons
+    }
+
+    #[getter]
+    fn bundle_bytes(&self) -> usize {
+        self.cache.bundle_bytes()
+    }
+
+    #[getter]
+    fn region_offset(&self) -> u64 {
+        self.cache.region().offset
+    }
+
+    /// A fill has been started and not yet waited for.
+    #[getter]
+    fn pending(&self) -> bool {
+        self.cache.is_pending()
+    }
+
+    /// The pending fill (if any) has finished: wait() would not block.
+    fn is_ready(&self) -> bool {
+        self.cache.is_ready()
+    }
+
+    /// slot -> neuron (store position) for rows [0, live), int64 copy.
+    fn slot_neurons<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
+        i64_array(py, self.cache.slot_neurons().iter().map(|&j| j as i64))
+    }
+
+    /// For each id: its row, or -1 if it is not live (int64).
+    fn rows_of<'py>(&self, py: Python<'py>, wanted: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray1<i64>>> {
+        let ids = ids(wanted, self.cache.region().n_neurons)?;
+        Ok(i64_array(py, ids.iter().map(|&j| self.cache.row_of(j).map_or(-1, |r| r as i64))))
+    }
+
+    /// Whether `neuron` is live (ready, or being filled by the pending admission).
+    fn contains(&self, neuron: i64) -> bool {
+        u32::try_from(neuron).is_ok_and(|j| self.cache.contains(j))
+    }
+
+    fn __contains__(&self, neuron: i64) -> bool {
+        self.contains(neuron)
+    }
+
+    fn __len__(&self) -> usize {
+        self.cache.live()
+    }
+
+    /// Each row's state: 0 empty, 1 filling, 2 ready (uint8 copy, capacity entries).
+    fn row_states<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u8>> {
+        PyArray1::from_vec(py, self.cache.row_states())
+    }
+
+    /// Counters: admissions, hits, misses, overflow, evicted_window, evicted_capacity,
+    /// bytes_read, bytes_useful, requests, failed_fills, io_ns, wait_ns, mgmt_ns.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (k, v) in self.cache.stats().fields() {
+            d.set_item(k, v)?;
+        }
+        Ok(d)
+    }
+
+    fn reset_stats(&self) {
+        self.cache.reset_stats();
+    }
+
+    fn __repr__(&self) -> String {
+        let c = &self.cache;
+        format!(
+            "NeuronCache(live={}, capacity={}, window={}, n_neurons={}, bundle_bytes={}, pending={})",
+            c.live(),
+            c.capacity(),
+            c.window(),
+            c.region().n_neurons,
+            c.bundle_bytes(),
+            if c.is_pending() { "True" } else { "False" }
+        )
+    }
+}
+
+/// A destination pointer carried across `py.detach` (raw pointers are not Send).
+struct Dest(*mut u8);
+// SAFETY: the pointer targets an AlignedBuf kept alive by a Python reference that the calling
+// function holds until the detached call has returned.
+unsafe impl Send for Dest {}
+
+impl Dest {
+    fn get(&self) -> *mut u8 {
+        self.0
+    }
+}
