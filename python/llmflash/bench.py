@@ -4,7 +4,7 @@ Every strategy decodes the same teacher-forced text (Python's own documentation,
 CPython), one token at a time, and the strategies take turns token by token (A B C A B C ...):
 the disk here is shared and throttled at times, so only figures measured side by side compare.
 Per strategy: ms per token split as the paper does (I/O, memory management, compute, where
-compute is everything else: attention, FFN math, prediction), bytes read per token, and for
+prediction, compute: everything else, attention and FFN math), bytes read per token, and for
 flash the minimum the wanted sets and cache capacity imply (the missing bundles), as a table,
 optionally JSON and a PNG bar chart.
 """
@@ -93,8 +93,9 @@ def run_bench(store_path: str, memories: list[str], window: int = 4, sparsity: s
         ms = sum(r.ms) / n
         io = r.totals.get("ffn_io_s", 0.0) * 1e3 / n
         mgmt = r.totals.get("mgmt_s", 0.0) * 1e3 / n
+        pred = r.totals.get("predict_s", 0.0) * 1e3 / n
         row = {"strategy": r.label, "ms_per_token": ms, "tok_per_s": 1e3 / ms, "io_ms": io, "mgmt_ms": mgmt,
-               "compute_ms": max(0.0, ms - io - mgmt), "mb_read_per_token": r.totals.get("bytes_read", 0.0) / n / 1e6}
+               "predict_ms": pred, "compute_ms": max(0.0, ms - io - mgmt - pred), "mb_read_per_token": r.totals.get("bytes_read", 0.0) / n / 1e6}
         if "bytes_useful" in r.totals:
             row["mb_min_per_token"] = r.totals["bytes_useful"] / n / 1e6
             row["read_vs_min"] = r.totals["bytes_read"] / max(1.0, r.totals["bytes_useful"])
@@ -115,10 +116,11 @@ def _make(name: str, store: Store, **options: Any):
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     cols = [("strategy", "{:<14}"), ("ms_per_token", "{:>9.1f}"), ("io_ms", "{:>8.1f}"), ("mgmt_ms", "{:>8.1f}"),
-            ("compute_ms", "{:>10.1f}"), ("mb_read_per_token", "{:>9.2f}"), ("mb_min_per_token", "{:>8.2f}"),
+            ("predict_ms", "{:>10.1f}"), ("compute_ms", "{:>10.1f}"), ("mb_read_per_token", "{:>9.2f}"), ("mb_min_per_token", "{:>8.2f}"),
             ("hit_rate", "{:>6.2f}"), ("x_vs_naive", "{:>8.2f}")]
-    heads = ["strategy", "ms/tok", "I/O ms", "mgmt ms", "compute ms", "MB read", "MB min", "hits", "x naive"]
-    widths = [14, 9, 8, 8, 10, 9, 8, 6, 8]
+    heads = ["strategy", "ms/tok", "I/O ms", "mgmt ms", "predict ms", "compute ms", "MB read", "MB min", "hits",
+             "x naive"]
+    widths = [14, 9, 8, 8, 10, 10, 9, 8, 6, 8]
     lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(heads, widths)))]
     for r in rows:
         cells = []
@@ -137,7 +139,8 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     labels = [r["strategy"] for r in rows]
     fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 4))
     bottom = [0.0] * len(rows)
-    for key, color in (("io_ms", "tab:red"), ("mgmt_ms", "tab:orange"), ("compute_ms", "tab:blue")):
+    for key, color in (("io_ms", "tab:red"), ("mgmt_ms", "tab:orange"), ("predict_ms", "tab:green"),
+                       ("compute_ms", "tab:blue")):
         vals = [r[key] for r in rows]
         ax.bar(labels, vals, bottom=bottom, label=key.replace("_ms", ""), color=color)
         bottom = [b + v for b, v in zip(bottom, vals)]

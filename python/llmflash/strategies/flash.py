@@ -1,0 +1,163 @@
+"""`flash`: the paper's method. Per layer and token:
+
+  1. a wanted-set source (oracle, magnitude rule, or the learned predictors) names the neurons
+     the token needs, from the layer's FFN input;
+  2. the layer's NeuronCache (Rust) evicts neurons not wanted in the last `window` tokens
+     (deleting moves the last live row into the hole), plans the missing bundles into few large
+     direct-I/O reads (coalescing and bridging by the disk profile) and starts them;
+  3. while those reads are in flight, the FFN runs on the rows that were already live; then on
+     the rows just read; neurons beyond the layer's capacity stream through one shared scratch
+     buffer in chunks.
+
+The FFN runs on every live row, which is the wanted set plus neurons kept by the window: for ReLU
+models the extra rows are exactly what dense would compute for them; for SwiGLU models they
+make the result closer to dense, at no I/O cost. With every neuron wanted, flash equals dense.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..budget import CachePlan, parse_memory, plan_caches
+from ..io import AlignedBuf, NeuronCache, Reader, as_tensor
+from ..sparsity import AllNeurons, Oracle, WantedSource
+from ..store import RESIDENT, Store, split_bundles
+from .base import bundle_ffn
+
+SCRATCH_NEURONS = 1024    # overflow chunk: rows streamed at a time when a layer's cache is full
+
+
+def model_bytes(store: Store) -> tuple[int, int]:
+    """(resident bytes, FFN payload bytes) of a store: what 1.0x of the memory budget means."""
+    resident = (store.path / RESIDENT).stat().st_size
+    return resident, sum(L.payload_bytes for L in store.layers)
+
+
+def make_source(spec: str | WantedSource, store: Store) -> WantedSource:
+    """'all', 'oracle' (ReLU: act > 0; SwiGLU: top 50% by |act|), 'oracle:0.3', or a callable."""
+    if callable(spec):
+        return spec
+    name, _, arg = str(spec).partition(":")
+    if name == "all":
+        return AllNeurons(store.config)
+    if name == "oracle":
+        return Oracle(store, keep=float(arg) if arg else 0.5)
+    if name == "predictor":
+        from ..predictor import load_predictors
+        return load_predictors(store, **({"recall": float(arg)} if arg else {}))
+    raise ValueError(f"unknown sparsity {spec!r}: use all, oracle[:KEEP] or predictor")
+
+
+class FlashFFN:
+    name = "flash"
+
+    def __init__(self, store: Store, memory: str | int | float | None = None, window: int = 4,
+                 sparsity: str | WantedSource = "oracle", profile: Any = None, concurrency: int = 32):
+        from ..profile_disk import load_profile
+
+        self.store, self.config = store, store.config
+        resident, ffn = model_bytes(store)
+        self.model_bytes = resident + ffn
+        budget = parse_memory(memory, self.model_bytes) if memory is not None else self.model_bytes
+        bb = store.layers[0].bundle_bytes
+        max_n = max(L.n_neurons for L in store.layers)
+        self.plan: CachePlan = plan_caches(budget, resident, [L.n_neurons for L in store.layers], bb,
+                                           scratch_neurons=0, store_name=str(store.path))
+        if any(c < L.n_neurons for c, L in zip(self.plan.capacities, store.layers)):
+            # Some layer can overflow: reserve the shared scratch area inside the budget.
+            self.plan = plan_caches(budget, resident, [L.n_neurons for L in store.layers], bb,
+                                    scratch_neurons=min(SCRATCH_NEURONS, max_n), store_name=str(store.path))
+        self.profile = profile if profile is not None else load_profile()
+        self.reader = Reader(store.ffn_path, concurrency=concurrency)
+        self.source = make_source(sparsity, store)
+        self.window = window
+        self.caches: list[NeuronCache] = []
+        self.rows: list[Tensor] = []                  # (capacity, bundle_values) views of each cache
+        for L, cap in zip(store.layers, self.plan.capacities):
+            cache = NeuronCache(self.reader, L.offset, L.n_neurons, L.bundle_bytes, cap, window,
+                                profile=self.profile)
+            self.caches.append(cache)
+            self.rows.append(self._view(cache.slots, cap))
+        scratch_rows = self.plan.scratch // bb
+        self.scratch = AlignedBuf(max(1, scratch_rows) * bb)
+        self.scratch_rows = self._view(self.scratch, scratch_rows)
+        # original neuron id -> store position (None where the store keeps the original order)
+        self.position: list[np.ndarray | None] = []
+        for L in store.layers:
+            if L.order is None:
+                self.position.append(None)
+            else:
+                pos = np.empty(L.n_neurons, dtype=np.int64)
+                pos[np.asarray(L.order)] = np.arange(L.n_neurons)
+                self.position.append(pos)
+        self.step = 0
+        self.t = {"io": 0.0, "compute": 0.0, "predict": 0.0}
+
+    def _view(self, buf: AlignedBuf, rows: int) -> Tensor:
+        n = rows * self.config.bundle_values
+        return as_tensor(buf, self.store.dtype)[:n].view(rows, self.config.bundle_values)
+
+    def _ffn_rows(self, x: Tensor, rows: Tensor) -> Tensor:
+        p = split_bundles(rows, self.config)
+        return bundle_ffn(x, p["up"], p["down"], p.get("gate"), p.get("bias"), self.config.act)
+
+    def __call__(self, layer: int, x: Tensor) -> Tensor:
+        """x (T, D) -> (T, D): the FFN over the layer's live neurons and this token's wanted set."""
+        if layer == 0:
+            self.step += 1
+        t0 = time.perf_counter()
+        ids = self.source(layer, x)
+        ids = ids.numpy() if isinstance(ids, Tensor) else np.asarray(ids)
+        pos = self.position[layer]
+        wanted = (pos[ids] if pos is not None else ids).astype(np.uint32, copy=False)
+        t1 = time.perf_counter()
+        cache, rows = self.caches[layer], self.rows[layer]
+        adm = cache.begin(wanted, self.step)          # evict + plan + start reads (GIL released)
+        x = x.to(rows.dtype)
+        y = torch.zeros(x.shape[0], self.config.dim, dtype=torch.float32)
+        t2 = time.perf_counter()
+        if adm.ready_rows:                            # overlap: compute on hits while reads run
+            y += self._ffn_rows(x, rows[:adm.ready_rows])
+        t3 = time.perf_counter()
+        cache.wait()
+        t4 = time.perf_counter()
+        if adm.total_rows > adm.ready_rows:
+            y += self._ffn_rows(x, rows[adm.ready_rows:adm.total_rows])
+        t5 = time.perf_counter()
+        io, compute = (t2 - t1) + (t4 - t3), (t3 - t2) + (t5 - t4)
+        overflow = np.asarray(adm.overflow, dtype=np.uint32)
+        for start in range(0, len(overflow), self.scratch_rows.shape[0] or 1):
+            chunk = overflow[start:start + self.scratch_rows.shape[0]]
+            t6 = time.perf_counter()
+            n = cache.read_neurons(chunk, self.scratch)
+            t7 = time.perf_counter()
+            y += self._ffn_rows(x, self.scratch_rows[:n])
+            io, compute = io + (t7 - t6), compute + (time.perf_counter() - t7)
+        self.t["predict"] += t1 - t0
+        self.t["io"] += io
+        self.t["compute"] += compute
+        return y
+
+    def stats(self) -> dict[str, float]:
+        """Summed over layers: the cache counters, plus seconds in prediction, I/O (waiting for
+        reads, including what overlapped none), memory management and compute."""
+        out: dict[str, float] = {}
+        for c in self.caches:
+            for k, v in c.stats().items():
+                out[k] = out.get(k, 0.0) + float(v)
+        mgmt = out.get("mgmt_ns", 0.0) / 1e9       # eviction, index updates, staging -> slot copies
+        out.update({"ffn_io_s": max(0.0, self.t["io"] - mgmt), "ffn_compute_s": self.t["compute"],
+                    "predict_s": self.t["predict"], "mgmt_s": mgmt,
+                    "cache_capacity_neurons": float(sum(self.plan.capacities)),
+                    "budget_bytes": float(self.plan.budget), "steps": float(self.step)})
+        return out
+
+    def reset_stats(self) -> None:
+        for c in self.caches:
+            c.reset_stats()
+        self.t = dict.fromkeys(self.t, 0.0)
