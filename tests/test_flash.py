@@ -1,0 +1,180 @@
+"""The flash strategy against dense: exact with every neuron wanted (through cache hits, fresh
+reads, evictions and overflow), greedy-exact with the ReLU oracle, and the memory budget."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmflash.api import FlashModel
+from llmflash.budget import parse_memory, plan_caches
+from llmflash.errors import BudgetError
+from llmflash.strategies.flash import model_bytes
+
+PROMPT = [3, 17, 5, 99, 42, 7, 8, 64, 1, 23, 77, 12, 50, 31, 9, 4]
+
+
+@pytest.fixture(scope="module")
+def stores(hf_llama, hf_opt, convert_to, tmp_path_factory) -> dict[str, Path]:
+    from test_openelm import hf_config, random_weights, save_openelm
+
+    from llmflash.convert.hf import convert_hf
+
+    elm_src = save_openelm(tmp_path_factory.mktemp("elm") / "hf", hf_config(), random_weights())
+    elm = tmp_path_factory.mktemp("store") / "elm.llmflash"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_hf(elm_src, elm, dtype="float32")
+    return {"llama": convert_to(hf_llama.path), "opt": convert_to(hf_opt.path), "openelm": elm}
+
+
+def decode_logits(model: FlashModel, prompt: list[int], steps: int) -> tuple[torch.Tensor, list[int]]:
+    """Prefill, then greedy steps one token at a time: (all logits stacked, tokens chosen)."""
+    m = model.model
+    cache = m.new_cache(len(prompt) + steps)
+    out = [m.forward(torch.tensor(prompt), cache)]
+    tokens = []
+    for _ in range(steps):
+        tok = int(out[-1][-1].argmax())
+        tokens.append(tok)
+        out.append(m.forward(torch.tensor([tok]), cache))
+    return torch.cat(out), tokens
+
+
+def budget_for(path: Path, ffn_share: float) -> int:
+    """Bytes that leave the caches `ffn_share` of the FFN (the tiny models' resident part is most
+    of them, so a share of the whole model says little)."""
+    from llmflash.store import Store
+
+    s = Store(path)
+    resident, ffn = model_bytes(s)
+    scratch = max(L.n_neurons for L in s.layers) * s.layers[0].bundle_bytes
+    return resident + scratch + int(ffn_share * ffn)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "openelm"])
+@pytest.mark.parametrize("ffn_share", [1.0, 0.3, 0.1])
+def test_flash_all_neurons_equals_dense(stores, arch, ffn_share):
+    path = stores[arch]
+    dense, dense_tokens = decode_logits(FlashModel.open(path, strategy="dense"), PROMPT, 8)
+    memory = "1x" if ffn_share == 1.0 else budget_for(path, ffn_share)
+    flash_model = FlashModel.open(path, strategy="flash", memory=memory, window=2, sparsity="all")
+    flash, flash_tokens = decode_logits(flash_model, PROMPT, 8)
+    assert (flash - dense).abs().max().item() <= 1e-5
+    assert flash_tokens == dense_tokens
+    s = flash_model.stats()
+    if ffn_share < 1.0:                              # capacity below the layer: overflow streamed
+        assert s["overflow"] > 0
+    assert s["hits"] > 0 and s["misses"] > 0
+
+
+def test_relu_oracle_greedy_tokens_equal(stores):
+    path = stores["opt"]
+    _, dense_tokens = decode_logits(FlashModel.open(path, strategy="dense"), PROMPT, 8)
+    model = FlashModel.open(path, strategy="flash", memory=budget_for(path, 0.5), window=2, sparsity="oracle")
+    _, flash_tokens = decode_logits(model, PROMPT, 8)
+    assert flash_tokens == dense_tokens
+    s = model.stats()
+    total = sum(model.config.ffn_dims) * (len(PROMPT) + 8)
+    assert s["hits"] + s["misses"] + s["overflow"] < total      # ReLU sparsity: not every neuron read
+
+
+def test_window_reads_less_than_no_window(stores):
+    """Windowing: with a window the same tokens read fewer bytes than with none."""
+    path, reads = stores["opt"], {}
+    for window in (0, 4):
+        model = FlashModel.open(path, strategy="flash", memory="1x", window=window, sparsity="oracle")
+        decode_logits(model, PROMPT, 8)
+        reads[window] = model.stats()["bytes_useful"]
+    assert reads[4] < reads[0]
+
+
+def test_flash_generate_through_api(stores):
+    model = FlashModel.open(stores["llama"], memory=budget_for(stores["llama"], 0.5), window=3, sparsity="all")
+    assert model.strategy == "flash"
+    dense = FlashModel.open(stores["llama"])
+    assert model.generate("t1 t2 t3", max_new_tokens=6) == dense.generate("t1 t2 t3", max_new_tokens=6)
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ("150MB", 150_000_000), ("1.5GiB", int(1.5 * (1 << 30))), ("0.5x", 500), ("25%", 250), ("800", 800),
+    (1234, 1234),
+])
+def test_parse_memory(spec, expected):
+    assert parse_memory(spec, 1000) == expected
+
+
+@pytest.mark.parametrize("spec", ["lots", "-5MB", "0x", "12 parsecs", "0"])
+def test_parse_memory_rejects(spec):
+    with pytest.raises(BudgetError):
+        parse_memory(spec, 1000)
+
+
+def test_budget_below_resident_is_a_clear_error(stores):
+    path = stores["llama"]
+    with pytest.raises(BudgetError, match="below what must stay resident"):
+        FlashModel.open(path, strategy="flash", memory="0.05x", sparsity="all")
+
+
+def test_capacities_share_the_budget():
+    plan = plan_caches(budget=1000 + 50 * 10, resident_bytes=1000, ffn_dims=[100, 50], bundle_bytes=10,
+                       scratch_neurons=0)
+    assert plan.capacities == (33, 16)
+    full = plan_caches(budget=10**9, resident_bytes=1000, ffn_dims=[100, 50], bundle_bytes=10, scratch_neurons=0)
+    assert full.capacities == (100, 50)
+
+
+def test_cli_generate_flash_and_bad_budget(stores):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "python")}
+    base = [sys.executable, "-m", "llmflash", "generate", str(stores["llama"]), "-p", "t1 t2", "-n", "3"]
+    ok = subprocess.run(base + ["--memory", str(budget_for(stores["llama"], 0.5)), "--sparsity", "all", "--stats"],
+                        capture_output=True,
+                        text=True, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert "strategy: flash" in ok.stderr and "bytes_read" in ok.stderr
+    bad = subprocess.run(base + ["--memory", "1KB"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "resident" in bad.stderr and "Traceback" not in bad.stderr
+    bad = subprocess.run(base + ["--memory", "plenty"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "cannot parse memory budget" in bad.stderr
+
+
+RSS_PROBE = r"""
+import sys, llmflash, torch, tokenizers, numpy, safetensors
+import llmflash.api, llmflash.strategies.flash
+def hwm():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM'):
+            return int(line.split()[1]) * 1024
+base = hwm()
+m = llmflash.FlashModel.open(sys.argv[1], memory=sys.argv[2], window=4, sparsity='all')
+m.generate('The capital of France is', max_new_tokens=8)
+print(hwm() - base, m.ffn.plan.budget)
+"""
+
+
+def test_peak_rss_within_budget_plus_overhead():
+    """README: peak RSS <= budget + 64 MB of working buffers, above the ~550 MB that importing
+    torch costs. Measured on the embedded SmolLM2 store (float16, 270 MB of weights)."""
+    from llmflash.defaults import ensure_default_store
+
+    store = ensure_default_store()
+    out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(store), "0.5x"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "python")})
+    assert out.returncode == 0, out.stderr
+    grown, budget = map(int, out.stdout.split())
+    assert grown <= budget + (64 << 20), f"peak RSS grew {grown / 1e6:.0f} MB for a {budget / 1e6:.0f} MB budget"
+
+
+def test_model_bytes_counts_resident_and_ffn(stores):
+    from llmflash.store import Store
+
+    s = Store(stores["llama"])
+    resident, ffn = model_bytes(s)
+    assert ffn == sum(L.n_neurons for L in s.layers) * s.layers[0].bundle_bytes
+    assert resident == (s.path / "resident.safetensors").stat().st_size
