@@ -67,6 +67,11 @@ def run_bench(store_path: str, memories: list[str], window: int = 4, sparsity: s
         for mem in memories:
             ffn = _make("flash", store, memory=mem, window=window, sparsity=source)
             runs.append(Run(f"flash {mem}", "flash", FlashModel(store, "flash", ffn)))
+    if "flash-serial" in strategies:                      # no read/compute overlap: what it gains
+        source = source if "flash" in strategies else make_source(sparsity, store)
+        for mem in memories:
+            ffn = _make("flash", store, memory=mem, window=window, sparsity=source, overlap=False)
+            runs.append(Run(f"serial {mem}", "flash", FlashModel(store, "flash", ffn)))
     tok = runs[0].model.tokenizer
     text = calibration_text(20_000)
     ids = tok.encode(text).ids if tok is not None else list(range(prompt_tokens + tokens))
@@ -159,7 +164,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--window", type=int, default=4)
     p.add_argument("--sparsity", default="oracle", help="predictor, oracle[:KEEP] or all (default oracle)")
     p.add_argument("--tokens", type=int, default=32, help="decoded tokens per strategy (default 32)")
-    p.add_argument("--strategies", default="naive,flash", help="comma list of dense, naive, flash")
+    p.add_argument("--strategies", default="naive,flash",
+                   help="comma list of dense, naive, flash, flash-serial (flash without read/compute overlap)")
     p.add_argument("--plot", help="write a PNG bar chart of the breakdown")
     p.add_argument("--json", help="write the table as JSON")
     a = p.parse_args(argv)

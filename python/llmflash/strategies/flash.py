@@ -57,7 +57,8 @@ class FlashFFN:
     name = "flash"
 
     def __init__(self, store: Store, memory: str | int | float | None = None, window: int = 4,
-                 sparsity: str | WantedSource = "oracle", profile: Any = None, concurrency: int = 32):
+                 sparsity: str | WantedSource = "oracle", profile: Any = None, concurrency: int = 32,
+                 overlap: bool = True):
         from ..profile_disk import load_profile
 
         self.store, self.config = store, store.config
@@ -76,6 +77,7 @@ class FlashFFN:
         self.reader = Reader(store.ffn_path, concurrency=concurrency)
         self.source = make_source(sparsity, store)
         self.window = window
+        self.overlap = overlap      # False: read, then compute (to measure what the overlap gains)
         self.caches: list[NeuronCache] = []
         self.rows: list[Tensor] = []                  # (capacity, bundle_values) views of each cache
         for L, cap in zip(store.layers, self.plan.capacities):
@@ -117,7 +119,8 @@ class FlashFFN:
         wanted = (pos[ids] if pos is not None else ids).astype(np.uint32, copy=False)
         t1 = time.perf_counter()
         cache, rows = self.caches[layer], self.rows[layer]
-        adm = cache.begin(wanted, self.step)          # evict + plan + start reads (GIL released)
+        # evict + plan + start the reads in the background (GIL released); or read inline
+        adm = cache.begin(wanted, self.step) if self.overlap else cache.admit(wanted, self.step)
         x = x.to(rows.dtype)
         y = torch.zeros(x.shape[0], self.config.dim, dtype=torch.float32)
         t2 = time.perf_counter()
