@@ -1,0 +1,360 @@
+"""The paper's regime at the paper's scale: OPT-6.7B-shaped store (13.3 GB, random float16),
+wanted sets with the paper's OPT statistics (10% wanted, 2.4% new per token with a window of 5),
+memory = 50% of the model: per-token latency of naive vs flash, interleaved in one run.
+
+    python benches/make_opt_store.py --variant-16k         # once: 13.3 GB under /work/bench-data
+    python benches/bench_paper_scale.py --json bench-out/paper-scale.json --plot bench-out/paper-scale.png
+
+A token here is a whole decoder token of OPT-6.7B's shape: per layer LayerNorm, the q/k/v
+projection (one fused 12288x4096 float16 matrix-vector product: the same bytes as q, k and v),
+attention over a KV cache of `--context` positions, the 4096x4096 output projection, LayerNorm,
+then the FFN strategy on that input, with the replayed wanted set. The 32 layers' attention
+weights (4.3 GB) are random matrices held in DRAM, generated here (not read from the store's
+resident file, to leave the disk to the FFN); the embedding lookup and LM head are left out
+(one row, and one 50272x4096 product = 0.4 GB, the same for every strategy).
+
+Strategies (token by token, interleaved; the disk is shared and throttled, DESIGN §3):
+  naive     NaiveFFN: each layer's whole region (268 MB) read with 1 MiB direct reads, dense FFN
+  flash     FlashFFN(memory = 50% of the real model, window 5, the replay source)
+  flash-16k the same on `<store>-16k` (bundles of up + down only, 16,384 B: the fc1 bias kept
+            resident), when that store exists: what the bias's 2 bytes cost direct I/O
+Both FFNs compute with the same kernel (`--kernel`): `mv` (default; below) or `project`
+(strategies.base.bundle_ffn as it is). A short in-run microbenchmark compares the two on the
+caches' real rows. fio (`fio-randread`, 32 threads, 2 s) at 1 MiB and at flash's mean request
+size runs after every naive token: the disk's reference and throttle check from the same minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_opt_store import DEFAULT_OUT, random_f16_bits  # noqa: E402
+from wanted_sets import Params, Replay, generate, stats  # noqa: E402
+
+from llmflash.store import Store, split_bundles  # noqa: E402
+from llmflash.strategies.base import bundle_ffn  # noqa: E402
+from llmflash.strategies.flash import FlashFFN, model_bytes  # noqa: E402
+from llmflash.strategies.naive import NaiveFFN  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+FIO = Path(os.environ.get("LLMFLASH_FIO", REPO.parent / "shared" / "tools" / "fio-randread"))
+
+
+# -- the FFN kernel -----------------------------------------------------------------------------
+# Decode (one token) on bundle rows (n, up | down | bias): the down rows are (n, D) with the bundle
+# as row stride, so y = h @ down is a vector-matrix product in the "transposed" layout. torch's
+# float16 kernels for it are slow on this CPU, which is why bundle_ffn upcasts down to float32
+# first; at OPT scale that copy is the cost: 3,650 rows took 48 ms that way and 8.5 ms as
+# torch.mv(down.t(), h) in float16 (16,384 rows: 216 vs 58 ms), measured on the loaded machine.
+def ffn_rows_mv(x: Tensor, rows: Tensor, dim: int, bias: bool) -> Tensor:
+    """ReLU FFN over bundle rows for x (1, D) float16 -> (1, D) float32."""
+    up, down = rows[:, :dim], rows[:, dim:2 * dim]
+    h = F.linear(x, up)                                                  # (1, n) float16
+    if bias:
+        h = h + rows[:, 2 * dim]
+    h = torch.relu_(h)
+    return torch.mv(down.t(), h[0]).float()[None]                       # (1, D)
+
+
+class MvFlash(FlashFFN):
+    def _ffn_rows(self, x: Tensor, rows: Tensor) -> Tensor:
+        if x.shape[0] != 1:
+            return super()._ffn_rows(x, rows)
+        return ffn_rows_mv(x.to(rows.dtype), rows, self.config.dim, self.config.ffn_bias)
+
+
+class MvNaive(NaiveFFN):
+    def __call__(self, layer: int, x: Tensor) -> Tensor:
+        t0 = time.perf_counter()
+        bundles = self._read(layer)
+        t1 = time.perf_counter()
+        y = ffn_rows_mv(x.to(bundles.dtype), bundles, self.config.dim, self.config.ffn_bias)
+        self.io_s += t1 - t0
+        self.compute_s += time.perf_counter() - t1
+        return y
+
+
+# -- the rest of a token: attention of the real shape ---------------------------------------------
+class Attention:
+    """Per layer: LayerNorm, fused qkv (3D, D) and o (D, D) float16 weights with float32 biases,
+    attention of one query over a fixed KV cache of `context` positions (float32)."""
+
+    def __init__(self, n_layers: int, dim: int, n_heads: int, context: int, seed: int):
+        rng = np.random.default_rng([seed, 99])
+        self.dim, self.h, self.hd = dim, n_heads, dim // n_heads
+        mk = lambda *s: torch.from_numpy(random_f16_bits(math.prod(s), rng)).view(torch.float16).view(*s)  # noqa: E731
+        self.qkv = [mk(3 * dim, dim) for _ in range(n_layers)]
+        self.o = [mk(dim, dim) for _ in range(n_layers)]
+        self.b_qkv = [mk(3 * dim).float() for _ in range(n_layers)]
+        self.b_o = [mk(dim).float() for _ in range(n_layers)]
+        g = torch.Generator().manual_seed(seed)
+        self.k = [torch.randn(n_heads, context, self.hd, generator=g) for _ in range(n_layers)]
+        self.v = [torch.randn(n_heads, context, self.hd, generator=g) for _ in range(n_layers)]
+        self.ln_w, self.ln_b = torch.ones(dim), torch.zeros(dim)
+        self.s = 0.0
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.qkv, *self.o))
+
+    def ln(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, (self.dim,), self.ln_w, self.ln_b, 1e-5)
+
+    def __call__(self, i: int, x: Tensor) -> Tensor:
+        """x (1, D) float32 -> attention output (1, D) float32."""
+        t0 = time.perf_counter()
+        h = self.ln(x).half()
+        q, k, v = (F.linear(h, self.qkv[i]).float() + self.b_qkv[i]).view(3, self.h, 1, self.hd)
+        keys = torch.cat([self.k[i], k], dim=1)                          # (H, ctx+1, hd)
+        vals = torch.cat([self.v[i], v], dim=1)
+        a = F.scaled_dot_product_attention(q, keys, vals)                # (H, 1, hd)
+        out = F.linear(a.reshape(1, self.dim).half(), self.o[i]).float() + self.b_o[i]
+        self.s += time.perf_counter() - t0
+        return out
+
+
+def decode_token(attn: Attention, ffn, x: Tensor, n_layers: int) -> Tensor:
+    for i in range(n_layers):
+        x = x + attn(i, x)
+        x = x + ffn(i, attn.ln(x).half())
+    return x
+
+
+# -- fio ------------------------------------------------------------------------------------------
+def fio(path: Path, bs: int, seconds: int = 2, threads: int = 32) -> float:
+    if not FIO.is_file():
+        return float("nan")
+    out = subprocess.run([str(FIO), str(path), str(bs), str(threads), str(seconds)], capture_output=True,
+                         text=True).stdout
+    try:
+        return float(out.split()[0])
+    except (IndexError, ValueError):
+        return float("nan")
+
+
+# -- the run -------------------------------------------------------------------------------------
+KEYS = ("ffn_io_s", "mgmt_s", "predict_s", "ffn_compute_s", "bytes_read", "bytes_useful", "requests",
+        "hits", "misses", "evicted_window", "evicted_capacity", "overflow", "io_ns", "wait_ns", "mgmt_ns")
+
+
+def snapshot(ffn) -> dict[str, float]:
+    s = ffn.stats()
+    return {k: float(s.get(k, 0.0)) for k in KEYS}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--store", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--memory", type=float, default=0.5, help="budget as a share of the real model (0.5)")
+    ap.add_argument("--window", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=24, help="measured flash tokens per flash strategy")
+    ap.add_argument("--naive-tokens", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=8, help="flash tokens before measuring (window fill)")
+    ap.add_argument("--context", type=int, default=256, help="KV cache length for attention")
+    ap.add_argument("--kernel", choices=("mv", "project"), default="mv")
+    ap.add_argument("--no-16k", action="store_true", help="skip the 16 KiB-bundle variant")
+    ap.add_argument("--fio-seconds", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--plot", type=Path)
+    a = ap.parse_args(argv)
+    from tqdm import tqdm
+
+    torch.set_grad_enabled(False)
+    store = Store(a.store)
+    cfg = store.config
+    resident_b, ffn_b = model_bytes(store)
+    real_model = resident_b + ffn_b
+    budget = int(a.memory * real_model)
+    print(f"model {real_model / 1e9:.3f} GB (resident {resident_b / 1e9:.3f} + FFN {ffn_b / 1e9:.3f}); "
+          f"memory {a.memory:.0%} = {budget / 1e9:.3f} GB", file=sys.stderr)
+
+    t0 = time.perf_counter()
+    P = Params(n_layers=cfg.n_layers, n_neurons=cfg.ffn_dims[0], window=a.window, seed=a.seed)
+    sets = generate(P, a.warmup + a.tokens)
+    mk = MvFlash if a.kernel == "mv" else FlashFFN
+    strategies: dict[str, object] = {"flash": mk(store, memory=budget, window=a.window, sparsity=Replay(sets))}
+    cap = strategies["flash"].plan.capacities[0]
+    gen = stats(sets, P.n_neurons, a.window, capacity=cap, skip=a.warmup)
+    print("generator (measured tokens): " + ", ".join(f"{k} {v:.4f}" for k, v in gen.items()), file=sys.stderr)
+    v16 = a.store.with_name(a.store.name + "-16k")
+    if not a.no_16k and v16.is_dir():
+        strategies["flash-16k"] = mk(Store(v16), memory=budget, window=a.window, sparsity=Replay(sets))
+    naive = (MvNaive if a.kernel == "mv" else NaiveFFN)(store)
+    attn = Attention(cfg.n_layers, cfg.dim, cfg.n_heads[0], a.context, a.seed)
+    print(f"setup {time.perf_counter() - t0:.0f} s: caches {cap} neurons/layer "
+          f"({cap / P.n_neurons:.1%} of the FFN), attention weights {attn.weight_bytes / 1e9:.2f} GB in DRAM",
+          file=sys.stderr)
+
+    g = torch.Generator().manual_seed(a.seed + 1)
+    xs = [torch.randn(1, cfg.dim, generator=g) for _ in range(a.warmup + a.tokens + a.naive_tokens)]
+    for t in tqdm(range(a.warmup), desc="warm-up (window fill)", unit="tok"):
+        for f in strategies.values():
+            decode_token(attn, f, xs[t], cfg.n_layers)
+
+    records: dict[str, list[dict[str, float]]] = {name: [] for name in [*strategies, "naive"]}
+    fio_runs: list[dict[str, float]] = []
+
+    def timed(name: str, f, x: Tensor) -> None:
+        before, att0 = snapshot(f), attn.s
+        t0 = time.perf_counter()
+        decode_token(attn, f, x, cfg.n_layers)
+        wall = time.perf_counter() - t0
+        d = {k: v - before[k] for k, v in snapshot(f).items()}
+        d.update(wall_s=wall, attn_s=attn.s - att0)
+        records[name].append(d)
+
+    per_round = max(1, a.tokens // max(1, a.naive_tokens))
+    schedule = []
+    for t in range(a.tokens):
+        schedule.append(("flash", a.warmup + t))
+        if (t + 1) % per_round == 0 and len([s for s in schedule if s[0] == "naive"]) < a.naive_tokens:
+            schedule += [("naive", a.warmup + a.tokens + len([s for s in schedule if s[0] == "naive"])),
+                         ("fio", 0)]
+    for kind, t in tqdm(schedule, desc="flash / naive / fio, interleaved", unit="step"):
+        if kind == "flash":
+            for name, f in strategies.items():
+                timed(name, f, xs[t])
+        elif kind == "naive":
+            timed("naive", naive, xs[t])
+        else:
+            fr = records["flash"][-per_round:]
+            mean_req = sum(r["bytes_read"] for r in fr) / max(1.0, sum(r["requests"] for r in fr))
+            bs = max(4096, int(round(mean_req / 4096)) * 4096)
+            fio_runs.append({"mb_s_1m": fio(store.ffn_path, 1 << 20, a.fio_seconds),
+                             "bs_flash": bs, "mb_s_flash_bs": fio(store.ffn_path, bs, a.fio_seconds)})
+
+    micro = kernel_micro(strategies["flash"], naive, cfg)
+    rows = summarize(records, fio_runs, ffn_b, cfg)
+    out = {"store": str(a.store), "model_bytes": real_model, "resident_bytes": resident_b, "ffn_bytes": ffn_b,
+           "budget_bytes": budget, "capacity_neurons_per_layer": cap, "capacity_share": cap / P.n_neurons,
+           "kernel": a.kernel, "context": a.context, "generator": gen,
+           "generator_params": {"wanted": P.wanted, "new": P.new, "hot": P.hot, "window": P.window,
+                                "rates": P.rates()},
+           "rows": rows, "fio": fio_runs, "kernel_micro_ms": micro, "records": records,
+           "threads": torch.get_num_threads(), "loadavg": os.getloadavg()}
+    print_table(out)
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(out, indent=1))
+    if a.plot:
+        plot(rows, a.plot)
+    return 0
+
+
+def kernel_micro(flash: FlashFFN, naive: NaiveFFN, cfg) -> dict[str, float]:
+    """ms per layer: bundle_ffn (the project's) vs ffn_rows_mv on a flash cache's live rows and on
+    naive's last-read whole region, alternated 3 times, best of each."""
+    x = torch.randn(1, cfg.dim).half()
+    live = flash.caches[0].live
+    cases = {"flash_live_rows": flash.rows[0][:live],
+             "naive_region": naive.bytes_view[:naive.store.layers[-1].payload_bytes].view(torch.float16)
+             .view(cfg.ffn_dims[-1], -1)}
+    out: dict[str, float] = {"flash_live_rows_n": float(live)}
+    for name, rows in cases.items():
+        best = {"project": 1e9, "mv": 1e9}
+        for _ in range(3):
+            for k in best:
+                t0 = time.perf_counter()
+                if k == "project":
+                    p = split_bundles(rows, cfg)
+                    bundle_ffn(x, p["up"], p["down"], None, p.get("bias"), cfg.act)
+                else:
+                    ffn_rows_mv(x, rows, cfg.dim, cfg.ffn_bias)
+                best[k] = min(best[k], (time.perf_counter() - t0) * 1e3)
+        out.update({f"{name}_{k}": v for k, v in best.items()})
+    return out
+
+
+def summarize(records, fio_runs, ffn_b: int, cfg) -> list[dict[str, float]]:
+    rows = []
+    for name, recs in records.items():
+        n = len(recs)
+        if not n:
+            continue
+        s = {k: sum(r[k] for r in recs) / n for k in recs[0]}
+        ms = s["wall_s"] * 1e3
+        io, mgmt, pred = s["ffn_io_s"] * 1e3, s["mgmt_s"] * 1e3, s["predict_s"] * 1e3
+        row = {"strategy": name, "tokens": n, "ms_per_token": ms,
+               "ms_median": float(np.median([r["wall_s"] for r in recs]) * 1e3),
+               "ms_min": min(r["wall_s"] for r in recs) * 1e3, "ms_max": max(r["wall_s"] for r in recs) * 1e3,
+               "io_ms": io, "mgmt_ms": mgmt, "predict_ms": pred, "compute_ms": ms - io - mgmt - pred,
+               "attn_ms": s["attn_s"] * 1e3, "ffn_compute_ms": s["ffn_compute_s"] * 1e3,
+               "mgmt_share": mgmt / ms, "mb_read_per_token": s["bytes_read"] / 1e6,
+               "read_mb_s_during_io": s["bytes_read"] / 1e6 / max(1e-9, s["ffn_io_s"])}
+        if name == "naive":
+            row["mb_min_per_token"] = ffn_b / 1e6
+        else:
+            row.update(mb_min_per_token=s["bytes_useful"] / 1e6,
+                       read_vs_min=s["bytes_read"] / max(1.0, s["bytes_useful"]),
+                       requests_per_token=s["requests"],
+                       mean_request_kib=s["bytes_read"] / max(1.0, s["requests"]) / 1024,
+                       disk_ms=s["io_ns"] / 1e6, wait_ms=s["wait_ns"] / 1e6,
+                       disk_mb_s=s["bytes_read"] / 1e3 / max(1.0, s["io_ns"] / 1e6),
+                       miss_share=s["misses"] / (cfg.n_layers * cfg.ffn_dims[0]),
+                       hit_rate=s["hits"] / max(1.0, s["hits"] + s["misses"]),
+                       overflow_per_token=s["overflow"], evicted_capacity_per_token=s["evicted_capacity"])
+        rows.append(row)
+    naive = next((r for r in rows if r["strategy"] == "naive"), None)
+    for r in rows:
+        r["x_vs_naive"] = naive["ms_per_token"] / r["ms_per_token"] if naive else float("nan")
+    return rows
+
+
+def print_table(out) -> None:
+    heads = ["strategy", "tok", "ms/tok", "median", "I/O", "mgmt", "compute", "(attn)", "MB read", "MB min",
+             "read/min", "MB/s io", "x naive"]
+    keys = ["strategy", "tokens", "ms_per_token", "ms_median", "io_ms", "mgmt_ms", "compute_ms", "attn_ms",
+            "mb_read_per_token", "mb_min_per_token", "read_vs_min", "read_mb_s_during_io", "x_vs_naive"]
+    print(" | ".join(heads))
+    for r in out["rows"]:
+        cells = []
+        for k in keys:
+            v = r.get(k)
+            cells.append("-" if v is None else v if isinstance(v, str) else f"{v:.0f}" if k == "tokens"
+                         else f"{v:.2f}" if k in ("read_vs_min", "x_vs_naive") else f"{v:.1f}")
+        print(" | ".join(cells))
+    for f in out["fio"]:
+        print(f"fio 32 threads: 1 MiB {f['mb_s_1m']:.0f} MB/s, {f['bs_flash'] // 1024} KiB {f['mb_s_flash_bs']:.0f} MB/s")
+    print("kernel micro (ms/layer):", {k: round(v, 1) for k, v in out["kernel_micro_ms"].items()})
+    print("generator:", {k: round(v, 4) for k, v in out["generator"].items()})
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["strategy"] for r in rows]
+    fig, ax = plt.subplots(figsize=(1.8 * len(rows) + 2, 4))
+    bottom = [0.0] * len(rows)
+    for key, color in (("io_ms", "tab:red"), ("mgmt_ms", "tab:orange"), ("compute_ms", "tab:blue")):
+        vals = [r[key] for r in rows]
+        ax.bar(labels, vals, bottom=bottom, label=key.replace("_ms", ""), color=color)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    for i, r in enumerate(rows):
+        ax.text(i, bottom[i], f"{r['ms_per_token']:.0f} ms\n{r['x_vs_naive']:.1f}x", ha="center", va="bottom")
+    ax.set_ylabel("ms per token")
+    ax.set_title("OPT-6.7B shape, memory 50%, window 5 (one interleaved run)")
+    ax.legend()
+    ax.set_ylim(0, max(bottom) * 1.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
