@@ -54,6 +54,8 @@ def add_flash_flags(p: argparse.ArgumentParser) -> None:
 DELEGATED = {
     "profile-disk": ("profile_disk", "measure random direct-I/O read throughput (the paper's Figure 2)"),
     "bench": ("bench", "per-token latency of naive vs flash, measured in one interleaved run"),
+    "calibrate": ("calibrate", "train the per-layer sparsity predictors of a store"),
+    "eval": ("evaluate", "perplexity of dense vs flash, predictor recall/precision, FFN share read per token"),
 }
 
 

@@ -1,0 +1,436 @@
+"""Sparsity predictors: per layer, a low-rank map from the FFN input to one logit per neuron,
+the paper's form (two linear maps d -> R -> n, here with biases), trained by `llmflash calibrate`.
+
+    x (T, D) -> h = x A^T + a (T, R) -> z = h B^T + b (T, n) -> wanted = {i : z[t, i] > tau} over t
+
+Labels (what "active" means, chosen at calibration, recorded in the file):
+  - ReLU FFNs (OPT): neuron i is active for a token when act_i > 0 (natural sparsity).
+  - SwiGLU / GELU FFNs (Llama, OpenELM): magnitude sparsity (CATS/TEAL): active when
+    |silu(gate_i) * up_i| exceeds a per-layer threshold, the (1 - keep) quantile of that
+    magnitude over the calibration tokens, so `keep` is the share of (token, neuron) pairs that
+    are active on average (keep = 1 - sparsity). A per-layer threshold rather than a per-token
+    top-k: tokens with more activation mass get more neurons, and the label is a property of
+    one (token, neuron) pair, which is what a per-neuron logit can learn.
+
+The decision threshold tau is per layer, chosen on held-out calibration tokens for a target
+recall (the share of active (token, neuron) pairs predicted). The file keeps quantiles of the
+held-out logits of active and of inactive pairs, so `load_predictors(store, recall=r)` picks
+the threshold for any other recall without recalibrating, and can say what share of neurons it
+will predict.
+
+File `predictors.safetensors` (treated as hostile: every shape is checked against the config,
+every problem is a StoreError naming the file):
+    layers.{i}.in.weight   (R_i, D)   float16 (or the store dtype)
+    layers.{i}.in.bias     (R_i,)     float32
+    layers.{i}.out.weight  (n_i, R_i) float16
+    layers.{i}.out.bias    (n_i,)     float32
+    thresholds             (L,)       float32: logit threshold per layer for the recorded recall
+    label_thresholds       (L,)       float32: magnitude threshold of the labels (0 for ReLU)
+    pos_quantiles          (L, Q)     float32: held-out logits of active pairs, quantile levels
+    neg_quantiles          (L, Q)     float32: the same for inactive pairs    linspace(0, 1, Q)
+    pos_rate               (L,)       float32: share of held-out pairs that are active
+    metadata: format, version, rank, keep, sparsity, recall, tokens, heldout_tokens, epochs,
+              seed, label ("relu" | "magnitude")
+
+Cost (SmolLM2: D=576, n=1536, float16): rank R costs R(D+n) multiply-adds per token and layer
+against 3Dn for the FFN: R=128 is 10% of the dense FFN (0.27 M vs 2.65 M), R=64 5%.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import StoreError
+from .models.config import ModelConfig
+from .models.layers import linear
+from .store import PREDICTORS, Store
+
+FORMAT = "llmflash-predictors"
+VERSION = 1
+QUANTILES = 1001                     # stored quantile levels of held-out logits: 0.1% resolution
+MAX_PREDICTORS_BYTES = 1 << 34
+
+
+# -- labels ------------------------------------------------------------------------------------------
+def label_kind(config: ModelConfig) -> str:
+    """"relu" (act > 0) for plain ReLU FFNs, else "magnitude" (|act| over a threshold)."""
+    return "relu" if not config.gated and config.act == "relu" else "magnitude"
+
+
+def activations(config: ModelConfig, w1: Tensor, x: Tensor, b1: Tensor | None = None) -> Tensor:
+    """Every neuron's activation, (T, n) float32, from DenseFFN-style weights: w1 (2n, D) gate
+    rows then up rows (gated) or (n, D) up rows; b1 (n,) fc1 bias. Columns in w1's row order."""
+    from .models.layers import ACTIVATIONS
+
+    h = F.linear(x.float(), w1.float())                                  # (T, 2n) or (T, n)
+    act = ACTIVATIONS[config.act]
+    if config.gated:
+        g, u = h.chunk(2, dim=-1)
+        return act(g) * u
+    return act(h + b1.float() if b1 is not None else h)
+
+
+def labels(kind: str, act: Tensor, threshold: float) -> Tensor:
+    """(T, n) bool: which neurons are active (see the module docstring)."""
+    return act > 0 if kind == "relu" else act.abs() > threshold
+
+
+# -- bit-packed label storage (calibration keeps N x n labels per layer at 1 bit each) ----------------
+_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_bits(y: Tensor) -> Tensor:
+    """(T, n) bool -> (T, ceil(n/8)) uint8."""
+    T, n = y.shape
+    pad = (-n) % 8
+    if pad:
+        y = F.pad(y, (0, pad))
+    return (y.view(T, -1, 8).to(torch.uint8) * _BITS).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(p: Tensor, n: int) -> Tensor:
+    """(T, ceil(n/8)) uint8 -> (T, n) bool."""
+    return ((p.unsqueeze(-1) & _BITS) != 0).view(p.shape[0], -1)[:, :n]
+
+
+# -- one layer's predictor ---------------------------------------------------------------------------
+@dataclass
+class LayerPredictor:
+    in_w: Tensor       # (R, D)
+    in_b: Tensor       # (R,)   float32
+    out_w: Tensor      # (n, R)
+    out_b: Tensor      # (n,)   float32
+
+    def logits(self, x: Tensor) -> Tensor:
+        """x (T, D) -> (T, n) float32. Decode (T = 1) multiplies in the weights' dtype."""
+        h = linear(x, self.in_w) + self.in_b                             # (T, R)
+        return linear(h, self.out_w) + self.out_b                        # (T, n)
+
+    @property
+    def rank(self) -> int:
+        return self.in_w.shape[0]
+
+    def macs(self) -> int:
+        return self.in_w.numel() + self.out_w.numel()
+
+
+@dataclass
+class TrainResult:
+    predictor: LayerPredictor
+    pos_quantiles: Tensor       # (Q,) held-out logits of active pairs
+    neg_quantiles: Tensor       # (Q,)
+    pos_rate: float             # share of held-out pairs that are active
+    loss: float                 # last epoch's mean training loss
+
+
+def _sample_quantiles(v: Tensor, gen: torch.Generator, limit: int = 1 << 22) -> Tensor:
+    if v.numel() == 0:
+        return torch.zeros(QUANTILES)
+    if v.numel() > limit:
+        v = v[torch.randint(v.numel(), (limit,), generator=gen)]
+    q = torch.linspace(0, 1, QUANTILES, dtype=torch.float64)
+    return torch.quantile(v.double(), q).float()
+
+
+def train_layer(x: Tensor, packed: Tensor, n: int, rank: int, heldout: int, epochs: int = 2,
+                batch: int = 512, lr: float = 3e-3, seed: int = 0, dtype: torch.dtype = torch.float16,
+                progress: Any = None) -> TrainResult:
+    """Fit one layer's predictor on x[:-heldout] (N, D) and bit-packed labels (N, ceil(n/8)),
+    with balanced binary cross-entropy (positives weighted by #inactive / #active) and Adam
+    (one-cycle learning rate). Then measure the held-out logits, computed with the weights
+    rounded to `dtype` as they will be stored.
+
+    Training sees standardized inputs (per-channel mean and scale from the training split: a few
+    channels of the FFN input are orders of magnitude larger than the rest); the standardization
+    is folded into the first map afterwards, so the stored predictor takes raw x.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    N, D = x.shape
+    ntr = N - heldout
+    if ntr < 1 or heldout < 1:
+        raise ValueError(f"need training and held-out tokens, got {ntr} and {heldout}")
+    rank = max(1, min(rank, D, n))
+    xtr = x[:ntr].float()
+    mu = xtr.mean(0)
+    sd = xtr.std(0, unbiased=False).clamp_min(1e-6)
+    pos = 0
+    for s in range(0, ntr, 4096):
+        pos += int(unpack_bits(packed[s:min(s + 4096, ntr)], n).sum())
+    total = ntr * n
+    pos_weight = torch.tensor((total - pos) / max(pos, 1)).clamp(0.01, 100.0)
+
+    in_w = torch.empty(rank, D)
+    out_w = torch.empty(n, rank)
+    torch.nn.init.kaiming_uniform_(in_w, a=math.sqrt(5), generator=gen)
+    torch.nn.init.kaiming_uniform_(out_w, a=math.sqrt(5), generator=gen)
+    in_b = torch.zeros(rank)
+    rate = min(max(pos / max(total, 1), 1e-4), 1 - 1e-4)
+    out_b = torch.full((n,), math.log(rate / (1 - rate)))
+    params = [p.requires_grad_() for p in (in_w, in_b, out_w, out_b)]
+    opt = torch.optim.Adam(params, lr=lr)
+    batch = min(batch, ntr)
+    steps_per_epoch = ntr // batch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(1, epochs * steps_per_epoch))
+    loss_sum, loss_n = 0.0, 0
+    with torch.enable_grad():
+        for _ in range(epochs):
+            perm = torch.randperm(ntr, generator=gen)
+            loss_sum, loss_n = 0.0, 0
+            for s in range(steps_per_epoch):
+                idx = perm[s * batch:(s + 1) * batch]
+                xb = (xtr[idx] - mu) / sd                                  # (B, D)
+                yb = unpack_bits(packed[idx], n).float()                   # (B, n)
+                z = F.linear(F.linear(xb, in_w, in_b), out_w, out_b)       # (B, n)
+                loss = F.binary_cross_entropy_with_logits(z, yb, pos_weight=pos_weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                loss_sum, loss_n = loss_sum + loss.detach().item(), loss_n + 1
+                if progress is not None:
+                    progress.update(1)
+    with torch.no_grad():
+        # fold the standardization: A ((x - mu) / sd) + a = (A / sd) x + (a - (A / sd) mu)
+        a_w = in_w.detach() / sd
+        a_b = in_b.detach() - a_w @ mu
+        pred = LayerPredictor(a_w.to(dtype), a_b.float(), out_w.detach().to(dtype), out_b.detach().float())
+        z = torch.cat([F.linear(F.linear(x[s:s + 4096].float(), pred.in_w.float(), pred.in_b),
+                                pred.out_w.float(), pred.out_b) for s in range(ntr, N, 4096)])
+        y = torch.cat([unpack_bits(packed[s:min(s + 4096, N)], n) for s in range(ntr, N, 4096)])
+        result = TrainResult(pred, _sample_quantiles(z[y], gen), _sample_quantiles(z[~y], gen),
+                             float(y.float().mean()), loss_sum / max(loss_n, 1))
+    return result
+
+
+# -- thresholds from stored quantiles ----------------------------------------------------------------
+def _levels() -> Tensor:
+    return torch.linspace(0, 1, QUANTILES, dtype=torch.float64)
+
+
+def _interp(xs: Tensor, ys: Tensor, x: float) -> float:
+    """Piecewise-linear y(x) for increasing xs."""
+    i = int(torch.searchsorted(xs, torch.tensor(x, dtype=xs.dtype)).clamp(1, len(xs) - 1))
+    x0, x1, y0, y1 = float(xs[i - 1]), float(xs[i]), float(ys[i - 1]), float(ys[i])
+    return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def threshold_for_recall(pos_quantiles: Tensor, recall: float) -> float:
+    """The logit threshold that keeps `recall` of the active pairs: their (1 - recall) quantile
+    (just below it, so recall 1.0 keeps the smallest one seen too)."""
+    if not 0.0 < recall <= 1.0:
+        raise ValueError(f"recall must be in (0, 1], got {recall}")
+    t = _interp(_levels(), pos_quantiles.double(), 1.0 - recall)
+    return math.nextafter(t, -math.inf) if recall >= 1.0 else t
+
+
+def share_above(quantiles: Tensor, threshold: float) -> float:
+    """Estimated share of values > threshold from a quantile table."""
+    q = quantiles.double()
+    if threshold < float(q[0]):
+        return 1.0
+    if threshold >= float(q[-1]):
+        return 0.0
+    return 1.0 - _interp(q, _levels(), threshold)
+
+
+# -- the wanted-set source ---------------------------------------------------------------------------
+class Predictors:
+    """The calibrated predictors of a store, as a wanted-set source (llmflash.sparsity):
+
+        ids = predictors(layer, x)      # x (T, D) -> sorted unique original neuron ids (union over T)
+    """
+
+    def __init__(self, layers: list[LayerPredictor], thresholds: list[float], pos_quantiles: Tensor,
+                 neg_quantiles: Tensor, pos_rate: Tensor, label_thresholds: Tensor, meta: dict[str, Any],
+                 path: Path | None = None):
+        self.layers = layers
+        self.thresholds = thresholds
+        self.pos_quantiles = pos_quantiles
+        self.neg_quantiles = neg_quantiles
+        self.pos_rate = pos_rate
+        self.label_thresholds = label_thresholds
+        self.meta = meta
+        self.path = path
+
+    @property
+    def recall(self) -> float:
+        return float(self.meta["recall"])
+
+    def with_recall(self, recall: float) -> "Predictors":
+        """The same predictors, thresholds re-chosen for another target recall."""
+        th = [threshold_for_recall(q, recall) for q in self.pos_quantiles]
+        return Predictors(self.layers, th, self.pos_quantiles, self.neg_quantiles, self.pos_rate,
+                          self.label_thresholds, {**self.meta, "recall": recall}, self.path)
+
+    def logits(self, layer: int, x: Tensor) -> Tensor:
+        return self.layers[layer].logits(x)
+
+    def predict(self, layer: int, x: Tensor) -> Tensor:
+        """(T, n) bool: the per-token predictions."""
+        return self.logits(layer, x) > self.thresholds[layer]
+
+    def __call__(self, layer: int, x: Tensor) -> Tensor:
+        return torch.nonzero(self.predict(layer, x).any(dim=0)).flatten()
+
+    def expected(self, layer: int) -> dict[str, float]:
+        """Held-out estimates at the current threshold: recall, precision, predicted share."""
+        t, r = self.thresholds[layer], float(self.pos_rate[layer])
+        tpr, fpr = share_above(self.pos_quantiles[layer], t), share_above(self.neg_quantiles[layer], t)
+        predicted = r * tpr + (1 - r) * fpr
+        return {"recall": tpr, "precision": r * tpr / predicted if predicted > 0 else 1.0, "predicted": predicted}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for L in self.layers for t in (L.in_w, L.in_b, L.out_w, L.out_b))
+
+
+# -- file ------------------------------------------------------------------------------------------------
+def save_predictors(path: str | os.PathLike[str], results: list[TrainResult], recall: float,
+                    label_thresholds: list[float], meta: dict[str, Any]) -> Path:
+    """Write predictors.safetensors atomically (a hidden temporary sibling, then os.replace)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors: dict[str, Tensor] = {}
+    for i, r in enumerate(results):
+        p = r.predictor
+        tensors[f"layers.{i}.in.weight"] = p.in_w.contiguous()
+        tensors[f"layers.{i}.in.bias"] = p.in_b.float().contiguous()
+        tensors[f"layers.{i}.out.weight"] = p.out_w.contiguous()
+        tensors[f"layers.{i}.out.bias"] = p.out_b.float().contiguous()
+    tensors["thresholds"] = torch.tensor([threshold_for_recall(r.pos_quantiles, recall) for r in results])
+    tensors["label_thresholds"] = torch.tensor(label_thresholds, dtype=torch.float32)
+    tensors["pos_quantiles"] = torch.stack([r.pos_quantiles for r in results]).float()
+    tensors["neg_quantiles"] = torch.stack([r.neg_quantiles for r in results]).float()
+    tensors["pos_rate"] = torch.tensor([r.pos_rate for r in results], dtype=torch.float32)
+    md = {"format": FORMAT, "version": str(VERSION), "recall": repr(float(recall))}
+    md.update({k: str(v) for k, v in meta.items()})
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        save_file(tensors, str(tmp), metadata=md)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+META_INT = ("rank", "tokens", "heldout_tokens", "epochs", "seed")
+META_FLOAT = ("keep", "sparsity", "recall")
+
+
+def _parse_meta(md: dict[str, str] | None, path: Path) -> dict[str, Any]:
+    md = md or {}
+    if md.get("format") != FORMAT:
+        raise StoreError(f"not a predictors file (metadata format {md.get('format')!r:.40}, expected {FORMAT!r})", path)
+    if md.get("version") != str(VERSION):
+        raise StoreError(f"unknown predictors version {md.get('version')!r:.20} (this llmflash reads {VERSION}): "
+                         "run `llmflash calibrate` again", path)
+    out: dict[str, Any] = {"label": md.get("label", "")}
+    for k in META_INT:
+        if k in md:
+            try:
+                out[k] = int(md[k])
+            except ValueError:
+                raise StoreError(f"metadata {k} = {md[k]!r:.40} is not an integer", path) from None
+    for k in META_FLOAT:
+        try:
+            out[k] = float(md[k])
+        except (KeyError, ValueError):
+            raise StoreError(f"metadata {k} = {md.get(k)!r:.40} is not a number", path) from None
+    if not 0.0 < out["recall"] <= 1.0:
+        raise StoreError(f"metadata recall = {out['recall']} is not in (0, 1]", path)
+    if out["label"] not in ("relu", "magnitude"):
+        raise StoreError(f"metadata label = {out['label']!r:.40} (expected 'relu' or 'magnitude')", path)
+    return out
+
+
+def read_predictors(path: str | os.PathLike[str], config: ModelConfig,
+                    dtype: torch.dtype | None = None) -> Predictors:
+    """Open and validate a predictors file against `config` (every name, shape and dtype; finite
+    values; metadata). Any problem is a StoreError naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError("no predictors file: run `llmflash calibrate STORE` first", path)
+    size = path.stat().st_size
+    if size > MAX_PREDICTORS_BYTES:
+        raise StoreError(f"predictors file is {size} bytes, over the {MAX_PREDICTORS_BYTES} cap", path)
+    L, D = config.n_layers, config.dim
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = _parse_meta(f.metadata(), path)
+            names = set(f.keys())
+            want = {"thresholds", "label_thresholds", "pos_quantiles", "neg_quantiles", "pos_rate"}
+            for i in range(L):
+                want |= {f"layers.{i}.{a}.{b}" for a in ("in", "out") for b in ("weight", "bias")}
+            missing, extra = sorted(want - names), sorted(names - want)
+            if missing:
+                raise StoreError(f"missing tensors {missing[:4]}{' ...' if len(missing) > 4 else ''} "
+                                 f"(a predictors file for {L} layers)", path)
+            if extra:
+                raise StoreError(f"unexpected tensors {extra[:4]}", path)
+            t = {name: f.get_tensor(name) for name in sorted(want)}
+    except SafetensorError as e:
+        raise StoreError(f"cannot read predictors: {e}", path) from None
+    except (OSError, ValueError, RuntimeError) as e:
+        raise StoreError(f"cannot read predictors: {e}", path) from None
+
+    def check(name: str, shape: tuple[int, ...]) -> Tensor:
+        v = t[name]
+        if tuple(v.shape) != shape:
+            raise StoreError(f"{name} has shape {tuple(v.shape)}, expected {shape}", path)
+        if v.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise StoreError(f"{name} has dtype {v.dtype}, expected a float type", path)
+        if not bool(torch.isfinite(v).all()):
+            raise StoreError(f"{name} holds non-finite values", path)
+        return v
+
+    layers = []
+    for i in range(L):
+        n = config.ffn_dims[i]
+        w = t[f"layers.{i}.in.weight"]
+        if w.dim() != 2 or not 1 <= w.shape[0] <= max(D, n):
+            raise StoreError(f"layers.{i}.in.weight has shape {tuple(w.shape)}, expected (R, {D}) with "
+                             f"1 <= R <= {max(D, n)}", path)
+        R = w.shape[0]
+        in_w = check(f"layers.{i}.in.weight", (R, D))
+        layers.append(LayerPredictor(
+            in_w.to(dtype) if dtype is not None else in_w, check(f"layers.{i}.in.bias", (R,)).float(),
+            check(f"layers.{i}.out.weight", (n, R)).to(dtype or in_w.dtype),
+            check(f"layers.{i}.out.bias", (n,)).float()))
+    thresholds = check("thresholds", (L,)).float()
+    label_thresholds = check("label_thresholds", (L,)).float()
+    pos_q = check("pos_quantiles", (L, QUANTILES)).float()
+    neg_q = check("neg_quantiles", (L, QUANTILES)).float()
+    pos_rate = check("pos_rate", (L,)).float()
+    if bool((pos_q.diff(dim=1) < 0).any()) or bool((neg_q.diff(dim=1) < 0).any()):
+        raise StoreError("pos_quantiles / neg_quantiles are not increasing", path)
+    if bool(((pos_rate < 0) | (pos_rate > 1)).any()):
+        raise StoreError("pos_rate is outside [0, 1]", path)
+    return Predictors(layers, thresholds.tolist(), pos_q, neg_q, pos_rate, label_thresholds, meta, path)
+
+
+def load_predictors(store: Store | str | os.PathLike[str], recall: float | None = None) -> Predictors:
+    """The store's calibrated predictors as a wanted-set source; `recall` re-chooses every
+    layer's threshold for that target recall (from the held-out quantiles in the file)."""
+    if not isinstance(store, Store):
+        store = Store(store)
+    p = read_predictors(store.path / PREDICTORS, store.config, dtype=store.dtype)
+    entry = store.manifest.get("predictors")
+    if entry is not None:
+        size = (store.path / PREDICTORS).stat().st_size
+        if not isinstance(entry, dict) or entry.get("bytes") != size:
+            raise StoreError(f"the manifest's predictors entry does not match the file ({size} bytes): "
+                             "replaced or half-written; run `llmflash calibrate` again", store.path / PREDICTORS)
+    return p.with_recall(recall) if recall is not None else p

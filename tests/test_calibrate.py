@@ -1,0 +1,151 @@
+"""`llmflash calibrate` and `llmflash eval` end to end on tiny random-weight stores (converted
+from transformers models): the predictors file and manifest entry, determinism, the flash
+strategy driven by the predictors, and the eval report."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmflash.cli import main
+from llmflash.errors import StoreError
+from llmflash.predictor import load_predictors
+from llmflash.store import PREDICTORS, Store
+
+from conftest import VOCAB, tiny_tokenizer_json
+
+
+def words(n: int, seed: int) -> str:
+    """Text for the word-level test tokenizer: a random walk over t0..t127 (some structure)."""
+    rng = random.Random(seed)
+    t, out = 3, []
+    for _ in range(n):
+        t = (t + rng.choice((1, 1, 2, 5, -3, 17))) % VOCAB
+        out.append(f"t{t}")
+    return " ".join(out)
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("text")
+    (d / "calib.txt").write_text(words(1500, 0))
+    (d / "eval.txt").write_text(words(200, 1))
+    return d / "calib.txt", d / "eval.txt"
+
+
+def calibrate_args(store: Path, text: Path, *extra: str) -> list[str]:
+    return ["calibrate", str(store), "--text", str(text), "--tokens", "1200", "--rank", "16", "--epochs", "4",
+            "--chunk", "100", "--batch", "64", "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def llama_store(hf_llama, convert_to, texts, tmp_path_factory) -> Path:
+    store = convert_to(hf_llama.path, dtype="float32")
+    assert main(calibrate_args(store, texts[0], "--recall", "0.99")) == 0
+    return store
+
+
+def test_calibrate_writes_file_and_manifest(llama_store):
+    path = llama_store / PREDICTORS
+    assert path.is_file()
+    entry = json.loads((llama_store / "manifest.json").read_text())["predictors"]
+    assert entry["file"] == PREDICTORS and entry["bytes"] == path.stat().st_size
+    assert entry["rank"] == 16 and entry["recall"] == 0.99 and entry["tokens"] == 1200 and entry["label"] == "magnitude"
+    assert 0.9 <= entry["expected"]["recall"] <= 1.0
+    assert not [p for p in llama_store.iterdir() if p.name.startswith(".")]   # no temporary files left
+    store = Store(llama_store)                                           # the store still validates
+    p = load_predictors(store)
+    assert len(p.layers) == store.config.n_layers and p.meta["tokens"] == 1200
+    assert p.layers[0].in_w.shape == (16, store.config.dim)
+    assert p.layers[0].out_w.shape == (store.config.ffn_dims[0], 16)
+
+
+def test_calibrate_is_deterministic(llama_store, texts, tmp_path):
+    other = tmp_path / "again.llmflash"
+    shutil.copytree(llama_store, other)
+    (other / PREDICTORS).unlink()
+    assert main(calibrate_args(other, texts[0], "--recall", "0.99")) == 0
+    a, b = _contents(other / PREDICTORS), _contents(llama_store / PREDICTORS)
+    assert a[1] == b[1] and a[0].keys() == b[0].keys()                # metadata (the header's order varies)
+    assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+
+
+def _contents(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+
+
+def test_flash_with_predictors_close_to_dense(llama_store, texts):
+    from llmflash.api import FlashModel
+
+    tok = Store(llama_store).tokenizer()
+    ids = tok.encode(texts[1].read_text()).ids[:40]
+    dense = FlashModel.open(llama_store, strategy="dense").logits(ids)
+    flash = FlashModel.open(llama_store, strategy="flash", memory="1x", window=4, sparsity="predictor:1.0")
+    got = torch.cat([_decode(flash, ids)])
+    err = (got - dense).abs().max() / dense.abs().max()
+    assert err < 0.05, float(err)
+    assert flash.ffn.stats()["bytes_read"] > 0
+    # a low recall names fewer neurons and drifts further from dense
+    low = FlashModel.open(llama_store, strategy="flash", memory="1x", window=0, sparsity="predictor:0.3")
+    assert (_decode(low, ids) - dense).abs().max() / dense.abs().max() > err
+
+
+def _decode(model, ids: list[int]) -> torch.Tensor:
+    """Logits token by token through the KV cache (the flash caches are per-token state)."""
+    m = model.model
+    cache = m.new_cache(len(ids))
+    with torch.inference_mode():
+        return torch.cat([m.forward(torch.tensor([t]), cache) for t in ids])
+
+
+def test_eval_json(llama_store, texts, capsys):
+    assert main(["eval", str(llama_store), "--text", str(texts[1]), "--tokens", "48", "--memory", "1x",
+                 "--memory", "0.9x", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["tokens"] == 48 and r["window"] == 4
+    assert r["dense"]["ppl"] > 1 and r["predictor_only"]["ppl"] > 1
+    assert [f["memory"] for f in r["flash"]] == ["1x", "0.9x"]
+    for f in r["flash"]:
+        assert f["ppl"] > 1 and 0 < f["wanted_share"] <= 1 and f["read_share"] > 0
+    assert len(r["layers"]) == 2
+    for L in r["layers"]:
+        assert 0 <= L["recall"] <= 1 and 0 <= L["precision"] <= 1
+    assert 0.9 <= r["predictor"]["recall"] <= 1.0
+
+
+def test_eval_table(llama_store, texts, capsys):
+    assert main(["eval", str(llama_store), "--text", str(texts[1]), "--tokens", "24", "--memory", "1x",
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "predictor only" in out and "flash 1x" in out and "precision" in out
+
+
+def test_relu_model_calibrates(hf_opt, convert_to, texts):
+    store = convert_to(hf_opt.path, dtype="float32")
+    (store / "tokenizer.json").write_text(tiny_tokenizer_json())
+    assert main(["calibrate", str(store), "--text", str(texts[0]), "--tokens", "300", "--rank", "8",
+                 "--epochs", "1", "--chunk", "60", "--quiet"]) == 0
+    p = load_predictors(store)
+    assert p.meta["label"] == "relu" and p.label_thresholds.tolist() == [0.0, 0.0]
+
+
+def test_cli_errors(tmp_path, llama_store, texts, capsys):
+    assert main(["calibrate", str(tmp_path / "nothing")]) == 2
+    assert "no such store" in capsys.readouterr().err
+    assert main(["calibrate", str(llama_store), "--text", str(tmp_path / "missing.txt")]) == 2
+    assert main(["calibrate", str(llama_store), "--text", str(texts[0]), "--sparsity", "1.5"]) == 2
+    bare = tmp_path / "bare.llmflash"
+    shutil.copytree(llama_store, bare)
+    (bare / PREDICTORS).unlink()
+    assert main(["eval", str(bare), "--text", str(texts[1]), "--tokens", "8"]) == 2
+    assert "llmflash calibrate" in capsys.readouterr().err
+    with pytest.raises(StoreError):
+        load_predictors(bare)
