@@ -17,6 +17,7 @@ make the result closer to dense, at no I/O cost. With every neuron wanted, flash
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ from torch import Tensor
 from ..budget import CachePlan, parse_memory, plan_caches
 from ..io import AlignedBuf, NeuronCache, Reader, as_tensor
 from ..sparsity import AllNeurons, Oracle, WantedSource
-from ..store import RESIDENT, Store, split_bundles
+from ..store import PREDICTORS, RESIDENT, Store, split_bundles
 from .base import bundle_ffn
 
 SCRATCH_NEURONS = 1024    # overflow chunk: rows streamed at a time when a layer's cache is full
@@ -57,7 +58,7 @@ class FlashFFN:
     name = "flash"
 
     def __init__(self, store: Store, memory: str | int | float | None = None, window: int = 4,
-                 sparsity: str | WantedSource = "oracle", profile: Any = None, concurrency: int = 32,
+                 sparsity: str | WantedSource | None = None, profile: Any = None, concurrency: int = 32,
                  overlap: bool = True):
         from ..profile_disk import load_profile
 
@@ -75,6 +76,13 @@ class FlashFFN:
                                     scratch_neurons=min(SCRATCH_NEURONS, max_n), store_name=str(store.path))
         self.profile = profile if profile is not None else load_profile()
         self.reader = Reader(store.ffn_path, concurrency=concurrency)
+        if sparsity is None:
+            # The calibrated predictors when the store has them; else the oracle (an upper bound
+            # that holds the full FFN outside the budget: `llmflash calibrate` to deploy).
+            sparsity = "predictor" if (store.path / PREDICTORS).is_file() else "oracle"
+            if sparsity == "oracle":
+                warnings.warn(f"{store.path}: no predictors (run `llmflash calibrate`); using the oracle, "
+                              "which keeps the full FFN in DRAM outside the memory budget", stacklevel=3)
         self.source = make_source(sparsity, store)
         self.window = window
         self.overlap = overlap      # False: read, then compute (to measure what the overlap gains)
