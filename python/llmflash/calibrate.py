@@ -255,7 +255,8 @@ def main(argv: Sequence[str]) -> int:
                    help="SwiGLU/GELU labels: share of (token, neuron) pairs labelled inactive by the per-layer "
                         "|act| threshold; ReLU models ignore it (act > 0). Default %(default)s")
     p.add_argument("--recall", type=float, default=DEFAULTS["recall"],
-                   help="target recall of the per-layer thresholds on held-out tokens (default %(default)s)")
+                   help="target recall of the per-layer thresholds on held-out tokens (default %(default)s: "
+                        "SmolLM2 needs about 0.99 to stay within 3%% of dense perplexity)")
     p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="training passes (default %(default)s)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--chunk", type=int, default=DEFAULTS["chunk"], help="tokens per dense pass (default %(default)s)")
