@@ -63,9 +63,20 @@ class FlashFFN:
         from ..profile_disk import load_profile
 
         self.store, self.config = store, store.config
+        if sparsity is None:
+            # The calibrated predictors when the store has them; else the oracle (an upper bound
+            # that holds the full FFN outside the budget: `llmflash calibrate` to deploy).
+            sparsity = "predictor" if (store.path / PREDICTORS).is_file() else "oracle"
+            if sparsity == "oracle":
+                warnings.warn(f"{store.path}: no predictors (run `llmflash calibrate`); using the oracle, "
+                              "which keeps the full FFN in DRAM outside the memory budget", stacklevel=3)
+        self.source = make_source(sparsity, store)
         resident, ffn = model_bytes(store)
         self.model_bytes = resident + ffn
         budget = parse_memory(memory, self.model_bytes) if memory is not None else self.model_bytes
+        # The predictors stay in DRAM too: inside the budget (the oracle is a measurement aid
+        # outside it, as documented).
+        resident += int(getattr(self.source, "nbytes", lambda: 0)())
         bb = store.layers[0].bundle_bytes
         max_n = max(L.n_neurons for L in store.layers)
         self.plan: CachePlan = plan_caches(budget, resident, [L.n_neurons for L in store.layers], bb,
@@ -76,14 +87,6 @@ class FlashFFN:
                                     scratch_neurons=min(SCRATCH_NEURONS, max_n), store_name=str(store.path))
         self.profile = profile if profile is not None else load_profile()
         self.reader = Reader(store.ffn_path, concurrency=concurrency)
-        if sparsity is None:
-            # The calibrated predictors when the store has them; else the oracle (an upper bound
-            # that holds the full FFN outside the budget: `llmflash calibrate` to deploy).
-            sparsity = "predictor" if (store.path / PREDICTORS).is_file() else "oracle"
-            if sparsity == "oracle":
-                warnings.warn(f"{store.path}: no predictors (run `llmflash calibrate`); using the oracle, "
-                              "which keeps the full FFN in DRAM outside the memory budget", stacklevel=3)
-        self.source = make_source(sparsity, store)
         self.window = window
         self.overlap = overlap      # False: read, then compute (to measure what the overlap gains)
         self.caches: list[NeuronCache] = []
