@@ -42,10 +42,9 @@ class FlashModel:
         "all", concurrency=32). Left out, it is "flash" when flash options are given, else "dense"."""
         if strategy is None:
             strategy = "flash" if options else "dense"
-        if path is None:
-            from .defaults import ensure_default_store
-            path = ensure_default_store()
-        store = Store(path)
+        from .defaults import store_or_default
+
+        store = Store(store_or_default(path))
         return cls(store, strategy, make_ffn(strategy, store, **options))
 
     # -- tokens ---------------------------------------------------------------------------------

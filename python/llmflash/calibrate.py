@@ -39,7 +39,8 @@ from .errors import LlmflashError, StoreError
 from .models.layers import linear
 from .predictor import (TrainResult, activations, label_kind, labels, pack_bits, save_predictors,
                         threshold_for_recall)
-from .store import MANIFEST, PREDICTORS, Store
+from .defaults import store_or_default
+from .store import MANIFEST, PREDICTORS, Store, replace_file
 
 THRESHOLD_TOKENS = 1024         # the label thresholds come from |act| over the first 1024 tokens
 CALIBRATION_CHARS = 360_000      # pydoc topics text [0, 360000) calibrates; eval reads from here on
@@ -231,15 +232,7 @@ def _write_manifest_entry(store: Store, entry: dict[str, Any]) -> None:
     except (OSError, ValueError) as e:
         raise StoreError(f"cannot reread the manifest: {e}", mpath) from None
     m["predictors"] = entry
-    tmp = store.path / f".{MANIFEST}.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(json.dumps(m, indent=1))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, mpath)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    replace_file(mpath, lambda tmp: tmp.write_text(json.dumps(m, indent=1)))
 
 
 def main(argv: Sequence[str]) -> int:
@@ -266,10 +259,7 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(list(argv))
-    path = a.store
-    if path is None:
-        from .defaults import ensure_default_store
-        path = ensure_default_store()
+    path = store_or_default(a.store)
     texts = None
     if a.text:
         texts = []

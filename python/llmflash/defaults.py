@@ -122,3 +122,8 @@ class _Lock:
     def __exit__(self, *exc: object) -> None:
         assert self.f is not None
         self.f.close()                              # closing releases the lock
+
+
+def store_or_default(path: str | os.PathLike[str] | None) -> str | os.PathLike[str] | Path:
+    """`path` itself, or, when None, the embedded default model's store (converted once)."""
+    return ensure_default_store() if path is None else path

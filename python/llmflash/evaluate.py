@@ -34,6 +34,7 @@ from torch import Tensor
 from .errors import LlmflashError
 from .models.layers import linear
 from .predictor import Predictors, activations, label_kind, labels
+from .defaults import store_or_default
 from .store import Store
 
 
@@ -242,10 +243,7 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(list(argv))
-    path = a.store
-    if path is None:
-        from .defaults import ensure_default_store
-        path = ensure_default_store()
+    path = store_or_default(a.store)
     text = None
     if a.text:
         try:

@@ -65,7 +65,7 @@ from torch import Tensor
 from .errors import StoreError
 from .models.config import ModelConfig
 from .models.layers import UPCAST_ROWS, linear
-from .store import PREDICTORS, Store
+from .store import PREDICTORS, Store, replace_file
 
 FORMAT = "llmflash-predictors"
 VERSION = 1
@@ -341,15 +341,7 @@ def save_predictors(path: str | os.PathLike[str], results: list[TrainResult], re
     tensors["pos_rate"] = torch.tensor([r.pos_rate for r in results], dtype=torch.float32)
     md = {"format": FORMAT, "version": str(VERSION), "recall": repr(float(recall))}
     md.update({k: str(v) for k, v in meta.items()})
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        save_file(tensors, str(tmp), metadata=md)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    replace_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=md))
     return path
 
 

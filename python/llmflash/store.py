@@ -29,7 +29,7 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -55,6 +55,20 @@ DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
 }
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+def replace_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Write `path` atomically: `write(tmp)` fills a hidden sibling, which is fsynced and then
+    renamed over `path`; on any failure the sibling is removed and `path` is untouched."""
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def align_up(n: int, a: int = ALIGN) -> int:
