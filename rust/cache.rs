@@ -8,8 +8,9 @@
 //! 2. evicts every live neuron not wanted in the last `window` steps (`step - last > window`);
 //! 3. when the missing neurons do not fit, evicts live neurons not wanted at this step, least
 //!    recently wanted first (ties: lower neuron id first), only as many as needed;
-//! 4. appends the missing neurons that fit (in the caller's order, so the caller may sort them
-//!    by priority) and returns the rest as `overflow` for the caller to stream itself;
+//! 4. appends the missing neurons that fit (chosen in the caller's order, so the caller may
+//!    sort them by priority; placed in store order) and returns the rest as `overflow` for the
+//!    caller to stream itself;
 //! 5. plans the appended neurons' reads (the planner picks exact bundles, bridged runs or the
 //!    whole region by the disk profile) and starts them in the background.
 //!
@@ -45,9 +46,10 @@
 //! never while bundle bytes move. (The result receiver sits in a Mutex only to make the cache
 //! `Sync`; the owner reaches it through `Mutex::get_mut`, which never locks.)
 //!
-//! Staging: reads land in a staging buffer (direct I/O reads whole pages, and bundles are not
-//! page-sized), taken from a [`StagingPool`] shared by all caches so that transient memory is
-//! bounded by the reads in flight, not by the number of layers (30 layers each keeping a
+//! Staging: when bundles are whole pages (OPT-6.7B: 16 KiB), a request that holds only wanted
+//! bundles reads straight into its rows (no copy). Other reads land in a staging buffer (direct
+//! I/O reads whole pages, and sub-page bundles or bridged gaps are not rows), taken from a
+//! [`StagingPool`] shared by all caches so that transient memory is bounded by the reads in flight, not by the number of layers (30 layers each keeping a
 //! whole-region buffer would hold the entire FFN in DRAM and defeat the memory budget).
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -57,7 +59,7 @@ use std::time::Instant;
 
 use crate::aligned::AlignedBuf;
 use crate::error::{Error, Result};
-use crate::planner::{plan, Plan, PlanOptions, Region, Request};
+use crate::planner::{plan, Plan, PlanOptions, Region};
 use crate::profile::Profile;
 use crate::reader::{RawOp, Reader};
 pub use crate::staging::StagingPool;
@@ -113,6 +115,7 @@ struct Counters {
     evicted_capacity: AtomicU64,
     bytes_read: AtomicU64,
     bytes_useful: AtomicU64,
+    bytes_direct: AtomicU64,
     requests: AtomicU64,
     failed_fills: AtomicU64,
     io_ns: AtomicU64,
@@ -135,6 +138,8 @@ pub struct CacheStats {
     /// Bytes read from disk for this layer (fills and `read_neurons`), of which wanted bundles.
     pub bytes_read: u64,
     pub bytes_useful: u64,
+    /// Of bytes_read, those read straight into rows (no staging copy).
+    pub bytes_direct: u64,
     /// Read requests issued.
     pub requests: u64,
     /// Fills that failed (their neurons were dropped from the index).
@@ -149,7 +154,7 @@ pub struct CacheStats {
 
 impl CacheStats {
     /// (name, value) pairs in a fixed order (the Python dict's keys).
-    pub fn fields(&self) -> [(&'static str, u64); 13] {
+    pub fn fields(&self) -> [(&'static str, u64); 14] {
         [
             ("admissions", self.admissions),
             ("hits", self.hits),
@@ -159,6 +164,7 @@ impl CacheStats {
             ("evicted_capacity", self.evicted_capacity),
             ("bytes_read", self.bytes_read),
             ("bytes_useful", self.bytes_useful),
+            ("bytes_direct", self.bytes_direct),
             ("requests", self.requests),
             ("failed_fills", self.failed_fills),
             ("io_ns", self.io_ns),
@@ -188,13 +194,36 @@ struct Shared {
     counters: Counters,
 }
 
+/// Where one read of a fill lands.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Target {
+    /// At this offset of the fill's staging buffer (then copied into rows).
+    Staging(usize),
+    /// Straight into rows starting at this one (page-multiple bundles read with no gap).
+    Row(usize),
+}
+
+/// One read of a fill.
+#[derive(Debug, Clone, Copy)]
+struct FillOp {
+    offset: u64,
+    len: usize,
+    target: Target,
+}
+
 /// One admission's reads, handed to the filler.
 struct Fill {
     epoch: u64,
-    requests: Vec<Request>,
+    ops: Vec<FillOp>,
+    /// Staging bytes the `Target::Staging` reads need (0: none).
+    staging_bytes: usize,
+    /// Rows this fill writes: `[first_row, end_row)`.
+    first_row: usize,
+    end_row: usize,
+    requests: usize,
     buffer_bytes: u64,
     useful_bytes: u64,
-    /// (offset in staging, row) for every appended neuron.
+    /// (offset in staging, row) for every appended neuron read through staging.
     copies: Vec<(usize, usize)>,
 }
 
@@ -210,7 +239,8 @@ struct Filler {
     results: Mutex<Receiver<FillResult>>,
 }
 
-/// Run a fill: read its plan into staging, then copy each bundle into its row.
+/// Run a fill: read its plan (into rows directly where it can, else into staging), then copy
+/// each staged bundle into its row.
 fn run_fill(shared: &Shared, fill: Fill) -> FillResult {
     let epoch = fill.epoch;
     let finish = |error: Option<Error>| {
@@ -220,45 +250,72 @@ fn run_fill(shared: &Shared, fill: Fill) -> FillResult {
         shared.done_epoch.store(epoch, Ordering::Release);
         FillResult { epoch, error }
     };
-    let staging = match shared.staging.take(fill.buffer_bytes as usize) {
-        Ok(b) => b,
-        Err(e) => return finish(Some(e)),
+    let staging = if fill.staging_bytes > 0 {
+        match shared.staging.take(fill.staging_bytes) {
+            Ok(b) => Some(b),
+            Err(e) => return finish(Some(e)),
+        }
+    } else {
+        None
     };
-    let base = staging.as_mut_ptr();
+    let bb = shared.bundle_bytes;
+    let rows = shared.slots.as_mut_ptr();
     let ops: Vec<RawOp> = fill
-        .requests
+        .ops
         .iter()
-        // SAFETY: the planner places requests back to back in [0, buffer_bytes), and staging
-        // holds at least buffer_bytes: every pointer stays inside the allocation.
-        .map(|r| RawOp { file_offset: r.offset, len: r.len as usize, dest: unsafe { base.add(r.dest_offset as usize) } })
+        .map(|op| {
+            let dest = match (op.target, &staging) {
+                // SAFETY: `begin` placed staged reads back to back in [0, staging_bytes), and
+                // staging holds at least staging_bytes: the pointer stays inside the allocation.
+                (Target::Staging(at), Some(b)) => unsafe { b.as_mut_ptr().add(at) },
+                // SAFETY: `begin` checked row*bb + len <= end_row*bb <= capacity*bb, the size
+                // of the slot matrix (kept alive by `shared`): the pointer stays inside it.
+                (Target::Row(row), _) => unsafe { rows.add(row * bb) },
+                (Target::Staging(_), None) => std::ptr::null_mut(), // unreachable: staging_bytes > 0
+            };
+            RawOp { file_offset: op.offset, len: op.len, dest }
+        })
         .collect();
+    if ops.iter().any(|o| o.dest.is_null()) {
+        return finish(Some(Error::invalid("cache fill staged a read without a staging buffer")));
+    }
     let t0 = Instant::now();
-    // SAFETY: the destinations are disjoint ranges of `staging`, which this function owns (taken
-    // from the pool, not shared) and keeps alive until after read_raw has returned, i.e. after
-    // every worker has finished writing.
+    // SAFETY: the destinations are disjoint: staged ones are distinct ranges of `staging`, which
+    // this function owns (taken from the pool, not shared); direct ones are distinct rows in
+    // [first_row, end_row), which belong to this fill until the owner receives its result
+    // (module comment), so nobody else reads or writes them. Both stay alive until read_raw has
+    // returned, i.e. after every worker has finished writing.
     let r = unsafe { shared.reader.read_raw(&ops) };
     add(&shared.counters.io_ns, ns_since(t0));
     if let Err(e) = r {
-        shared.staging.give(staging);
+        if let Some(b) = staging {
+            shared.staging.give(b);
+        }
         return finish(Some(e));
     }
     let t1 = Instant::now();
-    let bb = shared.bundle_bytes;
-    let dst = shared.slots.as_mut_ptr();
-    for &(at, row) in &fill.copies {
-        // SAFETY: `at + bb <= buffer_bytes <= staging.len()` and `row < capacity` were checked
-        // in `begin`; staging is ours and the workers are done with it; rows `[ready, total)`
-        // belong to this fill until the owner receives its result (module comment), so nobody
-        // else reads or writes `dst[row*bb..]` meanwhile; `shared` (held by the caller through
-        // an Arc) keeps the slot matrix alive. Staging and slots are distinct allocations.
-        unsafe { std::ptr::copy_nonoverlapping(staging.as_ptr().add(at), dst.add(row * bb), bb) };
+    if let Some(b) = &staging {
+        for &(at, row) in &fill.copies {
+            // SAFETY: `at + bb <= staging_bytes <= staging.len()` and `row < capacity` were
+            // checked in `begin`; staging is ours and the workers are done with it; rows
+            // `[first_row, end_row)` belong to this fill until the owner receives its result
+            // (module comment), so nobody else reads or writes `rows[row*bb..]` meanwhile;
+            // `shared` keeps the slot matrix alive. Staging and slots are distinct allocations.
+            unsafe { std::ptr::copy_nonoverlapping(b.as_ptr().add(at), rows.add(row * bb), bb) };
+        }
+    }
+    for row in fill.first_row..fill.end_row {
         shared.state[row].store(READY, Ordering::Release);
     }
     add(&shared.counters.mgmt_ns, ns_since(t1));
-    shared.staging.give(staging);
+    if let Some(b) = staging {
+        shared.staging.give(b);
+    }
     add(&shared.counters.bytes_read, fill.buffer_bytes);
     add(&shared.counters.bytes_useful, fill.useful_bytes);
-    add(&shared.counters.requests, fill.requests.len() as u64);
+    let direct: usize = fill.ops.iter().filter(|o| matches!(o.target, Target::Row(_))).map(|o| o.len).sum();
+    add(&shared.counters.bytes_direct, direct as u64);
+    add(&shared.counters.requests, fill.requests as u64);
     shared.reader.stats().add_useful(fill.useful_bytes);
     finish(None)
 }
@@ -459,6 +516,7 @@ impl NeuronCache {
             evicted_capacity: l(&c.evicted_capacity),
             bytes_read: l(&c.bytes_read),
             bytes_useful: l(&c.bytes_useful),
+            bytes_direct: l(&c.bytes_direct),
             requests: l(&c.requests),
             failed_fills: l(&c.failed_fills),
             io_ns: l(&c.io_ns),
@@ -471,7 +529,7 @@ impl NeuronCache {
         let c = &self.shared.counters;
         for a in [
             &c.admissions, &c.hits, &c.misses, &c.overflow, &c.evicted_window, &c.evicted_capacity,
-            &c.bytes_read, &c.bytes_useful, &c.requests, &c.failed_fills, &c.io_ns, &c.wait_ns, &c.mgmt_ns,
+            &c.bytes_read, &c.bytes_useful, &c.bytes_direct, &c.requests, &c.failed_fills, &c.io_ns, &c.wait_ns, &c.mgmt_ns,
         ] {
             a.store(0, Ordering::Relaxed);
         }
@@ -689,9 +747,11 @@ impl NeuronCache {
 
         // 5. Plan the appended neurons and start their reads.
         let p = plan(append, &self.region, &self.profile, &self.opts)?;
-        let copies = self.copies(&p, append, ready_rows)?;
-        for (i, &j) in append.iter().enumerate() {
-            let row = ready_rows + i;
+        let fill = self.fill_for(serial, &p, ready_rows)?;
+        // Rows follow the plan's (sorted) neuron order, so a run of neighbouring bundles can be
+        // read into neighbouring rows in one request.
+        for (k, &j) in p.neurons.iter().enumerate() {
+            let row = ready_rows + k;
             self.neuron_of[row] = j;
             self.slot_of[j as usize] = row as u32;
             self.shared.state[row].store(FILLING, Ordering::Relaxed);
@@ -703,13 +763,6 @@ impl NeuronCache {
         adm.requests = p.requests.len();
         adm.whole_region = p.whole_region;
         adm.est_seconds = p.est_seconds;
-        let fill = Fill {
-            epoch: serial,
-            buffer_bytes: p.buffer_bytes,
-            useful_bytes: p.useful_bytes,
-            requests: p.requests,
-            copies,
-        };
         add(&self.shared.counters.mgmt_ns, ns_since(t0));
         self.pending = Some(serial);
         if background && self.start_filler() {
@@ -736,22 +789,67 @@ impl NeuronCache {
         Ok(adm)
     }
 
-    /// (staging offset, row) for each appended neuron, bounds-checked.
-    fn copies(&self, p: &Plan, append: &[u32], first_row: usize) -> Result<Vec<(usize, usize)>> {
+    /// The reads of plan `p` for rows `[first_row, first_row + p.neurons.len())` (neuron
+    /// `p.neurons[k]` -> row `first_row + k`), bounds-checked. When bundles are whole pages,
+    /// a request that holds only wanted bundles (no bridged gap) reads straight into its rows;
+    /// every other request (sub-page bundles, bridged gaps, the whole region) lands in staging
+    /// and its wanted bundles are copied into their rows.
+    fn fill_for(&self, epoch: u64, p: &Plan, first_row: usize) -> Result<Fill> {
         let bb = self.shared.bundle_bytes as u64;
-        append
-            .iter()
-            .enumerate()
-            .map(|(i, j)| {
-                let k = p.neurons.binary_search(j).map_err(|_| Error::invalid(format!("plan lacks neuron {j}")))?;
-                let at = p.landing[k];
-                let inside = matches!(at.checked_add(bb), Some(e) if e <= p.buffer_bytes);
-                if !inside || first_row + i >= self.capacity {
-                    return Err(Error::invalid(format!("plan lands neuron {j} at {at}, outside its {} bytes", p.buffer_bytes)));
+        let end_row = first_row + p.neurons.len();
+        if end_row > self.capacity || p.landing.len() != p.neurons.len() || p.request_index.len() != p.neurons.len() {
+            return Err(Error::invalid(format!("plan of {} neurons does not fit rows {first_row}..{}", p.neurons.len(), self.capacity)));
+        }
+        let align = crate::aligned::ALIGN as u64;
+        let pages = bb % align == 0 && self.region.offset % align == 0;
+        let mut ops = Vec::with_capacity(p.requests.len());
+        let mut copies = Vec::new();
+        let mut staged = 0u64;
+        let mut k = 0;
+        for (q, r) in p.requests.iter().enumerate() {
+            let k0 = k;
+            while k < p.neurons.len() && p.request_index[k] as usize == q {
+                k += 1;
+            }
+            let group = &p.neurons[k0..k];
+            let first = group.first().map(|&j| self.region.offset + j as u64 * bb);
+            let direct = pages
+                && first == Some(r.offset)
+                && r.len == group.len() as u64 * bb
+                && group.last().map(|&l| (l - group[0]) as usize + 1) == Some(group.len());
+            if direct {
+                ops.push(FillOp { offset: r.offset, len: r.len as usize, target: Target::Row(first_row + k0) });
+                continue;
+            }
+            ops.push(FillOp { offset: r.offset, len: r.len as usize, target: Target::Staging(staged as usize) });
+            // A bundle may run on into the next request (a run split at max_request_bytes); that
+            // one starts mid-bundle, so it is staged too, right after this one.
+            for i in k0..k {
+                match p.landing[i].checked_sub(r.dest_offset) {
+                    Some(d) => copies.push((d + staged, first_row + i)),
+                    None => return Err(Error::invalid(format!("plan lands neuron {} before request {q}", p.neurons[i]))),
                 }
-                Ok((at as usize, first_row + i))
-            })
-            .collect()
+            }
+            staged += r.len;
+        }
+        if k != p.neurons.len() {
+            return Err(Error::invalid(format!("plan places {} of {} neurons in its requests", k, p.neurons.len())));
+        }
+        if let Some(&(at, _)) = copies.iter().find(|&&(at, _)| at + bb > staged) {
+            return Err(Error::invalid(format!("plan lands a bundle at {at}, outside its {staged} staged bytes")));
+        }
+        let copies = copies.into_iter().map(|(at, row)| (at as usize, row)).collect();
+        Ok(Fill {
+            epoch,
+            ops,
+            staging_bytes: staged as usize,
+            first_row,
+            end_row,
+            requests: p.requests.len(),
+            buffer_bytes: p.buffer_bytes,
+            useful_bytes: p.useful_bytes,
+            copies,
+        })
     }
 
     /// Start the fill thread once; false if fills must run inline.

@@ -142,7 +142,7 @@ fn overflow_and_read_neurons() {
     let s = Store::new(50, 3456);
     let mut c = s.cache(3, 0);
     let a = c.admit(&[5, 1, 9, 2, 7, 1], 0).unwrap();
-    assert_eq!(c.slot_neurons(), [5, 1, 9]);
+    assert_eq!(c.slot_neurons(), [1, 5, 9], "the first three fit, placed in store order");
     assert_eq!(a.overflow, [2, 7]);
     check(&c, &s);
     let bb = 3456;
@@ -175,7 +175,7 @@ fn duplicates_and_out_of_range() {
     let mut c = s.cache(16, 2);
     let a = c.admit(&[3, 3, 1, 3, 1], 0).unwrap();
     assert_eq!((a.hits, a.misses(), a.bytes_useful), (0, 2, 2 * 4096));
-    assert_eq!(c.slot_neurons(), [3, 1]);
+    assert_eq!(c.slot_neurons(), [1, 3]);
     let before = (c.slot_neurons().to_vec(), c.stats());
     let e = c.admit(&[2, 16], 1).unwrap_err();
     assert!(matches!(e, Error::Invalid { .. }) && e.to_string().contains("16"), "{e}");
@@ -316,7 +316,7 @@ proptest! {
     #[test]
     fn random_sequences_follow_the_rules(
         n in 1u32..160,
-        bb in prop_oneof![Just(100u64), Just(3456), Just(4096), 1u64..9000],
+        bb in prop_oneof![Just(100u64), Just(3456), Just(4096), Just(8192), Just(16384), 1u64..9000],
         cap_frac in 0.0f64..=1.0,
         window in prop_oneof![Just(0u32), 1u32..5, Just(u32::MAX)],
         steps in proptest::collection::vec((proptest::collection::vec(any::<u32>(), 0..40), any::<bool>(), 0u64..3), 1..12),
@@ -340,7 +340,10 @@ proptest! {
             };
             let (hits, appended, overflow, ew, ec) = model.step(&wanted, step, window, cap);
             prop_assert_eq!(a.hits, hits);
-            prop_assert_eq!(&c.slot_neurons()[a.ready_rows..a.total_rows], &appended[..]);
+            // Appended rows follow store order (so neighbouring bundles can share a request).
+            let mut sorted = appended.clone();
+            sorted.sort_unstable();
+            prop_assert_eq!(&c.slot_neurons()[a.ready_rows..a.total_rows], &sorted[..]);
             prop_assert_eq!(&a.overflow, &overflow);
             prop_assert_eq!((a.evicted_window, a.evicted_capacity), (ew, ec));
             prop_assert_eq!(live_set(&c), model.live.keys().copied().collect::<Vec<u32>>());
@@ -352,6 +355,16 @@ proptest! {
             prop_assert_eq!(after.bytes_useful - before.bytes_useful, appended.len() as u64 * bb);
             prop_assert_eq!(after.requests - before.requests, p.requests.len() as u64);
             prop_assert_eq!(a.bytes_read, p.buffer_bytes);
+            // Page-multiple bundles read straight into rows unless a request bridges a gap;
+            // other bundles always go through staging.
+            let direct = after.bytes_direct - before.bytes_direct;
+            if bb % PAGE != 0 {
+                prop_assert_eq!(direct, 0);
+            } else if p.buffer_bytes == p.useful_bytes {
+                prop_assert_eq!(direct, p.buffer_bytes);
+            } else {
+                prop_assert!(direct < p.buffer_bytes);
+            }
             // Overflow streams through read_neurons with the file's bytes.
             if !overflow.is_empty() {
                 let mut dest = vec![0u8; overflow.len() * bb as usize];
@@ -381,4 +394,27 @@ fn check_rows(c: &NeuronCache, s: &Store, ready: usize) {
 fn a_cache_can_move_between_threads_and_be_shared() {
     fn send_sync<T: Send + Sync>() {}
     send_sync::<NeuronCache>();
+}
+
+#[test]
+fn page_bundles_read_straight_into_rows() {
+    let s = Store::new(32, 2 * PAGE);
+    let mut c = s.cache(32, 4);
+    c.admit(&[9, 1, 2, 3, 20], 0).unwrap();
+    assert_eq!(c.slot_neurons(), [1, 2, 3, 9, 20]);
+    let st = c.stats();
+    assert_eq!((st.bytes_direct, st.bytes_read), (5 * 2 * PAGE, 5 * 2 * PAGE));
+    check(&c, &s);
+}
+
+#[test]
+fn bundles_split_across_requests_are_staged_whole() {
+    // 3456-byte bundles in requests capped at one page: a bundle runs on into the next request.
+    let s = Store::new(40, 3456);
+    let opts = PlanOptions { concurrency: 4, max_request_bytes: PAGE, ..Default::default() };
+    let mut c = NeuronCache::new(s.reader(), s.region, 40, 2, Profile::default(), opts, None).unwrap();
+    let wanted: Vec<u32> = (0..40).step_by(3).chain(10..20).collect();
+    c.admit(&wanted, 0).unwrap();
+    assert_eq!(c.stats().bytes_direct, 0);
+    check(&c, &s);
 }

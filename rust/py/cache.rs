@@ -297,7 +297,7 @@ impl PyNeuronCache {
     }
 
     /// Counters: admissions, hits, misses, overflow, evicted_window, evicted_capacity,
-    /// bytes_read, bytes_useful, requests, failed_fills, io_ns, wait_ns, mgmt_ns.
+    /// bytes_read, bytes_useful, bytes_direct, requests, failed_fills, io_ns, wait_ns, mgmt_ns.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         for (k, v) in self.cache.stats().fields() {
