@@ -1,5 +1,6 @@
 """Property: whatever the layer shapes and dtype, a neuron written by StoreWriter comes back from
-Store.read_layer + split_bundles with exactly its gate row, up row, down column and bias; every
+Store.read_layer + split_bundles with exactly its gate row, up row and down column, and its fc1
+bias (OPT) from Store.up_biases; a bundle is exactly its 2 or 3 rows (no bias inside); every
 layer region starts on a 4 KiB boundary; and the bundle-view FFN equals the dense FFN."""
 
 from __future__ import annotations
@@ -46,17 +47,25 @@ def test_every_neuron_round_trips(layout):
     for n in config.ffn_dims:
         d = config.dim
         layers.append({"up": torch.randn(n, d, generator=g).to(t), "down": torch.randn(d, n, generator=g).to(t),
-                       "gate": torch.randn(n, d, generator=g).to(t) if config.gated else None,
-                       "bias": torch.randn(n, generator=g).to(t) if config.ffn_bias else None})
+                       "gate": torch.randn(n, d, generator=g).to(t) if config.gated else None})
+    resident = {k: torch.randn(s, generator=g).to(t) for k, s in expected_resident(config).items()}
     with tempfile.TemporaryDirectory() as tmp:
         dst = Path(tmp) / "s.llmflash"
         with StoreWriter(dst, config, dtype) as w:
-            w.write_resident({k: torch.randn(s, generator=g) for k, s in expected_resident(config).items()})
+            w.write_resident(resident)
             for i, L in enumerate(layers):
                 w.write_layer(i, **L)
         store = Store(dst)
         assert store.dtype == t
+        biases = store.up_biases()
         for i, L in enumerate(layers):
+            assert store.layers[i].bundle_bytes == (3 if config.gated else 2) * config.dim * t.itemsize
+            b = biases[i]
+            if config.ffn_bias:
+                assert b is not None and b.dtype == torch.float32
+                assert torch.equal(b, resident[f"layers.{i}.ffn.up_bias"].float())
+            else:
+                assert b is None
             region = store.layers[i]
             assert region.offset % ALIGN == 0 and region.region_bytes % ALIGN == 0
             bundles = store.read_layer(i)
@@ -67,13 +76,10 @@ def test_every_neuron_round_trips(layout):
                 assert torch.equal(parts["down"][j], L["down"][:, j])
                 if config.gated:
                     assert torch.equal(parts["gate"][j], L["gate"][j])
-                if config.ffn_bias:
-                    assert torch.equal(parts["bias"][j], L["bias"][j])
             assert torch.equal(parts["up"], L["up"]) and torch.equal(parts["down"], L["down"].t())
             # The FFN computed on strided bundle views equals the dense strategy's.
             x = torch.randn(3, config.dim, generator=g).to(t)
             dense = DenseFFN(store)(i, x).float()
-            views = bundle_ffn(x, parts["up"], parts["down"], parts.get("gate"), parts.get("bias"),
-                               config.act).float()
+            views = bundle_ffn(x, parts["up"], parts["down"], parts.get("gate"), b, config.act).float()
             assert torch.allclose(views, dense, rtol=2e-2, atol=2e-2 * (1 + dense.abs().max().item()))
         assert store.ffn_path.stat().st_size == store.layers[-1].offset + store.layers[-1].region_bytes

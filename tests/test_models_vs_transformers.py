@@ -70,6 +70,20 @@ def test_greedy_with_kv_cache_matches_generate(pair):
     assert greedy(model, ids.tolist(), STEPS) == ref_tokens
 
 
+def test_ffn_bundle_layout(pair):
+    """A bundle is gate + up + down rows (SwiGLU) or up + down (OPT: 2 * dim values, whole pages at
+    OPT's widths); OPT's fc1 bias is the resident up_bias, in store order (identity here)."""
+    hf, _, store = pair
+    c = store.config
+    assert all(L.bundle_bytes == (3 if c.gated else 2) * c.dim * 4 for L in store.layers)
+    biases = store.up_biases()
+    if not c.ffn_bias:
+        assert biases == [None] * c.n_layers
+        return
+    for i, b in enumerate(biases):
+        assert torch.equal(b, hf.model.model.decoder.layers[i].fc1.bias.detach().float())
+
+
 def test_chunked_prefill_equals_one_pass(pair):
     """Feeding the prompt in pieces through the cache gives the logits of one pass."""
     _, model, _ = pair
@@ -87,6 +101,8 @@ def test_half_precision_close(name, dtype, make_hf, convert_to):
     hf = make_hf(name, kind, **kw)
     model, store = load_dense(convert_to(hf.path, dtype))
     assert store.dtype_name == dtype and model.dtype == getattr(torch, dtype)
+    c = store.config
+    assert store.layers[0].bundle_bytes == (3 if c.gated else 2) * c.dim * 2    # no bias in the bundle
     ids = prompt()
     ours = model.forward(ids, model.new_cache(PROMPT_LEN))
     with torch.no_grad():

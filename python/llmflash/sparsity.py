@@ -40,8 +40,11 @@ class _FullActivations:
     def __init__(self, store: Store):
         self.config = store.config
         self.weights = []
+        biases = store.up_biases()                           # (n,) float32 per layer, store order
         for i, L in enumerate(store.layers):
             parts = split_bundles(store.read_layer(i).float(), store.config)
+            if biases[i] is not None:
+                parts["bias"] = biases[i]
             if L.order is not None:                          # back to original neuron ids
                 inv = torch.empty(L.n_neurons, dtype=torch.long)
                 inv[torch.tensor(L.order)] = torch.arange(L.n_neurons)

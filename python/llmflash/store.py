@@ -1,8 +1,8 @@
 """The llmflash store: a folder that holds one converted model.
 
     manifest.json           format/version, ModelConfig, dtype, per-layer FFN regions (below)
-    resident.safetensors    what stays in DRAM: embeddings, attention, norms, LM head
-                            (canonical names: llmflash.models.config)
+    resident.safetensors    what stays in DRAM: embeddings, attention, norms, LM head, OPT's
+                            fc1/fc2 biases (canonical names: llmflash.models.config)
     ffn.bin                 per layer, its neurons as row-column bundles
     tokenizer.json          the tokenizer (`tokenizers` format), when the source had one
     predictors.safetensors  per-layer sparsity predictors, once calibrated
@@ -14,9 +14,17 @@ when `order` is null) and holds, in the store dtype, little-endian:
     gate  (dim values)   row j of gate_proj.weight     (SwiGLU models only)
     up    (dim values)   row j of up_proj / fc1.weight
     down  (dim values)   column j of down_proj / fc2.weight
-    bias  (1 value)      fc1.bias[j]                    (OPT only)
 so one contiguous read brings everything neuron j contributes. `crc32` (zlib's CRC-32) covers
 the `n_neurons * bundle_bytes` payload bytes of the region.
+
+OPT's fc1 bias (one value per neuron) is not in the bundle: it is the resident tensor
+`layers.{i}.ffn.up_bias` (n_i,), in store order like the bundles (entry j is neuron order[j]'s),
+so a bundle is 2 * dim values: whole 4 KiB pages at OPT's widths (OPT-6.7B float16: 16,384 B,
+4 pages; with the 2-byte bias inside, a 16,386 B bundle spanned 5 pages for direct I/O).
+
+Versions: 2 is this layout. Version 1 kept the fc1 bias as the bundle's last value; for models
+without an FFN bias (Llama, OpenELM: everything but OPT) the two are identical, so version-1
+stores of those open as they are; a version-1 store with an FFN bias must be converted again.
 
 Every manifest is treated as hostile: sizes are capped, arithmetic is checked against the real
 file sizes, and every problem is a StoreError naming the file and the field.
@@ -38,7 +46,8 @@ from .errors import StoreError
 from .models.config import ModelConfig
 
 FORMAT = "llmflash-store"
-VERSION = 1
+VERSION = 2
+V1 = 1            # read when the config has no FFN bias (same layout; see above)
 ALIGN = 4096
 MANIFEST = "manifest.json"
 RESIDENT = "resident.safetensors"
@@ -140,6 +149,7 @@ def expected_resident(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             want[p + "attn.q_norm.weight"] = (c.head_dim,)
             want[p + "attn.k_norm.weight"] = (c.head_dim,)
         if c.ffn_bias:
+            want[p + "ffn.up_bias"] = (c.ffn_dims[i],)
             want[p + "ffn.down_bias"] = (d,)
     if c.final_norm:
         want["norm.weight"] = (d,)
@@ -189,9 +199,10 @@ class Store:
     def _validate(self, m: dict[str, Any], mpath: Path) -> None:
         if m.get("format") != FORMAT:
             raise StoreError(f"format is {m.get('format')!r:.40}, expected {FORMAT!r}", mpath)
-        if m.get("version") != VERSION:
+        version = m.get("version")
+        if version not in (V1, VERSION) or isinstance(version, bool):
             raise StoreError(
-                f"unknown format version {m.get('version')!r:.20} (this llmflash reads version {VERSION}); "
+                f"unknown format version {version!r:.20} (this llmflash reads versions {V1} and {VERSION}); "
                 "re-run `llmflash convert` or upgrade llmflash", mpath)
         dtype = m.get("dtype")
         if dtype not in DTYPES:
@@ -206,6 +217,11 @@ class Store:
             self.config.validate()
         except (TypeError, ValueError) as e:
             raise StoreError(f"bad config: {e}", mpath) from None
+        if version == V1 and self.config.ffn_bias:
+            raise StoreError(
+                f"format version {V1} store of a model with an FFN bias: the bundle layout changed in "
+                f"version {VERSION} (the fc1 bias moved from ffn.bin's bundles to resident.safetensors); "
+                "re-run `llmflash convert` on the source model", mpath)
         ffn_path = self.path / FFN
         ffn_size = ffn_path.stat().st_size
         declared = _int(m.get("ffn_bytes"), "ffn_bytes", mpath)
@@ -281,6 +297,31 @@ class Store:
                 raise StoreError(f"{name} has shape {tuple(tensors[name].shape)}, expected {shape}", rpath)
         return tensors
 
+    def up_biases(self) -> list[torch.Tensor | None]:
+        """Per layer, the fc1 bias (n_i,) float32 in store order (entry j is bundle j's neuron,
+        order[j]); None per layer when the config has no FFN bias. Reads only these tensors of
+        resident.safetensors (memory-mapped), so an FFN strategy can hold them beside the model."""
+        if not self.config.ffn_bias:
+            return [None] * self.config.n_layers
+        from safetensors import SafetensorError, safe_open
+
+        rpath = self.path / RESIDENT
+        out: list[torch.Tensor | None] = []
+        try:
+            with safe_open(str(rpath), framework="pt") as f:
+                names = set(f.keys())
+                for i, n in enumerate(self.config.ffn_dims):
+                    name = f"layers.{i}.ffn.up_bias"
+                    if name not in names:
+                        raise StoreError(f"missing tensor {name}", rpath)
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if shape != (n,):
+                        raise StoreError(f"{name} has shape {shape}, expected {(n,)}", rpath)
+                    out.append(f.get_tensor(name).float())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise StoreError(f"cannot read resident weights: {e}", rpath) from None
+        return out
+
     def read_layer(self, i: int, verify: bool = True) -> torch.Tensor:
         """Layer i's bundles, (n_neurons, bundle_values) in the store dtype, read whole (buffered)."""
         L = self.layers[i]
@@ -311,9 +352,10 @@ class Store:
 
 
 def split_bundles(bundles: torch.Tensor, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Views of a (n, bundle_values) bundle matrix as gate/up/down (n, dim) and bias (n,)."""
+    """Views of a (n, bundle_values) bundle matrix as gate (gated models), up and down, (n, dim)
+    each. (OPT's fc1 bias is resident: Store.up_biases.)"""
     out, col = {}, 0
     for name, k in config.bundle_fields:
-        out[name] = bundles[:, col:col + k] if k > 1 else bundles[:, col]
+        out[name] = bundles[:, col:col + k]
         col += k
     return out

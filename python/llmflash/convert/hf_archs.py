@@ -194,7 +194,7 @@ def _opt(hf: HFConfig, ck: Checkpoint, folder: Path) -> Plan:
                 r[q + f"attn.{x}.bias"] = ck.get(p + f"self_attn.{src}_proj.bias")
         ffn = {"up": ck.get(p + "fc1.weight"), "down": ck.get(p + "fc2.weight")}
         if bias:
-            ffn["bias"] = ck.get(p + "fc1.bias")
+            r[q + "ffn.up_bias"] = ck.get(p + "fc1.bias")                # resident, store order = source
             r[q + "ffn.down_bias"] = ck.get(p + "fc2.bias")
         return r, ffn
 

@@ -1,10 +1,12 @@
 """StoreWriter: writes a store atomically (a temporary sibling folder, renamed when complete).
 
 Converters hand it the canonical resident tensors and, layer by layer, the FFN matrices in
-Hugging Face layout; it bundles neuron i's gate row, up row, down column (and fc1 bias) into
-one contiguous record (llmflash.store documents the format), pads each layer's region to 4 KiB
-and records a CRC-32 per region. An interrupted conversion leaves only the temporary folder,
-which is removed on the way out (and ignored, never read, if the process was killed).
+Hugging Face layout; it bundles neuron i's gate row, up row and down column into one contiguous
+record (llmflash.store documents the format), pads each layer's region to 4 KiB and records a
+CRC-32 per region. OPT's fc1 bias is not in the bundle: converters pass it with the resident
+tensors (layers.{i}.ffn.up_bias, in source order, which is the order the bundles are written).
+An interrupted conversion leaves only the temporary folder, which is removed on the way out
+(and ignored, never read, if the process was killed).
 """
 
 from __future__ import annotations
@@ -74,19 +76,19 @@ class StoreWriter:
             out[name] = t.detach().to(self.dtype).contiguous()
         save_file(out, str(self.tmp / S.RESIDENT), metadata={"format": S.FORMAT})
 
-    def write_layer(self, i: int, up: torch.Tensor, down: torch.Tensor, gate: torch.Tensor | None = None,
-                    bias: torch.Tensor | None = None) -> None:
-        """Layer i's FFN in HF layout: gate/up (n, dim), down (dim, n), bias (n,). In order."""
+    def write_layer(self, i: int, up: torch.Tensor, down: torch.Tensor, gate: torch.Tensor | None = None) -> None:
+        """Layer i's FFN in HF layout: gate/up (n, dim), down (dim, n). In order. (An fc1 bias
+        goes to write_resident as layers.{i}.ffn.up_bias.)"""
         if i != sum(x is not None for x in self.layers):
             raise ConvertError(f"layers must be written in order (got {i})")
         c, n = self.config, self.config.ffn_dims[i]
-        parts = {"gate": gate, "up": up, "down": None if down is None else down.t(), "bias": bias}
+        parts = {"gate": gate, "up": up, "down": None if down is None else down.t()}
         cols = []
         for name, k in c.bundle_fields:
             t = parts[name]
             if t is None:
                 raise ConvertError(f"layer {i}: missing FFN tensor {name!r}")
-            t = t.detach().reshape(n, k) if k == 1 else t.detach()
+            t = t.detach()
             if tuple(t.shape) != (n, k):
                 raise ConvertError(f"layer {i}: FFN {name} has shape {tuple(t.shape)}, expected {(n, k)}")
             cols.append(t.to(self.dtype))

@@ -18,7 +18,9 @@ Canonical tensor names in `resident.safetensors` (what the model code expects):
     layers.{i}.attn.q_norm.weight     (hd,)    OpenELM
     layers.{i}.attn.k_norm.weight     (hd,)    OpenELM
     layers.{i}.ffn_norm.weight/.bias  (D,)
-    layers.{i}.ffn.down_bias          (D,)     OPT fc2 bias (the per-neuron fc1 bias is in ffn.bin)
+    layers.{i}.ffn.up_bias            (n_i,)   OPT fc1 bias, in store order: entry j belongs to
+                                               bundle j of ffn.bin (neuron layers[i].order[j])
+    layers.{i}.ffn.down_bias          (D,)     OPT fc2 bias
     norm.weight/.bias                 (D,)     final norm, when final_norm
     lm_head.weight                    (V, E)   only when not tie_embeddings
 The FFN weights live in `ffn.bin` as bundles (see llmflash.store).
@@ -51,7 +53,7 @@ class ModelConfig:
     rope_theta: float | None = 10000.0   # None: no RoPE (OPT's learned positions)
     rope_scaling: dict[str, Any] | None = None
     attn_bias: bool = False      # q/k/v/o biases
-    ffn_bias: bool = False       # fc1 bias per neuron (in the bundle) and fc2 bias (resident)
+    ffn_bias: bool = False       # fc1 bias (resident, per neuron, in store order) and fc2 bias (resident)
     qk_norm: bool = False        # RMSNorm over head_dim on q and k before RoPE (OpenELM)
     pre_norm: bool = True        # OPT do_layer_norm_before
     final_norm: bool = True
@@ -107,12 +109,11 @@ class ModelConfig:
 
     @property
     def bundle_fields(self) -> list[tuple[str, int]]:
-        """Layout of one neuron's bundle in ffn.bin, in values: [(name, length), ...]."""
+        """Layout of one neuron's bundle in ffn.bin, in values: [(name, length), ...]. No fc1
+        bias: it stays resident (layers.{i}.ffn.up_bias), so a bundle is whole pages at
+        power-of-two widths (OPT-6.7B float16: 16,384 B = 4 pages, not 16,386 B over 5)."""
         fields = [("gate", self.dim)] if self.gated else []
-        fields += [("up", self.dim), ("down", self.dim)]
-        if self.ffn_bias:
-            fields.append(("bias", 1))
-        return fields
+        return fields + [("up", self.dim), ("down", self.dim)]
 
     @property
     def bundle_values(self) -> int:

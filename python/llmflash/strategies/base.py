@@ -7,9 +7,11 @@ An FFN strategy maps a layer's FFN input x (T, D) to
     act_i(x) = act(x . gate_i) * (x . up_i)               gated (SwiGLU: Llama, OpenELM)
              = act(x . up_i + bias_i)                     plain (OPT: fc1 with its bias)
 
-where gate_i, up_i, down_i (D,) are neuron i's bundle fields. OPT's fc2 bias is not a neuron's:
-the transformer adds it from the resident weights. A strategy that admits only some neurons
-returns the same sum over those; with every neuron admitted it must equal `dense`.
+where gate_i, up_i, down_i (D,) are neuron i's bundle fields and bias_i its fc1 bias, which is
+resident (Store.up_biases, in store order like the bundles): a strategy gathers the entries of
+the rows it computes on. OPT's fc2 bias is not a neuron's: the transformer adds it from the
+resident weights. A strategy that admits only some neurons returns the same sum over those;
+with every neuron admitted it must equal `dense`.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ class FFN(Protocol):
 
 def bundle_ffn(x: Tensor, up: Tensor, down: Tensor, gate: Tensor | None = None,
                bias: Tensor | None = None, act: str = "silu") -> Tensor:
-    """The FFN over a set of neurons given as rows: x (T, D); up, gate, down (n, D); bias (n,).
-    Returns (T, D) float32.
+    """The FFN over a set of neurons given as rows: x (T, D); up, gate, down (n, D); bias (n,)
+    the rows' fc1 biases (float32, resident, gathered for these rows). Returns (T, D) float32.
 
     The rows may be strided views into a bundle matrix (store.split_bundles): `linear` reads
     gate/up in place with the bundle length as row stride (and upcasts for many rows). For

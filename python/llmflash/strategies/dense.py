@@ -27,13 +27,12 @@ class DenseFFN:
         self.act = ACTIVATIONS[c.act]
         self.w1: list[Tensor] = []            # (2n, D) gate rows then up rows, or (n, D) up rows
         self.w2: list[Tensor] = []            # (D, n)  down_proj / fc2 as in Hugging Face
-        self.b1: list[Tensor | None] = []     # (n,)    fc1 bias (OPT), float32
+        self.b1: list[Tensor | None] = store.up_biases()   # (n,) fc1 bias (OPT), float32, store order
         for i in range(c.n_layers):
             parts = split_bundles(store.read_layer(i, verify=True), c)
             rows = [parts["gate"], parts["up"]] if c.gated else [parts["up"]]
             self.w1.append(torch.cat(rows, dim=0).contiguous())
             self.w2.append(parts["down"].t().contiguous())
-            self.b1.append(parts["bias"].float() if "bias" in parts else None)
 
     def __call__(self, layer: int, x: Tensor) -> Tensor:
         """x (T, D) -> (T, D) float32."""

@@ -9,6 +9,10 @@
      the rows just read; neurons beyond the layer's capacity stream through one shared scratch
      buffer in chunks.
 
+OPT's fc1 bias is resident (Store.up_biases, store order), not in the bundles: each row's bias is
+gathered by the row's store position, from the cache's row -> position map for cache rows and
+from the overflow ids for scratch rows.
+
 The FFN runs on every live row, which is the wanted set plus neurons kept by the window: for ReLU
 models the extra rows are exactly what dense would compute for them; for SwiGLU models they
 make the result closer to dense, at no I/O cost. With every neuron wanted, flash equals dense.
@@ -85,6 +89,9 @@ class FlashFFN:
             # Some layer can overflow: reserve the shared scratch area inside the budget.
             self.plan = plan_caches(budget, resident, [L.n_neurons for L in store.layers], bb,
                                     scratch_neurons=min(SCRATCH_NEURONS, max_n), store_name=str(store.path))
+        # OPT's fc1 biases, float32 (n,) per layer in store order: 4 B a neuron (2 MB for
+        # OPT-6.7B), counted in the budget at the resident file's store-dtype size.
+        self.b1: list[Tensor | None] = store.up_biases()
         self.profile = profile if profile is not None else load_profile()
         self.reader = Reader(store.ffn_path, concurrency=concurrency)
         self.window = window
@@ -115,9 +122,10 @@ class FlashFFN:
         n = rows * self.config.bundle_values
         return as_tensor(buf, self.store.dtype)[:n].view(rows, self.config.bundle_values)
 
-    def _ffn_rows(self, x: Tensor, rows: Tensor) -> Tensor:
+    def _ffn_rows(self, x: Tensor, rows: Tensor, bias: Tensor | None) -> Tensor:
+        """The FFN over bundle rows (n, bundle_values) with their fc1 biases (n,) (OPT) or None."""
         p = split_bundles(rows, self.config)
-        return bundle_ffn(x, p["up"], p["down"], p.get("gate"), p.get("bias"), self.config.act)
+        return bundle_ffn(x, p["up"], p["down"], p.get("gate"), bias, self.config.act)
 
     def __call__(self, layer: int, x: Tensor) -> Tensor:
         """x (T, D) -> (T, D): the FFN over the layer's live neurons and this token's wanted set."""
@@ -136,22 +144,28 @@ class FlashFFN:
         x = x.to(rows.dtype)
         y = torch.zeros(x.shape[0], self.config.dim, dtype=torch.float32)
         t2 = time.perf_counter()
-        if adm.ready_rows:                            # overlap: compute on hits while reads run
-            y += self._ffn_rows(x, rows[:adm.ready_rows])
+        # OPT: the rows' fc1 biases, by store position. begin has set the row -> position map
+        # for rows [0, total_rows) (reads may be pending); an index into a (n,) vector.
+        b1 = self.b1[layer]
+        bias = None if b1 is None else b1[torch.from_numpy(cache.slot_neurons())]
+        r, n = adm.ready_rows, adm.total_rows
+        if r:                                         # overlap: compute on hits while reads run
+            y += self._ffn_rows(x, rows[:r], None if bias is None else bias[:r])
         t3 = time.perf_counter()
         cache.wait()
         t4 = time.perf_counter()
-        if adm.total_rows > adm.ready_rows:
-            y += self._ffn_rows(x, rows[adm.ready_rows:adm.total_rows])
+        if n > r:
+            y += self._ffn_rows(x, rows[r:n], None if bias is None else bias[r:n])
         t5 = time.perf_counter()
         io, compute = (t2 - t1) + (t4 - t3), (t3 - t2) + (t5 - t4)
         overflow = np.asarray(adm.overflow, dtype=np.uint32)
         for start in range(0, len(overflow), self.scratch_rows.shape[0] or 1):
             chunk = overflow[start:start + self.scratch_rows.shape[0]]
             t6 = time.perf_counter()
-            n = cache.read_neurons(chunk, self.scratch)
+            k = cache.read_neurons(chunk, self.scratch)               # row i = chunk[i]
             t7 = time.perf_counter()
-            y += self._ffn_rows(x, self.scratch_rows[:n])
+            b = None if b1 is None else b1[torch.from_numpy(chunk[:k].astype(np.int64))]
+            y += self._ffn_rows(x, self.scratch_rows[:k], b)
             io, compute = io + (t7 - t6), compute + (time.perf_counter() - t7)
         # Time blocked on the cache (begin, wait, overflow reads) is I/O except the memory
         # management done meanwhile (eviction, staging -> slot copies), which stats() reports

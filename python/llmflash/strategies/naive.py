@@ -29,6 +29,7 @@ class NaiveFFN:
         self.reader = Reader(store.ffn_path, concurrency=concurrency)
         self.buf = AlignedBuf(max(L.region_bytes for L in store.layers))
         self.bytes_view = as_tensor(self.buf)                               # (bytes,) uint8, zero-copy
+        self.b1 = store.up_biases()                                         # (n,) float32 fc1 bias (OPT)
         self.io_s = self.compute_s = 0.0
         self.bytes_read = 0
 
@@ -46,7 +47,7 @@ class NaiveFFN:
         bundles = self._read(layer)
         t1 = time.perf_counter()
         p = split_bundles(bundles, self.config)
-        y = bundle_ffn(x.to(bundles.dtype), p["up"], p["down"], p.get("gate"), p.get("bias"), self.config.act)
+        y = bundle_ffn(x.to(bundles.dtype), p["up"], p["down"], p.get("gate"), self.b1[layer], self.config.act)
         self.io_s += t1 - t0
         self.compute_s += time.perf_counter() - t1
         return y
