@@ -19,6 +19,12 @@ from llmflash.models.config import ModelConfig
 from llmflash.store import Store, expected_resident
 
 
+def opt_config() -> ModelConfig:
+    """A plain ReLU FFN with fc1/fc2 biases, like OPT."""
+    return tiny_config(arch="opt", gated=False, act="relu", ffn_bias=True, norm="layer", attn_bias=True,
+                       n_kv_heads=[4, 4], rope_theta=None, learned_pos=True, pos_offset=2)
+
+
 def tiny_config(**kw) -> ModelConfig:
     base = dict(arch="llama", vocab_size=64, dim=32, n_layers=2, head_dim=8, n_heads=[4, 4],
                 n_kv_heads=[2, 2], ffn_dims=[48, 40], max_positions=128, eos_token_ids=[1])
@@ -124,6 +130,8 @@ def test_checksum_mismatch(store):
 
 @pytest.mark.parametrize("mutate,match", [
     (lambda m: m.update(version=99), "unknown format version 99"),
+    (lambda m: m.update(version=True), "unknown format version True"),
+    (lambda m: m.update(version="2"), "unknown format version '2'"),
     (lambda m: m.update(format="other"), "format"),
     (lambda m: m.update(dtype="int3"), "dtype"),
     (lambda m: m["config"].update(arch="gpt_neox"), "unsupported architecture 'gpt_neox'"),
@@ -147,6 +155,49 @@ def test_hostile_manifest(store, mutate, match):
     with pytest.raises(StoreError, match=match) as e:
         Store(store)
     assert "manifest.json" in str(e.value) or "ffn.bin" in str(e.value)
+
+
+def test_version_1_store_without_ffn_bias_opens(store):
+    """Version 1 differs from 2 only in OPT's bundles (the fc1 bias moved out of them), so a
+    version-1 store of a bias-free model (the users' converted SmolLM2) opens as it is."""
+    edit_manifest(store, lambda m: m.update(version=1))
+    s = Store(store)
+    assert s.manifest["version"] == 1 and not s.config.ffn_bias
+    assert s.read_layer(1).shape == (s.config.ffn_dims[1], 3 * s.config.dim)
+    assert set(s.resident()) == set(expected_resident(s.config))
+    assert s.up_biases() == [None, None]
+
+
+def test_version_1_store_with_ffn_bias_is_rejected(tmp_path):
+    """A version-1 OPT store kept the fc1 bias as the bundle's last value: convert it again."""
+    dst = write_store(tmp_path / "opt.llmflash", opt_config())
+    s = Store(dst)
+    assert s.layers[0].bundle_bytes == 2 * s.config.dim * 4          # up + down only
+    assert [tuple(b.shape) for b in s.up_biases()] == [(48,), (40,)]
+
+    def as_v1(m):                                                     # what version 1 wrote
+        m["version"] = 1
+        for L in m["layers"]:
+            L["fields"].append(["bias", 1])
+            L["bundle_bytes"] += 4
+    edit_manifest(dst, as_v1)
+    with pytest.raises(StoreError, match="bundle layout changed.*re-run `llmflash convert`") as e:
+        Store(dst)
+    assert str(dst / "manifest.json") in str(e.value)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda t: t.pop("layers.1.ffn.up_bias"), "missing tensor layers.1.ffn.up_bias"),
+    (lambda t: t.update({"layers.0.ffn.up_bias": torch.zeros(47)}), r"layers.0.ffn.up_bias has shape \(47,\)"),
+])
+def test_bad_up_bias(tmp_path, mutate, match):
+    from safetensors.torch import load_file, save_file
+    dst = write_store(tmp_path / "opt.llmflash", opt_config())
+    t = load_file(str(dst / "resident.safetensors"))
+    mutate(t)
+    save_file(t, str(dst / "resident.safetensors"))
+    with pytest.raises(StoreError, match="resident.safetensors.*" + match):
+        Store(dst).up_biases()
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"\xff\xfe"])
