@@ -15,6 +15,7 @@ import torch
 from llmflash.api import FlashModel
 from llmflash.budget import parse_memory, plan_caches
 from llmflash.errors import BudgetError
+from llmflash.store import Store
 from llmflash.strategies.flash import model_bytes
 
 PROMPT = [3, 17, 5, 99, 42, 7, 8, 64, 1, 23, 77, 12, 50, 31, 9, 4]
@@ -75,14 +76,62 @@ def test_flash_all_neurons_equals_dense(stores, arch, ffn_share):
 
 
 def test_relu_oracle_greedy_tokens_equal(stores):
+    """The ReLU oracle wants exactly the neurons with act > 0, and the other live rows (kept by
+    the window, moved about by evictions) contribute relu(<= 0) = 0 when computed with their own
+    fc1 bias: so flash's logits equal dense's, which checks the bias gathered for each row."""
     path = stores["opt"]
-    _, dense_tokens = decode_logits(FlashModel.open(path, strategy="dense"), PROMPT, 8)
+    dense, dense_tokens = decode_logits(FlashModel.open(path, strategy="dense"), PROMPT, 8)
     model = FlashModel.open(path, strategy="flash", memory=budget_for(path, 0.5), window=2, sparsity="oracle")
-    _, flash_tokens = decode_logits(model, PROMPT, 8)
+    flash, flash_tokens = decode_logits(model, PROMPT, 8)
     assert flash_tokens == dense_tokens
+    assert (flash - dense).abs().max().item() <= 1e-4
     s = model.stats()
     total = sum(model.config.ffn_dims) * (len(PROMPT) + 8)
     assert s["hits"] + s["misses"] + s["overflow"] < total      # ReLU sparsity: not every neuron read
+    assert s["evicted_window"] + s["evicted_capacity"] > 0      # rows moved: slot order != store order
+
+
+def permute_store(src: Path, dst: Path, seed: int = 0) -> Path:
+    """A copy of `src` that keeps each layer's neurons in a random order (the manifest's `order`:
+    bundle j is neuron order[j]), its bundles and resident fc1 biases permuted alike."""
+    import json
+    import shutil
+    import zlib
+
+    from safetensors.torch import load_file, save_file
+
+    from llmflash.store import Store
+
+    shutil.copytree(src, dst)
+    s, g = Store(src), torch.Generator().manual_seed(seed)
+    m = json.loads((dst / "manifest.json").read_text())
+    resident = load_file(str(dst / "resident.safetensors"))
+    with open(dst / "ffn.bin", "r+b") as f:
+        for i, L in enumerate(s.layers):
+            order = torch.randperm(L.n_neurons, generator=g)
+            payload = s.read_layer(i)[order].contiguous().view(torch.uint8).numpy().tobytes()
+            f.seek(L.offset)
+            f.write(payload)
+            m["layers"][i].update(order=order.tolist(), crc32=zlib.crc32(payload))
+            name = f"layers.{i}.ffn.up_bias"
+            resident[name] = resident[name][order].contiguous()
+    save_file(resident, str(dst / "resident.safetensors"), metadata={"format": "llmflash-store"})
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+@pytest.mark.parametrize("strategy,ffn_share,sparsity", [
+    ("dense", None, None), ("naive", None, None), ("flash", 0.3, "all"), ("flash", 0.5, "oracle"),
+])
+def test_permuted_opt_store_equals_original(stores, tmp_path, strategy, ffn_share, sparsity):
+    """The resident fc1 bias is in store order, like the bundles: every strategy (and the oracle,
+    which names original ids) gives the unpermuted store's dense logits on a permuted store."""
+    path = permute_store(stores["opt"], tmp_path / "perm.llmflash")
+    assert Store(path).layers[0].order is not None
+    dense, dense_tokens = decode_logits(FlashModel.open(stores["opt"], strategy="dense"), PROMPT, 8)
+    options = {} if ffn_share is None else dict(memory=budget_for(path, ffn_share), window=2, sparsity=sparsity)
+    got, tokens = decode_logits(FlashModel.open(path, strategy=strategy, **options), PROMPT, 8)
+    assert (got - dense).abs().max().item() <= 1e-4 and tokens == dense_tokens
 
 
 def test_window_reads_less_than_no_window(stores):
