@@ -2,7 +2,7 @@
 wanted sets with the paper's OPT statistics (10% wanted, 2.4% new per token with a window of 5),
 memory = 50% of the model: per-token latency of naive vs flash, interleaved in one run.
 
-    python benches/make_opt_store.py --variant-16k         # once: 13.3 GB under /work/bench-data
+    python benches/make_opt_store.py                       # once: 13.3 GB under /work/bench-data
     python benches/bench_paper_scale.py --json bench-out/paper-scale.json --plot bench-out/paper-scale.png
 
 A token here is a whole decoder token of OPT-6.7B's shape: per layer LayerNorm, the q/k/v
@@ -16,8 +16,6 @@ resident file, to leave the disk to the FFN); the embedding lookup and LM head a
 Strategies (token by token, interleaved; the disk is shared and throttled, DESIGN §3):
   naive     NaiveFFN: each layer's whole region (268 MB) read with 1 MiB direct reads, dense FFN
   flash     FlashFFN(memory = 50% of the real model, window 5, the replay source)
-  flash-16k the same on `<store>-16k` (bundles of up + down only, 16,384 B: the fc1 bias kept
-            resident), when that store exists: what the bias's 2 bytes cost direct I/O
 Both FFNs compute with the same kernel (`--kernel`): `mv` (default; below) or `project`
 (strategies.base.bundle_ffn as it is). A short in-run microbenchmark compares the two on the
 caches' real rows. fio (`fio-randread`, 32 threads, 2 s) at 1 MiB and at flash's mean request
@@ -54,26 +52,27 @@ FIO = Path(os.environ.get("LLMFLASH_FIO", REPO.parent / "shared" / "tools" / "fi
 
 
 # -- the FFN kernel -----------------------------------------------------------------------------
-# Decode (one token) on bundle rows (n, up | down | bias): the down rows are (n, D) with the bundle
+# Decode (one token) on bundle rows (n, up | down): the down rows are (n, D) with the bundle
 # as row stride, so y = h @ down is a vector-matrix product in the "transposed" layout. torch's
 # float16 kernels for it are slow on this CPU, which is why bundle_ffn upcasts down to float32
 # first; at OPT scale that copy is the cost: 3,650 rows took 48 ms that way and 8.5 ms as
 # torch.mv(down.t(), h) in float16 (16,384 rows: 216 vs 58 ms), measured on the loaded machine.
-def ffn_rows_mv(x: Tensor, rows: Tensor, dim: int, bias: bool) -> Tensor:
-    """ReLU FFN over bundle rows for x (1, D) float16 -> (1, D) float32."""
+def ffn_rows_mv(x: Tensor, rows: Tensor, dim: int, bias: Tensor | None) -> Tensor:
+    """ReLU FFN over bundle rows for x (1, D) float16, their fc1 biases (n,) float32 or None
+    -> (1, D) float32."""
     up, down = rows[:, :dim], rows[:, dim:2 * dim]
     h = F.linear(x, up)                                                  # (1, n) float16
-    if bias:
-        h = h + rows[:, 2 * dim]
+    if bias is not None:
+        h = h + bias.to(h.dtype)
     h = torch.relu_(h)
     return torch.mv(down.t(), h[0]).float()[None]                       # (1, D)
 
 
 class MvFlash(FlashFFN):
-    def _ffn_rows(self, x: Tensor, rows: Tensor) -> Tensor:
+    def _ffn_rows(self, x: Tensor, rows: Tensor, bias: Tensor | None) -> Tensor:
         if x.shape[0] != 1:
-            return super()._ffn_rows(x, rows)
-        return ffn_rows_mv(x.to(rows.dtype), rows, self.config.dim, self.config.ffn_bias)
+            return super()._ffn_rows(x, rows, bias)
+        return ffn_rows_mv(x.to(rows.dtype), rows, self.config.dim, bias)
 
 
 class MvNaive(NaiveFFN):
@@ -81,7 +80,7 @@ class MvNaive(NaiveFFN):
         t0 = time.perf_counter()
         bundles = self._read(layer)
         t1 = time.perf_counter()
-        y = ffn_rows_mv(x.to(bundles.dtype), bundles, self.config.dim, self.config.ffn_bias)
+        y = ffn_rows_mv(x.to(bundles.dtype), bundles, self.config.dim, self.b1[layer])
         self.io_s += t1 - t0
         self.compute_s += time.perf_counter() - t1
         return y
@@ -165,7 +164,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=8, help="flash tokens before measuring (window fill)")
     ap.add_argument("--context", type=int, default=256, help="KV cache length for attention")
     ap.add_argument("--kernel", choices=("mv", "project"), default="mv")
-    ap.add_argument("--no-16k", action="store_true", help="skip the 16 KiB-bundle variant")
     ap.add_argument("--fio-seconds", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
@@ -190,9 +188,6 @@ def main(argv: list[str] | None = None) -> int:
     cap = strategies["flash"].plan.capacities[0]
     gen = stats(sets, P.n_neurons, a.window, capacity=cap, skip=a.warmup)
     print("generator (measured tokens): " + ", ".join(f"{k} {v:.4f}" for k, v in gen.items()), file=sys.stderr)
-    v16 = a.store.with_name(a.store.name + "-16k")
-    if not a.no_16k and v16.is_dir():
-        strategies["flash-16k"] = mk(Store(v16), memory=budget, window=a.window, sparsity=Replay(sets))
     naive = (MvNaive if a.kernel == "mv" else NaiveFFN)(store)
     attn = Attention(cfg.n_layers, cfg.dim, cfg.n_heads[0], a.context, a.seed)
     print(f"setup {time.perf_counter() - t0:.0f} s: caches {cap} neurons/layer "
@@ -260,20 +255,22 @@ def kernel_micro(flash: FlashFFN, naive: NaiveFFN, cfg) -> dict[str, float]:
     naive's last-read whole region, alternated 3 times, best of each."""
     x = torch.randn(1, cfg.dim).half()
     live = flash.caches[0].live
-    cases = {"flash_live_rows": flash.rows[0][:live],
-             "naive_region": naive.bytes_view[:naive.store.layers[-1].payload_bytes].view(torch.float16)
-             .view(cfg.ffn_dims[-1], -1)}
+    b_flash, b_naive = flash.b1[0], naive.b1[-1]
+    cases = {"flash_live_rows": (flash.rows[0][:live], None if b_flash is None else
+                                 b_flash[torch.from_numpy(flash.caches[0].slot_neurons())]),
+             "naive_region": (naive.bytes_view[:naive.store.layers[-1].payload_bytes].view(torch.float16)
+                              .view(cfg.ffn_dims[-1], -1), b_naive)}
     out: dict[str, float] = {"flash_live_rows_n": float(live)}
-    for name, rows in cases.items():
+    for name, (rows, bias) in cases.items():
         best = {"project": 1e9, "mv": 1e9}
         for _ in range(3):
             for k in best:
                 t0 = time.perf_counter()
                 if k == "project":
                     p = split_bundles(rows, cfg)
-                    bundle_ffn(x, p["up"], p["down"], None, p.get("bias"), cfg.act)
+                    bundle_ffn(x, p["up"], p["down"], None, bias, cfg.act)
                 else:
-                    ffn_rows_mv(x, rows, cfg.dim, cfg.ffn_bias)
+                    ffn_rows_mv(x, rows, cfg.dim, bias)
                 best[k] = min(best[k], (time.perf_counter() - t0) * 1e3)
         out.update({f"{name}_{k}": v for k, v in best.items()})
     return out

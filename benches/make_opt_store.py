@@ -1,26 +1,20 @@
 """Write an OPT-6.7B-shaped llmflash store with random weights, at the paper's scale (~13.3 GB).
 
-    python benches/make_opt_store.py [--out /work/bench-data/opt-6.7b-random.llmflash] [--variant-16k]
+    python benches/make_opt_store.py [--out /work/bench-data/opt-6.7b-random.llmflash]
 
 Everything has the real OPT-6.7B shape (facebook/opt-6.7b config.json): 32 layers, d = 4096,
 32 heads of 128, 16,384 ReLU neurons per layer, vocab 50,272 (tied LM head), 2,048 learned
 positions (+2), LayerNorm, q/k/v/o and fc biases, float16:
 
-    ffn.bin                32 x 16,384 bundles of up (4096) + down (4096) + fc1 bias (1) values
-                           = 16,386 B each: 8.59 GB, the part flash streams
-    resident.safetensors   embeddings, positions, attention (+ biases), norms, fc2 biases: 4.73 GB
+    ffn.bin                32 x 16,384 bundles of up (4096) + down (4096) values
+                           = 16,384 B each (4 pages): 8.59 GB, the part flash streams
+    resident.safetensors   embeddings, positions, attention (+ biases), norms, fc1 and fc2
+                           biases: 4.73 GB
 
 so `Store` opens it, `FlashFFN(memory="50%")` budgets against the real model size (13.32 GB),
 and the model could run whole. Values are random float16 of magnitude 2^-7..2^-6 with random
 signs (finite everywhere: the benchmark measures I/O and arithmetic, not text). They are made
 from raw 64-bit generator output with the exponent bits fixed, so writing runs at disk speed.
-
-`--variant-16k` adds a sibling store `<out>-16k` that shares both files (hard links) but
-declares the same regions as bundles of up + down only (16,384 B: the fc1 bias would live in
-resident memory, 1 MB for the model). Same bytes on disk, page-aligned bundles: it isolates
-what the 2-byte bias costs direct I/O (every 16,386 B bundle spans 5 pages, 20,480 B).
-Its resident file is the main store's (it still holds the fc2 biases and lacks the fc1 ones):
-`Store` opens it and FlashFFN budgets from its size, but `Store.resident()` would reject it.
 """
 
 from __future__ import annotations
@@ -38,18 +32,19 @@ import numpy as np
 
 from llmflash import store as S
 from llmflash.convert.writer import StoreWriter
+from llmflash.errors import StoreError
 from llmflash.models.config import ModelConfig
 
 DEFAULT_OUT = Path("/work/bench-data/opt-6.7b-random.llmflash")
 
 
-def opt_6_7b_config(ffn_bias: bool = True) -> ModelConfig:
+def opt_6_7b_config() -> ModelConfig:
     """facebook/opt-6.7b's shape, in llmflash's ModelConfig."""
     L = 32
     return ModelConfig(
         arch="opt", vocab_size=50272, dim=4096, n_layers=L, head_dim=128, n_heads=[32] * L,
         n_kv_heads=[32] * L, ffn_dims=[16384] * L, norm="layer", norm_eps=1e-5, act="relu", gated=False,
-        max_positions=2048, rope_theta=None, attn_bias=True, ffn_bias=ffn_bias, pre_norm=True,
+        max_positions=2048, rope_theta=None, attn_bias=True, ffn_bias=True, pre_norm=True,
         final_norm=True, learned_pos=True, pos_offset=2, tie_embeddings=True, bos_token_id=2,
         eos_token_ids=[2], name="OPT-6.7B shape, random float16 weights (benches/make_opt_store.py)")
 
@@ -97,7 +92,7 @@ def write_resident(path: Path, config: ModelConfig, rng: np.random.Generator) ->
     return path.stat().st_size
 
 
-def make(out: Path, seed: int = 0, force: bool = False, variant_16k: bool = False) -> Path:
+def make(out: Path, seed: int = 0, force: bool = False) -> Path:
     cfg = opt_6_7b_config()
     rng = np.random.default_rng(seed)
     res_b, ffn_b = model_bytes(cfg)
@@ -106,7 +101,6 @@ def make(out: Path, seed: int = 0, force: bool = False, variant_16k: bool = Fals
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    crc16k: list[int] = []
     # StoreWriter gives the temporary folder, the manifest and the atomic rename; the bytes are
     # written here directly (its write_layer builds torch tensors: minutes at this size).
     with StoreWriter(out, cfg, "float16", source="benches/make_opt_store.py random", force=force) as w:
@@ -123,44 +117,12 @@ def make(out: Path, seed: int = 0, force: bool = False, variant_16k: bool = Fals
             ffn.write(b"\0" * (region - payload.nbytes))
             w.layers[i] = S.LayerRegion(i, offset, n, bb, region, tuple(cfg.bundle_fields),
                                         zlib.crc32(payload), None).to_dict()
-            if variant_16k:
-                crc16k.append(zlib.crc32(memoryview(payload).cast("B")[:n * 2 * cfg.dim * 2]))
         ffn.flush()
         t2 = time.perf_counter()
         print(f"ffn.bin: {ffn.tell() / 1e9:.2f} GB in {t2 - t1:.0f} s ({ffn.tell() / (t2 - t1) / 1e6:.0f} MB/s)",
               file=sys.stderr)
-    if variant_16k:
-        make_variant_16k(out, crc16k, force)
     print(f"done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return out
-
-
-def make_variant_16k(out: Path, crcs: list[int], force: bool) -> Path:
-    """`<out>-16k`: the same files, regions declared as 16,384 B bundles (up + down only)."""
-    dst = out.with_name(out.name + "-16k")
-    if dst.exists():
-        if not force:
-            raise SystemExit(f"{dst} exists (pass --force)")
-        shutil.rmtree(dst)
-    m = json.loads((out / S.MANIFEST).read_text())
-    cfg = opt_6_7b_config(ffn_bias=False)
-    m["config"] = cfg.to_dict()
-    m["source"] = "benches/make_opt_store.py --variant-16k: ffn.bin of the main store, bias-free bundles"
-    for L, crc in zip(m["layers"], crcs):
-        n = L["n_neurons"]
-        L["bundle_bytes"] = cfg.bundle_values * 2
-        L["region_bytes"] = S.align_up(n * L["bundle_bytes"])
-        L["fields"] = [list(f) for f in cfg.bundle_fields]
-        L["crc32"] = crc
-    tmp = dst.with_name("." + dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for name in (S.FFN, S.RESIDENT):
-        os.link(out / name, tmp / name)
-    (tmp / S.MANIFEST).write_text(json.dumps(m, indent=1))
-    os.replace(tmp, dst)
-    S.Store(dst)                                                        # validates
-    return dst
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,16 +130,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="replace an existing store")
-    ap.add_argument("--variant-16k", action="store_true", help="also write <out>-16k (see above)")
     a = ap.parse_args(argv)
     if a.out.exists() and not a.force:
-        S.Store(a.out)
+        try:
+            S.Store(a.out)
+        except StoreError as e:                 # e.g. a version-1 store (fc1 bias in the bundles)
+            raise SystemExit(f"{a.out} exists but does not open ({e}); pass --force to rewrite it") from None
         print(f"{a.out} exists (a valid store); pass --force to rewrite it", file=sys.stderr)
         return 0
     free = shutil.disk_usage(a.out.parent if a.out.parent.exists() else Path("/")).free
     if free < 16e9:
         raise SystemExit(f"only {free / 1e9:.1f} GB free on {a.out.parent}; the store needs 13.3 GB")
-    make(a.out, a.seed, a.force, a.variant_16k)
+    make(a.out, a.seed, a.force)
     S.Store(a.out)
     return 0
 
