@@ -115,6 +115,10 @@ class _Counting:
         self.calls += 1
         return ids
 
+    def nbytes(self) -> int:
+        """The wrapped source's DRAM (the flash budget counts the predictors' weights)."""
+        return int(getattr(self.source, "nbytes", lambda: 0)())
+
     def share(self) -> float:
         steps = self.calls / self.n_layers
         return self.named / (steps * self.total) if steps else float("nan")
@@ -146,7 +150,7 @@ def evaluate(store_path: str | os.PathLike[str], text: str | None = None, tokens
     predictors = source if isinstance(source, Predictors) else None
     out: dict[str, Any] = {"store": str(store.path), "tokens": N, "window": window, "sparsity": sparsity}
     if predictors is not None:
-        out["predictor"] = {k: predictors.meta.get(k) for k in ("rank", "keep", "tokens", "epochs", "seed", "label")}
+        out["predictor"] = {k: predictors.meta.get(k) for k in ("kind", "rank", "keep", "tokens", "epochs", "seed", "label")}
         out["predictor"]["recall_target"] = predictors.recall
         out["predictor"]["bytes"] = predictors.nbytes()
 

@@ -1,5 +1,7 @@
 """Sparsity predictors: per layer, a low-rank map from the FFN input to one logit per neuron,
 the paper's form (two linear maps d -> R -> n, here with biases), trained by `llmflash calibrate`.
+A second kind, "shadow" (llmflash.shadow: the FFN's gate/up rows at 4 bits), shares the labels,
+thresholds, quantile tables and file below; its layers replace the in/out tensors.
 
     x (T, D) -> h = x A^T + a (T, R) -> z = h B^T + b (T, n) -> wanted = {i : z[t, i] > tau} over t
 
@@ -29,8 +31,8 @@ every problem is a StoreError naming the file):
     pos_quantiles          (L, Q)     float32: held-out logits of active pairs, quantile levels
     neg_quantiles          (L, Q)     float32: the same for inactive pairs    linspace(0, 1, Q)
     pos_rate               (L,)       float32: share of held-out pairs that are active
-    metadata: format, version, rank, keep, sparsity, recall, tokens, heldout_tokens, epochs,
-              seed, label ("relu" | "magnitude")
+    metadata: format, version, kind ("lowrank" | "shadow"; absent: lowrank), rank, keep, sparsity,
+              recall, tokens, heldout_tokens, epochs, seed, label ("relu" | "magnitude")
 
 Cost (SmolLM2: D=576, n=1536, float16): rank R costs R(D+n) multiply-adds per token and layer
 against 3Dn for the FFN: R=128 is 10% of the dense FFN (0.27 M vs 2.65 M), R=64 5%; in time
@@ -65,6 +67,8 @@ from torch import Tensor
 from .errors import StoreError
 from .models.config import ModelConfig
 from .models.layers import UPCAST_ROWS, linear
+from .shadow import GROUP as SHADOW_GROUP
+from .shadow import ShadowLayer
 from .store import PREDICTORS, Store, replace_file
 
 FORMAT = "llmflash-predictors"
@@ -148,10 +152,13 @@ class LayerPredictor:
     def macs(self) -> int:
         return self.in_w.numel() + self.out_w.numel()
 
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.in_w, self.in_b, self.out_w, self.out_b))
+
 
 @dataclass
 class TrainResult:
-    predictor: LayerPredictor
+    predictor: "LayerPredictor | ShadowLayer"   # llmflash.shadow for kind "shadow"
     pos_quantiles: Tensor       # (Q,) held-out logits of active pairs
     neg_quantiles: Tensor       # (Q,)
     pos_rate: float             # share of held-out pairs that are active
@@ -316,8 +323,13 @@ class Predictors:
         predicted = r * tpr + (1 - r) * fpr
         return {"recall": tpr, "precision": r * tpr / predicted if predicted > 0 else 1.0, "predicted": predicted}
 
+    @property
+    def kind(self) -> str:
+        return str(self.meta.get("kind", "lowrank"))
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for L in self.layers for t in (L.in_w, L.in_b, L.out_w, L.out_b))
+        """DRAM the predictors hold at run time (counted inside the flash memory budget)."""
+        return sum(L.nbytes() for L in self.layers)
 
 
 # -- file ------------------------------------------------------------------------------------------------
@@ -330,6 +342,12 @@ def save_predictors(path: str | os.PathLike[str], results: list[TrainResult], re
     tensors: dict[str, Tensor] = {}
     for i, r in enumerate(results):
         p = r.predictor
+        if isinstance(p, ShadowLayer):
+            tensors[f"layers.{i}.shadow.codes"] = p.codes.contiguous()
+            tensors[f"layers.{i}.shadow.scales"] = p.scales.half().contiguous()
+            if p.up_bias is not None:
+                tensors[f"layers.{i}.shadow.bias"] = p.up_bias.float().contiguous()
+            continue
         tensors[f"layers.{i}.in.weight"] = p.in_w.contiguous()
         tensors[f"layers.{i}.in.bias"] = p.in_b.float().contiguous()
         tensors[f"layers.{i}.out.weight"] = p.out_w.contiguous()
@@ -339,12 +357,14 @@ def save_predictors(path: str | os.PathLike[str], results: list[TrainResult], re
     tensors["pos_quantiles"] = torch.stack([r.pos_quantiles for r in results]).float()
     tensors["neg_quantiles"] = torch.stack([r.neg_quantiles for r in results]).float()
     tensors["pos_rate"] = torch.tensor([r.pos_rate for r in results], dtype=torch.float32)
-    md = {"format": FORMAT, "version": str(VERSION), "recall": repr(float(recall))}
+    kind = "shadow" if results and isinstance(results[0].predictor, ShadowLayer) else "lowrank"
+    md = {"format": FORMAT, "version": str(VERSION), "recall": repr(float(recall)), "kind": kind}
     md.update({k: str(v) for k, v in meta.items()})
     replace_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=md))
     return path
 
 
+KINDS = ("lowrank", "shadow")
 META_INT = ("rank", "tokens", "heldout_tokens", "epochs", "seed")
 META_FLOAT = ("keep", "sparsity", "recall")
 
@@ -356,7 +376,9 @@ def _parse_meta(md: dict[str, str] | None, path: Path) -> dict[str, Any]:
     if md.get("version") != str(VERSION):
         raise StoreError(f"unknown predictors version {md.get('version')!r:.20} (this llmflash reads {VERSION}): "
                          "run `llmflash calibrate` again", path)
-    out: dict[str, Any] = {"label": md.get("label", "")}
+    out: dict[str, Any] = {"label": md.get("label", ""), "kind": md.get("kind", "lowrank")}
+    if out["kind"] not in KINDS:
+        raise StoreError(f"metadata kind = {out['kind']!r:.40} (expected one of {', '.join(KINDS)})", path)
     for k in META_INT:
         if k in md:
             try:
@@ -393,8 +415,13 @@ def read_predictors(path: str | os.PathLike[str], config: ModelConfig,
             meta = _parse_meta(f.metadata(), path)
             names = set(f.keys())
             want = {"thresholds", "label_thresholds", "pos_quantiles", "neg_quantiles", "pos_rate"}
+            shadow_bias = not config.gated and config.ffn_bias
             for i in range(L):
-                want |= {f"layers.{i}.{a}.{b}" for a in ("in", "out") for b in ("weight", "bias")}
+                if meta["kind"] == "shadow":
+                    want |= {f"layers.{i}.shadow.codes", f"layers.{i}.shadow.scales"}
+                    want |= {f"layers.{i}.shadow.bias"} if shadow_bias else set()
+                else:
+                    want |= {f"layers.{i}.{a}.{b}" for a in ("in", "out") for b in ("weight", "bias")}
             missing, extra = sorted(want - names), sorted(names - want)
             if missing:
                 raise StoreError(f"missing tensors {missing[:4]}{' ...' if len(missing) > 4 else ''} "
@@ -407,19 +434,32 @@ def read_predictors(path: str | os.PathLike[str], config: ModelConfig,
     except (OSError, ValueError, RuntimeError) as e:
         raise StoreError(f"cannot read predictors: {e}", path) from None
 
-    def check(name: str, shape: tuple[int, ...]) -> Tensor:
+    def check(name: str, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...] = ()) -> Tensor:
         v = t[name]
         if tuple(v.shape) != shape:
             raise StoreError(f"{name} has shape {tuple(v.shape)}, expected {shape}", path)
+        if dtypes:
+            if v.dtype not in dtypes:
+                raise StoreError(f"{name} has dtype {v.dtype}, expected {dtypes[0]}", path)
+            return v
         if v.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise StoreError(f"{name} has dtype {v.dtype}, expected a float type", path)
         if not bool(torch.isfinite(v).all()):
             raise StoreError(f"{name} holds non-finite values", path)
         return v
 
-    layers = []
+    layers: list[LayerPredictor | ShadowLayer] = []
     for i in range(L):
         n = config.ffn_dims[i]
+        if meta["kind"] == "shadow":
+            if D % SHADOW_GROUP:
+                raise StoreError(f"shadow predictors need a width divisible by {SHADOW_GROUP}; the model's is {D}", path)
+            rows = 2 * n if config.gated else n
+            codes = check(f"layers.{i}.shadow.codes", (rows, D // 2), (torch.uint8,))
+            scales = check(f"layers.{i}.shadow.scales", (rows, D // SHADOW_GROUP)).half()
+            bias = check(f"layers.{i}.shadow.bias", (n,)).float() if shadow_bias else None
+            layers.append(ShadowLayer(codes, scales, config.gated, bias).release_codes())
+            continue
         w = t[f"layers.{i}.in.weight"]
         if w.dim() != 2 or not 1 <= w.shape[0] <= max(D, n):
             raise StoreError(f"layers.{i}.in.weight has shape {tuple(w.shape)}, expected (R, {D}) with "
