@@ -11,12 +11,14 @@
 //! - [`staging`]: staging buffers shared by caches (bounded transient memory).
 //! - [`profile`]: measured throughput by request size x concurrency (the paper's Figure 2).
 //! - [`stats`]: counters of what was read and how long it took.
+//! - [`gemv`]: the decode product over float16 bundle rows (faster than torch's for that layout).
 //!
 //! The core never imports pyo3; the Python bindings live in `py/` behind the `python` feature.
 
 pub mod aligned;
 pub mod cache;
 pub mod error;
+pub mod gemv;
 pub mod planner;
 mod pool;
 mod uring;
