@@ -127,6 +127,16 @@ class Replay:
         return self.sets[self.t][layer]
 
 
+class LookaheadReplay(Replay):
+    """Replay that also names layer+1's set while layer runs (`ahead`, llmflash.strategies.flash):
+    what a one-layer-ahead predictor would give (Deja Vu's lookahead, PowerInfer-2's pipeline),
+    here exact. It measures what the engine gains when reads of the next layer overlap this
+    layer's compute; the accuracy of such a predictor is not modelled."""
+
+    def ahead(self, layer: int, x=None) -> np.ndarray:
+        return self.sets[self.t][layer + 1]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=64)

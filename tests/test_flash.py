@@ -227,3 +227,52 @@ def test_model_bytes_counts_resident_and_ffn(stores):
     resident, ffn = model_bytes(s)
     assert ffn == sum(L.n_neurons for L in s.layers) * s.layers[0].bundle_bytes
     assert resident == (s.path / "resident.safetensors").stat().st_size
+
+
+
+class _Halves:
+    """Wanted sets that depend only on (layer, token): all neurons at layer 0, else the first or
+    the second half of the layer's neurons on alternate tokens. With `lookahead`, layer+1's set
+    comes from `ahead(layer, x)` and the source is asked for layer 0 only."""
+
+    def __init__(self, config, lookahead: bool):
+        self.dims, self.t, self.calls, self.ahead_calls = config.ffn_dims, -1, [], []
+        if lookahead:
+            self.ahead = self._ahead
+
+    def _set(self, layer):
+        n = self.dims[layer]
+        if layer == 0:
+            return torch.arange(n)
+        return torch.arange(n // 2) if self.t % 2 else torch.arange(n // 2, n)
+
+    def __call__(self, layer, x):
+        if layer == 0:
+            self.t += 1
+        self.calls.append(layer)
+        return self._set(layer)
+
+    def _ahead(self, layer, x):
+        self.ahead_calls.append(layer)
+        return self._set(layer + 1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_lookahead_prefetch_is_used_and_equal(stores, arch):
+    """A source with `ahead` starts layer+1's reads during layer; the admission it started is
+    the one layer+1 computes with: same sets, same logits as without lookahead, bit for bit."""
+    path = stores[arch]
+    config = Store(path).config
+    L = config.n_layers
+    out = {}
+    for lookahead in (False, True):
+        src = _Halves(config, lookahead)
+        model = FlashModel.open(path, strategy="flash", memory=budget_for(path, 0.5), window=1, sparsity=src)
+        out[lookahead], _ = decode_logits(model, PROMPT, 6)
+        assert model.stats()["misses"] > 0
+        if lookahead:
+            assert set(src.calls) == {0} and len(src.calls) == 7           # prefill + 6 tokens
+            assert src.ahead_calls == list(range(L - 1)) * 7
+        else:
+            assert src.calls == list(range(L)) * 7
+    assert torch.equal(out[True], out[False])

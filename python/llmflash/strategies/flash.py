@@ -20,6 +20,7 @@ make the result closer to dense, at no I/O cost. With every neuron wanted, flash
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from typing import Any
@@ -63,7 +64,7 @@ class FlashFFN:
 
     def __init__(self, store: Store, memory: str | int | float | None = None, window: int = 4,
                  sparsity: str | WantedSource | None = None, profile: Any = None, concurrency: int = 32,
-                 overlap: bool = True):
+                 overlap: bool = True, coalesce: bool = True, reuse: bool = True):
         from ..profile_disk import load_profile
 
         self.store, self.config = store, store.config
@@ -85,10 +86,17 @@ class FlashFFN:
         max_n = max(L.n_neurons for L in store.layers)
         self.plan: CachePlan = plan_caches(budget, resident, [L.n_neurons for L in store.layers], bb,
                                            scratch_neurons=0, store_name=str(store.path))
+        if not reuse:
+            # No DRAM cache: every wanted neuron streams through the scratch area every token
+            # (the paper's "predictor only" row: nothing is kept from one token to the next).
+            self.plan = dataclasses.replace(self.plan, capacities=(0,) * len(store.layers))
         if any(c < L.n_neurons for c, L in zip(self.plan.capacities, store.layers)):
             # Some layer can overflow: reserve the shared scratch area inside the budget.
+            caps = self.plan.capacities
             self.plan = plan_caches(budget, resident, [L.n_neurons for L in store.layers], bb,
                                     scratch_neurons=min(SCRATCH_NEURONS, max_n), store_name=str(store.path))
+            if not reuse:
+                self.plan = dataclasses.replace(self.plan, capacities=caps)
         # OPT's fc1 biases, float32 (n,) per layer in store order: 4 B a neuron (2 MB for
         # OPT-6.7B), counted in the budget at the resident file's store-dtype size.
         self.b1: list[Tensor | None] = store.up_biases()
@@ -96,11 +104,14 @@ class FlashFFN:
         self.reader = Reader(store.ffn_path, concurrency=concurrency)
         self.window = window
         self.overlap = overlap      # False: read, then compute (to measure what the overlap gains)
+        # False: read only the wanted bundles' pages (neighbours still share a request), never
+        # bridge a gap or take the whole region (the bench's "no coalescing" ablation)
+        self.coalesce = coalesce
         self.caches: list[NeuronCache] = []
         self.rows: list[Tensor] = []                  # (capacity, bundle_values) views of each cache
         for L, cap in zip(store.layers, self.plan.capacities):
             cache = NeuronCache(self.reader, L.offset, L.n_neurons, L.bundle_bytes, cap, window,
-                                profile=self.profile)
+                                profile=self.profile, allow_whole=coalesce, max_gap_bytes=None if coalesce else 0)
             self.caches.append(cache)
             self.rows.append(self._view(cache.slots, cap))
         scratch_rows = self.plan.scratch // bb
@@ -117,6 +128,11 @@ class FlashFFN:
                 self.position.append(pos)
         self.step = 0
         self.t = {"io": 0.0, "compute": 0.0, "predict": 0.0}
+        # Lookahead: a source with `ahead(layer, x)` names layer+1's neurons from layer's FFN
+        # input, so layer+1's reads start while layer computes (the disk never waits for
+        # compute between layers). (step, Admission) per layer, started by the layer before.
+        self._peek = getattr(self.source, "ahead", None) if overlap else None
+        self._ahead: list[tuple[int, Any] | None] = [None] * len(self.caches)
 
     def _view(self, buf: AlignedBuf, rows: int) -> Tensor:
         n = rows * self.config.bundle_values
@@ -132,15 +148,28 @@ class FlashFFN:
         if layer == 0:
             self.step += 1
         t0 = time.perf_counter()
-        ids = self.source(layer, x)
-        ids = ids.numpy() if isinstance(ids, Tensor) else np.asarray(ids)
-        pos = self.position[layer]
-        wanted = (pos[ids] if pos is not None else ids).astype(np.uint32, copy=False)
-        t1 = time.perf_counter()
         cache, rows = self.caches[layer], self.rows[layer]
         mgmt0 = cache.stats()["mgmt_ns"]
-        # evict + plan + start the reads in the background (GIL released); or read inline
-        adm = cache.begin(wanted, self.step) if self.overlap else cache.admit(wanted, self.step)
+        pre, self._ahead[layer] = self._ahead[layer], None
+        if pre is not None and pre[0] == self.step:     # started by the layer before (lookahead)
+            adm, t1 = pre[1], t0
+        else:
+            wanted = self._wanted(layer, self.source(layer, x))
+            t1 = time.perf_counter()
+            # evict + plan + start the reads in the background (GIL released); or read inline
+            adm = cache.begin(wanted, self.step) if self.overlap else cache.admit(wanted, self.step)
+        ahead_begin = ahead_mgmt = 0.0              # the next layer's begin: I/O issue + management
+        if self._peek is not None and layer + 1 < len(self.caches):
+            t6 = time.perf_counter()
+            nxt = self._peek(layer, x)
+            if nxt is not None:
+                t7 = time.perf_counter()
+                c2 = self.caches[layer + 1]
+                m2 = c2.stats()["mgmt_ns"]
+                self._ahead[layer + 1] = (self.step, c2.begin(self._wanted(layer + 1, nxt), self.step))
+                ahead_begin = time.perf_counter() - t7
+                ahead_mgmt = (c2.stats()["mgmt_ns"] - m2) / 1e9
+                t1 += t7 - t6                               # prediction time, not I/O
         x = x.to(rows.dtype)
         y = torch.zeros(x.shape[0], self.config.dim, dtype=torch.float32)
         t2 = time.perf_counter()
@@ -157,7 +186,7 @@ class FlashFFN:
         if n > r:
             y += self._ffn_rows(x, rows[r:n], None if bias is None else bias[r:n])
         t5 = time.perf_counter()
-        io, compute = (t2 - t1) + (t4 - t3), (t3 - t2) + (t5 - t4)
+        io, compute = (t2 - t1) - ahead_begin + (t4 - t3), (t3 - t2) + (t5 - t4)
         overflow = np.asarray(adm.overflow, dtype=np.uint32)
         for start in range(0, len(overflow), self.scratch_rows.shape[0] or 1):
             chunk = overflow[start:start + self.scratch_rows.shape[0]]
@@ -172,9 +201,15 @@ class FlashFFN:
         # on its own; management that ran while compute did is not subtracted twice.
         mgmt = (cache.stats()["mgmt_ns"] - mgmt0) / 1e9
         self.t["predict"] += t1 - t0
-        self.t["io"] += max(0.0, io - mgmt)
+        self.t["io"] += max(0.0, io - mgmt) + max(0.0, ahead_begin - ahead_mgmt)
         self.t["compute"] += compute
         return y
+
+    def _wanted(self, layer: int, ids: Any) -> np.ndarray:
+        """Original neuron ids -> store positions (uint32), as the cache takes them."""
+        ids = ids.numpy() if isinstance(ids, Tensor) else np.asarray(ids)
+        pos = self.position[layer]
+        return (pos[ids] if pos is not None else ids).astype(np.uint32, copy=False)
 
     def stats(self) -> dict[str, float]:
         """Summed over layers: the cache counters, plus seconds in prediction, I/O (waiting for
