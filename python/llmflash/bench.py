@@ -67,6 +67,18 @@ def run_bench(store_path: str, memories: list[str], window: int = 4, sparsity: s
         for mem in memories:
             ffn = _make("flash", store, memory=mem, window=window, sparsity=source)
             runs.append(Run(f"flash {mem}", "flash", FlashModel(store, "flash", ffn)))
+    if "ablation" in strategies:                          # the paper's Table: each technique's share
+        source = source if "flash" in strategies else make_source(sparsity, store)
+        for mem in memories:
+            # predictor only: no cache (every predicted neuron read every token), exact pages;
+            # + window: the neuron cache and its window; + coalescing: the planner's bridging and
+            # whole-region reads (= the flash row)
+            for label, reuse, co in ((f"pred only {mem}", False, False), (f"+window {mem}", True, False),
+                                     (f"+coalesce {mem}", True, True)):
+                if co and "flash" in strategies:
+                    continue                                 # the flash row is this one
+                ffn = _make("flash", store, memory=mem, window=window, sparsity=source, coalesce=co, reuse=reuse)
+                runs.append(Run(label, "flash", FlashModel(store, "flash", ffn)))
     if "flash-serial" in strategies:                      # no read/compute overlap: what it gains
         source = source if "flash" in strategies else make_source(sparsity, store)
         for mem in memories:
@@ -120,12 +132,12 @@ def _make(name: str, store: Store, **options: Any):
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    cols = [("strategy", "{:<14}"), ("ms_per_token", "{:>9.1f}"), ("io_ms", "{:>8.1f}"), ("mgmt_ms", "{:>8.1f}"),
+    cols = [("strategy", "{:<16}"), ("ms_per_token", "{:>9.1f}"), ("io_ms", "{:>8.1f}"), ("mgmt_ms", "{:>8.1f}"),
             ("predict_ms", "{:>10.1f}"), ("compute_ms", "{:>10.1f}"), ("mb_read_per_token", "{:>9.2f}"), ("mb_min_per_token", "{:>8.2f}"),
             ("hit_rate", "{:>6.2f}"), ("x_vs_naive", "{:>8.2f}")]
     heads = ["strategy", "ms/tok", "I/O ms", "mgmt ms", "predict ms", "compute ms", "MB read", "MB min", "hits",
              "x naive"]
-    widths = [14, 9, 8, 8, 10, 10, 9, 8, 6, 8]
+    widths = [16, 9, 8, 8, 10, 10, 9, 8, 6, 8]
     lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(heads, widths)))]
     for r in rows:
         cells = []
@@ -165,7 +177,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--sparsity", default="oracle", help="predictor, oracle[:KEEP] or all (default oracle)")
     p.add_argument("--tokens", type=int, default=32, help="decoded tokens per strategy (default 32)")
     p.add_argument("--strategies", default="naive,flash",
-                   help="comma list of dense, naive, flash, flash-serial (flash without read/compute overlap)")
+                   help="comma list of dense, naive, flash, flash-serial (flash without read/compute overlap), "
+                        "ablation (per memory: predictor only = no cache and no coalescing, + window, + coalescing)")
     p.add_argument("--plot", help="write a PNG bar chart of the breakdown")
     p.add_argument("--json", help="write the table as JSON")
     a = p.parse_args(argv)
