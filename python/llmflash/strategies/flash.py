@@ -178,6 +178,9 @@ class FlashFFN:
         b1 = self.b1[layer]
         bias = None if b1 is None else b1[torch.from_numpy(cache.slot_neurons())]
         r, n = adm.ready_rows, adm.total_rows
+        if n > r and cache.is_ready():                # reads already done (lookahead): one pass
+            cache.wait()
+            r = n
         if r:                                         # overlap: compute on hits while reads run
             y += self._ffn_rows(x, rows[:r], None if bias is None else bias[:r])
         t3 = time.perf_counter()
