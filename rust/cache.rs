@@ -8,15 +8,18 @@
 //! 2. evicts every live neuron not wanted in the last `window` steps (`step - last > window`);
 //! 3. when the missing neurons do not fit, evicts live neurons not wanted at this step, least
 //!    recently wanted first (ties: lower neuron id first), only as many as needed;
-//! 4. appends the missing neurons that fit (chosen in the caller's order, so the caller may
-//!    sort them by priority; placed in store order) and returns the rest as `overflow` for the
-//!    caller to stream itself;
+//! 4. places the missing neurons that fit (chosen in the caller's order, so the caller may
+//!    sort them by priority; placed in store order) into the rows that steps 2-3 emptied, then
+//!    after the live rows, and returns the rest as `overflow` for the caller to stream itself;
 //! 5. plans the appended neurons' reads (the planner picks exact bundles, bridged runs or the
 //!    whole region by the disk profile) and starts them in the background.
 //!
-//! Deletion moves the last live row into the hole and insertion appends (the paper's Figure 7),
-//! so live rows are always the contiguous block `[0, live)` and the FFN runs on one matrix view
-//! with no gather. A deletion costs one bundle copy; rows evicted from the end cost none.
+//! Live rows are always the contiguous block `[0, live)`, so the FFN runs on one matrix view
+//! with no gather (the paper's Figure 7). The paper deletes by moving the last live row into each
+//! hole and appends insertions; here an insertion first takes a hole (no copy), and only the holes
+//! left over when fewer neurons arrive than left are closed by moving the last live row in (one
+//! bundle copy each; rows evicted from the end cost none). At OPT-6.7B's steady state (as many
+//! neurons in as out) that removes nearly all of the ~200 MB/token of moves.
 //!
 //! Concurrency and memory ordering (who may touch which row when). Three parties use a cache:
 //! the *owner* (the thread calling begin/wait/admit; they take `&mut self`, so one at a time),
@@ -25,9 +28,11 @@
 //! reading the slot matrix through a zero-copy view). For the admission with epoch `e`:
 //! - rows `[0, ready)` belong to the owner and compute. Only `begin` writes them (eviction moves),
 //!   and `begin` first settles the pending fill, so no fill is running when rows move. Compute
-//!   may read them until the next `begin` on this cache: the filler never writes below `ready`.
-//! - rows `[ready, total)` belong to fill `e` from the moment `begin` sends it to the filler
-//!   until the owner receives its result (`wait`, or the next `begin`). Compute must not read
+//!   may read them until the next `begin` on this cache: the filler never writes below `ready`
+//!   (`ready` is the first row the fill writes).
+//! - rows `[ready, total)`: the fill's rows (holes and appended rows) belong to fill `e` from
+//!   the moment `begin` sends it to the filler until the owner receives its result (`wait`, or
+//!   the next `begin`); live rows between them are the owner's. Compute must not read any of
 //!   them before `wait` returns.
 //! - rows `[total, capacity)` are unused (state EMPTY, neuron ABSENT).
 //!
@@ -78,10 +83,13 @@ pub struct Admission {
     pub epoch: u64,
     /// Rows `[0, ready_rows)` are filled now and do not move until the next `begin`.
     pub ready_rows: usize,
-    /// Rows `[ready_rows, total_rows)` are being filled; valid once `wait` returns Ok.
+    /// Rows `[ready_rows, total_rows)` hold the new neurons (being filled) and possibly live
+    /// ones between them; all are valid once `wait` returns Ok.
     pub total_rows: usize,
     /// Unique wanted neurons already live (no read needed).
     pub hits: usize,
+    /// Unique wanted neurons read into rows now (in holes left by evictions, then appended).
+    pub misses: usize,
     /// Unique wanted neurons that did not fit, in the caller's order (store positions): the
     /// caller streams them itself (`read_neurons`).
     pub overflow: Vec<u32>,
@@ -97,12 +105,6 @@ pub struct Admission {
     pub est_seconds: f64,
 }
 
-impl Admission {
-    /// Neurons appended (`total_rows - ready_rows`).
-    pub fn misses(&self) -> usize {
-        self.total_rows - self.ready_rows
-    }
-}
 
 /// Counters, updated with relaxed atomics (statistics: no other memory is ordered by them).
 #[derive(Debug, Default)]
@@ -217,9 +219,8 @@ struct Fill {
     ops: Vec<FillOp>,
     /// Staging bytes the `Target::Staging` reads need (0: none).
     staging_bytes: usize,
-    /// Rows this fill writes: `[first_row, end_row)`.
-    first_row: usize,
-    end_row: usize,
+    /// Rows this fill writes (holes left by evictions, then rows after the live block).
+    rows: Vec<usize>,
     requests: usize,
     buffer_bytes: u64,
     useful_bytes: u64,
@@ -268,8 +269,9 @@ fn run_fill(shared: &Shared, fill: Fill) -> FillResult {
                 // SAFETY: `begin` placed staged reads back to back in [0, staging_bytes), and
                 // staging holds at least staging_bytes: the pointer stays inside the allocation.
                 (Target::Staging(at), Some(b)) => unsafe { b.as_mut_ptr().add(at) },
-                // SAFETY: `begin` checked row*bb + len <= end_row*bb <= capacity*bb, the size
-                // of the slot matrix (kept alive by `shared`): the pointer stays inside it.
+                // SAFETY: `begin` checked that the request's rows are consecutive and below
+                // capacity, so row*bb + len <= capacity*bb, the size of the slot matrix (kept
+                // alive by `shared`): the pointer stays inside it.
                 (Target::Row(row), _) => unsafe { rows.add(row * bb) },
                 (Target::Staging(_), None) => std::ptr::null_mut(), // unreachable: staging_bytes > 0
             };
@@ -281,8 +283,8 @@ fn run_fill(shared: &Shared, fill: Fill) -> FillResult {
     }
     let t0 = Instant::now();
     // SAFETY: the destinations are disjoint: staged ones are distinct ranges of `staging`, which
-    // this function owns (taken from the pool, not shared); direct ones are distinct rows in
-    // [first_row, end_row), which belong to this fill until the owner receives its result
+    // this function owns (taken from the pool, not shared); direct ones are distinct rows of
+    // `fill.rows`, which belong to this fill until the owner receives its result
     // (module comment), so nobody else reads or writes them. Both stay alive until read_raw has
     // returned, i.e. after every worker has finished writing.
     let r = unsafe { shared.reader.read_raw(&ops) };
@@ -298,13 +300,13 @@ fn run_fill(shared: &Shared, fill: Fill) -> FillResult {
         for &(at, row) in &fill.copies {
             // SAFETY: `at + bb <= staging_bytes <= staging.len()` and `row < capacity` were
             // checked in `begin`; staging is ours and the workers are done with it; rows
-            // `[first_row, end_row)` belong to this fill until the owner receives its result
+            // `fill.rows` belong to this fill until the owner receives its result
             // (module comment), so nobody else reads or writes `rows[row*bb..]` meanwhile;
             // `shared` keeps the slot matrix alive. Staging and slots are distinct allocations.
             unsafe { std::ptr::copy_nonoverlapping(b.as_ptr().add(at), rows.add(row * bb), bb) };
         }
     }
-    for row in fill.first_row..fill.end_row {
+    for &row in &fill.rows {
         shared.state[row].store(READY, Ordering::Release);
     }
     add(&shared.counters.mgmt_ns, ns_since(t1));
@@ -561,8 +563,9 @@ impl NeuronCache {
     }
 
     /// Block until the pending fill (if any) is done. On an I/O error the fill's neurons are
-    /// removed from the cache (rows `[ready, total)` are dropped, nothing is presented as
-    /// filled) and the error, naming the file, offset and length, is returned.
+    /// removed from the cache (rows `[ready, total)` are dropped: the fill's and any live rows
+    /// between them; nothing is presented as filled) and the error, naming the file, offset
+    /// and length, is returned.
     pub fn wait(&mut self) -> Result<()> {
         let Some(epoch) = self.pending else { return Ok(()) };
         let t0 = Instant::now();
@@ -630,45 +633,52 @@ impl NeuronCache {
         self.shared.state[row].store(EMPTY, Ordering::Relaxed);
     }
 
-    /// Evict every live row whose neuron is doomed, moving the last live row into each hole.
+    /// Unindex every live row whose neuron is doomed and return those rows (holes, ascending).
     /// Only called with no fill pending, so every live row is ready and owned by the owner.
-    fn evict(&mut self, how: Doom) -> usize {
+    fn take_holes(&mut self, how: Doom) -> Vec<usize> {
+        let mut holes = Vec::new();
+        for row in 0..self.live {
+            let j = self.neuron_of[row];
+            if j != ABSENT && self.is_doomed(j, how) {
+                self.unindex(row);
+                holes.push(row);
+            }
+        }
+        holes
+    }
+
+    /// Close `holes` (unindexed rows below `live`, ascending) by moving the last live rows into
+    /// them (the paper's deletion); holes at the end just shorten the block. Only called with no
+    /// fill pending.
+    fn close_holes(&mut self, holes: &[usize]) {
         let bb = self.shared.bundle_bytes;
         let base = self.shared.slots.as_mut_ptr();
-        let mut evicted = 0;
-        let mut i = 0;
-        while i < self.live {
-            if !self.is_doomed(self.neuron_of[i], how) {
-                i += 1;
-                continue;
+        let mut end = self.live;
+        let mut hi = holes.len();
+        for (i, &h) in holes.iter().enumerate() {
+            // drop holes not yet filled (and nothing else) from the end of the block
+            while hi > i && end > 0 && holes[hi - 1] == end - 1 {
+                hi -= 1;
+                end -= 1;
             }
-            // Doomed rows at the end go without a copy.
-            while self.live - 1 > i && self.is_doomed(self.neuron_of[self.live - 1], how) {
-                self.unindex(self.live - 1);
-                self.live -= 1;
-                evicted += 1;
+            if h >= end {
+                break;
             }
-            let last = self.live - 1;
-            self.unindex(i);
-            evicted += 1;
-            if last > i {
-                // SAFETY: i < last < live <= capacity, so both rows lie inside the slot matrix
-                // (capacity * bb bytes, kept alive by self.shared) and are distinct; no fill is
-                // pending, so no other thread writes them (module comment); compute may not
-                // read rows across a `begin`.
-                unsafe { std::ptr::copy_nonoverlapping(base.add(last * bb), base.add(i * bb), bb) };
-                let j = self.neuron_of[last];
-                self.neuron_of[i] = j;
-                self.slot_of[j as usize] = i as u32;
-                self.shared.state[i].store(READY, Ordering::Relaxed);
-                self.neuron_of[last] = ABSENT;
-                self.shared.state[last].store(EMPTY, Ordering::Relaxed);
-                i += 1;
-            }
-            self.live -= 1;
+            let last = end - 1;
+            // SAFETY: h < last < live <= capacity, so both rows lie inside the slot matrix
+            // (capacity * bb bytes, kept alive by self.shared) and are distinct; no fill is
+            // pending, so no other thread writes them (module comment); compute may not read
+            // rows across a `begin`.
+            unsafe { std::ptr::copy_nonoverlapping(base.add(last * bb), base.add(h * bb), bb) };
+            let j = self.neuron_of[last];
+            self.neuron_of[h] = j;
+            self.slot_of[j as usize] = h as u32;
+            self.shared.state[h].store(READY, Ordering::Relaxed);
+            self.neuron_of[last] = ABSENT;
+            self.shared.state[last].store(EMPTY, Ordering::Relaxed);
+            end -= 1;
         }
-        self.ready = self.live;
-        evicted
+        self.live = end;
     }
 
     fn begin_inner(&mut self, wanted: &[u32], step: u64, background: bool) -> Result<Admission> {
@@ -689,17 +699,20 @@ impl NeuronCache {
             }
         }
 
-        // 2. The window.
-        let evicted_window = self.evict(Doom::Window { step, window: self.window });
+        // 2. The window: its rows become holes (unindexed; their bytes stay until overwritten).
+        let mut holes = self.take_holes(Doom::Window { step, window: self.window });
+        let evicted_window = holes.len();
 
         // 3. Capacity: evict least recently wanted neurons not wanted at this step.
         let missing: Vec<u32> = unique.iter().copied().filter(|&j| self.slot_of[j as usize] == ABSENT).collect();
         let hits = unique.len() - missing.len();
         let mut evicted_capacity = 0;
-        if self.live + missing.len() > self.capacity {
-            let need = self.live + missing.len() - self.capacity;
+        let held = self.live - holes.len();
+        if held + missing.len() > self.capacity {
+            let need = held + missing.len() - self.capacity;
             let mut cand: Vec<(u64, u32)> = self.neuron_of[..self.live]
                 .iter()
+                .filter(|&&j| j != ABSENT)
                 .map(|&j| (self.last_wanted[j as usize], j))
                 .filter(|&(t, _)| t < step)
                 .collect();
@@ -711,14 +724,23 @@ impl NeuronCache {
                 for &(_, j) in &cand[..k] {
                     self.doomed[j as usize] = true;
                 }
-                evicted_capacity = self.evict(Doom::Marked);
+                let more = self.take_holes(Doom::Marked);
+                evicted_capacity = more.len();
+                holes.extend(more);
             }
         }
+        holes.sort_unstable();
 
-        // 4. Append what fits; the rest overflows.
-        let m = missing.len().min(self.capacity - self.live);
+        // 4. What fits goes into the lowest holes, then after the live rows; the rest overflows.
+        let held = self.live - holes.len();
+        let m = missing.len().min(self.capacity - held);
         let (append, overflow) = missing.split_at(m);
-        let ready_rows = self.live;
+        // Holes left over (more evicted than read) are closed by moving the last live rows in.
+        let leftover = holes.split_off(m.min(holes.len()));
+        self.close_holes(&leftover);
+        let mut rows: Vec<usize> = holes;
+        rows.extend(self.live..self.live + (m - rows.len()));
+        let ready_rows = rows.first().copied().unwrap_or(self.live);
         let c = &self.shared.counters;
         add(&c.admissions, 1);
         add(&c.hits, hits as u64);
@@ -729,8 +751,9 @@ impl NeuronCache {
         let mut adm = Admission {
             epoch: serial,
             ready_rows,
-            total_rows: ready_rows,
+            total_rows: self.live,
             hits,
+            misses: m,
             overflow: overflow.to_vec(),
             evicted_window,
             evicted_capacity,
@@ -741,22 +764,33 @@ impl NeuronCache {
             est_seconds: 0.0,
         };
         if m == 0 {
+            self.ready = self.live;
             add(&self.shared.counters.mgmt_ns, ns_since(t0));
             return Ok(adm);
         }
 
-        // 5. Plan the appended neurons and start their reads.
-        let p = plan(append, &self.region, &self.profile, &self.opts)?;
-        let fill = self.fill_for(serial, &p, ready_rows)?;
-        // Rows follow the plan's (sorted) neuron order, so a run of neighbouring bundles can be
-        // read into neighbouring rows in one request.
-        for (k, &j) in p.neurons.iter().enumerate() {
-            let row = ready_rows + k;
+        // 5. Plan the new neurons and start their reads. On a planning error the rows meant for
+        // them are closed again, so the cache stays a contiguous block of ready rows.
+        let planned = plan(append, &self.region, &self.profile, &self.opts)
+            .and_then(|p| self.fill_for(serial, &p, &rows).map(|f| (p, f)));
+        let (p, fill) = match planned {
+            Ok(pf) => pf,
+            Err(e) => {
+                let inside: Vec<usize> = rows.iter().copied().filter(|&r| r < self.live).collect();
+                self.close_holes(&inside);
+                self.ready = self.live;
+                return Err(e);
+            }
+        };
+        // Rows in the plan's (sorted) neuron order: neighbouring bundles that land in
+        // neighbouring rows (appended ones, or adjacent holes) share a read.
+        for (&j, &row) in p.neurons.iter().zip(&rows) {
             self.neuron_of[row] = j;
             self.slot_of[j as usize] = row as u32;
             self.shared.state[row].store(FILLING, Ordering::Relaxed);
         }
-        self.live = ready_rows + m;
+        self.ready = ready_rows;
+        self.live = self.live.max(rows.last().map_or(0, |&r| r + 1));
         adm.total_rows = self.live;
         adm.bytes_read = p.buffer_bytes;
         adm.bytes_useful = p.useful_bytes;
@@ -794,11 +828,11 @@ impl NeuronCache {
     /// a request that holds only wanted bundles (no bridged gap) reads straight into its rows;
     /// every other request (sub-page bundles, bridged gaps, the whole region) lands in staging
     /// and its wanted bundles are copied into their rows.
-    fn fill_for(&self, epoch: u64, p: &Plan, first_row: usize) -> Result<Fill> {
+    fn fill_for(&self, epoch: u64, p: &Plan, rows: &[usize]) -> Result<Fill> {
         let bb = self.shared.bundle_bytes as u64;
-        let end_row = first_row + p.neurons.len();
-        if end_row > self.capacity || p.landing.len() != p.neurons.len() || p.request_index.len() != p.neurons.len() {
-            return Err(Error::invalid(format!("plan of {} neurons does not fit rows {first_row}..{}", p.neurons.len(), self.capacity)));
+        let n = p.neurons.len();
+        if rows.len() != n || rows.iter().any(|&r| r >= self.capacity) || p.landing.len() != n || p.request_index.len() != n {
+            return Err(Error::invalid(format!("plan of {n} neurons does not fit {} rows of {}", rows.len(), self.capacity)));
         }
         let align = crate::aligned::ALIGN as u64;
         let pages = bb % align == 0 && self.region.offset % align == 0;
@@ -816,9 +850,10 @@ impl NeuronCache {
             let direct = pages
                 && first == Some(r.offset)
                 && r.len == group.len() as u64 * bb
-                && group.last().map(|&l| (l - group[0]) as usize + 1) == Some(group.len());
+                && group.last().map(|&l| (l - group[0]) as usize + 1) == Some(group.len())
+                && rows[k0..k].windows(2).all(|w| w[1] == w[0] + 1);
             if direct {
-                ops.push(FillOp { offset: r.offset, len: r.len as usize, target: Target::Row(first_row + k0) });
+                ops.push(FillOp { offset: r.offset, len: r.len as usize, target: Target::Row(rows[k0]) });
                 continue;
             }
             ops.push(FillOp { offset: r.offset, len: r.len as usize, target: Target::Staging(staged as usize) });
@@ -826,7 +861,7 @@ impl NeuronCache {
             // one starts mid-bundle, so it is staged too, right after this one.
             for i in k0..k {
                 match p.landing[i].checked_sub(r.dest_offset) {
-                    Some(d) => copies.push((d + staged, first_row + i)),
+                    Some(d) => copies.push((d + staged, rows[i])),
                     None => return Err(Error::invalid(format!("plan lands neuron {} before request {q}", p.neurons[i]))),
                 }
             }
@@ -843,8 +878,7 @@ impl NeuronCache {
             epoch,
             ops,
             staging_bytes: staged as usize,
-            first_row,
-            end_row,
+            rows: rows.to_vec(),
             requests: p.requests.len(),
             buffer_bytes: p.buffer_bytes,
             useful_bytes: p.useful_bytes,

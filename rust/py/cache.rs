@@ -60,7 +60,7 @@ impl PyAdmission {
     /// Neurons appended (read): total_rows - ready_rows.
     #[getter]
     fn misses(&self) -> usize {
-        self.adm.misses()
+        self.adm.misses
     }
 
     /// Wanted neurons that did not fit (store positions, int64, the caller's order).
