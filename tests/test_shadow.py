@@ -133,3 +133,16 @@ def test_hostile_shadow_files(shadow_store, tmp_path):
         with pytest.raises(StoreError, match=what) as e:
             load_predictors(other)
         assert PREDICTORS in str(e.value)
+
+
+def test_eval_reports_a_budget_that_cannot_hold_the_predictors(shadow_store, texts, capsys):  # noqa: F811
+    """A budget below resident + predictors is one row saying so, not a failed evaluation."""
+    assert main(["eval", str(shadow_store), "--text", str(texts[1]), "--tokens", "24", "--memory", "1x",
+                 "--memory", "1KB", "--json", "--quiet"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    ok, bad = r["flash"]
+    assert ok["memory"] == "1x" and ok["ppl"] > 1
+    assert bad["memory"] == "1KB" and "resident" in bad["error"]
+    assert main(["eval", str(shadow_store), "--text", str(texts[1]), "--tokens", "24", "--memory", "1KB",
+                 "--quiet"]) == 0
+    assert "does not fit" in capsys.readouterr().out

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import LlmflashError
+from .errors import BudgetError, LlmflashError
 from .models.layers import linear
 from .predictor import Predictors, activations, label_kind, labels
 from .defaults import store_or_default
@@ -175,7 +175,11 @@ def evaluate(store_path: str | os.PathLike[str], text: str | None = None, tokens
     out["flash"] = []
     for mem in memories:
         counting = _Counting(source, c.ffn_dims)
-        ffn = make_ffn("flash", store, memory=mem, window=window, sparsity=counting)
+        try:
+            ffn = make_ffn("flash", store, memory=mem, window=window, sparsity=counting)
+        except BudgetError as e:                  # this budget cannot hold the resident part
+            out["flash"].append({"memory": mem, "error": str(e)})
+            continue
         model = Transformer.from_store(store, ffn)
         cache = model.new_cache(N)
         nll = 0.0
@@ -206,7 +210,8 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [f"{r['store']}: {r['tokens']} tokens, window {r['window']}, sparsity {r['sparsity']}"]
     p = r.get("predictor")
     if p:
-        lines.append(f"predictors: rank {p['rank']}, keep {p['keep']}, {p['tokens']} calibration tokens, "
+        kind = "4-bit shadow" if p.get("kind") == "shadow" else f"rank {p['rank']}"
+        lines.append(f"predictors: {kind}, keep {p['keep']}, {p['tokens']} calibration tokens, "
                      f"recall target {p['recall_target']}, {p['bytes'] / 1e6:.1f} MB; measured recall "
                      f"{p['recall']:.3f}, precision {p['precision']:.3f}, predicted {p['predicted_share']:.1%} "
                      "of (token, neuron) pairs")
@@ -219,6 +224,9 @@ def format_report(r: dict[str, Any]) -> str:
         q = r["predictor_only"]
         lines.append(f"{'predictor only':<18}{q['ppl']:>9.3f}{q['ratio']:>9.3f}{p['predicted_share']:>9.1%}")
     for f in r["flash"]:
+        if "error" in f:
+            lines.append(f"{'flash ' + str(f['memory']):<18}does not fit: {f['error']}")
+            continue
         lines.append(f"{'flash ' + str(f['memory']):<18}{f['ppl']:>9.3f}{f['ratio']:>9.3f}{f['wanted_share']:>9.1%}"
                      f"{f['read_share']:>10.1%}{f['useful_share']:>9.1%}{f['cached_share']:>8.1%}"
                      f"{f['hit_rate']:>7.2f}{f['ms_per_token']:>8.1f}")
