@@ -16,10 +16,11 @@
 //!
 //! Live rows are always the contiguous block `[0, live)`, so the FFN runs on one matrix view
 //! with no gather (the paper's Figure 7). The paper deletes by moving the last live row into each
-//! hole and appends insertions; here an insertion first takes a hole (no copy), and only the holes
-//! left over when fewer neurons arrive than left are closed by moving the last live row in (one
-//! bundle copy each; rows evicted from the end cost none). At OPT-6.7B's steady state (as many
-//! neurons in as out) that removes nearly all of the ~200 MB/token of moves.
+//! hole and appends insertions (the default). With `set_fill_holes(true)` an insertion first takes
+//! a hole (no copy), and only the holes left over when fewer neurons arrive than left are closed
+//! by moving the last live row in (one bundle copy each; rows evicted from the end cost none). At
+//! OPT-6.7B's steady state (as many neurons in as out) that removes nearly all of the ~200
+//! MB/token of moves, at the price of the read/compute overlap (see `set_fill_holes`).
 //!
 //! Concurrency and memory ordering (who may touch which row when). Three parties use a cache:
 //! the *owner* (the thread calling begin/wait/admit; they take `&mut self`, so one at a time),
@@ -353,6 +354,9 @@ pub struct NeuronCache {
     filler: Option<Filler>,
     /// The filler could not be started: fills run inline (begin then blocks).
     inline_only: bool,
+    /// New neurons take the rows evictions emptied (see the module comment); false: the paper's
+    /// scheme, every hole closed by a move and new neurons appended.
+    fill_holes: bool,
 }
 
 impl NeuronCache {
@@ -413,6 +417,7 @@ impl NeuronCache {
             pending: None,
             filler: None,
             inline_only: false,
+            fill_holes: false,
         })
     }
 
@@ -431,6 +436,18 @@ impl NeuronCache {
     /// Change the window; applies from the next `begin`.
     pub fn set_window(&mut self, window: u32) {
         self.window = window;
+    }
+
+    pub fn fill_holes(&self) -> bool {
+        self.fill_holes
+    }
+
+    /// Let new neurons take the rows evictions emptied (no move for them) instead of closing
+    /// every hole with a move and appending. Then `ready_rows` is the lowest such hole, so
+    /// little is left to compute on while reads run: worth it when reads are started a layer
+    /// ahead (they are done before the layer computes), not when compute overlaps the reads.
+    pub fn set_fill_holes(&mut self, on: bool) {
+        self.fill_holes = on;
     }
 
     pub fn bundle_bytes(&self) -> usize {
@@ -730,6 +747,10 @@ impl NeuronCache {
             }
         }
         holes.sort_unstable();
+        if !self.fill_holes {
+            self.close_holes(&holes); // the paper's deletion: every hole closed by a move
+            holes.clear();
+        }
 
         // 4. What fits goes into the lowest holes, then after the live rows; the rest overflows.
         let held = self.live - holes.len();
@@ -741,13 +762,14 @@ impl NeuronCache {
         let mut rows: Vec<usize> = holes;
         rows.extend(self.live..self.live + (m - rows.len()));
         let ready_rows = rows.first().copied().unwrap_or(self.live);
-        let c = &self.shared.counters;
-        add(&c.admissions, 1);
-        add(&c.hits, hits as u64);
-        add(&c.misses, m as u64);
-        add(&c.overflow, overflow.len() as u64);
-        add(&c.evicted_window, evicted_window as u64);
-        add(&c.evicted_capacity, evicted_capacity as u64);
+        let count = |c: &Counters| {
+            add(&c.admissions, 1);
+            add(&c.hits, hits as u64);
+            add(&c.misses, m as u64);
+            add(&c.overflow, overflow.len() as u64);
+            add(&c.evicted_window, evicted_window as u64);
+            add(&c.evicted_capacity, evicted_capacity as u64);
+        };
         let mut adm = Admission {
             epoch: serial,
             ready_rows,
@@ -765,6 +787,7 @@ impl NeuronCache {
         };
         if m == 0 {
             self.ready = self.live;
+            count(&self.shared.counters);
             add(&self.shared.counters.mgmt_ns, ns_since(t0));
             return Ok(adm);
         }
@@ -782,6 +805,7 @@ impl NeuronCache {
                 return Err(e);
             }
         };
+        count(&self.shared.counters);
         // Rows in the plan's (sorted) neuron order: neighbouring bundles that land in
         // neighbouring rows (appended ones, or adjacent holes) share a read.
         for (&j, &row) in p.neurons.iter().zip(&rows) {

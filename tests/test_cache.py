@@ -122,8 +122,9 @@ class CacheMachine(RuleBasedStateMachine):
         gap_pages=st.integers(0, 4),
         concurrency=st.sampled_from([1, 4, 32]),
         seed=st.integers(0, 2**32 - 1),
+        fill_holes=st.booleans(),
     )
-    def setup(self, n, bb, cap_frac, window, offset_pages, sparse_only, gap_pages, concurrency, seed):
+    def setup(self, n, bb, cap_frac, window, offset_pages, sparse_only, gap_pages, concurrency, seed, fill_holes):
         self.n, self.bb, self.offset = n, bb, offset_pages * PAGE
         self.capacity = int(n * cap_frac)
         path = self.dir / "ffn.bin"
@@ -133,6 +134,8 @@ class CacheMachine(RuleBasedStateMachine):
         self.profile = Profile.default()
         self.cache = NeuronCache(self.reader, self.offset, n, bb, self.capacity, window,
                                  profile=self.profile, **self.options)
+        self.cache.fill_holes = fill_holes    # new neurons into evicted rows, or the paper's moves
+        assert self.cache.fill_holes == fill_holes
         self.model = Model(self.capacity, window)
         self.last: dict[int, int] = {}     # neuron -> step last wanted (every neuron ever wanted)
         self.step = 0

@@ -260,7 +260,7 @@ class _Halves:
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_lookahead_prefetch_is_used_and_equal(stores, arch):
     """A source with `ahead` starts layer+1's reads during layer; the admission it started is
-    the one layer+1 computes with: same sets, same logits as without lookahead, bit for bit."""
+    the one layer+1 computes with: same sets, same logits as without lookahead."""
     path = stores[arch]
     config = Store(path).config
     L = config.n_layers
@@ -275,4 +275,6 @@ def test_lookahead_prefetch_is_used_and_equal(stores, arch):
             assert src.ahead_calls == list(range(L - 1)) * 7
         else:
             assert src.calls == list(range(L)) * 7
-    assert torch.equal(out[True], out[False])
+    # same sets, same neurons computed; with lookahead new neurons take evicted rows, so only
+    # the summation order differs
+    assert (out[True] - out[False]).abs().max().item() <= 1e-5

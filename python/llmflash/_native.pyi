@@ -138,7 +138,7 @@ class Admission:
     @property
     def hits(self) -> int: ...             # unique wanted neurons already live
     @property
-    def misses(self) -> int: ...           # appended (read): total_rows - ready_rows
+    def misses(self) -> int: ...           # read into rows now (missing, unique, fitting)
     @property
     def overflow(self) -> npt.NDArray[np.int64]: ...  # did not fit: stream with read_neurons
     @property
@@ -185,6 +185,10 @@ class NeuronCache:
     @window.setter
     def window(self, window: int) -> None: ...
     @property
+    def fill_holes(self) -> bool: ...      # new neurons take evicted rows (no move); see rust/cache.rs
+    @fill_holes.setter
+    def fill_holes(self, on: bool) -> None: ...
+    @property
     def n_neurons(self) -> int: ...
     @property
     def bundle_bytes(self) -> int: ...
@@ -207,3 +211,9 @@ class NeuronCache:
 def measure_point(path: _Path, size: int, concurrency: int, seconds: float) -> float: ...
 def measure(path: _Path, sizes: Sequence[int], concurrencies: Sequence[int],
             seconds_per_point: float) -> Profile: ...
+
+
+def f16_rows_gemv(rows: np.ndarray, h: np.ndarray, threads: int = 2) -> np.ndarray:
+    """(D,) float32 = sum_i h[i] * rows[i]: rows (n, D) int16 float16 bit patterns, unit column
+    stride, aligned; h (n,) float32. Without the GIL."""
+    ...

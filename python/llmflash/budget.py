@@ -60,7 +60,8 @@ def plan_caches(budget: int, resident_bytes: int, ffn_dims: list[int], bundle_by
     if budget < fixed:
         raise BudgetError(
             f"memory budget {budget / 1e6:.1f} MB is below what must stay resident "
-            f"({resident_bytes / 1e6:.1f} MB of embeddings/attention/norms + {scratch / 1e6:.1f} MB scratch); "
+            f"({resident_bytes / 1e6:.1f} MB of embeddings/attention/norms and predictors + "
+            f"{scratch / 1e6:.1f} MB scratch); "
             f"use at least {fixed / 1e6:.1f} MB", store_name or None)
     total = sum(ffn_dims)
     share = min(1.0, (budget - fixed) / (total * bundle_bytes))

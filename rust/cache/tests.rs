@@ -319,11 +319,13 @@ proptest! {
         bb in prop_oneof![Just(100u64), Just(3456), Just(4096), Just(8192), Just(16384), 1u64..9000],
         cap_frac in 0.0f64..=1.0,
         window in prop_oneof![Just(0u32), 1u32..5, Just(u32::MAX)],
+        fill_holes in any::<bool>(),
         steps in proptest::collection::vec((proptest::collection::vec(any::<u32>(), 0..40), any::<bool>(), 0u64..3), 1..12),
     ) {
         let s = Store::new(n, bb);
         let cap = ((n as f64) * cap_frac) as usize;
         let mut c = s.cache(cap, window);
+        c.set_fill_holes(fill_holes);
         let mut model = Model::default();
         let mut step = 0u64;
         for (picks, background, dt) in steps {

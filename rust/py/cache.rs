@@ -57,7 +57,7 @@ impl PyAdmission {
         self.adm.hits
     }
 
-    /// Neurons appended (read): total_rows - ready_rows.
+    /// Neurons read into rows by this admission (unique wanted neurons that were missing and fit).
     #[getter]
     fn misses(&self) -> usize {
         self.adm.misses
@@ -239,6 +239,19 @@ impl PyNeuronCache {
     #[setter]
     fn set_window(&mut self, window: u32) {
         self.cache.set_window(window);
+    }
+
+    /// New neurons take the rows evictions emptied (no move) instead of the paper's
+    /// move-then-append; then ready_rows is the lowest such row (less overlap of compute with
+    /// reads): for caches whose reads start a layer ahead.
+    #[getter]
+    fn fill_holes(&self) -> bool {
+        self.cache.fill_holes()
+    }
+
+    #[setter]
+    fn set_fill_holes(&mut self, on: bool) {
+        self.cache.set_fill_holes(on);
     }
 
     #[getter]

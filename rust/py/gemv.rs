@@ -1,6 +1,6 @@
 //! `f16_rows_gemv(rows, h)`: the decode product over float16 bundle rows (crate::gemv).
 
-use numpy::{PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 use crate::error::Error;
@@ -17,21 +17,31 @@ pub fn f16_rows_gemv<'py>(
     threads: usize,
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
     let (n, dim) = (rows.shape()[0], rows.shape()[1]);
-    let view = rows.as_array();
-    let strides = view.strides();
     if n != h.len() {
         return Err(Error::invalid(format!("{n} rows but {} activations", h.len())).into());
     }
-    if dim > 1 && strides[1] != 1 || strides[0] < 0 || (n > 1 && (strides[0] as usize) < dim) {
+    if n == 0 || dim == 0 {
+        return Ok(PyArray1::from_vec(py, vec![0f32; dim]));
+    }
+    // numpy allows odd byte strides and unaligned data; rust-numpy would truncate the former to
+    // whole elements, and a &[u16] needs the latter aligned.
+    let byte_strides = rows.strides();
+    if !rows.is_aligned() || byte_strides.iter().any(|s| s % 2 != 0) {
+        return Err(Error::invalid(format!("rows must be aligned 2-byte elements (byte strides {byte_strides:?})")).into());
+    }
+    let view = rows.as_array();
+    let strides = view.strides();
+    if dim > 1 && strides[1] != 1 || (n > 1 && (strides[0] < 0 || (strides[0] as usize) < dim)) {
         return Err(Error::invalid(format!(
             "rows must be row-major with unit column stride and rows that do not overlap (strides {strides:?})"
         ))
         .into());
     }
     let stride = if n > 1 { strides[0] as usize } else { dim };
-    let len = if n == 0 { 0 } else { (n - 1) * stride + dim };
-    // SAFETY: numpy guarantees the n x dim elements at these strides lie inside the array's
-    // buffer, and the last row ends at element (n-1)*stride + dim; i16 and u16 have the same
+    let len = (n - 1) * stride + dim;
+    // SAFETY: n, dim >= 1, so numpy guarantees the n x dim elements at these (non-negative,
+    // whole-element, checked above) strides lie inside the array's buffer, the last row ending
+    // at element (n-1)*stride + dim; the data is aligned (checked); i16 and u16 have the same
     // size and alignment; the PyReadonlyArray borrow keeps the buffer alive and unwritten by
     // other numpy users for this call.
     let bits: &[u16] = unsafe { std::slice::from_raw_parts(view.as_ptr() as *const u16, len) };

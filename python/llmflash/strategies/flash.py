@@ -3,11 +3,16 @@
   1. a wanted-set source (oracle, magnitude rule, or the learned predictors) names the neurons
      the token needs, from the layer's FFN input;
   2. the layer's NeuronCache (Rust) evicts neurons not wanted in the last `window` tokens
-     (deleting moves the last live row into the hole), plans the missing bundles into few large
+     (deleting moves the last live row into the hole, the paper's scheme), plans the missing bundles into few large
      direct-I/O reads (coalescing and bridging by the disk profile) and starts them;
   3. while those reads are in flight, the FFN runs on the rows that were already live; then on
      the rows just read; neurons beyond the layer's capacity stream through one shared scratch
      buffer in chunks.
+
+Lookahead: a source with `ahead(layer, x)` (layer+1's neurons from layer's FFN input) gets
+layer+1's reads started while layer computes; those caches then place new neurons into the rows
+evictions emptied instead of moving rows (their reads are done before the layer computes, so
+there is no overlap to keep), and the FFN runs in one pass when the reads are already done.
 
 OPT's fc1 bias is resident (Store.up_biases, store order), not in the bundles: each row's bias is
 gathered by the row's store position, from the cache's row -> position map for cache rows and
@@ -133,6 +138,11 @@ class FlashFFN:
         # compute between layers). (step, Admission) per layer, started by the layer before.
         self._peek = getattr(self.source, "ahead", None) if overlap else None
         self._ahead: list[tuple[int, Any] | None] = [None] * len(self.caches)
+        if self._peek is not None:
+            # Reads done before the layer computes: new neurons can take the evicted rows (no
+            # move) at no cost in overlap (rust/cache.rs, set_fill_holes).
+            for cache in self.caches:
+                cache.fill_holes = True
 
     def _view(self, buf: AlignedBuf, rows: int) -> Tensor:
         n = rows * self.config.bundle_values
