@@ -59,16 +59,20 @@
 //! whole-region buffer would hold the entire FFN in DRAM and defeat the memory budget).
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::aligned::AlignedBuf;
 use crate::error::{Error, Result};
-use crate::planner::{plan, Plan, PlanOptions, Region};
+use crate::planner::{plan, PlanOptions, Region};
 use crate::profile::Profile;
 use crate::reader::{RawOp, Reader};
 pub use crate::staging::StagingPool;
+
+use counters::{add, ns_since, Counters};
+pub use counters::CacheStats;
+use evict::Doom;
+use fill::{run_fill, Fill, FillResult, Filler};
 
 /// `slot_of[neuron]` for a neuron that is not in the cache.
 pub const ABSENT: u32 = u32::MAX;
@@ -107,84 +111,6 @@ pub struct Admission {
 }
 
 
-/// Counters, updated with relaxed atomics (statistics: no other memory is ordered by them).
-#[derive(Debug, Default)]
-struct Counters {
-    admissions: AtomicU64,
-    hits: AtomicU64,
-    misses: AtomicU64,
-    overflow: AtomicU64,
-    evicted_window: AtomicU64,
-    evicted_capacity: AtomicU64,
-    bytes_read: AtomicU64,
-    bytes_useful: AtomicU64,
-    bytes_direct: AtomicU64,
-    requests: AtomicU64,
-    failed_fills: AtomicU64,
-    io_ns: AtomicU64,
-    wait_ns: AtomicU64,
-    mgmt_ns: AtomicU64,
-}
-
-/// A copy of a cache's counters.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct CacheStats {
-    /// `begin` calls.
-    pub admissions: u64,
-    /// Unique wanted neurons found live / appended (read) / returned as overflow.
-    pub hits: u64,
-    pub misses: u64,
-    pub overflow: u64,
-    /// Neurons evicted by the window / for capacity.
-    pub evicted_window: u64,
-    pub evicted_capacity: u64,
-    /// Bytes read from disk for this layer (fills and `read_neurons`), of which wanted bundles.
-    pub bytes_read: u64,
-    pub bytes_useful: u64,
-    /// Of bytes_read, those read straight into rows (no staging copy).
-    pub bytes_direct: u64,
-    /// Read requests issued.
-    pub requests: u64,
-    /// Fills that failed (their neurons were dropped from the index).
-    pub failed_fills: u64,
-    /// Wall time of read batches (device time, possibly overlapped with compute).
-    pub io_ns: u64,
-    /// Time the owner spent blocked waiting for fills (the I/O that was not overlapped).
-    pub wait_ns: u64,
-    /// Memory management: eviction moves, index updates, staging -> row copies.
-    pub mgmt_ns: u64,
-}
-
-impl CacheStats {
-    /// (name, value) pairs in a fixed order (the Python dict's keys).
-    pub fn fields(&self) -> [(&'static str, u64); 14] {
-        [
-            ("admissions", self.admissions),
-            ("hits", self.hits),
-            ("misses", self.misses),
-            ("overflow", self.overflow),
-            ("evicted_window", self.evicted_window),
-            ("evicted_capacity", self.evicted_capacity),
-            ("bytes_read", self.bytes_read),
-            ("bytes_useful", self.bytes_useful),
-            ("bytes_direct", self.bytes_direct),
-            ("requests", self.requests),
-            ("failed_fills", self.failed_fills),
-            ("io_ns", self.io_ns),
-            ("wait_ns", self.wait_ns),
-            ("mgmt_ns", self.mgmt_ns),
-        ]
-    }
-}
-
-fn add(c: &AtomicU64, v: u64) {
-    c.fetch_add(v, Ordering::Relaxed);
-}
-
-fn ns_since(t: Instant) -> u64 {
-    t.elapsed().as_nanos().min(u64::MAX as u128) as u64
-}
-
 /// What the owner and the filler share.
 struct Shared {
     reader: Arc<Reader>,
@@ -195,141 +121,6 @@ struct Shared {
     /// Epoch of the last fill that finished (successfully or not).
     done_epoch: AtomicU64,
     counters: Counters,
-}
-
-/// Where one read of a fill lands.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Target {
-    /// At this offset of the fill's staging buffer (then copied into rows).
-    Staging(usize),
-    /// Straight into rows starting at this one (page-multiple bundles read with no gap).
-    Row(usize),
-}
-
-/// One read of a fill.
-#[derive(Debug, Clone, Copy)]
-struct FillOp {
-    offset: u64,
-    len: usize,
-    target: Target,
-}
-
-/// One admission's reads, handed to the filler.
-struct Fill {
-    epoch: u64,
-    ops: Vec<FillOp>,
-    /// Staging bytes the `Target::Staging` reads need (0: none).
-    staging_bytes: usize,
-    /// Rows this fill writes (holes left by evictions, then rows after the live block).
-    rows: Vec<usize>,
-    requests: usize,
-    buffer_bytes: u64,
-    useful_bytes: u64,
-    /// (offset in staging, row) for every appended neuron read through staging.
-    copies: Vec<(usize, usize)>,
-}
-
-struct FillResult {
-    epoch: u64,
-    error: Option<Error>,
-}
-
-struct Filler {
-    jobs: Sender<Fill>,
-    /// Only ever reached through `Mutex::get_mut` (the owner has `&mut self`): never locked.
-    /// The Mutex makes the cache `Sync` (a channel receiver is not), which Python classes need.
-    results: Mutex<Receiver<FillResult>>,
-}
-
-/// Run a fill: read its plan (into rows directly where it can, else into staging), then copy
-/// each staged bundle into its row.
-fn run_fill(shared: &Shared, fill: Fill) -> FillResult {
-    let epoch = fill.epoch;
-    let finish = |error: Option<Error>| {
-        if error.is_some() {
-            add(&shared.counters.failed_fills, 1);
-        }
-        shared.done_epoch.store(epoch, Ordering::Release);
-        FillResult { epoch, error }
-    };
-    let staging = if fill.staging_bytes > 0 {
-        match shared.staging.take(fill.staging_bytes) {
-            Ok(b) => Some(b),
-            Err(e) => return finish(Some(e)),
-        }
-    } else {
-        None
-    };
-    let bb = shared.bundle_bytes;
-    let rows = shared.slots.as_mut_ptr();
-    let ops: Vec<RawOp> = fill
-        .ops
-        .iter()
-        .map(|op| {
-            let dest = match (op.target, &staging) {
-                // SAFETY: `begin` placed staged reads back to back in [0, staging_bytes), and
-                // staging holds at least staging_bytes: the pointer stays inside the allocation.
-                (Target::Staging(at), Some(b)) => unsafe { b.as_mut_ptr().add(at) },
-                // SAFETY: `begin` checked that the request's rows are consecutive and below
-                // capacity, so row*bb + len <= capacity*bb, the size of the slot matrix (kept
-                // alive by `shared`): the pointer stays inside it.
-                (Target::Row(row), _) => unsafe { rows.add(row * bb) },
-                (Target::Staging(_), None) => std::ptr::null_mut(), // unreachable: staging_bytes > 0
-            };
-            RawOp { file_offset: op.offset, len: op.len, dest }
-        })
-        .collect();
-    if ops.iter().any(|o| o.dest.is_null()) {
-        return finish(Some(Error::invalid("cache fill staged a read without a staging buffer")));
-    }
-    let t0 = Instant::now();
-    // SAFETY: the destinations are disjoint: staged ones are distinct ranges of `staging`, which
-    // this function owns (taken from the pool, not shared); direct ones are distinct rows of
-    // `fill.rows`, which belong to this fill until the owner receives its result
-    // (module comment), so nobody else reads or writes them. Both stay alive until read_raw has
-    // returned, i.e. after every worker has finished writing.
-    let r = unsafe { shared.reader.read_raw(&ops) };
-    add(&shared.counters.io_ns, ns_since(t0));
-    if let Err(e) = r {
-        if let Some(b) = staging {
-            shared.staging.give(b);
-        }
-        return finish(Some(e));
-    }
-    let t1 = Instant::now();
-    if let Some(b) = &staging {
-        for &(at, row) in &fill.copies {
-            // SAFETY: `at + bb <= staging_bytes <= staging.len()` and `row < capacity` were
-            // checked in `begin`; staging is ours and the workers are done with it; rows
-            // `fill.rows` belong to this fill until the owner receives its result
-            // (module comment), so nobody else reads or writes `rows[row*bb..]` meanwhile;
-            // `shared` keeps the slot matrix alive. Staging and slots are distinct allocations.
-            unsafe { std::ptr::copy_nonoverlapping(b.as_ptr().add(at), rows.add(row * bb), bb) };
-        }
-    }
-    for &row in &fill.rows {
-        shared.state[row].store(READY, Ordering::Release);
-    }
-    add(&shared.counters.mgmt_ns, ns_since(t1));
-    if let Some(b) = staging {
-        shared.staging.give(b);
-    }
-    add(&shared.counters.bytes_read, fill.buffer_bytes);
-    add(&shared.counters.bytes_useful, fill.useful_bytes);
-    let direct: usize = fill.ops.iter().filter(|o| matches!(o.target, Target::Row(_))).map(|o| o.len).sum();
-    add(&shared.counters.bytes_direct, direct as u64);
-    add(&shared.counters.requests, fill.requests as u64);
-    shared.reader.stats().add_useful(fill.useful_bytes);
-    finish(None)
-}
-
-/// How `evict` chooses rows.
-#[derive(Clone, Copy)]
-enum Doom {
-    /// Not wanted in the last `window` steps before `step`.
-    Window { step: u64, window: u32 },
-    /// Marked in `doomed`.
-    Marked,
 }
 
 pub struct NeuronCache {
@@ -489,10 +280,9 @@ impl NeuronCache {
 
     /// The bytes of rows `[0, ready_rows)`: stable while borrowed (only `begin` moves them).
     pub fn ready_bytes(&self) -> &[u8] {
-        // SAFETY: ready * bb <= capacity * bb = slots.len(); the filler writes only rows at or
-        // past `ready`, and the owner moves rows only in `begin` (`&mut self`, excluded by this
-        // borrow), so nothing writes these bytes while the slice lives; `self.shared` keeps the
-        // allocation alive.
+        // The filler writes only rows at or past `ready`; rows move only in `begin` (`&mut self`).
+        // SAFETY: ready * bb <= slots.len(), nothing writes these bytes while this borrow lives,
+        // and `self.shared` keeps the allocation alive.
         unsafe { std::slice::from_raw_parts(self.shared.slots.as_ptr(), self.ready * self.shared.bundle_bytes) }
     }
 
@@ -632,70 +422,6 @@ impl NeuronCache {
                 Err(e)
             }
         }
-    }
-
-    fn is_doomed(&self, j: u32, how: Doom) -> bool {
-        match how {
-            Doom::Window { step, window } => step.saturating_sub(self.last_wanted[j as usize]) > window as u64,
-            Doom::Marked => self.doomed[j as usize],
-        }
-    }
-
-    /// Drop row `row` from the index (its bytes stay until overwritten).
-    fn unindex(&mut self, row: usize) {
-        let j = self.neuron_of[row];
-        self.slot_of[j as usize] = ABSENT;
-        self.doomed[j as usize] = false;
-        self.neuron_of[row] = ABSENT;
-        self.shared.state[row].store(EMPTY, Ordering::Relaxed);
-    }
-
-    /// Unindex every live row whose neuron is doomed and return those rows (holes, ascending).
-    /// Only called with no fill pending, so every live row is ready and owned by the owner.
-    fn take_holes(&mut self, how: Doom) -> Vec<usize> {
-        let mut holes = Vec::new();
-        for row in 0..self.live {
-            let j = self.neuron_of[row];
-            if j != ABSENT && self.is_doomed(j, how) {
-                self.unindex(row);
-                holes.push(row);
-            }
-        }
-        holes
-    }
-
-    /// Close `holes` (unindexed rows below `live`, ascending) by moving the last live rows into
-    /// them (the paper's deletion); holes at the end just shorten the block. Only called with no
-    /// fill pending.
-    fn close_holes(&mut self, holes: &[usize]) {
-        let bb = self.shared.bundle_bytes;
-        let base = self.shared.slots.as_mut_ptr();
-        let mut end = self.live;
-        let mut hi = holes.len();
-        for (i, &h) in holes.iter().enumerate() {
-            // drop holes not yet filled (and nothing else) from the end of the block
-            while hi > i && end > 0 && holes[hi - 1] == end - 1 {
-                hi -= 1;
-                end -= 1;
-            }
-            if h >= end {
-                break;
-            }
-            let last = end - 1;
-            // SAFETY: h < last < live <= capacity, so both rows lie inside the slot matrix
-            // (capacity * bb bytes, kept alive by self.shared) and are distinct; no fill is
-            // pending, so no other thread writes them (module comment); compute may not read
-            // rows across a `begin`.
-            unsafe { std::ptr::copy_nonoverlapping(base.add(last * bb), base.add(h * bb), bb) };
-            let j = self.neuron_of[last];
-            self.neuron_of[h] = j;
-            self.slot_of[j as usize] = h as u32;
-            self.shared.state[h].store(READY, Ordering::Relaxed);
-            self.neuron_of[last] = ABSENT;
-            self.shared.state[last].store(EMPTY, Ordering::Relaxed);
-            end -= 1;
-        }
-        self.live = end;
     }
 
     fn begin_inner(&mut self, wanted: &[u32], step: u64, background: bool) -> Result<Admission> {
@@ -847,104 +573,6 @@ impl NeuronCache {
         Ok(adm)
     }
 
-    /// The reads of plan `p` for rows `[first_row, first_row + p.neurons.len())` (neuron
-    /// `p.neurons[k]` -> row `first_row + k`), bounds-checked. When bundles are whole pages,
-    /// a request that holds only wanted bundles (no bridged gap) reads straight into its rows;
-    /// every other request (sub-page bundles, bridged gaps, the whole region) lands in staging
-    /// and its wanted bundles are copied into their rows.
-    fn fill_for(&self, epoch: u64, p: &Plan, rows: &[usize]) -> Result<Fill> {
-        let bb = self.shared.bundle_bytes as u64;
-        let n = p.neurons.len();
-        if rows.len() != n || rows.iter().any(|&r| r >= self.capacity) || p.landing.len() != n || p.request_index.len() != n {
-            return Err(Error::invalid(format!("plan of {n} neurons does not fit {} rows of {}", rows.len(), self.capacity)));
-        }
-        let align = crate::aligned::ALIGN as u64;
-        let pages = bb % align == 0 && self.region.offset % align == 0;
-        let mut ops = Vec::with_capacity(p.requests.len());
-        let mut copies = Vec::new();
-        let mut staged = 0u64;
-        let mut k = 0;
-        for (q, r) in p.requests.iter().enumerate() {
-            let k0 = k;
-            while k < p.neurons.len() && p.request_index[k] as usize == q {
-                k += 1;
-            }
-            let group = &p.neurons[k0..k];
-            let first = group.first().map(|&j| self.region.offset + j as u64 * bb);
-            let direct = pages
-                && first == Some(r.offset)
-                && r.len == group.len() as u64 * bb
-                && group.last().map(|&l| (l - group[0]) as usize + 1) == Some(group.len())
-                && rows[k0..k].windows(2).all(|w| w[1] == w[0] + 1);
-            if direct {
-                ops.push(FillOp { offset: r.offset, len: r.len as usize, target: Target::Row(rows[k0]) });
-                continue;
-            }
-            ops.push(FillOp { offset: r.offset, len: r.len as usize, target: Target::Staging(staged as usize) });
-            // A bundle may run on into the next request (a run split at max_request_bytes); that
-            // one starts mid-bundle, so it is staged too, right after this one.
-            for i in k0..k {
-                match p.landing[i].checked_sub(r.dest_offset) {
-                    Some(d) => copies.push((d + staged, rows[i])),
-                    None => return Err(Error::invalid(format!("plan lands neuron {} before request {q}", p.neurons[i]))),
-                }
-            }
-            staged += r.len;
-        }
-        if k != p.neurons.len() {
-            return Err(Error::invalid(format!("plan places {} of {} neurons in its requests", k, p.neurons.len())));
-        }
-        if let Some(&(at, _)) = copies.iter().find(|&&(at, _)| at + bb > staged) {
-            return Err(Error::invalid(format!("plan lands a bundle at {at}, outside its {staged} staged bytes")));
-        }
-        let copies = copies.into_iter().map(|(at, row)| (at as usize, row)).collect();
-        Ok(Fill {
-            epoch,
-            ops,
-            staging_bytes: staged as usize,
-            rows: rows.to_vec(),
-            requests: p.requests.len(),
-            buffer_bytes: p.buffer_bytes,
-            useful_bytes: p.useful_bytes,
-            copies,
-        })
-    }
-
-    /// Start the fill thread once; false if fills must run inline.
-    fn start_filler(&mut self) -> bool {
-        if self.filler.is_some() {
-            return true;
-        }
-        if self.inline_only {
-            return false;
-        }
-        let (jobs, job_rx) = channel::<Fill>();
-        let (res_tx, results) = channel::<FillResult>();
-        let shared = self.shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name("llmflash-cache-fill".into())
-            .stack_size(256 << 10)
-            .spawn(move || {
-                // Ends when the cache (the job sender) is dropped. The slot matrix stays alive
-                // through `shared` while a last fill finishes, so dropping a cache never waits.
-                for fill in job_rx {
-                    if res_tx.send(run_fill(&shared, fill)).is_err() {
-                        break;
-                    }
-                }
-            });
-        match spawned {
-            Ok(_) => {
-                self.filler = Some(Filler { jobs, results: Mutex::new(results) });
-                true
-            }
-            Err(_) => {
-                self.inline_only = true; // no thread to be had: reads run in begin (correct, slower)
-                false
-            }
-        }
-    }
-
     /// Read the bundles of `wanted` (duplicates allowed) into `dest`, packed: row k (bytes
     /// `[k*bb, (k+1)*bb)`) = bundle `wanted[k]`. Returns `wanted.len()`. Does not touch the
     /// cache's rows; may run while a fill is pending (overflow streaming).
@@ -1018,5 +646,8 @@ impl Drop for NeuronCache {
     }
 }
 
+mod counters;
+mod evict;
+mod fill;
 #[cfg(test)]
 mod tests;

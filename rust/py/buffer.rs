@@ -60,10 +60,10 @@ impl PyAlignedBuf {
     /// Writable, C-contiguous, unsigned bytes ("B").
     unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
         let (ptr, len) = (slf.get().buf.as_mut_ptr(), slf.get().buf.len());
-        // SAFETY: `view` is the exporter's Py_buffer supplied by the interpreter. PyBuffer_FillInfo
-        // stores a new reference to `slf` in view.obj, and that reference keeps this object, so
-        // its Arc on the AlignedBuf allocation (which never moves or resizes), alive until the
-        // consumer releases the view. The format pointer it sets is a static string: nothing to free.
+        // PyBuffer_FillInfo stores a new reference to `slf` in view.obj; the format pointer it
+        // sets is a static string (nothing to free).
+        // SAFETY: `view` is the interpreter's Py_buffer; view.obj keeps this object and its Arc on
+        // the AlignedBuf (never moved or resized) alive until the consumer releases the view.
         let r = unsafe { ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr.cast(), len as ffi::Py_ssize_t, 0, flags) };
         if r != 0 {
             return Err(PyErr::fetch(slf.py()));

@@ -200,10 +200,9 @@ impl PyNeuronCache {
         }
         let (dest, len) = (Dest(buf.as_mut_ptr()), buf.len());
         let cache = &self.cache;
-        // SAFETY: `out` (a Python reference this function holds until it returns) keeps the
-        // destination allocation alive through the detached read; it is a different allocation
-        // from the slot matrix (checked) and from any staging buffer. Python code may touch
-        // `out` meanwhile, as with any buffer handed to an I/O call; nothing frees or moves it.
+        // Python code may touch `out` meanwhile, as with any buffer handed to an I/O call.
+        // SAFETY: `out`, held until this returns, keeps the destination alive (nothing frees or
+        // moves it); it is not the slot matrix (checked) nor a staging buffer.
         let n = py.detach(move || unsafe { cache.read_neurons_raw(&ids, dest.get(), len) })?;
         Ok(n)
     }

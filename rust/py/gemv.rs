@@ -1,6 +1,6 @@
 //! `f16_rows_gemv(rows, h)`: the decode product over float16 bundle rows (crate::gemv).
 
-use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 use crate::error::Error;
@@ -39,11 +39,10 @@ pub fn f16_rows_gemv<'py>(
     }
     let stride = if n > 1 { strides[0] as usize } else { dim };
     let len = (n - 1) * stride + dim;
-    // SAFETY: n, dim >= 1, so numpy guarantees the n x dim elements at these (non-negative,
-    // whole-element, checked above) strides lie inside the array's buffer, the last row ending
-    // at element (n-1)*stride + dim; the data is aligned (checked); i16 and u16 have the same
-    // size and alignment; the PyReadonlyArray borrow keeps the buffer alive and unwritten by
-    // other numpy users for this call.
+    // n, dim >= 1 and the strides are non-negative whole elements (checked above), so numpy's
+    // own bounds put the last row's end at element (n-1)*stride + dim inside the buffer.
+    // SAFETY: that many aligned (checked) 2-byte elements exist; i16 and u16 share size and
+    // alignment; the PyReadonlyArray borrow keeps the buffer alive and unwritten for the call.
     let bits: &[u16] = unsafe { std::slice::from_raw_parts(view.as_ptr() as *const u16, len) };
     let h = h.as_slice()?;
     let mut y = vec![0f32; dim];

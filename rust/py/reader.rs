@@ -35,10 +35,9 @@ impl PyReader {
     /// Read `ops` with the GIL released. The caller holds references to every destination.
     fn run(&self, py: Python<'_>, ops: Ops) -> PyResult<()> {
         let reader = &self.reader;
-        // SAFETY: each op's destination lies inside an AlignedBuf that the caller keeps alive
-        // (a Python reference held across this call), and ranges were checked disjoint.
-        // Python code may read those buffers meanwhile (as with any I/O into a numpy array);
-        // nothing frees or moves them.
+        // Python code may read those buffers meanwhile (as with any I/O into a numpy array).
+        // SAFETY: each destination lies inside an AlignedBuf the caller keeps alive across this
+        // call (nothing frees or moves it), and the ranges were checked disjoint.
         py.detach(move || unsafe { reader.read_raw(ops.get()) })?;
         Ok(())
     }
