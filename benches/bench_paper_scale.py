@@ -43,7 +43,7 @@ from make_opt_store import DEFAULT_OUT, random_f16_bits  # noqa: E402
 from wanted_sets import LookaheadReplay, Params, Replay, generate, stats  # noqa: E402
 
 from llmflash.store import Store, split_bundles  # noqa: E402
-from llmflash.strategies.base import bundle_ffn, rows_gemv  # noqa: E402
+from llmflash.strategies.base import bundle_ffn, rows_ffn  # noqa: E402
 from llmflash.strategies.flash import FlashFFN, model_bytes  # noqa: E402
 from llmflash.strategies.naive import NaiveFFN  # noqa: E402
 
@@ -55,24 +55,19 @@ FIO = Path(os.environ.get("LLMFLASH_FIO", REPO.parent / "shared" / "tools" / "fi
 # Decode (one token) on bundle rows (n, up | down): the down rows are (n, D) with the bundle
 # as row stride, so y = h @ down is a vector-matrix product in the "transposed" layout. torch's
 # float16 kernels for it run at ~5 GB/s here (11.3 ms for 3,651 rows, quiet machine; 48 ms when
-# upcasting first), so both FFNs use the library's native kernel (strategies.base.rows_gemv:
-# F16C + FMA, two threads, skipping h = 0): 0.8 ms for the same rows with ReLU activations.
-def ffn_rows_mv(x: Tensor, rows: Tensor, dim: int, bias: Tensor | None) -> Tensor:
-    """ReLU FFN over bundle rows for x (1, D) float16, their fc1 biases (n,) float32 or None
-    -> (1, D) float32."""
-    up, down = rows[:, :dim], rows[:, dim:2 * dim]
-    h = F.linear(x, up)                                                  # (1, n) float16
-    if bias is not None:
-        h = h + bias.to(h.dtype)
-    h = torch.relu_(h)
-    return rows_gemv(down, h[0])[None]                                  # (1, D)
+# upcasting first), so both FFNs use the library's native decode path (strategies.base.rows_ffn:
+# one F16C + FMA pass per bundle, two threads, down rows skipped where relu gives 0).
+def ffn_rows_mv(x: Tensor, rows: Tensor, config, bias: Tensor | None) -> Tensor:
+    """ReLU FFN over bundle rows for x (1, D), their fc1 biases (n,) float32 or None
+    -> (1, D) float32: the library's decode path (strategies.base.rows_ffn, one native pass)."""
+    return rows_ffn(x, rows, config, bias)
 
 
 class MvFlash(FlashFFN):
     def _ffn_rows(self, x: Tensor, rows: Tensor, bias: Tensor | None) -> Tensor:
         if x.shape[0] != 1:
             return super()._ffn_rows(x, rows, bias)
-        return ffn_rows_mv(x.to(rows.dtype), rows, self.config.dim, bias)
+        return ffn_rows_mv(x, rows, self.config, bias)
 
 
 class MvNaive(NaiveFFN):
@@ -80,7 +75,7 @@ class MvNaive(NaiveFFN):
         t0 = time.perf_counter()
         bundles = self._read(layer)
         t1 = time.perf_counter()
-        y = ffn_rows_mv(x.to(bundles.dtype), bundles, self.config.dim, self.b1[layer])
+        y = ffn_rows_mv(x, bundles, self.config, self.b1[layer])
         self.io_s += t1 - t0
         self.compute_s += time.perf_counter() - t1
         return y
@@ -274,7 +269,7 @@ def kernel_micro(flash: FlashFFN, naive: NaiveFFN, cfg) -> dict[str, float]:
                     p = split_bundles(rows, cfg)
                     bundle_ffn(x, p["up"], p["down"], None, bias, cfg.act)
                 else:
-                    ffn_rows_mv(x, rows, cfg.dim, bias)
+                    ffn_rows_mv(x, rows, cfg, bias)
                 best[k] = min(best[k], (time.perf_counter() - t0) * 1e3)
         out.update({f"{name}_{k}": v for k, v in best.items()})
     return out

@@ -106,6 +106,111 @@ unsafe fn accumulate_f16c(rows: &[u16], stride: usize, h: &[f32], y: &mut [f32])
     }
 }
 
+/// A whole FFN over bundle rows for one token, in one pass over each bundle:
+/// `h_i = relu(up_i . x + bias_i)` (plain) or `silu(gate_i . x) * (up_i . x)` (gated), then
+/// `y += h_i * down_i`, skipping the down row where `h_i == 0`. Row i holds, from element
+/// `i * stride`, `[gate_i,] up_i, down_i`, each `x.len()` float16 values.
+pub fn f16_bundle_ffn(rows: &[u16], stride: usize, n: usize, gated: bool, x: &[f32], bias: Option<&[f32]>,
+                      y: &mut [f32], threads: usize) -> Result<()> {
+    let dim = x.len();
+    let fields = if gated { 3 } else { 2 };
+    if y.len() != dim || bias.is_some_and(|b| b.len() != n) || gated && bias.is_some() {
+        return Err(Error::invalid(format!(
+            "bundle FFN: x has {dim} values, y {}, bias {:?} for {n} rows (gated {gated})",
+            y.len(),
+            bias.map(|b| b.len())
+        )));
+    }
+    if n > 0 {
+        let need = (n - 1).checked_mul(stride).and_then(|v| v.checked_add(fields * dim));
+        match need {
+            Some(need) if need <= rows.len() && fields * dim <= stride => {}
+            _ => {
+                return Err(Error::invalid(format!(
+                    "{n} bundles of {fields} x {dim} values at stride {stride} need more than the {} given",
+                    rows.len()
+                )))
+            }
+        }
+    }
+    y.iter_mut().for_each(|v| *v = 0.0);
+    let run = |lo: usize, hi: usize, out: &mut [f32]| {
+        for i in lo..hi {
+            let b = &rows[i * stride..i * stride + fields * dim];
+            let (gate, rest) = if gated { b.split_at(dim) } else { (&b[..0], b) };
+            let (up, down) = rest.split_at(dim);
+            let u = dot(up, x);
+            let h = if gated {
+                let g = dot(gate, x);
+                g / (1.0 + (-g).exp()) * u
+            } else {
+                (u + bias.map_or(0.0, |b| b[i])).max(0.0)
+            };
+            if h != 0.0 {
+                axpy(h, down, out);
+            }
+        }
+    };
+    if threads < 2 || n < 2 || n * dim * fields < SPLIT_MACS {
+        run(0, n, y);
+        return Ok(());
+    }
+    let half = n / 2;
+    let mut other = vec![0f32; dim];
+    std::thread::scope(|s| {
+        let o = &mut other;
+        s.spawn(move || run(half, n, o));
+        run(0, half, y);
+    });
+    y.iter_mut().zip(&other).for_each(|(a, b)| *a += b);
+    Ok(())
+}
+
+/// sum_d f16(a[d]) * x[d]
+fn dot(a: &[u16], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked just above).
+            return unsafe { dot_f16c(a, x) };
+        }
+    }
+    a.iter().zip(x).map(|(&b, &v)| f16_to_f32(b) * v).sum()
+}
+
+/// y += h * f16(a)
+fn axpy(h: f32, a: &[u16], y: &mut [f32]) {
+    accumulate(a, a.len(), &[h], y);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f16c(a: &[u16], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(x.len());
+    let body = n - n % 16;
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut d = 0;
+    while d < body {
+        // SAFETY: d + 16 <= body <= n <= both lengths: every lane read is in bounds (unaligned loads).
+        unsafe {
+            let a0 = _mm256_cvtph_ps(_mm_loadu_si128(a.as_ptr().add(d) as *const __m128i));
+            let a1 = _mm256_cvtph_ps(_mm_loadu_si128(a.as_ptr().add(d + 8) as *const __m128i));
+            acc0 = _mm256_fmadd_ps(a0, _mm256_loadu_ps(x.as_ptr().add(d)), acc0);
+            acc1 = _mm256_fmadd_ps(a1, _mm256_loadu_ps(x.as_ptr().add(d + 8)), acc1);
+        }
+        d += 16;
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: `lanes` holds 8 f32: an unaligned 8-lane store fits exactly.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc0, acc1)) };
+    let mut sum: f32 = lanes.iter().sum();
+    for k in body..n {
+        sum += f16_to_f32(a[k]) * x[k];
+    }
+    sum
+}
+
 /// IEEE binary16 bits -> f32 (subnormals, infinities and NaN included).
 pub fn f16_to_f32(bits: u16) -> f32 {
     let sign = ((bits >> 15) as u32) << 31;
@@ -175,6 +280,40 @@ mod tests {
             for d in 0..dim {
                 let want: f32 = (0..n).map(|i| h[i] * vals[i * stride + d]).sum();
                 prop_assert!((y[d] - want).abs() <= 1e-3 * (1.0 + want.abs()), "d {} got {} want {}", d, y[d], want);
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn bundle_ffn_matches_a_plain_sum(n in 0usize..30, dim in 1usize..40, pad in 0usize..5, gated in any::<bool>(),
+                                          with_bias in any::<bool>(), threads in 1usize..3, seed in any::<u64>()) {
+            let fields = if gated { 3 } else { 2 };
+            let stride = fields * dim + pad;
+            let mut s = seed | 1;
+            let mut next = || { s ^= s << 13; s ^= s >> 7; s ^= s << 17; s };
+            let vals: Vec<f32> = (0..n * stride).map(|_| ((next() % 64) as f32 - 32.0) / 32.0).collect();
+            let rows: Vec<u16> = vals.iter().map(|&v| f32_to_f16_bits(v)).collect();
+            let x: Vec<f32> = (0..dim).map(|_| ((next() % 16) as f32 - 8.0) / 8.0).collect();
+            let bias: Vec<f32> = (0..n).map(|_| ((next() % 16) as f32 - 8.0) / 4.0).collect();
+            let b = (with_bias && !gated).then_some(&bias[..]);
+            let mut y = vec![f32::NAN; dim];
+            f16_bundle_ffn(&rows, stride, n, gated, &x, b, &mut y, threads).unwrap();
+            let mut want = vec![0f64; dim];
+            for i in 0..n {
+                let f = |k: usize| -> f64 { (0..dim).map(|d| vals[i * stride + k * dim + d] as f64 * x[d] as f64).sum() };
+                let h = if gated {
+                    let (g, u) = (f(0), f(1));
+                    g / (1.0 + (-g).exp()) * u
+                } else {
+                    (f(0) + b.map_or(0.0, |b| b[i] as f64)).max(0.0)
+                };
+                for d in 0..dim {
+                    want[d] += h * vals[i * stride + (fields - 1) * dim + d] as f64;
+                }
+            }
+            for d in 0..dim {
+                prop_assert!((y[d] as f64 - want[d]).abs() <= 1e-3 * (1.0 + want[d].abs()), "d {} got {} want {}", d, y[d], want[d]);
             }
         }
     }

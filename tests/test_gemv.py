@@ -39,3 +39,33 @@ def test_native_rejects_bad_layouts():
     with pytest.raises(ValueError, match="stride"):
         f16_rows_gemv(rows[::-1], np.zeros(4, dtype=np.float32))
     assert f16_rows_gemv(rows, np.ones(4, dtype=np.float32), 1).tolist() == [0.0] * 8
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 200), dim=st.integers(1, 64), gated=st.booleans(), with_bias=st.booleans(),
+       seed=st.integers(0, 2**31))
+def test_fused_decode_ffn_equals_reference(n, dim, gated, with_bias, seed):
+    """rows_ffn's native one-pass path (one token, float16 rows) against a float64 FFN."""
+    from types import SimpleNamespace
+
+    from llmflash.strategies.base import rows_ffn
+
+    g = torch.Generator().manual_seed(seed)
+    fields = 3 if gated else 2
+    rows = (torch.randn(n, fields * dim, generator=g) * 0.5).half()
+    x = torch.randn(1, dim, generator=g)
+    bias = torch.randn(n, generator=g) if with_bias and not gated else None
+    config = SimpleNamespace(gated=gated, act="silu" if gated else "relu", dim=dim,
+                             bundle_fields=[("gate", dim)] * gated + [("up", dim), ("down", dim)])
+    r, xd = rows.double(), x[0].double()
+    if gated:
+        gate, up, down = r[:, :dim], r[:, dim:2 * dim], r[:, 2 * dim:]
+        h = torch.nn.functional.silu(gate @ xd) * (up @ xd)
+    else:
+        up, down = r[:, :dim], r[:, dim:]
+        h = torch.relu(up @ xd + (bias.double() if bias is not None else 0.0))
+    want = h @ down
+    got = rows_ffn(x, rows, config, bias)
+    assert got.shape == (1, dim) and got.dtype == torch.float32
+    scale = float((h.abs()[:, None] * down.abs()).sum(0).max())
+    assert float((got[0].double() - want).abs().max()) <= 1e-4 * (1.0 + scale)

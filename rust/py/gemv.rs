@@ -1,4 +1,5 @@
-//! `f16_rows_gemv(rows, h)`: the decode product over float16 bundle rows (crate::gemv).
+//! `f16_rows_gemv(rows, h)` and `f16_bundle_ffn(rows, x, ...)`: decode products over float16
+//! bundle rows (crate::gemv).
 
 use numpy::{PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -23,6 +24,20 @@ pub fn f16_rows_gemv<'py>(
     if n == 0 || dim == 0 {
         return Ok(PyArray1::from_vec(py, vec![0f32; dim]));
     }
+    let (bits, stride) = row_slice(&rows)?;
+    let h = h.as_slice()?;
+    let mut y = vec![0f32; dim];
+    py.detach(|| crate::gemv::f16_rows_gemv(bits, stride, h, &mut y, threads))?;
+    Ok(PyArray1::from_vec(py, y))
+}
+
+/// The (n, width) float16 rows of `rows` as one slice and its row stride (elements), checked:
+/// aligned 2-byte elements, unit column stride, non-negative row stride of at least `width`.
+fn row_slice<'a>(rows: &'a PyReadonlyArray2<'_, i16>) -> PyResult<(&'a [u16], usize)> {
+    let (n, width) = (rows.shape()[0], rows.shape()[1]);
+    if n == 0 || width == 0 {
+        return Ok((&[], width));
+    }
     // numpy allows odd byte strides and unaligned data; rust-numpy would truncate the former to
     // whole elements, and a &[u16] needs the latter aligned.
     let byte_strides = rows.strides();
@@ -31,21 +46,50 @@ pub fn f16_rows_gemv<'py>(
     }
     let view = rows.as_array();
     let strides = view.strides();
-    if dim > 1 && strides[1] != 1 || (n > 1 && (strides[0] < 0 || (strides[0] as usize) < dim)) {
+    if width > 1 && strides[1] != 1 || (n > 1 && (strides[0] < 0 || (strides[0] as usize) < width)) {
         return Err(Error::invalid(format!(
             "rows must be row-major with unit column stride and rows that do not overlap (strides {strides:?})"
         ))
         .into());
     }
-    let stride = if n > 1 { strides[0] as usize } else { dim };
-    let len = (n - 1) * stride + dim;
-    // n, dim >= 1 and the strides are non-negative whole elements (checked above), so numpy's
-    // own bounds put the last row's end at element (n-1)*stride + dim inside the buffer.
+    let stride = if n > 1 { strides[0] as usize } else { width };
+    let len = (n - 1) * stride + width;
+    // n, width >= 1 and the strides are non-negative whole elements (checked above), so numpy's
+    // own bounds put the last row's end at element (n-1)*stride + width inside the buffer.
     // SAFETY: that many aligned (checked) 2-byte elements exist; i16 and u16 share size and
-    // alignment; the PyReadonlyArray borrow keeps the buffer alive and unwritten for the call.
+    // alignment; the PyReadonlyArray borrow keeps the buffer alive and unwritten while 'a lives.
     let bits: &[u16] = unsafe { std::slice::from_raw_parts(view.as_ptr() as *const u16, len) };
-    let h = h.as_slice()?;
-    let mut y = vec![0f32; dim];
-    py.detach(|| crate::gemv::f16_rows_gemv(bits, stride, h, &mut y, threads))?;
+    Ok((bits, stride))
+}
+
+/// One decode token's FFN over float16 bundle rows `rows` (n, >= fields * D; int16 view):
+/// relu(up . x + bias) (plain; bias (n,) float32 or None) or silu(gate . x) * (up . x) (gated),
+/// times the down rows, summed: (D,) float32. One pass per bundle; down rows of inactive
+/// neurons are not read. Without the GIL, on up to `threads` threads.
+#[pyfunction]
+#[pyo3(signature = (rows, x, gated, bias = None, threads = 2))]
+pub fn f16_bundle_ffn<'py>(
+    py: Python<'py>,
+    rows: PyReadonlyArray2<'py, i16>,
+    x: PyReadonlyArray1<'py, f32>,
+    gated: bool,
+    bias: Option<PyReadonlyArray1<'py, f32>>,
+    threads: usize,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let n = rows.shape()[0];
+    let x = x.as_slice()?;
+    let fields = if gated { 3 } else { 2 };
+    if rows.shape()[1] < fields * x.len() {
+        return Err(Error::invalid(format!(
+            "rows of {} values cannot hold {fields} fields of {}",
+            rows.shape()[1],
+            x.len()
+        ))
+        .into());
+    }
+    let (bits, stride) = row_slice(&rows)?;
+    let bias = bias.as_ref().map(|b| b.as_slice()).transpose()?;
+    let mut y = vec![0f32; x.len()];
+    py.detach(|| crate::gemv::f16_bundle_ffn(bits, stride, n, gated, x, bias, &mut y, threads))?;
     Ok(PyArray1::from_vec(py, y))
 }

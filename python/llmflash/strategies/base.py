@@ -69,3 +69,25 @@ def rows_gemv(down: Tensor, h: Tensor) -> Tensor:
         rows = down.view(torch.int16).numpy()
         return torch.from_numpy(f16_rows_gemv(rows, h.float().contiguous().numpy(), torch.get_num_threads()))
     return torch.mv(down.t(), h.to(down.dtype)).float()
+
+
+def rows_ffn(x: Tensor, rows: Tensor, config, bias: Tensor | None = None) -> Tensor:
+    """The FFN over bundle rows (n, bundle_values) (store.split_bundles layout) for x (T, D),
+    with the rows' fc1 biases (n,) or None: (T, D) float32.
+
+    One decode token over float16 rows of a ReLU or SiLU-gated FFN runs natively in one pass per
+    bundle (llmflash._native.f16_bundle_ffn: up (and gate) dot x, then the down row only where the
+    activation is not 0): 3.3 against 7.2 ms for OPT-6.7B's 3,651 cached rows measured inside a
+    token through split views and torch products. Everything else goes through bundle_ffn."""
+    gated = bool(config.gated)
+    if (x.shape[0] == 1 and rows.dtype == torch.float16 and rows.shape[0] > 0 and rows.stride(1) == 1
+            and (config.act == "silu" if gated else config.act == "relu") and not (gated and bias is not None)):
+        from .._native import f16_bundle_ffn
+
+        y = f16_bundle_ffn(rows.view(torch.int16).numpy(), x[0].float().contiguous().numpy(), gated,
+                           None if bias is None else bias.float().contiguous().numpy(), torch.get_num_threads())
+        return torch.from_numpy(y).unsqueeze(0)
+    from ..store import split_bundles
+
+    p = split_bundles(rows, config)
+    return bundle_ffn(x.to(rows.dtype), p["up"], p["down"], p.get("gate"), bias, config.act)

@@ -37,8 +37,8 @@ from torch import Tensor
 from ..budget import CachePlan, parse_memory, plan_caches
 from ..io import AlignedBuf, NeuronCache, Reader, as_tensor
 from ..sparsity import AllNeurons, Oracle, WantedSource
-from ..store import PREDICTORS, RESIDENT, Store, split_bundles
-from .base import bundle_ffn
+from ..store import PREDICTORS, RESIDENT, Store
+from .base import rows_ffn
 
 SCRATCH_NEURONS = 1024    # overflow chunk: rows streamed at a time when a layer's cache is full
 
@@ -150,8 +150,7 @@ class FlashFFN:
 
     def _ffn_rows(self, x: Tensor, rows: Tensor, bias: Tensor | None) -> Tensor:
         """The FFN over bundle rows (n, bundle_values) with their fc1 biases (n,) (OPT) or None."""
-        p = split_bundles(rows, self.config)
-        return bundle_ffn(x, p["up"], p["down"], p.get("gate"), bias, self.config.act)
+        return rows_ffn(x, rows, self.config, bias)
 
     def __call__(self, layer: int, x: Tensor) -> Tensor:
         """x (T, D) -> (T, D): the FFN over the layer's live neurons and this token's wanted set."""
