@@ -217,3 +217,10 @@ def f16_rows_gemv(rows: np.ndarray, h: np.ndarray, threads: int = 2) -> np.ndarr
     """(D,) float32 = sum_i h[i] * rows[i]: rows (n, D) int16 float16 bit patterns, unit column
     stride, aligned; h (n,) float32. Without the GIL."""
     ...
+
+
+def f16_bundle_ffn(rows: np.ndarray, x: np.ndarray, gated: bool, bias: Optional[np.ndarray] = None,
+                   threads: int = 2) -> np.ndarray:
+    """One decode token's FFN over float16 bundle rows (n, >= fields * D) int16 view: relu(up.x + bias)
+    or silu(gate.x) * (up.x), times the down rows, summed: (D,) float32. Without the GIL."""
+    ...
