@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=8, help="flash tokens before measuring (window fill)")
     ap.add_argument("--context", type=int, default=256, help="KV cache length for attention")
     ap.add_argument("--kernel", choices=("mv", "project"), default="mv")
+    ap.add_argument("--uring", action="store_true",
+                    help="add flash-ahead-uring: lookahead with every batch on io_uring (no pread pool)")
     ap.add_argument("--no-lookahead", dest="lookahead", action="store_false",
                     help="skip the flash-ahead strategy (layer+1's reads start during layer)")
     ap.add_argument("--fio-seconds", type=int, default=2)
@@ -184,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     strategies: dict[str, object] = {"flash": mk(store, memory=budget, window=a.window, sparsity=Replay(sets))}
     if a.lookahead:
         strategies["flash-ahead"] = mk(store, memory=budget, window=a.window, sparsity=LookaheadReplay(sets))
+    if a.uring:
+        strategies["flash-ahead-uring"] = mk(store, memory=budget, window=a.window, sparsity=LookaheadReplay(sets),
+                                             engine="io_uring")
     cap = strategies["flash"].plan.capacities[0]
     gen = stats(sets, P.n_neurons, a.window, capacity=cap, skip=a.warmup)
     print("generator (measured tokens): " + ", ".join(f"{k} {v:.4f}" for k, v in gen.items()), file=sys.stderr)

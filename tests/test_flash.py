@@ -278,3 +278,14 @@ def test_lookahead_prefetch_is_used_and_equal(stores, arch):
     # same sets, same neurons computed; with lookahead new neurons take evicted rows, so only
     # the summation order differs
     assert (out[True] - out[False]).abs().max().item() <= 1e-5
+
+
+def test_flash_engine_choice_is_exact(stores):
+    """The reader engine is a FlashFFN option (the pread pool here); results do not depend on it."""
+    path = stores["opt"]
+    dense, _ = decode_logits(FlashModel.open(path, strategy="dense"), PROMPT, 4)
+    model = FlashModel.open(path, strategy="flash", memory=budget_for(path, 0.5), window=2, sparsity="all",
+                            engine="threads")
+    got, _ = decode_logits(model, PROMPT, 4)
+    assert model.ffn.reader.engine == "threads"
+    assert (got - dense).abs().max().item() <= 1e-5

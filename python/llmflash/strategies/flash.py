@@ -69,7 +69,7 @@ class FlashFFN:
 
     def __init__(self, store: Store, memory: str | int | float | None = None, window: int = 4,
                  sparsity: str | WantedSource | None = None, profile: Any = None, concurrency: int = 32,
-                 overlap: bool = True, coalesce: bool = True, reuse: bool = True):
+                 overlap: bool = True, coalesce: bool = True, reuse: bool = True, engine: str = "auto"):
         from ..profile_disk import load_profile
 
         self.store, self.config = store, store.config
@@ -106,7 +106,9 @@ class FlashFFN:
         # OPT-6.7B), counted in the budget at the resident file's store-dtype size.
         self.b1: list[Tensor | None] = store.up_biases()
         self.profile = profile if profile is not None else load_profile()
-        self.reader = Reader(store.ffn_path, concurrency=concurrency)
+        # engine: "auto" (io_uring for small batches, the pread pool for large), "threads" or
+        # "io_uring" (one ring, reaped by the filling thread: fewer threads waking on 2 cores)
+        self.reader = Reader(store.ffn_path, concurrency=concurrency, engine=engine)
         self.window = window
         self.overlap = overlap      # False: read, then compute (to measure what the overlap gains)
         # False: read only the wanted bundles' pages (neighbours still share a request), never
