@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, default=256, help="KV cache length for attention")
     ap.add_argument("--kernel", choices=("mv", "project"), default="mv")
     ap.add_argument("--uring", action="store_true",
-                    help="add flash-ahead-uring: lookahead with every batch on io_uring (no pread pool)")
+                    help="add flash-uring and flash-ahead-uring: every batch on io_uring (no pread pool)")
     ap.add_argument("--no-lookahead", dest="lookahead", action="store_false",
                     help="skip the flash-ahead strategy (layer+1's reads start during layer)")
     ap.add_argument("--fio-seconds", type=int, default=2)
@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.lookahead:
         strategies["flash-ahead"] = mk(store, memory=budget, window=a.window, sparsity=LookaheadReplay(sets))
     if a.uring:
+        strategies["flash-uring"] = mk(store, memory=budget, window=a.window, sparsity=Replay(sets), engine="io_uring")
         strategies["flash-ahead-uring"] = mk(store, memory=budget, window=a.window, sparsity=LookaheadReplay(sets),
                                              engine="io_uring")
     cap = strategies["flash"].plan.capacities[0]
