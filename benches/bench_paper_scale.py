@@ -16,9 +16,9 @@ resident file, to leave the disk to the FFN); the embedding lookup and LM head a
 Strategies (token by token, interleaved; the disk is shared and throttled, DESIGN §3):
   naive     NaiveFFN: each layer's whole region (268 MB) read with 1 MiB direct reads, dense FFN
   flash     FlashFFN(memory = 50% of the real model, window 5, the replay source)
-Both FFNs compute with the same kernel (`--kernel`): `mv` (default; below) or `project`
-(strategies.base.bundle_ffn as it is). A short in-run microbenchmark compares the two on the
-caches' real rows. fio (`fio-randread`, 32 threads, 2 s) at 1 MiB and at flash's mean request
+Both FFNs decode with the library's own kernel (strategies.base.rows_ffn: one native F16C + FMA
+pass per float16 bundle, down rows skipped where relu gives 0). A short in-run microbenchmark
+compares it with the torch path (strategies.base.bundle_ffn) on the caches' real rows. fio (`fio-randread`, 32 threads, 2 s) at 1 MiB and at flash's mean request
 size runs after every naive token: the disk's reference and throttle check from the same minute.
 """
 
@@ -49,36 +49,6 @@ from llmflash.strategies.naive import NaiveFFN  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 FIO = Path(os.environ.get("LLMFLASH_FIO", REPO.parent / "shared" / "tools" / "fio-randread"))
-
-
-# -- the FFN kernel -----------------------------------------------------------------------------
-# Decode (one token) on bundle rows (n, up | down): the down rows are (n, D) with the bundle
-# as row stride, so y = h @ down is a vector-matrix product in the "transposed" layout. torch's
-# float16 kernels for it run at ~5 GB/s here (11.3 ms for 3,651 rows, quiet machine; 48 ms when
-# upcasting first), so both FFNs use the library's native decode path (strategies.base.rows_ffn:
-# one F16C + FMA pass per bundle, two threads, down rows skipped where relu gives 0).
-def ffn_rows_mv(x: Tensor, rows: Tensor, config, bias: Tensor | None) -> Tensor:
-    """ReLU FFN over bundle rows for x (1, D), their fc1 biases (n,) float32 or None
-    -> (1, D) float32: the library's decode path (strategies.base.rows_ffn, one native pass)."""
-    return rows_ffn(x, rows, config, bias)
-
-
-class MvFlash(FlashFFN):
-    def _ffn_rows(self, x: Tensor, rows: Tensor, bias: Tensor | None) -> Tensor:
-        if x.shape[0] != 1:
-            return super()._ffn_rows(x, rows, bias)
-        return ffn_rows_mv(x, rows, self.config, bias)
-
-
-class MvNaive(NaiveFFN):
-    def __call__(self, layer: int, x: Tensor) -> Tensor:
-        t0 = time.perf_counter()
-        bundles = self._read(layer)
-        t1 = time.perf_counter()
-        y = ffn_rows_mv(x, bundles, self.config, self.b1[layer])
-        self.io_s += t1 - t0
-        self.compute_s += time.perf_counter() - t1
-        return y
 
 
 # -- the rest of a token: attention of the real shape ---------------------------------------------
@@ -158,7 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--naive-tokens", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=8, help="flash tokens before measuring (window fill)")
     ap.add_argument("--context", type=int, default=256, help="KV cache length for attention")
-    ap.add_argument("--kernel", choices=("mv", "project"), default="mv")
     ap.add_argument("--uring", action="store_true",
                     help="add flash-uring and flash-ahead-uring: every batch on io_uring (no pread pool)")
     ap.add_argument("--no-lookahead", dest="lookahead", action="store_false",
@@ -182,18 +151,20 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     P = Params(n_layers=cfg.n_layers, n_neurons=cfg.ffn_dims[0], window=a.window, seed=a.seed)
     sets = generate(P, a.warmup + a.tokens)
-    mk = MvFlash if a.kernel == "mv" else FlashFFN
-    strategies: dict[str, object] = {"flash": mk(store, memory=budget, window=a.window, sparsity=Replay(sets))}
+
+    def flash(source, **kw) -> FlashFFN:
+        return FlashFFN(store, memory=budget, window=a.window, sparsity=source, **kw)
+
+    strategies: dict[str, FlashFFN] = {"flash": flash(Replay(sets))}
     if a.lookahead:
-        strategies["flash-ahead"] = mk(store, memory=budget, window=a.window, sparsity=LookaheadReplay(sets))
+        strategies["flash-ahead"] = flash(LookaheadReplay(sets))
     if a.uring:
-        strategies["flash-uring"] = mk(store, memory=budget, window=a.window, sparsity=Replay(sets), engine="io_uring")
-        strategies["flash-ahead-uring"] = mk(store, memory=budget, window=a.window, sparsity=LookaheadReplay(sets),
-                                             engine="io_uring")
+        strategies["flash-uring"] = flash(Replay(sets), engine="io_uring")
+        strategies["flash-ahead-uring"] = flash(LookaheadReplay(sets), engine="io_uring")
     cap = strategies["flash"].plan.capacities[0]
     gen = stats(sets, P.n_neurons, a.window, capacity=cap, skip=a.warmup)
     print("generator (measured tokens): " + ", ".join(f"{k} {v:.4f}" for k, v in gen.items()), file=sys.stderr)
-    naive = (MvNaive if a.kernel == "mv" else NaiveFFN)(store)
+    naive = NaiveFFN(store)
     attn = Attention(cfg.n_layers, cfg.dim, cfg.n_heads[0], a.context, a.seed)
     print(f"setup {time.perf_counter() - t0:.0f} s: caches {cap} neurons/layer "
           f"({cap / P.n_neurons:.1%} of the FFN), attention weights {attn.weight_bytes / 1e9:.2f} GB in DRAM",
@@ -241,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize(records, fio_runs, ffn_b, cfg)
     out = {"store": str(a.store), "model_bytes": real_model, "resident_bytes": resident_b, "ffn_bytes": ffn_b,
            "budget_bytes": budget, "capacity_neurons_per_layer": cap, "capacity_share": cap / P.n_neurons,
-           "kernel": a.kernel, "context": a.context, "generator": gen,
+           "context": a.context, "generator": gen,
            "generator_params": {"wanted": P.wanted, "new": P.new, "hot": P.hot, "window": P.window,
                                 "rates": P.rates()},
            "rows": rows, "fio": fio_runs, "kernel_micro_ms": micro, "records": records,
@@ -256,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def kernel_micro(flash: FlashFFN, naive: NaiveFFN, cfg) -> dict[str, float]:
-    """ms per layer: bundle_ffn (the project's) vs ffn_rows_mv on a flash cache's live rows and on
-    naive's last-read whole region, alternated 3 times, best of each."""
+    """ms per layer: the torch path (bundle_ffn, "project") vs the native one-pass decode (rows_ffn,
+    "native") on a flash cache's live rows and on naive's last-read whole region, alternated 3
+    times, best of each."""
     x = torch.randn(1, cfg.dim).half()
     live = flash.caches[0].live
     b_flash, b_naive = flash.b1[0], naive.b1[-1]
@@ -267,7 +239,7 @@ def kernel_micro(flash: FlashFFN, naive: NaiveFFN, cfg) -> dict[str, float]:
                               .view(cfg.ffn_dims[-1], -1), b_naive)}
     out: dict[str, float] = {"flash_live_rows_n": float(live)}
     for name, (rows, bias) in cases.items():
-        best = {"project": 1e9, "mv": 1e9}
+        best = {"project": 1e9, "native": 1e9}
         for _ in range(3):
             for k in best:
                 t0 = time.perf_counter()
@@ -275,7 +247,7 @@ def kernel_micro(flash: FlashFFN, naive: NaiveFFN, cfg) -> dict[str, float]:
                     p = split_bundles(rows, cfg)
                     bundle_ffn(x, p["up"], p["down"], None, bias, cfg.act)
                 else:
-                    ffn_rows_mv(x, rows, cfg, bias)
+                    rows_ffn(x, rows, cfg, bias)
                 best[k] = min(best[k], (time.perf_counter() - t0) * 1e3)
         out.update({f"{name}_{k}": v for k, v in best.items()})
     return out
