@@ -111,8 +111,11 @@ class FlashFFN:
         # lookahead, where reads run entirely beside compute and 32 waking pool threads slow the
         # compute on 2 cores (paper bench: 692 vs 729 and 657 vs 750 ms/token); "auto" otherwise,
         # where the pool reads large batches faster (900 vs 968 ms/token).
-        lookahead = overlap and getattr(self.source, "ahead", None) is not None
-        if engine is None and lookahead:
+        # Lookahead: a source with `ahead(layer, x)` names layer+1's neurons from layer's FFN
+        # input, so layer+1's reads start while layer computes (the disk never waits for
+        # compute between layers).
+        self._peek = getattr(self.source, "ahead", None) if overlap else None
+        if engine is None and self._peek is not None:
             try:
                 self.reader = Reader(store.ffn_path, concurrency=concurrency, engine="io_uring")
             except (OSError, ValueError, RuntimeError):    # no io_uring here (seccomp, old kernel)
@@ -145,10 +148,7 @@ class FlashFFN:
                 self.position.append(pos)
         self.step = 0
         self.t = {"io": 0.0, "compute": 0.0, "predict": 0.0}
-        # Lookahead: a source with `ahead(layer, x)` names layer+1's neurons from layer's FFN
-        # input, so layer+1's reads start while layer computes (the disk never waits for
-        # compute between layers). (step, Admission) per layer, started by the layer before.
-        self._peek = getattr(self.source, "ahead", None) if overlap else None
+        # (step, Admission) per layer, started by the layer before (lookahead)
         self._ahead: list[tuple[int, Any] | None] = [None] * len(self.caches)
         if self._peek is not None:
             # Reads done before the layer computes: new neurons can take the evicted rows (no
