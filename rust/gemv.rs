@@ -34,22 +34,27 @@ pub fn f16_rows_gemv(rows: &[u16], stride: usize, h: &[f32], y: &mut [f32], thre
             return Err(Error::invalid(format!("row length {dim} exceeds the stride {stride}")));
         }
     }
+    split_rows(n, n * dim, threads, y, |lo, hi, out| accumulate(&rows[lo * stride..], stride, &h[lo..hi], out));
+    Ok(())
+}
+
+/// Zero `y`, then `run(lo, hi, out)` over rows `[0, n)`: in one piece, or for `work` multiply-adds
+/// of at least SPLIT_MACS and `threads >= 2`, in two halves on two threads (each with its own
+/// `out`, summed into `y`).
+fn split_rows(n: usize, work: usize, threads: usize, y: &mut [f32], run: impl Fn(usize, usize, &mut [f32]) + Sync) {
     y.iter_mut().for_each(|v| *v = 0.0);
-    if threads < 2 || n < 2 || n * dim < SPLIT_MACS {
-        accumulate(rows, stride, h, y);
-        return Ok(());
+    if threads < 2 || n < 2 || work < SPLIT_MACS {
+        run(0, n, y);
+        return;
     }
     let half = n / 2;
-    let mut other = vec![0f32; dim];
+    let mut other = vec![0f32; y.len()];
     std::thread::scope(|s| {
-        let (h0, h1) = h.split_at(half);
-        let rows1 = &rows[half * stride..];
-        let o = &mut other;
-        s.spawn(move || accumulate(rows1, stride, h1, o));
-        accumulate(rows, stride, h0, y);
+        let (o, run) = (&mut other, &run);
+        s.spawn(move || run(half, n, o));
+        run(0, half, y);
     });
     y.iter_mut().zip(&other).for_each(|(a, b)| *a += b);
-    Ok(())
 }
 
 fn accumulate(rows: &[u16], stride: usize, h: &[f32], y: &mut [f32]) {
@@ -133,7 +138,6 @@ pub fn f16_bundle_ffn(rows: &[u16], stride: usize, n: usize, gated: bool, x: &[f
             }
         }
     }
-    y.iter_mut().for_each(|v| *v = 0.0);
     let run = |lo: usize, hi: usize, out: &mut [f32]| {
         for i in lo..hi {
             let b = &rows[i * stride..i * stride + fields * dim];
@@ -151,18 +155,7 @@ pub fn f16_bundle_ffn(rows: &[u16], stride: usize, n: usize, gated: bool, x: &[f
             }
         }
     };
-    if threads < 2 || n < 2 || n * dim * fields < SPLIT_MACS {
-        run(0, n, y);
-        return Ok(());
-    }
-    let half = n / 2;
-    let mut other = vec![0f32; dim];
-    std::thread::scope(|s| {
-        let o = &mut other;
-        s.spawn(move || run(half, n, o));
-        run(0, half, y);
-    });
-    y.iter_mut().zip(&other).for_each(|(a, b)| *a += b);
+    split_rows(n, n * dim * fields, threads, y, run);
     Ok(())
 }
 
