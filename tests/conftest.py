@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 import torch
@@ -24,6 +27,26 @@ VOCAB = 128
 class HFModel:
     path: Path            # the save_pretrained folder
     model: Any            # the transformers model (float32, eval mode)
+
+
+@contextmanager
+def python_counter() -> Iterator[list[int]]:
+    """A Python thread that counts as fast as it can while the block runs; yields its one-element
+    counter. A native call that holds the GIL freezes it (a few increments at most)."""
+    count, stop = [0], threading.Event()
+
+    def counter():
+        while not stop.is_set():
+            count[0] += 1
+
+    th = threading.Thread(target=counter)
+    th.start()
+    try:
+        time.sleep(0.01)
+        yield count
+    finally:
+        stop.set()
+        th.join()
 
 
 def tiny_tokenizer_json(vocab: int = VOCAB) -> str:

@@ -21,8 +21,6 @@ import gc
 import os
 import shutil
 import tempfile
-import threading
-import time
 import weakref
 from pathlib import Path
 
@@ -36,6 +34,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from llmflash import FlashIOError
 from llmflash.io import (AlignedBuf, NeuronCache, Profile, Reader, as_array, cache_rows, layer_cache,
                          plan)
+
+from conftest import python_counter
 
 PAGE = 4096
 EMPTY, FILLING, READY = 0, 1, 2
@@ -316,17 +316,8 @@ def test_fill_one_layer_while_computing_on_another(two_layers):
 def test_python_runs_during_a_cache_read(two_layers):
     path, data, n, bb = two_layers
     reader = Reader(path, concurrency=4)
-    count, stop = [0], threading.Event()
-
-    def counter():
-        while not stop.is_set():
-            count[0] += 1
-
-    th = threading.Thread(target=counter)
-    th.start()
-    try:
-        time.sleep(0.01)
-        counts = []
+    counts = []
+    with python_counter() as count:
         for _ in range(3):
             cache = NeuronCache(reader, 0, 2 * n, bb, 2 * n, 0)
             c0 = count[0]
@@ -334,9 +325,6 @@ def test_python_runs_during_a_cache_read(two_layers):
             counts.append(count[0] - c0)
             got = as_array(cache.slots).reshape(2 * n, bb)
             assert np.array_equal(got[7], data[7 * bb:8 * bb])
-    finally:
-        stop.set()
-        th.join()
     assert max(counts) > 1000, f"counter advanced {counts} during cache reads"
 
 

@@ -24,6 +24,7 @@ from llmflash import store as S
 from llmflash._native import AlignedBuf, Reader, plan
 from llmflash.io import as_array, as_tensor, read_neurons
 
+from conftest import python_counter
 from test_planner import make_store
 
 BIG = 96 << 20          # large enough that one read takes tens of milliseconds on the disk
@@ -120,22 +121,10 @@ def test_read_into_many_buffers(big_file, engine):
 def test_python_thread_runs_during_a_read(big_file, engine):
     path, _ = big_file
     reader = Reader(path, engine=engine)
-    count, stop = [0], threading.Event()
-
-    def counter():
-        while not stop.is_set():
-            count[0] += 1
-
-    th = threading.Thread(target=counter)
-    th.start()
-    try:
-        time.sleep(0.01)
+    with python_counter() as count:
         c0, t0 = count[0], time.perf_counter()
         reader.read_region(0, BIG)
         c1, dt = count[0], time.perf_counter() - t0
-    finally:
-        stop.set()
-        th.join()
     # Holding the GIL for the whole read would freeze the counter (a few increments at most).
     assert c1 - c0 > 1000, f"counter advanced {c1 - c0} during a {dt * 1e3:.0f} ms read"
 
