@@ -135,30 +135,56 @@ fn pieces(runs: &[(u64, u64)], max_pages: u64, out: &mut Vec<(u64, u64)>) {
 }
 
 /// Cost of reading these page runs, all in one batch with up to `concurrency` in flight.
+#[cfg(test)]
 fn cost(profile: &Profile, runs: &[(u64, u64)], concurrency: u32) -> f64 {
     let c = (runs.len() as u64).min(concurrency as u64).max(1) as u32;
     runs.iter().map(|&(a, b)| profile.request_seconds((b - a) * PAGE, c)).sum()
 }
 
+/// The shape of `pieces(runs, max_pages)` without building it: for each run, how many pieces of
+/// `step` pages and the length of the shorter last piece (0 if none).
+fn piece_shapes(runs: &[(u64, u64)], max_pages: u64) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+    runs.iter().map(move |&(p0, p1)| {
+        let len = p1 - p0;
+        let step = len.div_ceil(len.div_ceil(max_pages));
+        (len / step, step, len % step)
+    })
+}
+
+/// `cost(profile, pieces(runs, max_pages), concurrency)`, computed per run (a whole 268 MB
+/// region is one run of 256+ equal pieces: one profile lookup, not one per piece).
+fn pieces_cost(profile: &Profile, runs: &[(u64, u64)], max_pages: u64, concurrency: u32) -> f64 {
+    let count: u64 = piece_shapes(runs, max_pages).map(|(full, _, rem)| full + u64::from(rem > 0)).sum();
+    let c = count.min(concurrency as u64).max(1) as u32;
+    piece_shapes(runs, max_pages)
+        .map(|(full, step, rem)| {
+            let last = if rem > 0 { profile.request_seconds(rem * PAGE, c) } else { 0.0 };
+            full as f64 * profile.request_seconds(step * PAGE, c) + last
+        })
+        .sum()
+}
+
 /// Cut runs into pieces, choosing the piece cap (max_pages, max_pages/2, ... down to 16 pages)
 /// that the profile prices cheapest: one 5 MB layer read as five 1 MiB requests keeps only 5
 /// in flight, and at 5 in flight the table gives less than 21 requests of 256 KiB do at 21.
+/// Caps are priced without building their pieces (`pieces_cost`), only the cheapest is built.
 fn split_cheapest(profile: &Profile, runs: &[(u64, u64)], max_pages: u64, concurrency: u32) -> (Vec<(u64, u64)>, f64) {
-    let mut best: Option<(Vec<(u64, u64)>, f64)> = None;
+    let mut best: Option<(u64, f64)> = None;
     let mut cap = max_pages;
     loop {
-        let mut out = Vec::with_capacity(runs.len());
-        pieces(runs, cap, &mut out);
-        let c = cost(profile, &out, concurrency);
-        if best.as_ref().map_or(true, |b| c < b.1) {
-            best = Some((out, c));
+        let c = pieces_cost(profile, runs, cap, concurrency);
+        if best.map_or(true, |b| c < b.1) {
+            best = Some((cap, c));
         }
         if cap <= 16 || (runs.len() as u64) >= concurrency as u64 {
             break; // enough requests in flight already: smaller pieces only add overhead
         }
         cap /= 2;
     }
-    best.unwrap_or_default()
+    let (cap, c) = best.unwrap_or((max_pages, 0.0));
+    let mut out = Vec::with_capacity(runs.len());
+    pieces(runs, cap, &mut out);
+    (out, c)
 }
 
 /// Plan the reads of `wanted` (neuron ids in store order; any order, duplicates allowed).
@@ -284,6 +310,25 @@ mod tests {
 
     fn sparse_opts(gap: u64) -> PlanOptions {
         PlanOptions { allow_whole: false, max_gap_bytes: Some(gap), ..Default::default() }
+    }
+
+    proptest! {
+        #[test]
+        fn pieces_are_priced_as_if_built(lens in proptest::collection::vec((0u64..40, 1u64..3000), 0..60),
+                                         cap in 1u64..600, concurrency in 1u32..64) {
+            let mut runs = Vec::new();
+            let mut p = 0;
+            for (gap, len) in lens {
+                runs.push((p + gap, p + gap + len));
+                p += gap + len;
+            }
+            let mut built = Vec::new();
+            pieces(&runs, cap, &mut built);
+            let profile = Profile::default();
+            let (want, got) = (cost(&profile, &built, concurrency), pieces_cost(&profile, &runs, cap, concurrency));
+            prop_assert!((want - got).abs() <= 1e-9 * want.max(1.0), "built {} priced {}", want, got);
+            prop_assert!(built.iter().all(|&(a, b)| b > a && b - a <= cap));
+        }
     }
 
     #[test]
