@@ -115,8 +115,12 @@ unsafe fn accumulate_f16c(rows: &[u16], stride: usize, h: &[f32], y: &mut [f32])
 /// `h_i = relu(up_i . x + bias_i)` (plain) or `silu(gate_i . x) * (up_i . x)` (gated), then
 /// `y += h_i * down_i`, skipping the down row where `h_i == 0`. Row i holds, from element
 /// `i * stride`, `[gate_i,] up_i, down_i`, each `x.len()` float16 values.
+///
+/// `pick`: the rows to compute (each `< n`, bias indexed by row), or every row `0..n`: a flash
+/// layer computing only this token's wanted neurons among its live rows reads no other bundle.
+#[allow(clippy::too_many_arguments)]
 pub fn f16_bundle_ffn(rows: &[u16], stride: usize, n: usize, gated: bool, x: &[f32], bias: Option<&[f32]>,
-                      y: &mut [f32], threads: usize) -> Result<()> {
+                      y: &mut [f32], threads: usize, pick: Option<&[u32]>) -> Result<()> {
     let dim = x.len();
     let fields = if gated { 3 } else { 2 };
     if y.len() != dim || bias.is_some_and(|b| b.len() != n) || gated && bias.is_some() {
@@ -138,8 +142,13 @@ pub fn f16_bundle_ffn(rows: &[u16], stride: usize, n: usize, gated: bool, x: &[f
             }
         }
     }
+    if let Some(bad) = pick.and_then(|p| p.iter().find(|&&i| i as usize >= n)) {
+        return Err(Error::invalid(format!("bundle FFN: picked row {bad} of {n}")));
+    }
+    let count = pick.map_or(n, |p| p.len());
     let run = |lo: usize, hi: usize, out: &mut [f32]| {
-        for i in lo..hi {
+        for k in lo..hi {
+            let i = pick.map_or(k, |p| p[k] as usize);
             let b = &rows[i * stride..i * stride + fields * dim];
             let (gate, rest) = if gated { b.split_at(dim) } else { (&b[..0], b) };
             let (up, down) = rest.split_at(dim);
@@ -155,7 +164,7 @@ pub fn f16_bundle_ffn(rows: &[u16], stride: usize, n: usize, gated: bool, x: &[f
             }
         }
     };
-    split_rows(n, n * dim * fields, threads, y, run);
+    split_rows(count, count * dim * fields, threads, y, run);
     Ok(())
 }
 
@@ -291,8 +300,14 @@ mod tests {
             let bias: Vec<f32> = (0..n).map(|_| ((next() % 16) as f32 - 8.0) / 4.0).collect();
             let b = (with_bias && !gated).then_some(&bias[..]);
             let mut y = vec![f32::NAN; dim];
-            f16_bundle_ffn(&rows, stride, n, gated, &x, b, &mut y, threads).unwrap();
+            f16_bundle_ffn(&rows, stride, n, gated, &x, b, &mut y, threads, None).unwrap();
+            // the same sum over a picked subset (every third row, in reverse) equals the plain
+            // sum over those rows
+            let pick: Vec<u32> = (0..n as u32).rev().filter(|i| i % 3 != 1).collect();
+            let mut yp = vec![f32::NAN; dim];
+            f16_bundle_ffn(&rows, stride, n, gated, &x, b, &mut yp, threads, Some(&pick)).unwrap();
             let mut want = vec![0f64; dim];
+            let mut want_p = vec![0f64; dim];
             for i in 0..n {
                 let f = |k: usize| -> f64 { (0..dim).map(|d| vals[i * stride + k * dim + d] as f64 * x[d] as f64).sum() };
                 let h = if gated {
@@ -302,13 +317,26 @@ mod tests {
                     (f(0) + b.map_or(0.0, |b| b[i] as f64)).max(0.0)
                 };
                 for d in 0..dim {
-                    want[d] += h * vals[i * stride + (fields - 1) * dim + d] as f64;
+                    let v = h * vals[i * stride + (fields - 1) * dim + d] as f64;
+                    want[d] += v;
+                    if i % 3 != 1 {
+                        want_p[d] += v;
+                    }
                 }
             }
             for d in 0..dim {
                 prop_assert!((y[d] as f64 - want[d]).abs() <= 1e-3 * (1.0 + want[d].abs()), "d {} got {} want {}", d, y[d], want[d]);
+                prop_assert!((yp[d] as f64 - want_p[d]).abs() <= 1e-3 * (1.0 + want_p[d].abs()), "picked d {} got {} want {}", d, yp[d], want_p[d]);
             }
         }
+    }
+
+    #[test]
+    fn rejects_a_picked_row_out_of_range() {
+        let mut y = vec![0f32; 2];
+        let rows = [0u16; 8];
+        let e = f16_bundle_ffn(&rows, 4, 2, false, &[1.0, 1.0], None, &mut y, 1, Some(&[0, 2])).unwrap_err();
+        assert!(e.to_string().contains("picked row 2 of 2"), "{e}");
     }
 
     #[test]

@@ -65,9 +65,10 @@ fn row_slice<'a>(rows: &'a PyReadonlyArray2<'_, i16>) -> PyResult<(&'a [u16], us
 /// One decode token's FFN over float16 bundle rows `rows` (n, >= fields * D; int16 view):
 /// relu(up . x + bias) (plain; bias (n,) float32 or None) or silu(gate . x) * (up . x) (gated),
 /// times the down rows, summed: (D,) float32. One pass per bundle; down rows of inactive
-/// neurons are not read. Without the GIL, on up to `threads` threads.
+/// neurons are not read. `pick` (k,) uint32: only these rows (bias still indexed by row).
+/// Without the GIL, on up to `threads` threads.
 #[pyfunction]
-#[pyo3(signature = (rows, x, gated, bias = None, threads = 2))]
+#[pyo3(signature = (rows, x, gated, bias = None, threads = 2, pick = None))]
 pub fn f16_bundle_ffn<'py>(
     py: Python<'py>,
     rows: PyReadonlyArray2<'py, i16>,
@@ -75,6 +76,7 @@ pub fn f16_bundle_ffn<'py>(
     gated: bool,
     bias: Option<PyReadonlyArray1<'py, f32>>,
     threads: usize,
+    pick: Option<PyReadonlyArray1<'py, u32>>,
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
     let n = rows.shape()[0];
     let x = x.as_slice()?;
@@ -89,7 +91,8 @@ pub fn f16_bundle_ffn<'py>(
     }
     let (bits, stride) = row_slice(&rows)?;
     let bias = bias.as_ref().map(|b| b.as_slice()).transpose()?;
+    let pick = pick.as_ref().map(|p| p.as_slice()).transpose()?;
     let mut y = vec![0f32; x.len()];
-    py.detach(|| crate::gemv::f16_bundle_ffn(bits, stride, n, gated, x, bias, &mut y, threads))?;
+    py.detach(|| crate::gemv::f16_bundle_ffn(bits, stride, n, gated, x, bias, &mut y, threads, pick))?;
     Ok(PyArray1::from_vec(py, y))
 }

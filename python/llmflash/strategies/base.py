@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -71,9 +72,10 @@ def rows_gemv(down: Tensor, h: Tensor) -> Tensor:
     return torch.mv(down.t(), h.to(down.dtype)).float()
 
 
-def rows_ffn(x: Tensor, rows: Tensor, config, bias: Tensor | None = None) -> Tensor:
+def rows_ffn(x: Tensor, rows: Tensor, config, bias: Tensor | None = None, pick=None) -> Tensor:
     """The FFN over bundle rows (n, bundle_values) (store.split_bundles layout) for x (T, D),
-    with the rows' fc1 biases (n,) or None: (T, D) float32.
+    with the rows' fc1 biases (n,) or None: (T, D) float32. `pick` (k,) uint32 numpy: only
+    those rows (bias still indexed by row), read in place by the native kernel.
 
     One decode token over float16 rows of a ReLU or SiLU-gated FFN runs natively in one pass per
     bundle (llmflash._native.f16_bundle_ffn: up (and gate) dot x, then the down row only where the
@@ -85,9 +87,14 @@ def rows_ffn(x: Tensor, rows: Tensor, config, bias: Tensor | None = None) -> Ten
         from .._native import f16_bundle_ffn
 
         y = f16_bundle_ffn(rows.view(torch.int16).numpy(), x[0].float().contiguous().numpy(), gated,
-                           None if bias is None else bias.float().contiguous().numpy(), torch.get_num_threads())
+                           None if bias is None else bias.float().contiguous().numpy(), torch.get_num_threads(),
+                           None if pick is None else np.ascontiguousarray(pick, dtype=np.uint32))
         return torch.from_numpy(y).unsqueeze(0)
     from ..store import split_bundles
+
+    if pick is not None:
+        idx = torch.from_numpy(np.asarray(pick, dtype=np.int64))
+        rows, bias = rows[idx], None if bias is None else bias[idx]
 
     p = split_bundles(rows, config)
     return bundle_ffn(x.to(rows.dtype), p["up"], p["down"], p.get("gate"), bias, config.act)
