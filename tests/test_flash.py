@@ -235,6 +235,8 @@ class _Halves:
     the second half of the layer's neurons on alternate tokens. With `lookahead`, layer+1's set
     comes from `ahead(layer, x)` and the source is asked for layer 0 only."""
 
+    ahead_exact = True
+
     def __init__(self, config, lookahead: bool):
         self.dims, self.t, self.calls, self.ahead_calls = config.ffn_dims, -1, [], []
         if lookahead:
@@ -289,3 +291,109 @@ def test_flash_engine_choice_is_exact(stores):
     got, _ = decode_logits(model, PROMPT, 4)
     assert model.ffn.reader.engine == "threads"
     assert (got - dense).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_compute_wanted_runs_the_wanted_rows_only(hf_llama, convert_to, dtype):
+    """compute="wanted" picks this token's wanted rows out of the live block (the native kernel's
+    `pick` for float16 decode): with a window of 2 it gives what compute="live" gives with a
+    window of 0 (live block = wanted set), and not what compute="live" gives with the window's
+    extra rows (SwiGLU: those rows change the sum)."""
+    path = convert_to(hf_llama.path, dtype=dtype)
+    config = Store(path).config
+    memory = budget_for(path, 0.5)
+
+    def run(compute: str, window: int) -> torch.Tensor:
+        model = FlashModel.open(path, strategy="flash", memory=memory, window=window,
+                                sparsity=_Halves(config, lookahead=False), compute=compute)
+        return decode_logits(model, PROMPT, 6)[0]
+
+    wanted, only, live = run("wanted", 2), run("live", 0), run("live", 2)
+    tol = 1e-5 if dtype == "float32" else 2e-3
+    assert (wanted - only).abs().max().item() <= tol
+    assert (live - only).abs().max().item() > 10 * tol
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_compute_wanted_with_the_relu_oracle(hf_opt, convert_to, dtype):
+    """ReLU: the rows the oracle does not want give 0, so skipping them changes nothing: float32
+    equals dense; float16 (the native kernel picking rows, each with its own fc1 bias) equals
+    compute="live"."""
+    path = convert_to(hf_opt.path, dtype=dtype)
+    ref, ref_tokens = decode_logits(FlashModel.open(path, strategy="dense"), PROMPT, 8)
+    options = dict(strategy="flash", memory=budget_for(path, 0.5), window=3, sparsity="oracle")
+    if dtype == "float16":
+        ref, ref_tokens = decode_logits(FlashModel.open(path, **options, compute="live"), PROMPT, 8)
+    got, tokens = decode_logits(FlashModel.open(path, **options, compute="wanted"), PROMPT, 8)
+    assert tokens == ref_tokens and (got - ref).abs().max().item() <= (1e-4 if dtype == "float32" else 1e-3)
+
+
+def test_compute_must_be_live_or_wanted(stores):
+    with pytest.raises(ValueError, match="compute must be"):
+        FlashModel.open(stores["opt"], strategy="flash", memory="1x", sparsity="all", compute="some")
+
+
+class _WrongGuess(_Halves):
+    """Guesses layer+1's set wrong on purpose (the other half): flash must check the guess."""
+
+    ahead_exact = False
+
+    def _ahead(self, layer, x):
+        self.ahead_calls.append(layer)
+        n = self.dims[layer + 1]
+        return torch.arange(n // 2, n) if self.t % 2 else torch.arange(n // 2)
+
+
+def test_a_wrong_lookahead_guess_is_checked_and_corrected(stores):
+    """A guessing `ahead` (ahead_exact False) only starts reads: each layer still asks the source
+    and computes its own set, so a guess that is always wrong changes no logit, costs the guessed
+    reads (ahead_read) and leaves every wanted neuron to be read at its layer (ahead_missed)."""
+    path = stores["llama"]
+    config = Store(path).config
+    memory = budget_for(path, 0.5)
+    ref_src, src = _Halves(config, lookahead=False), _WrongGuess(config, lookahead=True)
+    # compute="wanted": the guess's wrong rows stay live for the step but are not computed
+    options = dict(strategy="flash", memory=memory, window=0, compute="wanted")
+    ref, _ = decode_logits(FlashModel.open(path, sparsity=ref_src, **options), PROMPT, 6)
+    model = FlashModel.open(path, sparsity=src, **options)
+    got, _ = decode_logits(model, PROMPT, 6)
+    assert src.calls == ref_src.calls                      # every layer asked, every token
+    assert len(src.ahead_calls) == (config.n_layers - 1) * 7
+    s = model.stats()
+    assert s["ahead_read"] > 0 and s["ahead_missed"] >= s["ahead_read"] // 2
+    assert (got - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("compute", ["live", "wanted"])
+def test_next_layer_guess_with_the_relu_oracle_equals_dense(stores, compute):
+    """lookahead=True wraps the oracle in NextLayerGuess (layer+1's rule on layer's input): the
+    checked guess leaves the result exact (ReLU: a wrong guess's live rows give 0), and some of
+    each layer's set is read ahead."""
+    path = stores["opt"]
+    dense, dense_tokens = decode_logits(FlashModel.open(path, strategy="dense"), PROMPT, 8)
+    model = FlashModel.open(path, strategy="flash", memory=budget_for(path, 0.5), window=2,
+                            sparsity="oracle", compute=compute, lookahead=True)
+    got, tokens = decode_logits(model, PROMPT, 8)
+    assert tokens == dense_tokens and (got - dense).abs().max().item() <= 1e-4
+    s = model.stats()
+    assert s["ahead_read"] > 0
+
+
+@pytest.mark.parametrize("lookahead", [False, "layer", "attention"])
+def test_flash_is_deterministic_and_independent_of_overlap(hf_llama, convert_to, lookahead):
+    """float16 decode with a discontinuous selection (the oracle's top half): logits are the same
+    bit for bit run to run, and without lookahead the same with overlap off (reads then finish
+    before any compute; lookahead changes the live rows by design). The sum over live rows is
+    split at the admission's ready row, never by whether reads have finished: a timing-dependent
+    split changed SmolLM2's logits by up to 0.7 over 40 tokens."""
+    path = convert_to(hf_llama.path, dtype="float16")
+
+    def run(**kw) -> torch.Tensor:
+        model = FlashModel.open(path, strategy="flash", memory=budget_for(path, 0.4), window=2,
+                                sparsity="oracle", **kw)
+        return decode_logits(model, PROMPT, 10)[0]
+
+    a = run(lookahead=lookahead)
+    assert torch.equal(a, run(lookahead=lookahead))
+    if not lookahead:
+        assert torch.equal(a, run(overlap=False))

@@ -12,15 +12,26 @@
 Lookahead: a source with `ahead(layer, x)` (layer+1's neurons from layer's FFN input) gets
 layer+1's reads started while layer computes; those caches then place new neurons into the rows
 evictions emptied instead of moving rows (their reads are done before the layer computes, so
-there is no overlap to keep), and the FFN runs in one pass when the reads are already done.
+there is no overlap to keep).
+Unless the source says its `ahead` is final (`ahead_exact`), layer+1 then asks the source
+itself and reads what the guess missed before computing (`lookahead=True` or "layer" wraps any
+source in sparsity.NextLayerGuess: the layer+1 rule applied to layer's input).
+lookahead="attention": the transformer calls `early(layer, ffn_norm(h))` with the residual h
+entering the layer, before its attention; the source's `early` (or sparsity.SameLayerGuess: its
+own rule on that input) guesses the layer's set, whose reads then overlap the attention, and
+the FFN checks the guess as above.
 
 OPT's fc1 bias is resident (Store.up_biases, store order), not in the bundles: each row's bias is
 gathered by the row's store position, from the cache's row -> position map for cache rows and
 from the overflow ids for scratch rows.
 
-The FFN runs on every live row, which is the wanted set plus neurons kept by the window: for ReLU
-models the extra rows are exactly what dense would compute for them; for SwiGLU models they
-make the result closer to dense, at no I/O cost. With every neuron wanted, flash equals dense.
+By default (compute="live") the FFN runs on every live row, which is the wanted set plus neurons
+kept by the window: for ReLU models the extra rows are exactly what dense would compute for them
+(and catch the predictor's misses that happen to be cached); for SwiGLU models they make the
+result closer to dense, at no I/O cost. compute="wanted" runs on this token's wanted rows only
+(picked in place from the live block by the native kernel): the sparse product the predictor
+names, at less than half the memory traffic when the window keeps twice the wanted set (the
+paper's OPT regime). With every neuron wanted, flash equals dense either way.
 """
 
 from __future__ import annotations
@@ -36,7 +47,7 @@ from torch import Tensor
 
 from ..budget import CachePlan, parse_memory, plan_caches
 from ..io import AlignedBuf, NeuronCache, Reader, as_tensor
-from ..sparsity import AllNeurons, Oracle, WantedSource
+from ..sparsity import AllNeurons, NextLayerGuess, Oracle, SameLayerGuess, WantedSource
 from ..store import PREDICTORS, RESIDENT, Store
 from .base import rows_ffn
 
@@ -69,10 +80,14 @@ class FlashFFN:
 
     def __init__(self, store: Store, memory: str | int | float | None = None, window: int = 4,
                  sparsity: str | WantedSource | None = None, profile: Any = None, concurrency: int = 32,
-                 overlap: bool = True, coalesce: bool = True, reuse: bool = True, engine: str | None = None):
+                 overlap: bool = True, coalesce: bool = True, reuse: bool = True, engine: str | None = None,
+                 compute: str = "live", lookahead: bool | str = False):
         from ..profile_disk import load_profile
 
         self.store, self.config = store, store.config
+        if compute not in ("live", "wanted"):
+            raise ValueError(f"compute must be 'live' or 'wanted', not {compute!r}")
+        self.compute = compute
         if sparsity is None:
             # The calibrated predictors when the store has them; else the oracle (an upper bound
             # that holds the full FFN outside the budget: `llmflash calibrate` to deploy).
@@ -81,6 +96,13 @@ class FlashFFN:
                 warnings.warn(f"{store.path}: no predictors (run `llmflash calibrate`); using the oracle, "
                               "which keeps the full FFN in DRAM outside the memory budget", stacklevel=3)
         self.source = make_source(sparsity, store)
+        mode = {False: None, True: "layer"}.get(lookahead, lookahead) if isinstance(lookahead, bool) else lookahead
+        if mode not in (None, "layer", "attention"):
+            raise ValueError(f"lookahead must be False, True, 'layer' or 'attention', not {lookahead!r}")
+        if mode == "layer" and not hasattr(self.source, "ahead"):
+            self.source = NextLayerGuess(self.source)
+        if mode == "attention" and not hasattr(self.source, "early"):
+            self.source = SameLayerGuess(self.source)
         resident, ffn = model_bytes(store)
         self.model_bytes = resident + ffn
         budget = parse_memory(memory, self.model_bytes) if memory is not None else self.model_bytes
@@ -114,8 +136,13 @@ class FlashFFN:
         # Lookahead: a source with `ahead(layer, x)` names layer+1's neurons from layer's FFN
         # input, so layer+1's reads start while layer computes (the disk never waits for
         # compute between layers).
-        self._peek = getattr(self.source, "ahead", None) if overlap else None
-        if engine is None and self._peek is not None:
+        self._peek = getattr(self.source, "ahead", None) if overlap and mode != "attention" else None
+        self._verify = self._peek is not None and not getattr(self.source, "ahead_exact", False)
+        self._guess_early = getattr(self.source, "early", None) if overlap and mode == "attention" else None
+        if self._guess_early is not None:
+            self.early = self._early       # the transformer looks for this hook (models.transformer)
+            self._verify = True
+        if engine is None and (self._peek is not None or mode == "attention"):
             try:
                 self.reader = Reader(store.ffn_path, concurrency=concurrency, engine="io_uring")
             except (OSError, ValueError, RuntimeError):    # no io_uring here (seccomp, old kernel)
@@ -148,9 +175,12 @@ class FlashFFN:
                 self.position.append(pos)
         self.step = 0
         self.t = {"io": 0.0, "compute": 0.0, "predict": 0.0}
-        # (step, Admission) per layer, started by the layer before (lookahead)
+        # lookahead: neurons read ahead, wanted neurons the guess missed (read at the layer), and
+        # for checked guesses the sizes of guess, wanted set and their overlap
+        self.ahead = {"ahead_read": 0, "ahead_missed": 0, "guess_named": 0, "guess_right": 0, "wanted_named": 0}
+        # (step, Admission, wanted) per layer, started by the layer before (lookahead)
         self._ahead: list[tuple[int, Any] | None] = [None] * len(self.caches)
-        if self._peek is not None:
+        if self._peek is not None or mode == "attention":
             # Reads done before the layer computes: new neurons can take the evicted rows (no
             # move) at no cost in overlap (rust/cache.rs, set_fill_holes).
             for cache in self.caches:
@@ -173,7 +203,16 @@ class FlashFFN:
         mgmt0 = cache.stats()["mgmt_ns"]
         pre, self._ahead[layer] = self._ahead[layer], None
         if pre is not None and pre[0] == self.step:     # started by the layer before (lookahead)
-            adm, t1 = pre[1], t0
+            adm, wanted, t1 = pre[1], pre[2], t0
+            self.ahead["ahead_read"] += adm.misses
+            if self._verify:                            # a guess: the layer's own set decides
+                guess, wanted = wanted, self._wanted(layer, self.source(layer, x))
+                self.ahead["guess_named"] += len(guess)
+                self.ahead["guess_right"] += len(np.intersect1d(guess, wanted))
+                self.ahead["wanted_named"] += len(wanted)
+                t1 = time.perf_counter()
+                adm = cache.begin(wanted, self.step)    # settles the guess's reads; reads its misses
+                self.ahead["ahead_missed"] += adm.misses + len(adm.overflow)
         else:
             wanted = self._wanted(layer, self.source(layer, x))
             t1 = time.perf_counter()
@@ -187,7 +226,8 @@ class FlashFFN:
                 t7 = time.perf_counter()
                 c2 = self.caches[layer + 1]
                 m2 = c2.stats()["mgmt_ns"]
-                self._ahead[layer + 1] = (self.step, c2.begin(self._wanted(layer + 1, nxt), self.step))
+                w2 = self._wanted(layer + 1, nxt)
+                self._ahead[layer + 1] = (self.step, c2.begin(w2, self.step), w2)
                 ahead_begin = time.perf_counter() - t7
                 ahead_mgmt = (c2.stats()["mgmt_ns"] - m2) / 1e9
                 t1 += t7 - t6                               # prediction time, not I/O
@@ -197,18 +237,27 @@ class FlashFFN:
         # OPT: the rows' fc1 biases, by store position. begin has set the row -> position map
         # for rows [0, total_rows) (reads may be pending); an index into a (n,) vector.
         b1 = self.b1[layer]
-        bias = None if b1 is None else b1[torch.from_numpy(cache.slot_neurons())]
+        slot_neurons = cache.slot_neurons()
+        bias = None if b1 is None else b1[torch.from_numpy(slot_neurons)]
+        # Rows [0, r) were live before this admission, [r, n) are being read. The sum runs in
+        # these two parts whether or not the reads are done by now: a split that depended on
+        # timing would change the float summation order from run to run, and a discontinuous
+        # selection (top-k, thresholds) turns such last-bit differences into different neurons
+        # and visibly different logits (seen: 0.7 on SmolLM2's logits after 40 tokens).
         r, n = adm.ready_rows, adm.total_rows
-        if n > r and cache.is_ready():                # reads already done (lookahead): one pass
-            cache.wait()
-            r = n
+        pick = None
+        if self.compute == "wanted":
+            # the live rows (sorted) holding this token's wanted neurons; those that overflowed
+            # the cache are not live and run from the scratch area below
+            pick = cache.rows_of(wanted)
+            pick = np.sort(pick[(pick >= 0) & (pick < n)])
         if r:                                         # overlap: compute on hits while reads run
-            y += self._ffn_rows(x, rows[:r], None if bias is None else bias[:r])
+            y += self._block(x, rows, bias, 0, r, pick)
         t3 = time.perf_counter()
         cache.wait()
         t4 = time.perf_counter()
         if n > r:
-            y += self._ffn_rows(x, rows[r:n], None if bias is None else bias[r:n])
+            y += self._block(x, rows, bias, r, n, pick)
         t5 = time.perf_counter()
         io, compute = (t2 - t1) - ahead_begin + (t4 - t3), (t3 - t2) + (t5 - t4)
         overflow = np.asarray(adm.overflow, dtype=np.uint32)
@@ -229,6 +278,29 @@ class FlashFFN:
         self.t["compute"] += compute
         return y
 
+    def _early(self, layer: int, x: Tensor) -> None:
+        """Before the layer's attention: guess its set from ffn_norm(residual) and start the reads
+        (lookahead="attention"); the FFN call checks the guess. Layer 0 comes before the FFN call
+        that advances the step, so its guess is for the next step."""
+        step = self.step + 1 if layer == 0 else self.step
+        t0 = time.perf_counter()
+        guess = self._wanted(layer, self._guess_early(layer, x))
+        t1 = time.perf_counter()
+        cache = self.caches[layer]
+        m0 = cache.stats()["mgmt_ns"]
+        self._ahead[layer] = (step, cache.begin(guess, step), guess)
+        t2 = time.perf_counter()
+        self.t["predict"] += t1 - t0
+        self.t["io"] += max(0.0, (t2 - t1) - (cache.stats()["mgmt_ns"] - m0) / 1e9)
+
+    def _block(self, x: Tensor, rows: Tensor, bias: Tensor | None, lo: int, hi: int,
+               pick: np.ndarray | None) -> Tensor:
+        """The FFN over live rows [lo, hi): all of them, or only the picked (sorted) ones there."""
+        if pick is None:
+            return self._ffn_rows(x, rows[lo:hi], None if bias is None else bias[lo:hi])
+        sel = pick[np.searchsorted(pick, lo):np.searchsorted(pick, hi)]
+        return rows_ffn(x, rows[:hi], self.config, None if bias is None else bias[:hi], pick=sel.astype(np.uint32))
+
     def _wanted(self, layer: int, ids: Any) -> np.ndarray:
         """Original neuron ids -> store positions (uint32), as the cache takes them."""
         ids = ids.numpy() if isinstance(ids, Tensor) else np.asarray(ids)
@@ -246,6 +318,7 @@ class FlashFFN:
         out.update({"ffn_io_s": self.t["io"], "ffn_compute_s": self.t["compute"],
                     "predict_s": self.t["predict"], "mgmt_s": mgmt,
                     "cache_capacity_neurons": float(sum(self.plan.capacities)),
+                    **{k: float(v) for k, v in self.ahead.items()},
                     "budget_bytes": float(self.plan.budget), "steps": float(self.step)})
         return out
 
@@ -253,3 +326,4 @@ class FlashFFN:
         for c in self.caches:
             c.reset_stats()
         self.t = dict.fromkeys(self.t, 0.0)
+        self.ahead = dict.fromkeys(self.ahead, 0)
