@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, default=256, help="KV cache length for attention")
     ap.add_argument("--uring", action="store_true",
                     help="add flash-uring and flash-ahead-uring: every batch on io_uring (no pread pool)")
+    ap.add_argument("--wanted", action="store_true",
+                    help="add flash-wanted and flash-ahead-wanted: the FFN on the wanted rows only "
+                         "(FlashFFN compute='wanted'), not every live row")
     ap.add_argument("--no-lookahead", dest="lookahead", action="store_false",
                     help="skip the flash-ahead strategy (layer+1's reads start during layer)")
     ap.add_argument("--fio-seconds", type=int, default=2)
@@ -161,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.uring:
         strategies["flash-uring"] = flash(Replay(sets), engine="io_uring")
         strategies["flash-ahead-uring"] = flash(LookaheadReplay(sets), engine="io_uring")
+    if a.wanted:
+        strategies["flash-wanted"] = flash(Replay(sets), compute="wanted")
+        if a.lookahead:
+            strategies["flash-ahead-wanted"] = flash(LookaheadReplay(sets), compute="wanted")
     cap = strategies["flash"].plan.capacities[0]
     gen = stats(sets, P.n_neurons, a.window, capacity=cap, skip=a.warmup)
     print("generator (measured tokens): " + ", ".join(f"{k} {v:.4f}" for k, v in gen.items()), file=sys.stderr)

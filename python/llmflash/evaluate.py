@@ -108,6 +108,10 @@ class _Counting:
     def __init__(self, source: Any, ffn_dims: list[int]):
         self.source, self.total, self.named, self.calls = source, sum(ffn_dims), 0, 0
         self.n_layers = len(ffn_dims)
+        for hook in ("ahead", "early"):          # lookahead guesses pass through, uncounted
+            if hasattr(source, hook):
+                setattr(self, hook, getattr(source, hook))
+                self.ahead_exact = getattr(source, "ahead_exact", False)
 
     def __call__(self, layer: int, x: Tensor) -> Tensor:
         ids = self.source(layer, x)
@@ -126,11 +130,12 @@ class _Counting:
 
 def evaluate(store_path: str | os.PathLike[str], text: str | None = None, tokens: int = 512,
              memories: Sequence[str] = ("0.75x", "0.5x"), window: int = 4, sparsity: str = "predictor",
-             threads: int | None = 2, progress: bool = True) -> dict[str, Any]:
+             threads: int | None = 2, progress: bool = True, lookahead: str | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
     from .models.transformer import Transformer
     from .strategies import make_ffn
+    from .sparsity import NextLayerGuess, SameLayerGuess
     from .strategies.flash import make_source, model_bytes
 
     if threads:
@@ -148,7 +153,8 @@ def evaluate(store_path: str | os.PathLike[str], text: str | None = None, tokens
     N = len(ids_list)
     source = make_source(sparsity, store)
     predictors = source if isinstance(source, Predictors) else None
-    out: dict[str, Any] = {"store": str(store.path), "tokens": N, "window": window, "sparsity": sparsity}
+    out: dict[str, Any] = {"store": str(store.path), "tokens": N, "window": window, "sparsity": sparsity,
+                           "lookahead": lookahead}
     if predictors is not None:
         out["predictor"] = {k: predictors.meta.get(k) for k in ("kind", "rank", "keep", "tokens", "epochs", "seed", "label")}
         out["predictor"]["recall_target"] = predictors.recall
@@ -174,9 +180,10 @@ def evaluate(store_path: str | os.PathLike[str], text: str | None = None, tokens
     n_total = sum(c.ffn_dims)
     out["flash"] = []
     for mem in memories:
-        counting = _Counting(source, c.ffn_dims)
+        guess = {"layer": NextLayerGuess, "attention": SameLayerGuess}.get(lookahead or "")
+        counting = _Counting(guess(source) if guess else source, c.ffn_dims)
         try:
-            ffn = make_ffn("flash", store, memory=mem, window=window, sparsity=counting)
+            ffn = make_ffn("flash", store, memory=mem, window=window, sparsity=counting, lookahead=lookahead or False)
         except BudgetError as e:                  # this budget cannot hold the resident part
             out["flash"].append({"memory": mem, "error": str(e)})
             continue
@@ -202,6 +209,13 @@ def evaluate(store_path: str | os.PathLike[str], text: str | None = None, tokens
             "hit_rate": hits / max(hits + misses, 1.0),
             "ms_per_token": elapsed * 1e3 / (N - 1),
         })
+        if lookahead:
+            # neurons the guesses read during the layer before, and those they missed (read at
+            # the layer itself, not hidden behind compute), as shares of the FFN per token
+            out["flash"][-1].update({"ahead_read_share": s.get("ahead_read", 0.0) / (steps * n_total),
+                                     "late_read_share": s.get("ahead_missed", 0.0) / (steps * n_total),
+                                     "guess_recall": s.get("guess_right", 0.0) / max(s.get("wanted_named", 0.0), 1.0),
+                                     "guess_precision": s.get("guess_right", 0.0) / max(s.get("guess_named", 0.0), 1.0)})
         del ffn, model, cache
     return out
 
@@ -230,6 +244,10 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"{'flash ' + str(f['memory']):<18}{f['ppl']:>9.3f}{f['ratio']:>9.3f}{f['wanted_share']:>9.1%}"
                      f"{f['read_share']:>10.1%}{f['useful_share']:>9.1%}{f['cached_share']:>8.1%}"
                      f"{f['hit_rate']:>7.2f}{f['ms_per_token']:>8.1f}")
+        if "ahead_read_share" in f:
+            lines.append(f"{'':<18}lookahead ({r['lookahead']}): {f['ahead_read_share']:.1%} of the FFN read early per token, "
+                         f"{f['late_read_share']:.1%} missed by the guess (read at the layer); guess recall "
+                         f"{f['guess_recall']:.3f}, precision {f['guess_precision']:.3f}")
     lines.append("wanted: neurons the source names per token; read/tok: FFN bytes read per token (bridged gaps "
                  "included); min/tok: the missing bundles alone; shares of the whole FFN")
     if r.get("layers"):
@@ -252,6 +270,10 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--sparsity", default="predictor",
                    help="wanted-set source: predictor[:RECALL], oracle[:KEEP] or all (default predictor)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lookahead", choices=["layer", "attention"],
+                   help="flash guesses a layer's set early and starts its reads: from the layer before's "
+                        "FFN input (layer) or from the layer's attention input (attention); checked at the "
+                        "layer; reports the shares read early and late")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(list(argv))
@@ -263,6 +285,6 @@ def main(argv: Sequence[str]) -> int:
         except OSError as e:
             raise LlmflashError(f"cannot read evaluation text: {e.strerror}", a.text) from None
     r = evaluate(path, text, a.tokens, a.memory or ["0.75x", "0.5x"], a.window, a.sparsity, a.threads,
-                 progress=not (a.quiet or a.json))
+                 progress=not (a.quiet or a.json), lookahead=a.lookahead)
     print(json.dumps(r, indent=1) if a.json else format_report(r))
     return 0

@@ -9,6 +9,15 @@
   per token (the magnitude sparsity of CATS/TEAL), unioned over the tokens of x.
 - `Threshold`: like Oracle, but keeps |act| above a per-layer threshold instead of a fixed share.
 The learned predictors (llmflash.predictor) implement the same call.
+
+Lookahead (llmflash.strategies.flash): a source may also have `ahead(layer, x)`, layer+1's set
+named from layer's FFN input, so layer+1's reads start while layer computes. With
+`ahead_exact = True` that set is final (the benches' exact replay); otherwise it is a guess that
+flash checks at layer+1 against the source's own answer, reading what the guess missed.
+`NextLayerGuess(source)` gives any source such a guess. A source may instead (or also) have
+`early(layer, x)`: the layer's own set guessed from the FFN norm of the layer's *attention*
+input, before attention runs, so the reads overlap the layer's attention; `SameLayerGuess`
+gives any source that guess (its own rule on that earlier input).
 """
 
 from __future__ import annotations
@@ -24,6 +33,46 @@ from .store import Store, split_bundles
 
 class WantedSource(Protocol):
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class NextLayerGuess:
+    """Lookahead for any source: layer+1's wanted set guessed by running the source's layer+1
+    rule on layer's FFN input (the residual stream changes little from one layer to the next:
+    Deja Vu's asynchronous lookahead, here with no extra predictor and no extra memory). Flash
+    starts the guess's reads during layer, then asks the source at layer+1 and reads only what
+    the guess missed, so what is computed does not depend on the guess."""
+
+    ahead_exact = False
+
+    def __init__(self, source: WantedSource):
+        self.source = source
+
+    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self.source(layer, x)
+
+    def ahead(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self.source(layer + 1, x)
+
+    def nbytes(self) -> int:
+        return int(getattr(self.source, "nbytes", lambda: 0)())
+
+
+class SameLayerGuess:
+    """The layer's set guessed before its attention: the source's own rule on ffn_norm(h), h the
+    residual entering the layer (the FFN's real input is ffn_norm(h + attention(h))). Checked
+    at the FFN like NextLayerGuess; the reads overlap the layer's attention."""
+
+    def __init__(self, source: WantedSource):
+        self.source = source
+
+    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self.source(layer, x)
+
+    def early(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self.source(layer, x)
+
+    def nbytes(self) -> int:
+        return int(getattr(self.source, "nbytes", lambda: 0)())
 
 
 class AllNeurons:

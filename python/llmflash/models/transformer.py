@@ -164,8 +164,11 @@ class Transformer:
         if self.pos_embed is not None:
             x = x + self.pos_embed[start + c.pos_offset:start + c.pos_offset + T].float()
         cos, sin = self._rope(start, T)
+        early = getattr(self.ffn, "early", None)
         for i, L in enumerate(self.layers):
             if c.pre_norm:
+                if early is not None:        # flash lookahead="attention": guess this layer's set now
+                    early(i, self._norm(x, L.ffn_norm).to(self.dtype))
                 x = x + self._attention(i, L, self._norm(x, L.attn_norm), cache, start, cos, sin)
                 x = x + self._ffn(i, L, self._norm(x, L.ffn_norm))
             else:
