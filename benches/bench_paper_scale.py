@@ -7,7 +7,8 @@ memory = 50% of the model: per-token latency of naive vs flash, interleaved in o
 
 A token here is a whole decoder token of OPT-6.7B's shape: per layer LayerNorm, the q/k/v
 projection (one fused 12288x4096 float16 matrix-vector product: the same bytes as q, k and v),
-attention over a KV cache of `--context` positions, the 4096x4096 output projection, LayerNorm,
+attention over a KV cache of `--context` positions (plus the token's own, written in place), the
+4096x4096 output projection, LayerNorm,
 then the FFN strategy on that input, with the replayed wanted set. The 32 layers' attention
 weights (4.3 GB) are random matrices held in DRAM, generated here (not read from the store's
 resident file, to leave the disk to the FFN); the embedding lookup and LM head are left out
@@ -16,6 +17,10 @@ resident file, to leave the disk to the FFN); the embedding lookup and LM head a
 Strategies (token by token, interleaved; the disk is shared and throttled, DESIGN §3):
   naive     NaiveFFN: each layer's whole region (268 MB) read with 1 MiB direct reads, dense FFN
   flash     FlashFFN(memory = 50% of the real model, window 5, the replay source)
+  flash-ahead                 + an exact next-layer lookahead (LookaheadReplay)
+  --wanted: flash-wanted, flash-ahead-wanted   the FFN on the wanted rows only (compute="wanted")
+  --guess R P: flash-early, flash-early-exact  the layer's set guessed before its attention with
+            recall R and precision P (GuessReplay), checked at the FFN; and an exact guess
 Both FFNs decode with the library's own kernel (strategies.base.rows_ffn: one native F16C + FMA
 pass per float16 bundle, down rows skipped where relu gives 0). A short in-run microbenchmark
 compares it with the torch path (strategies.base.bundle_ffn) on the caches' real rows. fio (`fio-randread`, 32 threads, 2 s) at 1 MiB and at flash's mean request
@@ -40,7 +45,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_opt_store import DEFAULT_OUT, random_f16_bits  # noqa: E402
-from wanted_sets import LookaheadReplay, Params, Replay, generate, stats  # noqa: E402
+from wanted_sets import GuessReplay, LookaheadReplay, Params, Replay, generate, stats  # noqa: E402
 
 from llmflash.store import Store, split_bundles  # noqa: E402
 from llmflash.strategies.base import bundle_ffn, rows_ffn  # noqa: E402
@@ -65,8 +70,10 @@ class Attention:
         self.b_qkv = [mk(3 * dim).float() for _ in range(n_layers)]
         self.b_o = [mk(dim).float() for _ in range(n_layers)]
         g = torch.Generator().manual_seed(seed)
-        self.k = [torch.randn(n_heads, context, self.hd, generator=g) for _ in range(n_layers)]
-        self.v = [torch.randn(n_heads, context, self.hd, generator=g) for _ in range(n_layers)]
+        # KV caches of context + 1 positions; each token writes its k, v into the last one in
+        # place (a decoder appends to a preallocated cache; concatenating copied 270 MB a token)
+        self.k = [torch.randn(n_heads, context + 1, self.hd, generator=g) for _ in range(n_layers)]
+        self.v = [torch.randn(n_heads, context + 1, self.hd, generator=g) for _ in range(n_layers)]
         self.ln_w, self.ln_b = torch.ones(dim), torch.zeros(dim)
         self.s = 0.0
 
@@ -82,8 +89,9 @@ class Attention:
         t0 = time.perf_counter()
         h = self.ln(x).half()
         q, k, v = (F.linear(h, self.qkv[i]).float() + self.b_qkv[i]).view(3, self.h, 1, self.hd)
-        keys = torch.cat([self.k[i], k], dim=1)                          # (H, ctx+1, hd)
-        vals = torch.cat([self.v[i], v], dim=1)
+        keys, vals = self.k[i], self.v[i]                                # (H, ctx+1, hd)
+        keys[:, -1:] = k
+        vals[:, -1:] = v
         a = F.scaled_dot_product_attention(q, keys, vals)                # (H, 1, hd)
         out = F.linear(a.reshape(1, self.dim).half(), self.o[i]).float() + self.b_o[i]
         self.s += time.perf_counter() - t0
@@ -91,7 +99,10 @@ class Attention:
 
 
 def decode_token(attn: Attention, ffn, x: Tensor, n_layers: int) -> Tensor:
+    early = getattr(ffn, "early", None)              # FlashFFN lookahead="attention"
     for i in range(n_layers):
+        if early is not None:
+            early(i, attn.ln(x).half())
         x = x + attn(i, x)
         x = x + ffn(i, attn.ln(x).half())
     return x
@@ -111,7 +122,8 @@ def fio(path: Path, bs: int, seconds: int = 2, threads: int = 32) -> float:
 
 # -- the run -------------------------------------------------------------------------------------
 KEYS = ("ffn_io_s", "mgmt_s", "predict_s", "ffn_compute_s", "bytes_read", "bytes_useful", "requests",
-        "hits", "misses", "evicted_window", "evicted_capacity", "overflow", "io_ns", "wait_ns", "mgmt_ns")
+        "hits", "misses", "evicted_window", "evicted_capacity", "overflow", "io_ns", "wait_ns", "mgmt_ns",
+        "ahead_read", "ahead_missed", "guess_named", "guess_right", "wanted_named")
 
 
 def snapshot(ffn) -> dict[str, float]:
@@ -133,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wanted", action="store_true",
                     help="add flash-wanted and flash-ahead-wanted: the FFN on the wanted rows only "
                          "(FlashFFN compute='wanted'), not every live row")
+    ap.add_argument("--guess", type=float, nargs=2, metavar=("RECALL", "PRECISION"),
+                    help="add flash-early (the layer's set guessed before its attention with this recall "
+                         "and precision, checked at the FFN; lookahead='attention') and flash-early-exact")
     ap.add_argument("--no-lookahead", dest="lookahead", action="store_false",
                     help="skip the flash-ahead strategy (layer+1's reads start during layer)")
     ap.add_argument("--fio-seconds", type=int, default=2)
@@ -164,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.uring:
         strategies["flash-uring"] = flash(Replay(sets), engine="io_uring")
         strategies["flash-ahead-uring"] = flash(LookaheadReplay(sets), engine="io_uring")
+    if a.guess:
+        strategies["flash-early"] = flash(GuessReplay(sets, P.n_neurons, *a.guess, seed=a.seed),
+                                          compute="wanted", lookahead="attention")
+        strategies["flash-early-exact"] = flash(GuessReplay(sets, P.n_neurons), compute="wanted",
+                                                lookahead="attention")
     if a.wanted:
         strategies["flash-wanted"] = flash(Replay(sets), compute="wanted")
         if a.lookahead:

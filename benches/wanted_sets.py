@@ -137,6 +137,32 @@ class LookaheadReplay(Replay):
         return self.sets[self.t][layer + 1]
 
 
+class GuessReplay(Replay):
+    """Replay with `early(layer, x)`: the layer's set guessed before its attention (FlashFFN
+    lookahead="attention"), with a given recall (share of the set named) and precision (share of
+    the guess in the set; the rest drawn uniformly from the other neurons), deterministic per
+    (seed, token, layer). The FFN then asks for the true set (the replay) and reads what the
+    guess missed. Recall = precision = 0.816 is what SmolLM2's oracle measured from the
+    attention input (`llmflash eval --sparsity oracle --lookahead attention`)."""
+
+    def __init__(self, sets: list[list[np.ndarray]], n_neurons: int, recall: float = 1.0,
+                 precision: float = 1.0, seed: int = 0):
+        super().__init__(sets)
+        self.n, self.recall, self.precision, self.seed = n_neurons, recall, precision, seed
+
+    def early(self, layer: int, x=None) -> np.ndarray:
+        t = self.t + 1 if layer == 0 else self.t        # layer 0's guess comes before the step advances
+        true = np.asarray(self.sets[t][layer])
+        if self.recall >= 1.0 and self.precision >= 1.0:
+            return true
+        rng = np.random.default_rng([self.seed, t, layer])
+        kept = true[rng.random(len(true)) < self.recall]
+        n_extra = int(round(len(kept) * (1.0 / self.precision - 1.0)))
+        others = np.setdiff1d(np.arange(self.n), true, assume_unique=True)
+        extra = rng.choice(others, size=min(n_extra, len(others)), replace=False)
+        return np.sort(np.concatenate([kept, extra]))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=64)
