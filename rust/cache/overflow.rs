@@ -1,0 +1,76 @@
+//! Overflow streaming: bundles read past the cache into a caller's buffer (neurons wanted
+//! beyond a layer's capacity), planned and coalesced like a fill but never touching the rows.
+
+use std::time::Instant;
+
+use super::counters::{add, ns_since};
+use super::NeuronCache;
+use crate::error::{Error, Result};
+use crate::planner::plan;
+use crate::reader::RawOp;
+
+impl NeuronCache {
+    /// Read the bundles of `wanted` (duplicates allowed) into `dest`, packed: row k (bytes
+    /// `[k*bb, (k+1)*bb)`) = bundle `wanted[k]`. Returns `wanted.len()`. Does not touch the
+    /// cache's rows; may run while a fill is pending (overflow streaming).
+    pub fn read_neurons(&self, wanted: &[u32], dest: &mut [u8]) -> Result<usize> {
+        // SAFETY: `dest` is an exclusive borrow of dest.len() writable bytes, alive for the call.
+        unsafe { self.read_neurons_raw(wanted, dest.as_mut_ptr(), dest.len()) }
+    }
+
+    /// `read_neurons` into raw memory.
+    ///
+    /// # Safety
+    /// `dest .. dest + dest_len` must be valid for writes and not accessed by anyone else until
+    /// this call returns.
+    pub unsafe fn read_neurons_raw(&self, wanted: &[u32], dest: *mut u8, dest_len: usize) -> Result<usize> {
+        self.check_ids(wanted)?;
+        let bb = self.shared.bundle_bytes;
+        let need = wanted.len().checked_mul(bb).filter(|&b| b <= dest_len).ok_or_else(|| {
+            Error::invalid(format!(
+                "destination of {dest_len} bytes cannot hold {} bundles of {bb} bytes",
+                wanted.len()
+            ))
+        })?;
+        if need == 0 {
+            return Ok(0);
+        }
+        let p = plan(wanted, &self.region, &self.profile, &self.opts)?;
+        let staging = self.shared.staging.take(p.buffer_bytes as usize)?;
+        let base = staging.as_mut_ptr();
+        let ops: Vec<RawOp> = p
+            .requests
+            .iter()
+            // SAFETY: requests lie back to back in [0, buffer_bytes) and staging is that large.
+            .map(|r| RawOp { file_offset: r.offset, len: r.len as usize, dest: unsafe { base.add(r.dest_offset as usize) } })
+            .collect();
+        let t0 = Instant::now();
+        // SAFETY: disjoint ranges of `staging`, owned here and alive until read_raw returns.
+        let r = unsafe { self.shared.reader.read_raw(&ops) };
+        add(&self.shared.counters.io_ns, ns_since(t0));
+        if let Err(e) = r {
+            self.shared.staging.give(staging);
+            return Err(e);
+        }
+        let t1 = Instant::now();
+        for (k, j) in wanted.iter().enumerate() {
+            // Every wanted id is in the plan (it plans exactly these ids).
+            let Ok(i) = p.neurons.binary_search(j) else { continue };
+            let at = p.landing[i] as usize;
+            if at + bb > staging.len() {
+                self.shared.staging.give(staging);
+                return Err(Error::invalid(format!("plan lands neuron {j} at {at}, outside its {} bytes", p.buffer_bytes)));
+            }
+            // SAFETY: `at + bb <= staging.len()` (checked) and `(k+1)*bb <= need <= dest_len`;
+            // the caller guarantees dest is ours; staging is a different allocation.
+            unsafe { std::ptr::copy_nonoverlapping(staging.as_ptr().add(at), dest.add(k * bb), bb) };
+        }
+        add(&self.shared.counters.mgmt_ns, ns_since(t1));
+        self.shared.staging.give(staging);
+        add(&self.shared.counters.bytes_read, p.buffer_bytes);
+        add(&self.shared.counters.bytes_useful, p.useful_bytes);
+        add(&self.shared.counters.requests, p.requests.len() as u64);
+        self.shared.reader.stats().add_useful(p.useful_bytes);
+        Ok(wanted.len())
+    }
+}
