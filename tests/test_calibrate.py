@@ -128,6 +128,20 @@ def test_eval_table(llama_store, texts, capsys):
     assert "predictor only" in out and "flash 1x" in out and "precision" in out
 
 
+@pytest.mark.parametrize("mode", ["layer", "attention"])
+def test_eval_lookahead_reports_the_guess(llama_store, texts, capsys, mode):
+    """eval --lookahead: the guess's recall and precision against each layer's own predicted set,
+    and the FFN shares read early and late; the named share counts the layer's own sets only."""
+    assert main(["eval", str(llama_store), "--text", str(texts[1]), "--tokens", "32", "--memory", "0.9x",
+                 "--lookahead", mode, "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    f = r["flash"][0]
+    assert r["lookahead"] == mode
+    assert 0 < f["guess_recall"] <= 1 and 0 < f["guess_precision"] <= 1
+    assert f["ahead_read_share"] > 0 and f["late_read_share"] >= 0
+    assert f["wanted_share"] == pytest.approx(r["predictor"]["predicted_share"], abs=0.05)
+
+
 def test_relu_model_calibrates(hf_opt, convert_to, texts):
     store = convert_to(hf_opt.path, dtype="float32")
     (store / "tokenizer.json").write_text(tiny_tokenizer_json())
