@@ -133,6 +133,8 @@ class LookaheadReplay(Replay):
     here exact. It measures what the engine gains when reads of the next layer overlap this
     layer's compute; the accuracy of such a predictor is not modelled."""
 
+    ahead_exact = True          # final: FlashFFN does not check it at layer+1
+
     def ahead(self, layer: int, x=None) -> np.ndarray:
         return self.sets[self.t][layer + 1]
 

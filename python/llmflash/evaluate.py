@@ -246,7 +246,7 @@ def format_report(r: dict[str, Any]) -> str:
                      f"{f['hit_rate']:>7.2f}{f['ms_per_token']:>8.1f}")
         if "ahead_read_share" in f:
             lines.append(f"{'':<18}lookahead ({r['lookahead']}): {f['ahead_read_share']:.1%} of the FFN read early per token, "
-                         f"{f['late_read_share']:.1%} missed by the guess (read at the layer); guess recall "
+                         f"{f['late_read_share']:.1%} read at the layer (missed by the guess); guess recall "
                          f"{f['guess_recall']:.3f}, precision {f['guess_precision']:.3f}")
     lines.append("wanted: neurons the source names per token; read/tok: FFN bytes read per token (bridged gaps "
                  "included); min/tok: the missing bundles alone; shares of the whole FFN")

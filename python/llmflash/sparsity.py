@@ -40,7 +40,9 @@ class NextLayerGuess:
     rule on layer's FFN input (the residual stream changes little from one layer to the next:
     Deja Vu's asynchronous lookahead, here with no extra predictor and no extra memory). Flash
     starts the guess's reads during layer, then asks the source at layer+1 and reads only what
-    the guess missed, so what is computed does not depend on the guess."""
+    the guess missed; with compute="wanted" what is computed does not depend on the guess. The
+    source must not keep per-call state (the benches' Replay counts calls: give such a source
+    its own `ahead`)."""
 
     ahead_exact = False
 
@@ -60,7 +62,9 @@ class NextLayerGuess:
 class SameLayerGuess:
     """The layer's set guessed before its attention: the source's own rule on ffn_norm(h), h the
     residual entering the layer (the FFN's real input is ffn_norm(h + attention(h))). Checked
-    at the FFN like NextLayerGuess; the reads overlap the layer's attention."""
+    at the FFN like NextLayerGuess; the reads overlap the layer's attention. The source is asked
+    twice per layer and token, so it must not keep per-call state (give such a source its own
+    `early`, as the benches' GuessReplay does)."""
 
     def __init__(self, source: WantedSource):
         self.source = source

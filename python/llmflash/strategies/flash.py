@@ -15,7 +15,10 @@ evictions emptied instead of moving rows (their reads are done before the layer 
 there is no overlap to keep).
 Unless the source says its `ahead` is final (`ahead_exact`), layer+1 then asks the source
 itself and reads what the guess missed before computing (`lookahead=True` or "layer" wraps any
-source in sparsity.NextLayerGuess: the layer+1 rule applied to layer's input).
+source in sparsity.NextLayerGuess: the layer+1 rule applied to layer's input). A guess is
+admitted as if wanted by the token before (_guess_step), so its wrong neurons yield to the true
+set for capacity and leave with the window; with compute="wanted" the result does not depend
+on the guess, with "live" its rows are computed like any window-kept row.
 lookahead="attention": the transformer calls `early(layer, ffn_norm(h))` with the residual h
 entering the layer, before its attention; the source's `early` (or sparsity.SameLayerGuess: its
 own rule on that input) guesses the layer's set, whose reads then overlap the attention, and
@@ -29,7 +32,8 @@ By default (compute="live") the FFN runs on every live row, which is the wanted 
 kept by the window: for ReLU models the extra rows are exactly what dense would compute for them
 (and catch the predictor's misses that happen to be cached); for SwiGLU models they make the
 result closer to dense, at no I/O cost. compute="wanted" runs on this token's wanted rows only
-(picked in place from the live block by the native kernel): the sparse product the predictor
+(picked in place from the live block by the native kernel for float16 decode; gathered
+otherwise): the sparse product the predictor
 names, at less than half the memory traffic when the window keeps twice the wanted set (the
 paper's OPT regime). With every neuron wanted, flash equals dense either way.
 """
@@ -101,6 +105,9 @@ class FlashFFN:
             raise ValueError(f"lookahead must be False, True, 'layer' or 'attention', not {lookahead!r}")
         if mode == "layer" and not hasattr(self.source, "ahead"):
             self.source = NextLayerGuess(self.source)
+        if mode == "attention" and not self.config.pre_norm:
+            raise ValueError(f"{store.path}: lookahead='attention' needs a pre-norm model (the guess reads "
+                             "the FFN norm of the attention input); use lookahead='layer'")
         if mode == "attention" and not hasattr(self.source, "early"):
             self.source = SameLayerGuess(self.source)
         resident, ffn = model_bytes(store)
@@ -177,7 +184,8 @@ class FlashFFN:
         self.t = {"io": 0.0, "compute": 0.0, "predict": 0.0}
         # lookahead: neurons read ahead, wanted neurons the guess missed (read at the layer), and
         # for checked guesses the sizes of guess, wanted set and their overlap
-        self.ahead = {"ahead_read": 0, "ahead_missed": 0, "guess_named": 0, "guess_right": 0, "wanted_named": 0}
+        self.ahead = {"ahead_read": 0, "ahead_missed": 0, "guess_named": 0, "guess_right": 0, "wanted_named": 0,
+                      "guess_hits": 0, "guess_overflow": 0, "guess_admissions": 0}
         # (step, Admission, wanted) per layer, started by the layer before (lookahead)
         self._ahead: list[tuple[int, Any] | None] = [None] * len(self.caches)
         if self._peek is not None or mode == "attention":
@@ -210,9 +218,14 @@ class FlashFFN:
                 self.ahead["guess_named"] += len(guess)
                 self.ahead["guess_right"] += len(np.intersect1d(guess, wanted))
                 self.ahead["wanted_named"] += len(wanted)
+                # the guess's admission is not this step's: its hits, overflow (named, not read)
+                # and admission are not counted twice (its reads stay counted as misses)
+                self.ahead["guess_hits"] += adm.hits
+                self.ahead["guess_overflow"] += len(adm.overflow)
+                self.ahead["guess_admissions"] += 1
                 t1 = time.perf_counter()
                 adm = cache.begin(wanted, self.step)    # settles the guess's reads; reads its misses
-                self.ahead["ahead_missed"] += adm.misses + len(adm.overflow)
+                self.ahead["ahead_missed"] += adm.misses
         else:
             wanted = self._wanted(layer, self.source(layer, x))
             t1 = time.perf_counter()
@@ -227,7 +240,7 @@ class FlashFFN:
                 c2 = self.caches[layer + 1]
                 m2 = c2.stats()["mgmt_ns"]
                 w2 = self._wanted(layer + 1, nxt)
-                self._ahead[layer + 1] = (self.step, c2.begin(w2, self.step), w2)
+                self._ahead[layer + 1] = (self.step, c2.begin(w2, self._guess_step(self.step)), w2)
                 ahead_begin = time.perf_counter() - t7
                 ahead_mgmt = (c2.stats()["mgmt_ns"] - m2) / 1e9
                 t1 += t7 - t6                               # prediction time, not I/O
@@ -250,7 +263,7 @@ class FlashFFN:
             # the live rows (sorted) holding this token's wanted neurons; those that overflowed
             # the cache are not live and run from the scratch area below
             pick = cache.rows_of(wanted)
-            pick = np.sort(pick[(pick >= 0) & (pick < n)])
+            pick = np.unique(pick[(pick >= 0) & (pick < n)])      # sorted; a duplicated id counts once
         if r:                                         # overlap: compute on hits while reads run
             y += self._block(x, rows, bias, 0, r, pick)
         t3 = time.perf_counter()
@@ -284,14 +297,24 @@ class FlashFFN:
         that advances the step, so its guess is for the next step."""
         step = self.step + 1 if layer == 0 else self.step
         t0 = time.perf_counter()
-        guess = self._wanted(layer, self._guess_early(layer, x))
+        ids = self._guess_early(layer, x)
+        if ids is None:
+            return
+        guess = self._wanted(layer, ids)
         t1 = time.perf_counter()
         cache = self.caches[layer]
         m0 = cache.stats()["mgmt_ns"]
-        self._ahead[layer] = (step, cache.begin(guess, step), guess)
+        self._ahead[layer] = (step, cache.begin(guess, self._guess_step(step)), guess)
         t2 = time.perf_counter()
         self.t["predict"] += t1 - t0
         self.t["io"] += max(0.0, (t2 - t1) - (cache.stats()["mgmt_ns"] - m0) / 1e9)
+
+    def _guess_step(self, step: int) -> int:
+        """The step a lookahead admission is made at: a final set (`ahead_exact`) at its own step;
+        a guess one step back, as if wanted by the token before, so that the check at the layer
+        (at `step`) may evict its wrong neurons for capacity and the window ages them like any
+        other (a guess admitted at `step` would be protected as wanted now)."""
+        return step if not self._verify else max(step - 1, 0)
 
     def _block(self, x: Tensor, rows: Tensor, bias: Tensor | None, lo: int, hi: int,
                pick: np.ndarray | None) -> Tensor:
@@ -314,6 +337,11 @@ class FlashFFN:
         for c in self.caches:
             for k, v in c.stats().items():
                 out[k] = out.get(k, 0.0) + float(v)
+        # a checked guess's own admission: one admission per layer and token is reported, and
+        # hits are the check's (which include wanted neurons the guess had just read)
+        out["hits"] = out.get("hits", 0.0) - self.ahead["guess_hits"]
+        out["admissions"] = out.get("admissions", 0.0) - self.ahead["guess_admissions"]
+        out["overflow"] = out.get("overflow", 0.0) - self.ahead["guess_overflow"]
         mgmt = out.get("mgmt_ns", 0.0) / 1e9       # eviction, index updates, staging -> slot copies
         out.update({"ffn_io_s": self.t["io"], "ffn_compute_s": self.t["compute"],
                     "predict_s": self.t["predict"], "mgmt_s": mgmt,
