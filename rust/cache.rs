@@ -361,12 +361,21 @@ impl NeuronCache {
     /// A pending fill is settled first; if it failed and its error was not yet returned by
     /// `wait`, that error is returned now (the cache is consistent, this admission not done).
     pub fn begin(&mut self, wanted: &[u32], step: u64) -> Result<Admission> {
-        self.begin_inner(wanted, step, true)
+        self.begin_inner(wanted, step, step, true)
+    }
+
+    /// `begin` for a guess (lookahead): the same evictions and reads at `step`, but the guessed
+    /// neurons are recorded as last wanted at `step - 1`, as if the token before had wanted
+    /// them. The check that follows at `step` (a `begin` with the true set) may then evict the
+    /// guess's wrong neurons for capacity, and the window ages them like any other, while the
+    /// guess itself could still make room by evicting the token before's neurons.
+    pub fn begin_guess(&mut self, wanted: &[u32], step: u64) -> Result<Admission> {
+        self.begin_inner(wanted, step, step.saturating_sub(1), true)
     }
 
     /// `begin` then `wait`, reading on the calling thread (no thread hand-off).
     pub fn admit(&mut self, wanted: &[u32], step: u64) -> Result<Admission> {
-        self.begin_inner(wanted, step, false)
+        self.begin_inner(wanted, step, step, false)
     }
 
     /// Block until the pending fill (if any) is done. On an I/O error the fill's neurons are
@@ -424,7 +433,9 @@ impl NeuronCache {
         }
     }
 
-    fn begin_inner(&mut self, wanted: &[u32], step: u64, background: bool) -> Result<Admission> {
+    /// `mark`: the step recorded as the wanted neurons' last (`step`, or `step - 1` for a guess);
+    /// evictions are decided at `step`, never of a neuron of this admission.
+    fn begin_inner(&mut self, wanted: &[u32], step: u64, mark: u64, background: bool) -> Result<Admission> {
         self.check_ids(wanted)?;
         self.wait()?;
         let t0 = Instant::now();
@@ -437,7 +448,7 @@ impl NeuronCache {
             let k = j as usize;
             if self.seen[k] != serial {
                 self.seen[k] = serial;
-                self.last_wanted[k] = step;
+                self.last_wanted[k] = mark;
                 unique.push(j);
             }
         }
@@ -456,6 +467,7 @@ impl NeuronCache {
             let mut cand: Vec<(u64, u32)> = self.neuron_of[..self.live]
                 .iter()
                 .filter(|&&j| j != ABSENT)
+                .filter(|&&j| self.seen[j as usize] != serial)
                 .map(|&j| (self.last_wanted[j as usize], j))
                 .filter(|&(t, _)| t < step)
                 .collect();

@@ -9,7 +9,8 @@ use super::{NeuronCache, ABSENT, EMPTY, READY};
 /// How `take_holes` chooses rows.
 #[derive(Clone, Copy)]
 pub(super) enum Doom {
-    /// Not wanted in the last `window` steps before `step`.
+    /// Not wanted in the last `window` steps before `step`, nor by the admission being made
+    /// (a guess records its neurons a step back: `begin_guess`).
     Window { step: u64, window: u32 },
     /// Marked in `doomed`.
     Marked,
@@ -18,7 +19,9 @@ pub(super) enum Doom {
 impl NeuronCache {
     pub(super) fn is_doomed(&self, j: u32, how: Doom) -> bool {
         match how {
-            Doom::Window { step, window } => step.saturating_sub(self.last_wanted[j as usize]) > window as u64,
+            Doom::Window { step, window } => {
+                self.seen[j as usize] != self.serial && step.saturating_sub(self.last_wanted[j as usize]) > window as u64
+            }
             Doom::Marked => self.doomed[j as usize],
         }
     }

@@ -124,6 +124,34 @@ fn capacity_evicts_least_recently_wanted_first() {
 }
 
 #[test]
+fn a_guess_makes_room_but_yields_to_the_true_set() {
+    let s = Store::new(64, 4096);
+    for window in [0u32, 3] {
+        let mut c = s.cache(4, window);
+        c.admit(&[0, 1, 2, 3], 1).unwrap();
+        // The guess at step 2 may evict the step-1 neurons to make room...
+        let g = c.begin_guess(&[4, 5, 6, 7], 2).unwrap();
+        c.wait().unwrap();
+        assert_eq!((g.misses, g.overflow.len()), (4, 0));
+        assert_eq!(live_set(&c), [4, 5, 6, 7]);
+        assert_eq!(c.last_wanted(4), Some(1)); // recorded as the token before's
+        // ...and, wrong, yields to the true set checked at the same step (a plain `begin` for
+        // the guess would have kept 4..7 as wanted now and overflowed all of 8..11).
+        let a = c.admit(&[8, 9, 10, 11], 2).unwrap();
+        assert_eq!((a.misses, a.overflow.len()), (4, 0));
+        assert_eq!(live_set(&c), [8, 9, 10, 11]);
+        check(&c, &s);
+        // A right guess is a hit for the check; the window never drops a guess's own neurons.
+        c.begin_guess(&[8, 9, 12], 3).unwrap();
+        c.wait().unwrap();
+        assert!(c.contains(8) && c.contains(9) && c.contains(12));
+        let a = c.admit(&[8, 12], 3).unwrap();
+        assert_eq!((a.hits, a.misses), (2, 0));
+        check(&c, &s);
+    }
+}
+
+#[test]
 fn deletion_moves_the_last_row_into_the_hole() {
     let s = Store::new(32, 100);
     let mut c = s.cache(8, 0);

@@ -173,6 +173,15 @@ impl PyNeuronCache {
         Ok(PyAdmission { adm })
     }
 
+    /// begin() for a lookahead guess: the guessed neurons count as wanted at `step - 1`, so the
+    /// check with the true set at `step` can evict the wrong ones for capacity.
+    fn begin_guess(&mut self, py: Python<'_>, wanted: &Bound<'_, PyAny>, step: u64) -> PyResult<PyAdmission> {
+        let ids = ids(wanted, self.cache.region().n_neurons)?;
+        let cache = &mut self.cache;
+        let adm = py.detach(move || cache.begin_guess(&ids, step))?;
+        Ok(PyAdmission { adm })
+    }
+
     /// Block (GIL released) until the pending fill is done. On FlashIOError, the fill's
     /// neurons have been removed: nothing unread is presented as filled.
     fn wait(&mut self, py: Python<'_>) -> PyResult<()> {

@@ -16,8 +16,8 @@ there is no overlap to keep).
 Unless the source says its `ahead` is final (`ahead_exact`), layer+1 then asks the source
 itself and reads what the guess missed before computing (`lookahead=True` or "layer" wraps any
 source in sparsity.NextLayerGuess: the layer+1 rule applied to layer's input). A guess is
-admitted as if wanted by the token before (_guess_step), so its wrong neurons yield to the true
-set for capacity and leave with the window; with compute="wanted" the result does not depend
+recorded as wanted by the token before (NeuronCache.begin_guess), so its wrong neurons yield
+to the true set for capacity and leave with the window; with compute="wanted" the result does not depend
 on the guess, with "live" its rows are computed like any window-kept row.
 lookahead="attention": the transformer calls `early(layer, ffn_norm(h))` with the residual h
 entering the layer, before its attention; the source's `early` (or sparsity.SameLayerGuess: its
@@ -240,7 +240,7 @@ class FlashFFN:
                 c2 = self.caches[layer + 1]
                 m2 = c2.stats()["mgmt_ns"]
                 w2 = self._wanted(layer + 1, nxt)
-                self._ahead[layer + 1] = (self.step, c2.begin(w2, self._guess_step(self.step)), w2)
+                self._ahead[layer + 1] = (self.step, self._begin_ahead(c2, w2, self.step), w2)
                 ahead_begin = time.perf_counter() - t7
                 ahead_mgmt = (c2.stats()["mgmt_ns"] - m2) / 1e9
                 t1 += t7 - t6                               # prediction time, not I/O
@@ -304,17 +304,18 @@ class FlashFFN:
         t1 = time.perf_counter()
         cache = self.caches[layer]
         m0 = cache.stats()["mgmt_ns"]
-        self._ahead[layer] = (step, cache.begin(guess, self._guess_step(step)), guess)
+        self._ahead[layer] = (step, self._begin_ahead(cache, guess, step), guess)
         t2 = time.perf_counter()
         self.t["predict"] += t1 - t0
         self.t["io"] += max(0.0, (t2 - t1) - (cache.stats()["mgmt_ns"] - m0) / 1e9)
 
-    def _guess_step(self, step: int) -> int:
-        """The step a lookahead admission is made at: a final set (`ahead_exact`) at its own step;
-        a guess one step back, as if wanted by the token before, so that the check at the layer
-        (at `step`) may evict its wrong neurons for capacity and the window ages them like any
-        other (a guess admitted at `step` would be protected as wanted now)."""
-        return step if not self._verify else max(step - 1, 0)
+    def _begin_ahead(self, cache: NeuronCache, ids: np.ndarray, step: int) -> Any:
+        """A lookahead admission: a final set (`ahead_exact`) as wanted at `step`; a guess with
+        `begin_guess`, which may evict the token before's neurons to make room but records its
+        own as the token before's, so the check at the layer (at `step`) may evict its wrong
+        neurons for capacity and the window ages them like any other (admitted as wanted now,
+        they were protected and pushed the true set to overflow)."""
+        return cache.begin_guess(ids, step) if self._verify else cache.begin(ids, step)
 
     def _block(self, x: Tensor, rows: Tensor, bias: Tensor | None, lo: int, hi: int,
                pick: np.ndarray | None) -> Tensor:
