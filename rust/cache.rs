@@ -403,36 +403,6 @@ impl NeuronCache {
         self.settle(result.error)
     }
 
-    fn filler_died(&self) -> Error {
-        Error::Read {
-            path: self.shared.reader.path().to_path_buf(),
-            offset: self.region.offset,
-            len: 0,
-            source: std::io::Error::other("the cache's fill thread stopped"),
-        }
-    }
-
-    /// Finish the pending admission: on success its rows become ready; on failure they go.
-    fn settle(&mut self, error: Option<Error>) -> Result<()> {
-        self.pending = None;
-        match error {
-            None => {
-                self.ready = self.live;
-                Ok(())
-            }
-            Some(e) => {
-                for row in self.ready..self.live {
-                    let j = self.neuron_of[row];
-                    self.slot_of[j as usize] = ABSENT;
-                    self.neuron_of[row] = ABSENT;
-                    self.shared.state[row].store(EMPTY, Ordering::Relaxed);
-                }
-                self.live = self.ready;
-                Err(e)
-            }
-        }
-    }
-
     /// `mark`: the step recorded as the wanted neurons' last (`step`, or `step - 1` for a guess);
     /// evictions are decided at `step`, never of a neuron of this admission.
     fn begin_inner(&mut self, wanted: &[u32], step: u64, mark: u64, background: bool) -> Result<Admission> {

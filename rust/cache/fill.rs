@@ -6,7 +6,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use super::{add, ns_since, NeuronCache, Shared, READY};
+use super::{add, ns_since, NeuronCache, Shared, ABSENT, EMPTY, READY};
 use crate::error::{Error, Result};
 use crate::planner::Plan;
 use crate::reader::RawOp;
@@ -135,6 +135,36 @@ pub(super) fn run_fill(shared: &Shared, fill: Fill) -> FillResult {
 }
 
 impl NeuronCache {
+    pub(super) fn filler_died(&self) -> Error {
+        Error::Read {
+            path: self.shared.reader.path().to_path_buf(),
+            offset: self.region.offset,
+            len: 0,
+            source: std::io::Error::other("the cache's fill thread stopped"),
+        }
+    }
+
+    /// Finish the pending admission: on success its rows become ready; on failure they go.
+    pub(super) fn settle(&mut self, error: Option<Error>) -> Result<()> {
+        self.pending = None;
+        match error {
+            None => {
+                self.ready = self.live;
+                Ok(())
+            }
+            Some(e) => {
+                for row in self.ready..self.live {
+                    let j = self.neuron_of[row];
+                    self.slot_of[j as usize] = ABSENT;
+                    self.neuron_of[row] = ABSENT;
+                    self.shared.state[row].store(EMPTY, Ordering::Relaxed);
+                }
+                self.live = self.ready;
+                Err(e)
+            }
+        }
+    }
+
     /// The reads of plan `p` for rows `[first_row, first_row + p.neurons.len())` (neuron
     /// `p.neurons[k]` -> row `first_row + k`), bounds-checked. When bundles are whole pages,
     /// a request that holds only wanted bundles (no bridged gap) reads straight into its rows;
