@@ -125,6 +125,21 @@ pub struct PyNeuronCache {
     slots: Py<PyAlignedBuf>,
 }
 
+impl PyNeuronCache {
+    /// `wanted` as checked store positions, then one admission `f` on the cache without the GIL.
+    fn admission(
+        &mut self,
+        py: Python<'_>,
+        wanted: &Bound<'_, PyAny>,
+        f: impl FnOnce(&mut NeuronCache, &[u32]) -> crate::error::Result<Admission> + Send,
+    ) -> PyResult<PyAdmission> {
+        let ids = ids(wanted, self.cache.region().n_neurons)?;
+        let cache = &mut self.cache;
+        let adm = py.detach(move || f(cache, &ids))?;
+        Ok(PyAdmission { adm })
+    }
+}
+
 #[pymethods]
 impl PyNeuronCache {
     /// A cache of `capacity` rows (0..=n_neurons) over the layer region of `n_neurons` bundles
@@ -167,19 +182,13 @@ impl PyNeuronCache {
     /// [0, ready_rows) may be used at once; [ready_rows, total_rows) after wait(). A failure
     /// of an earlier fill that was never waited for is raised here.
     fn begin(&mut self, py: Python<'_>, wanted: &Bound<'_, PyAny>, step: u64) -> PyResult<PyAdmission> {
-        let ids = ids(wanted, self.cache.region().n_neurons)?;
-        let cache = &mut self.cache;
-        let adm = py.detach(move || cache.begin(&ids, step))?;
-        Ok(PyAdmission { adm })
+        self.admission(py, wanted, move |c, ids| c.begin(ids, step))
     }
 
     /// begin() for a lookahead guess: the guessed neurons count as wanted at `step - 1`, so the
     /// check with the true set at `step` can evict the wrong ones for capacity.
     fn begin_guess(&mut self, py: Python<'_>, wanted: &Bound<'_, PyAny>, step: u64) -> PyResult<PyAdmission> {
-        let ids = ids(wanted, self.cache.region().n_neurons)?;
-        let cache = &mut self.cache;
-        let adm = py.detach(move || cache.begin_guess(&ids, step))?;
-        Ok(PyAdmission { adm })
+        self.admission(py, wanted, move |c, ids| c.begin_guess(ids, step))
     }
 
     /// Block (GIL released) until the pending fill is done. On FlashIOError, the fill's
@@ -192,10 +201,7 @@ impl PyNeuronCache {
 
     /// begin() + wait(), reading on the calling thread (GIL released).
     fn admit(&mut self, py: Python<'_>, wanted: &Bound<'_, PyAny>, step: u64) -> PyResult<PyAdmission> {
-        let ids = ids(wanted, self.cache.region().n_neurons)?;
-        let cache = &mut self.cache;
-        let adm = py.detach(move || cache.admit(&ids, step))?;
-        Ok(PyAdmission { adm })
+        self.admission(py, wanted, move |c, ids| c.admit(ids, step))
     }
 
     /// Read bundles of `wanted` (duplicates allowed) into `out`, packed: row k = wanted[k].
