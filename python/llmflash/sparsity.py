@@ -35,7 +35,20 @@ class WantedSource(Protocol):
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor: ...
 
 
-class NextLayerGuess:
+class _Guess:
+    """A source wrapped to guess early: calls and predictor memory are the source's own."""
+
+    def __init__(self, source: WantedSource):
+        self.source = source
+
+    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self.source(layer, x)
+
+    def nbytes(self) -> int:
+        return int(getattr(self.source, "nbytes", lambda: 0)())
+
+
+class NextLayerGuess(_Guess):
     """Lookahead for any source: layer+1's wanted set guessed by running the source's layer+1
     rule on layer's FFN input (the residual stream changes little from one layer to the next:
     Deja Vu's asynchronous lookahead, here with no extra predictor and no extra memory). Flash
@@ -46,37 +59,19 @@ class NextLayerGuess:
 
     ahead_exact = False
 
-    def __init__(self, source: WantedSource):
-        self.source = source
-
-    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        return self.source(layer, x)
-
     def ahead(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         return self.source(layer + 1, x)
 
-    def nbytes(self) -> int:
-        return int(getattr(self.source, "nbytes", lambda: 0)())
 
-
-class SameLayerGuess:
+class SameLayerGuess(_Guess):
     """The layer's set guessed before its attention: the source's own rule on ffn_norm(h), h the
     residual entering the layer (the FFN's real input is ffn_norm(h + attention(h))). Checked
     at the FFN like NextLayerGuess; the reads overlap the layer's attention. The source is asked
     twice per layer and token, so it must not keep per-call state (give such a source its own
     `early`, as the benches' GuessReplay does)."""
 
-    def __init__(self, source: WantedSource):
-        self.source = source
-
-    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        return self.source(layer, x)
-
     def early(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         return self.source(layer, x)
-
-    def nbytes(self) -> int:
-        return int(getattr(self.source, "nbytes", lambda: 0)())
 
 
 class AllNeurons:

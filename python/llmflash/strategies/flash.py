@@ -100,7 +100,7 @@ class FlashFFN:
                 warnings.warn(f"{store.path}: no predictors (run `llmflash calibrate`); using the oracle, "
                               "which keeps the full FFN in DRAM outside the memory budget", stacklevel=3)
         self.source = make_source(sparsity, store)
-        mode = {False: None, True: "layer"}.get(lookahead, lookahead) if isinstance(lookahead, bool) else lookahead
+        mode = ("layer" if lookahead else None) if isinstance(lookahead, bool) else lookahead
         if mode not in (None, "layer", "attention"):
             raise ValueError(f"lookahead must be False, True, 'layer' or 'attention', not {lookahead!r}")
         if mode == "layer" and not hasattr(self.source, "ahead"):
@@ -149,7 +149,8 @@ class FlashFFN:
         if self._guess_early is not None:
             self.early = self._early       # the transformer looks for this hook (models.transformer)
             self._verify = True
-        if engine is None and (self._peek is not None or mode == "attention"):
+        reads_ahead = self._peek is not None or mode == "attention"
+        if engine is None and reads_ahead:
             try:
                 self.reader = Reader(store.ffn_path, concurrency=concurrency, engine="io_uring")
             except (OSError, ValueError, RuntimeError):    # no io_uring here (seccomp, old kernel)
@@ -188,7 +189,7 @@ class FlashFFN:
                       "guess_hits": 0, "guess_overflow": 0, "guess_admissions": 0}
         # (step, Admission, wanted) per layer, started by the layer before (lookahead)
         self._ahead: list[tuple[int, Any] | None] = [None] * len(self.caches)
-        if self._peek is not None or mode == "attention":
+        if reads_ahead:
             # Reads done before the layer computes: new neurons can take the evicted rows (no
             # move) at no cost in overlap (rust/cache.rs, set_fill_holes).
             for cache in self.caches:
@@ -198,9 +199,10 @@ class FlashFFN:
         n = rows * self.config.bundle_values
         return as_tensor(buf, self.store.dtype)[:n].view(rows, self.config.bundle_values)
 
-    def _ffn_rows(self, x: Tensor, rows: Tensor, bias: Tensor | None) -> Tensor:
-        """The FFN over bundle rows (n, bundle_values) with their fc1 biases (n,) (OPT) or None."""
-        return rows_ffn(x, rows, self.config, bias)
+    def _ffn_rows(self, x: Tensor, rows: Tensor, bias: Tensor | None, pick: np.ndarray | None = None) -> Tensor:
+        """The FFN over bundle rows (n, bundle_values) with their fc1 biases (n,) (OPT) or None;
+        only the `pick` rows if given."""
+        return rows_ffn(x, rows, self.config, bias, pick=pick)
 
     def __call__(self, layer: int, x: Tensor) -> Tensor:
         """x (T, D) -> (T, D): the FFN over the layer's live neurons and this token's wanted set."""
@@ -250,8 +252,7 @@ class FlashFFN:
         # OPT: the rows' fc1 biases, by store position. begin has set the row -> position map
         # for rows [0, total_rows) (reads may be pending); an index into a (n,) vector.
         b1 = self.b1[layer]
-        slot_neurons = cache.slot_neurons()
-        bias = None if b1 is None else b1[torch.from_numpy(slot_neurons)]
+        bias = None if b1 is None else b1[torch.from_numpy(cache.slot_neurons())]
         # Rows [0, r) were live before this admission, [r, n) are being read. The sum runs in
         # these two parts whether or not the reads are done by now: a split that depended on
         # timing would change the float summation order from run to run, and a discontinuous
@@ -323,7 +324,7 @@ class FlashFFN:
         if pick is None:
             return self._ffn_rows(x, rows[lo:hi], None if bias is None else bias[lo:hi])
         sel = pick[np.searchsorted(pick, lo):np.searchsorted(pick, hi)]
-        return rows_ffn(x, rows[:hi], self.config, None if bias is None else bias[:hi], pick=sel.astype(np.uint32))
+        return self._ffn_rows(x, rows[:hi], None if bias is None else bias[:hi], pick=sel)
 
     def _wanted(self, layer: int, ids: Any) -> np.ndarray:
         """Original neuron ids -> store positions (uint32), as the cache takes them."""
