@@ -163,3 +163,58 @@ def test_cli_errors(tmp_path, llama_store, texts, capsys):
     assert "llmflash calibrate" in capsys.readouterr().err
     with pytest.raises(StoreError):
         load_predictors(bare)
+
+
+class _Spy:
+    """A sticky source around predictors that checks each selection against the plain rule:
+    every plainly predicted neuron is named, and every other named one is cached."""
+
+    sticky = True
+
+    def __init__(self, p):
+        self.p, self.kept = p, 0
+
+    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self.p(layer, x)
+
+    def select(self, layer: int, x: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
+        ids, plain = self.p.select(layer, x, cached), set(self.p(layer, x).tolist())
+        extra = set(ids.tolist()) - plain
+        assert plain <= set(ids.tolist()) and all(cached[i] for i in extra)
+        self.kept += len(extra)
+        return ids
+
+    def nbytes(self) -> int:
+        return self.p.nbytes()
+
+
+def test_sticky_predictors_see_the_cache_in_original_ids(llama_store, texts, tmp_path):
+    """Flash hands a sticky source what each layer's cache holds, in original neuron ids: on a
+    store with shuffled neurons it names the same sets and gives the unshuffled store's logits
+    (a mix-up of store positions and ids would keep other neurons); and the stay threshold
+    does keep cached neurons the plain rule drops."""
+    from llmflash.api import FlashModel
+    from test_flash import permute_store
+
+    perm = permute_store(llama_store, tmp_path / "perm.llmflash")
+    assert Store(perm).layers[0].order is not None
+    ids = Store(llama_store).tokenizer().encode(texts[1].read_text()).ids[:24]
+    out, spies = [], []
+    for path in (llama_store, perm):
+        spy = _Spy(load_predictors(path, recall=0.8, stay=0.99))
+        model = FlashModel.open(path, strategy="flash", memory="1x", window=2, sparsity=spy)
+        out.append(_decode(model, ids))
+        spies.append(spy)
+    assert spies[0].kept > 0 and spies[0].kept == spies[1].kept
+    assert (out[0] - out[1]).abs().max() <= 1e-4 * out[0].abs().max()
+    plain = _decode(FlashModel.open(llama_store, strategy="flash", memory="1x", window=2,
+                                    sparsity="predictor:0.8"), ids)
+    assert (plain - out[0]).abs().max() > 1e-3 * out[0].abs().max()   # the kept neurons count
+
+
+def test_eval_sticky_spec(llama_store, texts, capsys):
+    assert main(["eval", str(llama_store), "--text", str(texts[1]), "--tokens", "24", "--memory", "0.9x",
+                 "--sparsity", "predictor:0.8/0.99", "--json", "--quiet"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["predictor"]["recall_target"] == 0.8 and r["predictor"]["stay"] == 0.99
+    assert r["flash"][0]["ppl"] > 1 and 0 < r["flash"][0]["wanted_share"] <= 1

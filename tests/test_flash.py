@@ -93,7 +93,8 @@ def test_relu_oracle_greedy_tokens_equal(stores):
 
 def permute_store(src: Path, dst: Path, seed: int = 0) -> Path:
     """A copy of `src` that keeps each layer's neurons in a random order (the manifest's `order`:
-    bundle j is neuron order[j]), its bundles and resident fc1 biases permuted alike."""
+    bundle j is neuron order[j]), its bundles and resident fc1 biases (OPT) permuted alike; a
+    predictors file, in original ids, is copied as is."""
     import json
     import shutil
     import zlib
@@ -114,7 +115,8 @@ def permute_store(src: Path, dst: Path, seed: int = 0) -> Path:
             f.write(payload)
             m["layers"][i].update(order=order.tolist(), crc32=zlib.crc32(payload))
             name = f"layers.{i}.ffn.up_bias"
-            resident[name] = resident[name][order].contiguous()
+            if name in resident:                                        # OPT's fc1 bias
+                resident[name] = resident[name][order].contiguous()
     save_file(resident, str(dst / "resident.safetensors"), metadata={"format": "llmflash-store"})
     (dst / "manifest.json").write_text(json.dumps(m))
     return dst

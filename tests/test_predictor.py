@@ -19,7 +19,7 @@ from llmflash.errors import StoreError
 from llmflash.models.config import ModelConfig
 from llmflash.predictor import (QUANTILES, Predictors, load_predictors, pack_bits, read_predictors, save_predictors,
                                 share_above, threshold_for_recall, train_layer, unpack_bits)
-from llmflash.store import PREDICTORS, expected_resident
+from llmflash.store import PREDICTORS, Store, expected_resident
 
 
 def planted(n_tokens: int, D: int, n: int, r: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,3 +219,41 @@ def test_missing_predictors_file_says_calibrate(store):
     (store / PREDICTORS).unlink()
     with pytest.raises(StoreError, match="llmflash calibrate"):
         load_predictors(store)
+
+
+def test_stay_keeps_cached_neurons_at_the_lower_threshold(store):
+    """Hysteresis: a neuron is named when it clears the recall's threshold, or when the cache
+    holds it and it clears the (lower) threshold of the stay recall; with nothing cached that is
+    the plain prediction, with everything cached the stay recall's own prediction."""
+    p = load_predictors(store, recall=0.6, stay=0.95)
+    enter, stay = load_predictors(store, recall=0.6), load_predictors(store, recall=0.95)
+    assert p.sticky and not enter.sticky and p.recall == 0.6 and p.stay == 0.95
+    g = torch.Generator().manual_seed(5)
+    for t in range(20):
+        x = torch.randn(1, 16, generator=g)
+        for layer, n in enumerate((24, 20)):
+            cached = torch.rand(n, generator=g) < 0.5
+            got = set(p.select(layer, x, cached).tolist())
+            lo, hi = set(enter(layer, x).tolist()), set(stay(layer, x).tolist())
+            assert got == lo | {i for i in hi if cached[i]}
+            assert set(p.select(layer, x, torch.zeros(n, dtype=torch.bool)).tolist()) == lo
+            assert set(p.select(layer, x, torch.ones(n, dtype=torch.bool)).tolist()) == hi
+            assert torch.equal(p(layer, x), enter(layer, x))        # without a cache view: the enter rule
+    # the two thresholds differ: some neuron would be kept only because it is cached
+    x = torch.randn(8, 16, generator=g)
+    assert any(len(stay(i, x[t:t + 1])) > len(enter(i, x[t:t + 1])) for t in range(8) for i in range(2))
+
+
+@pytest.mark.parametrize("recall,stay,match", [(0.9, 0.8, "below the recall"), (0.9, 1.5, r"stay must be in \(0, 1\]"),
+                                               (0.0, None, r"recall must be in \(0, 1\]")])
+def test_stay_recall_is_checked(store, recall, stay, match):
+    with pytest.raises(ValueError, match=match):
+        load_predictors(store, recall=recall, stay=stay)
+
+
+@pytest.mark.parametrize("spec", ["predictor:0.9/x", "predictor:a", "predictor:0.9/0.8"])
+def test_sticky_sparsity_spec_errors(store, spec):
+    from llmflash.strategies.flash import make_source
+
+    with pytest.raises(ValueError, match="sparsity|below"):
+        make_source(spec, Store(store))

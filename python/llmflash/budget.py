@@ -43,7 +43,7 @@ def parse_memory(spec: str | int | float, model_bytes: int) -> int:
 @dataclass(frozen=True)
 class CachePlan:
     budget: int                 # bytes for weights in all
-    resident: int               # embeddings, attention, norms, LM head, predictors
+    resident: int               # embeddings, attention, norms, LM head, predictors, pinned hot neurons
     scratch: int                # one layer's overflow area (reused by every layer)
     capacities: tuple[int, ...]  # cache slots (neurons) per layer
 
@@ -60,7 +60,7 @@ def plan_caches(budget: int, resident_bytes: int, ffn_dims: list[int], bundle_by
     if budget < fixed:
         raise BudgetError(
             f"memory budget {budget / 1e6:.1f} MB is below what must stay resident "
-            f"({resident_bytes / 1e6:.1f} MB of embeddings/attention/norms and predictors + "
+            f"({resident_bytes / 1e6:.1f} MB of embeddings/attention/norms, predictors and hot neurons + "
             f"{scratch / 1e6:.1f} MB scratch); "
             f"use at least {fixed / 1e6:.1f} MB", store_name or None)
     total = sum(ffn_dims)

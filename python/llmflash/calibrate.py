@@ -200,6 +200,8 @@ def calibrate(store_path: str | os.PathLike[str], texts: list[str] | None = None
                 bar.set_postfix(layer=layer)
                 results.append(_train(rec, layer, rank, n_held, epochs, batch, lr, seed * 1000 + layer, store.dtype, bar))
     assert rec.thresholds is not None
+    for layer, r in enumerate(results):                 # per-neuron activity (hot pinning reads it)
+        r.rate = _rates(rec, layer)
     meta = dict(kind=kind, rank=rank, keep=keep, sparsity=sparsity, tokens=N, heldout_tokens=n_held, epochs=epochs,
                 seed=seed, label=rec.kind, chunk=chunk, batch=batch, lr=lr)
     path = save_predictors(store.path / PREDICTORS, results, recall, rec.thresholds, meta)
@@ -240,6 +242,17 @@ def _shadow(rec: RecordingFFN, store: Store, layer: int, n_held: int, seed: int)
     z = torch.cat([shadow.scores(rec.x[layer][s:min(s + 4096, N)]) for s in range(N - n_held, N, 4096)])
     y = torch.cat([unpack_bits(rec.y[layer][s:min(s + 4096, N)], n) for s in range(N - n_held, N, 4096)])
     return TrainResult(shadow, _sample_quantiles(z[y], gen), _sample_quantiles(z[~y], gen), float(y.float().mean()), 0.0)
+
+
+def _rates(rec: RecordingFFN, layer: int) -> Tensor:
+    """(n,) float32: the share of the calibration tokens on which each neuron is labelled active."""
+    from .predictor import unpack_bits
+
+    n, N = rec.config.ffn_dims[layer], rec.pos
+    counts = torch.zeros(n, dtype=torch.float64)
+    for s in range(0, N, 4096):
+        counts += unpack_bits(rec.y[layer][s:min(s + 4096, N)], n).sum(0, dtype=torch.float64)
+    return (counts / max(N, 1)).float()
 
 
 def _expected(results: list[TrainResult], recall: float) -> dict[str, float]:

@@ -37,17 +37,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def flash_options(args: argparse.Namespace) -> dict:
-    """Options for the flash strategy from --memory/--window/--sparsity (only those given)."""
-    opts = {k: getattr(args, k) for k in ("memory", "window", "sparsity") if getattr(args, k) is not None}
+    """Options for the flash strategy from --memory/--window/--sparsity/--hot (only those given)."""
+    opts = {k: getattr(args, k) for k in ("memory", "window", "sparsity", "hot") if getattr(args, k) is not None}
     if opts and args.strategy not in (None, "flash"):
-        raise ValueError(f"--memory/--window/--sparsity apply to the flash strategy, not {args.strategy!r}")
+        raise ValueError(f"--memory/--window/--sparsity/--hot apply to the flash strategy, not {args.strategy!r}")
     return opts
 
 
 def add_flash_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", help="DRAM for weights: e.g. 150MB, 1.5GiB, 0.5x or 50%% of the model (flash)")
     p.add_argument("--window", type=int, help="keep neurons wanted in the last K tokens (flash, default 4)")
-    p.add_argument("--sparsity", help="wanted neurons: predictor, oracle[:KEEP] or all (flash)")
+    p.add_argument("--sparsity", help="wanted neurons: predictor[:RECALL[/STAY]], oracle[:KEEP] or all (flash)")
+    p.add_argument("--hot", type=float, metavar="SHARE",
+                   help="pin that share of each layer's neurons (the most often active in calibration) in DRAM, "
+                        "always computed; the predictors cover the rest (flash, needs calibrated predictors)")
 
 
 # Subcommands with parsers of their own (module.main(argv) -> exit code).

@@ -108,13 +108,20 @@ class _Counting:
     def __init__(self, source: Any, ffn_dims: list[int]):
         self.source, self.total, self.named, self.calls = source, sum(ffn_dims), 0, 0
         self.n_layers = len(ffn_dims)
+        self.sticky = bool(getattr(source, "sticky", False))
+        self.hot = getattr(source, "hot", None)
         for hook in ("ahead", "early"):          # lookahead guesses pass through, uncounted
             if hasattr(source, hook):
                 setattr(self, hook, getattr(source, hook))
                 self.ahead_exact = getattr(source, "ahead_exact", False)
 
     def __call__(self, layer: int, x: Tensor) -> Tensor:
-        ids = self.source(layer, x)
+        return self._count(self.source(layer, x))
+
+    def select(self, layer: int, x: Tensor, cached: Tensor) -> Tensor:
+        return self._count(self.source.select(layer, x, cached))
+
+    def _count(self, ids: Tensor) -> Tensor:
         self.named += len(ids)
         self.calls += 1
         return ids
@@ -130,7 +137,8 @@ class _Counting:
 
 def evaluate(store_path: str | os.PathLike[str], text: str | None = None, tokens: int = 512,
              memories: Sequence[str] = ("0.75x", "0.5x"), window: int = 4, sparsity: str = "predictor",
-             threads: int | None = 2, progress: bool = True, lookahead: str | None = None) -> dict[str, Any]:
+             threads: int | None = 2, progress: bool = True, lookahead: str | None = None,
+             hot: float = 0.0) -> dict[str, Any]:
     from tqdm import tqdm
 
     from .models.transformer import Transformer
@@ -151,13 +159,14 @@ def evaluate(store_path: str | os.PathLike[str], text: str | None = None, tokens
         raise LlmflashError(f"evaluation text gave {len(ids_list)} tokens; need at least 2")
     ids = torch.tensor(ids_list, dtype=torch.long)
     N = len(ids_list)
-    source = make_source(sparsity, store)
+    source = make_source(sparsity, store, hot=hot)
     predictors = source if isinstance(source, Predictors) else None
     out: dict[str, Any] = {"store": str(store.path), "tokens": N, "window": window, "sparsity": sparsity,
-                           "lookahead": lookahead}
+                           "lookahead": lookahead, "hot": hot}
     if predictors is not None:
         out["predictor"] = {k: predictors.meta.get(k) for k in ("kind", "rank", "keep", "tokens", "epochs", "seed", "label")}
         out["predictor"]["recall_target"] = predictors.recall
+        out["predictor"]["stay"] = predictors.stay
         out["predictor"]["bytes"] = predictors.nbytes()
 
     with torch.inference_mode():
@@ -202,10 +211,12 @@ def evaluate(store_path: str | os.PathLike[str], text: str | None = None, tokens
         hits, misses = s.get("hits", 0.0), s.get("misses", 0.0)
         out["flash"].append({
             "memory": mem, "ppl": ppl, "ratio": ppl / dense_ppl,
-            "wanted_share": counting.share(),
+            "wanted_share": counting.share() + s.get("hot_neurons", 0.0) / n_total,   # named + hot
             "read_share": s.get("bytes_read", 0.0) / (steps * ffn_bytes),
             "useful_share": s.get("bytes_useful", 0.0) / (steps * ffn_bytes),
-            "cached_share": s.get("cache_capacity_neurons", 0.0) / n_total,
+            # the FFN held in DRAM: the caches plus the pinned hot neurons
+            "cached_share": (s.get("cache_capacity_neurons", 0.0) + s.get("hot_neurons", 0.0)) / n_total,
+            "hot_share": s.get("hot_neurons", 0.0) / n_total,
             "hit_rate": hits / max(hits + misses, 1.0),
             "ms_per_token": elapsed * 1e3 / (N - 1),
         })
@@ -221,12 +232,15 @@ def evaluate(store_path: str | os.PathLike[str], text: str | None = None, tokens
 
 
 def format_report(r: dict[str, Any]) -> str:
-    lines = [f"{r['store']}: {r['tokens']} tokens, window {r['window']}, sparsity {r['sparsity']}"]
+    lines = [f"{r['store']}: {r['tokens']} tokens, window {r['window']}, sparsity {r['sparsity']}"
+             + (f", hot {r['hot']:.0%} of each layer pinned" if r.get("hot") else "")]
     p = r.get("predictor")
     if p:
         kind = "4-bit shadow" if p.get("kind") == "shadow" else f"rank {p['rank']}"
         lines.append(f"predictors: {kind}, keep {p['keep']}, {p['tokens']} calibration tokens, "
-                     f"recall target {p['recall_target']}, {p['bytes'] / 1e6:.1f} MB; measured recall "
+                     f"recall target {p['recall_target']}"
+                     + (f" (cached neurons stay at {p['stay']})" if p.get("stay") is not None else "")
+                     + f", {p['bytes'] / 1e6:.1f} MB; measured recall "
                      f"{p['recall']:.3f}, precision {p['precision']:.3f}, predicted {p['predicted_share']:.1%} "
                      "of (token, neuron) pairs")
     lines.append("")
@@ -248,8 +262,9 @@ def format_report(r: dict[str, Any]) -> str:
             lines.append(f"{'':<18}lookahead ({r['lookahead']}): {f['ahead_read_share']:.1%} of the FFN read early per token, "
                          f"{f['late_read_share']:.1%} read at the layer (missed by the guess); guess recall "
                          f"{f['guess_recall']:.3f}, precision {f['guess_precision']:.3f}")
-    lines.append("wanted: neurons the source names per token; read/tok: FFN bytes read per token (bridged gaps "
-                 "included); min/tok: the missing bundles alone; shares of the whole FFN")
+    lines.append("wanted: neurons the source names per token (plus the pinned hot ones); read/tok: FFN bytes "
+                 "read per token (bridged gaps included); min/tok: the missing bundles alone; cached: the caches "
+                 "(plus hot); shares of the whole FFN")
     if r.get("layers"):
         lines += ["", f"{'layer':>5}{'recall':>9}{'precision':>11}{'predicted':>11}{'labelled':>10}"]
         for L in r["layers"]:
@@ -268,12 +283,16 @@ def main(argv: Sequence[str]) -> int:
                    help="flash memory budget(s), repeatable, e.g. 0.75x, 50%%, 150MB (default 0.75x and 0.5x)")
     p.add_argument("--window", type=int, default=4, help="flash window K (default %(default)s)")
     p.add_argument("--sparsity", default="predictor",
-                   help="wanted-set source: predictor[:RECALL], oracle[:KEEP] or all (default predictor)")
+                   help="wanted-set source: predictor[:RECALL[/STAY]], oracle[:KEEP] or all (default "
+                        "predictor); STAY, a higher recall: cached neurons stay wanted at its lower threshold")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--lookahead", choices=["layer", "attention"],
                    help="flash guesses a layer's set early and starts its reads: from the layer before's "
                         "FFN input (layer) or from the layer's attention input (attention); checked at the "
                         "layer; reports the shares read early and late")
+    p.add_argument("--hot", type=float, default=0.0, metavar="SHARE",
+                   help="pin that share of each layer's neurons, the most often active in calibration, "
+                        "resident and always computed (the predictors then cover the rest; default 0)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(list(argv))
@@ -285,6 +304,6 @@ def main(argv: Sequence[str]) -> int:
         except OSError as e:
             raise LlmflashError(f"cannot read evaluation text: {e.strerror}", a.text) from None
     r = evaluate(path, text, a.tokens, a.memory or ["0.75x", "0.5x"], a.window, a.sparsity, a.threads,
-                 progress=not (a.quiet or a.json), lookahead=a.lookahead)
+                 progress=not (a.quiet or a.json), lookahead=a.lookahead, hot=a.hot)
     print(json.dumps(r, indent=1) if a.json else format_report(r))
     return 0

@@ -31,6 +31,8 @@ every problem is a StoreError naming the file):
     pos_quantiles          (L, Q)     float32: held-out logits of active pairs, quantile levels
     neg_quantiles          (L, Q)     float32: the same for inactive pairs    linspace(0, 1, Q)
     pos_rate               (L,)       float32: share of held-out pairs that are active
+    layers.{i}.rate        (n_i,)     float32: share of calibration tokens on which neuron i is
+                                      active (optional: files before hot pinning lack it)
     metadata: format, version, kind ("lowrank" | "shadow"; absent: lowrank), rank, keep, sparsity,
               recall, tokens, heldout_tokens, epochs, seed, label ("relu" | "magnitude")
 
@@ -155,6 +157,10 @@ class LayerPredictor:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.in_w, self.in_b, self.out_w, self.out_b))
 
+    def subset(self, ids: Tensor) -> "LayerPredictor":
+        """The predictor of neurons `ids` only (their output rows)."""
+        return LayerPredictor(self.in_w, self.in_b, self.out_w[ids].contiguous(), self.out_b[ids].contiguous())
+
 
 @dataclass
 class TrainResult:
@@ -163,6 +169,7 @@ class TrainResult:
     neg_quantiles: Tensor       # (Q,)
     pos_rate: float             # share of held-out pairs that are active
     loss: float                 # last epoch's mean training loss
+    rate: Tensor | None = None  # (n,) per neuron: share of calibration tokens on which it is active
 
 
 def _sample_quantiles(v: Tensor, gen: torch.Generator, limit: int = 1 << 22) -> Tensor:
@@ -284,10 +291,20 @@ class Predictors:
 
     def __init__(self, layers: list[LayerPredictor], thresholds: list[float], pos_quantiles: Tensor,
                  neg_quantiles: Tensor, pos_rate: Tensor, label_thresholds: Tensor, meta: dict[str, Any],
-                 path: Path | None = None):
+                 path: Path | None = None, stay: float | None = None, rates: list[Tensor] | None = None,
+                 hot: list[Tensor] | None = None, cold: list[Tensor] | None = None):
         self.layers = layers
+        # Hot pinning (read_predictors(hot=share)): per layer, the `hot` neurons (original ids,
+        # the most often active on the calibration text) stay resident and are computed every
+        # token; `layers[i]` then predicts only the `cold` ones (original ids of its rows).
+        self.rates, self.hot, self.cold = rates, hot, cold
         self.thresholds = thresholds
         self.cuts = [t - L.bias for t, L in zip(thresholds, layers)]      # (n,) float32 per layer
+        # Hysteresis (`stay`, a second, higher target recall): a neuron the cache holds stays
+        # wanted while its logit clears the lower threshold of that recall (see `select`).
+        self.stay = stay
+        self.stay_cuts = None if stay is None else [
+            threshold_for_recall(q, stay) - L.bias for q, L in zip(pos_quantiles, layers)]
         self.pos_quantiles = pos_quantiles
         self.neg_quantiles = neg_quantiles
         self.pos_rate = pos_rate
@@ -299,22 +316,65 @@ class Predictors:
     def recall(self) -> float:
         return float(self.meta["recall"])
 
-    def with_recall(self, recall: float) -> "Predictors":
-        """The same predictors, thresholds re-chosen for another target recall."""
+    @property
+    def sticky(self) -> bool:
+        """Whether `select` depends on what the cache holds (a `stay` recall was given)."""
+        return self.stay is not None
+
+    def with_recall(self, recall: float, stay: float | None = None) -> "Predictors":
+        """The same predictors, thresholds re-chosen for another target recall; with `stay`
+        (a recall >= `recall`), cached neurons are kept by that recall's lower threshold."""
+        for name, r in (("recall", recall), ("stay", stay)):
+            if r is not None and not 0.0 < r <= 1.0:
+                raise ValueError(f"predictor {name} must be in (0, 1], not {r}")
+        if stay is not None and stay < recall:
+            raise ValueError(f"predictor stay recall {stay} is below the recall {recall}: a cached neuron "
+                             "would need a higher score to stay than a new one to enter")
         th = [threshold_for_recall(q, recall) for q in self.pos_quantiles]
         return Predictors(self.layers, th, self.pos_quantiles, self.neg_quantiles, self.pos_rate,
-                          self.label_thresholds, {**self.meta, "recall": recall}, self.path)
+                          self.label_thresholds, {**self.meta, "recall": recall}, self.path, stay=stay,
+                          rates=self.rates, hot=self.hot, cold=self.cold)
 
     def logits(self, layer: int, x: Tensor) -> Tensor:
         return self.layers[layer].logits(x)
 
     def predict(self, layer: int, x: Tensor) -> Tensor:
-        """(T, n) bool: the per-token predictions (logit > threshold, as scores > threshold - bias)."""
-        return self.layers[layer].scores(x) > self.cuts[layer]
+        """(T, n) bool: the per-token predictions (logit > threshold, as scores > threshold - bias);
+        with hot pinning, hot neurons are always predicted (they are always computed)."""
+        m = self.layers[layer].scores(x) > self.cuts[layer]
+        if self.cold is None:
+            return m
+        out = torch.ones(m.shape[0], self.n_neurons(layer), dtype=torch.bool)
+        out[:, self.cold[layer]] = m
+        return out
+
+    def n_neurons(self, layer: int) -> int:
+        return len(self.cut_ids(layer)) + (len(self.hot[layer]) if self.hot is not None else 0)
+
+    def cut_ids(self, layer: int) -> Tensor:
+        """Original ids of the neurons the layer's predictor covers (all, or the cold ones)."""
+        return self.cold[layer] if self.cold is not None else torch.arange(self.cuts[layer].numel())
 
     def __call__(self, layer: int, x: Tensor) -> Tensor:
-        m = self.predict(layer, x)                                       # (T, n)
-        return torch.nonzero(m[0] if m.shape[0] == 1 else m.any(dim=0)).flatten()
+        """Sorted original ids of the neurons to read: the predicted ones (cold ones only, with
+        hot pinning: the hot ones are resident)."""
+        return self._to_ids(layer, _ids(self.layers[layer].scores(x) > self.cuts[layer]))
+
+    def _to_ids(self, layer: int, local: Tensor) -> Tensor:
+        return local if self.cold is None else self.cold[layer][local]
+
+    def select(self, layer: int, x: Tensor, cached: Tensor) -> Tensor:
+        """The wanted set given what the layer's cache holds, `cached` ((n,) bool, original
+        ids): neurons over the threshold, and cached ones over the lower `stay` threshold.
+        Hysteresis: a cached neuron whose score wanders just under the threshold stays (it is
+        computed at no I/O cost) instead of leaving with the window and being read again a few
+        tokens later; a neuron the cache does not hold must clear the higher bar to cost a read.
+        Without `stay`, the plain prediction."""
+        if self.stay_cuts is None:
+            return self(layer, x)
+        s = self.layers[layer].scores(x)                                 # (T, n) (cold: (T, n_cold))
+        held = cached if self.cold is None else cached[self.cold[layer]]
+        return self._to_ids(layer, _ids((s > self.cuts[layer]) | ((s > self.stay_cuts[layer]) & held)))
 
     def expected(self, layer: int) -> dict[str, float]:
         """Held-out estimates at the current threshold: recall, precision, predicted share."""
@@ -330,6 +390,11 @@ class Predictors:
     def nbytes(self) -> int:
         """DRAM the predictors hold at run time (counted inside the flash memory budget)."""
         return sum(L.nbytes() for L in self.layers)
+
+
+def _ids(m: Tensor) -> Tensor:
+    """(T, n) bool -> sorted ids named by any token."""
+    return torch.nonzero(m[0] if m.shape[0] == 1 else m.any(dim=0)).flatten()
 
 
 # -- file ------------------------------------------------------------------------------------------------
@@ -357,6 +422,9 @@ def save_predictors(path: str | os.PathLike[str], results: list[TrainResult], re
     tensors["pos_quantiles"] = torch.stack([r.pos_quantiles for r in results]).float()
     tensors["neg_quantiles"] = torch.stack([r.neg_quantiles for r in results]).float()
     tensors["pos_rate"] = torch.tensor([r.pos_rate for r in results], dtype=torch.float32)
+    for i, r in enumerate(results):
+        if r.rate is not None:
+            tensors[f"layers.{i}.rate"] = r.rate.float().contiguous()
     kind = "shadow" if results and isinstance(results[0].predictor, ShadowLayer) else "lowrank"
     md = {"format": FORMAT, "version": str(VERSION), "recall": repr(float(recall)), "kind": kind}
     md.update({k: str(v) for k, v in meta.items()})
@@ -398,9 +466,13 @@ def _parse_meta(md: dict[str, str] | None, path: Path) -> dict[str, Any]:
 
 
 def read_predictors(path: str | os.PathLike[str], config: ModelConfig,
-                    dtype: torch.dtype | None = None) -> Predictors:
+                    dtype: torch.dtype | None = None, hot: float = 0.0) -> Predictors:
     """Open and validate a predictors file against `config` (every name, shape and dtype; finite
-    values; metadata). Any problem is a StoreError naming the file."""
+    values; metadata). Any problem is a StoreError naming the file. `hot` (a share in [0, 1)):
+    pin that share of each layer's neurons, the most often active by the file's per-neuron
+    rates, and keep predictor rows for the others only (Predictors.hot / .cold)."""
+    if not 0.0 <= hot < 1.0:
+        raise ValueError(f"hot share must be in [0, 1), not {hot}")
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -422,6 +494,8 @@ def read_predictors(path: str | os.PathLike[str], config: ModelConfig,
                     want |= {f"layers.{i}.shadow.bias"} if shadow_bias else set()
                 else:
                     want |= {f"layers.{i}.{a}.{b}" for a in ("in", "out") for b in ("weight", "bias")}
+            rate_names = {f"layers.{i}.rate" for i in range(L)} & names     # optional
+            want |= rate_names
             missing, extra = sorted(want - names), sorted(names - want)
             if missing:
                 raise StoreError(f"missing tensors {missing[:4]}{' ...' if len(missing) > 4 else ''} "
@@ -458,7 +532,7 @@ def read_predictors(path: str | os.PathLike[str], config: ModelConfig,
             codes = check(f"layers.{i}.shadow.codes", (rows, D // 2), (torch.uint8,))
             scales = check(f"layers.{i}.shadow.scales", (rows, D // SHADOW_GROUP)).half()
             bias = check(f"layers.{i}.shadow.bias", (n,)).float() if shadow_bias else None
-            layers.append(ShadowLayer(codes, scales, config.gated, bias).release_codes())
+            layers.append(ShadowLayer(codes, scales, config.gated, bias))
             continue
         w = t[f"layers.{i}.in.weight"]
         if w.dim() != 2 or not 1 <= w.shape[0] <= max(D, n):
@@ -479,19 +553,46 @@ def read_predictors(path: str | os.PathLike[str], config: ModelConfig,
         raise StoreError("pos_quantiles / neg_quantiles are not increasing", path)
     if bool(((pos_rate < 0) | (pos_rate > 1)).any()):
         raise StoreError("pos_rate is outside [0, 1]", path)
-    return Predictors(layers, thresholds.tolist(), pos_q, neg_q, pos_rate, label_thresholds, meta, path)
+    rates = None
+    if rate_names:
+        if len(rate_names) != L:
+            raise StoreError(f"per-neuron rates for {len(rate_names)} of {L} layers", path)
+        rates = [check(f"layers.{i}.rate", (config.ffn_dims[i],)).float() for i in range(L)]
+        if any(bool(((r < 0) | (r > 1)).any()) for r in rates):
+            raise StoreError("a layers.*.rate is outside [0, 1]", path)
+    hot_ids = cold_ids = None
+    if hot > 0:
+        if rates is None:
+            raise StoreError("hot pinning needs per-neuron rates, which this predictors file (written "
+                             "before they were recorded) lacks: run `llmflash calibrate` again", path)
+        hot_ids, cold_ids = [], []
+        for i, r in enumerate(rates):
+            order = torch.sort(-r, stable=True).indices                  # most often active first
+            # the cold count a multiple of 16 (torch's CPU int4 kernel packs 16 rows at a time)
+            h = r.numel() - min(r.numel(), -(-(r.numel() - int(round(hot * r.numel()))) // 16) * 16)
+            hot_ids.append(torch.sort(order[:h]).values)
+            cold_ids.append(torch.sort(order[h:]).values)
+            layers[i] = layers[i].subset(cold_ids[i])
+    layers = [p.release_codes() if isinstance(p, ShadowLayer) else p for p in layers]
+    return Predictors(layers, thresholds.tolist(), pos_q, neg_q, pos_rate, label_thresholds, meta, path,
+                      rates=rates, hot=hot_ids, cold=cold_ids)
 
 
-def load_predictors(store: Store | str | os.PathLike[str], recall: float | None = None) -> Predictors:
+def load_predictors(store: Store | str | os.PathLike[str], recall: float | None = None,
+                    stay: float | None = None, hot: float = 0.0) -> Predictors:
     """The store's calibrated predictors as a wanted-set source; `recall` re-chooses every
-    layer's threshold for that target recall (from the held-out quantiles in the file)."""
+    layer's threshold for that target recall (from the held-out quantiles in the file); `stay`
+    (a higher recall) adds hysteresis for cached neurons (Predictors.select); `hot` pins the
+    most often active share of each layer's neurons (read_predictors)."""
     if not isinstance(store, Store):
         store = Store(store)
-    p = read_predictors(store.path / PREDICTORS, store.config, dtype=store.dtype)
+    p = read_predictors(store.path / PREDICTORS, store.config, dtype=store.dtype, hot=hot)
     entry = store.manifest.get("predictors")
     if entry is not None:
         size = (store.path / PREDICTORS).stat().st_size
         if not isinstance(entry, dict) or entry.get("bytes") != size:
             raise StoreError(f"the manifest's predictors entry does not match the file ({size} bytes): "
                              "replaced or half-written; run `llmflash calibrate` again", store.path / PREDICTORS)
-    return p.with_recall(recall) if recall is not None else p
+    if recall is None and stay is None:
+        return p
+    return p.with_recall(p.recall if recall is None else recall, stay)

@@ -131,6 +131,14 @@ class ShadowLayer:
     def macs(self) -> int:
         return self.rows * self.dim
 
+    def subset(self, ids: Tensor) -> "ShadowLayer":
+        """The shadow of neurons `ids` only (their gate and up rows); needs the file form."""
+        if self.codes is None:
+            raise ValueError("the shadow's codes were released; subset before release_codes()")
+        rows = torch.cat([ids, ids + self.n]) if self.gated else ids
+        return ShadowLayer(self.codes[rows].contiguous(), self.scales[rows].contiguous(), self.gated,
+                           None if self.up_bias is None else self.up_bias[ids].contiguous())
+
     def release_codes(self) -> "ShadowLayer":
         """Drop the file form (codes, scales) once the kernel's packed form exists: at run time
         only that is needed, and it is what the memory budget counts."""

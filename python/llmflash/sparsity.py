@@ -8,7 +8,10 @@
   with act > 0. SwiGLU models: the `keep` share of neurons with the largest |silu(gate) * up|
   per token (the magnitude sparsity of CATS/TEAL), unioned over the tokens of x.
 - `Threshold`: like Oracle, but keeps |act| above a per-layer threshold instead of a fixed share.
-The learned predictors (llmflash.predictor) implement the same call.
+The learned predictors (llmflash.predictor) implement the same call. A source may be sticky
+(`sticky = True` and `select(layer, x, cached)`, cached: (n,) bool of the neurons the layer's
+cache holds): flash then names the set with what the cache holds in view (predictors with a
+stay recall: hysteresis, Predictors.select).
 
 Lookahead (llmflash.strategies.flash): a source may also have `ahead(layer, x)`, layer+1's set
 named from layer's FFN input, so layer+1's reads start while layer computes. With
@@ -46,6 +49,17 @@ class _Guess:
 
     def nbytes(self) -> int:
         return int(getattr(self.source, "nbytes", lambda: 0)())
+
+    @property
+    def sticky(self) -> bool:
+        return bool(getattr(self.source, "sticky", False))
+
+    @property
+    def hot(self) -> list[torch.Tensor] | None:
+        return getattr(self.source, "hot", None)
+
+    def select(self, layer: int, x: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
+        return self.source.select(layer, x, cached)
 
 
 class NextLayerGuess(_Guess):

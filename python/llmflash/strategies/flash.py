@@ -24,6 +24,10 @@ entering the layer, before its attention; the source's `early` (or sparsity.Same
 own rule on that input) guesses the layer's set, whose reads then overlap the attention, and
 the FFN checks the guess as above.
 
+A sticky source (`sticky = True`, `select(layer, x, cached)`: predictors with a stay recall)
+names the set knowing which neurons the layer's cache holds: hysteresis, so a cached neuron
+stays while its score clears a lower bar and only new neurons must clear the higher one.
+
 OPT's fc1 bias is resident (Store.up_biases, store order), not in the bundles: each row's bias is
 gathered by the row's store position, from the cache's row -> position map for cache rows and
 from the overflow ids for scratch rows.
@@ -64,8 +68,13 @@ def model_bytes(store: Store) -> tuple[int, int]:
     return resident, sum(L.payload_bytes for L in store.layers)
 
 
-def make_source(spec: str | WantedSource, store: Store) -> WantedSource:
-    """'all', 'oracle' (ReLU: act > 0; SwiGLU: top 50% by |act|), 'oracle:0.3', or a callable."""
+def make_source(spec: str | WantedSource, store: Store, hot: float = 0.0) -> WantedSource:
+    """'all', 'oracle' (ReLU: act > 0; SwiGLU: top 50% by |act|), 'oracle:0.3', 'predictor',
+    'predictor:RECALL', 'predictor:RECALL/STAY' (hysteresis: Predictors.select), or a callable.
+    `hot` pins that share of each layer's neurons (predictors only: read_predictors)."""
+    if hot and not str(spec).startswith("predictor"):
+        raise ValueError(f"hot pinning needs the calibrated predictors (their per-neuron rates), not {spec!r}; "
+                         "for a ready source, pin with load_predictors(store, hot=...)")
     if callable(spec):
         return spec
     name, _, arg = str(spec).partition(":")
@@ -75,8 +84,13 @@ def make_source(spec: str | WantedSource, store: Store) -> WantedSource:
         return Oracle(store, keep=float(arg) if arg else 0.5)
     if name == "predictor":
         from ..predictor import load_predictors
-        return load_predictors(store, **({"recall": float(arg)} if arg else {}))
-    raise ValueError(f"unknown sparsity {spec!r}: use all, oracle[:KEEP] or predictor")
+        recall, _, stay = arg.partition("/")
+        try:
+            r, st = (float(recall) if recall else None), (float(stay) if stay else None)
+        except ValueError:
+            raise ValueError(f"sparsity {spec!r}: expected predictor[:RECALL[/STAY]] with numbers") from None
+        return load_predictors(store, recall=r, stay=st, hot=hot)
+    raise ValueError(f"unknown sparsity {spec!r}: use all, oracle[:KEEP] or predictor[:RECALL[/STAY]]")
 
 
 class FlashFFN:
@@ -85,7 +99,7 @@ class FlashFFN:
     def __init__(self, store: Store, memory: str | int | float | None = None, window: int = 4,
                  sparsity: str | WantedSource | None = None, profile: Any = None, concurrency: int = 32,
                  overlap: bool = True, coalesce: bool = True, reuse: bool = True, engine: str | None = None,
-                 compute: str = "live", lookahead: bool | str = False):
+                 compute: str = "live", lookahead: bool | str = False, hot: float = 0.0):
         from ..profile_disk import load_profile
 
         self.store, self.config = store, store.config
@@ -99,7 +113,7 @@ class FlashFFN:
             if sparsity == "oracle":
                 warnings.warn(f"{store.path}: no predictors (run `llmflash calibrate`); using the oracle, "
                               "which keeps the full FFN in DRAM outside the memory budget", stacklevel=3)
-        self.source = make_source(sparsity, store)
+        self.source = make_source(sparsity, store, hot=hot)
         mode = ("layer" if lookahead else None) if isinstance(lookahead, bool) else lookahead
         if mode not in (None, "layer", "attention"):
             raise ValueError(f"lookahead must be False, True, 'layer' or 'attention', not {lookahead!r}")
@@ -110,6 +124,7 @@ class FlashFFN:
                              "the FFN norm of the attention input); use lookahead='layer'")
         if mode == "attention" and not hasattr(self.source, "early"):
             self.source = SameLayerGuess(self.source)
+        self._sticky = bool(getattr(self.source, "sticky", False))
         resident, ffn = model_bytes(store)
         self.model_bytes = resident + ffn
         budget = parse_memory(memory, self.model_bytes) if memory is not None else self.model_bytes
@@ -118,8 +133,19 @@ class FlashFFN:
         resident += int(getattr(self.source, "nbytes", lambda: 0)())
         bb = store.layers[0].bundle_bytes
         max_n = max(L.n_neurons for L in store.layers)
-        self.plan: CachePlan = plan_caches(budget, resident, [L.n_neurons for L in store.layers], bb,
-                                           scratch_neurons=0, store_name=str(store.path))
+        self.position: list[np.ndarray | None] = []     # original neuron id -> store position
+        for L in store.layers:
+            if L.order is None:
+                self.position.append(None)
+            else:
+                pos = np.empty(L.n_neurons, dtype=np.int64)
+                pos[np.asarray(L.order)] = np.arange(L.n_neurons)
+                self.position.append(pos)
+        self.b1: list[Tensor | None] = store.up_biases()
+        self._pin_hot(store, getattr(self.source, "hot", None))
+        resident += sum(r.numel() * r.element_size() for r in self.hot_rows if r is not None)
+        cold = [L.n_neurons - (0 if h is None else len(h)) for L, h in zip(store.layers, self.hot_rows)]
+        self.plan: CachePlan = plan_caches(budget, resident, cold, bb, scratch_neurons=0, store_name=str(store.path))
         if not reuse:
             # No DRAM cache: every wanted neuron streams through the scratch area every token
             # (the paper's "predictor only" row: nothing is kept from one token to the next).
@@ -127,13 +153,12 @@ class FlashFFN:
         if any(c < L.n_neurons for c, L in zip(self.plan.capacities, store.layers)):
             # Some layer can overflow: reserve the shared scratch area inside the budget.
             caps = self.plan.capacities
-            self.plan = plan_caches(budget, resident, [L.n_neurons for L in store.layers], bb,
-                                    scratch_neurons=min(SCRATCH_NEURONS, max_n), store_name=str(store.path))
+            self.plan = plan_caches(budget, resident, cold, bb, scratch_neurons=min(SCRATCH_NEURONS, max_n),
+                                    store_name=str(store.path))
             if not reuse:
                 self.plan = dataclasses.replace(self.plan, capacities=caps)
-        # OPT's fc1 biases, float32 (n,) per layer in store order: 4 B a neuron (2 MB for
-        # OPT-6.7B), counted in the budget at the resident file's store-dtype size.
-        self.b1: list[Tensor | None] = store.up_biases()
+        # OPT's fc1 biases (self.b1), float32 (n,) per layer in store order: 4 B a neuron (2 MB
+        # for OPT-6.7B), counted in the budget at the resident file's store-dtype size.
         self.profile = profile if profile is not None else load_profile()
         # engine: "auto" (io_uring for small batches, the pread pool for large), "threads" or
         # "io_uring" (one ring per fill, reaped by the filling thread). Default: io_uring with
@@ -172,15 +197,6 @@ class FlashFFN:
         scratch_rows = self.plan.scratch // bb
         self.scratch = AlignedBuf(max(1, scratch_rows) * bb)
         self.scratch_rows = self._view(self.scratch, scratch_rows)
-        # original neuron id -> store position (None where the store keeps the original order)
-        self.position: list[np.ndarray | None] = []
-        for L in store.layers:
-            if L.order is None:
-                self.position.append(None)
-            else:
-                pos = np.empty(L.n_neurons, dtype=np.int64)
-                pos[np.asarray(L.order)] = np.arange(L.n_neurons)
-                self.position.append(pos)
         self.step = 0
         self.t = {"io": 0.0, "compute": 0.0, "predict": 0.0}
         # lookahead: neurons read ahead, wanted neurons the guess missed (read at the layer), and
@@ -194,6 +210,19 @@ class FlashFFN:
             # move) at no cost in overlap (rust/cache.rs, set_fill_holes).
             for cache in self.caches:
                 cache.fill_holes = True
+
+    def _pin_hot(self, store: Store, hot: list[Tensor] | None) -> None:
+        """Read the hot neurons' bundles (source.hot: original ids per layer) into resident rows,
+        computed every token and never named to the caches (hot pinning, llmflash.predictor)."""
+        self.hot_rows: list[Tensor | None] = [None] * len(store.layers)
+        self.hot_bias: list[Tensor | None] = [None] * len(store.layers)
+        for i, ids in enumerate(hot or []):
+            if len(ids) == 0:
+                continue
+            pos = torch.as_tensor(self._wanted(i, ids).astype(np.int64))
+            self.hot_rows[i] = store.read_layer(i)[pos].clone()
+            b1 = self.b1[i]
+            self.hot_bias[i] = None if b1 is None else b1[pos]
 
     def _view(self, buf: AlignedBuf, rows: int) -> Tensor:
         n = rows * self.config.bundle_values
@@ -216,7 +245,7 @@ class FlashFFN:
             adm, wanted, t1 = pre[1], pre[2], t0
             self.ahead["ahead_read"] += adm.misses
             if self._verify:                            # a guess: the layer's own set decides
-                guess, wanted = wanted, self._wanted(layer, self.source(layer, x))
+                guess, wanted = wanted, self._name(layer, x)
                 self.ahead["guess_named"] += len(guess)
                 self.ahead["guess_right"] += len(np.intersect1d(guess, wanted))
                 self.ahead["wanted_named"] += len(wanted)
@@ -229,7 +258,7 @@ class FlashFFN:
                 adm = cache.begin(wanted, self.step)    # settles the guess's reads; reads its misses
                 self.ahead["ahead_missed"] += adm.misses
         else:
-            wanted = self._wanted(layer, self.source(layer, x))
+            wanted = self._name(layer, x)
             t1 = time.perf_counter()
             # evict + plan + start the reads in the background (GIL released); or read inline
             adm = cache.begin(wanted, self.step) if self.overlap else cache.admit(wanted, self.step)
@@ -265,6 +294,8 @@ class FlashFFN:
             # the cache are not live and run from the scratch area below
             pick = cache.rows_of(wanted)
             pick = np.unique(pick[(pick >= 0) & (pick < n)])      # sorted; a duplicated id counts once
+        if self.hot_rows[layer] is not None:          # hot pinning: resident, always computed
+            y += self._ffn_rows(x, self.hot_rows[layer], self.hot_bias[layer])
         if r:                                         # overlap: compute on hits while reads run
             y += self._block(x, rows, bias, 0, r, pick)
         t3 = time.perf_counter()
@@ -326,6 +357,18 @@ class FlashFFN:
         sel = pick[np.searchsorted(pick, lo):np.searchsorted(pick, hi)]
         return self._ffn_rows(x, rows[:hi], None if bias is None else bias[:hi], pick=sel)
 
+    def _name(self, layer: int, x: Tensor) -> np.ndarray:
+        """This token's wanted set (store positions) from the source; a sticky source
+        (`select`, e.g. predictors with a stay recall) also sees which neurons the cache holds
+        (live rows, including a guess's reads in flight), as an (n,) bool over original ids."""
+        if not self._sticky:
+            return self._wanted(layer, self.source(layer, x))
+        live = np.zeros(self.store.layers[layer].n_neurons, dtype=bool)
+        live[self.caches[layer].slot_neurons()] = True
+        pos = self.position[layer]
+        cached = torch.from_numpy(live if pos is None else live[pos])
+        return self._wanted(layer, self.source.select(layer, x, cached))
+
     def _wanted(self, layer: int, ids: Any) -> np.ndarray:
         """Original neuron ids -> store positions (uint32), as the cache takes them."""
         ids = ids.numpy() if isinstance(ids, Tensor) else np.asarray(ids)
@@ -348,6 +391,7 @@ class FlashFFN:
         out.update({"ffn_io_s": self.t["io"], "ffn_compute_s": self.t["compute"],
                     "predict_s": self.t["predict"], "mgmt_s": mgmt,
                     "cache_capacity_neurons": float(sum(self.plan.capacities)),
+                    "hot_neurons": float(sum(len(h) for h in self.hot_rows if h is not None)),
                     **{k: float(v) for k, v in self.ahead.items()},
                     "budget_bytes": float(self.plan.budget), "steps": float(self.step)})
         return out
