@@ -212,9 +212,30 @@ def test_sticky_predictors_see_the_cache_in_original_ids(llama_store, texts, tmp
     assert (plain - out[0]).abs().max() > 1e-3 * out[0].abs().max()   # the kept neurons count
 
 
-def test_eval_sticky_spec(llama_store, texts, capsys):
+@pytest.mark.parametrize("mode", ["layer", "attention"])
+def test_sticky_selection_does_not_depend_on_a_lookahead_guess(llama_store, texts, mode):
+    """A sticky source sees what the cache held before a guess was admitted, not the guess: with
+    the wanted rows computed, room for every neuron and nothing kept past the token (window 0, so
+    a wrong guess neither lingers into the next token's cache nor takes a true neuron's slot),
+    lookahead gives the logits of no lookahead (fails when the guess counts as cached)."""
+    from llmflash.api import FlashModel
+
+    ids = Store(llama_store).tokenizer().encode(texts[1].read_text()).ids[:24]
+    opts = dict(strategy="flash", memory="1.5x", window=0, sparsity="predictor:0.8/0.99", compute="wanted")
+    want = _decode(FlashModel.open(llama_store, **opts), ids)
+    got = _decode(FlashModel.open(llama_store, lookahead=mode, **opts), ids)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_eval_sticky_spec(llama_store, texts, capsys, monkeypatch):
+    from llmflash.predictor import Predictors
+
+    calls = []
+    select = Predictors.select
+    monkeypatch.setattr(Predictors, "select", lambda self, *a: calls.append(1) or select(self, *a))
     assert main(["eval", str(llama_store), "--text", str(texts[1]), "--tokens", "24", "--memory", "0.9x",
                  "--sparsity", "predictor:0.8/0.99", "--json", "--quiet"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["predictor"]["recall_target"] == 0.8 and r["predictor"]["stay"] == 0.99
+    assert len(calls) >= 23 * 2                               # flash named every layer's set with it
     assert r["flash"][0]["ppl"] > 1 and 0 < r["flash"][0]["wanted_share"] <= 1

@@ -64,6 +64,6 @@ def plan_caches(budget: int, resident_bytes: int, ffn_dims: list[int], bundle_by
             f"{scratch / 1e6:.1f} MB scratch); "
             f"use at least {fixed / 1e6:.1f} MB", store_name or None)
     total = sum(ffn_dims)
-    share = min(1.0, (budget - fixed) / (total * bundle_bytes))
+    share = min(1.0, (budget - fixed) / (total * bundle_bytes)) if total else 1.0
     caps = tuple(min(n, int(share * n)) for n in ffn_dims)
     return CachePlan(budget, resident_bytes, scratch, caps)

@@ -1,7 +1,8 @@
 """`llmflash eval`: what the sparsity predictors cost in quality and save in I/O.
 
     llmflash eval STORE [--text FILE] [--tokens N] [--memory M ...] [--window K]
-                        [--sparsity predictor[:RECALL]] [--json]
+                        [--sparsity predictor[:RECALL[/STAY]]] [--hot SHARE]
+                        [--lookahead layer|attention] [--json]
 
 On N tokens of held-out text (default: CPython's documentation topics that start at or after
 character CALIBRATION_CHARS, text `llmflash calibrate` does not read by default):
@@ -233,7 +234,7 @@ def evaluate(store_path: str | os.PathLike[str], text: str | None = None, tokens
 
 def format_report(r: dict[str, Any]) -> str:
     lines = [f"{r['store']}: {r['tokens']} tokens, window {r['window']}, sparsity {r['sparsity']}"
-             + (f", hot {r['hot']:.0%} of each layer pinned" if r.get("hot") else "")]
+             + (f", --hot {r['hot']}" if r.get("hot") else "")]
     p = r.get("predictor")
     if p:
         kind = "4-bit shadow" if p.get("kind") == "shadow" else f"rank {p['rank']}"
@@ -258,6 +259,8 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"{'flash ' + str(f['memory']):<18}{f['ppl']:>9.3f}{f['ratio']:>9.3f}{f['wanted_share']:>9.1%}"
                      f"{f['read_share']:>10.1%}{f['useful_share']:>9.1%}{f['cached_share']:>8.1%}"
                      f"{f['hit_rate']:>7.2f}{f['ms_per_token']:>8.1f}")
+        if f.get("hot_share"):
+            lines.append(f"{'':<18}hot: {f['hot_share']:.1%} of the FFN pinned (in wanted and cached)")
         if "ahead_read_share" in f:
             lines.append(f"{'':<18}lookahead ({r['lookahead']}): {f['ahead_read_share']:.1%} of the FFN read early per token, "
                          f"{f['late_read_share']:.1%} read at the layer (missed by the guess); guess recall "

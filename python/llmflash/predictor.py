@@ -470,7 +470,9 @@ def read_predictors(path: str | os.PathLike[str], config: ModelConfig,
     """Open and validate a predictors file against `config` (every name, shape and dtype; finite
     values; metadata). Any problem is a StoreError naming the file. `hot` (a share in [0, 1)):
     pin that share of each layer's neurons, the most often active by the file's per-neuron
-    rates, and keep predictor rows for the others only (Predictors.hot / .cold)."""
+    rates, and keep predictor rows for the others only (Predictors.hot / .cold). The thresholds
+    still come from the held-out quantiles over all neurons: with pinning, a RECALL or STAY level
+    picks the same logit threshold as without, not that recall over the cold neurons alone."""
     if not 0.0 <= hot < 1.0:
         raise ValueError(f"hot share must be in [0, 1), not {hot}")
     from safetensors import SafetensorError, safe_open
@@ -522,37 +524,6 @@ def read_predictors(path: str | os.PathLike[str], config: ModelConfig,
             raise StoreError(f"{name} holds non-finite values", path)
         return v
 
-    layers: list[LayerPredictor | ShadowLayer] = []
-    for i in range(L):
-        n = config.ffn_dims[i]
-        if meta["kind"] == "shadow":
-            if D % SHADOW_GROUP:
-                raise StoreError(f"shadow predictors need a width divisible by {SHADOW_GROUP}; the model's is {D}", path)
-            rows = 2 * n if config.gated else n
-            codes = check(f"layers.{i}.shadow.codes", (rows, D // 2), (torch.uint8,))
-            scales = check(f"layers.{i}.shadow.scales", (rows, D // SHADOW_GROUP)).half()
-            bias = check(f"layers.{i}.shadow.bias", (n,)).float() if shadow_bias else None
-            layers.append(ShadowLayer(codes, scales, config.gated, bias))
-            continue
-        w = t[f"layers.{i}.in.weight"]
-        if w.dim() != 2 or not 1 <= w.shape[0] <= max(D, n):
-            raise StoreError(f"layers.{i}.in.weight has shape {tuple(w.shape)}, expected (R, {D}) with "
-                             f"1 <= R <= {max(D, n)}", path)
-        R = w.shape[0]
-        in_w = check(f"layers.{i}.in.weight", (R, D))
-        layers.append(LayerPredictor(
-            in_w.to(dtype) if dtype is not None else in_w, check(f"layers.{i}.in.bias", (R,)).float(),
-            check(f"layers.{i}.out.weight", (n, R)).to(dtype or in_w.dtype),
-            check(f"layers.{i}.out.bias", (n,)).float()))
-    thresholds = check("thresholds", (L,)).float()
-    label_thresholds = check("label_thresholds", (L,)).float()
-    pos_q = check("pos_quantiles", (L, QUANTILES)).float()
-    neg_q = check("neg_quantiles", (L, QUANTILES)).float()
-    pos_rate = check("pos_rate", (L,)).float()
-    if bool((pos_q.diff(dim=1) < 0).any()) or bool((neg_q.diff(dim=1) < 0).any()):
-        raise StoreError("pos_quantiles / neg_quantiles are not increasing", path)
-    if bool(((pos_rate < 0) | (pos_rate > 1)).any()):
-        raise StoreError("pos_rate is outside [0, 1]", path)
     rates = None
     if rate_names:
         if len(rate_names) != L:
@@ -565,17 +536,58 @@ def read_predictors(path: str | os.PathLike[str], config: ModelConfig,
         if rates is None:
             raise StoreError("hot pinning needs per-neuron rates, which this predictors file (written "
                              "before they were recorded) lacks: run `llmflash calibrate` again", path)
-        hot_ids, cold_ids = [], []
-        for i, r in enumerate(rates):
-            order = torch.sort(-r, stable=True).indices                  # most often active first
-            # the cold count a multiple of 16 (torch's CPU int4 kernel packs 16 rows at a time)
-            h = r.numel() - min(r.numel(), -(-(r.numel() - int(round(hot * r.numel()))) // 16) * 16)
-            hot_ids.append(torch.sort(order[:h]).values)
-            cold_ids.append(torch.sort(order[h:]).values)
+        hot_ids, cold_ids = zip(*(hot_split(r, hot) for r in rates))
+
+    layers: list[LayerPredictor | ShadowLayer] = []
+    for i in range(L):
+        n = config.ffn_dims[i]
+        if meta["kind"] == "shadow":
+            if D % SHADOW_GROUP:
+                raise StoreError(f"shadow predictors need a width divisible by {SHADOW_GROUP}; the model's is {D}", path)
+            rows = 2 * n if config.gated else n
+            codes = check(f"layers.{i}.shadow.codes", (rows, D // 2), (torch.uint8,))
+            scales = check(f"layers.{i}.shadow.scales", (rows, D // SHADOW_GROUP)).half()
+            bias = check(f"layers.{i}.shadow.bias", (n,)).float() if shadow_bias else None
+            if cold_ids is not None:                   # only the cold neurons' rows, packed once
+                c = cold_ids[i]
+                sel = torch.cat([c, c + n]) if config.gated else c
+                codes, scales, bias = codes[sel], scales[sel], None if bias is None else bias[c]
+            layers.append(ShadowLayer(codes.contiguous(), scales.contiguous(), config.gated, bias).release_codes())
+            continue
+        w = t[f"layers.{i}.in.weight"]
+        if w.dim() != 2 or not 1 <= w.shape[0] <= max(D, n):
+            raise StoreError(f"layers.{i}.in.weight has shape {tuple(w.shape)}, expected (R, {D}) with "
+                             f"1 <= R <= {max(D, n)}", path)
+        R = w.shape[0]
+        in_w = check(f"layers.{i}.in.weight", (R, D))
+        layers.append(LayerPredictor(
+            in_w.to(dtype) if dtype is not None else in_w, check(f"layers.{i}.in.bias", (R,)).float(),
+            check(f"layers.{i}.out.weight", (n, R)).to(dtype or in_w.dtype),
+            check(f"layers.{i}.out.bias", (n,)).float()))
+        if cold_ids is not None:
             layers[i] = layers[i].subset(cold_ids[i])
-    layers = [p.release_codes() if isinstance(p, ShadowLayer) else p for p in layers]
+    thresholds = check("thresholds", (L,)).float()
+    label_thresholds = check("label_thresholds", (L,)).float()
+    pos_q = check("pos_quantiles", (L, QUANTILES)).float()
+    neg_q = check("neg_quantiles", (L, QUANTILES)).float()
+    pos_rate = check("pos_rate", (L,)).float()
+    if bool((pos_q.diff(dim=1) < 0).any()) or bool((neg_q.diff(dim=1) < 0).any()):
+        raise StoreError("pos_quantiles / neg_quantiles are not increasing", path)
+    if bool(((pos_rate < 0) | (pos_rate > 1)).any()):
+        raise StoreError("pos_rate is outside [0, 1]", path)
     return Predictors(layers, thresholds.tolist(), pos_q, neg_q, pos_rate, label_thresholds, meta, path,
-                      rates=rates, hot=hot_ids, cold=cold_ids)
+                      rates=rates, hot=None if hot_ids is None else list(hot_ids),
+                      cold=None if cold_ids is None else list(cold_ids))
+
+
+def hot_split(rate: Tensor, share: float) -> tuple[Tensor, Tensor]:
+    """(hot, cold) sorted neuron ids: about `share` of the neurons, the most often active by
+    `rate` (ties: lower id first), and the rest. The cold count is a multiple of 16 (torch's
+    CPU int4 kernel packs shadow rows 16 at a time) and at least 16 (or all, if fewer)."""
+    n = rate.numel()
+    order = torch.sort(-rate, stable=True).indices                       # most often active first
+    cold = min(n, max(16, -(-(n - int(round(share * n))) // 16) * 16))
+    return torch.sort(order[:n - cold]).values, torch.sort(order[n - cold:]).values
 
 
 def load_predictors(store: Store | str | os.PathLike[str], recall: float | None = None,

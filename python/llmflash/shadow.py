@@ -35,7 +35,7 @@ File layout (inside predictors.safetensors, metadata kind = "shadow"):
     layers.{i}.shadow.codes   (rows, D/2)      uint8: 4-bit codes, low nibble = even column
     layers.{i}.shadow.scales  (rows, D/GROUP)  float16
     layers.{i}.shadow.bias    (n,)             float32, ReLU FFNs with an fc1 bias only
-rows = 2n (gate rows then up rows) for gated FFNs, n (up rows) otherwise; store neuron order.
+rows = 2n (gate rows then up rows) for gated FFNs, n (up rows) otherwise; original neuron order.
 """
 
 from __future__ import annotations
@@ -130,14 +130,6 @@ class ShadowLayer:
 
     def macs(self) -> int:
         return self.rows * self.dim
-
-    def subset(self, ids: Tensor) -> "ShadowLayer":
-        """The shadow of neurons `ids` only (their gate and up rows); needs the file form."""
-        if self.codes is None:
-            raise ValueError("the shadow's codes were released; subset before release_codes()")
-        rows = torch.cat([ids, ids + self.n]) if self.gated else ids
-        return ShadowLayer(self.codes[rows].contiguous(), self.scales[rows].contiguous(), self.gated,
-                           None if self.up_bias is None else self.up_bias[ids].contiguous())
 
     def release_codes(self) -> "ShadowLayer":
         """Drop the file form (codes, scales) once the kernel's packed form exists: at run time

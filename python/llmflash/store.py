@@ -338,6 +338,30 @@ class Store:
         t = torch.from_numpy(buf).view(self.dtype)
         return t.view(L.n_neurons, -1)
 
+    def read_bundles(self, i: int, positions: np.ndarray) -> torch.Tensor:
+        """Layer i's bundles at the given store positions (ascending), (k, bundle_values) in the
+        store dtype; each run of neighbouring positions is one read (buffered, unverified: the
+        region's checksum covers it whole)."""
+        L = self.layers[i]
+        pos = np.asarray(positions, dtype=np.int64)
+        if len(pos) and (pos[0] < 0 or pos[-1] >= L.n_neurons or bool((np.diff(pos) <= 0).any())):
+            raise ValueError(f"bundle positions must be ascending and in [0, {L.n_neurons})")
+        bb = L.bundle_bytes
+        out = np.empty(len(pos) * bb, dtype=np.uint8)
+        starts = np.flatnonzero(np.diff(pos, prepend=-2) != 1)           # first index of each run
+        ends = np.append(starts[1:], len(pos))
+        fd = os.open(self.ffn_path, os.O_RDONLY)
+        try:
+            for a, b in zip(starts.tolist(), ends.tolist()):
+                want = (b - a) * bb
+                got = os.preadv(fd, [memoryview(out)[a * bb:b * bb]], L.offset + int(pos[a]) * bb)
+                if got != want:
+                    raise StoreError(f"short read of layer {i}'s bundles {int(pos[a])}..{int(pos[b - 1])}: "
+                                     f"{got} of {want} bytes", self.ffn_path)
+        finally:
+            os.close(fd)
+        return torch.from_numpy(out).view(self.dtype).view(len(pos), -1)
+
     def tokenizer(self):
         """The store's `tokenizers.Tokenizer`, or None when the source shipped none."""
         tpath = self.path / TOKENIZER

@@ -27,6 +27,9 @@ the FFN checks the guess as above.
 A sticky source (`sticky = True`, `select(layer, x, cached)`: predictors with a stay recall)
 names the set knowing which neurons the layer's cache holds: hysteresis, so a cached neuron
 stays while its score clears a lower bar and only new neurons must clear the higher one.
+It sees the cache as it was before a lookahead guess was admitted; but a wrong guess kept by the
+window (or one that took a slot) changes later tokens' caches, so with a sticky source the
+result of lookahead can differ from that of no lookahead, unlike with a plain source.
 
 OPT's fc1 bias is resident (Store.up_biases, store order), not in the bundles: each row's bias is
 gathered by the row's store position, from the cache's row -> position map for cache rows and
@@ -132,7 +135,6 @@ class FlashFFN:
         # outside it, as documented).
         resident += int(getattr(self.source, "nbytes", lambda: 0)())
         bb = store.layers[0].bundle_bytes
-        max_n = max(L.n_neurons for L in store.layers)
         self.position: list[np.ndarray | None] = []     # original neuron id -> store position
         for L in store.layers:
             if L.order is None:
@@ -143,17 +145,17 @@ class FlashFFN:
                 self.position.append(pos)
         self.b1: list[Tensor | None] = store.up_biases()
         self._pin_hot(store, getattr(self.source, "hot", None))
-        resident += sum(r.numel() * r.element_size() for r in self.hot_rows if r is not None)
+        resident += sum(t.numel() * t.element_size() for t in (*self.hot_rows, *self.hot_bias) if t is not None)
         cold = [L.n_neurons - (0 if h is None else len(h)) for L, h in zip(store.layers, self.hot_rows)]
         self.plan: CachePlan = plan_caches(budget, resident, cold, bb, scratch_neurons=0, store_name=str(store.path))
         if not reuse:
             # No DRAM cache: every wanted neuron streams through the scratch area every token
             # (the paper's "predictor only" row: nothing is kept from one token to the next).
             self.plan = dataclasses.replace(self.plan, capacities=(0,) * len(store.layers))
-        if any(c < L.n_neurons for c, L in zip(self.plan.capacities, store.layers)):
+        if any(c < n for c, n in zip(self.plan.capacities, cold)):
             # Some layer can overflow: reserve the shared scratch area inside the budget.
             caps = self.plan.capacities
-            self.plan = plan_caches(budget, resident, cold, bb, scratch_neurons=min(SCRATCH_NEURONS, max_n),
+            self.plan = plan_caches(budget, resident, cold, bb, scratch_neurons=min(SCRATCH_NEURONS, max(cold)),
                                     store_name=str(store.path))
             if not reuse:
                 self.plan = dataclasses.replace(self.plan, capacities=caps)
@@ -203,7 +205,7 @@ class FlashFFN:
         # for checked guesses the sizes of guess, wanted set and their overlap
         self.ahead = {"ahead_read": 0, "ahead_missed": 0, "guess_named": 0, "guess_right": 0, "wanted_named": 0,
                       "guess_hits": 0, "guess_overflow": 0, "guess_admissions": 0}
-        # (step, Admission, wanted) per layer, started by the layer before (lookahead)
+        # (step, Admission, wanted, live mask before it or None) per layer, started early (lookahead)
         self._ahead: list[tuple[int, Any] | None] = [None] * len(self.caches)
         if reads_ahead:
             # Reads done before the layer computes: new neurons can take the evicted rows (no
@@ -219,10 +221,10 @@ class FlashFFN:
         for i, ids in enumerate(hot or []):
             if len(ids) == 0:
                 continue
-            pos = torch.as_tensor(self._wanted(i, ids).astype(np.int64))
-            self.hot_rows[i] = store.read_layer(i)[pos].clone()
+            pos = np.sort(self._wanted(i, ids).astype(np.int64))
+            self.hot_rows[i] = store.read_bundles(i, pos)
             b1 = self.b1[i]
-            self.hot_bias[i] = None if b1 is None else b1[pos]
+            self.hot_bias[i] = None if b1 is None else b1[torch.from_numpy(pos)]
 
     def _view(self, buf: AlignedBuf, rows: int) -> Tensor:
         n = rows * self.config.bundle_values
@@ -245,7 +247,7 @@ class FlashFFN:
             adm, wanted, t1 = pre[1], pre[2], t0
             self.ahead["ahead_read"] += adm.misses
             if self._verify:                            # a guess: the layer's own set decides
-                guess, wanted = wanted, self._name(layer, x)
+                guess, wanted = wanted, self._name(layer, x, pre[3])
                 self.ahead["guess_named"] += len(guess)
                 self.ahead["guess_right"] += len(np.intersect1d(guess, wanted))
                 self.ahead["wanted_named"] += len(wanted)
@@ -271,7 +273,8 @@ class FlashFFN:
                 c2 = self.caches[layer + 1]
                 m2 = c2.stats()["mgmt_ns"]
                 w2 = self._wanted(layer + 1, nxt)
-                self._ahead[layer + 1] = (self.step, self._begin_ahead(c2, w2, self.step), w2)
+                live = self._live(layer + 1) if self._sticky and self._verify else None
+                self._ahead[layer + 1] = (self.step, self._begin_ahead(c2, w2, self.step), w2, live)
                 ahead_begin = time.perf_counter() - t7
                 ahead_mgmt = (c2.stats()["mgmt_ns"] - m2) / 1e9
                 t1 += t7 - t6                               # prediction time, not I/O
@@ -336,7 +339,8 @@ class FlashFFN:
         t1 = time.perf_counter()
         cache = self.caches[layer]
         m0 = cache.stats()["mgmt_ns"]
-        self._ahead[layer] = (step, self._begin_ahead(cache, guess, step), guess)
+        live = self._live(layer) if self._sticky else None
+        self._ahead[layer] = (step, self._begin_ahead(cache, guess, step), guess, live)
         t2 = time.perf_counter()
         self.t["predict"] += t1 - t0
         self.t["io"] += max(0.0, (t2 - t1) - (cache.stats()["mgmt_ns"] - m0) / 1e9)
@@ -357,17 +361,22 @@ class FlashFFN:
         sel = pick[np.searchsorted(pick, lo):np.searchsorted(pick, hi)]
         return self._ffn_rows(x, rows[:hi], None if bias is None else bias[:hi], pick=sel)
 
-    def _name(self, layer: int, x: Tensor) -> np.ndarray:
+    def _name(self, layer: int, x: Tensor, live: Tensor | None = None) -> np.ndarray:
         """This token's wanted set (store positions) from the source; a sticky source
-        (`select`, e.g. predictors with a stay recall) also sees which neurons the cache holds
-        (live rows, including a guess's reads in flight), as an (n,) bool over original ids."""
+        (`select`, e.g. predictors with a stay recall) also sees which neurons the cache holds,
+        as an (n,) bool over original ids: `live`, taken before a lookahead guess was admitted
+        (so the set, and with compute="wanted" the result, does not depend on the guess), or
+        the cache's live rows now."""
         if not self._sticky:
             return self._wanted(layer, self.source(layer, x))
+        return self._wanted(layer, self.source.select(layer, x, self._live(layer) if live is None else live))
+
+    def _live(self, layer: int) -> Tensor:
+        """(n,) bool over original neuron ids: live in the layer's cache."""
         live = np.zeros(self.store.layers[layer].n_neurons, dtype=bool)
         live[self.caches[layer].slot_neurons()] = True
         pos = self.position[layer]
-        cached = torch.from_numpy(live if pos is None else live[pos])
-        return self._wanted(layer, self.source.select(layer, x, cached))
+        return torch.from_numpy(live if pos is None else live[pos])
 
     def _wanted(self, layer: int, ids: Any) -> np.ndarray:
         """Original neuron ids -> store positions (uint32), as the cache takes them."""
