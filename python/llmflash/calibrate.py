@@ -37,8 +37,8 @@ from torch import Tensor
 
 from .errors import LlmflashError, StoreError
 from .models.layers import linear
-from .predictor import (TrainResult, activations, label_kind, labels, pack_bits, save_predictors,
-                        threshold_for_recall)
+from .predictor import TrainResult, activations, label_kind, labels, pack_bits, threshold_for_recall
+from .predictor_file import save_predictors
 from .defaults import store_or_default
 from .store import MANIFEST, PREDICTORS, Store, replace_file
 

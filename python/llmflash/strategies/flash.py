@@ -86,7 +86,7 @@ def make_source(spec: str | WantedSource, store: Store, hot: float = 0.0) -> Wan
     if name == "oracle":
         return Oracle(store, keep=float(arg) if arg else 0.5)
     if name == "predictor":
-        from ..predictor import load_predictors
+        from ..predictor_file import load_predictors
         recall, _, stay = arg.partition("/")
         try:
             r, st = (float(recall) if recall else None), (float(stay) if stay else None)
