@@ -201,10 +201,10 @@ impl NeuronCache {
             ops.push(FillOp { offset: r.offset, len: r.len as usize, target: Target::Staging(staged as usize) });
             // A bundle may run on into the next request (a run split at max_request_bytes); that
             // one starts mid-bundle, so it is staged too, right after this one.
-            for i in k0..k {
-                match p.landing[i].checked_sub(r.dest_offset) {
-                    Some(d) => copies.push((d + staged, rows[i])),
-                    None => return Err(Error::invalid(format!("plan lands neuron {} before request {q}", p.neurons[i]))),
+            for ((&landing, &row), &neuron) in p.landing[k0..k].iter().zip(&rows[k0..k]).zip(&p.neurons[k0..k]) {
+                match landing.checked_sub(r.dest_offset) {
+                    Some(d) => copies.push((d + staged, row)),
+                    None => return Err(Error::invalid(format!("plan lands neuron {neuron} before request {q}"))),
                 }
             }
             staged += r.len;
