@@ -245,7 +245,7 @@ def format_report(r: dict[str, Any]) -> str:
                      f"{p['recall']:.3f}, precision {p['precision']:.3f}, predicted {p['predicted_share']:.1%} "
                      "of (token, neuron) pairs")
     lines.append("")
-    head = f"{'':<18}{'ppl':>9}{'x dense':>9}{'wanted':>9}{'read/tok':>10}{'min/tok':>9}{'cached':>8}{'hits':>7}{'ms/tok':>8}"
+    head = f"{'':<18}{'ppl':>9}{'x dense':>9}{'wanted':>9}{'bytes/tok':>10}{'neurons/tok':>12}{'cached':>8}{'hits':>7}{'ms/tok':>8}"
     lines.append(head)
     d = r["dense"]["ppl"]
     lines.append(f"{'dense':<18}{d:>9.3f}{1.0:>9.3f}{'100%':>9}")
@@ -257,7 +257,7 @@ def format_report(r: dict[str, Any]) -> str:
             lines.append(f"{'flash ' + str(f['memory']):<18}does not fit: {f['error']}")
             continue
         lines.append(f"{'flash ' + str(f['memory']):<18}{f['ppl']:>9.3f}{f['ratio']:>9.3f}{f['wanted_share']:>9.1%}"
-                     f"{f['read_share']:>10.1%}{f['useful_share']:>9.1%}{f['cached_share']:>8.1%}"
+                     f"{f['read_share']:>10.1%}{f['useful_share']:>12.1%}{f['cached_share']:>8.1%}"
                      f"{f['hit_rate']:>7.2f}{f['ms_per_token']:>8.1f}")
         if f.get("hot_share"):
             lines.append(f"{'':<18}hot: {f['hot_share']:.1%} of the FFN pinned (in wanted and cached)")
@@ -265,8 +265,9 @@ def format_report(r: dict[str, Any]) -> str:
             lines.append(f"{'':<18}lookahead ({r['lookahead']}): {f['ahead_read_share']:.1%} of the FFN read early per token, "
                          f"{f['late_read_share']:.1%} read at the layer (missed by the guess); guess recall "
                          f"{f['guess_recall']:.3f}, precision {f['guess_precision']:.3f}")
-    lines.append("wanted: neurons the source names per token (plus the pinned hot ones); read/tok: FFN bytes "
-                 "read per token (bridged gaps included); min/tok: the missing bundles alone; cached: the caches "
+    lines.append("wanted: neurons the source names per token (plus the pinned hot ones); bytes/tok: FFN bytes "
+                 "read from disk per token (bridged gaps included); neurons/tok: the neurons read per token (their "
+                 "bundles, the missing ones: JSON useful_share); cached: the caches "
                  "(plus hot); shares of the whole FFN")
     if r.get("layers"):
         lines += ["", f"{'layer':>5}{'recall':>9}{'precision':>11}{'predicted':>11}{'labelled':>10}"]
