@@ -326,16 +326,10 @@ class Predictors:
         m = self.layers[layer].scores(x) > self.cuts[layer]
         if self.cold is None:
             return m
-        out = torch.ones(m.shape[0], self.n_neurons(layer), dtype=torch.bool)
+        assert self.hot is not None                    # cold and hot are set together
+        out = torch.ones(m.shape[0], len(self.cold[layer]) + len(self.hot[layer]), dtype=torch.bool)
         out[:, self.cold[layer]] = m
         return out
-
-    def n_neurons(self, layer: int) -> int:
-        return len(self.cut_ids(layer)) + (len(self.hot[layer]) if self.hot is not None else 0)
-
-    def cut_ids(self, layer: int) -> Tensor:
-        """Original ids of the neurons the layer's predictor covers (all, or the cold ones)."""
-        return self.cold[layer] if self.cold is not None else torch.arange(self.cuts[layer].numel())
 
     def __call__(self, layer: int, x: Tensor) -> Tensor:
         """Sorted original ids of the neurons to read: the predicted ones (cold ones only, with
