@@ -139,10 +139,6 @@ class LayerPredictor:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.in_w, self.in_b, self.out_w, self.out_b))
 
-    def subset(self, ids: Tensor) -> "LayerPredictor":
-        """The predictor of neurons `ids` only (their output rows)."""
-        return LayerPredictor(self.in_w, self.in_b, self.out_w[ids].contiguous(), self.out_b[ids].contiguous())
-
 
 @dataclass
 class TrainResult:

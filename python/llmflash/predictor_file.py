@@ -197,12 +197,12 @@ def read_predictors(path: str | os.PathLike[str], config: ModelConfig,
                              f"1 <= R <= {max(D, n)}", path)
         R = w.shape[0]
         in_w = check(f"layers.{i}.in.weight", (R, D))
+        out_w, out_b = check(f"layers.{i}.out.weight", (n, R)), check(f"layers.{i}.out.bias", (n,))
+        if cold_ids is not None:                       # only the cold neurons' output rows
+            out_w, out_b = out_w[cold_ids[i]], out_b[cold_ids[i]]
         layers.append(LayerPredictor(
             in_w.to(dtype) if dtype is not None else in_w, check(f"layers.{i}.in.bias", (R,)).float(),
-            check(f"layers.{i}.out.weight", (n, R)).to(dtype or in_w.dtype),
-            check(f"layers.{i}.out.bias", (n,)).float()))
-        if cold_ids is not None:
-            layers[i] = layers[i].subset(cold_ids[i])
+            out_w.to(dtype or in_w.dtype).contiguous(), out_b.float().contiguous()))
     thresholds = check("thresholds", (L,)).float()
     label_thresholds = check("label_thresholds", (L,)).float()
     pos_q = check("pos_quantiles", (L, QUANTILES)).float()

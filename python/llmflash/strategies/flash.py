@@ -206,7 +206,7 @@ class FlashFFN:
         self.ahead = {"ahead_read": 0, "ahead_missed": 0, "guess_named": 0, "guess_right": 0, "wanted_named": 0,
                       "guess_hits": 0, "guess_overflow": 0, "guess_admissions": 0}
         # (step, Admission, wanted, live mask before it or None) per layer, started early (lookahead)
-        self._ahead: list[tuple[int, Any] | None] = [None] * len(self.caches)
+        self._ahead: list[tuple[int, Any, np.ndarray, Tensor | None] | None] = [None] * len(self.caches)
         if reads_ahead:
             # Reads done before the layer computes: new neurons can take the evicted rows (no
             # move) at no cost in overlap (rust/cache.rs, set_fill_holes).
