@@ -9,7 +9,8 @@
 //!    touch, and bridge a gap of up to `max_gap_bytes` (reading it costs less than one more
 //!    request: `Profile::bridge_gap_bytes`), then cut runs longer than `max_request_bytes` into
 //!    even pieces (big requests gain nothing past the table's top size, and pieces spread one
-//!    run over several workers).
+//!    run over several workers); with whole-page bundles, pieces hold whole bundles, so each
+//!    can be read straight into its rows (a piece cut mid-bundle must be staged and copied).
 //! 2. Whole region: read the entire region in even pieces of at most `max_request_bytes`.
 //!    DESIGN §3: for SmolLM2's 3,456-byte bundles and half of the neurons wanted, the sparse
 //!    plan reads 41% of the FFN in 5,700 small requests (420 ms/token) while reading all of it
@@ -119,12 +120,25 @@ pub struct Plan {
     pub est_whole_seconds: f64,
 }
 
-/// Split page runs `[p0, p1)` into pieces of at most `max_pages`, evenly; place them back to back.
-fn pieces(runs: &[(u64, u64)], max_pages: u64, out: &mut Vec<(u64, u64)>) {
+/// The piece length for a run of `len` pages: even pieces of at most `max_pages`, rounded to a
+/// multiple of `unit` pages (a whole-page bundle's pages; 1 otherwise) when that still fits.
+fn piece_step(len: u64, max_pages: u64, unit: u64) -> u64 {
+    let step = len.div_ceil(len.div_ceil(max_pages));
+    let aligned = step.div_ceil(unit) * unit;
+    if aligned <= max_pages {
+        aligned
+    } else if unit <= max_pages {
+        max_pages / unit * unit
+    } else {
+        step
+    }
+}
+
+/// Split page runs `[p0, p1)` into pieces of at most `max_pages` (`piece_step`); place them back
+/// to back.
+fn pieces(runs: &[(u64, u64)], max_pages: u64, unit: u64, out: &mut Vec<(u64, u64)>) {
     for &(p0, p1) in runs {
-        let len = p1 - p0;
-        let k = len.div_ceil(max_pages);
-        let step = len.div_ceil(k);
+        let step = piece_step(p1 - p0, max_pages, unit);
         let mut p = p0;
         while p < p1 {
             let q = (p + step).min(p1);
@@ -141,22 +155,22 @@ fn cost(profile: &Profile, runs: &[(u64, u64)], concurrency: u32) -> f64 {
     runs.iter().map(|&(a, b)| profile.request_seconds((b - a) * PAGE, c)).sum()
 }
 
-/// The shape of `pieces(runs, max_pages)` without building it: for each run, how many pieces of
-/// `step` pages and the length of the shorter last piece (0 if none).
-fn piece_shapes(runs: &[(u64, u64)], max_pages: u64) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+/// The shape of `pieces(runs, max_pages, unit)` without building it: for each run, how many
+/// pieces of `step` pages and the length of the shorter last piece (0 if none).
+fn piece_shapes(runs: &[(u64, u64)], max_pages: u64, unit: u64) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
     runs.iter().map(move |&(p0, p1)| {
         let len = p1 - p0;
-        let step = len.div_ceil(len.div_ceil(max_pages));
+        let step = piece_step(len, max_pages, unit);
         (len / step, step, len % step)
     })
 }
 
-/// `cost(profile, pieces(runs, max_pages), concurrency)`, computed per run (a whole 268 MB
-/// region is one run of 256+ equal pieces: one profile lookup, not one per piece).
-fn pieces_cost(profile: &Profile, runs: &[(u64, u64)], max_pages: u64, concurrency: u32) -> f64 {
-    let count: u64 = piece_shapes(runs, max_pages).map(|(full, _, rem)| full + u64::from(rem > 0)).sum();
+/// `cost(profile, pieces(runs, max_pages, unit), concurrency)`, computed per run (a whole
+/// 268 MB region is one run of 256+ equal pieces: one profile lookup, not one per piece).
+fn pieces_cost(profile: &Profile, runs: &[(u64, u64)], max_pages: u64, unit: u64, concurrency: u32) -> f64 {
+    let count: u64 = piece_shapes(runs, max_pages, unit).map(|(full, _, rem)| full + u64::from(rem > 0)).sum();
     let c = count.min(concurrency as u64).max(1) as u32;
-    piece_shapes(runs, max_pages)
+    piece_shapes(runs, max_pages, unit)
         .map(|(full, step, rem)| {
             let last = if rem > 0 { profile.request_seconds(rem * PAGE, c) } else { 0.0 };
             full as f64 * profile.request_seconds(step * PAGE, c) + last
@@ -168,11 +182,12 @@ fn pieces_cost(profile: &Profile, runs: &[(u64, u64)], max_pages: u64, concurren
 /// that the profile prices cheapest: one 5 MB layer read as five 1 MiB requests keeps only 5
 /// in flight, and at 5 in flight the table gives less than 21 requests of 256 KiB do at 21.
 /// Caps are priced without building their pieces (`pieces_cost`), only the cheapest is built.
-fn split_cheapest(profile: &Profile, runs: &[(u64, u64)], max_pages: u64, concurrency: u32) -> (Vec<(u64, u64)>, f64) {
+fn split_cheapest(profile: &Profile, runs: &[(u64, u64)], max_pages: u64, unit: u64, concurrency: u32)
+    -> (Vec<(u64, u64)>, f64) {
     let mut best: Option<(u64, f64)> = None;
     let mut cap = max_pages;
     loop {
-        let c = pieces_cost(profile, runs, cap, concurrency);
+        let c = pieces_cost(profile, runs, cap, unit, concurrency);
         if best.map_or(true, |b| c < b.1) {
             best = Some((cap, c));
         }
@@ -183,7 +198,7 @@ fn split_cheapest(profile: &Profile, runs: &[(u64, u64)], max_pages: u64, concur
     }
     let (cap, c) = best.unwrap_or((max_pages, 0.0));
     let mut out = Vec::with_capacity(runs.len());
-    pieces(runs, cap, &mut out);
+    pieces(runs, cap, unit, &mut out);
     (out, c)
 }
 
@@ -223,9 +238,12 @@ pub fn plan(wanted: &[u32], region: &Region, profile: &Profile, opts: &PlanOptio
             _ => runs.push((a, b)),
         }
     }
-    let (sparse, est_sparse_seconds) = split_cheapest(profile, &runs, max_pages, opts.concurrency);
+    // Whole-page bundles: runs (and the whole region) start on bundle boundaries, so pieces of
+    // whole bundles stay on them.
+    let unit = if bb % PAGE == 0 { bb / PAGE } else { 1 };
+    let (sparse, est_sparse_seconds) = split_cheapest(profile, &runs, max_pages, unit, opts.concurrency);
     let whole_run: &[(u64, u64)] = if region_pages > 0 { &[(0, region_pages)] } else { &[] };
-    let (whole, est_whole_seconds) = split_cheapest(profile, whole_run, max_pages, opts.concurrency);
+    let (whole, est_whole_seconds) = split_cheapest(profile, whole_run, max_pages, unit, opts.concurrency);
 
     let whole_region = opts.allow_whole && !neurons.is_empty() && est_whole_seconds < est_sparse_seconds;
     let (chosen, est_seconds) =
@@ -315,7 +333,7 @@ mod tests {
     proptest! {
         #[test]
         fn pieces_are_priced_as_if_built(lens in proptest::collection::vec((0u64..40, 1u64..3000), 0..60),
-                                         cap in 1u64..600, concurrency in 1u32..64) {
+                                         cap in 1u64..600, unit in 1u64..8, concurrency in 1u32..64) {
             let mut runs = Vec::new();
             let mut p = 0;
             for (gap, len) in lens {
@@ -323,11 +341,21 @@ mod tests {
                 p += gap + len;
             }
             let mut built = Vec::new();
-            pieces(&runs, cap, &mut built);
+            pieces(&runs, cap, unit, &mut built);
             let profile = Profile::default();
-            let (want, got) = (cost(&profile, &built, concurrency), pieces_cost(&profile, &runs, cap, concurrency));
+            let (want, got) = (cost(&profile, &built, concurrency), pieces_cost(&profile, &runs, cap, unit, concurrency));
             prop_assert!((want - got).abs() <= 1e-9 * want.max(1.0), "built {} priced {}", want, got);
             prop_assert!(built.iter().all(|&(a, b)| b > a && b - a <= cap));
+            // pieces cover each run exactly; cut points fall on whole units whenever a unit fits
+            let covered: u64 = built.iter().map(|&(a, b)| b - a).sum();
+            prop_assert_eq!(covered, runs.iter().map(|&(a, b)| b - a).sum::<u64>());
+            if unit <= cap {
+                for &(p0, p1) in &runs {
+                    for &(a, b) in built.iter().filter(|&&(a, _)| a >= p0 && a < p1) {
+                        prop_assert!((a - p0) % unit == 0 && (b == p1 || (b - p0) % unit == 0), "piece {a}..{b} of run {p0}..{p1}");
+                    }
+                }
+            }
         }
     }
 

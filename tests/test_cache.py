@@ -385,6 +385,22 @@ def test_capacity_zero_and_full(tmp_path):
         NeuronCache(reader, 0, n, bb, n + 1, 1)
 
 
+def test_a_long_run_of_page_bundles_is_cut_between_bundles(tmp_path):
+    """A run longer than one request is cut into pieces of whole bundles, so every piece is read
+    straight into its rows (found by the state machine: 21 bundles of 16 KiB cut into pieces of
+    14 pages went through staging)."""
+    n, bb = 21, 16384
+    path = tmp_path / "ffn.bin"
+    data = write_store(path, n, bb, 0, seed=781)
+    cache = NeuronCache(Reader(path, concurrency=32), 0, n, bb, n, BIG_WINDOW, profile=Profile.default(),
+                        allow_whole=False, max_gap_bytes=0)
+    adm = cache.admit(list(range(n)), 0)
+    assert adm.requests > 1 and cache.stats()["bytes_direct"] == adm.bytes_read == n * bb
+    for j in range(n):
+        assert np.array_equal(cache_rows(cache, torch.uint8)[int(cache.rows_of([j])[0])].numpy(),
+                              bundle(data, 0, bb, j))
+
+
 def test_slot_matrix_is_zero_copy_and_outlives_the_cache(tmp_path):
     n, bb = 16, 4096
     path = tmp_path / "ffn.bin"
