@@ -47,6 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_opt_store import DEFAULT_OUT, random_f16_bits  # noqa: E402
 from wanted_sets import GuessReplay, LookaheadReplay, Params, Replay, generate, stats  # noqa: E402
 
+from llmflash.models.layers import linear  # noqa: E402
+from llmflash.threads import decode_threads, native_decode  # noqa: E402
 from llmflash.store import Store, split_bundles  # noqa: E402
 from llmflash.strategies.base import bundle_ffn, rows_ffn  # noqa: E402
 from llmflash.strategies.flash import FlashFFN, model_bytes  # noqa: E402
@@ -88,23 +90,26 @@ class Attention:
         """x (1, D) float32 -> attention output (1, D) float32."""
         t0 = time.perf_counter()
         h = self.ln(x).half()
-        q, k, v = (F.linear(h, self.qkv[i]).float() + self.b_qkv[i]).view(3, self.h, 1, self.hd)
+        q, k, v = linear(h, self.qkv[i], self.b_qkv[i]).view(3, self.h, 1, self.hd)
         keys, vals = self.k[i], self.v[i]                                # (H, ctx+1, hd)
         keys[:, -1:] = k
         vals[:, -1:] = v
         a = F.scaled_dot_product_attention(q, keys, vals)                # (H, 1, hd)
-        out = F.linear(a.reshape(1, self.dim).half(), self.o[i]).float() + self.b_o[i]
+        out = linear(a.reshape(1, self.dim).half(), self.o[i], self.b_o[i])
         self.s += time.perf_counter() - t0
         return out
 
 
 def decode_token(attn: Attention, ffn, x: Tensor, n_layers: int) -> Tensor:
+    """One token through every layer, with the library's decode threading (llmflash.threads:
+    torch on one thread, the native float16 kernels on two), as Transformer.forward runs it."""
     early = getattr(ffn, "early", None)              # FlashFFN lookahead="attention"
-    for i in range(n_layers):
-        if early is not None:
-            early(i, attn.ln(x).half())
-        x = x + attn(i, x)
-        x = x + ffn(i, attn.ln(x).half())
+    with decode_threads(native_decode(attn.dim, torch.float16)):
+        for i in range(n_layers):
+            if early is not None:
+                early(i, attn.ln(x).half())
+            x = x + attn(i, x)
+            x = x + ffn(i, attn.ln(x).half())
     return x
 
 

@@ -168,6 +168,89 @@ pub fn f16_bundle_ffn(rows: &[u16], stride: usize, n: usize, gated: bool, x: &[f
     Ok(())
 }
 
+/// `y[o] = sum_d f16(w[o * stride + d]) * x[d]` for `o < y.len()`, `d < x.len()`: a float16
+/// weight matrix (out, in) times one activation vector, the decode product of every projection
+/// (q, k, v, o, the LM head). Memory-bound: rows are read once, four at a time (four streams for
+/// the prefetchers) with F16C + FMA; large products split the output rows between two threads.
+/// 8-15% faster than torch's float16 linear for one row here (22 against 19.5 GB/s, OPT-6.7B's
+/// q/k/v and o shapes, alternated in one process).
+pub fn f16_matvec(w: &[u16], stride: usize, x: &[f32], y: &mut [f32], threads: usize) -> Result<()> {
+    let (n, dim) = (y.len(), x.len());
+    if n > 0 {
+        let need = (n - 1).checked_mul(stride).and_then(|v| v.checked_add(dim));
+        if !matches!(need, Some(need) if need <= w.len()) || dim > stride {
+            return Err(Error::invalid(format!(
+                "{n} rows of {dim} values at stride {stride} need more than the {} given",
+                w.len()
+            )));
+        }
+    }
+    let run = |lo: usize, out: &mut [f32]| {
+        let mut o = 0;
+        while o + 4 <= out.len() {
+            let row = |k: usize| &w[(lo + o + k) * stride..][..dim];
+            out[o..o + 4].copy_from_slice(&dot4([row(0), row(1), row(2), row(3)], x));
+            o += 4;
+        }
+        for (k, v) in out.iter_mut().enumerate().skip(o) {
+            *v = dot(&w[(lo + k) * stride..][..dim], x);
+        }
+    };
+    if threads < 2 || n < 4 || n * dim < SPLIT_MACS {
+        run(0, y);
+    } else {
+        let half = n / 2;
+        let (first, second) = y.split_at_mut(half);
+        std::thread::scope(|s| {
+            let run = &run;
+            s.spawn(move || run(half, second));
+            run(0, first);
+        });
+    }
+    Ok(())
+}
+
+/// Four rows' dot products with x, read side by side (four streams).
+fn dot4(r: [&[u16]; 4], x: &[f32]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked just above).
+            return unsafe { dot4_f16c(r, x) };
+        }
+    }
+    r.map(|a| dot(a, x))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_f16c(r: [&[u16]; 4], x: &[f32]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let n = r.iter().map(|a| a.len()).min().unwrap_or(0).min(x.len());
+    let body = n - n % 8;
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut d = 0;
+    while d < body {
+        // SAFETY: d + 8 <= body <= n <= every length: each 8-lane read is in bounds (unaligned loads).
+        unsafe {
+            let xv = _mm256_loadu_ps(x.as_ptr().add(d));
+            for k in 0..4 {
+                let v = _mm256_cvtph_ps(_mm_loadu_si128(r[k].as_ptr().add(d) as *const __m128i));
+                acc[k] = _mm256_fmadd_ps(v, xv, acc[k]);
+            }
+        }
+        d += 8;
+    }
+    let mut out = [0f32; 4];
+    for k in 0..4 {
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` holds 8 f32: an unaligned 8-lane store fits exactly.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[k]) };
+        out[k] = lanes.iter().sum::<f32>() + (body..n).map(|j| f16_to_f32(r[k][j]) * x[j]).sum::<f32>();
+    }
+    out
+}
+
 /// sum_d f16(a[d]) * x[d]
 fn dot(a: &[u16], x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -329,6 +412,37 @@ mod tests {
                 prop_assert!((yp[d] as f64 - want_p[d]).abs() <= 1e-3 * (1.0 + want_p[d].abs()), "picked d {} got {} want {}", d, yp[d], want_p[d]);
             }
         }
+    }
+
+    proptest! {
+        #[test]
+        fn matvec_matches_a_plain_sum(n in 0usize..40, dim in 1usize..70, pad in 0usize..9, threads in 1usize..3,
+                                      seed in any::<u64>()) {
+            let stride = dim + pad;
+            let mut s = seed | 1;
+            let mut next = || { s ^= s << 13; s ^= s >> 7; s ^= s << 17; s };
+            let vals: Vec<f32> = (0..n * stride).map(|_| ((next() % 64) as f32 - 32.0) / 8.0).collect();
+            let w: Vec<u16> = vals.iter().map(|&v| f32_to_f16_bits(v)).collect();
+            let x: Vec<f32> = (0..dim).map(|_| ((next() % 32) as f32 - 16.0) / 4.0).collect();
+            let mut y = vec![f32::NAN; n];
+            f16_matvec(&w, stride, &x, &mut y, threads).unwrap();
+            for o in 0..n {
+                let want: f32 = (0..dim).map(|d| vals[o * stride + d] * x[d]).sum();
+                prop_assert!((y[o] - want).abs() <= 1e-3 * (1.0 + want.abs()), "row {} got {} want {}", o, y[o], want);
+            }
+        }
+    }
+
+    #[test]
+    fn matvec_split_between_threads_equals_one_thread() {
+        let (n, dim) = (1027, 4099); // odd sizes: a row tail, a 4-row tail, an uneven split
+        let w: Vec<u16> = (0..n * dim).map(|k| f32_to_f16_bits(((k % 11) as f32 - 5.0) / 4.0)).collect();
+        let x: Vec<f32> = (0..dim).map(|d| ((d % 5) as f32 - 2.0) / 2.0).collect();
+        let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+        f16_matvec(&w, dim, &x, &mut a, 1).unwrap();
+        f16_matvec(&w, dim, &x, &mut b, 2).unwrap();
+        assert_eq!(a, b);
+        assert!(f16_matvec(&w[..n * dim - 1], dim, &x, &mut a, 1).is_err());
     }
 
     #[test]

@@ -69,3 +69,53 @@ def test_fused_decode_ffn_equals_reference(n, dim, gated, with_bias, seed):
     assert got.shape == (1, dim) and got.dtype == torch.float32
     scale = float((h.abs()[:, None] * down.abs()).sum(0).max())
     assert float((got[0].double() - want).abs().max()) <= 1e-4 * (1.0 + scale)
+
+
+@settings(max_examples=40, deadline=None)
+@given(out=st.integers(1, 70), dim=st.integers(1, 90), pad=st.integers(0, 9), threads=st.integers(1, 2),
+       seed=st.integers(0, 2**31))
+def test_native_matvec_equals_reference(out, dim, pad, threads, seed):
+    """f16_matvec (the decode product of a float16 projection) against float64, any row stride."""
+    from llmflash._native import f16_matvec
+
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(out, dim + pad, generator=g)).half()[:, pad:]
+    x = torch.randn(dim, generator=g)
+    got = torch.from_numpy(f16_matvec(w.view(torch.int16).numpy(), x.numpy(), threads))
+    want = w.double() @ x.double()
+    assert got.dtype == torch.float32 and got.shape == (out,)
+    assert float((got.double() - want).abs().max()) <= 1e-5 * (1.0 + float((w.double().abs() @ x.double().abs()).max()))
+
+
+def test_native_matvec_rejects_bad_shapes():
+    from llmflash._native import f16_matvec
+
+    with pytest.raises(ValueError, match="columns"):
+        f16_matvec(np.zeros((4, 8), dtype=np.int16), np.zeros(7, dtype=np.float32))
+    with pytest.raises(ValueError, match="stride"):
+        f16_matvec(np.zeros((4, 8), dtype=np.int16)[:, ::2], np.zeros(4, dtype=np.float32))
+
+
+def test_decode_threads_restores_torch_and_routes_products():
+    """Inside decode_threads: torch on one thread, native kernels on the outer count, float16 rows
+    through the native product (equal to F.linear within float16 output rounding); restored
+    after, also when the body raises; nested and off calls change nothing."""
+    from llmflash.models.layers import linear
+    from llmflash.threads import decode_threads, in_decode, native_threads
+
+    outer = torch.get_num_threads()
+    w, x, b = torch.randn(300, 64).half(), torch.randn(1, 64), torch.randn(300)
+    ref = torch.nn.functional.linear(x.half().double(), w.double(), b.double())   # x rounded as F.linear does
+    with decode_threads():
+        assert in_decode() == (outer > 1)
+        assert torch.get_num_threads() == (1 if outer > 1 else outer) and native_threads() == outer
+        with decode_threads():
+            assert native_threads() == outer
+        got = linear(x, w, b)
+    assert torch.get_num_threads() == outer and not in_decode()
+    assert got.dtype == torch.float32 and float((got.double() - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+    with pytest.raises(RuntimeError), decode_threads():
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == outer and not in_decode()
+    with decode_threads(False):
+        assert not in_decode() and torch.get_num_threads() == outer

@@ -96,7 +96,7 @@ def test_chunked_prefill_equals_one_pass(pair):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("name", ["llama_gqa", "opt_proj"])
-def test_half_precision_close(name, dtype, make_hf, convert_to):
+def test_half_precision_close(name, dtype, make_hf, convert_to, monkeypatch):
     kind, kw = VARIANTS[name]
     hf = make_hf(name, kind, **kw)
     model, store = load_dense(convert_to(hf.path, dtype))
@@ -117,6 +117,19 @@ def test_half_precision_close(name, dtype, make_hf, convert_to):
     steps = torch.cat([model.forward(ids[:4], cache)] + [model.forward(ids[t:t + 1], cache)
                                                          for t in range(4, PROMPT_LEN)])
     assert (steps - ref).abs().max().item() <= tol * scale
+    if dtype == "float16":
+        # The native decode of large float16 models (threads.decode_threads: torch on one thread,
+        # every float16 product in llmflash._native.f16_matvec), forced on for this small one.
+        import llmflash.threads as th
+
+        threads = torch.get_num_threads()
+        monkeypatch.setattr(th, "NATIVE_DECODE_DIM", 1)
+        cache = model.new_cache(PROMPT_LEN)
+        native = torch.cat([model.forward(ids[:4], cache)] + [model.forward(ids[t:t + 1], cache)
+                                                              for t in range(4, PROMPT_LEN)])
+        assert torch.get_num_threads() == threads and not th.in_decode()
+        assert (native - ref).abs().max().item() <= tol * scale
+        assert (native[4:] - steps[4:]).abs().max().item() <= tol * scale
 
 
 def test_learned_positions_limit(make_hf, convert_to):

@@ -96,3 +96,28 @@ pub fn f16_bundle_ffn<'py>(
     py.detach(|| crate::gemv::f16_bundle_ffn(bits, stride, n, gated, x, bias, &mut y, threads, pick))?;
     Ok(PyArray1::from_vec(py, y))
 }
+
+/// y (out,) float32 = w @ x for `w` an (out, in) array of float16 bit patterns (int16 view; any
+/// row stride, unit column stride) and `x` (in,) float32: the decode product of a projection.
+/// Without the GIL, on up to `threads` threads.
+#[pyfunction]
+#[pyo3(signature = (w, x, threads = 2))]
+pub fn f16_matvec<'py>(
+    py: Python<'py>,
+    w: PyReadonlyArray2<'py, i16>,
+    x: PyReadonlyArray1<'py, f32>,
+    threads: usize,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let (n, dim) = (w.shape()[0], w.shape()[1]);
+    let x = x.as_slice()?;
+    if dim != x.len() {
+        return Err(Error::invalid(format!("a matrix of {dim} columns times a vector of {}", x.len())).into());
+    }
+    let mut y = vec![0f32; n];
+    if n == 0 || dim == 0 {
+        return Ok(PyArray1::from_vec(py, y));
+    }
+    let (bits, stride) = row_slice(&w)?;
+    py.detach(|| crate::gemv::f16_matvec(bits, stride, x, &mut y, threads))?;
+    Ok(PyArray1::from_vec(py, y))
+}

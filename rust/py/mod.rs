@@ -26,6 +26,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(profile::measure, m)?)?;
     m.add_function(wrap_pyfunction!(gemv::f16_rows_gemv, m)?)?;
     m.add_function(wrap_pyfunction!(gemv::f16_bundle_ffn, m)?)?;
+    m.add_function(wrap_pyfunction!(gemv::f16_matvec, m)?)?;
     m.add("ALIGN", crate::aligned::ALIGN)?;
     m.add("DEFAULT_CONCURRENCY", crate::reader::DEFAULT_CONCURRENCY)?;
     m.add("MAX_CONCURRENCY", crate::reader::MAX_CONCURRENCY)?;

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..threads import in_decode, native_threads
+
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """(..., C) -> (..., C) float32: x / rms(x) * weight (Llama, OpenELM; weight float32)."""
@@ -36,9 +38,21 @@ UPCAST_ROWS = 16
 
 
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    """x (T, in) @ w (out, in).T + b -> (T, out) float32, w in the store dtype."""
+    """x (T, in) @ w (out, in).T + b -> (T, out) float32, w in the store dtype.
+
+    Inside threads.decode_threads() (one token of a large float16 model), one float16 row goes to
+    the native kernel (llmflash._native.f16_matvec: F16C + FMA, float32 accumulation and result,
+    the configured threads): 8-15% faster than torch's float16 linear for OPT-6.7B's shapes, which
+    also rounds its result to float16."""
     if w.dtype != torch.float32 and x.shape[0] >= UPCAST_ROWS:
         return F.linear(x.float(), w.float(), None if b is None else b.float())
+    if (x.shape[0] == 1 and in_decode() and w.dtype == torch.float16 and w.dim() == 2 and w.shape[0] > 0
+            and w.stride(1) == 1):
+        from .._native import f16_matvec
+
+        xs = x[0].to(torch.float16).float().contiguous().numpy()      # the input rounded as F.linear's
+        y = torch.from_numpy(f16_matvec(w.view(torch.int16).numpy(), xs, native_threads())).unsqueeze(0)
+        return y if b is None else y + b.float()
     return F.linear(x.to(w.dtype), w, b).float()
 
 

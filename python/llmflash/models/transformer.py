@@ -29,6 +29,7 @@ from ..store import Store
 from ..strategies.base import FFN
 from .config import ModelConfig
 from .layers import apply_rope, causal_attention, layer_norm, linear, rms_norm, rope_inv_freq, rope_tables
+from ..threads import decode_threads, native_decode
 
 
 class ContextLengthError(LlmflashError, ValueError):
@@ -153,10 +154,17 @@ class Transformer:
         """tokens (T,) int64 continuing the sequence at cache.length -> logits (T, V) float32,
         or (1, V) for the last position only with last_only (what generation needs: it spares
         the LM head's T x V product at prefill). The cache advances by T."""
-        c = self.config
         if tokens.dim() != 1 or tokens.numel() == 0:
             raise ValueError(f"tokens must be a non-empty 1-D tensor, got shape {tuple(tokens.shape)}")
         T, start = tokens.shape[0], cache.length
+        # one token of a large float16 model: the products run natively, torch's ops on one thread
+        with decode_threads(T == 1 and native_decode(self.config.dim, self.dtype)):
+            return self._forward(tokens, cache, last_only, T, start)
+
+    __call__ = forward
+
+    def _forward(self, tokens: Tensor, cache: KVCache, last_only: bool, T: int, start: int) -> Tensor:
+        c = self.config
         cache.reserve(start + T)
         x = F.embedding(tokens, self.embed).float()                         # (T, E)
         if self.project_in is not None:
@@ -182,8 +190,6 @@ class Transformer:
         if self.project_out is not None:
             x = linear(x, self.project_out)                                 # (T, E)
         return linear(x, self.lm_head)                                      # (T, V)
-
-    __call__ = forward
 
     def _norm(self, x: Tensor, n: Norm) -> Tensor:
         if self.config.norm == "rms":

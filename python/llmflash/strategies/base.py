@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..models.layers import ACTIVATIONS, linear
+from ..threads import native_threads
 
 
 @runtime_checkable
@@ -68,7 +69,7 @@ def rows_gemv(down: Tensor, h: Tensor) -> Tensor:
         from .._native import f16_rows_gemv
 
         rows = down.view(torch.int16).numpy()
-        return torch.from_numpy(f16_rows_gemv(rows, h.float().contiguous().numpy(), torch.get_num_threads()))
+        return torch.from_numpy(f16_rows_gemv(rows, h.float().contiguous().numpy(), native_threads()))
     return torch.mv(down.t(), h.to(down.dtype)).float()
 
 
@@ -87,7 +88,7 @@ def rows_ffn(x: Tensor, rows: Tensor, config, bias: Tensor | None = None, pick=N
         from .._native import f16_bundle_ffn
 
         y = f16_bundle_ffn(rows.view(torch.int16).numpy(), x[0].float().contiguous().numpy(), gated,
-                           None if bias is None else bias.float().contiguous().numpy(), torch.get_num_threads(),
+                           None if bias is None else bias.float().contiguous().numpy(), native_threads(),
                            None if pick is None else np.ascontiguousarray(pick, dtype=np.uint32))
         return torch.from_numpy(y).unsqueeze(0)
     from ..store import split_bundles
