@@ -153,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--guess", type=float, nargs=2, metavar=("RECALL", "PRECISION"),
                     help="add flash-early (the layer's set guessed before its attention with this recall "
                          "and precision, checked at the FFN; lookahead='attention') and flash-early-exact")
+    ap.add_argument("--moves", action="store_true",
+                    help="add flash-moves (and flash-wanted-moves with --wanted): the paper's DRAM scheme, every "
+                         "hole closed by moving the last live row in before the reads start (FlashFFN "
+                         "fill_holes=False), against new neurons read into the holes (the default)")
+    ap.add_argument("--concurrency", type=int, default=32, help="reads in flight per fill (32)")
     ap.add_argument("--no-lookahead", dest="lookahead", action="store_false",
                     help="skip the flash-ahead strategy (layer+1's reads start during layer)")
     ap.add_argument("--fio-seconds", type=int, default=2)
@@ -176,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     sets = generate(P, a.warmup + a.tokens)
 
     def flash(source, **kw) -> FlashFFN:
-        return FlashFFN(store, memory=budget, window=a.window, sparsity=source, **kw)
+        return FlashFFN(store, memory=budget, window=a.window, sparsity=source, concurrency=a.concurrency, **kw)
 
     strategies: dict[str, FlashFFN] = {"flash": flash(Replay(sets))}
     if a.lookahead:
@@ -189,8 +194,12 @@ def main(argv: list[str] | None = None) -> int:
                                           compute="wanted", lookahead="attention")
         strategies["flash-early-exact"] = flash(GuessReplay(sets, P.n_neurons), compute="wanted",
                                                 lookahead="attention")
+    if a.moves:
+        strategies["flash-moves"] = flash(Replay(sets), fill_holes=False)
     if a.wanted:
         strategies["flash-wanted"] = flash(Replay(sets), compute="wanted")
+        if a.moves:
+            strategies["flash-wanted-moves"] = flash(Replay(sets), compute="wanted", fill_holes=False)
         if a.lookahead:
             strategies["flash-ahead-wanted"] = flash(LookaheadReplay(sets), compute="wanted")
     cap = strategies["flash"].plan.capacities[0]

@@ -98,6 +98,10 @@ pub struct Admission {
     /// Unique wanted neurons that did not fit, in the caller's order (store positions): the
     /// caller streams them itself (`read_neurons`).
     pub overflow: Vec<u32>,
+    /// The rows this admission's fill writes, ascending (`misses` of them, in
+    /// `[ready_rows, total_rows)`): with `fill_holes` they lie between live rows, so compute that
+    /// overlaps the reads takes every row below `total_rows` but these.
+    pub filled_rows: Vec<u32>,
     /// Neurons evicted because they fell out of the window / to make room.
     pub evicted_window: usize,
     pub evicted_capacity: usize,
@@ -485,6 +489,7 @@ impl NeuronCache {
             hits,
             misses: m,
             overflow: overflow.to_vec(),
+            filled_rows: Vec::new(),
             evicted_window,
             evicted_capacity,
             bytes_read: 0,
@@ -524,6 +529,7 @@ impl NeuronCache {
         self.ready = ready_rows;
         self.live = self.live.max(rows.last().map_or(0, |&r| r + 1));
         adm.total_rows = self.live;
+        adm.filled_rows = rows.iter().map(|&r| r as u32).collect();
         adm.bytes_read = p.buffer_bytes;
         adm.bytes_useful = p.useful_bytes;
         adm.requests = p.requests.len();

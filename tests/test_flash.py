@@ -391,7 +391,7 @@ def test_flash_is_deterministic_and_independent_of_overlap(hf_llama, convert_to,
     """float16 decode with a discontinuous selection (the oracle's top half): logits are the same
     bit for bit run to run, and without lookahead the same with overlap off (reads then finish
     before any compute; lookahead changes the live rows by design). The sum over live rows is
-    split at the admission's ready row, never by whether reads have finished: a timing-dependent
+    split by the admission's filled rows, never by whether reads have finished: a timing-dependent
     split changed SmolLM2's logits by up to 0.7 over 40 tokens. (These models' reads finish too
     fast for that old split to vary: the SmolLM2 test below reproduces it.)"""
     path = convert_to(hf_llama.path, dtype="float16")
@@ -405,6 +405,26 @@ def test_flash_is_deterministic_and_independent_of_overlap(hf_llama, convert_to,
     assert torch.equal(a, run(lookahead=lookahead))
     if not lookahead:
         assert torch.equal(a, run(overlap=False))
+
+
+@pytest.mark.parametrize("compute", ["live", "wanted"])
+def test_filling_holes_equals_the_papers_moves(stores, compute):
+    """New neurons read into the rows evictions emptied (the default) or the paper's scheme (every
+    hole closed by a move, new neurons appended): the same neurons live, the same logits up to
+    float summation order; the overlapped compute skips exactly the rows being filled."""
+    path = stores["opt"]
+    options = dict(strategy="flash", memory=budget_for(path, 0.4), window=2, sparsity="oracle", compute=compute)
+    moved = FlashModel.open(path, **options, fill_holes=False)
+    ref, _ = decode_logits(moved, PROMPT, 8)
+    holes = FlashModel.open(path, **options)
+    got, _ = decode_logits(holes, PROMPT, 8)
+    assert (got - ref).abs().max().item() <= 1e-4 * (1.0 + ref.abs().max().item())
+    a, b = moved.model.ffn, holes.model.ffn
+    assert [c.fill_holes for c in a.caches] == [False] * len(a.caches)
+    assert [c.fill_holes for c in b.caches] == [True] * len(b.caches)
+    for ca, cb in zip(a.caches, b.caches):
+        assert sorted(ca.slot_neurons().tolist()) == sorted(cb.slot_neurons().tolist())
+    assert a.stats()["misses"] == b.stats()["misses"] > 0
 
 
 def test_attention_lookahead_with_wanted_rows_equals_no_lookahead(stores):

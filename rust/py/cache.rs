@@ -69,6 +69,13 @@ impl PyAdmission {
         i64_array(py, self.adm.overflow.iter().map(|&j| j as i64))
     }
 
+    /// The rows being filled (int64, ascending, within [ready_rows, total_rows)); with
+    /// fill_holes they lie between live rows: compute before wait() takes the others.
+    #[getter]
+    fn filled_rows<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
+        i64_array(py, self.adm.filled_rows.iter().map(|&r| r as i64))
+    }
+
     #[getter]
     fn evicted_window(&self) -> usize {
         self.adm.evicted_window

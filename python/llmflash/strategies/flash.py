@@ -2,17 +2,18 @@
 
   1. a wanted-set source (oracle, magnitude rule, or the learned predictors) names the neurons
      the token needs, from the layer's FFN input;
-  2. the layer's NeuronCache (Rust) evicts neurons not wanted in the last `window` tokens
-     (deleting moves the last live row into the hole, the paper's scheme), plans the missing bundles into few large
-     direct-I/O reads (coalescing and bridging by the disk profile) and starts them;
-  3. while those reads are in flight, the FFN runs on the rows that were already live; then on
-     the rows just read; neurons beyond the layer's capacity stream through one shared scratch
-     buffer in chunks.
+  2. the layer's NeuronCache (Rust) evicts neurons not wanted in the last `window` tokens,
+     plans the missing bundles into few large direct-I/O reads (coalescing and bridging by the
+     disk profile) and starts them into the rows the evictions emptied, then after the live
+     rows; holes left over are closed by moving the last live row in, so the live rows stay one
+     block (`fill_holes=False`: the paper's scheme, every hole closed by a move before the reads
+     start and new neurons appended);
+  3. while those reads are in flight, the FFN runs on the live rows the fill does not write
+     (adm.filled_rows); then on the rows just read; neurons beyond the layer's capacity stream
+     through one shared scratch buffer in chunks.
 
 Lookahead: a source with `ahead(layer, x)` (layer+1's neurons from layer's FFN input) gets
-layer+1's reads started while layer computes; those caches then place new neurons into the rows
-evictions emptied instead of moving rows (their reads are done before the layer computes, so
-there is no overlap to keep).
+layer+1's reads started while layer computes.
 Unless the source says its `ahead` is final (`ahead_exact`), layer+1 then asks the source
 itself and reads what the guess missed before computing (`lookahead=True` or "layer" wraps any
 source in sparsity.NextLayerGuess: the layer+1 rule applied to layer's input). A guess is
@@ -102,7 +103,8 @@ class FlashFFN:
     def __init__(self, store: Store, memory: str | int | float | None = None, window: int = 4,
                  sparsity: str | WantedSource | None = None, profile: Any = None, concurrency: int = 32,
                  overlap: bool = True, coalesce: bool = True, reuse: bool = True, engine: str | None = None,
-                 compute: str = "live", lookahead: bool | str = False, hot: float = 0.0):
+                 compute: str = "live", lookahead: bool | str = False, hot: float = 0.0,
+                 fill_holes: bool = True):
         from ..profile_disk import load_profile
 
         self.store, self.config = store, store.config
@@ -207,11 +209,13 @@ class FlashFFN:
                       "guess_hits": 0, "guess_overflow": 0, "guess_admissions": 0}
         # (step, Admission, wanted, live mask before it or None) per layer, started early (lookahead)
         self._ahead: list[tuple[int, Any, np.ndarray, Tensor | None] | None] = [None] * len(self.caches)
-        if reads_ahead:
-            # Reads done before the layer computes: new neurons can take the evicted rows (no
-            # move) at no cost in overlap (rust/cache.rs, set_fill_holes).
-            for cache in self.caches:
-                cache.fill_holes = True
+        # New neurons take the rows evictions emptied (no move: rust/cache.rs, set_fill_holes);
+        # the compute that overlaps the reads takes every row but the admission's filled_rows.
+        # False: the paper's scheme (each hole closed by moving the last live row in, new
+        # neurons appended), whose moves run before the reads start (~1 ms a layer at OPT-6.7B's
+        # scale).
+        for cache in self.caches:
+            cache.fill_holes = fill_holes
 
     def _pin_hot(self, store: Store, hot: list[Tensor] | None) -> None:
         """Read the hot neurons' bundles (source.hot: original ids per layer) into resident rows,
@@ -285,27 +289,30 @@ class FlashFFN:
         # for rows [0, total_rows) (reads may be pending); an index into a (n,) vector.
         b1 = self.b1[layer]
         bias = None if b1 is None else b1[torch.from_numpy(cache.slot_neurons())]
-        # Rows [0, r) were live before this admission, [r, n) are being read. The sum runs in
-        # these two parts whether or not the reads are done by now: a split that depended on
-        # timing would change the float summation order from run to run, and a discontinuous
-        # selection (top-k, thresholds) turns such last-bit differences into different neurons
-        # and visibly different logits (seen: 0.7 on SmolLM2's logits after 40 tokens).
-        r, n = adm.ready_rows, adm.total_rows
-        pick = None
+        # Rows [0, n) are live; adm.filled_rows are being read (appended after the live block,
+        # or in the holes evictions left). The sum runs in these two parts whether or not the
+        # reads are done by now: a split that depended on timing would change the float
+        # summation order from run to run, and a discontinuous selection (top-k, thresholds)
+        # turns such last-bit differences into different neurons and visibly different logits
+        # (seen: 0.7 on SmolLM2's logits after 40 tokens).
+        n = adm.total_rows
+        filling = np.zeros(n, dtype=bool)
+        filling[adm.filled_rows] = True
         if self.compute == "wanted":
             # the live rows (sorted) holding this token's wanted neurons; those that overflowed
             # the cache are not live and run from the scratch area below
             pick = cache.rows_of(wanted)
             pick = np.unique(pick[(pick >= 0) & (pick < n)])      # sorted; a duplicated id counts once
+        else:
+            pick = np.arange(n)
+        new = filling[pick]
         if self.hot_rows[layer] is not None:          # hot pinning: resident, always computed
             y += self._ffn_rows(x, self.hot_rows[layer], self.hot_bias[layer])
-        if r:                                         # overlap: compute on hits while reads run
-            y += self._block(x, rows, bias, 0, r, pick)
+        y += self._some_rows(x, rows, bias, pick[~new])   # overlap: compute on hits while reads run
         t3 = time.perf_counter()
         cache.wait()
         t4 = time.perf_counter()
-        if n > r:
-            y += self._block(x, rows, bias, r, n, pick)
+        y += self._some_rows(x, rows, bias, pick[new])
         t5 = time.perf_counter()
         io, compute = (t2 - t1) - ahead_begin + (t4 - t3), (t3 - t2) + (t5 - t4)
         overflow = np.asarray(adm.overflow, dtype=np.uint32)
@@ -353,13 +360,15 @@ class FlashFFN:
         they were protected and pushed the true set to overflow)."""
         return cache.begin_guess(ids, step) if self._verify else cache.begin(ids, step)
 
-    def _block(self, x: Tensor, rows: Tensor, bias: Tensor | None, lo: int, hi: int,
-               pick: np.ndarray | None) -> Tensor:
-        """The FFN over live rows [lo, hi): all of them, or only the picked (sorted) ones there."""
-        if pick is None:
+    def _some_rows(self, x: Tensor, rows: Tensor, bias: Tensor | None, sel: np.ndarray) -> Tensor | float:
+        """The FFN over the live rows `sel` (sorted): a slice when they are one run of rows, else
+        picked in place (native float16 decode) or gathered."""
+        if len(sel) == 0:
+            return 0.0
+        lo, hi = int(sel[0]), int(sel[-1]) + 1
+        if hi - lo == len(sel):
             return self._ffn_rows(x, rows[lo:hi], None if bias is None else bias[lo:hi])
-        sel = pick[np.searchsorted(pick, lo):np.searchsorted(pick, hi)]
-        return self._ffn_rows(x, rows[:hi], None if bias is None else bias[:hi], pick=sel)
+        return self._ffn_rows(x, rows[:hi], None if bias is None else bias[:hi], pick=sel.astype(np.uint32))
 
     def _name(self, layer: int, x: Tensor, live: Tensor | None = None) -> np.ndarray:
         """This token's wanted set (store positions) from the source; a sticky source
