@@ -19,8 +19,16 @@ Strategies (token by token, interleaved; the disk is shared and throttled, DESIG
   flash     FlashFFN(memory = 50% of the real model, window 5, the replay source)
   flash-ahead                 + an exact next-layer lookahead (LookaheadReplay)
   --wanted: flash-wanted, flash-ahead-wanted   the FFN on the wanted rows only (compute="wanted")
-  --guess R P: flash-early, flash-early-exact  the layer's set guessed before its attention with
-            recall R and precision P (GuessReplay), checked at the FFN; and an exact guess
+  --guess R P: flash-early-R/P, flash-early-exact  the layer's set guessed before its attention
+            with recall R and precision P (GuessReplay; repeatable), checked at the FFN; and an
+            exact guess
+  --moves: flash-moves, flash-wanted-moves   the paper's DRAM scheme (fill_holes=False): holes
+            closed by moves before the reads start, new neurons appended
+  --uring [--uring-depth N]: flash-uring, flash-wanted-uring, flash-ahead-uring   every batch on
+            io_uring with N reads in flight (the others: --engine, FlashFFN's default io_uring at
+            128; `--engine auto` for the pread pool)
+The strategies' order rotates from round to round (the disk is a token bucket: a fixed order
+would hand the first strategy the disk that naive and fio had just drained).
 Both FFNs decode with the library's own kernel (strategies.base.rows_ffn: one native F16C + FMA
 pass per float16 bundle, down rows skipped where relu gives 0). A short in-run microbenchmark
 compares it with the torch path (strategies.base.bundle_ffn) on the caches' real rows. fio (`fio-randread`, 32 threads, 2 s) at 1 MiB and at flash's mean request
@@ -146,18 +154,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=8, help="flash tokens before measuring (window fill)")
     ap.add_argument("--context", type=int, default=256, help="KV cache length for attention")
     ap.add_argument("--uring", action="store_true",
-                    help="add flash-uring and flash-ahead-uring: every batch on io_uring (no pread pool)")
+                    help="add flash-uring and flash-ahead-uring (and flash-wanted-uring with --wanted): every "
+                         "batch on io_uring (no pread pool)")
+    ap.add_argument("--uring-depth", type=int, default=None,
+                    help="reads in flight for the --uring strategies (default: --concurrency)")
     ap.add_argument("--wanted", action="store_true",
                     help="add flash-wanted and flash-ahead-wanted: the FFN on the wanted rows only "
                          "(FlashFFN compute='wanted'), not every live row")
-    ap.add_argument("--guess", type=float, nargs=2, metavar=("RECALL", "PRECISION"),
-                    help="add flash-early (the layer's set guessed before its attention with this recall "
-                         "and precision, checked at the FFN; lookahead='attention') and flash-early-exact")
+    ap.add_argument("--guess", type=float, nargs=2, metavar=("RECALL", "PRECISION"), action="append",
+                    help="add flash-early-R/P (the layer's set guessed before its attention with this recall "
+                         "and precision, checked at the FFN; lookahead='attention'; repeatable) and "
+                         "flash-early-exact")
     ap.add_argument("--moves", action="store_true",
                     help="add flash-moves (and flash-wanted-moves with --wanted): the paper's DRAM scheme, every "
                          "hole closed by moving the last live row in before the reads start (FlashFFN "
                          "fill_holes=False), against new neurons read into the holes (the default)")
-    ap.add_argument("--concurrency", type=int, default=32, help="reads in flight per fill (32)")
+    ap.add_argument("--concurrency", type=int, default=None,
+                    help="reads in flight per fill (FlashFFN's default: 128 on io_uring)")
+    ap.add_argument("--engine", default=None,
+                    help="the flash strategies' reader engine (FlashFFN's default: io_uring, else auto)")
     ap.add_argument("--no-lookahead", dest="lookahead", action="store_false",
                     help="skip the flash-ahead strategy (layer+1's reads start during layer)")
     ap.add_argument("--fio-seconds", type=int, default=2)
@@ -181,17 +196,23 @@ def main(argv: list[str] | None = None) -> int:
     sets = generate(P, a.warmup + a.tokens)
 
     def flash(source, **kw) -> FlashFFN:
-        return FlashFFN(store, memory=budget, window=a.window, sparsity=source, concurrency=a.concurrency, **kw)
+        kw.setdefault("concurrency", a.concurrency)
+        kw.setdefault("engine", a.engine)
+        return FlashFFN(store, memory=budget, window=a.window, sparsity=source, **kw)
 
     strategies: dict[str, FlashFFN] = {"flash": flash(Replay(sets))}
     if a.lookahead:
         strategies["flash-ahead"] = flash(LookaheadReplay(sets))
     if a.uring:
-        strategies["flash-uring"] = flash(Replay(sets), engine="io_uring")
-        strategies["flash-ahead-uring"] = flash(LookaheadReplay(sets), engine="io_uring")
+        depth = {"engine": "io_uring", "concurrency": a.uring_depth or a.concurrency or 32}
+        strategies["flash-uring"] = flash(Replay(sets), **depth)
+        if a.wanted:
+            strategies["flash-wanted-uring"] = flash(Replay(sets), compute="wanted", **depth)
+        strategies["flash-ahead-uring"] = flash(LookaheadReplay(sets), **depth)
+    for r, p in a.guess or []:
+        strategies[f"flash-early-{r:g}/{p:g}"] = flash(GuessReplay(sets, P.n_neurons, r, p, seed=a.seed),
+                                                       compute="wanted", lookahead="attention")
     if a.guess:
-        strategies["flash-early"] = flash(GuessReplay(sets, P.n_neurons, *a.guess, seed=a.seed),
-                                          compute="wanted", lookahead="attention")
         strategies["flash-early-exact"] = flash(GuessReplay(sets, P.n_neurons), compute="wanted",
                                                 lookahead="attention")
     if a.moves:
@@ -236,10 +257,14 @@ def main(argv: list[str] | None = None) -> int:
         if (t + 1) % per_round == 0 and len([s for s in schedule if s[0] == "naive"]) < a.naive_tokens:
             schedule += [("naive", a.warmup + a.tokens + len([s for s in schedule if s[0] == "naive"])),
                          ("fio", 0)]
-    for kind, t in tqdm(schedule, desc="flash / naive / fio, interleaved", unit="step"):
+    names = list(strategies)
+    for step, (kind, t) in enumerate(tqdm(schedule, desc="flash / naive / fio, interleaved", unit="step")):
         if kind == "flash":
-            for name, f in strategies.items():
-                timed(name, f, xs[t])
+            # Rotate the order each round: the disk is a token bucket, and a fixed order would
+            # always hand the same strategy the disk that naive and fio had just drained.
+            k = step % len(names)
+            for name in names[k:] + names[:k]:
+                timed(name, strategies[name], xs[t])
         elif kind == "naive":
             timed("naive", naive, xs[t])
         else:

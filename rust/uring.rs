@@ -75,7 +75,11 @@ pub(crate) unsafe fn run(ring: &mut IoUring, inner: &Inner, ops: &[RawOp], depth
         if inflight == 0 {
             break;
         }
-        match ring.submit_and_wait(1) {
+        // Nothing left to submit: sleep until every read in flight is done (one wake-up, not one
+        // per completion: the cores stay with the compute that overlaps these reads); else wake
+        // at the first completion to refill the ring.
+        let queued = first_err.is_none() && (next < n || !retry.is_empty());
+        match ring.submit_and_wait(if queued { 1 } else { inflight }) {
             Ok(_) => enter_failures = 0,
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)) => {}
             Err(e) => {

@@ -40,7 +40,7 @@ class FlashModel:
         `strategy`: "dense" (everything in DRAM), "naive" (whole FFN read from flash per token)
         or "flash" (options: memory="150MB" or "0.5x", window=4, sparsity="oracle"|"predictor"|
         "predictor:RECALL/STAY"|"all", hot=0.4 (pin that share of each layer's neurons),
-        concurrency=32, compute=, lookahead=; see strategies/flash.py). Left out, it is "flash"
+        concurrency=128 on io_uring, compute=, lookahead=; see strategies/flash.py). Left out, it is "flash"
         when flash options are given, else "dense"."""
         if strategy is None:
             strategy = "flash" if options else "dense"

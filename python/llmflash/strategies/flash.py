@@ -64,6 +64,8 @@ from ..store import PREDICTORS, RESIDENT, Store
 from .base import rows_ffn
 
 SCRATCH_NEURONS = 1024    # overflow chunk: rows streamed at a time when a layer's cache is full
+URING_DEPTH = 128         # reads in flight on the default io_uring engine (vda's queue holds 256)
+POOL_THREADS = 32         # reads in flight with the pread pool ("auto", "threads")
 
 
 def model_bytes(store: Store) -> tuple[int, int]:
@@ -101,7 +103,7 @@ class FlashFFN:
     name = "flash"
 
     def __init__(self, store: Store, memory: str | int | float | None = None, window: int = 4,
-                 sparsity: str | WantedSource | None = None, profile: Any = None, concurrency: int = 32,
+                 sparsity: str | WantedSource | None = None, profile: Any = None, concurrency: int | None = None,
                  overlap: bool = True, coalesce: bool = True, reuse: bool = True, engine: str | None = None,
                  compute: str = "live", lookahead: bool | str = False, hot: float = 0.0,
                  fill_holes: bool = True):
@@ -166,9 +168,11 @@ class FlashFFN:
         self.profile = profile if profile is not None else load_profile()
         # engine: "auto" (io_uring for small batches, the pread pool for large), "threads" or
         # "io_uring" (one ring per fill, reaped by the filling thread). Default: io_uring with
-        # lookahead, where reads run entirely beside compute and 32 waking pool threads slow the
-        # compute on 2 cores (paper bench: 692 vs 729 and 657 vs 750 ms/token); "auto" otherwise,
-        # where the pool reads large batches faster (900 vs 968 ms/token).
+        # URING_DEPTH reads in flight (a layer's ~390 reads at OPT-6.7B's scale go out in a few
+        # submissions and the filling thread sleeps until they are done, leaving the cores to
+        # the compute that overlaps them): paper bench 671 vs 707 and 772 vs 793 ms/token
+        # (medians) against the pread pool at 32, which a 32-deep io_uring did not beat (900 vs
+        # 968); with lookahead 657 vs 750. "auto" where the kernel refuses io_uring.
         # Lookahead: a source with `ahead(layer, x)` names layer+1's neurons from layer's FFN
         # input, so layer+1's reads start while layer computes (the disk never waits for
         # compute between layers).
@@ -179,13 +183,13 @@ class FlashFFN:
             self.early = self._early       # the transformer looks for this hook (models.transformer)
             self._verify = True
         reads_ahead = self._peek is not None or mode == "attention"
-        if engine is None and reads_ahead:
+        if engine is None:
             try:
-                self.reader = Reader(store.ffn_path, concurrency=concurrency, engine="io_uring")
+                self.reader = Reader(store.ffn_path, concurrency=concurrency or URING_DEPTH, engine="io_uring")
             except (OSError, ValueError, RuntimeError):    # no io_uring here (seccomp, old kernel)
-                self.reader = Reader(store.ffn_path, concurrency=concurrency)
+                self.reader = Reader(store.ffn_path, concurrency=concurrency or POOL_THREADS)
         else:
-            self.reader = Reader(store.ffn_path, concurrency=concurrency, engine=engine or "auto")
+            self.reader = Reader(store.ffn_path, concurrency=concurrency or POOL_THREADS, engine=engine)
         self.window = window
         self.overlap = overlap      # False: read, then compute (to measure what the overlap gains)
         # False: read only the wanted bundles' pages (neighbours still share a request), never
