@@ -20,7 +20,8 @@
 //! a hole (no copy), and only the holes left over when fewer neurons arrive than left are closed
 //! by moving the last live row in (one bundle copy each; rows evicted from the end cost none). At
 //! OPT-6.7B's steady state (as many neurons in as out) that removes nearly all of the ~200
-//! MB/token of moves, at the price of the read/compute overlap (see `set_fill_holes`).
+//! MB/token of moves, and the reads start without waiting for them; the new rows then lie
+//! between live ones, listed in `Admission::filled_rows`, which compute overlapping the reads skips.
 //!
 //! Concurrency and memory ordering (who may touch which row when). Three parties use a cache:
 //! the *owner* (the thread calling begin/wait/admit; they take `&mut self`, so one at a time),
@@ -238,9 +239,9 @@ impl NeuronCache {
     }
 
     /// Let new neurons take the rows evictions emptied (no move for them) instead of closing
-    /// every hole with a move and appending. Then `ready_rows` is the lowest such hole, so
-    /// little is left to compute on while reads run: worth it when reads are started a layer
-    /// ahead (they are done before the layer computes), not when compute overlaps the reads.
+    /// every hole with a move and appending. Then `ready_rows` is the lowest such hole and the
+    /// rows being filled are `Admission::filled_rows`: compute that overlaps the reads takes the
+    /// live rows below `total_rows` but those (llmflash's FlashFFN does, by default).
     pub fn set_fill_holes(&mut self, on: bool) {
         self.fill_holes = on;
     }

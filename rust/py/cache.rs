@@ -263,8 +263,8 @@ impl PyNeuronCache {
     }
 
     /// New neurons take the rows evictions emptied (no move) instead of the paper's
-    /// move-then-append; then ready_rows is the lowest such row (less overlap of compute with
-    /// reads): for caches whose reads start a layer ahead.
+    /// move-then-append; then ready_rows is the lowest such row and Admission.filled_rows lists
+    /// the rows being filled (compute before wait() takes the others).
     #[getter]
     fn fill_holes(&self) -> bool {
         self.cache.fill_holes()
