@@ -19,22 +19,24 @@ const SPLIT_MACS: usize = 2 << 20;
 /// `y.len()` elements: `Error::Invalid` when the slice is too short for that.
 pub fn f16_rows_gemv(rows: &[u16], stride: usize, h: &[f32], y: &mut [f32], threads: usize) -> Result<()> {
     let (n, dim) = (h.len(), y.len());
-    if n > 0 {
-        let need = (n - 1).checked_mul(stride).and_then(|v| v.checked_add(dim));
-        match need {
-            Some(need) if need <= rows.len() => {}
-            _ => {
-                return Err(Error::invalid(format!(
-                    "{n} rows of {dim} values at stride {stride} need more than the {} given",
-                    rows.len()
-                )))
-            }
-        }
-        if dim > stride {
-            return Err(Error::invalid(format!("row length {dim} exceeds the stride {stride}")));
-        }
-    }
+    check_rows(rows.len(), n, dim, stride)?;
     split_rows(n, n * dim, threads, y, |lo, hi, out| accumulate(&rows[lo * stride..], stride, &h[lo..hi], out));
+    Ok(())
+}
+
+/// `n` rows of `dim` values, row i from element `i * stride`, fit in `len` elements, and rows do
+/// not overlap (`dim <= stride`); nothing to check for no rows.
+fn check_rows(len: usize, n: usize, dim: usize, stride: usize) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let need = (n - 1).checked_mul(stride).and_then(|v| v.checked_add(dim));
+    if !matches!(need, Some(need) if need <= len) {
+        return Err(Error::invalid(format!("{n} rows of {dim} values at stride {stride} need more than the {len} given")));
+    }
+    if dim > stride {
+        return Err(Error::invalid(format!("row length {dim} exceeds the stride {stride}")));
+    }
     Ok(())
 }
 
@@ -176,15 +178,7 @@ pub fn f16_bundle_ffn(rows: &[u16], stride: usize, n: usize, gated: bool, x: &[f
 /// q/k/v and o shapes, alternated in one process).
 pub fn f16_matvec(w: &[u16], stride: usize, x: &[f32], y: &mut [f32], threads: usize) -> Result<()> {
     let (n, dim) = (y.len(), x.len());
-    if n > 0 {
-        let need = (n - 1).checked_mul(stride).and_then(|v| v.checked_add(dim));
-        if !matches!(need, Some(need) if need <= w.len()) || dim > stride {
-            return Err(Error::invalid(format!(
-                "{n} rows of {dim} values at stride {stride} need more than the {} given",
-                w.len()
-            )));
-        }
-    }
+    check_rows(w.len(), n, dim, stride)?;
     let run = |lo: usize, out: &mut [f32]| {
         let mut o = 0;
         while o + 4 <= out.len() {

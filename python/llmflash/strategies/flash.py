@@ -182,7 +182,6 @@ class FlashFFN:
         if self._guess_early is not None:
             self.early = self._early       # the transformer looks for this hook (models.transformer)
             self._verify = True
-        reads_ahead = self._peek is not None or mode == "attention"
         if engine is None:
             try:
                 self.reader = Reader(store.ffn_path, concurrency=concurrency or URING_DEPTH, engine="io_uring")
