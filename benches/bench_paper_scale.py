@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_opt_store import DEFAULT_OUT, random_f16_bits  # noqa: E402
 from wanted_sets import GuessReplay, LookaheadReplay, Params, Replay, generate, stats  # noqa: E402
 
-from llmflash.models.layers import linear  # noqa: E402
+from llmflash.models.layers import decode_attention, linear  # noqa: E402
 from llmflash.threads import decode_threads, native_decode  # noqa: E402
 from llmflash.store import Store, split_bundles  # noqa: E402
 from llmflash.strategies.base import bundle_ffn, rows_ffn  # noqa: E402
@@ -69,7 +69,8 @@ FIO = Path(os.environ.get("LLMFLASH_FIO", REPO.parent / "shared" / "tools" / "fi
 # -- the rest of a token: attention of the real shape ---------------------------------------------
 class Attention:
     """Per layer: LayerNorm, fused qkv (3D, D) and o (D, D) float16 weights with float32 biases,
-    attention of one query over a fixed KV cache of `context` positions (float32)."""
+    attention of one query over a fixed KV cache of `context` positions, kept in float16 and
+    read as stored (layers.decode_attention), as the library's Transformer decodes."""
 
     def __init__(self, n_layers: int, dim: int, n_heads: int, context: int, seed: int):
         rng = np.random.default_rng([seed, 99])
@@ -82,8 +83,8 @@ class Attention:
         g = torch.Generator().manual_seed(seed)
         # KV caches of context + 1 positions; each token writes its k, v into the last one in
         # place (a decoder appends to a preallocated cache; concatenating copied 270 MB a token)
-        self.k = [torch.randn(n_heads, context + 1, self.hd, generator=g) for _ in range(n_layers)]
-        self.v = [torch.randn(n_heads, context + 1, self.hd, generator=g) for _ in range(n_layers)]
+        self.k = [torch.randn(n_heads, context + 1, self.hd, generator=g).half() for _ in range(n_layers)]
+        self.v = [torch.randn(n_heads, context + 1, self.hd, generator=g).half() for _ in range(n_layers)]
         self.ln_w, self.ln_b = torch.ones(dim), torch.zeros(dim)
         self.s = 0.0
 
@@ -102,8 +103,8 @@ class Attention:
         keys, vals = self.k[i], self.v[i]                                # (H, ctx+1, hd)
         keys[:, -1:] = k
         vals[:, -1:] = v
-        a = F.scaled_dot_product_attention(q, keys, vals)                # (H, 1, hd)
-        out = linear(a.reshape(1, self.dim).half(), self.o[i], self.b_o[i])
+        a = decode_attention(q, keys, vals, keys.shape[1])               # (1, D)
+        out = linear(a.half(), self.o[i], self.b_o[i])
         self.s += time.perf_counter() - t0
         return out
 

@@ -10,7 +10,8 @@
 
 use crate::error::{Error, Result};
 
-/// Below this many multiply-adds one thread does the work (a thread costs ~30 us to start).
+/// Below this many multiply-adds one thread does the work (handing half to crate::par's helper
+/// costs a few microseconds).
 const SPLIT_MACS: usize = 2 << 20;
 
 /// `y[d] = sum_i h[i] * f16(rows[i * stride + d])` for `i < h.len()`, `d < y.len()`.
@@ -51,11 +52,8 @@ fn split_rows(n: usize, work: usize, threads: usize, y: &mut [f32], run: impl Fn
     }
     let half = n / 2;
     let mut other = vec![0f32; y.len()];
-    std::thread::scope(|s| {
-        let (o, run) = (&mut other, &run);
-        s.spawn(move || run(half, n, o));
-        run(0, half, y);
-    });
+    let (o, run) = (&mut other, &run);
+    crate::par::join(|| run(0, half, y), move || run(half, n, o));
     y.iter_mut().zip(&other).for_each(|(a, b)| *a += b);
 }
 
@@ -195,11 +193,8 @@ pub fn f16_matvec(w: &[u16], stride: usize, x: &[f32], y: &mut [f32], threads: u
     } else {
         let half = n / 2;
         let (first, second) = y.split_at_mut(half);
-        std::thread::scope(|s| {
-            let run = &run;
-            s.spawn(move || run(half, second));
-            run(0, first);
-        });
+        let run = &run;
+        crate::par::join(|| run(0, first), move || run(half, second));
     }
     Ok(())
 }
@@ -246,7 +241,7 @@ unsafe fn dot4_f16c(r: [&[u16]; 4], x: &[f32]) -> [f32; 4] {
 }
 
 /// sum_d f16(a[d]) * x[d]
-fn dot(a: &[u16], x: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[u16], x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
@@ -258,7 +253,7 @@ fn dot(a: &[u16], x: &[f32]) -> f32 {
 }
 
 /// y += h * f16(a)
-fn axpy(h: f32, a: &[u16], y: &mut [f32]) {
+pub(crate) fn axpy(h: f32, a: &[u16], y: &mut [f32]) {
     accumulate(a, a.len(), &[h], y);
 }
 

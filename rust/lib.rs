@@ -12,13 +12,17 @@
 //! - [`profile`]: measured throughput by request size x concurrency (the paper's Figure 2).
 //! - [`stats`]: counters of what was read and how long it took.
 //! - [`gemv`]: the decode product over float16 bundle rows (faster than torch's for that layout).
+//! - [`attend`]: decode attention over a float16 or float32 KV cache (no upcast copy).
+//! - [`par`]: two-way parallelism for those kernels on a persistent helper thread.
 //!
 //! The core never imports pyo3; the Python bindings live in `py/` behind the `python` feature.
 
 pub mod aligned;
+pub mod attend;
 pub mod cache;
 pub mod error;
 pub mod gemv;
+pub mod par;
 pub mod planner;
 mod pool;
 mod uring;

@@ -3,6 +3,7 @@
 
 use pyo3::prelude::*;
 
+mod attend;
 mod buffer;
 mod cache;
 mod errors;
@@ -27,6 +28,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gemv::f16_rows_gemv, m)?)?;
     m.add_function(wrap_pyfunction!(gemv::f16_bundle_ffn, m)?)?;
     m.add_function(wrap_pyfunction!(gemv::f16_matvec, m)?)?;
+    m.add_function(wrap_pyfunction!(attend::attend_one, m)?)?;
     m.add("ALIGN", crate::aligned::ALIGN)?;
     m.add("DEFAULT_CONCURRENCY", crate::reader::DEFAULT_CONCURRENCY)?;
     m.add("MAX_CONCURRENCY", crate::reader::MAX_CONCURRENCY)?;

@@ -126,3 +126,24 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
     probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs, v)                                          # (Hkv, g*T, hd)
     return out.view(Hq, T, hd).transpose(0, 1).reshape(T, Hq * hd)
+
+
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int) -> Tensor:
+    """causal_attention for one query (the last of `length` positions), over the KV cache as it
+    is stored: q (Hq, 1, hd) float32; k_cache, v_cache (Hkv, capacity, hd) contiguous, float16
+    or float32, positions 0..length-1 filled. Returns (1, Hq * hd) float32.
+
+    The native kernel (llmflash._native.attend_one) reads float16 keys and values as they are,
+    where the torch path upcast the whole cache to float32 every token; inside decode_threads()
+    it splits the KV heads between the configured threads. Other dtypes (bfloat16) and
+    non-contiguous caches go through causal_attention."""
+    Hq, T, hd = q.shape
+    if (T != 1 or k_cache.dtype not in (torch.float16, torch.float32) or v_cache.dtype != k_cache.dtype
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous())):
+        return causal_attention(q, k_cache[:, :length].float(), v_cache[:, :length].float(), length - 1)
+    from .._native import attend_one
+
+    bits = (lambda t: t.view(torch.int16).numpy()) if k_cache.dtype == torch.float16 else (lambda t: t.numpy())
+    out = attend_one(q.reshape(Hq, hd).float().contiguous().numpy(), bits(k_cache), bits(v_cache), length,
+                     hd ** -0.5, native_threads() if in_decode() else 1)
+    return torch.from_numpy(out).unsqueeze(0)

@@ -28,7 +28,8 @@ from ..errors import LlmflashError
 from ..store import Store
 from ..strategies.base import FFN
 from .config import ModelConfig
-from .layers import apply_rope, causal_attention, layer_norm, linear, rms_norm, rope_inv_freq, rope_tables
+from .layers import (apply_rope, causal_attention, decode_attention, layer_norm, linear, rms_norm, rope_inv_freq,
+                     rope_tables)
 from ..threads import decode_threads, native_decode
 
 
@@ -216,9 +217,12 @@ class Transformer:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache.k[i][:, start:start + T] = k
         cache.v[i][:, start:start + T] = v
-        keys = cache.k[i][:, :start + T].float()                            # (Hkv, S, hd)
-        values = cache.v[i][:, :start + T].float()
-        out = causal_attention(q, keys, values, start)                      # (T, Hq*hd)
+        if T == 1:                                                          # decode: the cache as stored
+            out = decode_attention(q, cache.k[i], cache.v[i], start + 1)   # (1, Hq*hd)
+        else:
+            keys = cache.k[i][:, :start + T].float()                        # (Hkv, S, hd)
+            values = cache.v[i][:, :start + T].float()
+            out = causal_attention(q, keys, values, start)                  # (T, Hq*hd)
         return linear(out, L.o, L.o_b)                                      # (T, D)
 
     def _ffn(self, i: int, L: Layer, x: Tensor) -> Tensor:
