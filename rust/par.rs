@@ -12,7 +12,7 @@
 
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicPtr, AtomicU8, Ordering};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::{Condvar, Mutex, OnceLock, TryLockError};
 use std::time::{Duration, Instant};
 
 /// How long the helper polls for the next job before it sleeps.
@@ -88,8 +88,11 @@ pub fn join<A: FnOnce(), B: FnOnce() + Send>(a: A, b: B) {
     let Some(h) = helper() else {
         return scoped(a, b);
     };
-    let Ok(_busy) = h.busy.try_lock() else {
-        return scoped(a, b);
+    // a join that panicked (re-raising its halves' panic) poisons `busy`; the helper is fine
+    let _busy = match h.busy.try_lock() {
+        Ok(g) => g,
+        Err(TryLockError::Poisoned(e)) => e.into_inner(),
+        Err(TryLockError::WouldBlock) => return scoped(a, b),
     };
     let mut b = Some(b);
     let mut call = move || {
@@ -186,6 +189,17 @@ mod tests {
         let mut y = 0;
         join(|| {}, || y = 7);
         assert_eq!(y, 7);
+        // the panicking join left `busy` poisoned: later joins still use the helper (retried:
+        // a join of a test running beside this one may hold it for a moment)
+        let on_helper = std::sync::atomic::AtomicBool::new(false);
+        for _ in 0..10_000 {
+            join(|| {}, || on_helper.store(std::thread::current().name() == Some("llmflash-helper"), Ordering::Relaxed));
+            if on_helper.load(Ordering::Relaxed) {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        assert!(on_helper.load(Ordering::Relaxed));
     }
 
     #[test]
