@@ -101,11 +101,11 @@ pub fn join<A: FnOnce(), B: FnOnce() + Send>(a: A, b: B) {
         }
     };
     let boxed: Box<dyn FnMut() + Send + '_> = Box::new(&mut call);
-    // SAFETY: only the lifetime is erased ('_ -> 'static, same layout): the helper calls the
-    // job before it stores DONE/PANICKED, and this function does not return (nor unwind: `a`
-    // runs under catch_unwind) before it has seen one of them, so every borrow the closure
-    // holds outlives its use.
     let mut boxed: Box<Job> =
+        // SAFETY: only the lifetime is erased ('_ -> 'static, same layout): the helper calls the
+        // job before it stores DONE/PANICKED, and this function does not return (nor unwind:
+        // `a` runs under catch_unwind) before it has seen one of them, so every borrow the
+        // closure holds outlives its use.
         unsafe { std::mem::transmute::<Box<dyn FnMut() + Send + '_>, Box<Job>>(boxed) };
     h.job.store(&mut boxed, Ordering::Release);
     h.state.store(POSTED, Ordering::Release);
