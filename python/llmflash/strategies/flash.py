@@ -305,7 +305,9 @@ class FlashFFN:
             # the live rows (sorted) holding this token's wanted neurons; those that overflowed
             # the cache are not live and run from the scratch area below
             pick = cache.rows_of(wanted)
-            pick = np.unique(pick[(pick >= 0) & (pick < n)])      # sorted; a duplicated id counts once
+            pick = np.sort(pick[(pick >= 0) & (pick < n)])
+            if len(pick) > 1 and not (pick[1:] != pick[:-1]).all():
+                pick = np.unique(pick)          # a duplicated id counts once (np.unique: 0.4 ms a layer)
         else:
             pick = np.arange(n)
         new = filling[pick]
