@@ -22,6 +22,9 @@ Strategies (token by token, interleaved; the disk is shared and throttled, DESIG
   --guess R P: flash-early-R/P, flash-early-exact  the layer's set guessed before its attention
             with recall R and precision P (GuessReplay; repeatable), checked at the FFN; and an
             exact guess
+  --floor: floor   flash-wanted replaying one token's sets every token: nothing is read after the
+            first, so its token is the compute a flash token cannot go below; with it the run prints
+            its bounds on x naive (I/O alone at fio's rates, the floor, perfect overlap)
   --moves: flash-moves, flash-wanted-moves   the paper's DRAM scheme (fill_holes=False): holes
             closed by moves before the reads start, new neurons appended
   --uring [--uring-depth N]: flash-uring, flash-wanted-uring, flash-ahead-uring   every batch on
@@ -123,14 +126,33 @@ def decode_token(attn: Attention, ffn, x: Tensor, n_layers: int) -> Tensor:
 
 
 # -- fio ------------------------------------------------------------------------------------------
-def fio(path: Path, bs: int, seconds: int = 2, threads: int = 32) -> float:
+def fio(path: Path, bs: int, seconds: int = 2, threads: int = 32) -> tuple[float, float]:
+    """(MB/s, CPU microseconds per read): fio-randread's throughput, and the machine's busy CPU
+    time over the run (/proc/stat: user, system, irq, softirq, both cores) per request it made.
+    The CPU figure includes fio's and the wrapper's own start (an upper bound by a few percent):
+    on these VMs a direct read costs ~10 us of kernel time (submission, virtio, completion), so
+    a token's ~12,500 16 KiB reads take CPU from the compute they overlap."""
     if not FIO.is_file():
-        return float("nan")
+        return float("nan"), float("nan")
+    c0 = busy_ticks()
     out = subprocess.run([str(FIO), str(path), str(bs), str(threads), str(seconds)], capture_output=True,
                          text=True).stdout
+    c1 = busy_ticks()
     try:
-        return float(out.split()[0])
+        mb_s, iops = float(out.split()[0]), float(out.split()[2])
     except (IndexError, ValueError):
+        return float("nan"), float("nan")
+    reads = iops * seconds
+    cpu_us = (c1 - c0) / os.sysconf("SC_CLK_TCK") * 1e6 / reads if reads > 0 and c0 == c0 else float("nan")
+    return mb_s, cpu_us
+
+
+def busy_ticks() -> float:
+    """Busy CPU clock ticks of the whole machine (user, nice, system, irq, softirq), or NaN."""
+    try:
+        f = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return float(sum(int(f[i]) for i in (1, 2, 3, 6, 7)))
+    except (OSError, IndexError, ValueError):
         return float("nan")
 
 
@@ -166,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="add flash-early-R/P (the layer's set guessed before its attention with this recall "
                          "and precision, checked at the FFN; lookahead='attention'; repeatable) and "
                          "flash-early-exact")
+    ap.add_argument("--floor", action="store_true",
+                    help="add floor: flash-wanted replaying one token's sets every token (nothing read after "
+                         "the first), the token's compute with free I/O; and print the run's bounds on x naive")
     ap.add_argument("--moves", action="store_true",
                     help="add flash-moves (and flash-wanted-moves with --wanted): the paper's DRAM scheme, every "
                          "hole closed by moving the last live row in before the reads start (FlashFFN "
@@ -216,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.guess:
         strategies["flash-early-exact"] = flash(GuessReplay(sets, P.n_neurons), compute="wanted",
                                                 lookahead="attention")
+    if a.floor:
+        # the compute floor: one token's sets replayed every token, so after the first admission
+        # nothing is read; a flash token with free and perfectly hidden I/O (compute="wanted")
+        strategies["floor"] = flash(Replay([sets[a.warmup]] * len(sets)), compute="wanted")
     if a.moves:
         strategies["flash-moves"] = flash(Replay(sets), fill_holes=False)
     if a.wanted:
@@ -272,8 +301,9 @@ def main(argv: list[str] | None = None) -> int:
             fr = records["flash"][-per_round:]
             mean_req = sum(r["bytes_read"] for r in fr) / max(1.0, sum(r["requests"] for r in fr))
             bs = max(4096, int(round(mean_req / 4096)) * 4096)
-            fio_runs.append({"mb_s_1m": fio(store.ffn_path, 1 << 20, a.fio_seconds),
-                             "bs_flash": bs, "mb_s_flash_bs": fio(store.ffn_path, bs, a.fio_seconds)})
+            mb_1m, _ = fio(store.ffn_path, 1 << 20, a.fio_seconds)
+            mb_bs, cpu_bs = fio(store.ffn_path, bs, a.fio_seconds)
+            fio_runs.append({"mb_s_1m": mb_1m, "bs_flash": bs, "mb_s_flash_bs": mb_bs, "cpu_us_per_read_flash_bs": cpu_bs})
 
     micro = kernel_micro(strategies["flash"], naive, cfg)
     rows = summarize(records, fio_runs, ffn_b, cfg)
@@ -284,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "rates": P.rates()},
            "rows": rows, "fio": fio_runs, "kernel_micro_ms": micro, "records": records,
            "threads": torch.get_num_threads(), "loadavg": os.getloadavg()}
+    out["bounds"] = bounds(rows, fio_runs, ffn_b)
     print_table(out)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
@@ -317,6 +348,30 @@ def kernel_micro(flash: FlashFFN, naive: NaiveFFN, cfg) -> dict[str, float]:
                     rows_ffn(x, rows, cfg, bias)
                 best[k] = min(best[k], (time.perf_counter() - t0) * 1e3)
         out.update({f"{name}_{k}": v for k, v in best.items()})
+    return out
+
+
+def bounds(rows, fio_runs, ffn_b: int) -> dict[str, float] | None:
+    """What this run's disk and compute allow, against naive's measured token: I/O alone (naive's
+    measured I/O time over flash's bytes at fio's rate for flash's request size: no compute on
+    either side), the floor row (reads free), and perfect overlap (a flash token as long as the
+    longer of the floor and its reads at fio's rate)."""
+    by = {r["strategy"]: r for r in rows}
+    if "naive" not in by or "flash" not in by or not fio_runs:
+        return None
+    r1m = float(np.nanmean([f["mb_s_1m"] for f in fio_runs]))
+    rbs = float(np.nanmean([f["mb_s_flash_bs"] for f in fio_runs]))
+    flash_mb = by["flash"]["mb_read_per_token"]
+    disk_ms = flash_mb / rbs * 1e3
+    out = {"fio_1m_mb_s": r1m, "fio_bs_mb_s": rbs, "bs_kib": fio_runs[0]["bs_flash"] // 1024,
+           "x_io_only": by["naive"]["io_ms"] / disk_ms, "flash_disk_ms": disk_ms,
+           "cpu_us_per_read": float(np.nanmean([f.get("cpu_us_per_read_flash_bs", float("nan")) for f in fio_runs]))}
+    naive_ms = by["naive"]["ms_per_token"]
+    if "floor" in by:
+        floor = by["floor"]["ms_per_token"]
+        out.update(floor_ms=floor, x_floor=naive_ms / floor, x_perfect_overlap=naive_ms / max(floor, disk_ms))
+    else:
+        out.update(floor_ms=float("nan"), x_floor=float("nan"), x_perfect_overlap=float("nan"))
     return out
 
 
@@ -371,7 +426,14 @@ def print_table(out) -> None:
                          else f"{v:.2f}" if k in ("read_vs_min", "x_vs_naive", "x_vs_naive_median") else f"{v:.1f}")
         print(" | ".join(cells))
     for f in out["fio"]:
-        print(f"fio 32 threads: 1 MiB {f['mb_s_1m']:.0f} MB/s, {f['bs_flash'] // 1024} KiB {f['mb_s_flash_bs']:.0f} MB/s")
+        print(f"fio 32 threads: 1 MiB {f['mb_s_1m']:.0f} MB/s, {f['bs_flash'] // 1024} KiB {f['mb_s_flash_bs']:.0f} MB/s "
+              f"({f.get('cpu_us_per_read_flash_bs', float('nan')):.1f} us of CPU per read)")
+    b = out.get("bounds")
+    if b:
+        print(f"bounds (this run): I/O alone (naive's I/O time over flash's bytes at fio {b['bs_kib']} KiB) "
+              f"{b['x_io_only']:.2f}x; floor (no reads) {b['floor_ms']:.0f} ms -> {b['x_floor']:.2f}x; "
+              f"flash's reads at fio speed {b['flash_disk_ms']:.0f} ms; perfect overlap "
+              f"max(floor, reads) -> {b['x_perfect_overlap']:.2f}x naive")
     print("kernel micro (ms/layer):", {k: round(v, 1) for k, v in out["kernel_micro_ms"].items()})
     print("generator:", {k: round(v, 4) for k, v in out["generator"].items()})
 
