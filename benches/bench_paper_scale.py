@@ -24,7 +24,7 @@ Strategies (token by token, interleaved; the disk is shared and throttled, DESIG
             exact guess
   --floor: floor   flash-wanted replaying one token's sets every token: nothing is read after the
             first, so its token is the compute a flash token cannot go below; with it the run prints
-            its bounds on x naive (I/O alone at fio's rates, the floor, perfect overlap)
+            its bounds on x naive (I/O alone at fio's rates, the floor, perfect overlap, CPU)
   --moves: flash-moves, flash-wanted-moves   the paper's DRAM scheme (fill_holes=False): holes
             closed by moves before the reads start, new neurons appended
   --uring [--uring-depth N]: flash-uring, flash-wanted-uring, flash-ahead-uring   every batch on
@@ -272,12 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     fio_runs: list[dict[str, float]] = []
 
     def timed(name: str, f, x: Tensor) -> None:
-        before, att0 = snapshot(f), attn.s
+        before, att0, c0 = snapshot(f), attn.s, busy_ticks()
         t0 = time.perf_counter()
         decode_token(attn, f, x, cfg.n_layers)
         wall = time.perf_counter() - t0
         d = {k: v - before[k] for k, v in snapshot(f).items()}
-        d.update(wall_s=wall, attn_s=attn.s - att0)
+        d.update(wall_s=wall, attn_s=attn.s - att0, cpu_s=(busy_ticks() - c0) / os.sysconf("SC_CLK_TCK"))
         records[name].append(d)
 
     per_round = max(1, a.tokens // max(1, a.naive_tokens))
@@ -354,8 +354,9 @@ def kernel_micro(flash: FlashFFN, naive: NaiveFFN, cfg) -> dict[str, float]:
 def bounds(rows, fio_runs, ffn_b: int) -> dict[str, float] | None:
     """What this run's disk and compute allow, against naive's measured token: I/O alone (naive's
     measured I/O time over flash's bytes at fio's rate for flash's request size: no compute on
-    either side), the floor row (reads free), and perfect overlap (a flash token as long as the
-    longer of the floor and its reads at fio's rate)."""
+    either side), the floor row (reads free), perfect overlap (a flash token as long as the
+    longer of the floor and its reads at fio's rate), and the CPU bound (a flash token's
+    measured machine CPU time, reads' kernel path included, spread over every core)."""
     by = {r["strategy"]: r for r in rows}
     if "naive" not in by or "flash" not in by or not fio_runs:
         return None
@@ -367,6 +368,11 @@ def bounds(rows, fio_runs, ffn_b: int) -> dict[str, float] | None:
            "x_io_only": by["naive"]["io_ms"] / disk_ms, "flash_disk_ms": disk_ms,
            "cpu_us_per_read": float(np.nanmean([f.get("cpu_us_per_read_flash_bs", float("nan")) for f in fio_runs]))}
     naive_ms = by["naive"]["ms_per_token"]
+    # every core busy the whole token: the machine's CPU time per token (compute, the reads'
+    # kernel path, the helper's spin) spread over all cores
+    cores = os.cpu_count() or 1
+    out.update({f"x_cpu_{k}": naive_ms / (by[k]["cpu_ms"] / cores) for k in ("flash", "flash-wanted") if k in by
+                and by[k].get("cpu_ms", 0) > 0})
     if "floor" in by:
         floor = by["floor"]["ms_per_token"]
         out.update(floor_ms=floor, x_floor=naive_ms / floor, x_perfect_overlap=naive_ms / max(floor, disk_ms))
@@ -389,6 +395,7 @@ def summarize(records, fio_runs, ffn_b: int, cfg) -> list[dict[str, float]]:
                "ms_min": min(r["wall_s"] for r in recs) * 1e3, "ms_max": max(r["wall_s"] for r in recs) * 1e3,
                "io_ms": io, "mgmt_ms": mgmt, "predict_ms": pred, "compute_ms": ms - io - mgmt - pred,
                "attn_ms": s["attn_s"] * 1e3, "ffn_compute_ms": s["ffn_compute_s"] * 1e3,
+               "cpu_ms": s["cpu_s"] * 1e3, "cores_busy": s["cpu_s"] / max(1e-9, s["wall_s"]),
                "mgmt_share": mgmt / ms, "mb_read_per_token": s["bytes_read"] / 1e6,
                "read_mb_s_during_io": s["bytes_read"] / 1e6 / max(1e-9, s["ffn_io_s"])}
         if name == "naive":
@@ -413,9 +420,9 @@ def summarize(records, fio_runs, ffn_b: int, cfg) -> list[dict[str, float]]:
 
 def print_table(out) -> None:
     heads = ["strategy", "tok", "ms/tok", "median", "I/O", "mgmt", "compute", "(attn)", "MB read", "MB min",
-             "read/min", "MB/s io", "x naive", "x naive (medians)"]
+             "read/min", "MB/s io", "CPU ms", "x naive", "x naive (medians)"]
     keys = ["strategy", "tokens", "ms_per_token", "ms_median", "io_ms", "mgmt_ms", "compute_ms", "attn_ms",
-            "mb_read_per_token", "mb_min_per_token", "read_vs_min", "read_mb_s_during_io", "x_vs_naive",
+            "mb_read_per_token", "mb_min_per_token", "read_vs_min", "read_mb_s_during_io", "cpu_ms", "x_vs_naive",
             "x_vs_naive_median"]
     print(" | ".join(heads))
     for r in out["rows"]:
@@ -433,7 +440,8 @@ def print_table(out) -> None:
         print(f"bounds (this run): I/O alone (naive's I/O time over flash's bytes at fio {b['bs_kib']} KiB) "
               f"{b['x_io_only']:.2f}x; floor (no reads) {b['floor_ms']:.0f} ms -> {b['x_floor']:.2f}x; "
               f"flash's reads at fio speed {b['flash_disk_ms']:.0f} ms; perfect overlap "
-              f"max(floor, reads) -> {b['x_perfect_overlap']:.2f}x naive")
+              f"max(floor, reads) -> {b['x_perfect_overlap']:.2f}x naive; every core busy all token: "
+              + ", ".join(f"{k[6:]} {v:.2f}x" for k, v in b.items() if k.startswith("x_cpu_")))
     print("kernel micro (ms/layer):", {k: round(v, 1) for k, v in out["kernel_micro_ms"].items()})
     print("generator:", {k: round(v, 4) for k, v in out["generator"].items()})
 
