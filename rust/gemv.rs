@@ -62,21 +62,15 @@ fn split_rows(n: usize, work: usize, threads: usize, y: &mut [f32], run: impl Fn
     let dim = y.len();
     let chunks = SPLIT_CHUNKS.min(n);
     let mut parts = vec![0f32; chunks * dim];
-    let next = AtomicUsize::new(0);
     let out = RowsOut(parts.as_mut_ptr());
-    let work = || loop {
-        let c = next.fetch_add(1, Ordering::Relaxed);
-        if c >= chunks {
-            break;
-        }
-        // SAFETY: fetch_add hands each range index to exactly one thread, so the dim-long
-        // slices written here are disjoint and inside `parts` (c < chunks); `parts` lives until
-        // after join has ended both threads.
+    claimed(chunks, |c| {
+        // SAFETY: `claimed` hands each range index to exactly one call, so the dim-long slices
+        // written here are disjoint and inside `parts` (c < chunks); `parts` lives until after
+        // `claimed` has ended both threads.
         run(c * n / chunks, (c + 1) * n / chunks, unsafe {
             std::slice::from_raw_parts_mut(out.ptr().add(c * dim), dim)
         });
-    };
-    crate::par::join(work, work);
+    });
     for part in parts.chunks_exact(dim) {
         y.iter_mut().zip(part).for_each(|(a, b)| *a += b);
     }
@@ -229,28 +223,35 @@ pub fn f16_matvec(w: &[u16], stride: usize, x: &[f32], y: &mut [f32], threads: u
     // at every join for the thread on that core. Each output row is still computed whole by one
     // thread, in the same 4-row groups as on one thread (chunks start at multiples of 4), so
     // the result does not depend on which thread took which chunk.
-    let chunks = n.div_ceil(MATVEC_CHUNK_ROWS);
-    let next = AtomicUsize::new(0);
     let out = RowsOut(y.as_mut_ptr());
-    let work = || loop {
-        let c = next.fetch_add(1, Ordering::Relaxed);
-        if c >= chunks {
-            break;
-        }
+    claimed(n.div_ceil(MATVEC_CHUNK_ROWS), |c| {
         let lo = c * MATVEC_CHUNK_ROWS;
         let hi = (lo + MATVEC_CHUNK_ROWS).min(n);
-        // SAFETY: fetch_add hands each chunk index to exactly one thread, so the ranges
-        // [lo, hi) written here are disjoint and inside y (hi <= n = y.len()); y is borrowed
-        // mutably by this function, which returns only after join has ended both threads.
+        // SAFETY: `claimed` hands each chunk index to exactly one call, so the ranges [lo, hi)
+        // written here are disjoint and inside y (hi <= n = y.len()); y is borrowed mutably by
+        // this function, which returns only after `claimed` has ended both threads.
         run(lo, unsafe { std::slice::from_raw_parts_mut(out.ptr().add(lo), hi - lo) });
-    };
-    crate::par::join(work, work);
+    });
     Ok(())
 }
 
 /// Rows of f16_matvec's output per claimed chunk (a multiple of 4: 64 rows of 4,096 float16
 /// weights = 512 KiB read; OPT-6.7B's fused q/k/v product is 192 chunks).
 const MATVEC_CHUNK_ROWS: usize = 64;
+
+/// `job(c)` for every `c < chunks`, on this thread and crate::par's helper, each claiming the
+/// next unclaimed index from one counter: a thread slowed by interrupts simply takes fewer.
+fn claimed(chunks: usize, job: impl Fn(usize) + Sync) {
+    let next = AtomicUsize::new(0);
+    let work = || loop {
+        let c = next.fetch_add(1, Ordering::Relaxed);
+        if c >= chunks {
+            break;
+        }
+        job(c);
+    };
+    crate::par::join(work, work);
+}
 
 /// An output written by both threads in disjoint chunks (f16_matvec, split_rows).
 struct RowsOut(*mut f32);
