@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 const HELPER_SPIN: Duration = Duration::from_micros(300);
 
 type Job = dyn FnMut() + Send;
+/// A job borrowing the caller's stack, before its lifetime is erased to post it.
+type Borrowed<'a> = Box<dyn FnMut() + Send + 'a>;
 
 /// The job slot's states.
 const IDLE: u8 = 0;
@@ -100,13 +102,11 @@ pub fn join<A: FnOnce(), B: FnOnce() + Send>(a: A, b: B) {
             b()
         }
     };
-    let boxed: Box<dyn FnMut() + Send + '_> = Box::new(&mut call);
-    let mut boxed: Box<Job> =
-        // SAFETY: only the lifetime is erased ('_ -> 'static, same layout): the helper calls the
-        // job before it stores DONE/PANICKED, and this function does not return (nor unwind:
-        // `a` runs under catch_unwind) before it has seen one of them, so every borrow the
-        // closure holds outlives its use.
-        unsafe { std::mem::transmute::<Box<dyn FnMut() + Send + '_>, Box<Job>>(boxed) };
+    let boxed: Borrowed<'_> = Box::new(&mut call);
+    // SAFETY: only the lifetime is erased ('_ -> 'static, same layout): the helper runs the job
+    // before storing DONE/PANICKED, and this function neither returns nor unwinds (`a` runs under
+    // catch_unwind) until it has seen one of them, so the closure's borrows outlive its use.
+    let mut boxed: Box<Job> = unsafe { std::mem::transmute::<Borrowed<'_>, Box<Job>>(boxed) };
     h.job.store(&mut boxed, Ordering::Release);
     h.state.store(POSTED, Ordering::Release);
     if *h.sleeping.lock().unwrap_or_else(|e| e.into_inner()) {
