@@ -6,7 +6,8 @@
 //! in the (D, n) layout), and it is most of a flash token's FFN time. The rows are walked once,
 //! each converted from float16 with F16C and accumulated with FMA into a float32 `y` that stays
 //! in L1; rows whose `h` is 0 (ReLU's inactive neurons) are skipped without being read. Large
-//! products split the rows between two threads (each with its own `y`, summed at the end).
+//! products split the rows into fixed ranges that two threads claim as they go (each range with
+//! its own partial `y`, summed in range order at the end: split_rows).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
