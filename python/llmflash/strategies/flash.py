@@ -306,8 +306,7 @@ class FlashFFN:
             # the cache are not live and run from the scratch area below
             pick = cache.rows_of(wanted)
             pick = np.sort(pick[(pick >= 0) & (pick < n)])
-            if len(pick) > 1 and not (pick[1:] != pick[:-1]).all():
-                pick = np.unique(pick)          # a duplicated id counts once (np.unique: 0.4 ms a layer)
+            pick = pick[np.diff(pick, prepend=-1) != 0]      # a duplicated id counts once (rows are >= 0)
         else:
             pick = np.arange(n)
         new = filling[pick]
