@@ -134,24 +134,24 @@ def fio(path: Path, bs: int, seconds: int = 2, threads: int = 32) -> tuple[float
     a token's ~12,500 16 KiB reads take CPU from the compute they overlap."""
     if not FIO.is_file():
         return float("nan"), float("nan")
-    c0 = busy_ticks()
+    c0 = busy_seconds()
     out = subprocess.run([str(FIO), str(path), str(bs), str(threads), str(seconds)], capture_output=True,
                          text=True).stdout
-    c1 = busy_ticks()
+    c1 = busy_seconds()
     try:
         mb_s, iops = float(out.split()[0]), float(out.split()[2])
     except (IndexError, ValueError):
         return float("nan"), float("nan")
     reads = iops * seconds
-    cpu_us = (c1 - c0) / os.sysconf("SC_CLK_TCK") * 1e6 / reads if reads > 0 and c0 == c0 else float("nan")
+    cpu_us = (c1 - c0) * 1e6 / reads if reads > 0 else float("nan")
     return mb_s, cpu_us
 
 
-def busy_ticks() -> float:
-    """Busy CPU clock ticks of the whole machine (user, nice, system, irq, softirq), or NaN."""
+def busy_seconds() -> float:
+    """Busy CPU seconds of the whole machine since boot (user, nice, system, irq, softirq), or NaN."""
     try:
         f = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-        return float(sum(int(f[i]) for i in (1, 2, 3, 6, 7)))
+        return sum(int(f[i]) for i in (1, 2, 3, 6, 7)) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return float("nan")
 
@@ -272,12 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     fio_runs: list[dict[str, float]] = []
 
     def timed(name: str, f, x: Tensor) -> None:
-        before, att0, c0 = snapshot(f), attn.s, busy_ticks()
+        before, att0, c0 = snapshot(f), attn.s, busy_seconds()
         t0 = time.perf_counter()
         decode_token(attn, f, x, cfg.n_layers)
         wall = time.perf_counter() - t0
         d = {k: v - before[k] for k, v in snapshot(f).items()}
-        d.update(wall_s=wall, attn_s=attn.s - att0, cpu_s=(busy_ticks() - c0) / os.sysconf("SC_CLK_TCK"))
+        d.update(wall_s=wall, attn_s=attn.s - att0, cpu_s=busy_seconds() - c0)
         records[name].append(d)
 
     per_round = max(1, a.tokens // max(1, a.naive_tokens))
