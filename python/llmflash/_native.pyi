@@ -155,6 +155,8 @@ class Admission:
     def whole_region(self) -> bool: ...
     @property
     def est_seconds(self) -> float: ...
+    @property
+    def filled_rows(self) -> npt.NDArray[np.int64]: ...  # rows being filled, ascending, in [ready_rows, total_rows)
 
 
 class NeuronCache:
@@ -170,6 +172,8 @@ class NeuronCache:
                  allow_whole: bool = True, max_gap_bytes: Optional[int] = None) -> None: ...
     def begin(self, wanted: _Ids, step: int) -> Admission: ...   # evict, plan, start reads
     def wait(self) -> None: ...            # FlashIOError: the fill's neurons were removed
+    def begin_guess(self, wanted: _Ids, step: int) -> Admission: ...  # begin for a lookahead guess:
+    #   its neurons count as wanted at step - 1, so the check at `step` may evict the wrong ones
     def admit(self, wanted: _Ids, step: int) -> Admission: ...   # begin + wait, inline
     def read_neurons(self, wanted: _Ids, out: AlignedBuf) -> int: ...  # row k = wanted[k]
     @property
@@ -220,7 +224,22 @@ def f16_rows_gemv(rows: np.ndarray, h: np.ndarray, threads: int = 2) -> np.ndarr
 
 
 def f16_bundle_ffn(rows: np.ndarray, x: np.ndarray, gated: bool, bias: Optional[np.ndarray] = None,
-                   threads: int = 2) -> np.ndarray:
+                   threads: int = 2, pick: Optional[np.ndarray] = None) -> np.ndarray:
     """One decode token's FFN over float16 bundle rows (n, >= fields * D) int16 view: relu(up.x + bias)
-    or silu(gate.x) * (up.x), times the down rows, summed: (D,) float32. Without the GIL."""
+    or silu(gate.x) * (up.x), times the down rows, summed: (D,) float32. `pick` (k,) uint32: only
+    those rows (bias still indexed by row). Without the GIL."""
+    ...
+
+
+def f16_matvec(w: np.ndarray, x: np.ndarray, threads: int = 2) -> np.ndarray:
+    """(out,) float32 = w @ x: w (out, in) int16 float16 bit patterns (any row stride, unit column
+    stride), x (in,) float32; the decode product of a projection. Without the GIL."""
+    ...
+
+
+def attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, length: int, scale: float,
+               threads: int = 2) -> np.ndarray:
+    """One query position's attention: q (Hq, hd) float32; k, v (Hkv, capacity, hd) int16 float16
+    bit patterns or float32, C-contiguous, positions [0, length) filled; query head h reads KV head
+    h // (Hq // Hkv). Returns (Hq * hd,) float32. Without the GIL."""
     ...
