@@ -48,24 +48,9 @@ pub struct Shape {
 /// `out[h] = softmax(q[h] . K[g(h), :len] * scale) @ V[g(h), :len]` for every query head h, with
 /// g(h) = h / (heads / kv_heads): q and out (heads * head_dim), the cache's k and v (kv_heads *
 /// capacity * head_dim), row-major. `Error::Invalid` for shapes that do not fit the slices.
-pub fn attend_one(
-    q: &[f32],
-    kv: KvCache,
-    s: Shape,
-    scale: f32,
-    out: &mut [f32],
-    threads: usize,
-) -> Result<()> {
-    let Shape {
-        heads,
-        kv_heads,
-        head_dim: hd,
-        capacity,
-        len,
-    } = s;
-    let cache = kv_heads
-        .checked_mul(capacity)
-        .and_then(|n| n.checked_mul(hd));
+pub fn attend_one(q: &[f32], kv: KvCache, s: Shape, scale: f32, out: &mut [f32], threads: usize) -> Result<()> {
+    let Shape { heads, kv_heads, head_dim: hd, capacity, len } = s;
+    let cache = kv_heads.checked_mul(capacity).and_then(|n| n.checked_mul(hd));
     let (kn, vn) = kv.lens();
     let fits = kv_heads > 0
         && heads % kv_heads == 0
@@ -92,27 +77,10 @@ pub fn attend_one(
             let rows = g * capacity * hd..(g * capacity + len) * hd; // this head's filled positions
             for j in 0..group {
                 let h = g * group + j;
-                let (qh, o) = (
-                    &q[h * hd..(h + 1) * hd],
-                    &mut out[(h - lo * group) * hd..(h + 1 - lo * group) * hd],
-                );
+                let (qh, o) = (&q[h * hd..(h + 1) * hd], &mut out[(h - lo * group) * hd..(h + 1 - lo * group) * hd]);
                 match kv {
-                    KvCache::F16 { k, v } => head(
-                        &k[rows.clone()],
-                        &v[rows.clone()],
-                        qh,
-                        scale,
-                        &mut scores,
-                        o,
-                    ),
-                    KvCache::F32 { k, v } => head(
-                        &k[rows.clone()],
-                        &v[rows.clone()],
-                        qh,
-                        scale,
-                        &mut scores,
-                        o,
-                    ),
+                    KvCache::F16 { k, v } => head(&k[rows.clone()], &v[rows.clone()], qh, scale, &mut scores, o),
+                    KvCache::F32 { k, v } => head(&k[rows.clone()], &v[rows.clone()], qh, scale, &mut scores, o),
                 }
             }
         }
@@ -178,14 +146,7 @@ impl Elem for f32 {
 
 /// One query head over its KV head's filled rows: `k`, `v` (len * hd), `q`, `out` (hd),
 /// `scores` (len) scratch.
-fn head<K: Elem, V: Elem>(
-    k: &[K],
-    v: &[V],
-    q: &[f32],
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
+fn head<K: Elem, V: Elem>(k: &[K], v: &[V], q: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2")
@@ -200,33 +161,18 @@ fn head<K: Elem, V: Elem>(
     }
     let hd = q.len();
     for (p, s) in scores.iter_mut().enumerate() {
-        *s = k[p * hd..(p + 1) * hd]
-            .iter()
-            .zip(q)
-            .map(|(&a, &b)| a.get() * b)
-            .sum::<f32>()
-            * scale;
+        *s = k[p * hd..(p + 1) * hd].iter().zip(q).map(|(&a, &b)| a.get() * b).sum::<f32>() * scale;
     }
     softmax(scores);
     out.iter_mut().for_each(|o| *o = 0.0);
     for (p, &w) in scores.iter().enumerate() {
-        v[p * hd..(p + 1) * hd]
-            .iter()
-            .zip(out.iter_mut())
-            .for_each(|(&a, o)| *o += w * a.get());
+        v[p * hd..(p + 1) * hd].iter().zip(out.iter_mut()).for_each(|(&a, o)| *o += w * a.get());
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn head_avx2<K: Elem, V: Elem>(
-    k: &[K],
-    v: &[V],
-    q: &[f32],
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
+unsafe fn head_avx2<K: Elem, V: Elem>(k: &[K], v: &[V], q: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
     use std::arch::x86_64::*;
     let (hd, len) = (q.len(), scores.len());
     assert!(k.len() >= len * hd && v.len() >= len * hd && out.len() == hd);
@@ -287,9 +233,7 @@ unsafe fn head_avx2<K: Elem, V: Elem>(
     }
     for p in p..len {
         let (row, w) = (&v[p * hd..(p + 1) * hd], scores[p]);
-        row.iter()
-            .zip(out.iter_mut())
-            .for_each(|(&a, o)| *o += w * a.get());
+        row.iter().zip(out.iter_mut()).for_each(|(&a, o)| *o += w * a.get());
     }
 }
 
@@ -315,12 +259,7 @@ mod tests {
         for h in 0..s.heads {
             let row = |p: usize| (h / group * s.capacity + p) * hd;
             let sc: Vec<f64> = (0..s.len)
-                .map(|p| {
-                    (0..hd)
-                        .map(|d| q[h * hd + d] as f64 * k[row(p) + d] as f64)
-                        .sum::<f64>()
-                        * scale as f64
-                })
+                .map(|p| (0..hd).map(|d| q[h * hd + d] as f64 * k[row(p) + d] as f64).sum::<f64>() * scale as f64)
                 .collect();
             let m = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
@@ -373,23 +312,11 @@ mod tests {
 
     #[test]
     fn two_threads_equal_one() {
-        let s = Shape {
-            heads: 32,
-            kv_heads: 32,
-            head_dim: 128,
-            capacity: 300,
-            len: 257,
-        };
+        let s = Shape { heads: 32, kv_heads: 32, head_dim: 128, capacity: 300, len: 257 };
         let n = s.kv_heads * s.capacity * s.head_dim;
-        let k: Vec<u16> = (0..n)
-            .map(|i| f16_bits(((i % 17) as f32 - 8.0) / 8.0))
-            .collect();
-        let v: Vec<u16> = (0..n)
-            .map(|i| f16_bits(((i % 13) as f32 - 6.0) / 8.0))
-            .collect();
-        let q: Vec<f32> = (0..s.heads * s.head_dim)
-            .map(|i| ((i % 7) as f32 - 3.0) / 16.0)
-            .collect();
+        let k: Vec<u16> = (0..n).map(|i| f16_bits(((i % 17) as f32 - 8.0) / 8.0)).collect();
+        let v: Vec<u16> = (0..n).map(|i| f16_bits(((i % 13) as f32 - 6.0) / 8.0)).collect();
+        let q: Vec<f32> = (0..s.heads * s.head_dim).map(|i| ((i % 7) as f32 - 3.0) / 16.0).collect();
         let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
         attend_one(&q, KvCache::F16 { k: &k, v: &v }, s, 0.1, &mut a, 1).unwrap();
         attend_one(&q, KvCache::F16 { k: &k, v: &v }, s, 0.1, &mut b, 2).unwrap();
@@ -398,13 +325,7 @@ mod tests {
 
     #[test]
     fn rejects_shapes_that_do_not_fit() {
-        let s = Shape {
-            heads: 4,
-            kv_heads: 2,
-            head_dim: 2,
-            capacity: 3,
-            len: 3,
-        };
+        let s = Shape { heads: 4, kv_heads: 2, head_dim: 2, capacity: 3, len: 3 };
         let (q, kv) = (vec![0f32; 8], vec![0f32; 12]);
         let mut out = vec![0f32; 8];
         assert!(attend_one(&q, KvCache::F32 { k: &kv, v: &kv }, s, 1.0, &mut out, 1).is_ok());
@@ -413,29 +334,11 @@ mod tests {
             Shape { len: 4, ..s },
             Shape { heads: 3, ..s },
             Shape { kv_heads: 0, ..s },
-            Shape {
-                capacity: 4,
-                len: 1,
-                ..s
-            },
+            Shape { capacity: 4, len: 1, ..s },
         ] {
-            assert!(
-                attend_one(&q, KvCache::F32 { k: &kv, v: &kv }, bad, 1.0, &mut out, 1).is_err(),
-                "{bad:?}"
-            );
+            assert!(attend_one(&q, KvCache::F32 { k: &kv, v: &kv }, bad, 1.0, &mut out, 1).is_err(), "{bad:?}");
         }
-        let e = attend_one(
-            &q,
-            KvCache::F32 {
-                k: &kv,
-                v: &kv[..11],
-            },
-            s,
-            1.0,
-            &mut out,
-            1,
-        )
-        .unwrap_err();
+        let e = attend_one(&q, KvCache::F32 { k: &kv, v: &kv[..11] }, s, 1.0, &mut out, 1).unwrap_err();
         assert!(e.to_string().contains("values 11 values"), "{e}");
     }
 }

@@ -70,8 +70,8 @@ use crate::profile::Profile;
 use crate::reader::Reader;
 pub use crate::staging::StagingPool;
 
-use counters::{add, ns_since, Counters};
 pub use counters::CacheStats;
+use counters::{add, ns_since, Counters};
 use evict::Doom;
 use fill::{run_fill, Fill, FillResult, Filler};
 
@@ -114,7 +114,6 @@ pub struct Admission {
     pub whole_region: bool,
     pub est_seconds: f64,
 }
-
 
 /// What the owner and the filler share.
 struct Shared {
@@ -342,8 +341,20 @@ impl NeuronCache {
     pub fn reset_stats(&self) {
         let c = &self.shared.counters;
         for a in [
-            &c.admissions, &c.hits, &c.misses, &c.overflow, &c.evicted_window, &c.evicted_capacity,
-            &c.bytes_read, &c.bytes_useful, &c.bytes_direct, &c.requests, &c.failed_fills, &c.io_ns, &c.wait_ns, &c.mgmt_ns,
+            &c.admissions,
+            &c.hits,
+            &c.misses,
+            &c.overflow,
+            &c.evicted_window,
+            &c.evicted_capacity,
+            &c.bytes_read,
+            &c.bytes_useful,
+            &c.bytes_direct,
+            &c.requests,
+            &c.failed_fills,
+            &c.io_ns,
+            &c.wait_ns,
+            &c.mgmt_ns,
         ] {
             a.store(0, Ordering::Relaxed);
         }
@@ -352,9 +363,9 @@ impl NeuronCache {
     fn check_ids(&self, wanted: &[u32]) -> Result<()> {
         let n = self.region.n_neurons;
         match wanted.iter().find(|&&j| j >= n) {
-            Some(&bad) => Err(Error::invalid(format!(
-                "neuron {bad} is out of range: the layer has {n} neurons (ids 0..{n})"
-            ))),
+            Some(&bad) => {
+                Err(Error::invalid(format!("neuron {bad} is out of range: the layer has {n} neurons (ids 0..{n})")))
+            }
             None => Ok(()),
         }
     }
@@ -391,10 +402,12 @@ impl NeuronCache {
         let Some(epoch) = self.pending else { return Ok(()) };
         let t0 = Instant::now();
         let result = match &mut self.filler {
-            Some(f) => f.results.get_mut().unwrap_or_else(|e| e.into_inner()).recv().unwrap_or_else(|_| FillResult {
-                epoch,
-                error: Some(self.filler_died()),
-            }),
+            Some(f) => f
+                .results
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner())
+                .recv()
+                .unwrap_or_else(|_| FillResult { epoch, error: Some(self.filler_died()) }),
             None => FillResult { epoch, error: Some(self.filler_died()) },
         };
         add(&self.shared.counters.wait_ns, ns_since(t0));

@@ -36,7 +36,9 @@ fn check_rows(len: usize, n: usize, dim: usize, stride: usize) -> Result<()> {
     }
     let need = (n - 1).checked_mul(stride).and_then(|v| v.checked_add(dim));
     if !matches!(need, Some(need) if need <= len) {
-        return Err(Error::invalid(format!("{n} rows of {dim} values at stride {stride} need more than the {len} given")));
+        return Err(Error::invalid(format!(
+            "{n} rows of {dim} values at stride {stride} need more than the {len} given"
+        )));
     }
     if dim > stride {
         return Err(Error::invalid(format!("row length {dim} exceeds the stride {stride}")));
@@ -85,7 +87,10 @@ const SPLIT_CHUNKS: usize = 8;
 fn accumulate(rows: &[u16], stride: usize, h: &[f32], y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
             // SAFETY: the CPU supports AVX2, FMA and F16C (checked just above), the only
             // requirement of a #[target_feature] function beyond its own bounds, which it checks.
             unsafe { accumulate_f16c(rows, stride, h, y) };
@@ -144,8 +149,17 @@ unsafe fn accumulate_f16c(rows: &[u16], stride: usize, h: &[f32], y: &mut [f32])
 /// `pick`: the rows to compute (each `< n`, bias indexed by row), or every row `0..n`: a flash
 /// layer computing only this token's wanted neurons among its live rows reads no other bundle.
 #[allow(clippy::too_many_arguments)]
-pub fn f16_bundle_ffn(rows: &[u16], stride: usize, n: usize, gated: bool, x: &[f32], bias: Option<&[f32]>,
-                      y: &mut [f32], threads: usize, pick: Option<&[u32]>) -> Result<()> {
+pub fn f16_bundle_ffn(
+    rows: &[u16],
+    stride: usize,
+    n: usize,
+    gated: bool,
+    x: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    threads: usize,
+    pick: Option<&[u32]>,
+) -> Result<()> {
     let dim = x.len();
     let fields = if gated { 3 } else { 2 };
     if y.len() != dim || bias.is_some_and(|b| b.len() != n) || gated && bias.is_some() {
@@ -272,7 +286,10 @@ unsafe impl Sync for RowsOut {}
 fn dot4(r: [&[u16]; 4], x: &[f32]) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
             // SAFETY: the CPU supports AVX2, FMA and F16C (checked just above).
             return unsafe { dot4_f16c(r, x) };
         }
@@ -313,7 +330,10 @@ unsafe fn dot4_f16c(r: [&[u16]; 4], x: &[f32]) -> [f32; 4] {
 pub(crate) fn dot(a: &[u16], x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
             // SAFETY: the CPU supports AVX2, FMA and F16C (checked just above).
             return unsafe { dot_f16c(a, x) };
         }

@@ -25,11 +25,11 @@ pub mod gemv;
 pub mod par;
 pub mod planner;
 mod pool;
-mod uring;
 pub mod profile;
 pub mod reader;
 pub mod staging;
 pub mod stats;
+mod uring;
 
 #[cfg(feature = "python")]
 mod py;

@@ -50,9 +50,7 @@ fn helper() -> Option<&'static Helper> {
             sleeping: Mutex::new(false),
             wake: Condvar::new(),
         }));
-        let spawned = std::thread::Builder::new()
-            .name("llmflash-helper".into())
-            .spawn(move || h.serve());
+        let spawned = std::thread::Builder::new().name("llmflash-helper".into()).spawn(move || h.serve());
         spawned.is_ok().then_some(h)
     });
     h.filter(|h| h.pid == std::process::id())
@@ -79,8 +77,7 @@ impl Helper {
             // read above with Acquire) and does not return, so the closure stays alive and
             // unaliased, until it sees DONE or PANICKED, which is stored only after this call.
             let ok = panic::catch_unwind(AssertUnwindSafe(|| unsafe { (*job)() })).is_ok();
-            self.state
-                .store(if ok { DONE } else { PANICKED }, Ordering::Release);
+            self.state.store(if ok { DONE } else { PANICKED }, Ordering::Release);
         }
     }
 }
@@ -133,10 +130,7 @@ pub fn join<A: FnOnce(), B: FnOnce() + Send>(a: A, b: B) {
     if let Err(e) = ours {
         panic::resume_unwind(e);
     }
-    assert!(
-        theirs,
-        "the helper thread's half of a parallel kernel panicked"
-    );
+    assert!(theirs, "the helper thread's half of a parallel kernel panicked");
 }
 
 fn scoped<A: FnOnce(), B: FnOnce() + Send>(a: A, b: B) {
@@ -193,7 +187,10 @@ mod tests {
         // a join of a test running beside this one may hold it for a moment)
         let on_helper = std::sync::atomic::AtomicBool::new(false);
         for _ in 0..10_000 {
-            join(|| {}, || on_helper.store(std::thread::current().name() == Some("llmflash-helper"), Ordering::Relaxed));
+            join(
+                || {},
+                || on_helper.store(std::thread::current().name() == Some("llmflash-helper"), Ordering::Relaxed),
+            );
             if on_helper.load(Ordering::Relaxed) {
                 break;
             }

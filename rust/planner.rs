@@ -40,9 +40,9 @@ pub struct Region {
 impl Region {
     /// `n_neurons * bundle_bytes`, checked.
     pub fn payload_bytes(&self) -> Result<u64> {
-        (self.n_neurons as u64).checked_mul(self.bundle_bytes).ok_or_else(|| {
-            Error::layout(format!("{} neurons x {} bytes overflows", self.n_neurons, self.bundle_bytes))
-        })
+        (self.n_neurons as u64)
+            .checked_mul(self.bundle_bytes)
+            .ok_or_else(|| Error::layout(format!("{} neurons x {} bytes overflows", self.n_neurons, self.bundle_bytes)))
     }
 
     /// The payload rounded up to a whole page: the bytes a plan may read.
@@ -182,8 +182,13 @@ fn pieces_cost(profile: &Profile, runs: &[(u64, u64)], max_pages: u64, unit: u64
 /// that the profile prices cheapest: one 5 MB layer read as five 1 MiB requests keeps only 5
 /// in flight, and at 5 in flight the table gives less than 21 requests of 256 KiB do at 21.
 /// Caps are priced without building their pieces (`pieces_cost`), only the cheapest is built.
-fn split_cheapest(profile: &Profile, runs: &[(u64, u64)], max_pages: u64, unit: u64, concurrency: u32)
-    -> (Vec<(u64, u64)>, f64) {
+fn split_cheapest(
+    profile: &Profile,
+    runs: &[(u64, u64)],
+    max_pages: u64,
+    unit: u64,
+    concurrency: u32,
+) -> (Vec<(u64, u64)>, f64) {
     let mut best: Option<(u64, f64)> = None;
     let mut cap = max_pages;
     loop {
@@ -206,7 +211,10 @@ fn split_cheapest(profile: &Profile, runs: &[(u64, u64)], max_pages: u64, unit: 
 pub fn plan(wanted: &[u32], region: &Region, profile: &Profile, opts: &PlanOptions) -> Result<Plan> {
     region.validate()?;
     if opts.max_request_bytes < PAGE {
-        return Err(Error::invalid(format!("max_request_bytes = {} (expected at least {PAGE})", opts.max_request_bytes)));
+        return Err(Error::invalid(format!(
+            "max_request_bytes = {} (expected at least {PAGE})",
+            opts.max_request_bytes
+        )));
     }
     if opts.concurrency == 0 {
         return Err(Error::invalid("concurrency = 0 (expected at least 1 read in flight)"));
@@ -246,8 +254,7 @@ pub fn plan(wanted: &[u32], region: &Region, profile: &Profile, opts: &PlanOptio
     let (whole, est_whole_seconds) = split_cheapest(profile, whole_run, max_pages, unit, opts.concurrency);
 
     let whole_region = opts.allow_whole && !neurons.is_empty() && est_whole_seconds < est_sparse_seconds;
-    let (chosen, est_seconds) =
-        if whole_region { (whole, est_whole_seconds) } else { (sparse, est_sparse_seconds) };
+    let (chosen, est_seconds) = if whole_region { (whole, est_whole_seconds) } else { (sparse, est_sparse_seconds) };
 
     let mut requests = Vec::with_capacity(chosen.len());
     let mut dest = 0u64;
@@ -300,7 +307,11 @@ impl Plan {
     pub fn gather(&self, src: &[u8], dst: &mut [u8]) -> Result<()> {
         let bb = self.region.bundle_bytes as usize;
         if (src.len() as u64) < self.buffer_bytes {
-            return Err(Error::invalid(format!("source buffer of {} bytes is smaller than the plan's {}", src.len(), self.buffer_bytes)));
+            return Err(Error::invalid(format!(
+                "source buffer of {} bytes is smaller than the plan's {}",
+                src.len(),
+                self.buffer_bytes
+            )));
         }
         if (dst.len() as u64) < self.useful_bytes {
             return Err(Error::invalid(format!(
@@ -404,8 +415,13 @@ mod tests {
         assert_eq!(p.buffer_bytes, r.region_bytes().unwrap());
         assert!(p.est_seconds <= p.est_whole_seconds && p.est_seconds <= p.est_sparse_seconds);
         // Every 4th neuron without bridging: 384 small requests cost more than reading it all.
-        let p = plan(&(0..1536).step_by(4).collect::<Vec<u32>>(), &r, &Profile::default(),
-                     &PlanOptions { max_gap_bytes: Some(0), ..Default::default() }).unwrap();
+        let p = plan(
+            &(0..1536).step_by(4).collect::<Vec<u32>>(),
+            &r,
+            &Profile::default(),
+            &PlanOptions { max_gap_bytes: Some(0), ..Default::default() },
+        )
+        .unwrap();
         assert!(p.whole_region, "{p:?}");
         assert!(p.est_seconds < p.est_sparse_seconds);
         assert_eq!(p.buffer_bytes, r.region_bytes().unwrap());
@@ -456,7 +472,15 @@ mod tests {
         prop_oneof![
             Just(Profile::default()),
             // Flat (no per-request overhead) and steep (small requests very costly) disks.
-            Just(Profile::new(vec![4096, 1 << 20], vec![1, 32], vec![vec![100.0, 100.0], vec![25600.0, 25600.0]], String::new()).unwrap()),
+            Just(
+                Profile::new(
+                    vec![4096, 1 << 20],
+                    vec![1, 32],
+                    vec![vec![100.0, 100.0], vec![25600.0, 25600.0]],
+                    String::new()
+                )
+                .unwrap()
+            ),
             Just(Profile::new(vec![4096, 1 << 20], vec![1], vec![vec![10.0], vec![3000.0]], String::new()).unwrap()),
         ]
     }

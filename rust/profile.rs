@@ -96,7 +96,9 @@ impl Profile {
         {
             return bad(format!("profile sizes {:?} must be increasing multiples of 4096 up to 4 GiB", self.sizes));
         }
-        if self.concurrencies.iter().any(|&c| c == 0 || c > 65536) || self.concurrencies.windows(2).any(|w| w[0] >= w[1]) {
+        if self.concurrencies.iter().any(|&c| c == 0 || c > 65536)
+            || self.concurrencies.windows(2).any(|w| w[0] >= w[1])
+        {
             return bad(format!("profile concurrencies {:?} must be increasing, in 1..=65536", self.concurrencies));
         }
         if self.mbps.len() != ns || self.mbps.iter().any(|row| row.len() != nc) {
@@ -182,7 +184,10 @@ impl Profile {
             return Err(err(format!("unknown profile version (this llmflash reads version {VERSION})")));
         }
         let list = |k: &str| -> Result<&Vec<Value>> {
-            v.get(k).and_then(Value::as_array).filter(|a| a.len() <= MAX_POINTS).ok_or_else(|| err(format!("{k} must be a short list")))
+            v.get(k)
+                .and_then(Value::as_array)
+                .filter(|a| a.len() <= MAX_POINTS)
+                .ok_or_else(|| err(format!("{k} must be a short list")))
         };
         let sizes = list("sizes")?
             .iter()
@@ -190,7 +195,11 @@ impl Profile {
             .collect::<Result<Vec<u64>>>()?;
         let concurrencies = list("concurrencies")?
             .iter()
-            .map(|x| x.as_u64().and_then(|c| u32::try_from(c).ok()).ok_or_else(|| err("concurrencies must be integers".into())))
+            .map(|x| {
+                x.as_u64()
+                    .and_then(|c| u32::try_from(c).ok())
+                    .ok_or_else(|| err("concurrencies must be integers".into()))
+            })
             .collect::<Result<Vec<u32>>>()?;
         let mbps = list("mbps")?
             .iter()
@@ -215,7 +224,10 @@ impl Profile {
         let f = File::open(path).map_err(open)?;
         let len = f.metadata().map_err(open)?.len();
         if len > MAX_PROFILE_FILE {
-            return Err(Error::Profile { path: Some(path.into()), what: format!("{len} bytes: too large for a profile") });
+            return Err(Error::Profile {
+                path: Some(path.into()),
+                what: format!("{len} bytes: too large for a profile"),
+            });
         }
         let text = std::fs::read_to_string(path).map_err(open)?;
         Profile::parse(&text, Some(path))
@@ -255,7 +267,10 @@ pub fn measure_point(path: &Path, size: u64, concurrency: u32, seconds: f64) -> 
     let file_len = file.metadata().map_err(|source| Error::Open { path: path.to_path_buf(), source })?.len();
     let blocks = file_len / size;
     if blocks == 0 {
-        return Err(Error::invalid(format!("{}: {file_len} bytes is smaller than one {size}-byte request", path.display())));
+        return Err(Error::invalid(format!(
+            "{}: {file_len} bytes is smaller than one {size}-byte request",
+            path.display()
+        )));
     }
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let t0 = Instant::now();
@@ -274,7 +289,9 @@ pub fn measure_point(path: &Path, size: u64, concurrency: u32, seconds: f64) -> 
                         let off = (x % blocks) * size;
                         // SAFETY: buf is a live, exclusively owned allocation of >= size bytes;
                         // the descriptor is kept open by `file`, borrowed for the whole scope.
-                        let r = unsafe { libc::pread(file.as_raw_fd(), buf.as_mut_ptr().cast(), size as usize, off as libc::off_t) };
+                        let r = unsafe {
+                            libc::pread(file.as_raw_fd(), buf.as_mut_ptr().cast(), size as usize, off as libc::off_t)
+                        };
                         if r < 0 {
                             let e = std::io::Error::last_os_error();
                             if e.raw_os_error() == Some(libc::EINTR) {

@@ -151,13 +151,17 @@ impl Reader {
             Engine::Threads => None,
             Engine::Auto => crate::uring::new_ring(opts.concurrency).ok(),
             Engine::Uring => Some(
-                crate::uring::new_ring(opts.concurrency).map_err(|source| Error::Open { path: path.clone(), source })?,
+                crate::uring::new_ring(opts.concurrency)
+                    .map_err(|source| Error::Open { path: path.clone(), source })?,
             ),
         };
         let pool = if opts.engine == Engine::Uring {
             None
         } else {
-            Some(Pool::new(opts.concurrency, "llmflash-io").map_err(|source| Error::Open { path: path.clone(), source })?)
+            Some(
+                Pool::new(opts.concurrency, "llmflash-io")
+                    .map_err(|source| Error::Open { path: path.clone(), source })?,
+            )
         };
         let backend = Backend { pool, rings: ring.map(|r| Mutex::new(vec![r])) };
         Ok(Reader {
@@ -211,7 +215,10 @@ impl Reader {
             let end = op.dest_offset.checked_add(op.len).filter(|&e| e <= dest.len()).ok_or_else(|| {
                 Error::invalid(format!(
                     "read of {} bytes at offset {} into destination offset {} overflows the {}-byte destination",
-                    op.len, op.file_offset, op.dest_offset, dest.len()
+                    op.len,
+                    op.file_offset,
+                    op.dest_offset,
+                    dest.len()
                 ))
             })?;
             ranges.push((op.dest_offset, end));

@@ -61,7 +61,8 @@ pub(crate) unsafe fn run(ring: &mut IoUring, inner: &Inner, ops: &[RawOp], depth
                 let op = ops[i];
                 let fd = direct_for(inner, op).unwrap_or(&inner.buffered).as_raw_fd();
                 let len = op.len.min(MAX_SQE_LEN) as u32;
-                let e = opcode::Read::new(types::Fd(fd), op.dest, len).offset(op.file_offset).build().user_data(i as u64);
+                let e =
+                    opcode::Read::new(types::Fd(fd), op.dest, len).offset(op.file_offset).build().user_data(i as u64);
                 // SAFETY: the destination is valid for `len` bytes until this function returns
                 // (caller's contract) and we return only after its completion is reaped; the
                 // descriptor is kept open by `inner` for the whole call.

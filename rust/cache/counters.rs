@@ -81,4 +81,3 @@ pub(super) fn add(c: &AtomicU64, v: u64) {
 pub(super) fn ns_since(t: Instant) -> u64 {
     t.elapsed().as_nanos().min(u64::MAX as u128) as u64
 }
-

@@ -20,7 +20,8 @@ impl NeuronCache {
     pub(super) fn is_doomed(&self, j: u32, how: Doom) -> bool {
         match how {
             Doom::Window { step, window } => {
-                self.seen[j as usize] != self.serial && step.saturating_sub(self.last_wanted[j as usize]) > window as u64
+                self.seen[j as usize] != self.serial
+                    && step.saturating_sub(self.last_wanted[j as usize]) > window as u64
             }
             Doom::Marked => self.doomed[j as usize],
         }

@@ -173,8 +173,16 @@ impl NeuronCache {
     pub(super) fn fill_for(&self, epoch: u64, p: &Plan, rows: &[usize]) -> Result<Fill> {
         let bb = self.shared.bundle_bytes as u64;
         let n = p.neurons.len();
-        if rows.len() != n || rows.iter().any(|&r| r >= self.capacity) || p.landing.len() != n || p.request_index.len() != n {
-            return Err(Error::invalid(format!("plan of {n} neurons does not fit {} rows of {}", rows.len(), self.capacity)));
+        if rows.len() != n
+            || rows.iter().any(|&r| r >= self.capacity)
+            || p.landing.len() != n
+            || p.request_index.len() != n
+        {
+            return Err(Error::invalid(format!(
+                "plan of {n} neurons does not fit {} rows of {}",
+                rows.len(),
+                self.capacity
+            )));
         }
         let align = crate::aligned::ALIGN as u64;
         let pages = bb % align == 0 && self.region.offset % align == 0;
@@ -239,10 +247,8 @@ impl NeuronCache {
         let (jobs, job_rx) = channel::<Fill>();
         let (res_tx, results) = channel::<FillResult>();
         let shared = self.shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name("llmflash-cache-fill".into())
-            .stack_size(256 << 10)
-            .spawn(move || {
+        let spawned =
+            std::thread::Builder::new().name("llmflash-cache-fill".into()).stack_size(256 << 10).spawn(move || {
                 // Ends when the cache (the job sender) is dropped. The slot matrix stays alive
                 // through `shared` while a last fill finishes, so dropping a cache never waits.
                 for fill in job_rx {
@@ -262,5 +268,4 @@ impl NeuronCache {
             }
         }
     }
-
 }

@@ -41,8 +41,12 @@ impl NeuronCache {
         let ops: Vec<RawOp> = p
             .requests
             .iter()
-            // SAFETY: requests lie back to back in [0, buffer_bytes) and staging is that large.
-            .map(|r| RawOp { file_offset: r.offset, len: r.len as usize, dest: unsafe { base.add(r.dest_offset as usize) } })
+            .map(|r| RawOp {
+                file_offset: r.offset,
+                len: r.len as usize,
+                // SAFETY: requests lie back to back in [0, buffer_bytes) and staging is that large.
+                dest: unsafe { base.add(r.dest_offset as usize) },
+            })
             .collect();
         let t0 = Instant::now();
         // SAFETY: disjoint ranges of `staging`, owned here and alive until read_raw returns.
@@ -59,7 +63,10 @@ impl NeuronCache {
             let at = p.landing[i] as usize;
             if at + bb > staging.len() {
                 self.shared.staging.give(staging);
-                return Err(Error::invalid(format!("plan lands neuron {j} at {at}, outside its {} bytes", p.buffer_bytes)));
+                return Err(Error::invalid(format!(
+                    "plan lands neuron {j} at {at}, outside its {} bytes",
+                    p.buffer_bytes
+                )));
             }
             // SAFETY: `at + bb <= staging.len()` (checked) and `(k+1)*bb <= need <= dest_len`;
             // the caller guarantees dest is ours; staging is a different allocation.

@@ -42,7 +42,10 @@ impl Store {
     }
 
     fn reader(&self) -> Arc<Reader> {
-        Arc::new(Reader::open_with(self.file.path(), ReaderOptions { concurrency: 4, direct: true, ..Default::default() }).unwrap())
+        Arc::new(
+            Reader::open_with(self.file.path(), ReaderOptions { concurrency: 4, direct: true, ..Default::default() })
+                .unwrap(),
+        )
     }
 
     fn cache(&self, capacity: usize, window: u32) -> NeuronCache {
@@ -135,8 +138,8 @@ fn a_guess_makes_room_but_yields_to_the_true_set() {
         assert_eq!((g.misses, g.overflow.len()), (4, 0));
         assert_eq!(live_set(&c), [4, 5, 6, 7]);
         assert_eq!(c.last_wanted(4), Some(1)); // recorded as the token before's
-        // ...and, wrong, yields to the true set checked at the same step (a plain `begin` for
-        // the guess would have kept 4..7 as wanted now and overflowed all of 8..11).
+                                               // ...and, wrong, yields to the true set checked at the same step (a plain `begin` for
+                                               // the guess would have kept 4..7 as wanted now and overflowed all of 8..11).
         let a = c.admit(&[8, 9, 10, 11], 2).unwrap();
         assert_eq!((a.misses, a.overflow.len()), (4, 0));
         assert_eq!(live_set(&c), [8, 9, 10, 11]);
@@ -289,7 +292,10 @@ fn background_fill_beside_compute_on_another_layer() {
 fn bad_construction() {
     let s = Store::new(8, 100);
     let o = PlanOptions::default();
-    assert!(matches!(NeuronCache::new(s.reader(), s.region, 9, 1, Profile::default(), o, None), Err(Error::Invalid { .. })));
+    assert!(matches!(
+        NeuronCache::new(s.reader(), s.region, 9, 1, Profile::default(), o, None),
+        Err(Error::Invalid { .. })
+    ));
     let bad = Region { offset: 100, ..s.region };
     assert!(matches!(NeuronCache::new(s.reader(), bad, 1, 1, Profile::default(), o, None), Err(Error::Layout { .. })));
     let o2 = PlanOptions { concurrency: 0, ..o };
@@ -304,7 +310,13 @@ struct Model {
 
 impl Model {
     /// Returns (hits, appended, overflow, evicted_window, evicted_capacity).
-    fn step(&mut self, wanted: &[u32], step: u64, window: u32, cap: usize) -> (usize, Vec<u32>, Vec<u32>, usize, usize) {
+    fn step(
+        &mut self,
+        wanted: &[u32],
+        step: u64,
+        window: u32,
+        cap: usize,
+    ) -> (usize, Vec<u32>, Vec<u32>, usize, usize) {
         let mut unique = Vec::new();
         for &j in wanted {
             if !unique.contains(&j) {
@@ -324,7 +336,8 @@ impl Model {
         let mut ec = 0;
         if self.live.len() + missing.len() > cap {
             let need = self.live.len() + missing.len() - cap;
-            let mut cand: Vec<(u64, u32)> = self.live.iter().filter(|(_, &t)| t < step).map(|(&j, &t)| (t, j)).collect();
+            let mut cand: Vec<(u64, u32)> =
+                self.live.iter().filter(|(_, &t)| t < step).map(|(&j, &t)| (t, j)).collect();
             cand.sort_unstable();
             for &(_, j) in cand.iter().take(need) {
                 self.live.remove(&j);

@@ -26,9 +26,7 @@ impl KvArray<'_> {
 
 /// The array's elements as one slice: C-contiguous only (a cache tensor is).
 fn slice<'a, T: numpy::Element>(a: &'a PyReadonlyArray3<'_, T>, what: &str) -> PyResult<&'a [T]> {
-    a.as_slice().map_err(|e| {
-        Error::invalid(format!("the {what} must be one C-contiguous array ({e})")).into()
-    })
+    a.as_slice().map_err(|e| Error::invalid(format!("the {what} must be one C-contiguous array ({e})")).into())
 }
 
 fn u16_bits(a: &[i16]) -> &[u16] {
@@ -62,27 +60,15 @@ pub fn attend_one<'py>(
         .into());
     }
     let kv = match (&k, &v) {
-        (KvArray::F16(k), KvArray::F16(v)) => KvCache::F16 {
-            k: u16_bits(slice(k, "keys")?),
-            v: u16_bits(slice(v, "values")?),
-        },
-        (KvArray::F32(k), KvArray::F32(v)) => KvCache::F32 {
-            k: slice(k, "keys")?,
-            v: slice(v, "values")?,
-        },
+        (KvArray::F16(k), KvArray::F16(v)) => {
+            KvCache::F16 { k: u16_bits(slice(k, "keys")?), v: u16_bits(slice(v, "values")?) }
+        }
+        (KvArray::F32(k), KvArray::F32(v)) => KvCache::F32 { k: slice(k, "keys")?, v: slice(v, "values")? },
         _ => return Err(Error::invalid("keys and values must have the same dtype").into()),
     };
     let heads = q.shape()[0];
-    let q = q
-        .as_slice()
-        .map_err(|e| Error::invalid(format!("the queries must be one C-contiguous array ({e})")))?;
-    let shape = Shape {
-        heads,
-        kv_heads,
-        head_dim: hd,
-        capacity,
-        len: length,
-    };
+    let q = q.as_slice().map_err(|e| Error::invalid(format!("the queries must be one C-contiguous array ({e})")))?;
+    let shape = Shape { heads, kv_heads, head_dim: hd, capacity, len: length };
     let mut out = vec![0f32; q.len()];
     py.detach(|| crate::attend::attend_one(q, kv, shape, scale, &mut out, threads))?;
     Ok(PyArray1::from_vec(py, out))

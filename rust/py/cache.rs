@@ -118,8 +118,15 @@ impl PyAdmission {
         format!(
             "Admission(epoch={}, ready_rows={}, total_rows={}, hits={}, overflow={}, evicted_window={}, \
              evicted_capacity={}, bytes_read={}, requests={})",
-            a.epoch, a.ready_rows, a.total_rows, a.hits, a.overflow.len(), a.evicted_window,
-            a.evicted_capacity, a.bytes_read, a.requests
+            a.epoch,
+            a.ready_rows,
+            a.total_rows,
+            a.hits,
+            a.overflow.len(),
+            a.evicted_window,
+            a.evicted_capacity,
+            a.bytes_read,
+            a.requests
         )
     }
 }
@@ -214,7 +221,12 @@ impl PyNeuronCache {
     /// Read bundles of `wanted` (duplicates allowed) into `out`, packed: row k = wanted[k].
     /// For the overflow; `out` (a reusable scratch AlignedBuf) must hold len(wanted) rows and
     /// must not be this cache's slot matrix. Returns len(wanted). GIL released.
-    fn read_neurons(&self, py: Python<'_>, wanted: &Bound<'_, PyAny>, out: &Bound<'_, PyAlignedBuf>) -> PyResult<usize> {
+    fn read_neurons(
+        &self,
+        py: Python<'_>,
+        wanted: &Bound<'_, PyAny>,
+        out: &Bound<'_, PyAlignedBuf>,
+    ) -> PyResult<usize> {
         let ids = ids(wanted, self.cache.region().n_neurons)?;
         let buf = &out.get().buf;
         if std::sync::Arc::ptr_eq(buf, self.cache.slots()) {

@@ -42,7 +42,9 @@ fn row_slice<'a>(rows: &'a PyReadonlyArray2<'_, i16>) -> PyResult<(&'a [u16], us
     // whole elements, and a &[u16] needs the latter aligned.
     let byte_strides = rows.strides();
     if !rows.is_aligned() || byte_strides.iter().any(|s| s % 2 != 0) {
-        return Err(Error::invalid(format!("rows must be aligned 2-byte elements (byte strides {byte_strides:?})")).into());
+        return Err(
+            Error::invalid(format!("rows must be aligned 2-byte elements (byte strides {byte_strides:?})")).into()
+        );
     }
     let view = rows.as_array();
     let strides = view.strides();

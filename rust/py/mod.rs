@@ -12,7 +12,6 @@ mod planner;
 mod profile;
 mod reader;
 
-
 #[pymodule]
 #[pyo3(name = "_native")]
 fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {

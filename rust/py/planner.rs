@@ -25,7 +25,8 @@ pub(crate) enum Wanted<'py> {
 
 fn to_ids<T: Copy + TryInto<u32> + std::fmt::Display>(it: impl Iterator<Item = T>, n: u32) -> Result<Vec<u32>, Error> {
     it.map(|x| {
-        x.try_into().map_err(|_| Error::invalid(format!("neuron {x} is out of range: the layer has {n} neurons (ids 0..{n})")))
+        x.try_into()
+            .map_err(|_| Error::invalid(format!("neuron {x} is out of range: the layer has {n} neurons (ids 0..{n})")))
     })
     .collect()
 }

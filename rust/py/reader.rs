@@ -160,14 +160,20 @@ impl PyReader {
                 }
                 b
             }
-            None => Bound::new(py, PyAlignedBuf::from_buf(crate::aligned::AlignedBuf::zeroed(plan.buffer_bytes as usize)?))?,
+            None => {
+                Bound::new(py, PyAlignedBuf::from_buf(crate::aligned::AlignedBuf::zeroed(plan.buffer_bytes as usize)?))?
+            }
         };
         let base = out.get().buf.as_mut_ptr();
         let ops = plan
             .requests
             .iter()
-            // SAFETY: requests lie back to back inside [0, buffer_bytes), checked above to fit.
-            .map(|r| RawOp { file_offset: r.offset, len: r.len as usize, dest: unsafe { base.add(r.dest_offset as usize) } })
+            .map(|r| RawOp {
+                file_offset: r.offset,
+                len: r.len as usize,
+                // SAFETY: requests lie back to back inside [0, buffer_bytes), checked above to fit.
+                dest: unsafe { base.add(r.dest_offset as usize) },
+            })
             .collect();
         self.run(py, Ops(ops))?;
         self.reader.stats().add_useful(plan.useful_bytes);

@@ -19,7 +19,9 @@ fn temp_file(data: &[u8]) -> tempfile::NamedTempFile {
 
 #[test]
 fn round_trip_aligned_and_unaligned() {
-    for engine in ENGINES { round_trip_aligned_and_unaligned_with(engine) }
+    for engine in ENGINES {
+        round_trip_aligned_and_unaligned_with(engine)
+    }
 }
 
 fn round_trip_aligned_and_unaligned_with(engine: Engine) {
@@ -46,7 +48,9 @@ fn round_trip_aligned_and_unaligned_with(engine: Engine) {
 
 #[test]
 fn read_region_matches_file() {
-    for engine in ENGINES { read_region_matches_file_with(engine) }
+    for engine in ENGINES {
+        read_region_matches_file_with(engine)
+    }
 }
 
 fn read_region_matches_file_with(engine: Engine) {
@@ -62,7 +66,9 @@ fn read_region_matches_file_with(engine: Engine) {
 
 #[test]
 fn past_eof_is_an_error_naming_file_offset_length() {
-    for engine in ENGINES { past_eof_is_an_error_naming_file_offset_length_with(engine) }
+    for engine in ENGINES {
+        past_eof_is_an_error_naming_file_offset_length_with(engine)
+    }
 }
 
 fn past_eof_is_an_error_naming_file_offset_length_with(engine: Engine) {
@@ -83,7 +89,9 @@ fn past_eof_is_an_error_naming_file_offset_length_with(engine: Engine) {
 
 #[test]
 fn truncated_under_an_open_reader() {
-    for engine in ENGINES { truncated_under_an_open_reader_with(engine) }
+    for engine in ENGINES {
+        truncated_under_an_open_reader_with(engine)
+    }
 }
 
 fn truncated_under_an_open_reader_with(engine: Engine) {
@@ -98,7 +106,9 @@ fn truncated_under_an_open_reader_with(engine: Engine) {
 
 #[test]
 fn bad_destinations_are_rejected() {
-    for engine in ENGINES { bad_destinations_are_rejected_with(engine) }
+    for engine in ENGINES {
+        bad_destinations_are_rejected_with(engine)
+    }
 }
 
 fn bad_destinations_are_rejected_with(engine: Engine) {
@@ -116,7 +126,9 @@ fn bad_destinations_are_rejected_with(engine: Engine) {
 
 #[test]
 fn many_batches_from_many_threads() {
-    for engine in ENGINES { many_batches_from_many_threads_with(engine) }
+    for engine in ENGINES {
+        many_batches_from_many_threads_with(engine)
+    }
 }
 
 fn many_batches_from_many_threads_with(engine: Engine) {
@@ -129,7 +141,11 @@ fn many_batches_from_many_threads_with(engine: Engine) {
             s.spawn(move || {
                 for k in 0..20 {
                     let ops: Vec<ReadOp> = (0..7)
-                        .map(|j| ReadOp { file_offset: (((t * 31 + k * 7 + j) % 500) * 4096) as u64, len: 4096, dest_offset: j * 4096 })
+                        .map(|j| ReadOp {
+                            file_offset: (((t * 31 + k * 7 + j) % 500) * 4096) as u64,
+                            len: 4096,
+                            dest_offset: j * 4096,
+                        })
                         .collect();
                     let mut dest = AlignedBuf::zeroed(7 * 4096).unwrap();
                     r.read_into(&ops, &mut dest).unwrap();
@@ -146,7 +162,9 @@ fn many_batches_from_many_threads_with(engine: Engine) {
 
 #[test]
 fn buffered_mode_reads_the_same() {
-    for engine in ENGINES { buffered_mode_reads_the_same_with(engine) }
+    for engine in ENGINES {
+        buffered_mode_reads_the_same_with(engine)
+    }
 }
 
 fn buffered_mode_reads_the_same_with(engine: Engine) {
