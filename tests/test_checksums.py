@@ -1,0 +1,92 @@
+"""A corrupt ffn.bin is an error, not wrong logits: the strategies that read a layer's region
+whole (dense at open, naive on its first read of each region) check the region's CRC-32, and
+`llmflash verify` checks a whole store."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_tokenizer_json
+from llmflash.convert.writer import StoreWriter
+from llmflash.errors import StoreError
+from llmflash.store import Store, expected_resident
+from llmflash.strategies.naive import NaiveFFN
+from llmflash.verify import verify_store
+from test_store_errors import run_cli, tiny_config
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    """test_store_errors.write_store's tiny float32 Llama, with a tokenizer for the CLI."""
+    config, g = tiny_config(), torch.Generator().manual_seed(0)
+    dst = tmp_path_factory.mktemp("crc") / "tiny.llmflash"
+    with StoreWriter(dst, config, "float32") as w:
+        w.write_resident({k: torch.randn(s, generator=g) for k, s in expected_resident(config).items()})
+        for i, n in enumerate(config.ffn_dims):
+            w.write_layer(i, up=torch.randn(n, config.dim, generator=g), down=torch.randn(config.dim, n, generator=g),
+                          gate=torch.randn(n, config.dim, generator=g))
+        w.write_tokenizer(tiny_tokenizer_json())
+    return dst
+
+
+@pytest.fixture
+def corrupt(pristine, tmp_path) -> Path:
+    """A copy of the store with one bit of layer 1's region flipped: bit 24 (an exponent bit) of
+    neuron 0's gate[25] (float32, little-endian), which scales that weight by 4 or 1/4."""
+    dst = tmp_path / "c.llmflash"
+    shutil.copytree(pristine, dst)
+    off = Store(dst).layers[1].offset + 25 * 4 + 3
+    with open(dst / "ffn.bin", "r+b") as f:
+        f.seek(off)
+        b = f.read(1)
+        f.seek(off)
+        f.write(bytes([b[0] ^ 0x01]))
+    return dst
+
+
+def x() -> torch.Tensor:
+    return torch.randn(1, tiny_config().dim, generator=torch.Generator().manual_seed(1))
+
+
+def test_naive_checks_each_region_on_first_read(corrupt):
+    ffn = NaiveFFN(Store(corrupt))
+    ffn(0, x())                                                  # layer 0 is intact
+    with pytest.raises(StoreError, match=r"ffn\.bin.*checksum mismatch in layer 1"):
+        ffn(1, x())
+    assert ffn.unverified == {1}
+
+
+def test_naive_checks_once(pristine):
+    ffn = NaiveFFN(Store(pristine))
+    a = ffn(1, x())
+    assert ffn.unverified == {0}                                 # layer 1 checked, layer 0 not read yet
+    assert torch.equal(ffn(1, x()), a)                           # later reads: same result, no check
+
+
+def test_naive_without_verify_reads_what_is_there(corrupt, pristine):
+    bad = NaiveFFN(Store(corrupt), verify=False)(1, x())         # the check is off: no error ...
+    good = NaiveFFN(Store(pristine))(1, x())
+    assert not torch.equal(bad, good)                            # ... and a silently different result
+
+
+def test_cli_naive_on_corrupt_store_exits_2(corrupt):
+    r = run_cli("generate", str(corrupt), "-p", "t1 t2", "-n", "2", "--strategy", "naive")
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "ffn.bin" in r.stderr and "checksum mismatch in layer 1" in r.stderr
+
+
+def test_verify_store_passes_a_pristine_store(pristine):
+    r = verify_store(pristine, progress=False)
+    s = Store(pristine)
+    assert r.layers == len(s.layers) and r.ffn_bytes == sum(L.payload_bytes for L in s.layers)
+    assert r.tokenizer and not r.predictors and r.resident_tensors > 0
+
+
+def test_verify_store_finds_the_corrupt_layer(corrupt):
+    with pytest.raises(StoreError, match=r"ffn\.bin.*checksum mismatch in layer 1"):
+        verify_store(corrupt, progress=False)
