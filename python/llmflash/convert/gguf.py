@@ -282,7 +282,7 @@ def convert_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], dtype
     def res(w: np.ndarray) -> torch.Tensor:          # cast at once: only the store dtype stays in memory
         return torch.from_numpy(w).to(target)
 
-    writer = StoreWriter(dst, cfg, dtype=dtype, source=str(src), force=force)   # fails fast if dst exists
+    writer = StoreWriter(dst, cfg, dtype=dtype, source=str(src), force=force, src=src)  # fails fast on a bad dst
     resident: dict[str, torch.Tensor] = {
         "embed.weight": res(_tensor(names, "token_embd.weight", (cfg.vocab_size, d), src)),
         "norm.weight": res(_tensor(names, "output_norm.weight", (d,), src)),

@@ -283,7 +283,7 @@ def convert_hf(src: str | os.PathLike[str], dst: str | os.PathLike[str], dtype: 
     tok = _tokenizer(src, tokenizer, plan.config.vocab_size)
     target = torch.float16 if dtype == "float16" else torch.bfloat16 if dtype == "bfloat16" else torch.float32
 
-    with StoreWriter(dst, plan.config, dtype, source=str(src), force=force) as w:
+    with StoreWriter(dst, plan.config, dtype, source=str(src), force=force, src=src) as w:
         if tok is not None:
             w.write_tokenizer(*tok)
         resident: dict[str, torch.Tensor] = {}
