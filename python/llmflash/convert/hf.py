@@ -15,6 +15,7 @@ one layer, whatever the model's size.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -127,6 +128,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         d = json.loads(path.read_bytes())
     except (ValueError, UnicodeDecodeError) as e:
         raise ConvertError(f"invalid JSON ({e})", path) from None
+    except RecursionError:
+        raise ConvertError("invalid JSON (nested too deeply)", path) from None
     except OSError as e:
         raise ConvertError(f"cannot read ({e.strerror})", path) from None
     if not isinstance(d, dict):
@@ -155,13 +158,13 @@ class HFConfig:
             raise ConvertError(f"{key} = {v!r:.40} is not an integer in [{lo}, 2^24]", self.path)
         return v
 
-    def float(self, key: str, default: float) -> float:
+    def float(self, key: str, default: float, lo: float = 0.0, hi: float = math.inf, lo_open: bool = True) -> float:
+        """A finite number in (lo, hi] ([lo, hi] without lo_open): positive by default (epsilons,
+        RoPE bases), so NaN, infinities, zero and negatives are errors naming the key."""
         v = self.d.get(key)
         if v is None:
             return default
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-            raise ConvertError(f"{key} = {v!r:.40} is not a number", self.path)
-        return float(v)
+        return check_number(v, key, self.path, lo, hi, lo_open)
 
     def bool(self, key: str, default: bool) -> bool:
         v = self.d.get(key)
@@ -174,23 +177,53 @@ class HFConfig:
     def unsupported(self, what: str) -> UnsupportedModelError:
         return UnsupportedModelError(f"{self.get('model_type')!r} model with {what} is not supported", self.path)
 
-    def token_ids(self, folder: Path) -> tuple[int | None, list[int]]:
+    def token_ids(self, folder: Path, vocab_size: int | None = None) -> tuple[int | None, list[int]]:
         """bos id and eos ids (config.json, plus generation_config.json's eos ids: Llama 3 chat
-        models stop on several)."""
-        bos = self.d.get("bos_token_id")
-        eos: list[int] = []
-        sources = [self.d.get("eos_token_id")]
+        models stop on several). null and negative ids mean none; an id that is not an integer,
+        or (given vocab_size) lies beyond the vocabulary, is an error naming the file and key."""
+        def ids(v: Any, key: str, path: Path) -> list[int]:
+            out = []
+            for t in (v if isinstance(v, list) else [v]):
+                if t is None or (isinstance(t, int) and not isinstance(t, bool) and t < 0):
+                    continue
+                if not isinstance(t, int) or isinstance(t, bool) or (vocab_size is not None and t >= vocab_size):
+                    raise ConvertError(f"{key} = {v!r:.40} is not a token id"
+                                       + (f" in [0, {vocab_size})" if vocab_size is not None else ""), path)
+                out.append(t)
+            return out
+
+        b = self.d.get("bos_token_id")
+        if isinstance(b, list):
+            raise ConvertError(f"bos_token_id = {b!r:.40} is not a token id", self.path)
+        bos = ids(b, "bos_token_id", self.path)
+        eos: list[int] = ids(self.d.get("eos_token_id"), "eos_token_id", self.path)
         gen = folder / "generation_config.json"
         if gen.is_file():
             try:
-                sources.append(json.loads(gen.read_bytes()).get("eos_token_id"))
-            except (ValueError, UnicodeDecodeError, AttributeError, OSError):
+                g = json.loads(gen.read_bytes())
+            except (ValueError, UnicodeDecodeError, OSError, RecursionError):
                 warnings.warn(f"{gen}: unreadable, ignored", stacklevel=3)
-        for e in sources:
-            for t in (e if isinstance(e, list) else [e]):
-                if isinstance(t, int) and not isinstance(t, bool) and t >= 0 and t not in eos:
-                    eos.append(t)
-        return (bos if isinstance(bos, int) and not isinstance(bos, bool) and bos >= 0 else None), eos
+            else:
+                if isinstance(g, dict):
+                    eos += ids(g.get("eos_token_id"), "eos_token_id", gen)
+                else:
+                    warnings.warn(f"{gen}: not a JSON object, ignored", stacklevel=3)
+        return (bos[0] if bos else None), list(dict.fromkeys(eos))
+
+
+def check_number(v: Any, key: str, path: Path, lo: float = 0.0, hi: float = math.inf, lo_open: bool = True) -> float:
+    """v as a float when it is a finite number (int or float, not bool) in (lo, hi] ([lo, hi]
+    without lo_open); otherwise a ConvertError naming `path` and `key`."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise ConvertError(f"{key} = {v!r:.40} is not a number", path)
+    try:
+        f = float(v)
+    except OverflowError:                                    # an int beyond float's range
+        f = math.inf
+    if not (math.isfinite(f) and (lo < f if lo_open else lo <= f) and f <= hi):
+        raise ConvertError(f"{key} = {v!r:.40} is not a finite number in "
+                           f"{'(' if lo_open else '['}{lo:g}, {hi:g}]", path)
+    return f
 
 
 # -- tokenizer --------------------------------------------------------------------------------------

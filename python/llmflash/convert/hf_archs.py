@@ -17,7 +17,7 @@ import torch
 from ..errors import ConvertError
 from ..models.config import ModelConfig
 from ..models.openelm import openelm_dims
-from .hf import Checkpoint, HFConfig
+from .hf import Checkpoint, HFConfig, check_number
 
 Tensors = dict[str, torch.Tensor]
 
@@ -33,7 +33,7 @@ class Plan:
 def _rope(hf: HFConfig) -> tuple[float, dict[str, Any] | None]:
     """rope_theta and scaling from either the classic (rope_theta, rope_scaling) keys or
     transformers 5's rope_parameters."""
-    theta = hf.float("rope_theta", 10000.0)
+    theta = hf.float("rope_theta", 10000.0, lo=1.0, lo_open=False)
     params = hf.get("rope_parameters") or hf.get("rope_scaling")
     if params is None:
         return theta, None
@@ -44,26 +44,40 @@ def _rope(hf: HFConfig) -> tuple[float, dict[str, Any] | None]:
     if params.get("partial_rotary_factor", 1.0) != 1.0 or hf.get("partial_rotary_factor", 1.0) != 1.0:
         raise hf.unsupported("partial rotary embeddings")
     kind = params.get("rope_type", params.get("type", "default"))
-    try:
-        if params.get("rope_theta") is not None:
-            theta = float(params["rope_theta"])
-        if kind == "default":
-            return theta, None
-        if kind == "linear":
-            return theta, {"rope_type": "linear", "factor": float(params["factor"])}
-        if kind == "llama3":
-            s = {"rope_type": "llama3", "factor": float(params["factor"]),
-                 "low_freq_factor": float(params["low_freq_factor"]),
-                 "high_freq_factor": float(params["high_freq_factor"]),
-                 "original_max_position_embeddings": int(params.get(
-                     "original_max_position_embeddings", hf.int("max_position_embeddings", 2048)))}
-            if not (s["factor"] > 0 and s["high_freq_factor"] > s["low_freq_factor"] > 0
-                    and s["original_max_position_embeddings"] > 0):
-                raise ValueError(f"inconsistent values {s}")
-            return theta, s
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConvertError(f"RoPE parameters for {kind!r} are missing or malformed ({e})", hf.path) from None
+
+    def num(key: str, lo: float = 0.0, lo_open: bool = True) -> float:
+        """params[key], a finite number in (lo, inf) ([lo, inf) without lo_open)."""
+        if params.get(key) is None:
+            raise ConvertError(f"RoPE parameters for {kind!r} are missing or malformed ({key!r} is missing)", hf.path)
+        return check_number(params[key], f"RoPE parameter {key}", hf.path, lo, lo_open=lo_open)
+
+    if params.get("rope_theta") is not None:
+        theta = num("rope_theta", 1.0, lo_open=False)
+    if kind == "default":
+        return theta, None
+    if kind == "linear":                                     # factor >= 1, as transformers requires
+        return theta, {"rope_type": "linear", "factor": num("factor", 1.0, lo_open=False)}
+    if kind == "llama3":
+        n = params.get("original_max_position_embeddings")
+        if n is None:
+            n = hf.int("max_position_embeddings", 2048)
+        elif not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= 1 << 24:
+            raise ConvertError(f"RoPE parameter original_max_position_embeddings = {n!r:.40} is not an integer "
+                               "in [1, 2^24]", hf.path)
+        s = {"rope_type": "llama3", "factor": num("factor", 1.0, lo_open=False),
+             "low_freq_factor": num("low_freq_factor"), "high_freq_factor": num("high_freq_factor"),
+             "original_max_position_embeddings": n}
+        if not s["high_freq_factor"] > s["low_freq_factor"]:
+            raise ConvertError(f"RoPE parameters for {kind!r}: inconsistent values {s} "
+                               "(high_freq_factor must exceed low_freq_factor)", hf.path)
+        return theta, s
     raise hf.unsupported(f"RoPE scaling {kind!r} (supported: default, linear, llama3)")
+
+
+def _even_head_dim(hf: HFConfig, hd: int, key: str) -> None:
+    """RoPE rotates pairs of dimensions: an odd head size cannot be converted."""
+    if hd % 2:
+        raise ConvertError(f"{key} = {hd} is odd: RoPE needs an even head dimension", hf.path)
 
 
 def _llama(hf: HFConfig, ck: Checkpoint, folder: Path) -> Plan:
@@ -78,14 +92,15 @@ def _llama(hf: HFConfig, ck: Checkpoint, folder: Path) -> Plan:
     heads = hf.int("num_attention_heads")
     kv = hf.int("num_key_value_heads", heads)
     hd = hf.int("head_dim", d // heads)
+    _even_head_dim(hf, hd, "head_dim" if hf.get("head_dim") is not None else "hidden_size / num_attention_heads")
     n, V = hf.int("intermediate_size"), hf.int("vocab_size")
     if heads % kv:
         raise ConvertError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}", hf.path)
     theta, scaling = _rope(hf)
     bias, tie = hf.bool("attention_bias", False), hf.bool("tie_word_embeddings", False)
-    bos, eos = hf.token_ids(folder)
+    bos, eos = hf.token_ids(folder, V)
     cfg = ModelConfig(arch="llama", vocab_size=V, dim=d, n_layers=L, head_dim=hd, n_heads=[heads] * L,
-                      n_kv_heads=[kv] * L, ffn_dims=[n] * L, norm="rms", norm_eps=hf.float("rms_norm_eps", 1e-6),
+                      n_kv_heads=[kv] * L, ffn_dims=[n] * L, norm="rms", norm_eps=hf.float("rms_norm_eps", 1e-6, hi=1.0),
                       act="silu", gated=True, max_positions=hf.int("max_position_embeddings", 2048),
                       rope_theta=theta, rope_scaling=scaling, attn_bias=bias, tie_embeddings=tie,
                       bos_token_id=bos, eos_token_ids=eos, name=folder.name)
@@ -138,7 +153,7 @@ def _opt(hf: HFConfig, ck: Checkpoint, folder: Path) -> Plan:
     final = pre and not hf.bool("_remove_final_layer_norm", False)    # as modeling_opt.OPTDecoder
     bias, affine = hf.bool("enable_bias", True), hf.bool("layer_norm_elementwise_affine", True)
     tie = hf.bool("tie_word_embeddings", True)
-    bos, eos = hf.token_ids(folder)
+    bos, eos = hf.token_ids(folder, V)
     cfg = ModelConfig(arch="opt", vocab_size=V, dim=d, n_layers=L, head_dim=hd, n_heads=[heads] * L,
                       n_kv_heads=[heads] * L, ffn_dims=[n] * L, norm="layer", norm_eps=1e-5, act=act,
                       gated=False, max_positions=P, rope_theta=None, attn_bias=bias, ffn_bias=bias,
@@ -208,6 +223,7 @@ def _openelm(hf: HFConfig, ck: Checkpoint, folder: Path) -> Plan:
     if hf.get("normalization_layer_name", "rms_norm") != "rms_norm":
         raise hf.unsupported(f"normalization_layer_name {hf.get('normalization_layer_name')!r} (only rms_norm)")
     d, hd, L = hf.int("model_dim"), hf.int("head_dim"), hf.int("num_transformer_layers")
+    _even_head_dim(hf, hd, "head_dim")
     V, groups = hf.int("vocab_size"), hf.int("num_gqa_groups", 1)
     glu = hf.bool("ffn_with_glu", True)
     try:
@@ -223,11 +239,11 @@ def _openelm(hf: HFConfig, ck: Checkpoint, folder: Path) -> Plan:
     if not tie and not ck.has("lm_head.weight"):
         raise ConvertError("share_input_output_layers is false but there is no 'lm_head.weight'",
                            ck.path_of("lm_head.weight"))
-    bos, eos = hf.token_ids(folder)
+    bos, eos = hf.token_ids(folder, V)
     cfg = ModelConfig(arch="openelm", vocab_size=V, dim=d, n_layers=L, head_dim=hd, n_heads=dims.n_heads,
                       n_kv_heads=dims.n_kv_heads, ffn_dims=dims.ffn_dims, norm="rms", norm_eps=1e-6, act=act,
                       gated=glu, max_positions=hf.int("max_context_length", 2048),
-                      rope_theta=hf.float("rope_freq_constant", 10000.0), qk_norm=qk_norm,
+                      rope_theta=hf.float("rope_freq_constant", 10000.0, lo=1.0, lo_open=False), qk_norm=qk_norm,
                       tie_embeddings=tie, bos_token_id=bos, eos_token_ids=eos, name=folder.name)
     T = "transformer."
     want = {T + "token_embeddings.weight": (V, d), T + "norm.weight": (d,)}

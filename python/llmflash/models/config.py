@@ -29,10 +29,72 @@ The FFN weights live in `ffn.bin` as bundles (see llmflash.store).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 ARCHS = ("llama", "opt", "openelm")
+BOOL_FIELDS = ("gated", "attn_bias", "ffn_bias", "qk_norm", "pre_norm", "final_norm", "learned_pos",
+               "tie_embeddings")
+MAX_FLOAT = 3.0e38                   # about float32's largest: RoPE's tables are float32
+# rope_scaling's keys per rope_type (besides rope_type itself), as the converters write them
+ROPE_SCALING_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(what: str, v: Any, lo: float, hi: float, lo_open: bool = False) -> float:
+    """v as a float when it is a finite number (int or float, not bool) in [lo, hi] ((lo, hi] when
+    lo_open); ValueError naming `what` otherwise."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if ok:
+        try:
+            f = float(v)
+        except OverflowError:                                # an int beyond float's range
+            ok = False
+        else:
+            ok = math.isfinite(f) and (lo < f if lo_open else lo <= f) and f <= hi
+    if not ok:
+        raise ValueError(f"{what} = {v!r:.40} is not a finite number in {'(' if lo_open else '['}{lo:g}, {hi:g}]")
+    return f
+
+
+def check_rope_scaling(s: Any) -> None:
+    """Raise ValueError unless `s` is None or a rope_scaling object the model code can use: a
+    supported rope_type with exactly its keys, each a finite number in range (factor >= 1, as
+    transformers requires; llama3: 0 < low_freq_factor < high_freq_factor and a positive integer
+    original_max_position_embeddings)."""
+    if s is None:
+        return
+    if not isinstance(s, dict):
+        raise ValueError(f"config.rope_scaling = {s!r:.60} is not an object")
+    kind = s.get("rope_type", "default")
+    if not isinstance(kind, str) or kind not in ROPE_SCALING_KEYS:
+        raise ValueError(f"config.rope_scaling type {kind!r:.40} is not supported "
+                         f"(supported: {', '.join(ROPE_SCALING_KEYS)})")
+    want = ROPE_SCALING_KEYS[kind]
+    missing = [k for k in want if k not in s]
+    extra = sorted(str(k) for k in s if k != "rope_type" and k not in want)
+    if missing or extra:
+        raise ValueError(f"config.rope_scaling of type {kind!r}: "
+                         + (f"missing {missing}" if missing else f"unexpected keys {extra[:5]}"))
+    if "factor" in want:
+        _number("config.rope_scaling.factor", s["factor"], 1.0, MAX_FLOAT)
+    if kind == "llama3":
+        lo = _number("config.rope_scaling.low_freq_factor", s["low_freq_factor"], 0.0, MAX_FLOAT, lo_open=True)
+        hi = _number("config.rope_scaling.high_freq_factor", s["high_freq_factor"], 0.0, MAX_FLOAT, lo_open=True)
+        if not hi > lo:
+            raise ValueError(f"config.rope_scaling.high_freq_factor = {hi:g} is not above low_freq_factor = {lo:g}")
+        n = s["original_max_position_embeddings"]
+        if not _is_int(n) or not 0 < n <= 1 << 24:
+            raise ValueError(f"config.rope_scaling.original_max_position_embeddings = {n!r:.40} "
+                             "is not a positive integer below 2^24")
 
 
 @dataclass
@@ -66,7 +128,7 @@ class ModelConfig:
     name: str = ""               # human-readable source name
 
     def __post_init__(self) -> None:
-        if self.embed_dim == 0:
+        if _is_int(self.embed_dim) and self.embed_dim == 0:
             self.embed_dim = self.dim
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,30 +144,58 @@ class ModelConfig:
         return cls(**d)
 
     def validate(self) -> None:
-        """Raise ValueError naming the first inconsistent field (manifests are hostile)."""
-        if self.arch not in ARCHS:
-            raise ValueError(f"unsupported architecture {self.arch!r} (supported: {', '.join(ARCHS)})")
+        """Raise ValueError naming the first inconsistent field (manifests are hostile): every
+        field has its type (ints are ints and not bools, bools are bools, floats are finite) and
+        range, so a bad config fails here rather than as a TypeError or NaN logits later."""
+        if not isinstance(self.arch, str) or self.arch not in ARCHS:
+            raise ValueError(f"unsupported architecture {self.arch!r:.40} (supported: {', '.join(ARCHS)})")
         for name in ("vocab_size", "dim", "n_layers", "head_dim", "embed_dim", "max_positions"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= 1 << 24:
-                raise ValueError(f"config.{name} = {v!r} is not a positive integer below 2^24")
+            if not _is_int(v) or not 0 < v <= 1 << 24:
+                raise ValueError(f"config.{name} = {v!r:.40} is not a positive integer below 2^24")
+        if not _is_int(self.pos_offset) or not 0 <= self.pos_offset <= 1 << 24:
+            raise ValueError(f"config.pos_offset = {self.pos_offset!r:.40} is not an integer in [0, 2^24]")
         for name in ("n_heads", "n_kv_heads", "ffn_dims"):
             v = getattr(self, name)
             if not isinstance(v, list) or len(v) != self.n_layers:
                 raise ValueError(f"config.{name} must list {self.n_layers} layers, got {v!r:.80}")
-            if not all(isinstance(x, int) and not isinstance(x, bool) and 0 < x <= 1 << 24 for x in v):
+            if not all(_is_int(x) and 0 < x <= 1 << 24 for x in v):
                 raise ValueError(f"config.{name} has a non-positive or huge entry")
-        for hq, hkv in zip(self.n_heads, self.n_kv_heads):
+        for i, (hq, hkv) in enumerate(zip(self.n_heads, self.n_kv_heads)):
             if hq % hkv:
-                raise ValueError(f"query heads {hq} not a multiple of KV heads {hkv}")
-        if self.norm not in ("rms", "layer"):
-            raise ValueError(f"config.norm = {self.norm!r} (expected 'rms' or 'layer')")
-        if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", "default") if isinstance(self.rope_scaling, dict) else None
-            if kind not in ("default", "linear", "llama3"):
-                raise ValueError(f"config.rope_scaling type {kind!r} is not supported")
-        if self.act not in ("silu", "relu", "gelu"):
-            raise ValueError(f"config.act = {self.act!r} (expected 'silu', 'relu' or 'gelu')")
+                raise ValueError(f"query heads {hq} not a multiple of KV heads {hkv} "
+                                 f"(config.n_heads[{i}], config.n_kv_heads[{i}])")
+        for name in BOOL_FIELDS:
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise ValueError(f"config.{name} = {v!r:.40} is not true/false")
+        if not isinstance(self.norm, str) or self.norm not in ("rms", "layer"):
+            raise ValueError(f"config.norm = {self.norm!r:.40} (expected 'rms' or 'layer')")
+        if not isinstance(self.act, str) or self.act not in ("silu", "relu", "gelu"):
+            raise ValueError(f"config.act = {self.act!r:.40} (expected 'silu', 'relu' or 'gelu')")
+        if not isinstance(self.name, str):
+            raise ValueError(f"config.name = {self.name!r:.40} is not a string")
+        _number("config.norm_eps", self.norm_eps, 0.0, 1.0, lo_open=True)
+        if self.rope_theta is None:
+            if not self.learned_pos:
+                raise ValueError("config.rope_theta is null but config.learned_pos is false: "
+                                 "the model would have no positional information")
+            if self.rope_scaling is not None:
+                raise ValueError("config.rope_scaling is set but config.rope_theta is null (no RoPE)")
+        else:
+            _number("config.rope_theta", self.rope_theta, 1.0, MAX_FLOAT)
+            if self.head_dim % 2:
+                raise ValueError(f"config.head_dim = {self.head_dim} is odd: RoPE needs an even head_dim")
+            check_rope_scaling(self.rope_scaling)
+        bos = self.bos_token_id
+        if bos is not None and (not _is_int(bos) or not 0 <= bos < self.vocab_size):
+            raise ValueError(f"config.bos_token_id = {bos!r:.40} is not a token id in [0, {self.vocab_size})")
+        eos = self.eos_token_ids
+        if not isinstance(eos, list):
+            raise ValueError(f"config.eos_token_ids = {eos!r:.40} is not a list of token ids")
+        for j, t in enumerate(eos):
+            if not _is_int(t) or not 0 <= t < self.vocab_size:
+                raise ValueError(f"config.eos_token_ids[{j}] = {t!r:.40} is not a token id in [0, {self.vocab_size})")
 
     @property
     def bundle_fields(self) -> list[tuple[str, int]]:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..threads import in_decode, native_threads
+from .config import check_rope_scaling
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -66,7 +67,9 @@ ACTIVATIONS = {
 # -- rotary position embedding ----------------------------------------------------------------------
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> Tensor:
     """(head_dim/2,) float32 inverse frequencies, computed the way transformers does (float32
-    powers of theta), with the "linear" and "llama3" (Llama 3.1) rescalings."""
+    powers of theta), with the "linear" and "llama3" (Llama 3.1) rescalings. A malformed `scaling`
+    (missing key, non-number, unknown type) is a ValueError naming the key (config.check_rope_scaling)."""
+    check_rope_scaling(scaling)
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     kind = (scaling or {}).get("rope_type", "default")
     if kind == "default":
