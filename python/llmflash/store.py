@@ -2,7 +2,8 @@
 
     manifest.json           format/version, ModelConfig, dtype, per-layer FFN regions (below)
     resident.safetensors    what stays in DRAM: embeddings, attention, norms, LM head, OPT's
-                            fc1/fc2 biases (canonical names: llmflash.models.config)
+                            fc1/fc2 biases (canonical names: llmflash.models.config), every
+                            tensor in the store dtype (norms and biases too: the writer casts all)
     ffn.bin                 per layer, its neurons as row-column bundles
     tokenizer.json          the tokenizer (`tokenizers` format), when the source had one
     predictors.safetensors  per-layer sparsity predictors, once calibrated
@@ -64,6 +65,11 @@ DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
 }
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+SAFETENSORS_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}   # safetensors' header names
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
 
 
 def replace_file(path: Path, write: Callable[[Path], None]) -> None:
@@ -190,10 +196,15 @@ class Store:
             m = json.loads(mpath.read_bytes())
         except (ValueError, UnicodeDecodeError) as e:
             raise StoreError(f"manifest is not valid JSON ({e})", mpath) from None
+        except RecursionError:                   # '[' * 200000: deeper than the parser's stack
+            raise StoreError("manifest is not valid JSON (nested too deeply)", mpath) from None
         if not isinstance(m, dict):
             raise StoreError("manifest is not a JSON object", mpath)
         self.manifest: dict[str, Any] = m
-        self._validate(m, mpath)
+        try:
+            self._validate(m, mpath)
+        except RecursionError:                   # a deep value that parsed, met again by repr() or ==
+            raise StoreError("manifest holds a value nested too deeply", mpath) from None
 
     # -- validation ------------------------------------------------------------------------
     def _validate(self, m: dict[str, Any], mpath: Path) -> None:
@@ -262,8 +273,10 @@ class Store:
                 raise StoreError(f"layers[{i}] region [{off}, {end}) lies outside ffn.bin ({ffn_size} bytes)", mpath)
             order = L.get("order")
             if order is not None:
-                if not isinstance(order, list) or len(order) != n or sorted(order) != list(range(n)):
-                    raise StoreError(f"layers[{i}].order is not a permutation of 0..{n - 1}", mpath)
+                # ints only (not bools, not floats: 1.0 == 1 would pass the permutation test)
+                if (not isinstance(order, list) or len(order) != n or not all(type(x) is int for x in order)
+                        or sorted(order) != list(range(n))):
+                    raise StoreError(f"layers[{i}].order is not a permutation of the integers 0..{n - 1}", mpath)
                 order = tuple(order)
             regions.append(LayerRegion(i, off, n, bb, rb, fields, crc, order))
         self.layers: list[LayerRegion] = regions
@@ -295,6 +308,9 @@ class Store:
         for name, shape in want.items():
             if tuple(tensors[name].shape) != shape:
                 raise StoreError(f"{name} has shape {tuple(tensors[name].shape)}, expected {shape}", rpath)
+            if tensors[name].dtype != self.dtype:        # the writer stores every tensor in the store dtype
+                raise StoreError(f"{name} is {_dtype_name(tensors[name].dtype)}, expected {self.dtype_name} "
+                                 "(the manifest's dtype)", rpath)
         return tensors
 
     def up_biases(self) -> list[torch.Tensor | None]:
@@ -314,9 +330,13 @@ class Store:
                     name = f"layers.{i}.ffn.up_bias"
                     if name not in names:
                         raise StoreError(f"missing tensor {name}", rpath)
-                    shape = tuple(f.get_slice(name).get_shape())
+                    sl = f.get_slice(name)
+                    shape, dt = tuple(sl.get_shape()), sl.get_dtype()
                     if shape != (n,):
                         raise StoreError(f"{name} has shape {shape}, expected {(n,)}", rpath)
+                    if dt != SAFETENSORS_DTYPES[self.dtype_name]:
+                        raise StoreError(f"{name} is {dt}, expected {SAFETENSORS_DTYPES[self.dtype_name]} "
+                                         f"({self.dtype_name}, the manifest's dtype)", rpath)
                     out.append(f.get_tensor(name).float())
         except (SafetensorError, OSError, ValueError) as e:
             raise StoreError(f"cannot read resident weights: {e}", rpath) from None
