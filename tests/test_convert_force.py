@@ -162,3 +162,14 @@ def test_old_store_survives_failed_swap(tmp_path, hf_src, monkeypatch):
         quiet_convert(hf_src, dst, dtype="bfloat16", force=True)
     assert Store(dst).dtype_name == "float32"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.llmflash"]
+
+
+def test_force_refuses_folder_with_hostile_manifest(capsys, tmp_path, hf_src):
+    """A manifest.json nested too deeply to parse is not a store's: refused, not a traceback."""
+    victim = tmp_path / "deep"
+    victim.mkdir()
+    (victim / "manifest.json").write_text("[" * 200_000)
+    rc, err = cli(capsys, hf_src, victim, "--force")
+    assert rc == 2 and "Traceback" not in err
+    assert str(victim) in err and "not an llmflash store manifest" in err
+    assert (victim / "manifest.json").read_text() == "[" * 200_000

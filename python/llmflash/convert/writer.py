@@ -220,7 +220,7 @@ def _store_problem(path: Path) -> str | None:
         if mpath.stat().st_size > S.MAX_MANIFEST_BYTES:
             raise ValueError("too large")
         m = json.loads(mpath.read_bytes())
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):   # RecursionError: hostile nesting
         m = None
     if not isinstance(m, dict) or m.get("format") != S.FORMAT:
         return f"its {S.MANIFEST} is not an llmflash store manifest (format {S.FORMAT!r})"
