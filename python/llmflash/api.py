@@ -14,10 +14,10 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .errors import LlmflashError
-from .generation import decode_stream, render_chat, sample
-from .store import Store
-from .strategies import make_ffn
+from .errors import ChatTemplateError, InvalidArgumentError, LlmflashError
+from .generation import check_sampling, decode_stream, render_chat, sample
+from .store import MANIFEST, Store
+from .strategies import STRATEGIES, make_ffn
 
 
 class FlashModel:
@@ -44,6 +44,10 @@ class FlashModel:
         when flash options are given, else "dense"."""
         if strategy is None:
             strategy = "flash" if options else "dense"
+        if strategy not in STRATEGIES:
+            raise InvalidArgumentError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
+        if strategy == "dense" and options:
+            raise InvalidArgumentError(f"strategy 'dense' takes no options, got {', '.join(sorted(options))}")
         from .defaults import store_or_default
 
         store = Store(store_or_default(path))
@@ -67,15 +71,26 @@ class FlashModel:
         tok = self._need_tokenizer()
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
         bos = tok.id_to_token(self.config.bos_token_id) if self.config.bos_token_id is not None else ""
-        text = render_chat(self.store.chat_template, messages, bos_token=bos or "")
-        return tok.encode(text, add_special_tokens=False).ids
-
-    def _ids(self, prompt: str | Sequence[int]) -> list[int]:
-        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        text = render_chat(self.store.chat_template, messages, bos_token=bos or "",
+                           source=self.store.path / MANIFEST)
+        ids = tok.encode(text, add_special_tokens=False).ids
         if not ids:
-            raise ValueError("empty prompt")
-        if max(ids) >= self.config.vocab_size or min(ids) < 0:
-            raise ValueError(f"token id out of range [0, {self.config.vocab_size})")
+            raise ChatTemplateError("the chat template rendered an empty prompt", self.store.path / MANIFEST)
+        return ids
+
+    def _ids(self, prompt: str | Sequence[int], text: bool = False) -> list[int]:
+        """The prompt's token ids, checked; text: they came from text (the tokenizer's)."""
+        try:
+            ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        except (TypeError, ValueError) as e:
+            raise InvalidArgumentError(f"a prompt is text or a sequence of token ids: {e}") from None
+        if not ids:
+            raise InvalidArgumentError("empty prompt")
+        V = self.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < V]
+        if bad:
+            why = "; the tokenizer knows more tokens than the model" if text or isinstance(prompt, str) else ""
+            raise InvalidArgumentError(f"token id {bad[0]} out of range [0, {V}){why}")
         return ids
 
     # -- model ------------------------------------------------------------------------------------
@@ -86,16 +101,27 @@ class FlashModel:
         cache = self.model.new_cache(len(ids))
         return self.model.forward(torch.tensor(ids, dtype=torch.long), cache).float()
 
-    @torch.inference_mode()
     def generate_ids(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
                      top_p: float = 1.0, seed: int | None = None, chat: bool = False,
                      stop_at_eos: bool = True) -> Iterator[int]:
-        """Yield new token ids one at a time (KV cache; prefill the prompt in one pass)."""
-        ids = self.chat_prompt(prompt) if chat and isinstance(prompt, str) else self._ids(prompt)
+        """Yield new token ids one at a time (KV cache; prefill the prompt in one pass). The
+        arguments and the prompt are checked here, before the first token is asked for."""
+        check_sampling(temperature, top_p)
+        max_new_tokens = _integer("max_new_tokens", max_new_tokens, 0, None)
+        if seed is not None:
+            seed = _integer("seed", seed, -(1 << 63), (1 << 64) - 1)
+        if chat and isinstance(prompt, str):
+            ids = self._ids(self.chat_prompt(prompt), text=True)
+        else:
+            ids = self._ids(prompt)
         limit = self.config.max_positions
         if len(ids) >= limit:
-            raise ValueError(f"prompt of {len(ids)} tokens does not fit the model's {limit} positions")
-        max_new_tokens = min(max_new_tokens, limit - len(ids))
+            raise InvalidArgumentError(f"prompt of {len(ids)} tokens does not fit the model's {limit} positions")
+        return self._generate_ids(ids, min(max_new_tokens, limit - len(ids)), temperature, top_p, seed, stop_at_eos)
+
+    @torch.inference_mode()
+    def _generate_ids(self, ids: list[int], max_new_tokens: int, temperature: float, top_p: float,
+                      seed: int | None, stop_at_eos: bool) -> Iterator[int]:
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         cache = self.model.new_cache(len(ids) + max_new_tokens)
         eos = set(self.config.eos_token_ids) if stop_at_eos else set()
@@ -134,3 +160,17 @@ class FlashModel:
         if hasattr(self.ffn, "stats"):
             s.update(self.ffn.stats())
         return s
+
+
+def _integer(name: str, value: Any, lo: int, hi: int | None) -> int:
+    """`value` as an int in [lo, hi] (hi None: no upper bound), else InvalidArgumentError."""
+    import operator
+
+    try:
+        v = operator.index(value)
+    except TypeError:
+        v = None
+    if v is None or isinstance(value, bool) or v < lo or (hi is not None and v > hi):
+        raise InvalidArgumentError(f"{name} must be an integer >= {lo}" + (f" and <= {hi}" if hi is not None else "")
+                                   + f", not {value!r}")
+    return v

@@ -1,7 +1,15 @@
-"""The llmflash exception family. Every error a user can cause (bad paths, corrupt or hostile
-stores, unsupported models, a budget that cannot fit) is one of these, with a message that names
-the file and what is wrong. The native module raises these same classes (rust/py/errors.rs maps
-the core's one error enum onto them), so `except llmflash.LlmflashError` catches everything.
+"""The llmflash exception family. Every error a user can cause from Python (bad paths, corrupt or
+hostile stores, unsupported models, a budget that cannot fit, an argument out of range, a chat
+template that fails) is one of these, with a message that names the file or option and what is
+wrong. The argument errors (InvalidArgumentError, ChatTemplateError, BudgetError) are also
+ValueErrors, so `except ValueError` keeps working for them.
+
+The native module raises these same classes for I/O and layout problems (rust/py/errors.rs maps
+the core's one error enum onto them: Open/Read/Eof/Write -> FlashIOError, Layout -> StoreError),
+but an argument it rejects (Invalid, Profile) comes back as a plain ValueError and a failed
+allocation as MemoryError; the Python layer checks its arguments before they reach the native
+module, so in practice those mean a bug or a direct use of llmflash._native. To catch every error
+a user can cause: `except (llmflash.LlmflashError, ValueError)`.
 """
 
 from __future__ import annotations
@@ -36,3 +44,13 @@ class FlashIOError(LlmflashError, OSError):
 
 class BudgetError(LlmflashError, ValueError):
     """The memory budget cannot hold what must stay resident, or cannot be parsed."""
+
+
+class InvalidArgumentError(LlmflashError, ValueError):
+    """An argument or option is malformed or out of range: a sampling setting, a window, a
+    sparsity spec, a strategy, a thread count, an empty or out-of-vocabulary prompt."""
+
+
+class ChatTemplateError(LlmflashError, ValueError):
+    """The store's chat template (manifest.json "chat_template") does not parse, fails while
+    rendering (including a raise_exception() of its own), or exceeds the rendering limits."""
