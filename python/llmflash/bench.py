@@ -19,7 +19,10 @@ from typing import Any
 
 import torch
 
+from .errors import InvalidArgumentError
 from .store import Store
+
+BENCH_STRATEGIES = ("dense", "naive", "flash", "flash-serial", "ablation")
 
 
 def calibration_text(n_chars: int = 200_000, offset: int = 0) -> str:
@@ -54,8 +57,19 @@ def run_bench(store_path: str, memories: list[str], window: int = 4, sparsity: s
     from tqdm import tqdm
 
     from .api import FlashModel
-    from .strategies.flash import make_source
+    from .strategies.flash import check_window, make_source
 
+    unknown = [s for s in strategies if s not in BENCH_STRATEGIES]
+    if unknown or not strategies:
+        raise InvalidArgumentError(f"bench strategies {','.join(strategies)!r}: "
+                                   + (f"unknown {', '.join(map(repr, unknown))}; " if unknown else "none given; ")
+                                   + f"choose from {', '.join(BENCH_STRATEGIES)}")
+    for name, v in (("tokens", tokens), ("prompt_tokens", prompt_tokens)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise InvalidArgumentError(f"bench {name} must be an integer >= 1, not {v!r}")
+    window = check_window(window)
+    if not memories and any(s in strategies for s in ("flash", "ablation", "flash-serial")):
+        raise InvalidArgumentError("bench needs at least one memory budget for the flash strategies")
     store = Store(store_path)
     runs: list[Run] = []
     if "dense" in strategies:
@@ -185,7 +199,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", help="write the table as JSON")
     a = p.parse_args(argv)
     rows = run_bench(a.store, a.memory or ["0.5x", "0.75x", "1x"], a.window, a.sparsity, a.tokens,
-                     strategies=tuple(s.strip() for s in a.strategies.split(",")), hot=a.hot)
+                     strategies=tuple(s.strip() for s in a.strategies.split(",") if s.strip()), hot=a.hot)
     print(format_table(rows))
     if a.plot:
         plot(rows, a.plot)

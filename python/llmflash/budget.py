@@ -9,6 +9,7 @@ proportion to their FFN size, so every layer caches the same share of its neuron
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -21,23 +22,40 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 def parse_memory(spec: str | int | float, model_bytes: int) -> int:
     """Bytes allowed for weights. `model_bytes` is what 1.0x (100%) means."""
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-        if spec <= 0:
-            raise BudgetError(f"memory budget must be positive, got {spec}")
+        if not math.isfinite(spec) or spec <= 0:
+            raise BudgetError(f"memory budget must be a positive number of bytes, got {spec}")
         return int(spec)
     s = str(spec).strip().lower().replace(" ", "")
     m = re.fullmatch(r"([0-9]*\.?[0-9]+)(x|%)", s)
     if m:
         frac = float(m.group(1)) / (100.0 if m.group(2) == "%" else 1.0)
+        if not math.isfinite(frac):
+            raise BudgetError(f"memory budget {spec!r} is too large")
         if frac <= 0:
             raise BudgetError(f"memory budget {spec!r} must be positive")
         return int(frac * model_bytes)
     m = re.fullmatch(r"([0-9]*\.?[0-9]+)([a-z]*)", s)
     if not m or m.group(2) not in _UNITS:
         raise BudgetError(f"cannot parse memory budget {spec!r}: use e.g. 150MB, 1.5GiB, 0.5x or 50%")
-    value = int(float(m.group(1)) * _UNITS[m.group(2)])
+    number = float(m.group(1))
+    if not math.isfinite(number):
+        raise BudgetError(f"memory budget {spec!r} is too large")
+    value = int(number * _UNITS[m.group(2)])
     if value <= 0:
         raise BudgetError(f"memory budget {spec!r} must be positive")
     return value
+
+
+def format_bytes(n: int, up: bool = False) -> str:
+    """n bytes in the unit that shows it best (B, KB, MB, GB, TB: powers of 1000, as --memory
+    reads them), to one decimal; up=True rounds up, so the figure is never below n."""
+    if n < 1000:
+        return f"{int(n)} B"
+    for unit, size in (("KB", 10**3), ("MB", 10**6), ("GB", 10**9), ("TB", 10**12)):
+        v = math.ceil(n * 10 / size) / 10 if up else round(n / size, 1)
+        if v < 1000 or unit == "TB":
+            return f"{v:.1f} {unit}"
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -59,10 +77,10 @@ def plan_caches(budget: int, resident_bytes: int, ffn_dims: list[int], bundle_by
     fixed = resident_bytes + scratch
     if budget < fixed:
         raise BudgetError(
-            f"memory budget {budget / 1e6:.1f} MB is below what must stay resident "
-            f"({resident_bytes / 1e6:.1f} MB of embeddings/attention/norms, predictors and hot neurons + "
-            f"{scratch / 1e6:.1f} MB scratch); "
-            f"use at least {fixed / 1e6:.1f} MB", store_name or None)
+            f"memory budget {format_bytes(budget)} is below what must stay resident "
+            f"({format_bytes(resident_bytes)} of embeddings/attention/norms, predictors and hot neurons + "
+            f"{format_bytes(scratch)} scratch); "
+            f"use at least {format_bytes(fixed, up=True)}", store_name or None)
     total = sum(ffn_dims)
     share = min(1.0, (budget - fixed) / (total * bundle_bytes)) if total else 1.0
     caps = tuple(min(n, int(share * n)) for n in ffn_dims)

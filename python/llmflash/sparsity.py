@@ -30,6 +30,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from .errors import InvalidArgumentError
 from .models.config import ModelConfig
 from .store import Store, split_bundles
 
@@ -125,6 +126,8 @@ class _FullActivations:
 
 class Oracle(_FullActivations):
     def __init__(self, store: Store, keep: float = 0.5):
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
+            raise InvalidArgumentError(f"oracle keep must be a share of the neurons in (0, 1], not {keep!r}")
         super().__init__(store)
         self.keep = keep
 

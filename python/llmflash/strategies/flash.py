@@ -49,6 +49,8 @@ paper's OPT regime). With every neuron wanted, flash equals dense either way.
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 import time
 import warnings
 from typing import Any
@@ -58,11 +60,13 @@ import torch
 from torch import Tensor
 
 from ..budget import CachePlan, parse_memory, plan_caches
+from ..errors import InvalidArgumentError
 from ..io import AlignedBuf, NeuronCache, Reader, as_tensor
 from ..sparsity import AllNeurons, NextLayerGuess, Oracle, SameLayerGuess, WantedSource
 from ..store import PREDICTORS, RESIDENT, Store
 from .base import rows_ffn
 
+MAX_WINDOW = (1 << 32) - 1  # the native cache counts the window in 32 bits
 SCRATCH_NEURONS = 1024    # overflow chunk: rows streamed at a time when a layer's cache is full
 URING_DEPTH = 128         # reads in flight on the default io_uring engine (vda's queue holds 256)
 POOL_THREADS = 32         # reads in flight with the pread pool ("auto", "threads")
@@ -74,29 +78,66 @@ def model_bytes(store: Store) -> tuple[int, int]:
     return resident, sum(L.payload_bytes for L in store.layers)
 
 
+def check_window(window: Any) -> int:
+    """The window as an int in [0, MAX_WINDOW] (0: keep nothing past the token), else InvalidArgumentError."""
+    try:
+        w = operator.index(window)
+    except TypeError:
+        w = None
+    if w is None or isinstance(window, bool) or not 0 <= w <= MAX_WINDOW:
+        raise InvalidArgumentError(f"window must be an integer in [0, {MAX_WINDOW}] (tokens a neuron stays "
+                                   f"cached after it was last wanted), not {window!r}")
+    return w
+
+
+def _share(spec: Any, what: str, value: str) -> float:
+    """A number in (0, 1] parsed from `value`, the `what` part of the sparsity spec `spec`."""
+    try:
+        v = float(value)
+    except ValueError:
+        v = math.nan
+    if not 0.0 < v <= 1.0:                      # also NaN
+        raise InvalidArgumentError(f"sparsity {spec!r}: {what} must be a number in (0, 1], not {value!r}")
+    return v
+
+
 def make_source(spec: str | WantedSource, store: Store, hot: float = 0.0) -> WantedSource:
     """'all', 'oracle' (ReLU: act > 0; SwiGLU: top 50% by |act|), 'oracle:0.3', 'predictor',
     'predictor:RECALL', 'predictor:RECALL/STAY' (hysteresis: Predictors.select), or a callable.
     `hot` pins that share of each layer's neurons (predictors only: read_predictors)."""
+    try:
+        hot_ok = 0.0 <= float(hot) < 1.0        # also rejects NaN
+    except (TypeError, ValueError):
+        hot_ok = False
+    if not hot_ok or isinstance(hot, bool):
+        raise InvalidArgumentError(f"hot share must be a number in [0, 1), not {hot!r}")
+    hot = float(hot)
     if hot and not str(spec).startswith("predictor"):
-        raise ValueError(f"hot pinning needs the calibrated predictors (their per-neuron rates), not {spec!r}; "
-                         "for a ready source, pin with load_predictors(store, hot=...)")
+        raise InvalidArgumentError(f"hot pinning needs the calibrated predictors (their per-neuron rates), not "
+                                   f"{spec!r}; for a ready source, pin with load_predictors(store, hot=...)")
     if callable(spec):
         return spec
-    name, _, arg = str(spec).partition(":")
+    if not isinstance(spec, str):
+        raise InvalidArgumentError(f"sparsity must be a string (all, oracle[:KEEP], predictor[:RECALL[/STAY]]) "
+                                   f"or a callable source, not {spec!r}")
+    name, colon, arg = spec.partition(":")
     if name == "all":
+        if colon:
+            raise InvalidArgumentError(f"sparsity {spec!r}: 'all' takes no argument")
         return AllNeurons(store.config)
     if name == "oracle":
-        return Oracle(store, keep=float(arg) if arg else 0.5)
+        keep = _share(spec, "KEEP (the share of neurons kept per token)", arg) if arg else 0.5
+        return Oracle(store, keep=keep)
     if name == "predictor":
         from ..predictor_file import load_predictors
         recall, _, stay = arg.partition("/")
-        try:
-            r, st = (float(recall) if recall else None), (float(stay) if stay else None)
-        except ValueError:
-            raise ValueError(f"sparsity {spec!r}: expected predictor[:RECALL[/STAY]] with numbers") from None
+        r = _share(spec, "RECALL", recall) if recall else None
+        st = _share(spec, "STAY", stay) if stay else None
+        if r is not None and st is not None and st < r:
+            raise InvalidArgumentError(f"sparsity {spec!r}: STAY ({st}) must be >= RECALL ({r}): a cached neuron "
+                                       "would need a higher score to stay than a new one to enter")
         return load_predictors(store, recall=r, stay=st, hot=hot)
-    raise ValueError(f"unknown sparsity {spec!r}: use all, oracle[:KEEP] or predictor[:RECALL[/STAY]]")
+    raise InvalidArgumentError(f"unknown sparsity {spec!r}: use all, oracle[:KEEP] or predictor[:RECALL[/STAY]]")
 
 
 class FlashFFN:
@@ -111,7 +152,13 @@ class FlashFFN:
 
         self.store, self.config = store, store.config
         if compute not in ("live", "wanted"):
-            raise ValueError(f"compute must be 'live' or 'wanted', not {compute!r}")
+            raise InvalidArgumentError(f"compute must be 'live' or 'wanted', not {compute!r}")
+        window = check_window(window)
+        if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
+                                        or not 1 <= concurrency <= 1 << 16):
+            raise InvalidArgumentError(f"concurrency must be an integer in [1, 65536], not {concurrency!r}")
+        if engine not in (None, "auto", "threads", "io_uring"):
+            raise InvalidArgumentError(f"engine must be 'auto', 'threads' or 'io_uring', not {engine!r}")
         self.compute = compute
         if sparsity is None:
             # The calibrated predictors when the store has them; else the oracle (an upper bound
@@ -123,12 +170,12 @@ class FlashFFN:
         self.source = make_source(sparsity, store, hot=hot)
         mode = ("layer" if lookahead else None) if isinstance(lookahead, bool) else lookahead
         if mode not in (None, "layer", "attention"):
-            raise ValueError(f"lookahead must be False, True, 'layer' or 'attention', not {lookahead!r}")
+            raise InvalidArgumentError(f"lookahead must be False, True, 'layer' or 'attention', not {lookahead!r}")
         if mode == "layer" and not hasattr(self.source, "ahead"):
             self.source = NextLayerGuess(self.source)
         if mode == "attention" and not self.config.pre_norm:
-            raise ValueError(f"{store.path}: lookahead='attention' needs a pre-norm model (the guess reads "
-                             "the FFN norm of the attention input); use lookahead='layer'")
+            raise InvalidArgumentError(f"{store.path}: lookahead='attention' needs a pre-norm model (the guess "
+                                       "reads the FFN norm of the attention input); use lookahead='layer'")
         if mode == "attention" and not hasattr(self.source, "early"):
             self.source = SameLayerGuess(self.source)
         self._sticky = bool(getattr(self.source, "sticky", False))
