@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .errors import LlmflashError, StoreError
+from .errors import InvalidArgumentError, LlmflashError, StoreError
 from .models.layers import linear
 from .predictor import TrainResult, activations, label_kind, labels, pack_bits, threshold_for_recall
 from .predictor_file import save_predictors
@@ -158,16 +158,21 @@ def calibrate(store_path: str | os.PathLike[str], texts: list[str] | None = None
     from tqdm import tqdm
 
     if kind not in ("lowrank", "shadow"):
-        raise ValueError(f"kind must be lowrank or shadow, got {kind!r}")
+        raise InvalidArgumentError(f"kind must be lowrank or shadow, got {kind!r}")
 
     if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        raise InvalidArgumentError(f"sparsity must be in [0, 1), got {sparsity}")
     if not 0.0 < recall <= 1.0:
-        raise ValueError(f"recall must be in (0, 1], got {recall}")
+        raise InvalidArgumentError(f"recall must be in (0, 1], got {recall}")
     if not 0.0 < heldout < 1.0:
-        raise ValueError(f"heldout must be in (0, 1), got {heldout}")
+        raise InvalidArgumentError(f"heldout must be in (0, 1), got {heldout}")
+    if not 0.0 < lr < float("inf"):
+        raise InvalidArgumentError(f"lr must be a finite number > 0, got {lr}")
     if tokens < 2 or rank < 1 or epochs < 0 or chunk < 1 or batch < 1:
-        raise ValueError("tokens >= 2, rank >= 1, epochs >= 0, chunk >= 1 and batch >= 1 are required")
+        raise InvalidArgumentError("tokens >= 2, rank >= 1, epochs >= 0, chunk >= 1 and batch >= 1 are required, got "
+                                   f"tokens {tokens}, rank {rank}, epochs {epochs}, chunk {chunk}, batch {batch}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise InvalidArgumentError(f"threads must be an integer >= 1 (or None: torch's setting), got {threads!r}")
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -199,6 +204,8 @@ def calibrate(store_path: str | os.PathLike[str], texts: list[str] | None = None
             for layer in range(c.n_layers):
                 bar.set_postfix(layer=layer)
                 results.append(_train(rec, layer, rank, n_held, epochs, batch, lr, seed * 1000 + layer, store.dtype, bar))
+        # the rank actually trained: train_layer caps it at the layer's width (min(rank, dim, n))
+        rank = max(r.predictor.rank for r in results)
     assert rec.thresholds is not None
     for layer, r in enumerate(results):                 # per-neuron activity (hot pinning reads it)
         r.rate = _rates(rec, layer)
@@ -322,6 +329,8 @@ def main(argv: Sequence[str]) -> int:
                       threads=a.threads, progress=not a.quiet, kind=a.kind)
     e = entry["expected"]
     what = "4-bit shadow" if a.kind == "shadow" else f"rank {entry['rank']}"
+    if a.kind != "shadow" and entry["rank"] != a.rank:
+        what += f" (--rank {a.rank} capped at the model's width)"
     print(f"wrote {Path(path) / PREDICTORS}: {entry['tokens']} tokens, {what}, "
           f"held-out recall {e['recall']:.3f}, precision {e['precision']:.3f}, "
           f"predicted share {e['predicted_share']:.3f}; {entry['seconds']['total']:.0f} s", file=sys.stderr)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from .errors import LlmflashError
+from .errors import InvalidArgumentError, LlmflashError
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -40,13 +40,15 @@ def flash_options(args: argparse.Namespace) -> dict:
     """Options for the flash strategy from --memory/--window/--sparsity/--hot (only those given)."""
     opts = {k: getattr(args, k) for k in ("memory", "window", "sparsity", "hot") if getattr(args, k) is not None}
     if opts and args.strategy not in (None, "flash"):
-        raise ValueError(f"--memory/--window/--sparsity/--hot apply to the flash strategy, not {args.strategy!r}")
+        raise InvalidArgumentError(f"--memory/--window/--sparsity/--hot apply to the flash strategy, "
+                                   f"not {args.strategy!r}")
     return opts
 
 
 def add_flash_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", help="DRAM for weights: e.g. 150MB, 1.5GiB, 0.5x or 50%% of the model (flash)")
-    p.add_argument("--window", type=int, help="keep neurons wanted in the last K tokens (flash, default 4)")
+    p.add_argument("--window", type=int, metavar="K",
+                   help="keep neurons wanted in the last K tokens, K >= 0 (flash, default 4)")
     p.add_argument("--sparsity", help="wanted neurons: predictor[:RECALL[/STAY]], oracle[:KEEP] or all (flash)")
     p.add_argument("--hot", type=float, metavar="SHARE",
                    help="pin that share of each layer's neurons (the most often active in calibration) in DRAM, "
@@ -87,11 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-p", "--prompt", help="prompt text (default: read stdin)")
     g.add_argument("-n", type=int, default=128, help="maximum new tokens (default 128)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); finite, >= 0")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: keep the most likely tokens up to this total probability, in [0, 1] "
+                        "(default 1: no cut; 0: the top token only)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--strategy", choices=("dense", "naive", "flash"),
-                   help="FFN strategy (default: flash when --memory/--window/--sparsity is given, else dense)")
+                   help="FFN strategy (default: flash when --memory/--window/--sparsity/--hot is given, else dense)")
     add_flash_flags(g)
     g.add_argument("--stats", action="store_true", help="print timing and I/O counters to stderr")
     g.set_defaults(func=_cmd_generate)
@@ -101,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def one_line(e: BaseException) -> str:
+    """The exception's message on one line (some libraries' messages span several)."""
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -108,11 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _delegate(argv[0], argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except LlmflashError as e:
-        print(f"llmflash: error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as e:
-        print(f"llmflash: error: {e}", file=sys.stderr)
+    except (LlmflashError, ValueError, OSError) as e:
+        # Every LlmflashError (whatever else it is), and the ValueError/OSError that bad input
+        # causes in the libraries underneath; anything else is a bug and keeps its traceback.
+        print(f"llmflash: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("llmflash: interrupted", file=sys.stderr)

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import BudgetError, LlmflashError
+from .budget import parse_memory
+from .errors import BudgetError, InvalidArgumentError, LlmflashError
 from .models.layers import linear
 from .predictor import Predictors, activations, label_kind, labels
 from .defaults import store_or_default
@@ -145,8 +146,17 @@ def evaluate(store_path: str | os.PathLike[str], text: str | None = None, tokens
     from .models.transformer import Transformer
     from .strategies import make_ffn
     from .sparsity import NextLayerGuess, SameLayerGuess
-    from .strategies.flash import make_source, model_bytes
+    from .strategies.flash import check_window, make_source, model_bytes
 
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise InvalidArgumentError(f"threads must be an integer >= 1 (or None: torch's setting), got {threads!r}")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2:
+        raise InvalidArgumentError(f"tokens must be an integer >= 2, got {tokens!r}")
+    if lookahead not in (None, "layer", "attention"):
+        raise InvalidArgumentError(f"lookahead must be None, 'layer' or 'attention', got {lookahead!r}")
+    window = check_window(window)
+    for mem in memories:            # syntax only here; a budget too small for this store is a row of its own
+        parse_memory(mem, 1 << 40)
     if threads:
         torch.set_num_threads(threads)
     store = Store(store_path)
