@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import tiny_tokenizer_json
+from llmflash.cli import main
 from llmflash.convert.writer import StoreWriter
 from llmflash.errors import StoreError
 from llmflash.store import Store, expected_resident
@@ -90,3 +91,11 @@ def test_verify_store_passes_a_pristine_store(pristine):
 def test_verify_store_finds_the_corrupt_layer(corrupt):
     with pytest.raises(StoreError, match=r"ffn\.bin.*checksum mismatch in layer 1"):
         verify_store(corrupt, progress=False)
+
+
+def test_cli_verify(pristine, corrupt, capsys):
+    assert main(["verify", "-q", str(pristine)]) == 0
+    assert "ok" in capsys.readouterr().err
+    assert main(["verify", "-q", str(corrupt)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ffn.bin" in err[0] and "checksum mismatch in layer 1" in err[0]

@@ -4,12 +4,13 @@
     print(model.generate("The capital of France is", max_new_tokens=16))
 """
 
-from .errors import (BudgetError, ConvertError, FlashIOError, LlmflashError, StoreError,
-                     UnsupportedModelError)
+from .errors import (BudgetError, ChatTemplateError, ConvertError, FlashIOError, InvalidArgumentError,
+                     LlmflashError, StoreError, UnsupportedModelError)
 
 __version__ = "0.1.0"
 __all__ = ["FlashModel", "LlmflashError", "StoreError", "ConvertError", "UnsupportedModelError",
-           "FlashIOError", "BudgetError", "__version__"]
+           "FlashIOError", "BudgetError", "InvalidArgumentError", "ChatTemplateError", "verify_store",
+           "__version__"]
 
 
 def __getattr__(name: str):
@@ -17,4 +18,7 @@ def __getattr__(name: str):
     if name == "FlashModel":
         from .api import FlashModel
         return FlashModel
+    if name == "verify_store":
+        from .verify import verify_store
+        return verify_store
     raise AttributeError(name)

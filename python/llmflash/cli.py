@@ -36,6 +36,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify_store
+
+    r = verify_store(args.store, progress=not args.quiet)
+    print(f"{r.path}: ok: {r.layers} layer regions ({r.ffn_bytes / 1e6:.1f} MB) match their CRC-32s, "
+          f"{r.resident_tensors} resident tensors, tokenizer {'ok' if r.tokenizer else 'none'}, "
+          f"predictors {'ok' if r.predictors else 'none'}", file=sys.stderr)
+    return 0
+
+
 def flash_options(args: argparse.Namespace) -> dict:
     """Options for the flash strategy from --memory/--window/--sparsity/--hot (only those given)."""
     opts = {k: getattr(args, k) for k in ("memory", "window", "sparsity", "hot") if getattr(args, k) is not None}
@@ -99,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_flash_flags(g)
     g.add_argument("--stats", action="store_true", help="print timing and I/O counters to stderr")
     g.set_defaults(func=_cmd_generate)
+
+    v = sub.add_parser("verify", help="check a whole store: every layer region's CRC-32, resident tensors, "
+                                      "tokenizer, predictors (flash's single-bundle reads are not checksummed)")
+    v.add_argument("store", help="store folder")
+    v.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    v.set_defaults(func=_cmd_verify)
 
     for command, (_, text) in DELEGATED.items():
         sub.add_parser(command, help=text, add_help=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import InvalidArgumentError
 from ..store import Store
 
 STRATEGIES = ("dense", "naive", "flash")
@@ -16,7 +17,7 @@ def make_ffn(name: str, store: Store, **options: Any):
     if name == "dense":
         from .dense import DenseFFN
         if options:
-            raise ValueError(f"strategy 'dense' takes no options, got {sorted(options)}")
+            raise InvalidArgumentError(f"strategy 'dense' takes no options, got {sorted(options)}")
         return DenseFFN(store)
     if name == "naive":
         from .naive import NaiveFFN
@@ -24,4 +25,4 @@ def make_ffn(name: str, store: Store, **options: Any):
     if name == "flash":
         from .flash import FlashFFN
         return FlashFFN(store, **options)
-    raise ValueError(f"unknown strategy {name!r} (choose from {', '.join(STRATEGIES)})")
+    raise InvalidArgumentError(f"unknown strategy {name!r} (choose from {', '.join(STRATEGIES)})")
