@@ -7,6 +7,7 @@ use std::sync::Arc;
 use proptest::prelude::*;
 
 use super::*;
+use crate::planner::plan;
 use crate::reader::ReaderOptions;
 
 const PAGE: u64 = 4096;
