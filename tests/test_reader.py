@@ -264,3 +264,17 @@ def test_fallback_where_o_direct_is_refused(ramfs):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not Reader(folder / S.FFN, direct=False).direct
+
+
+def test_native_argument_errors_are_llmflash_errors(tmp_path):
+    """rust/py/errors.rs: the core's Invalid and Profile errors are InvalidArgumentError, which is
+    both an LlmflashError and a ValueError."""
+    from llmflash._native import Profile
+    from llmflash.errors import InvalidArgumentError, LlmflashError
+
+    f = tmp_path / "f.bin"
+    f.write_bytes(b"\0" * 8192)
+    for make in (lambda: Reader(f, engine="bogus"), lambda: Profile.from_json("{")):
+        with pytest.raises(InvalidArgumentError) as e:
+            make()
+        assert isinstance(e.value, LlmflashError) and isinstance(e.value, ValueError)

@@ -4,12 +4,10 @@ template that fails) is one of these, with a message that names the file or opti
 wrong. The argument errors (InvalidArgumentError, ChatTemplateError, BudgetError) are also
 ValueErrors, so `except ValueError` keeps working for them.
 
-The native module raises these same classes for I/O and layout problems (rust/py/errors.rs maps
-the core's one error enum onto them: Open/Read/Eof/Write -> FlashIOError, Layout -> StoreError),
-but an argument it rejects (Invalid, Profile) comes back as a plain ValueError and a failed
-allocation as MemoryError; the Python layer checks its arguments before they reach the native
-module, so in practice those mean a bug or a direct use of llmflash._native. To catch every error
-a user can cause: `except (llmflash.LlmflashError, ValueError)`.
+The native module raises these same classes (rust/py/errors.rs maps the core's one error enum
+onto them: Open/Read/Eof/Write -> FlashIOError, Layout -> StoreError, Invalid/Profile ->
+InvalidArgumentError); only a failed allocation is a plain MemoryError, and a wrong argument type
+a TypeError. So `except llmflash.LlmflashError` catches every error a user can cause.
 """
 
 from __future__ import annotations

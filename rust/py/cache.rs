@@ -4,7 +4,6 @@
 //! `torch.frombuffer(cache.slots, dtype=...)` views the rows without copying.
 
 use numpy::PyArray1;
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -13,6 +12,7 @@ use super::planner::{as_int64_array, Wanted};
 use super::profile::PyProfile;
 use super::reader::PyReader;
 use crate::cache::{Admission, NeuronCache};
+use crate::error::Error;
 use crate::planner::{PlanOptions, Region};
 
 /// Neuron ids from a numpy array, a torch tensor or any sequence of ints.
@@ -230,7 +230,7 @@ impl PyNeuronCache {
         let ids = ids(wanted, self.cache.region().n_neurons)?;
         let buf = &out.get().buf;
         if std::sync::Arc::ptr_eq(buf, self.cache.slots()) {
-            return Err(PyValueError::new_err("read_neurons cannot write into the cache's own slot matrix"));
+            return Err(Error::invalid("read_neurons cannot write into the cache's own slot matrix").into());
         }
         let (dest, len) = (Dest(buf.as_mut_ptr()), buf.len());
         let cache = &self.cache;

@@ -1,9 +1,10 @@
 //! The one place where core errors become Python exceptions, raised as `llmflash.errors`'
 //! classes so `except llmflash.LlmflashError` catches everything:
 //! Open/Read/Eof/Write -> FlashIOError (an OSError, with `errno` when the OS gave one),
-//! Layout -> StoreError, Invalid/Profile -> ValueError, Alloc -> MemoryError.
+//! Layout -> StoreError, Invalid/Profile -> InvalidArgumentError (also a ValueError),
+//! Alloc -> MemoryError.
 
-use pyo3::exceptions::{PyMemoryError, PyOSError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyOSError};
 use pyo3::prelude::*;
 
 use crate::error::Error;
@@ -18,7 +19,7 @@ fn to_pyerr(py: Python<'_>, e: &Error) -> PyErr {
     let class = match e {
         Error::Open { .. } | Error::Read { .. } | Error::Eof { .. } | Error::Write { .. } => "FlashIOError",
         Error::Layout { .. } => "StoreError",
-        Error::Invalid { .. } | Error::Profile { .. } => return PyValueError::new_err(e.to_string()),
+        Error::Invalid { .. } | Error::Profile { .. } => "InvalidArgumentError",
         Error::Alloc { .. } => return PyMemoryError::new_err(e.to_string()),
     };
     let raise = || -> PyResult<PyErr> {

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use pyo3::exceptions::{PyRuntimeWarning, PyValueError};
+use pyo3::exceptions::PyRuntimeWarning;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -57,9 +57,10 @@ impl PyReader {
             "threads" => Engine::Threads,
             "io_uring" => Engine::Uring,
             other => {
-                return Err(PyValueError::new_err(format!(
+                return Err(Error::invalid(format!(
                     "engine = {other:?} (expected \"auto\", \"threads\" or \"io_uring\")"
-                )))
+                ))
+                .into())
             }
         };
         let reader = py.detach(|| Reader::open_with(&path, ReaderOptions { concurrency, direct, engine }))?;
@@ -115,10 +116,11 @@ impl PyReader {
         for (i, (file_offset, len, buf, dest_offset)) in requests.iter().enumerate() {
             let b = &buf.get().buf;
             if dest_offset.checked_add(*len).map_or(true, |end| end > b.len()) {
-                return Err(PyValueError::new_err(format!(
+                return Err(Error::invalid(format!(
                     "request {i}: {len} bytes at destination offset {dest_offset} overflow the {}-byte buffer",
                     b.len()
-                )));
+                ))
+                .into());
             }
             let start = b.as_ptr() as usize + dest_offset;
             ranges.push((start, start + len));
