@@ -58,9 +58,16 @@
 //! I/O reads whole pages, and sub-page bundles or bridged gaps are not rows), taken from a
 //! [`StagingPool`] shared by all caches so that transient memory is bounded by the reads in flight, not by the number of layers (30 layers each keeping a
 //! whole-region buffer would hold the entire FFN in DRAM and defeat the memory budget).
+//!
+//! Checksums (cache/crc.rs): given a table of one CRC-32 per bundle (`set_bundle_crcs`, once, with
+//! no fill pending), every bundle read is checked before it counts: a fill hashes its rows after
+//! the reads and staging copies and before any row is marked READY (a mismatch fails the fill
+//! like an I/O error, with `Error::Corrupt`), and `read_neurons` checks before copying out. The
+//! table sits in `Shared` in a `OnceLock` (set by the owner before it sends the fill that uses
+//! it; the filler's `get` is one Acquire load per fill, no lock). Without a table nothing is hashed.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use crate::aligned::AlignedBuf;
@@ -120,6 +127,10 @@ struct Shared {
     staging: Arc<StagingPool>,
     slots: Arc<AlignedBuf>,
     bundle_bytes: usize,
+    /// The region's file offset (bundle j starts at `region_offset + j * bundle_bytes`).
+    region_offset: u64,
+    /// One CRC-32 per bundle (store position), once `set_bundle_crcs` gave it; never replaced.
+    crcs: OnceLock<Box<[u32]>>,
     state: Box<[AtomicU8]>,
     /// Epoch of the last fill that finished (successfully or not).
     done_epoch: AtomicU64,
@@ -189,6 +200,8 @@ impl NeuronCache {
             staging: staging.unwrap_or_else(StagingPool::global),
             slots,
             bundle_bytes: bb,
+            region_offset: region.offset,
+            crcs: OnceLock::new(),
             state,
             done_epoch: AtomicU64::new(0),
             counters: Counters::default(),
@@ -334,6 +347,7 @@ impl NeuronCache {
             io_ns: l(&c.io_ns),
             wait_ns: l(&c.wait_ns),
             mgmt_ns: l(&c.mgmt_ns),
+            crc_ns: l(&c.crc_ns),
         }
     }
 
@@ -354,6 +368,7 @@ impl NeuronCache {
             &c.io_ns,
             &c.wait_ns,
             &c.mgmt_ns,
+            &c.crc_ns,
         ] {
             a.store(0, Ordering::Relaxed);
         }
@@ -393,10 +408,10 @@ impl NeuronCache {
         self.begin_inner(wanted, step, step, false)
     }
 
-    /// Block until the pending fill (if any) is done. On an I/O error the fill's neurons are
-    /// removed from the cache (rows `[ready, total)` are dropped: the fill's and any live rows
-    /// between them; nothing is presented as filled) and the error, naming the file, offset
-    /// and length, is returned.
+    /// Block until the pending fill (if any) is done. On an I/O error or a checksum mismatch
+    /// (`Error::Corrupt`) the fill's neurons are removed from the cache (rows `[ready, total)` are
+    /// dropped: the fill's and any live rows between them; nothing is presented as filled) and the
+    /// error, naming the file and offset, is returned.
     pub fn wait(&mut self) -> Result<()> {
         let Some(epoch) = self.pending else { return Ok(()) };
         let t0 = Instant::now();
@@ -431,8 +446,11 @@ impl Drop for NeuronCache {
 
 mod admit;
 mod counters;
+mod crc;
 mod evict;
 mod fill;
 mod overflow;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_crc;

@@ -1,6 +1,7 @@
 //! The core's one error type. Every message names the file (when there is one), the offset and
 //! length involved, and what was expected. `py/errors.rs` maps each kind onto `llmflash.errors`:
-//! I/O problems -> FlashIOError, bad layouts -> StoreError, bad arguments -> ValueError.
+//! I/O problems -> FlashIOError, bad layouts and corrupt bundles -> StoreError, bad arguments ->
+//! ValueError.
 
 use std::fmt;
 use std::io;
@@ -21,6 +22,9 @@ pub enum Error {
     Write { path: PathBuf, source: io::Error },
     /// A region or bundle layout that cannot be right (misaligned, overflowing): a store problem.
     Layout { what: String },
+    /// Bytes read from the file are not what the store recorded (a bundle's CRC-32 differs):
+    /// the file is corrupt, or was changed after the store was written. `what` names the bundle.
+    Corrupt { path: PathBuf, offset: u64, what: String },
     /// A caller passed a bad argument (an out-of-range neuron, a destination too small, ...).
     Invalid { what: String },
     /// A disk profile (JSON) is malformed or implausible.
@@ -44,7 +48,8 @@ impl Error {
             Error::Open { path, .. }
             | Error::Read { path, .. }
             | Error::Eof { path, .. }
-            | Error::Write { path, .. } => Some(path),
+            | Error::Write { path, .. }
+            | Error::Corrupt { path, .. } => Some(path),
             Error::Profile { path, .. } => path.as_deref(),
             Error::Layout { .. } | Error::Invalid { .. } | Error::Alloc { .. } => None,
         }
@@ -79,6 +84,7 @@ impl Error {
                 )
             }
             Error::Write { source, .. } => format!("cannot write: {source}"),
+            Error::Corrupt { offset, what, .. } => format!("{what} at offset {offset}: the file is corrupt"),
             Error::Layout { what } | Error::Invalid { what } | Error::Profile { what, .. } => what.clone(),
             Error::Alloc { bytes } => format!("cannot allocate a {bytes}-byte aligned buffer"),
         }

@@ -171,11 +171,16 @@ class NeuronCache:
                  max_request_bytes: int = 1048576, concurrency: Optional[int] = None,
                  allow_whole: bool = True, max_gap_bytes: Optional[int] = None) -> None: ...
     def begin(self, wanted: _Ids, step: int) -> Admission: ...   # evict, plan, start reads
-    def wait(self) -> None: ...            # FlashIOError: the fill's neurons were removed
+    def wait(self) -> None: ...            # FlashIOError / StoreError (CRC): the fill's neurons were removed
     def begin_guess(self, wanted: _Ids, step: int) -> Admission: ...  # begin for a lookahead guess:
     #   its neurons count as wanted at step - 1, so the check at `step` may evict the wrong ones
     def admit(self, wanted: _Ids, step: int) -> Admission: ...   # begin + wait, inline
     def read_neurons(self, wanted: _Ids, out: AlignedBuf) -> int: ...  # row k = wanted[k]
+    def set_bundle_crcs(self, crcs: Union[npt.NDArray[np.uint32], Sequence[int]]) -> None: ...
+    #   crcs[j] = zlib.crc32 of bundle j; n_neurons entries; set once. From then on a bundle read
+    #   whose CRC differs raises StoreError (wait/admit/begin drop the fill's neurons; read_neurons)
+    @property
+    def has_bundle_crcs(self) -> bool: ...
     @property
     def slots(self) -> AlignedBuf: ...     # capacity * bundle_bytes bytes, zero-copy, same object
     @property
@@ -208,7 +213,8 @@ class NeuronCache:
     def __len__(self) -> int: ...          # live
     def row_states(self) -> npt.NDArray[np.uint8]: ...     # 0 empty, 1 filling, 2 ready
     def stats(self) -> dict[str, int]: ...  # admissions, hits, misses, overflow, evicted_window,
-    #   evicted_capacity, bytes_read, bytes_useful, requests, failed_fills, io_ns, wait_ns, mgmt_ns
+    #   evicted_capacity, bytes_read, bytes_useful, bytes_direct, requests, failed_fills, io_ns,
+    #   wait_ns, mgmt_ns, crc_ns (the part of mgmt_ns spent on CRC checks)
     def reset_stats(self) -> None: ...
 
 

@@ -21,6 +21,7 @@ pub(super) struct Counters {
     pub(super) io_ns: AtomicU64,
     pub(super) wait_ns: AtomicU64,
     pub(super) mgmt_ns: AtomicU64,
+    pub(super) crc_ns: AtomicU64,
 }
 
 /// A copy of a cache's counters.
@@ -48,13 +49,15 @@ pub struct CacheStats {
     pub io_ns: u64,
     /// Time the owner spent blocked waiting for fills (the I/O that was not overlapped).
     pub wait_ns: u64,
-    /// Memory management: eviction moves, index updates, staging -> row copies.
+    /// Memory management: eviction moves, index updates, staging -> row copies, CRC checks.
     pub mgmt_ns: u64,
+    /// Of mgmt_ns, the CRC-32 checks of bundles read (0 without a table: `set_bundle_crcs`).
+    pub crc_ns: u64,
 }
 
 impl CacheStats {
     /// (name, value) pairs in a fixed order (the Python dict's keys).
-    pub fn fields(&self) -> [(&'static str, u64); 14] {
+    pub fn fields(&self) -> [(&'static str, u64); 15] {
         [
             ("admissions", self.admissions),
             ("hits", self.hits),
@@ -70,6 +73,7 @@ impl CacheStats {
             ("io_ns", self.io_ns),
             ("wait_ns", self.wait_ns),
             ("mgmt_ns", self.mgmt_ns),
+            ("crc_ns", self.crc_ns),
         ]
     }
 }

@@ -6,7 +6,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use super::{add, ns_since, NeuronCache, Shared, ABSENT, EMPTY, READY};
+use super::{add, crc, ns_since, NeuronCache, Shared, ABSENT, EMPTY, READY};
 use crate::error::{Error, Result};
 use crate::planner::Plan;
 use crate::reader::RawOp;
@@ -36,6 +36,8 @@ pub(super) struct Fill {
     pub(super) staging_bytes: usize,
     /// Rows this fill writes (holes left by evictions, then rows after the live block).
     pub(super) rows: Vec<usize>,
+    /// The neuron (store position) of each of `rows`, for the CRC checks.
+    pub(super) neurons: Vec<u32>,
     pub(super) requests: usize,
     pub(super) buffer_bytes: u64,
     pub(super) useful_bytes: u64,
@@ -55,8 +57,8 @@ pub(super) struct Filler {
     pub(super) results: Mutex<Receiver<FillResult>>,
 }
 
-/// Run a fill: read its plan (into rows directly where it can, else into staging), then copy
-/// each staged bundle into its row.
+/// Run a fill: read its plan (into rows directly where it can, else into staging), copy each
+/// staged bundle into its row, check the rows against the CRC table (if any), then mark them READY.
 pub(super) fn run_fill(shared: &Shared, fill: Fill) -> FillResult {
     let epoch = fill.epoch;
     let finish = |error: Option<Error>| {
@@ -116,6 +118,24 @@ pub(super) fn run_fill(shared: &Shared, fill: Fill) -> FillResult {
             // row is this fill's until the owner receives its result (module comment).
             // SAFETY: so both ranges are in bounds, distinct allocations, alive and untouched by others.
             unsafe { std::ptr::copy_nonoverlapping(b.as_ptr().add(at), rows.add(row * bb), bb) };
+        }
+    }
+    if let Some(table) = shared.crcs.get() {
+        let t2 = Instant::now();
+        let bad = fill.rows.iter().zip(&fill.neurons).find_map(|(&row, &j)| {
+            // `fill_for` checked row < capacity; the row is this fill's (module comment), its
+            // reads and copies finished above on this thread or before read_raw returned.
+            // SAFETY: so the range is inside the live slot matrix and nobody writes it meanwhile.
+            let bytes = unsafe { std::slice::from_raw_parts(rows.add(row * bb), bb) };
+            crc::mismatch(shared, table, j, bytes)
+        });
+        crc::count(shared, t2);
+        if let Some(e) = bad {
+            add(&shared.counters.mgmt_ns, ns_since(t1));
+            if let Some(b) = staging {
+                shared.staging.give(b);
+            }
+            return finish(Some(e));
         }
     }
     for &row in &fill.rows {
@@ -229,6 +249,7 @@ impl NeuronCache {
             ops,
             staging_bytes: staged as usize,
             rows: rows.to_vec(),
+            neurons: p.neurons.clone(),
             requests: p.requests.len(),
             buffer_bytes: p.buffer_bytes,
             useful_bytes: p.useful_bytes,

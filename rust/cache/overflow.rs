@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use super::counters::{add, ns_since};
-use super::NeuronCache;
+use super::{crc, NeuronCache};
 use crate::error::{Error, Result};
 use crate::planner::plan;
 use crate::reader::RawOp;
@@ -12,7 +12,9 @@ use crate::reader::RawOp;
 impl NeuronCache {
     /// Read the bundles of `wanted` (duplicates allowed) into `dest`, packed: row k (bytes
     /// `[k*bb, (k+1)*bb)`) = bundle `wanted[k]`. Returns `wanted.len()`. Does not touch the
-    /// cache's rows; may run while a fill is pending (overflow streaming).
+    /// cache's rows; may run while a fill is pending (overflow streaming). With a CRC table
+    /// (`set_bundle_crcs`) every bundle is checked before any is copied out: a mismatch is
+    /// `Error::Corrupt` and leaves `dest` untouched.
     pub fn read_neurons(&self, wanted: &[u32], dest: &mut [u8]) -> Result<usize> {
         // SAFETY: `dest` is an exclusive borrow of dest.len() writable bytes, alive for the call.
         unsafe { self.read_neurons_raw(wanted, dest.as_mut_ptr(), dest.len()) }
@@ -57,6 +59,20 @@ impl NeuronCache {
             return Err(e);
         }
         let t1 = Instant::now();
+        if let Some(table) = self.shared.crcs.get() {
+            let t2 = Instant::now();
+            // A bundle landing outside the buffer is reported by the copy loop below.
+            let bad = p.neurons.iter().zip(&p.landing).find_map(|(&j, &at)| {
+                let bytes = staging.get(at as usize..(at as usize).checked_add(bb)?)?;
+                crc::mismatch(&self.shared, table, j, bytes)
+            });
+            crc::count(&self.shared, t2);
+            if let Some(e) = bad {
+                add(&self.shared.counters.mgmt_ns, ns_since(t1));
+                self.shared.staging.give(staging);
+                return Err(e);
+            }
+        }
         for (k, j) in wanted.iter().enumerate() {
             // Every wanted id is in the plan (it plans exactly these ids).
             let Ok(i) = p.neurons.binary_search(j) else { continue };

@@ -10,22 +10,22 @@ use super::*;
 use crate::planner::plan;
 use crate::reader::ReaderOptions;
 
-const PAGE: u64 = 4096;
-const OFFSET: u64 = 2 * PAGE; // region start: not at 0, so offsets are really added
+pub(super) const PAGE: u64 = 4096;
+pub(super) const OFFSET: u64 = 2 * PAGE; // region start: not at 0, so offsets are really added
 
 /// The byte at file position x: distinct-looking everywhere, so a wrong bundle never matches.
 fn byte_at(x: u64) -> u8 {
     (x.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8
 }
 
-struct Store {
-    file: tempfile::NamedTempFile,
-    region: Region,
-    data: Vec<u8>,
+pub(super) struct Store {
+    pub(super) file: tempfile::NamedTempFile,
+    pub(super) region: Region,
+    pub(super) data: Vec<u8>,
 }
 
 impl Store {
-    fn new(n: u32, bb: u64) -> Store {
+    pub(super) fn new(n: u32, bb: u64) -> Store {
         let region = Region { offset: OFFSET, n_neurons: n, bundle_bytes: bb };
         let len = OFFSET + region.region_bytes().unwrap();
         let data: Vec<u8> = (0..len).map(byte_at).collect();
@@ -36,27 +36,27 @@ impl Store {
         Store { file, region, data }
     }
 
-    fn bundle(&self, j: u32) -> &[u8] {
+    pub(super) fn bundle(&self, j: u32) -> &[u8] {
         let bb = self.region.bundle_bytes as usize;
         let s = OFFSET as usize + j as usize * bb;
         &self.data[s..s + bb]
     }
 
-    fn reader(&self) -> Arc<Reader> {
+    pub(super) fn reader(&self) -> Arc<Reader> {
         Arc::new(
             Reader::open_with(self.file.path(), ReaderOptions { concurrency: 4, direct: true, ..Default::default() })
                 .unwrap(),
         )
     }
 
-    fn cache(&self, capacity: usize, window: u32) -> NeuronCache {
+    pub(super) fn cache(&self, capacity: usize, window: u32) -> NeuronCache {
         let opts = PlanOptions { concurrency: 4, ..Default::default() };
         NeuronCache::new(self.reader(), self.region, capacity, window, Profile::default(), opts, None).unwrap()
     }
 }
 
 /// Every structural invariant, and every ready row's bytes equal to the file's.
-fn check(c: &NeuronCache, s: &Store) {
+pub(super) fn check(c: &NeuronCache, s: &Store) {
     let n = c.region().n_neurons as usize;
     let bb = c.bundle_bytes();
     assert!(c.live() <= c.capacity());
@@ -80,7 +80,7 @@ fn check(c: &NeuronCache, s: &Store) {
     assert!(c.neuron_of[c.live()..].iter().all(|&x| x == ABSENT));
 }
 
-fn live_set(c: &NeuronCache) -> Vec<u32> {
+pub(super) fn live_set(c: &NeuronCache) -> Vec<u32> {
     let mut v = c.slot_neurons().to_vec();
     v.sort_unstable();
     v

@@ -3,7 +3,7 @@
 //! The slot matrix is exported as an `AlignedBuf` sharing the cache's allocation, so
 //! `torch.frombuffer(cache.slots, dtype=...)` views the rows without copying.
 
-use numpy::PyArray1;
+use numpy::{PyArray1, PyReadonlyArray1};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -21,6 +21,25 @@ fn ids(wanted: &Bound<'_, PyAny>, n: u32) -> PyResult<Vec<u32>> {
         Ok(w) => w.ids(n)?,
         Err(_) => as_int64_array(wanted)?.ids(n)?,
     })
+}
+
+/// A bundle CRC table: a 1-D numpy uint32 array, or any sequence of ints in [0, 2**32).
+fn crc_table(x: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+    if let Ok(a) = x.extract::<PyReadonlyArray1<'_, u32>>() {
+        return Ok(a.as_array().to_vec());
+    }
+    if x.is_instance(&x.py().import("numpy")?.getattr("ndarray")?)? {
+        let dtype = x.getattr("dtype")?.str()?.to_string();
+        let ndim: usize = x.getattr("ndim")?.extract()?;
+        return Err(
+            Error::invalid(format!("bundle CRCs must be a 1-D uint32 array, got a {ndim}-D {dtype} array")).into()
+        );
+    }
+    let v: Vec<i64> = x
+        .extract()
+        .map_err(|_| Error::invalid("bundle CRCs must be a 1-D numpy uint32 array or a sequence of ints"))?;
+    let crcs = v.iter().map(|&c| u32::try_from(c).map_err(|_| c)).collect::<Result<Vec<u32>, i64>>();
+    Ok(crcs.map_err(|c| Error::invalid(format!("bundle CRC {c} is outside [0, 2**32)")))?)
 }
 
 fn i64_array<'py>(py: Python<'py>, it: impl Iterator<Item = i64>) -> Bound<'py, PyArray1<i64>> {
@@ -205,8 +224,9 @@ impl PyNeuronCache {
         self.admission(py, wanted, move |c, ids| c.begin_guess(ids, step))
     }
 
-    /// Block (GIL released) until the pending fill is done. On FlashIOError, the fill's
-    /// neurons have been removed: nothing unread is presented as filled.
+    /// Block (GIL released) until the pending fill is done. On FlashIOError (or StoreError: a
+    /// bundle failed its CRC check), the fill's neurons have been removed: nothing unread or
+    /// corrupt is presented as filled.
     fn wait(&mut self, py: Python<'_>) -> PyResult<()> {
         let cache = &mut self.cache;
         py.detach(move || cache.wait())?;
@@ -239,6 +259,26 @@ impl PyNeuronCache {
         // moves it); it is not the slot matrix (checked) nor a staging buffer.
         let n = py.detach(move || unsafe { cache.read_neurons_raw(&ids, dest.get(), len) })?;
         Ok(n)
+    }
+
+    /// Check every bundle read from now on against `crcs` (a 1-D numpy uint32 array or a sequence
+    /// of ints, n_neurons entries): crcs[j] = zlib.crc32 of bundle j's bundle_bytes bytes at
+    /// region_offset + j * bundle_bytes. A mismatch is a StoreError naming the file, bundle and
+    /// offset (from wait()/admit()/begin(), the fill's neurons removed; from read_neurons()). Set
+    /// once (the same table again is a no-op; another, or one while a fill is pending, is
+    /// InvalidArgumentError); live rows are checked at once: those that differ are evicted and
+    /// the first is raised as StoreError (the table is set anyway).
+    fn set_bundle_crcs(&mut self, py: Python<'_>, crcs: &Bound<'_, PyAny>) -> PyResult<()> {
+        let crcs = crc_table(crcs)?;
+        let cache = &mut self.cache;
+        py.detach(move || cache.set_bundle_crcs(crcs))?;
+        Ok(())
+    }
+
+    /// Whether set_bundle_crcs() gave this cache a table (every bundle read is then checked).
+    #[getter]
+    fn has_bundle_crcs(&self) -> bool {
+        self.cache.has_bundle_crcs()
     }
 
     /// The slot matrix: capacity * bundle_bytes bytes, row k = bytes [k*bb, (k+1)*bb). Always
@@ -343,7 +383,8 @@ impl PyNeuronCache {
     }
 
     /// Counters: admissions, hits, misses, overflow, evicted_window, evicted_capacity,
-    /// bytes_read, bytes_useful, bytes_direct, requests, failed_fills, io_ns, wait_ns, mgmt_ns.
+    /// bytes_read, bytes_useful, bytes_direct, requests, failed_fills, io_ns, wait_ns, mgmt_ns,
+    /// crc_ns (the part of mgmt_ns spent on CRC checks).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         for (k, v) in self.cache.stats().fields() {

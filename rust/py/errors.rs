@@ -1,8 +1,8 @@
 //! The one place where core errors become Python exceptions, raised as `llmflash.errors`'
 //! classes so `except llmflash.LlmflashError` catches everything:
 //! Open/Read/Eof/Write -> FlashIOError (an OSError, with `errno` when the OS gave one),
-//! Layout -> StoreError, Invalid/Profile -> InvalidArgumentError (also a ValueError),
-//! Alloc -> MemoryError.
+//! Layout and Corrupt (a bundle's CRC-32 mismatch, with the path) -> StoreError,
+//! Invalid/Profile -> InvalidArgumentError (also a ValueError), Alloc -> MemoryError.
 
 use pyo3::exceptions::{PyMemoryError, PyOSError};
 use pyo3::prelude::*;
@@ -18,7 +18,7 @@ impl From<Error> for PyErr {
 fn to_pyerr(py: Python<'_>, e: &Error) -> PyErr {
     let class = match e {
         Error::Open { .. } | Error::Read { .. } | Error::Eof { .. } | Error::Write { .. } => "FlashIOError",
-        Error::Layout { .. } => "StoreError",
+        Error::Layout { .. } | Error::Corrupt { .. } => "StoreError",
         Error::Invalid { .. } | Error::Profile { .. } => "InvalidArgumentError",
         Error::Alloc { .. } => return PyMemoryError::new_err(e.to_string()),
     };
