@@ -25,7 +25,6 @@ import os
 import shutil
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -115,8 +114,7 @@ def make(out: Path, seed: int = 0, force: bool = False) -> Path:
             assert payload.nbytes == n * bb and ffn.tell() == offset
             ffn.write(memoryview(payload).cast("B"))
             ffn.write(b"\0" * (region - payload.nbytes))
-            w.layers[i] = S.LayerRegion(i, offset, n, bb, region, tuple(cfg.bundle_fields),
-                                        zlib.crc32(payload), None).to_dict()
+            w.record_layer(i, payload)                # the region's and each bundle's CRC-32
         ffn.flush()
         t2 = time.perf_counter()
         print(f"ffn.bin: {ffn.tell() / 1e9:.2f} GB in {t2 - t1:.0f} s ({ffn.tell() / (t2 - t1) / 1e6:.0f} MB/s)",

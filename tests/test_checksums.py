@@ -4,9 +4,12 @@ whole (dense at open, naive on its first read of each region) check the region's
 
 from __future__ import annotations
 
+import json
 import shutil
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,3 +102,79 @@ def test_cli_verify(pristine, corrupt, capsys):
     assert main(["verify", "-q", str(corrupt)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ffn.bin" in err[0] and "checksum mismatch in layer 1" in err[0]
+
+
+# -- per-bundle CRC-32s (bundles.crc32, store version 3) -------------------------------------------
+
+def test_writer_records_every_bundles_crc(pristine):
+    s = Store(pristine)
+    assert s.manifest["version"] == 3 and s.has_bundle_crcs
+    raw = (pristine / "ffn.bin").read_bytes()
+    for i, L in enumerate(s.layers):
+        want = [zlib.crc32(raw[L.offset + j * L.bundle_bytes:L.offset + (j + 1) * L.bundle_bytes])
+                for j in range(L.n_neurons)]
+        assert s.bundle_crcs(i).tolist() == want
+    assert verify_store(pristine, progress=False).bundles == sum(L.n_neurons for L in s.layers)
+
+
+def test_read_bundles_checks_each_bundle(corrupt):
+    s = Store(corrupt)
+    s.read_bundles(1, np.array([1, 2, 39]))                      # bundle 0 is the corrupt one
+    with pytest.raises(StoreError, match=r"ffn\.bin.*checksum mismatch in layer 1's bundle 0"):
+        s.read_bundles(1, np.array([0, 5]))
+
+
+def test_verify_finds_a_corrupt_table(pristine, tmp_path):
+    dst = tmp_path / "t.llmflash"
+    shutil.copytree(pristine, dst)
+    with open(dst / "bundles.crc32", "r+b") as f:
+        f.seek(4 * 7)
+        b = f.read(1)
+        f.seek(4 * 7)
+        f.write(bytes([b[0] ^ 0x01]))
+    with pytest.raises(StoreError, match=r"bundles\.crc32.*layer 0's bundle 7.*table is corrupt"):
+        verify_store(dst, progress=False)
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda p: p.unlink(), "missing"),
+    (lambda p: p.write_bytes(p.read_bytes()[:-4]), "truncated or replaced"),
+])
+def test_version_3_needs_its_table(pristine, tmp_path, damage, match):
+    dst = tmp_path / "t.llmflash"
+    shutil.copytree(pristine, dst)
+    damage(dst / "bundles.crc32")
+    with pytest.raises(StoreError, match=r"bundles\.crc32.*" + match):
+        Store(dst)
+
+
+def test_version_2_store_opens_without_a_table(pristine, tmp_path):
+    dst = tmp_path / "v2.llmflash"
+    shutil.copytree(pristine, dst)
+    (dst / "bundles.crc32").unlink()
+    m = json.loads((dst / "manifest.json").read_text())
+    m["version"] = 2
+    (dst / "manifest.json").write_text(json.dumps(m))
+    s = Store(dst)
+    assert not s.has_bundle_crcs and s.bundle_crcs(0) is None
+    assert s.read_bundles(1, np.array([0, 3])).shape == (2, 3 * tiny_config().dim)
+    assert verify_store(dst, progress=False).bundles == 0
+
+
+def test_flash_checks_each_bundle_it_reads(corrupt, pristine):
+    """Every neuron wanted: the fill that reads layer 1's corrupt bundle 0 fails with a StoreError
+    naming ffn.bin; the pristine store runs."""
+    from llmflash.api import FlashModel
+
+    ok = FlashModel.open(pristine, strategy="flash", memory="2x", sparsity="all")
+    assert ok.ffn.caches[1].has_bundle_crcs
+    ok.logits([1, 2, 3])
+    bad = FlashModel.open(corrupt, strategy="flash", memory="2x", sparsity="all")
+    with pytest.raises(StoreError, match=r"ffn\.bin.*checksum mismatch in bundle 0"):
+        bad.logits([1, 2, 3])
+
+
+def test_cli_flash_on_corrupt_bundle_exits_2(corrupt):
+    r = run_cli("generate", str(corrupt), "-p", "t1 t2", "-n", "2", "--memory", "2x", "--sparsity", "all")
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "ffn.bin" in r.stderr and "checksum mismatch in bundle 0" in r.stderr

@@ -9,6 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,6 +108,7 @@ def permute_store(src: Path, dst: Path, seed: int = 0) -> Path:
     s, g = Store(src), torch.Generator().manual_seed(seed)
     m = json.loads((dst / "manifest.json").read_text())
     resident = load_file(str(dst / "resident.safetensors"))
+    crcs = []                                                           # bundles.crc32, permuted alike
     with open(dst / "ffn.bin", "r+b") as f:
         for i, L in enumerate(s.layers):
             order = torch.randperm(L.n_neurons, generator=g)
@@ -114,11 +116,13 @@ def permute_store(src: Path, dst: Path, seed: int = 0) -> Path:
             f.seek(L.offset)
             f.write(payload)
             m["layers"][i].update(order=order.tolist(), crc32=zlib.crc32(payload))
+            crcs.append(s.bundle_crcs(i)[order.numpy()])
             name = f"layers.{i}.ffn.up_bias"
             if name in resident:                                        # OPT's fc1 bias
                 resident[name] = resident[name][order].contiguous()
     save_file(resident, str(dst / "resident.safetensors"), metadata={"format": "llmflash-store"})
     (dst / "manifest.json").write_text(json.dumps(m))
+    np.concatenate(crcs).astype("<u4").tofile(dst / "bundles.crc32")
     return dst
 
 
@@ -228,7 +232,9 @@ def test_model_bytes_counts_resident_and_ffn(stores):
     s = Store(stores["llama"])
     resident, ffn = model_bytes(s)
     assert ffn == sum(L.n_neurons for L in s.layers) * s.layers[0].bundle_bytes
-    assert resident == (s.path / "resident.safetensors").stat().st_size
+    tables = (s.path / "bundles.crc32").stat().st_size               # the caches' CRC-32s, 4 B a neuron
+    assert tables == 4 * sum(L.n_neurons for L in s.layers)
+    assert resident == (s.path / "resident.safetensors").stat().st_size + tables
 
 
 

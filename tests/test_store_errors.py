@@ -161,6 +161,7 @@ def test_version_1_store_without_ffn_bias_opens(store):
     """Version 1 differs from 2 only in OPT's bundles (the fc1 bias moved out of them), so a
     version-1 store of a bias-free model (the users' converted SmolLM2) opens as it is."""
     edit_manifest(store, lambda m: m.update(version=1))
+    (store / "bundles.crc32").unlink()                                # version 3 added it
     s = Store(store)
     assert s.manifest["version"] == 1 and not s.config.ffn_bias
     assert s.read_layer(1).shape == (s.config.ffn_dims[1], 3 * s.config.dim)
@@ -181,6 +182,7 @@ def test_version_1_store_with_ffn_bias_is_rejected(tmp_path):
             L["fields"].append(["bias", 1])
             L["bundle_bytes"] += 4
     edit_manifest(dst, as_v1)
+    (dst / "bundles.crc32").unlink()
     with pytest.raises(StoreError, match="bundle layout changed.*re-run `llmflash convert`") as e:
         Store(dst)
     assert str(dst / "manifest.json") in str(e.value)

@@ -40,7 +40,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify_store
 
     r = verify_store(args.store, progress=not args.quiet)
-    print(f"{r.path}: ok: {r.layers} layer regions ({r.ffn_bytes / 1e6:.1f} MB) match their CRC-32s, "
+    print(f"{r.path}: ok: {r.layers} layer regions ({r.ffn_bytes / 1e6:.1f} MB) and {r.bundles} bundles match "
+          "their CRC-32s, "
           f"{r.resident_tensors} resident tensors, tokenizer {'ok' if r.tokenizer else 'none'}, "
           f"predictors {'ok' if r.predictors else 'none'}", file=sys.stderr)
     return 0
@@ -110,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stats", action="store_true", help="print timing and I/O counters to stderr")
     g.set_defaults(func=_cmd_generate)
 
-    v = sub.add_parser("verify", help="check a whole store: every layer region's CRC-32, resident tensors, "
-                                      "tokenizer, predictors (flash's single-bundle reads are not checksummed)")
+    v = sub.add_parser("verify", help="check a whole store: every layer region's and bundle's CRC-32, "
+                                      "resident tensors, tokenizer, predictors")
     v.add_argument("store", help="store folder")
     v.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     v.set_defaults(func=_cmd_verify)

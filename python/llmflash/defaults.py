@@ -73,11 +73,10 @@ def default_store_path(dtype: str = "float16") -> Path:
 
 def _valid(path: Path) -> bool:
     from .errors import StoreError
-    from .store import Store
+    from .store import VERSION, Store
 
     try:
-        Store(path)
-        return True
+        return Store(path).manifest.get("version") == VERSION    # an older version: converted again
     except StoreError:
         return False
 

@@ -7,6 +7,7 @@
     ffn.bin                 per layer, its neurons as row-column bundles
     tokenizer.json          the tokenizer (`tokenizers` format), when the source had one
     predictors.safetensors  per-layer sparsity predictors, once calibrated
+    bundles.crc32           one CRC-32 per bundle (version 3): what flash's single-bundle reads check
 
 ffn.bin: layer i's region starts at `layers[i].offset` (a multiple of ALIGN = 4096, so direct
 I/O can address it) and holds `n_neurons` bundles back to back, `bundle_bytes` each, padded
@@ -16,14 +17,18 @@ when `order` is null) and holds, in the store dtype, little-endian:
     up    (dim values)   row j of up_proj / fc1.weight
     down  (dim values)   column j of down_proj / fc2.weight
 so one contiguous read brings everything neuron j contributes. `crc32` (zlib's CRC-32) covers
-the `n_neurons * bundle_bytes` payload bytes of the region.
+the `n_neurons * bundle_bytes` payload bytes of the region (checked where a region is read
+whole). bundles.crc32 holds, little-endian uint32, the CRC-32 of every bundle (its bundle_bytes
+bytes), layer after layer in store order: sum(n_neurons) entries, checked by the neuron caches
+as each bundle lands (flash reads single bundles, which the region's CRC cannot check).
 
 OPT's fc1 bias (one value per neuron) is not in the bundle: it is the resident tensor
 `layers.{i}.ffn.up_bias` (n_i,), in store order like the bundles (entry j is neuron order[j]'s),
 so a bundle is 2 * dim values: whole 4 KiB pages at OPT's widths (OPT-6.7B float16: 16,384 B,
 4 pages; with the 2-byte bias inside, a 16,386 B bundle spanned 5 pages for direct I/O).
 
-Versions: 2 is this layout. Version 1 kept the fc1 bias as the bundle's last value; for models
+Versions: 3 is this layout. Version 2 is the same without bundles.crc32 (it opens; flash then
+checks nothing per bundle: `llmflash verify` checks the regions). Version 1 kept the fc1 bias as the bundle's last value; for models
 without an FFN bias (Llama, OpenELM: everything but OPT) the two are identical, so version-1
 stores of those open as they are; a version-1 store with an FFN bias must be converted again.
 
@@ -47,7 +52,8 @@ from .errors import StoreError
 from .models.config import ModelConfig
 
 FORMAT = "llmflash-store"
-VERSION = 2
+VERSION = 3
+V2 = 2            # no bundles.crc32 (read as is)
 V1 = 1            # read when the config has no FFN bias (same layout; see above)
 ALIGN = 4096
 MANIFEST = "manifest.json"
@@ -55,7 +61,8 @@ RESIDENT = "resident.safetensors"
 FFN = "ffn.bin"
 TOKENIZER = "tokenizer.json"
 PREDICTORS = "predictors.safetensors"
-KNOWN_FILES = frozenset({MANIFEST, RESIDENT, FFN, TOKENIZER, PREDICTORS})
+BUNDLE_CRCS = "bundles.crc32"
+KNOWN_FILES = frozenset({MANIFEST, RESIDENT, FFN, TOKENIZER, PREDICTORS, BUNDLE_CRCS})
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_FILE_BYTES = 1 << 50
 
@@ -211,9 +218,9 @@ class Store:
         if m.get("format") != FORMAT:
             raise StoreError(f"format is {m.get('format')!r:.40}, expected {FORMAT!r}", mpath)
         version = m.get("version")
-        if version not in (V1, VERSION) or isinstance(version, bool):
+        if version not in (V1, V2, VERSION) or isinstance(version, bool):
             raise StoreError(
-                f"unknown format version {version!r:.20} (this llmflash reads versions {V1} and {VERSION}); "
+                f"unknown format version {version!r:.20} (this llmflash reads versions {V1} to {VERSION}); "
                 "re-run `llmflash convert` or upgrade llmflash", mpath)
         dtype = m.get("dtype")
         if dtype not in DTYPES:
@@ -281,6 +288,17 @@ class Store:
             regions.append(LayerRegion(i, off, n, bb, rb, fields, crc, order))
         self.layers: list[LayerRegion] = regions
         self.ffn_path = ffn_path
+        cpath = self.path / BUNDLE_CRCS
+        self.has_bundle_crcs = version >= VERSION
+        if self.has_bundle_crcs:
+            want = 4 * sum(L.n_neurons for L in regions)
+            if not cpath.is_file():
+                raise StoreError(f"missing: a version-{VERSION} store holds one CRC-32 per bundle", cpath)
+            if cpath.stat().st_size != want:
+                raise StoreError(f"file is {cpath.stat().st_size} bytes, expected {want} (4 per bundle): "
+                                 "truncated or replaced", cpath)
+        elif cpath.exists():
+            raise StoreError(f"unexpected in a version-{version} store (version {VERSION} has it)", cpath)
 
     # -- contents --------------------------------------------------------------------------
     @property
@@ -358,10 +376,19 @@ class Store:
         t = torch.from_numpy(buf).view(self.dtype)
         return t.view(L.n_neurons, -1)
 
+    def bundle_crcs(self, i: int) -> np.ndarray | None:
+        """Layer i's per-bundle CRC-32s, (n_neurons,) uint32 in store order; None before
+        version 3."""
+        if not self.has_bundle_crcs:
+            return None
+        start = sum(L.n_neurons for L in self.layers[:i])
+        n = self.layers[i].n_neurons
+        return np.fromfile(self.path / BUNDLE_CRCS, dtype="<u4", count=n, offset=4 * start).astype(np.uint32)
+
     def read_bundles(self, i: int, positions: np.ndarray) -> torch.Tensor:
         """Layer i's bundles at the given store positions (ascending), (k, bundle_values) in the
-        store dtype; each run of neighbouring positions is one read (buffered, unverified: the
-        region's checksum covers it whole)."""
+        store dtype; each run of neighbouring positions is one read (buffered), each bundle
+        checked against its CRC-32 (version 3)."""
         L = self.layers[i]
         pos = np.asarray(positions, dtype=np.int64)
         if len(pos) and (pos[0] < 0 or pos[-1] >= L.n_neurons or bool((np.diff(pos) <= 0).any())):
@@ -380,6 +407,13 @@ class Store:
                                      f"{got} of {want} bytes", self.ffn_path)
         finally:
             os.close(fd)
+        crcs = self.bundle_crcs(i)
+        if crcs is not None:
+            mv = memoryview(out)
+            for k, j in enumerate(pos.tolist()):
+                if zlib.crc32(mv[k * bb:(k + 1) * bb]) != int(crcs[j]):
+                    raise StoreError(f"checksum mismatch in layer {i}'s bundle {j} at offset "
+                                     f"{L.offset + j * bb}: the file is corrupt", self.ffn_path)
         return torch.from_numpy(out).view(self.dtype).view(len(pos), -1)
 
     def tokenizer(self):

@@ -26,6 +26,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .. import store as S
@@ -51,6 +52,7 @@ class StoreWriter:
         self.old = self.dst.parent / f".{self.dst.name}.old-{os.getpid()}"
         self.regions = S.plan_regions(config, dtype)
         self.layers: list[dict[str, Any] | None] = [None] * config.n_layers
+        self.bundle_crcs: list[np.ndarray | None] = [None] * config.n_layers   # per layer, bundles.crc32
         self.extra: dict[str, Any] = {}
         self._ffn = None
 
@@ -111,8 +113,20 @@ class StoreWriter:
             raise ConvertError(f"layer {i}: internal offset mismatch {self._ffn.tell()} != {offset}")
         self._ffn.write(payload)
         self._ffn.write(b"\0" * (region - len(payload)))
-        self.layers[i] = S.LayerRegion(i, offset, n, bb, region, tuple(c.bundle_fields),
-                                       zlib.crc32(payload), None).to_dict()
+        self.record_layer(i, payload)
+
+    def record_layer(self, i: int, payload: Any) -> None:
+        """Layer i's manifest entry and per-bundle CRC-32s, from its payload as written to ffn.bin
+        (any bytes-like object of n_neurons * bundle_bytes bytes)."""
+        offset, bb, region = self.regions[i]
+        n = self.config.ffn_dims[i]
+        mv = memoryview(payload).cast("B")
+        if len(mv) != n * bb:
+            raise ConvertError(f"layer {i}: payload is {len(mv)} bytes, expected {n * bb}")
+        self.bundle_crcs[i] = np.fromiter((zlib.crc32(mv[j * bb:(j + 1) * bb]) for j in range(n)),
+                                          dtype=np.uint32, count=n)
+        self.layers[i] = S.LayerRegion(i, offset, n, bb, region, tuple(self.config.bundle_fields),
+                                       zlib.crc32(mv), None).to_dict()
 
     def write_tokenizer(self, tokenizer_json: str | bytes, chat_template: str | None = None) -> None:
         data = tokenizer_json.encode() if isinstance(tokenizer_json, str) else tokenizer_json
@@ -135,6 +149,7 @@ class StoreWriter:
             "layers": self.layers, "chat_template": self.extra.get("chat_template"),
         }
         (self.tmp / S.MANIFEST).write_text(json.dumps(manifest, indent=1))
+        np.concatenate(self.bundle_crcs).astype("<u4").tofile(self.tmp / S.BUNDLE_CRCS)
         for name in os.listdir(self.tmp):                                 # durable before visible
             with open(self.tmp / name, "rb") as f:
                 os.fsync(f.fileno())

@@ -73,8 +73,11 @@ POOL_THREADS = 32         # reads in flight with the pread pool ("auto", "thread
 
 
 def model_bytes(store: Store) -> tuple[int, int]:
-    """(resident bytes, FFN payload bytes) of a store: what 1.0x of the memory budget means."""
+    """(resident bytes, FFN payload bytes) of a store: what 1.0x of the memory budget means. The
+    resident part includes the per-bundle CRC-32 tables (4 B a neuron) that the caches hold."""
     resident = (store.path / RESIDENT).stat().st_size
+    if store.has_bundle_crcs:
+        resident += 4 * sum(L.n_neurons for L in store.layers)
     return resident, sum(L.payload_bytes for L in store.layers)
 
 
@@ -246,6 +249,9 @@ class FlashFFN:
         for L, cap in zip(store.layers, self.plan.capacities):
             cache = NeuronCache(self.reader, L.offset, L.n_neurons, L.bundle_bytes, cap, window,
                                 profile=self.profile, allow_whole=coalesce, max_gap_bytes=None if coalesce else 0)
+            crcs = store.bundle_crcs(L.index)
+            if crcs is not None:            # every bundle read is checked as it lands (a StoreError)
+                cache.set_bundle_crcs(crcs)
             self.caches.append(cache)
             self.rows.append(self._view(cache.slots, cap))
         scratch_rows = self.plan.scratch // bb
