@@ -36,6 +36,10 @@ Both FFNs decode with the library's own kernel (strategies.base.rows_ffn: one na
 pass per float16 bundle, down rows skipped where relu gives 0). A short in-run microbenchmark
 compares it with the torch path (strategies.base.bundle_ffn) on the caches' real rows. fio (`fio-randread`, 32 threads, 2 s) at 1 MiB and at flash's mean request
 size runs after every naive token: the disk's reference and throttle check from the same minute.
+Columns: I/O is time the token waited for reads, including the per-bundle CRC-32 checks (a
+version-3 store: each bundle checked as it lands) when it waited for them; (crc) is all CRC time,
+on the critical path or not; mgmt is memory management without the checks (evictions, moves,
+index updates, staging copies).
 """
 
 from __future__ import annotations
@@ -157,7 +161,7 @@ def busy_seconds() -> float:
 
 
 # -- the run -------------------------------------------------------------------------------------
-KEYS = ("ffn_io_s", "mgmt_s", "predict_s", "ffn_compute_s", "bytes_read", "bytes_useful", "requests",
+KEYS = ("ffn_io_s", "mgmt_s", "crc_s", "predict_s", "ffn_compute_s", "bytes_read", "bytes_useful", "requests",
         "hits", "misses", "evicted_window", "evicted_capacity", "overflow", "io_ns", "wait_ns", "mgmt_ns",
         "ahead_read", "ahead_missed", "guess_named", "guess_right", "wanted_named")
 
@@ -398,7 +402,7 @@ def summarize(records, fio_runs, ffn_b: int, cfg) -> list[dict[str, float]]:
                "io_ms": io, "mgmt_ms": mgmt, "predict_ms": pred, "compute_ms": ms - io - mgmt - pred,
                "attn_ms": s["attn_s"] * 1e3, "ffn_compute_ms": s["ffn_compute_s"] * 1e3,
                "cpu_ms": s["cpu_s"] * 1e3, "cores_busy": s["cpu_s"] / max(1e-9, s["wall_s"]),
-               "mgmt_share": mgmt / ms, "mb_read_per_token": s["bytes_read"] / 1e6,
+               "mgmt_share": mgmt / ms, "crc_ms": s["crc_s"] * 1e3, "mb_read_per_token": s["bytes_read"] / 1e6,
                "read_mb_s_during_io": s["bytes_read"] / 1e6 / max(1e-9, s["ffn_io_s"])}
         if name == "naive":
             row["mb_min_per_token"] = ffn_b / 1e6
@@ -421,9 +425,9 @@ def summarize(records, fio_runs, ffn_b: int, cfg) -> list[dict[str, float]]:
 
 
 def print_table(out) -> None:
-    heads = ["strategy", "tok", "ms/tok", "median", "I/O", "mgmt", "compute", "(attn)", "MB read", "MB min",
+    heads = ["strategy", "tok", "ms/tok", "median", "I/O", "(crc)", "mgmt", "compute", "(attn)", "MB read", "MB min",
              "read/min", "MB/s io", "CPU ms", "x naive", "x naive (medians)"]
-    keys = ["strategy", "tokens", "ms_per_token", "ms_median", "io_ms", "mgmt_ms", "compute_ms", "attn_ms",
+    keys = ["strategy", "tokens", "ms_per_token", "ms_median", "io_ms", "crc_ms", "mgmt_ms", "compute_ms", "attn_ms",
             "mb_read_per_token", "mb_min_per_token", "read_vs_min", "read_mb_s_during_io", "cpu_ms", "x_vs_naive",
             "x_vs_naive_median"]
     print(" | ".join(heads))
