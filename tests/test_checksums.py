@@ -15,26 +15,17 @@ import torch
 
 from conftest import tiny_tokenizer_json
 from llmflash.cli import main
-from llmflash.convert.writer import StoreWriter
 from llmflash.errors import StoreError
-from llmflash.store import Store, expected_resident
+from llmflash.store import Store
 from llmflash.strategies.naive import NaiveFFN
 from llmflash.verify import verify_store
-from test_store_errors import run_cli, tiny_config
+from test_store_errors import run_cli, tiny_config, write_store
 
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
     """test_store_errors.write_store's tiny float32 Llama, with a tokenizer for the CLI."""
-    config, g = tiny_config(), torch.Generator().manual_seed(0)
-    dst = tmp_path_factory.mktemp("crc") / "tiny.llmflash"
-    with StoreWriter(dst, config, "float32") as w:
-        w.write_resident({k: torch.randn(s, generator=g) for k, s in expected_resident(config).items()})
-        for i, n in enumerate(config.ffn_dims):
-            w.write_layer(i, up=torch.randn(n, config.dim, generator=g), down=torch.randn(config.dim, n, generator=g),
-                          gate=torch.randn(n, config.dim, generator=g))
-        w.write_tokenizer(tiny_tokenizer_json())
-    return dst
+    return write_store(tmp_path_factory.mktemp("crc") / "tiny.llmflash", tokenizer=tiny_tokenizer_json())
 
 
 @pytest.fixture

@@ -14,12 +14,10 @@ import pytest
 import torch
 
 from llmflash.cli import main
-from llmflash.convert.writer import StoreWriter
 from llmflash.errors import ChatTemplateError, InvalidArgumentError, LlmflashError
-from llmflash.models.config import ModelConfig
-from llmflash.store import expected_resident
 
 from conftest import tiny_tokenizer_json
+from test_store_errors import write_store as write_tiny_store
 
 # flash without predictors falls back to the oracle, with a warning (expected here)
 pytestmark = pytest.mark.filterwarnings("ignore:.*no predictors:UserWarning")
@@ -27,23 +25,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*no predictors:UserWarning")
 JOIN = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 
 
-def tiny_config() -> ModelConfig:
-    return ModelConfig(arch="llama", vocab_size=64, dim=32, n_layers=2, head_dim=8, n_heads=[4, 4],
-                       n_kv_heads=[2, 2], ffn_dims=[48, 40], max_positions=128, eos_token_ids=[1])
-
-
 def write_store(dst: Path, chat_template: str | None = JOIN) -> Path:
     """A random-weight store whose tokenizer (t0..t127) knows twice the model's 64 tokens."""
-    config = tiny_config()
-    g = torch.Generator().manual_seed(0)
-    with StoreWriter(dst, config, "float32") as w:
-        w.write_resident({k: torch.randn(s, generator=g) for k, s in expected_resident(config).items()})
-        for i, n in enumerate(config.ffn_dims):
-            d = config.dim
-            w.write_layer(i, up=torch.randn(n, d, generator=g), down=torch.randn(d, n, generator=g),
-                          gate=torch.randn(n, d, generator=g))
-        w.write_tokenizer(tiny_tokenizer_json(128), chat_template)
-    return dst
+    return write_tiny_store(dst, tokenizer=tiny_tokenizer_json(128), chat_template=chat_template)
 
 
 @pytest.fixture(scope="module")

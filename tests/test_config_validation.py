@@ -19,12 +19,12 @@ from safetensors.torch import load_file, save_file
 
 from conftest import tiny_tokenizer_json
 from llmflash.convert.hf import convert_hf
-from llmflash.convert.writer import StoreWriter
 from llmflash.errors import ConvertError, StoreError
 from llmflash.models.config import ModelConfig
 from llmflash.models.layers import rope_inv_freq
 from llmflash.models.transformer import load_dense
-from llmflash.store import Store, expected_resident
+from llmflash.store import Store
+from test_store_errors import write_store
 
 NAN, INF = float("nan"), float("inf")
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -43,17 +43,6 @@ def opt_config(**kw) -> ModelConfig:
                 n_kv_heads=[4, 4], rope_theta=None, learned_pos=True, pos_offset=2)
     base.update(kw)
     return tiny_config(**base)
-
-
-def write_store(dst: Path, config: ModelConfig, dtype: str = "float32") -> Path:
-    g = torch.Generator().manual_seed(0)
-    with StoreWriter(dst, config, dtype) as w:
-        w.write_resident({k: torch.randn(s, generator=g) for k, s in expected_resident(config).items()})
-        for i, n in enumerate(config.ffn_dims):
-            d = config.dim
-            w.write_layer(i, up=torch.randn(n, d, generator=g), down=torch.randn(d, n, generator=g),
-                          gate=torch.randn(n, d, generator=g))
-    return dst
 
 
 @pytest.fixture(scope="module")

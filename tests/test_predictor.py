@@ -14,12 +14,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llmflash.convert.writer import StoreWriter
 from llmflash.errors import StoreError
 from llmflash.models.config import ModelConfig
 from llmflash.predictor import (QUANTILES, Predictors, load_predictors, pack_bits, read_predictors, save_predictors,
                                 share_above, threshold_for_recall, train_layer, unpack_bits)
-from llmflash.store import PREDICTORS, Store, expected_resident
+from llmflash.store import PREDICTORS, Store
+from test_store_errors import write_store
 
 
 def planted(n_tokens: int, D: int, n: int, r: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,13 +99,7 @@ def pristine_store(tmp_path_factory) -> Path:
     """A tiny random store with a predictors file and its manifest entry."""
     config = tiny_config()
     dst = tmp_path_factory.mktemp("pred") / "tiny.llmflash"
-    g = torch.Generator().manual_seed(0)
-    with StoreWriter(dst, config, "float32") as w:
-        w.write_resident({k: torch.randn(s, generator=g) for k, s in expected_resident(config).items()})
-        for i, n in enumerate(config.ffn_dims):
-            d = config.dim
-            w.write_layer(i, up=torch.randn(n, d, generator=g), down=torch.randn(d, n, generator=g),
-                          gate=torch.randn(n, d, generator=g))
+    write_store(dst, config)
     path = write_predictors(dst / PREDICTORS, config)
     m = json.loads((dst / "manifest.json").read_text())
     m["predictors"] = {"file": PREDICTORS, "bytes": path.stat().st_size}

@@ -32,7 +32,10 @@ def tiny_config(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def write_store(dst: Path, config: ModelConfig | None = None, dtype: str = "float32") -> Path:
+def write_store(dst: Path, config: ModelConfig | None = None, dtype: str = "float32",
+                tokenizer: str | None = None, chat_template: str | None = None) -> Path:
+    """A random-weight store of `config` (default tiny_config()); with `tokenizer` (tokenizer.json
+    text) and its chat template when given. The tests' one store writer."""
     config = config or tiny_config()
     g = torch.Generator().manual_seed(0)
     with StoreWriter(dst, config, dtype) as w:
@@ -41,6 +44,8 @@ def write_store(dst: Path, config: ModelConfig | None = None, dtype: str = "floa
             d = config.dim
             w.write_layer(i, up=torch.randn(n, d, generator=g), down=torch.randn(d, n, generator=g),
                           gate=torch.randn(n, d, generator=g))
+        if tokenizer is not None:
+            w.write_tokenizer(tokenizer, chat_template)
     return dst
 
 
