@@ -93,6 +93,15 @@ def replace_file(path: Path, write: Callable[[Path], None]) -> None:
             tmp.unlink()
 
 
+def crc32_per_bundle(data: Any, bundle_bytes: int) -> np.ndarray:
+    """(k,) uint32: zlib's CRC-32 of each `bundle_bytes` bytes of `data` (bytes-like, k bundles
+    back to back): what bundles.crc32 records and what is checked against it."""
+    mv = memoryview(data).cast("B")
+    k = len(mv) // bundle_bytes
+    return np.fromiter((zlib.crc32(mv[j * bundle_bytes:(j + 1) * bundle_bytes]) for j in range(k)),
+                       dtype=np.uint32, count=k)
+
+
 def align_up(n: int, a: int = ALIGN) -> int:
     return (n + a - 1) // a * a
 
@@ -370,11 +379,17 @@ class Store:
         if got != L.payload_bytes:
             raise StoreError(f"short read of layer {i} at offset {L.offset}: {got} of {L.payload_bytes} bytes",
                              self.ffn_path)
-        if verify and zlib.crc32(buf) != L.crc32:
-            raise StoreError(f"checksum mismatch in layer {i}'s region at offset {L.offset}: the file is corrupt",
-                             self.ffn_path)
+        if verify:
+            self.check_region(i, buf)
         t = torch.from_numpy(buf).view(self.dtype)
         return t.view(L.n_neurons, -1)
+
+    def check_region(self, i: int, payload: Any) -> None:
+        """StoreError unless `payload` (layer i's payload bytes, read whole) matches the region's CRC-32."""
+        L = self.layers[i]
+        if zlib.crc32(payload) != L.crc32:
+            raise StoreError(f"checksum mismatch in layer {i}'s region at offset {L.offset}: the file is corrupt",
+                             self.ffn_path)
 
     def bundle_crcs(self, i: int) -> np.ndarray | None:
         """Layer i's per-bundle CRC-32s, (n_neurons,) uint32 in store order; None before
@@ -409,11 +424,11 @@ class Store:
             os.close(fd)
         crcs = self.bundle_crcs(i)
         if crcs is not None:
-            mv = memoryview(out)
-            for k, j in enumerate(pos.tolist()):
-                if zlib.crc32(mv[k * bb:(k + 1) * bb]) != int(crcs[j]):
-                    raise StoreError(f"checksum mismatch in layer {i}'s bundle {j} at offset "
-                                     f"{L.offset + j * bb}: the file is corrupt", self.ffn_path)
+            bad = np.flatnonzero(crc32_per_bundle(out, bb) != crcs[pos])
+            if len(bad):
+                j = int(pos[bad[0]])
+                raise StoreError(f"checksum mismatch in layer {i}'s bundle {j} at offset "
+                                 f"{L.offset + j * bb}: the file is corrupt", self.ffn_path)
         return torch.from_numpy(out).view(self.dtype).view(len(pos), -1)
 
     def tokenizer(self):

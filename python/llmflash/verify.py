@@ -11,14 +11,14 @@ there is one. The first problem is a StoreError naming the file."""
 from __future__ import annotations
 
 import os
-import zlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from .errors import StoreError
-from .store import BUNDLE_CRCS, PREDICTORS, Store
+from .store import BUNDLE_CRCS, PREDICTORS, Store, crc32_per_bundle
 
 
 @dataclass(frozen=True)
@@ -42,12 +42,11 @@ def verify_store(path: str | os.PathLike[str], progress: bool = True) -> VerifyR
         checked += L.payload_bytes
         crcs = store.bundle_crcs(i)
         if crcs is not None:
-            mv = memoryview(rows.contiguous().view(-1).view(torch.uint8).numpy())
-            bb = L.bundle_bytes
-            for j in range(L.n_neurons):
-                if zlib.crc32(mv[j * bb:(j + 1) * bb]) != int(crcs[j]):
-                    raise StoreError(f"layer {i}'s bundle {j} does not match its CRC-32 here (the region's "
-                                     "CRC-32 does match ffn.bin): the table is corrupt", store.path / BUNDLE_CRCS)
+            got = crc32_per_bundle(rows.contiguous().view(-1).view(torch.uint8).numpy(), L.bundle_bytes)
+            bad = np.flatnonzero(got != crcs)
+            if len(bad):
+                raise StoreError(f"layer {i}'s bundle {int(bad[0])} does not match its CRC-32 here (the region's "
+                                 "CRC-32 does match ffn.bin): the table is corrupt", store.path / BUNDLE_CRCS)
             bundles += L.n_neurons
     resident = len(store.resident())                        # names, shapes, dtypes
     tokenizer = store.tokenizer() is not None

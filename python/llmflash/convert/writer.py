@@ -123,8 +123,7 @@ class StoreWriter:
         mv = memoryview(payload).cast("B")
         if len(mv) != n * bb:
             raise ConvertError(f"layer {i}: payload is {len(mv)} bytes, expected {n * bb}")
-        self.bundle_crcs[i] = np.fromiter((zlib.crc32(mv[j * bb:(j + 1) * bb]) for j in range(n)),
-                                          dtype=np.uint32, count=n)
+        self.bundle_crcs[i] = S.crc32_per_bundle(mv, bb)
         self.layers[i] = S.LayerRegion(i, offset, n, bb, region, tuple(self.config.bundle_fields),
                                        zlib.crc32(mv), None).to_dict()
 

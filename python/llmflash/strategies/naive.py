@@ -14,12 +14,10 @@ OPT-6.7B's 8.59 GB, then never again; benches take it in their untimed warm-up).
 from __future__ import annotations
 
 import time
-import zlib
 
 import torch
 from torch import Tensor
 
-from ..errors import StoreError
 from ..io import ALIGN, AlignedBuf, Reader, as_tensor
 from ..store import Store
 from .base import rows_ffn
@@ -47,9 +45,7 @@ class NaiveFFN:
         self.reader.read(reqs)                                              # GIL released
         self.bytes_read += L.region_bytes
         if layer in self.unverified:
-            if zlib.crc32(memoryview(self.buf)[:L.payload_bytes]) != L.crc32:
-                raise StoreError(f"checksum mismatch in layer {layer}'s region at offset {L.offset}: "
-                                 "the file is corrupt", self.store.ffn_path)
+            self.store.check_region(layer, memoryview(self.buf)[:L.payload_bytes])
             self.unverified.discard(layer)
         payload = self.bytes_view[:L.payload_bytes].view(self.store.dtype)
         return payload.view(L.n_neurons, -1)                                # (n, bundle_values)
