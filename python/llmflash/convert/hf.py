@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import ConvertError, UnsupportedModelError
+from ..models.config import finite_number
 from .common import parse_dtype, progress
 from .writer import StoreWriter
 
@@ -213,17 +214,11 @@ class HFConfig:
 
 def check_number(v: Any, key: str, path: Path, lo: float = 0.0, hi: float = math.inf, lo_open: bool = True) -> float:
     """v as a float when it is a finite number (int or float, not bool) in (lo, hi] ([lo, hi]
-    without lo_open); otherwise a ConvertError naming `path` and `key`."""
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
-        raise ConvertError(f"{key} = {v!r:.40} is not a number", path)
+    without lo_open): models.config.finite_number, as a ConvertError naming `path` and `key`."""
     try:
-        f = float(v)
-    except OverflowError:                                    # an int beyond float's range
-        f = math.inf
-    if not (math.isfinite(f) and (lo < f if lo_open else lo <= f) and f <= hi):
-        raise ConvertError(f"{key} = {v!r:.40} is not a finite number in "
-                           f"{'(' if lo_open else '['}{lo:g}, {hi:g}]", path)
-    return f
+        return finite_number(key, v, lo, hi, lo_open)
+    except ValueError as e:
+        raise ConvertError(str(e), path) from None
 
 
 # -- tokenizer --------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _number(what: str, v: Any, lo: float, hi: float, lo_open: bool = False) -> float:
+def finite_number(what: str, v: Any, lo: float, hi: float, lo_open: bool = False) -> float:
     """v as a float when it is a finite number (int or float, not bool) in [lo, hi] ((lo, hi] when
     lo_open); ValueError naming `what` otherwise."""
     ok = isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -85,10 +85,10 @@ def check_rope_scaling(s: Any) -> None:
         raise ValueError(f"config.rope_scaling of type {kind!r}: "
                          + (f"missing {missing}" if missing else f"unexpected keys {extra[:5]}"))
     if "factor" in want:
-        _number("config.rope_scaling.factor", s["factor"], 1.0, MAX_FLOAT)
+        finite_number("config.rope_scaling.factor", s["factor"], 1.0, MAX_FLOAT)
     if kind == "llama3":
-        lo = _number("config.rope_scaling.low_freq_factor", s["low_freq_factor"], 0.0, MAX_FLOAT, lo_open=True)
-        hi = _number("config.rope_scaling.high_freq_factor", s["high_freq_factor"], 0.0, MAX_FLOAT, lo_open=True)
+        lo = finite_number("config.rope_scaling.low_freq_factor", s["low_freq_factor"], 0.0, MAX_FLOAT, lo_open=True)
+        hi = finite_number("config.rope_scaling.high_freq_factor", s["high_freq_factor"], 0.0, MAX_FLOAT, lo_open=True)
         if not hi > lo:
             raise ValueError(f"config.rope_scaling.high_freq_factor = {hi:g} is not above low_freq_factor = {lo:g}")
         n = s["original_max_position_embeddings"]
@@ -175,7 +175,7 @@ class ModelConfig:
             raise ValueError(f"config.act = {self.act!r:.40} (expected 'silu', 'relu' or 'gelu')")
         if not isinstance(self.name, str):
             raise ValueError(f"config.name = {self.name!r:.40} is not a string")
-        _number("config.norm_eps", self.norm_eps, 0.0, 1.0, lo_open=True)
+        finite_number("config.norm_eps", self.norm_eps, 0.0, 1.0, lo_open=True)
         if self.rope_theta is None:
             if not self.learned_pos:
                 raise ValueError("config.rope_theta is null but config.learned_pos is false: "
@@ -183,7 +183,7 @@ class ModelConfig:
             if self.rope_scaling is not None:
                 raise ValueError("config.rope_scaling is set but config.rope_theta is null (no RoPE)")
         else:
-            _number("config.rope_theta", self.rope_theta, 1.0, MAX_FLOAT)
+            finite_number("config.rope_theta", self.rope_theta, 1.0, MAX_FLOAT)
             if self.head_dim % 2:
                 raise ValueError(f"config.head_dim = {self.head_dim} is odd: RoPE needs an even head_dim")
             check_rope_scaling(self.rope_scaling)
