@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, check_int
 from .store import Store
 
 BENCH_STRATEGIES = ("dense", "naive", "flash", "flash-serial", "ablation")
@@ -64,9 +64,8 @@ def run_bench(store_path: str, memories: list[str], window: int = 4, sparsity: s
         raise InvalidArgumentError(f"bench strategies {','.join(strategies)!r}: "
                                    + (f"unknown {', '.join(map(repr, unknown))}; " if unknown else "none given; ")
                                    + f"choose from {', '.join(BENCH_STRATEGIES)}")
-    for name, v in (("tokens", tokens), ("prompt_tokens", prompt_tokens)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise InvalidArgumentError(f"bench {name} must be an integer >= 1, not {v!r}")
+    check_int("bench tokens", tokens, 1)
+    check_int("bench prompt_tokens", prompt_tokens, 1)
     window = check_window(window)
     if not memories and any(s in strategies for s in ("flash", "ablation", "flash-serial")):
         raise InvalidArgumentError("bench needs at least one memory budget for the flash strategies")

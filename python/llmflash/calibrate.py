@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .errors import InvalidArgumentError, LlmflashError, StoreError
+from .errors import InvalidArgumentError, LlmflashError, StoreError, check_int
 from .models.layers import linear
 from .predictor import TrainResult, activations, label_kind, labels, pack_bits, threshold_for_recall
 from .predictor_file import save_predictors
@@ -171,8 +171,8 @@ def calibrate(store_path: str | os.PathLike[str], texts: list[str] | None = None
     if tokens < 2 or rank < 1 or epochs < 0 or chunk < 1 or batch < 1:
         raise InvalidArgumentError("tokens >= 2, rank >= 1, epochs >= 0, chunk >= 1 and batch >= 1 are required, got "
                                    f"tokens {tokens}, rank {rank}, epochs {epochs}, chunk {chunk}, batch {batch}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise InvalidArgumentError(f"threads must be an integer >= 1 (or None: torch's setting), got {threads!r}")
+    if threads is not None:                             # None: torch's setting
+        check_int("threads", threads, 1)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)

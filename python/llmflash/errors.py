@@ -49,6 +49,15 @@ class InvalidArgumentError(LlmflashError, ValueError):
     sparsity spec, a strategy, a thread count, an empty or out-of-vocabulary prompt."""
 
 
+def check_int(what: str, v: object, lo: int, hi: int | None = None) -> int:
+    """`v` when it is an int (not a bool) in [lo, hi] (hi None: no upper bound); otherwise an
+    InvalidArgumentError naming `what` and the value."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        span = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise InvalidArgumentError(f"{what} must be an integer {span}, not {v!r}")
+    return v
+
+
 class ChatTemplateError(LlmflashError, ValueError):
     """The store's chat template (manifest.json "chat_template") does not parse, fails while
     rendering (including a raise_exception() of its own), or exceeds the rendering limits."""

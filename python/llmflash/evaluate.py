@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .budget import parse_memory
-from .errors import BudgetError, InvalidArgumentError, LlmflashError
+from .errors import BudgetError, InvalidArgumentError, LlmflashError, check_int
 from .models.layers import linear
 from .predictor import Predictors, activations, label_kind, labels
 from .defaults import store_or_default
@@ -148,10 +148,9 @@ def evaluate(store_path: str | os.PathLike[str], text: str | None = None, tokens
     from .sparsity import NextLayerGuess, SameLayerGuess
     from .strategies.flash import check_window, make_source, model_bytes
 
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise InvalidArgumentError(f"threads must be an integer >= 1 (or None: torch's setting), got {threads!r}")
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2:
-        raise InvalidArgumentError(f"tokens must be an integer >= 2, got {tokens!r}")
+    if threads is not None:                             # None: torch's setting
+        check_int("threads", threads, 1)
+    check_int("tokens", tokens, 2)
     if lookahead not in (None, "layer", "attention"):
         raise InvalidArgumentError(f"lookahead must be None, 'layer' or 'attention', got {lookahead!r}")
     window = check_window(window)

@@ -60,7 +60,7 @@ import torch
 from torch import Tensor
 
 from ..budget import CachePlan, parse_memory, plan_caches
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, check_int
 from ..io import AlignedBuf, NeuronCache, Reader, as_tensor
 from ..sparsity import AllNeurons, NextLayerGuess, Oracle, SameLayerGuess, WantedSource
 from ..store import PREDICTORS, RESIDENT, Store
@@ -164,9 +164,8 @@ class FlashFFN:
         if compute not in ("live", "wanted"):
             raise InvalidArgumentError(f"compute must be 'live' or 'wanted', not {compute!r}")
         window = check_window(window)
-        if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
-                                        or not 1 <= concurrency <= 1 << 16):
-            raise InvalidArgumentError(f"concurrency must be an integer in [1, 65536], not {concurrency!r}")
+        if concurrency is not None:
+            check_int("concurrency", concurrency, 1, 1 << 16)
         if engine not in (None, "auto", "threads", "io_uring"):
             raise InvalidArgumentError(f"engine must be 'auto', 'threads' or 'io_uring', not {engine!r}")
         self.compute = compute
