@@ -14,10 +14,10 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .errors import ChatTemplateError, InvalidArgumentError, LlmflashError
+from .errors import ChatTemplateError, InvalidArgumentError, LlmflashError, check_int
 from .generation import check_sampling, decode_stream, render_chat, sample
 from .store import MANIFEST, Store
-from .strategies import STRATEGIES, make_ffn
+from .strategies import check_strategy, make_ffn
 
 
 class FlashModel:
@@ -44,10 +44,7 @@ class FlashModel:
         when flash options are given, else "dense"."""
         if strategy is None:
             strategy = "flash" if options else "dense"
-        if strategy not in STRATEGIES:
-            raise InvalidArgumentError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
-        if strategy == "dense" and options:
-            raise InvalidArgumentError(f"strategy 'dense' takes no options, got {', '.join(sorted(options))}")
+        check_strategy(strategy, options)                # before the default model is converted
         from .defaults import store_or_default
 
         store = Store(store_or_default(path))
@@ -107,9 +104,9 @@ class FlashModel:
         """Yield new token ids one at a time (KV cache; prefill the prompt in one pass). The
         arguments and the prompt are checked here, before the first token is asked for."""
         check_sampling(temperature, top_p)
-        max_new_tokens = _integer("max_new_tokens", max_new_tokens, 0, None)
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0)
         if seed is not None:
-            seed = _integer("seed", seed, -(1 << 63), (1 << 64) - 1)
+            seed = check_int("seed", seed, -(1 << 63), (1 << 64) - 1)
         if chat and isinstance(prompt, str):
             ids = self._ids(self.chat_prompt(prompt), text=True)
         else:
@@ -161,16 +158,3 @@ class FlashModel:
             s.update(self.ffn.stats())
         return s
 
-
-def _integer(name: str, value: Any, lo: int, hi: int | None) -> int:
-    """`value` as an int in [lo, hi] (hi None: no upper bound), else InvalidArgumentError."""
-    import operator
-
-    try:
-        v = operator.index(value)
-    except TypeError:
-        v = None
-    if v is None or isinstance(value, bool) or v < lo or (hi is not None and v > hi):
-        raise InvalidArgumentError(f"{name} must be an integer >= {lo}" + (f" and <= {hi}" if hi is not None else "")
-                                   + f", not {value!r}")
-    return v

@@ -12,6 +12,7 @@ a TypeError. So `except llmflash.LlmflashError` catches every error a user can c
 
 from __future__ import annotations
 
+import operator
 import os
 
 
@@ -50,12 +51,17 @@ class InvalidArgumentError(LlmflashError, ValueError):
 
 
 def check_int(what: str, v: object, lo: int, hi: int | None = None) -> int:
-    """`v` when it is an int (not a bool) in [lo, hi] (hi None: no upper bound); otherwise an
-    InvalidArgumentError naming `what` and the value."""
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+    """`v` as an int when it is an integer (an int or anything with __index__, such as numpy's;
+    not a bool) in [lo, hi] (hi None: no upper bound); otherwise an InvalidArgumentError naming
+    `what` and the value."""
+    try:
+        i = None if isinstance(v, bool) else operator.index(v)
+    except TypeError:
+        i = None
+    if i is None or i < lo or (hi is not None and i > hi):
         span = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise InvalidArgumentError(f"{what} must be an integer {span}, not {v!r}")
-    return v
+    return i
 
 
 class ChatTemplateError(LlmflashError, ValueError):

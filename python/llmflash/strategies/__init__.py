@@ -13,16 +13,21 @@ from ..store import Store
 STRATEGIES = ("dense", "naive", "flash")
 
 
+def check_strategy(name: str, options: dict[str, Any]) -> None:
+    """InvalidArgumentError unless `name` is a strategy that takes `options` (dense takes none)."""
+    if name not in STRATEGIES:
+        raise InvalidArgumentError(f"unknown strategy {name!r} (choose from {', '.join(STRATEGIES)})")
+    if name == "dense" and options:
+        raise InvalidArgumentError(f"strategy 'dense' takes no options, got {', '.join(sorted(options))}")
+
+
 def make_ffn(name: str, store: Store, **options: Any):
+    check_strategy(name, options)
     if name == "dense":
         from .dense import DenseFFN
-        if options:
-            raise InvalidArgumentError(f"strategy 'dense' takes no options, got {sorted(options)}")
         return DenseFFN(store)
     if name == "naive":
         from .naive import NaiveFFN
         return NaiveFFN(store, **options)
-    if name == "flash":
-        from .flash import FlashFFN
-        return FlashFFN(store, **options)
-    raise InvalidArgumentError(f"unknown strategy {name!r} (choose from {', '.join(STRATEGIES)})")
+    from .flash import FlashFFN                          # "flash", the last of STRATEGIES
+    return FlashFFN(store, **options)

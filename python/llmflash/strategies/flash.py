@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 import time
 import warnings
 from typing import Any
@@ -90,14 +89,7 @@ def _mgmt_ns(cache: NeuronCache) -> int:
 
 def check_window(window: Any) -> int:
     """The window as an int in [0, MAX_WINDOW] (0: keep nothing past the token), else InvalidArgumentError."""
-    try:
-        w = operator.index(window)
-    except TypeError:
-        w = None
-    if w is None or isinstance(window, bool) or not 0 <= w <= MAX_WINDOW:
-        raise InvalidArgumentError(f"window must be an integer in [0, {MAX_WINDOW}] (tokens a neuron stays "
-                                   f"cached after it was last wanted), not {window!r}")
-    return w
+    return check_int("window (tokens a neuron stays cached after it was last wanted)", window, 0, MAX_WINDOW)
 
 
 def _share(spec: Any, what: str, value: str) -> float:
