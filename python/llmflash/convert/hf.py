@@ -26,7 +26,7 @@ import torch
 from ..errors import ConvertError, UnsupportedModelError
 from ..models.config import finite_number
 from .common import parse_dtype, progress
-from .writer import StoreWriter
+from .writer import StoreWriter, check_destination
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
@@ -288,8 +288,7 @@ def convert_hf(src: str | os.PathLike[str], dst: str | os.PathLike[str], dtype: 
         raise ConvertError("no such file or folder", src)
     if not src.is_dir():
         raise ConvertError("not a Hugging Face model folder (config.json + *.safetensors)", src)
-    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
-        raise ConvertError("the destination must not be the source folder or inside it", dst)
+    check_destination(dst, src, force)                  # before any reading; StoreWriter checks again
     cfg_path = src / CONFIG
     if not cfg_path.is_file():
         raise ConvertError(f"no {CONFIG}: not a Hugging Face model folder", src)
