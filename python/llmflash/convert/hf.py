@@ -26,7 +26,8 @@ import torch
 from ..errors import ConvertError, UnsupportedModelError
 from ..models.config import finite_number
 from .common import parse_dtype, progress
-from .writer import StoreWriter, check_destination
+from .destination import check_destination
+from .writer import StoreWriter
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
