@@ -193,6 +193,7 @@ class Store:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
+        from .leftovers import recover; recover(self.path)   # clean up after interrupted conversions
         if not self.path.exists():
             raise StoreError("no such store folder", self.path)
         if not self.path.is_dir():

@@ -1,23 +1,34 @@
 """Where a conversion writes: the checks on its destination and the swap that replaces an old store.
 
-The destination (check_destination): without `force` it must not exist. With `force` it is
-replaced only when it is an llmflash store (a folder whose manifest.json says format
-"llmflash-store" and which holds nothing but store files) or an empty folder; a folder holding
-anything else, a file or a symbolic link is refused before any work, and nothing is deleted.
-Neither the source nor the destination may contain the other (paths compared resolved). An old
-store is removed only once the new one is complete: it is renamed aside (.NAME.old-PID), the new
-one renamed in, then the old one deleted; if renaming in fails the old one is put back.
+What is guaranteed:
+- Without `force` the destination must not exist. With `force` it is replaced only when it is an
+  empty folder or an llmflash store: a folder whose every entry, hidden ones included, is a
+  regular file the store format defines (store.KNOWN_FILES, or a store's own `.FILE.tmp-PID`
+  temporary file) and whose manifest.json parses as a store's (a JSON object, format
+  "llmflash-store", a known version, a config object, a layers list). Anything else (a folder
+  holding any other entry, a file, a symbolic link) is refused with a ConvertError naming the
+  destination and the offending entry, before any work, and nothing is deleted. Neither the
+  source nor the destination may contain the other (paths compared resolved).
+- The new store is written to `.NAME.tmp-PID` beside the destination and appears in one rename.
+  An old store is replaced by exchanging the two folders atomically (Linux renameat2 with
+  RENAME_EXCHANGE): at every instant the destination names a complete store, the old or the
+  new; the old one, now under the temporary name, is then deleted. Where the kernel or file
+  system cannot exchange, the old store is renamed aside to `.NAME.old-PID`, the new one renamed
+  in, the old one deleted; a failure in between puts the old one back.
+- A killed conversion leaves only those hidden siblings. The next conversion to the destination
+  or the next opening of the store (llmflash.leftovers.recover) deletes the ones of dead
+  processes, and first renames an old store back if a kill between the two renames left the
+  destination missing. Leftovers of live processes are never touched.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from pathlib import Path
 
-from .. import store as S
+from .. import leftovers
 from ..errors import ConvertError
+
 
 def fsync_dir(path: Path) -> None:
     """Make renames in `path` durable (best effort: not every platform opens folders)."""
@@ -51,25 +62,13 @@ def _inside(inner: Path, outer: Path) -> bool:
 
 
 def _store_problem(path: Path) -> str | None:
-    """Why the folder `path` is not an llmflash store --force may replace; None when it is one
-    (manifest.json a JSON object with format "llmflash-store", nothing but store files)."""
-    mpath = path / S.MANIFEST
-    if mpath.is_symlink() or not mpath.is_file():
-        return f"it is a non-empty folder without {S.MANIFEST}, not an llmflash store"
+    """Why the folder `path` is not an llmflash store --force may replace; None when it is one:
+    every entry, hidden ones included, a regular file the store format defines (or a store's own
+    `.FILE.tmp-PID` temporary file), and a manifest.json that parses as a store's."""
     try:
-        if mpath.stat().st_size > S.MAX_MANIFEST_BYTES:
-            raise ValueError("too large")
-        m = json.loads(mpath.read_bytes())
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError):   # RecursionError: hostile nesting
-        m = None
-    if not isinstance(m, dict) or m.get("format") != S.FORMAT:
-        return f"its {S.MANIFEST} is not an llmflash store manifest (format {S.FORMAT!r})"
-    for entry in sorted(os.listdir(path)):
-        p = path / entry
-        known = entry in S.KNOWN_FILES or entry.startswith(".")       # hidden: temporary files
-        if not known or p.is_symlink() or not p.is_file():
-            return f"it holds {entry!r}, which is not part of an llmflash store"
-    return None
+        return leftovers.store_problem(path)
+    except OSError as e:
+        return f"it cannot be listed ({e.strerror})"
 
 
 def check_destination(dst: Path, src: Path | None, force: bool) -> str:
@@ -78,6 +77,8 @@ def check_destination(dst: Path, src: Path | None, force: bool) -> str:
     with `force`, anything but an llmflash store or an empty folder (a non-empty folder that is
     not a store, a file, a symbolic link: the link is refused rather than followed or replaced,
     so that neither its target nor the link is lost by surprise).
+    Before looking at dst, recovers or deletes what dead processes' interrupted conversions left
+    beside it (llmflash.leftovers.recover): a destination a kill left missing comes back.
     Returns "absent", "empty" or "store": what the finished store replaces."""
     if src is not None:
         if _inside(dst, src):
@@ -86,6 +87,7 @@ def check_destination(dst: Path, src: Path | None, force: bool) -> str:
         if _inside(src, dst):
             raise ConvertError(f"the destination contains the source {src}: replacing it would delete the source",
                                dst)
+    leftovers.recover(dst)
     if not os.path.lexists(dst):
         return "absent"
     if not force:
@@ -106,15 +108,33 @@ def check_destination(dst: Path, src: Path | None, force: bool) -> str:
     return "store"
 
 
+def _discard(path: Path) -> None:
+    """Delete our own temporary folder, best effort, never following a symbolic link."""
+    try:
+        leftovers.remove_tree(path)
+    except OSError:
+        pass
+
+
 def swap_in(tmp: Path, dst: Path, old: Path) -> None:
-    """Replace the old store at dst: aside, new in, old deleted. The old one is lost only
-    once the new one is in place; a failure before that puts it back."""
+    """Replace the old store at dst with the new one at tmp. Atomic exchange where the kernel
+    allows (after it, tmp holds the old store, which is deleted); else old aside to `old`, new
+    in, old deleted, and a failure before the new one is in puts the old one back."""
     if os.path.lexists(old):                 # our own leftover (same pid, earlier run)
-        shutil.rmtree(old)
+        leftovers.remove_tree(old)
+    try:
+        exchanged = leftovers.exchange(tmp, dst)
+    except BaseException:
+        _discard(tmp)
+        raise
+    if exchanged:
+        fsync_dir(dst.parent)                # the new store durable at dst before the old goes
+        _discard(tmp)
+        return
     try:
         os.rename(dst, old)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
         raise
     try:
         os.rename(tmp, dst)
@@ -125,6 +145,7 @@ def swap_in(tmp: Path, dst: Path, old: Path) -> None:
             raise ConvertError(f"could not put the old store back ({e}); it is kept at {old}",
                                dst) from None
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _discard(tmp)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(dst.parent)
+    _discard(old)
