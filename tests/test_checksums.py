@@ -4,7 +4,6 @@ whole (dense at open, naive on its first read of each region) check the region's
 
 from __future__ import annotations
 
-import json
 import shutil
 import zlib
 from pathlib import Path
@@ -19,13 +18,13 @@ from llmflash.errors import StoreError
 from llmflash.store import Store
 from llmflash.strategies.naive import NaiveFFN
 from llmflash.verify import verify_store
-from test_store_errors import run_cli, tiny_config, write_store
+from test_store_errors import edit_manifest, run_cli, tiny_config, write_store
 
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
-    """test_store_errors.write_store's tiny float32 Llama, with a tokenizer for the CLI."""
-    return write_store(tmp_path_factory.mktemp("crc") / "tiny.llmflash", tokenizer=tiny_tokenizer_json())
+    """test_store_errors.write_store's tiny float32 Llama, with a tokenizer (its 64 ids) for the CLI."""
+    return write_store(tmp_path_factory.mktemp("crc") / "tiny.llmflash", tokenizer=tiny_tokenizer_json(64))
 
 
 @pytest.fixture
@@ -99,7 +98,7 @@ def test_cli_verify(pristine, corrupt, capsys):
 
 def test_writer_records_every_bundles_crc(pristine):
     s = Store(pristine)
-    assert s.manifest["version"] == 3 and s.has_bundle_crcs
+    assert s.manifest["version"] == 4 and s.has_bundle_crcs
     raw = (pristine / "ffn.bin").read_bytes()
     for i, L in enumerate(s.layers):
         want = [zlib.crc32(raw[L.offset + j * L.bundle_bytes:L.offset + (j + 1) * L.bundle_bytes])
@@ -115,15 +114,20 @@ def test_read_bundles_checks_each_bundle(corrupt):
         s.read_bundles(1, np.array([0, 5]))
 
 
-def test_verify_finds_a_corrupt_table(pristine, tmp_path):
+@pytest.mark.parametrize("version,match", [(4, "checksum mismatch"), (3, "layer 0's bundle 7.*table is corrupt")])
+def test_verify_finds_a_corrupt_table(pristine, tmp_path, version, match):
+    """Blamed on bundles.crc32, not ffn.bin: by the table's own checksum (version 4), or, in a
+    version-3 store, by its disagreement with the bundles of a region whose CRC-32 matches."""
     dst = tmp_path / "t.llmflash"
     shutil.copytree(pristine, dst)
+    if version == 3:
+        edit_manifest(dst, lambda m: m.update(version=3))
     with open(dst / "bundles.crc32", "r+b") as f:
         f.seek(4 * 7)
         b = f.read(1)
         f.seek(4 * 7)
         f.write(bytes([b[0] ^ 0x01]))
-    with pytest.raises(StoreError, match=r"bundles\.crc32.*layer 0's bundle 7.*table is corrupt"):
+    with pytest.raises(StoreError, match=r"bundles\.crc32: .*" + match):
         verify_store(dst, progress=False)
 
 
@@ -143,9 +147,7 @@ def test_version_2_store_opens_without_a_table(pristine, tmp_path):
     dst = tmp_path / "v2.llmflash"
     shutil.copytree(pristine, dst)
     (dst / "bundles.crc32").unlink()
-    m = json.loads((dst / "manifest.json").read_text())
-    m["version"] = 2
-    (dst / "manifest.json").write_text(json.dumps(m))
+    edit_manifest(dst, lambda m: m.update(version=2))
     s = Store(dst)
     assert not s.has_bundle_crcs and s.bundle_crcs(0) is None
     assert s.read_bundles(1, np.array([0, 3])).shape == (2, 3 * tiny_config().dim)

@@ -23,8 +23,8 @@ from llmflash.errors import ConvertError, StoreError
 from llmflash.models.config import ModelConfig
 from llmflash.models.layers import rope_inv_freq
 from llmflash.models.transformer import load_dense
-from llmflash.store import Store
-from test_store_errors import write_store
+from llmflash.store import Store, write_manifest
+from test_store_errors import reseal, write_store
 
 NAN, INF = float("nan"), float("inf")
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -58,10 +58,12 @@ def copy(pristine: dict[str, Path], kind: str, tmp_path: Path) -> Path:
 
 
 def edit_manifest(store: Path, fn) -> Path:
+    """Apply `fn` to the manifest and write it back with a matching manifest_crc32 (NaN / Infinity
+    are written as JSON's extensions)."""
     path = store / "manifest.json"
     m = json.loads(path.read_text())
     fn(m)
-    path.write_text(json.dumps(m))                 # NaN / Infinity are written as JSON's extensions
+    write_manifest(store, m)
     return path
 
 
@@ -223,6 +225,7 @@ def test_resident_dtype(pristine, tmp_path, kind, name, dtype):
     t = load_file(str(rpath))
     t[name] = (t[name] * 10).to(dtype)
     save_file(t, str(rpath), metadata={"format": "llmflash-store"})
+    reseal(store)                                            # meet the dtype check behind the checksum
     with pytest.raises(StoreError) as e:
         Store(store).resident()
     assert_names(e, rpath, name, str(dtype).removeprefix("torch."), "float32")
@@ -237,6 +240,7 @@ def test_whole_store_in_another_dtype(pristine, tmp_path):
     store = copy(pristine, "llama", tmp_path)
     rpath = store / "resident.safetensors"
     save_file({k: v.half() for k, v in load_file(str(rpath)).items()}, str(rpath))
+    reseal(store)
     with pytest.raises(StoreError) as e:
         Store(store).resident()
     assert_names(e, rpath, "float16", "expected float32")
@@ -252,6 +256,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_exit_2(pristine, tmp_path, what):
     store = copy(pristine, "llama", tmp_path)
     (store / "tokenizer.json").write_text(tiny_tokenizer_json(64))
+    reseal(store)                                            # recorded as if converted with it
     if what == "rope_theta":
         edit_manifest(store, lambda m: m["config"].update(rope_theta=0))
         where = "manifest.json"
@@ -260,6 +265,7 @@ def test_cli_exit_2(pristine, tmp_path, what):
         t = load_file(str(rpath))
         t["embed.weight"] = t["embed.weight"].to(torch.int64)
         save_file(t, str(rpath))
+        reseal(store)
         what, where = "embed.weight", "resident.safetensors"
     r = run_cli("generate", str(store), "-p", "t1 t2", "-n", "2")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr

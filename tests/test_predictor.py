@@ -4,7 +4,6 @@ names it."""
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -19,7 +18,7 @@ from llmflash.models.config import ModelConfig
 from llmflash.predictor import (QUANTILES, Predictors, load_predictors, pack_bits, read_predictors, save_predictors,
                                 share_above, threshold_for_recall, train_layer, unpack_bits)
 from llmflash.store import PREDICTORS, Store
-from test_store_errors import write_store
+from test_store_errors import edit_manifest, reseal, write_store
 
 
 def planted(n_tokens: int, D: int, n: int, r: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,10 +100,8 @@ def pristine_store(tmp_path_factory) -> Path:
     dst = tmp_path_factory.mktemp("pred") / "tiny.llmflash"
     write_store(dst, config)
     path = write_predictors(dst / PREDICTORS, config)
-    m = json.loads((dst / "manifest.json").read_text())
-    m["predictors"] = {"file": PREDICTORS, "bytes": path.stat().st_size}
-    (dst / "manifest.json").write_text(json.dumps(m))
-    return dst
+    edit_manifest(dst, lambda m: m.update(predictors={"file": PREDICTORS, "bytes": path.stat().st_size}))
+    return reseal(dst)                                   # its size and CRC-32 recorded, as calibrate does
 
 
 @pytest.fixture
@@ -202,9 +199,7 @@ def test_truncated_predictors_file(store):
 
 
 def test_manifest_entry_must_match_the_file(store):
-    m = json.loads((store / "manifest.json").read_text())
-    m["predictors"]["bytes"] += 1
-    (store / "manifest.json").write_text(json.dumps(m))
+    edit_manifest(store, lambda m: m["predictors"].update(bytes=m["predictors"]["bytes"] + 1))
     with pytest.raises(StoreError, match="does not match the file"):
         load_predictors(store)
 

@@ -16,7 +16,8 @@ import torch
 from llmflash.convert.writer import StoreWriter
 from llmflash.errors import ConvertError, StoreError
 from llmflash.models.config import ModelConfig
-from llmflash.store import Store, expected_resident
+from llmflash.checksums import file_entry
+from llmflash.store import CHECKSUMMED, PREDICTORS, VERSION, Store, expected_resident, write_manifest
 
 
 def opt_config() -> ModelConfig:
@@ -62,9 +63,24 @@ def store(pristine, tmp_path) -> Path:
 
 
 def edit_manifest(store: Path, fn) -> None:
+    """Apply `fn` to the manifest and write it back with a matching manifest_crc32 (so the
+    validation behind the checksum meets the edit)."""
     m = json.loads((store / "manifest.json").read_text())
     fn(m)
-    (store / "manifest.json").write_text(json.dumps(m))
+    write_manifest(store, m)
+
+
+def reseal(store: Path) -> Path:
+    """Record the store's files as they are now (size and CRC-32 of each, and the manifest's own
+    checksum): for tests that change or add a file on purpose to meet the checks behind the
+    checksums (or older tools' ways of editing a store)."""
+    m = json.loads((store / "manifest.json").read_text())
+    if m.get("version") == VERSION:
+        m["files"] = {n: file_entry(store / n) for n in CHECKSUMMED if (store / n).is_file()}
+        if m.get("predictors") is not None and (store / PREDICTORS).is_file():
+            m["predictors"]["bytes"] = (store / PREDICTORS).stat().st_size
+    write_manifest(store, m)
+    return store
 
 
 def test_pristine_store_opens_and_reads(store):
@@ -93,6 +109,7 @@ def test_extra_tensor(store):
     t = load_file(str(store / "resident.safetensors"))
     t["layers.0.attn.extra.weight"] = torch.zeros(3)
     save_file(t, str(store / "resident.safetensors"))
+    reseal(store)                                             # meet the check behind the checksum
     with pytest.raises(StoreError, match="resident.safetensors.*unexpected"):
         Store(store).resident()
 
@@ -102,6 +119,7 @@ def test_missing_tensor(store):
     t = load_file(str(store / "resident.safetensors"))
     del t["layers.1.attn.q.weight"]
     save_file(t, str(store / "resident.safetensors"))
+    reseal(store)                                             # meet the check behind the checksum
     with pytest.raises(StoreError, match="resident.safetensors.*layers.1.attn.q.weight"):
         Store(store).resident()
 
@@ -203,6 +221,7 @@ def test_bad_up_bias(tmp_path, mutate, match):
     t = load_file(str(dst / "resident.safetensors"))
     mutate(t)
     save_file(t, str(dst / "resident.safetensors"))
+    reseal(dst)                                             # meet the check behind the checksum
     with pytest.raises(StoreError, match="resident.safetensors.*" + match):
         Store(dst).up_biases()
 

@@ -14,7 +14,8 @@
    `--heldout` share of tokens; those (whole chunks of different text) choose the layer's
    logit threshold for the target recall and give the quantile tables stored with it.
 3. Write predictors.safetensors atomically (temporary file + os.replace) and record it in the
-   manifest ("predictors": {file, bytes, rank, ...}), also by an atomic replace.
+   manifest ("predictors": {file, bytes, rank, ...}; in a version-4 store also its size and CRC-32
+   under "files", and the manifest's new checksum), also by an atomic replace.
 
 Default text: the first CALIBRATION_CHARS characters of CPython's documentation topics
 (llmflash.bench.calibration_text). `llmflash eval` defaults to the text after them, so
@@ -25,7 +26,6 @@ Deterministic for a given seed (torch's CPU kernels with a fixed thread count).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -35,12 +35,13 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .errors import InvalidArgumentError, LlmflashError, StoreError, check_int
+from .errors import InvalidArgumentError, LlmflashError, check_int
 from .models.layers import linear
 from .predictor import TrainResult, activations, label_kind, labels, pack_bits, threshold_for_recall
 from .predictor_file import save_predictors
+from .checksums import file_entry
 from .defaults import store_or_default
-from .store import MANIFEST, PREDICTORS, Store, replace_file
+from .store import PREDICTORS, Store, write_manifest
 
 THRESHOLD_TOKENS = 1024         # the label thresholds come from |act| over the first 1024 tokens
 CALIBRATION_CHARS = 360_000      # pydoc topics text [0, 360000) calibrates; eval reads from here on
@@ -279,13 +280,16 @@ def _expected(results: list[TrainResult], recall: float) -> dict[str, float]:
 
 
 def _write_manifest_entry(store: Store, entry: dict[str, Any]) -> None:
-    mpath = store.path / MANIFEST
-    try:
-        m = json.loads(mpath.read_bytes())
-    except (OSError, ValueError) as e:
-        raise StoreError(f"cannot reread the manifest: {e}", mpath) from None
+    """Record the predictors file just written (atomically, after it): its entry and, in a
+    version-4 store, its size and CRC-32 among the manifest's files, with a new manifest checksum.
+    The manifest is read again and checked (Store), so nothing changed meanwhile is blessed. Killed
+    between the two renames, the store holds new predictors the manifest does not record: loading
+    them is a StoreError naming predictors.safetensors, and calibrate can be run again."""
+    m = Store(store.path).manifest
     m["predictors"] = entry
-    replace_file(mpath, lambda tmp: tmp.write_text(json.dumps(m, indent=1)))
+    if isinstance(m.get("files"), dict):
+        m["files"][PREDICTORS] = file_entry(store.path / PREDICTORS)
+    write_manifest(store.path, m)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -85,7 +85,8 @@ def ensure_default_store(dtype: str = "float16") -> Path:
     """The default model's store, converting it from the GGUF the first time (a few seconds).
 
     A store that is there and opens cleanly is returned at once. One that is incomplete or from
-    another format version is converted again. A lock file serialises concurrent first runs, so
+    another format version (an older one too: version 4 added the files' checksums) is converted
+    again. A lock file serialises concurrent first runs, so
     two processes never convert into the same folder at once."""
     path = default_store_path(dtype)
     if path.is_dir() and _valid(path):

@@ -232,9 +232,13 @@ def load_predictors(store: Store | str | os.PathLike[str], recall: float | None 
     """The store's calibrated predictors as a wanted-set source; `recall` re-chooses every
     layer's threshold for that target recall (from the held-out quantiles in the file); `stay`
     (a higher recall) adds hysteresis for cached neurons (Predictors.select); `hot` pins the
-    most often active share of each layer's neurons (read_predictors)."""
+    most often active share of each layer's neurons (read_predictors). In a version-4 store the
+    file must match the size and CRC-32 the manifest records (calibrate records them after writing
+    the file): a StoreError naming the file otherwise."""
     if not isinstance(store, Store):
         store = Store(store)
+    if (store.path / PREDICTORS).is_file():              # (a missing file: read_predictors says so)
+        store.check_file(PREDICTORS)                     # version 4: size and CRC-32 as recorded
     p = read_predictors(store.path / PREDICTORS, store.config, dtype=store.dtype, hot=hot)
     entry = store.manifest.get("predictors")
     if entry is not None:

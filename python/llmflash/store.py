@@ -27,13 +27,23 @@ OPT's fc1 bias (one value per neuron) is not in the bundle: it is the resident t
 so a bundle is 2 * dim values: whole 4 KiB pages at OPT's widths (OPT-6.7B float16: 16,384 B,
 4 pages; with the 2-byte bias inside, a 16,386 B bundle spanned 5 pages for direct I/O).
 
-Versions: 3 is this layout. Version 2 is the same without bundles.crc32 (it opens; flash then
-checks nothing per bundle: `llmflash verify` checks the regions). Version 1 kept the fc1 bias as the bundle's last value; for models
+File checksums (version 4, llmflash.checksums): the manifest's `files` records size and CRC-32
+of resident.safetensors, bundles.crc32, tokenizer.json and predictors.safetensors, and
+`manifest_crc32` the manifest's own; ffn.bin is covered by its regions' and bundles' CRCs.
+
+Versions: 4 is this layout. Version 3 is the same without the file and manifest checksums (it
+opens, without those checks; `llmflash verify` says what it could not check; a manifest of any
+version that carries a `manifest_crc32` is checked against it). Version 2 is version 3 without
+bundles.crc32 (it opens; flash then checks nothing per bundle: `llmflash verify` checks the
+regions). Version 1 kept the fc1 bias as the bundle's last value; for models
 without an FFN bias (Llama, OpenELM: everything but OPT) the two are identical, so version-1
 stores of those open as they are; a version-1 store with an FFN bias must be converted again.
 
-Every manifest is treated as hostile: sizes are capped, arithmetic is checked against the real
-file sizes, and every problem is a StoreError naming the file and the field.
+Every manifest is treated as hostile: sizes are capped, types are checked before use (a list
+where a string belongs, 1e400 where an integer belongs), duplicate keys are refused, arithmetic is
+checked against the real file sizes, and every problem is a StoreError naming the file and the
+field. Resident tensors must be finite (NaN or Inf weights are refused at load, checked at memory
+speed with torch.aminmax), whatever the version.
 """
 
 from __future__ import annotations
@@ -43,16 +53,18 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from .checksums import check_finite, compare_file, manifest_crc32, os_reason, parse_manifest, replace_file
 from .errors import StoreError
 from .models.config import ModelConfig
 
 FORMAT = "llmflash-store"
-VERSION = 3
+VERSION = 4
+V3 = 3            # no file or manifest checksums (read as is, unchecked)
 V2 = 2            # no bundles.crc32 (read as is)
 V1 = 1            # read when the config has no FFN bias (same layout; see above)
 ALIGN = 4096
@@ -63,6 +75,7 @@ TOKENIZER = "tokenizer.json"
 PREDICTORS = "predictors.safetensors"
 BUNDLE_CRCS = "bundles.crc32"
 KNOWN_FILES = frozenset({MANIFEST, RESIDENT, FFN, TOKENIZER, PREDICTORS, BUNDLE_CRCS})
+CHECKSUMMED = (RESIDENT, BUNDLE_CRCS, TOKENIZER, PREDICTORS)   # version 4: manifest["files"] entries
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_FILE_BYTES = 1 << 50
 
@@ -79,18 +92,15 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
 
-def replace_file(path: Path, write: Callable[[Path], None]) -> None:
-    """Write `path` atomically: `write(tmp)` fills a hidden sibling, which is fsynced and then
-    renamed over `path`; on any failure the sibling is removed and `path` is untouched."""
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def write_manifest(folder: Path, m: dict[str, Any]) -> None:
+    """Write `m` as folder/manifest.json atomically (replace_file), with `manifest_crc32` set to
+    its checksum when it is a version-4 manifest (any other key of that name is dropped). The
+    checksum is taken over the JSON as it will be read back (tuples as lists, keys as strings)."""
+    m = json.loads(json.dumps({k: v for k, v in m.items() if k != "manifest_crc32"}))
+    if m.get("version") == VERSION:
+        m["manifest_crc32"] = manifest_crc32(m)
+    text = json.dumps(m, indent=1)
+    replace_file(Path(folder) / MANIFEST, lambda tmp: tmp.write_text(text, encoding="ascii"))
 
 
 def crc32_per_bundle(data: Any, bundle_bytes: int) -> np.ndarray:
@@ -182,6 +192,9 @@ def expected_resident(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return want
 
 
+_REDO = {PREDICTORS: ("run `llmflash calibrate` again", "calibration")}   # remedy and writer, if not convert
+
+
 def _int(v: Any, what: str, path: Path, lo: int = 0, hi: int = MAX_FILE_BYTES) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
         raise StoreError(f"{what} = {v!r:.60} is not an integer in [{lo}, {hi}]", path)
@@ -210,14 +223,12 @@ class Store:
         if size > MAX_MANIFEST_BYTES:
             raise StoreError(f"manifest is {size} bytes, over the {MAX_MANIFEST_BYTES} cap", mpath)
         try:
-            m = json.loads(mpath.read_bytes())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise StoreError(f"manifest is not valid JSON ({e})", mpath) from None
-        except RecursionError:                   # '[' * 200000: deeper than the parser's stack
-            raise StoreError("manifest is not valid JSON (nested too deeply)", mpath) from None
-        if not isinstance(m, dict):
-            raise StoreError("manifest is not a JSON object", mpath)
+            data = mpath.read_bytes()
+        except OSError as e:
+            raise StoreError(f"cannot read the manifest: {os_reason(e)}", mpath) from None
+        m = parse_manifest(data, mpath)
         self.manifest: dict[str, Any] = m
+        self._checked: set[str] = set()          # files whose checksum matched (once per Store)
         try:
             self._validate(m, mpath)
         except RecursionError:                   # a deep value that parsed, met again by repr() or ==
@@ -228,13 +239,27 @@ class Store:
         if m.get("format") != FORMAT:
             raise StoreError(f"format is {m.get('format')!r:.40}, expected {FORMAT!r}", mpath)
         version = m.get("version")
-        if version not in (V1, V2, VERSION) or isinstance(version, bool):
+        if version not in (V1, V2, V3, VERSION) or isinstance(version, bool):
             raise StoreError(
                 f"unknown format version {version!r:.20} (this llmflash reads versions {V1} to {VERSION}); "
                 "re-run `llmflash convert` or upgrade llmflash", mpath)
+        if "manifest_crc32" in m or version == VERSION:
+            want_crc = _int(m.get("manifest_crc32"), "manifest_crc32", mpath, 0, 0xFFFFFFFF)
+            if manifest_crc32(m) != want_crc:
+                raise StoreError("the manifest does not match its manifest_crc32: corrupt, or edited after "
+                                 "conversion", mpath)
         dtype = m.get("dtype")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise StoreError(f"dtype {dtype!r:.40} is not one of {sorted(DTYPES)}", mpath)
+        template = m.get("chat_template")
+        if template is not None:
+            if not isinstance(template, str):
+                raise StoreError(f"chat_template is a {type(template).__name__}, not a string", mpath)
+            try:
+                template.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise StoreError(f"chat_template is not valid UTF-8 text ({e.reason} at character {e.start})",
+                                 mpath) from None
         self.dtype_name: str = dtype
         self.dtype: torch.dtype = DTYPES[dtype]
         try:
@@ -248,7 +273,7 @@ class Store:
         if version == V1 and self.config.ffn_bias:
             raise StoreError(
                 f"format version {V1} store of a model with an FFN bias: the bundle layout changed in "
-                f"version {VERSION} (the fc1 bias moved from ffn.bin's bundles to resident.safetensors); "
+                f"version {V2} (the fc1 bias moved from ffn.bin's bundles to resident.safetensors); "
                 "re-run `llmflash convert` on the source model", mpath)
         ffn_path = self.path / FFN
         ffn_size = ffn_path.stat().st_size
@@ -270,10 +295,11 @@ class Store:
             bb = _int(L.get("bundle_bytes"), f"layers[{i}].bundle_bytes", mpath, 1, 1 << 30)
             rb = _int(L.get("region_bytes"), f"layers[{i}].region_bytes", mpath)
             crc = _int(L.get("crc32"), f"layers[{i}].crc32", mpath, 0, 0xFFFFFFFF)
-            try:
-                fields = tuple((str(a), int(b)) for a, b in L.get("fields", []))
-            except (TypeError, ValueError):
-                raise StoreError(f"layers[{i}].fields is malformed", mpath) from None
+            fields = L.get("fields")
+            if (not isinstance(fields, list) or not all(isinstance(f, list) and len(f) == 2 and isinstance(f[0], str)
+                                                        and type(f[1]) is int for f in fields)):
+                raise StoreError(f"layers[{i}].fields = {fields!r:.60} is not a list of [name, integer] pairs", mpath)
+            fields = tuple((a, b) for a, b in fields)
             if n != self.config.ffn_dims[i]:
                 raise StoreError(f"layers[{i}].n_neurons = {n} but config.ffn_dims[{i}] = {self.config.ffn_dims[i]}", mpath)
             if fields != want_fields or bb != want_bundle:
@@ -299,16 +325,75 @@ class Store:
         self.layers: list[LayerRegion] = regions
         self.ffn_path = ffn_path
         cpath = self.path / BUNDLE_CRCS
-        self.has_bundle_crcs = version >= VERSION
+        self.has_bundle_crcs = version >= V3
         if self.has_bundle_crcs:
             want = 4 * sum(L.n_neurons for L in regions)
             if not cpath.is_file():
-                raise StoreError(f"missing: a version-{VERSION} store holds one CRC-32 per bundle", cpath)
+                raise StoreError(f"missing: a version-{version} store holds one CRC-32 per bundle", cpath)
             if cpath.stat().st_size != want:
                 raise StoreError(f"file is {cpath.stat().st_size} bytes, expected {want} (4 per bundle): "
                                  "truncated or replaced", cpath)
         elif cpath.exists():
-            raise StoreError(f"unexpected in a version-{version} store (version {VERSION} has it)", cpath)
+            raise StoreError(f"unexpected in a version-{version} store (versions {V3} and later have it)", cpath)
+        self.files: dict[str, dict[str, int]] | None = self._validate_files(m, mpath) if version == VERSION else None
+
+    def _validate_files(self, m: dict[str, Any], mpath: Path) -> dict[str, dict[str, int]]:
+        """The version-4 `files` entries, each well formed; the files recorded must be there at
+        the recorded size (a cheap stat: the hashes run where each file is loaded) and the
+        tokenizer there only if recorded. Predictors are compared where they are loaded, so an
+        interrupted calibrate (a new file, the old manifest) leaves a store that opens and can
+        be calibrated again."""
+        files = m.get("files")
+        if not isinstance(files, dict):
+            raise StoreError(f"files = {files!r:.40}: a version-{VERSION} manifest records its files' checksums", mpath)
+        out: dict[str, dict[str, int]] = {}
+        for name, e in files.items():
+            if name not in CHECKSUMMED:
+                raise StoreError(f"files[{name!r:.40}] is not a file with a recorded checksum "
+                                 f"({', '.join(CHECKSUMMED)})", mpath)
+            if not isinstance(e, dict) or set(e) != {"bytes", "crc32"}:
+                raise StoreError(f"files[{name!r}] must be {{\"bytes\": N, \"crc32\": C}}", mpath)
+            out[name] = {"bytes": _int(e["bytes"], f"files[{name!r}].bytes", mpath),
+                         "crc32": _int(e["crc32"], f"files[{name!r}].crc32", mpath, 0, 0xFFFFFFFF)}
+        for name in (RESIDENT, BUNDLE_CRCS):
+            if name not in out:
+                raise StoreError(f"files[{name!r}] is missing: a version-{VERSION} manifest records it", mpath)
+        tpath = self.path / TOKENIZER
+        if tpath.exists() and TOKENIZER not in out:
+            raise StoreError("not recorded in the manifest's files: added after conversion (convert again with "
+                             "--tokenizer to include it)", tpath)
+        for name in (RESIDENT, BUNDLE_CRCS, TOKENIZER):
+            if name not in out:
+                continue
+            path = self.path / name
+            if not path.is_file():
+                raise StoreError("missing (the manifest records it)", path)
+            size = path.stat().st_size
+            if size != out[name]["bytes"]:
+                raise StoreError(f"file is {size} bytes but the manifest records {out[name]['bytes']}: truncated, "
+                                 "or changed after conversion", path)
+        return out
+
+    # -- checksums ---------------------------------------------------------------------------
+    def check_file(self, name: str) -> bool:
+        """Hash file `name` (one of CHECKSUMMED) and compare it with the manifest's record, once per
+        Store: True when it matches (now or earlier), False when the store's version records no
+        checksums (before version 4: nothing checked). StoreError naming the file when it cannot
+        be read (with the system's reason: permission denied is not "no such file"), is not
+        recorded, or does not match."""
+        if self.files is None:
+            return False
+        if name in self._checked:
+            return True
+        path = self.path / name
+        rec = self.files.get(name)
+        hint, when = _REDO.get(name, ("convert the model again", "conversion"))
+        if rec is None:
+            raise StoreError(f"not recorded in the manifest's files: added after conversion or by an interrupted "
+                             f"writer; {hint}", path)
+        compare_file(path, rec, when, hint)
+        self._checked.add(name)
+        return True
 
     # -- contents --------------------------------------------------------------------------
     @property
@@ -321,10 +406,12 @@ class Store:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        rpath = self.path / RESIDENT
+        rpath = self._open_resident()
         try:
             tensors = load_file(str(rpath))
-        except (SafetensorError, OSError, ValueError) as e:
+        except OSError as e:
+            raise StoreError(f"cannot read resident weights: {os_reason(e)}", rpath) from None
+        except (SafetensorError, ValueError) as e:
             raise StoreError(f"cannot read resident weights: {e}", rpath) from None
         want = expected_resident(self.config)
         missing = sorted(set(want) - set(tensors))
@@ -339,7 +426,21 @@ class Store:
             if tensors[name].dtype != self.dtype:        # the writer stores every tensor in the store dtype
                 raise StoreError(f"{name} is {_dtype_name(tensors[name].dtype)}, expected {self.dtype_name} "
                                  "(the manifest's dtype)", rpath)
+            check_finite(name, tensors[name], rpath)
         return tensors
+
+    def _open_resident(self) -> Path:
+        """resident.safetensors' path, once it is known to be readable (opened here first, so a
+        permission problem is reported as such: safetensors' own error would not say) and to
+        match its recorded checksum (version 4, hashed once per Store)."""
+        rpath = self.path / RESIDENT
+        if not self.check_file(RESIDENT):
+            try:
+                with open(rpath, "rb"):
+                    pass
+            except OSError as e:
+                raise StoreError(f"cannot read resident weights: {os_reason(e)}", rpath) from None
+        return rpath
 
     def up_biases(self) -> list[torch.Tensor | None]:
         """Per layer, the fc1 bias (n_i,) float32 in store order (entry j is bundle j's neuron,
@@ -349,7 +450,7 @@ class Store:
             return [None] * self.config.n_layers
         from safetensors import SafetensorError, safe_open
 
-        rpath = self.path / RESIDENT
+        rpath = self._open_resident()
         out: list[torch.Tensor | None] = []
         try:
             with safe_open(str(rpath), framework="pt") as f:
@@ -366,7 +467,10 @@ class Store:
                         raise StoreError(f"{name} is {dt}, expected {SAFETENSORS_DTYPES[self.dtype_name]} "
                                          f"({self.dtype_name}, the manifest's dtype)", rpath)
                     out.append(f.get_tensor(name).float())
-        except (SafetensorError, OSError, ValueError) as e:
+                    check_finite(name, out[-1], rpath)
+        except OSError as e:
+            raise StoreError(f"cannot read resident weights: {os_reason(e)}", rpath) from None
+        except (SafetensorError, ValueError) as e:
             raise StoreError(f"cannot read resident weights: {e}", rpath) from None
         return out
 
@@ -397,6 +501,7 @@ class Store:
         version 3."""
         if not self.has_bundle_crcs:
             return None
+        self.check_file(BUNDLE_CRCS)                     # the whole table, on its first read (version 4)
         start = sum(L.n_neurons for L in self.layers[:i])
         n = self.layers[i].n_neurons
         return np.fromfile(self.path / BUNDLE_CRCS, dtype="<u4", count=n, offset=4 * start).astype(np.uint32)
@@ -439,6 +544,7 @@ class Store:
             return None
         from tokenizers import Tokenizer
 
+        self.check_file(TOKENIZER)
         try:
             return Tokenizer.from_file(str(tpath))
         except Exception as e:  # tokenizers raises a bare Exception subclass

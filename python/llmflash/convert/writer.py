@@ -6,24 +6,29 @@ record (llmflash.store documents the format), pads each layer's region to 4 KiB 
 CRC-32 per region. OPT's fc1 bias is not in the bundle: converters pass it with the resident
 tensors (layers.{i}.ffn.up_bias, in source order, which is the order the bundles are written).
 An interrupted conversion leaves only the temporary folder, which is removed on the way out
-(and ignored, never read, if the process was killed).
+(and ignored, never read, if the process was killed). A failed write (disk full, any OSError or
+SafetensorError) is a ConvertError naming the file, the temporary folder removed. Non-finite
+weights (NaN, or a value the store dtype cannot hold, which the cast turns into Inf) are refused,
+naming the tensor. At the end it records each file's size and CRC-32 and the manifest's own
+(store format version 4: llmflash.checksums).
 
 The destination's checks and the swap that replaces an old store live in convert/destination.py.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from .. import store as S
+from ..checksums import file_entry, os_reason
 from ..errors import ConvertError
 from ..models.config import ModelConfig
 from .destination import check_destination, fsync_dir, swap_in
@@ -53,20 +58,51 @@ class StoreWriter:
 
     # -- context management: anything but a clean exit removes the temporary folder ---------------
     def __enter__(self) -> "StoreWriter":
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.dst.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir()
-        self._ffn = open(self.tmp / S.FFN, "wb")
+        try:
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            self.dst.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp.mkdir()
+            self._ffn = open(self.tmp / S.FFN, "wb")
+        except OSError as e:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise ConvertError(f"cannot create the temporary folder {self.tmp.name}: {os_reason(e)}",
+                               self.dst.parent) from None
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self._ffn is not None and not self._ffn.closed:
-            self._ffn.close()
-        if exc_type is None:
-            self._finish()
-        else:
+        try:
+            if self._ffn is not None and not self._ffn.closed:
+                with self._writing(S.FFN):
+                    self._ffn.close()                                     # flushes: may meet a full disk
+            if exc_type is None:
+                self._finish()
+        except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    @contextmanager
+    def _writing(self, name: str) -> Iterator[None]:
+        """Turn a failed write of store file `name` (disk full, I/O error, safetensors' own error)
+        into a ConvertError naming the file at its destination."""
+        from safetensors import SafetensorError
+
+        try:
+            yield
+        except OSError as e:
+            raise ConvertError(f"cannot write: {os_reason(e)}", self.dst / name) from None
+        except SafetensorError as e:
+            raise ConvertError(f"cannot write: {e}", self.dst / name) from None
+
+    def _finite(self, what: str, t: torch.Tensor) -> None:
+        """ConvertError unless every value of `t` (already in the store dtype) is finite."""
+        if t.numel():
+            lo, hi = torch.aminmax(t)
+            if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+                raise ConvertError(f"{what} holds non-finite values (NaN, or Inf: values beyond {self.dtype_name}'s "
+                                   "range); the source is corrupt or needs a wider --dtype")
 
     # -- contents -------------------------------------------------------------------------------------
     def write_resident(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -82,7 +118,9 @@ class StoreWriter:
             if tuple(t.shape) != shape:
                 raise ConvertError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
             out[name] = t.detach().to(self.dtype).contiguous()
-        save_file(out, str(self.tmp / S.RESIDENT), metadata={"format": S.FORMAT})
+            self._finite(name, out[name])
+        with self._writing(S.RESIDENT):
+            save_file(out, str(self.tmp / S.RESIDENT), metadata={"format": S.FORMAT})
 
     def write_layer(self, i: int, up: torch.Tensor, down: torch.Tensor, gate: torch.Tensor | None = None) -> None:
         """Layer i's FFN in HF layout: gate/up (n, dim), down (dim, n). In order. (An fc1 bias
@@ -101,13 +139,15 @@ class StoreWriter:
                 raise ConvertError(f"layer {i}: FFN {name} has shape {tuple(t.shape)}, expected {(n, k)}")
             cols.append(t.to(self.dtype))
         bundles = torch.cat(cols, dim=1).contiguous()                    # (n, bundle_values)
+        self._finite(f"layer {i}'s FFN", bundles)
         payload = bundles.view(torch.uint8).numpy().tobytes()
         offset, bb, region = self.regions[i]
         assert len(payload) == n * bb and self._ffn is not None
         if self._ffn.tell() != offset:
             raise ConvertError(f"layer {i}: internal offset mismatch {self._ffn.tell()} != {offset}")
-        self._ffn.write(payload)
-        self._ffn.write(b"\0" * (region - len(payload)))
+        with self._writing(S.FFN):
+            self._ffn.write(payload)
+            self._ffn.write(b"\0" * (region - len(payload)))
         self.record_layer(i, payload)
 
     def record_layer(self, i: int, payload: Any) -> None:
@@ -124,41 +164,40 @@ class StoreWriter:
 
     def write_tokenizer(self, tokenizer_json: str | bytes, chat_template: str | None = None) -> None:
         data = tokenizer_json.encode() if isinstance(tokenizer_json, str) else tokenizer_json
-        (self.tmp / S.TOKENIZER).write_bytes(data)
+        with self._writing(S.TOKENIZER):
+            (self.tmp / S.TOKENIZER).write_bytes(data)
         if chat_template:
             self.extra["chat_template"] = chat_template
 
     def _finish(self) -> None:
+        """Write bundles.crc32 and the manifest (with every file's checksum and its own), make all
+        durable and rename the folder into place. Any failure: __exit__ removes the folder."""
         missing = [i for i, L in enumerate(self.layers) if L is None]
         if missing:
-            shutil.rmtree(self.tmp, ignore_errors=True)
             raise ConvertError(f"conversion incomplete: FFN layers {missing[:5]} not written")
         if not (self.tmp / S.RESIDENT).exists():
-            shutil.rmtree(self.tmp, ignore_errors=True)
             raise ConvertError("conversion incomplete: resident weights not written")
-        ffn_bytes = (self.tmp / S.FFN).stat().st_size
+        with self._writing(S.BUNDLE_CRCS):
+            np.concatenate(self.bundle_crcs).astype("<u4").tofile(self.tmp / S.BUNDLE_CRCS)
+        files = {}
+        for name in (S.RESIDENT, S.BUNDLE_CRCS, S.TOKENIZER):
+            if (self.tmp / name).exists():
+                with self._writing(name):
+                    files[name] = file_entry(self.tmp / name)
         manifest = {
             "format": S.FORMAT, "version": S.VERSION, "dtype": self.dtype_name, "source": self.source,
-            "config": self.config.to_dict(), "ffn_bytes": ffn_bytes, "alignment": S.ALIGN,
-            "layers": self.layers, "chat_template": self.extra.get("chat_template"),
+            "config": self.config.to_dict(), "ffn_bytes": (self.tmp / S.FFN).stat().st_size, "alignment": S.ALIGN,
+            "layers": self.layers, "chat_template": self.extra.get("chat_template"), "files": files,
         }
-        (self.tmp / S.MANIFEST).write_text(json.dumps(manifest, indent=1))
-        np.concatenate(self.bundle_crcs).astype("<u4").tofile(self.tmp / S.BUNDLE_CRCS)
+        with self._writing(S.MANIFEST):
+            S.write_manifest(self.tmp, manifest)
         for name in os.listdir(self.tmp):                                 # durable before visible
-            with open(self.tmp / name, "rb") as f:
+            with self._writing(name), open(self.tmp / name, "rb") as f:
                 os.fsync(f.fileno())
         fsync_dir(self.tmp)
-        try:
-            kind = check_destination(self.dst, self.src, self.force)      # again: it may have changed
-        except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
+        kind = check_destination(self.dst, self.src, self.force)          # again: it may have changed
         if kind == "store":
             swap_in(self.tmp, self.dst, self.old)
         else:                                    # absent, or an empty folder: rename(2) replaces it
-            try:
-                os.replace(self.tmp, self.dst)
-            except BaseException:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                raise
+            os.replace(self.tmp, self.dst)
         fsync_dir(self.dst.parent)
