@@ -11,11 +11,12 @@ replaced is written as `.FILE.tmp-PID` (store.replace_file).
 `recover(dst)` runs when a store is opened and before a conversion writes `dst`. It looks only
 at names of exactly those forms whose PID is not a live process on this machine (os.kill(pid, 0)
 fails with ProcessLookupError): if `dst` is missing and such a `.NAME.old-PID` holds a complete
-store, that store is renamed back to `dst`; every other such leftover is deleted (symbolic links
-neither followed nor deleted), except a complete old store while `dst` is still missing. Leftovers of a live process, and names of any other form, are never
-touched. PIDs are this machine's: a folder shared with another machine (a network file system)
-that converts into it at the same moment is not protected. Recovery is best effort: a leftover
-it cannot remove stays, and it never makes opening a store fail.
+store, that store is renamed back to `dst`; every other such leftover folder (or, inside the
+store, file) is deleted, except a complete old store while `dst` is still missing. Symbolic
+links are neither followed nor deleted; leftovers of a live process, and names of any other
+form, are never touched. PIDs are this machine's: a folder shared with another machine (a
+network file system) that converts into it at the same moment is not protected. Recovery is
+best effort: a leftover it cannot remove stays, and it never makes opening a store fail.
 
 The store-shape check (`store_problem`) also lives here: it decides both what `convert --force`
 may replace and which `.old-PID` folder is a store worth putting back.
@@ -49,28 +50,34 @@ _FILE_TMP = re.compile(r"\.(.+)\.tmp-([1-9][0-9]{0,9})")
 _libc_call = None
 
 
+def _make_call(libc, machine: str):
+    """A callable (src: bytes, dst: bytes, flags: int) -> int (0, or -1 with errno set) on
+    `libc`'s renameat2() wrapper, else on syscall(SYS_renameat2) when `machine`'s number is
+    known; None when neither is there."""
+    if hasattr(libc, "renameat2"):
+        fn = libc.renameat2
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        return lambda a, b, flags: fn(_AT_FDCWD, a, _AT_FDCWD, b, flags)
+    nr = _SYS_RENAMEAT2.get(machine.lower())
+    if nr is None or not hasattr(libc, "syscall"):
+        return None
+    sc = libc.syscall
+    sc.restype = ctypes.c_long
+    return lambda a, b, flags: sc(ctypes.c_long(nr), ctypes.c_int(_AT_FDCWD), ctypes.c_char_p(a),
+                                  ctypes.c_int(_AT_FDCWD), ctypes.c_char_p(b), ctypes.c_uint(flags))
+
+
 def _renameat2_function():
-    """A callable (src: bytes, dst: bytes, flags: int) -> int (0 or -1 with errno set), or None
-    where this platform has no renameat2."""
+    """This process's renameat2 callable (see _make_call), or None off Linux."""
     global _libc_call
     if _libc_call is None:
         _libc_call = False
         if sys.platform.startswith("linux"):
             try:
-                libc = ctypes.CDLL(None, use_errno=True)
+                _libc_call = _make_call(ctypes.CDLL(None, use_errno=True), platform.machine()) or False
             except OSError:
-                return None
-            if hasattr(libc, "renameat2"):
-                fn = libc.renameat2
-                fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-                fn.restype = ctypes.c_int
-                _libc_call = lambda a, b, flags: fn(_AT_FDCWD, a, _AT_FDCWD, b, flags)   # noqa: E731
-            elif platform.machine().lower() in _SYS_RENAMEAT2 and hasattr(libc, "syscall"):
-                nr, sc = _SYS_RENAMEAT2[platform.machine().lower()], libc.syscall
-                sc.restype = ctypes.c_long
-                _libc_call = lambda a, b, flags: sc(ctypes.c_long(nr), ctypes.c_int(_AT_FDCWD), ctypes.c_char_p(a),
-                                                    ctypes.c_int(_AT_FDCWD), ctypes.c_char_p(b),
-                                                    ctypes.c_uint(flags))
+                pass
     return _libc_call or None
 
 
@@ -110,14 +117,11 @@ def rename_noreplace(src: Path, dst: Path) -> None:
 
 
 def remove_tree(path: Path) -> None:
-    """Delete the folder or regular file `path` without following symbolic links (a link inside
-    a folder is removed, never its target); a symbolic link or anything else at `path` itself
-    is left as it is. Raises OSError when it cannot."""
-    st = os.lstat(path)
-    if stat.S_ISDIR(st.st_mode):
+    """Delete the folder `path` without following symbolic links (a link inside it is removed,
+    never its target); anything but a real folder at `path` (a symbolic link, a file) is left
+    as it is. Raises OSError when it cannot."""
+    if stat.S_ISDIR(os.lstat(path).st_mode):
         shutil.rmtree(path)
-    elif stat.S_ISREG(st.st_mode):
-        os.unlink(path)
 
 
 def pid_alive(pid: int) -> bool:
