@@ -32,6 +32,11 @@ use crate::planner::Plan;
 use crate::pool::{BatchJob, Pool};
 use crate::stats::Stats;
 
+#[doc(hidden)]
+pub mod faults;
+mod hashed;
+pub(crate) use hashed::Hashes;
+
 /// Default number of reads in flight: where DESIGN §3's table saturates the disk.
 pub const DEFAULT_CONCURRENCY: usize = 32;
 /// Upper bound on worker threads per reader.
@@ -243,8 +248,23 @@ impl Reader {
     /// Each `dest .. dest + len` must be valid for writes, not overlap another op's range, and
     /// not be read or written by anyone else until this call returns.
     pub unsafe fn read_raw(&self, ops: &[RawOp]) -> Result<()> {
+        // Longest requests first: the batch ends when its last request does, and small requests
+        // issued last fill the workers evenly (LPT scheduling) instead of one big read straggling
+        // alone at the end while the other workers idle.
+        let mut ops = ops.to_vec();
+        ops.sort_by_key(|op| std::cmp::Reverse(op.len));
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.run_batch(ops, None) }
+    }
+
+    /// Run `ops` (longest first) on the engine; with `hashes`, each op's CRC-32 is taken as it
+    /// completes (`hashes` is indexed like `ops`).
+    ///
+    /// # Safety
+    /// As `read_raw`.
+    pub(crate) unsafe fn run_batch(&self, ops: Vec<RawOp>, hashes: Option<Arc<Hashes>>) -> Result<()> {
         let t0 = Instant::now();
-        for op in ops {
+        for op in &ops {
             if op.file_offset.checked_add(op.len as u64).is_none() {
                 return Err(Error::invalid(format!(
                     "read of {} bytes at offset {} overflows a 64-bit file offset",
@@ -252,11 +272,6 @@ impl Reader {
                 )));
             }
         }
-        // Longest requests first: the batch ends when its last request does, and small requests
-        // issued last fill the workers evenly (LPT scheduling) instead of one big read straggling
-        // alone at the end while the other workers idle.
-        let mut ops = ops.to_vec();
-        ops.sort_by_key(|op| std::cmp::Reverse(op.len));
         let use_ring = ops.len() <= URING_MAX_WAVES * self.concurrency;
         let result = match (&self.backend.pool, &self.backend.rings) {
             (_, Some(rings)) if use_ring || self.backend.pool.is_none() => {
@@ -271,7 +286,7 @@ impl Reader {
                     })?,
                 };
                 // SAFETY: forwarded from this function's contract.
-                let r = unsafe { crate::uring::run(&mut ring, &self.inner, &ops, self.concurrency) };
+                let r = unsafe { crate::uring::run(&mut ring, &self.inner, &ops, self.concurrency, hashes.as_deref()) };
                 rings.lock().unwrap_or_else(|e| e.into_inner()).push(ring);
                 r
             }
@@ -279,6 +294,7 @@ impl Reader {
                 let job = Arc::new(ReadJob {
                     inner: self.inner.clone(),
                     ops,
+                    hashes,
                     failed: AtomicBool::new(false),
                     error: Mutex::new(None),
                 });
@@ -340,6 +356,7 @@ pub fn check_disjoint(ranges: &mut [(usize, usize)]) -> Result<()> {
 struct ReadJob {
     inner: Arc<Inner>,
     ops: Vec<RawOp>,
+    hashes: Option<Arc<Hashes>>,
     failed: AtomicBool,
     error: Mutex<Option<Error>>,
 }
@@ -362,7 +379,13 @@ impl BatchJob for ReadJob {
         }
         let op = self.ops[i];
         match self.inner.read_one(op) {
-            Ok(()) => self.inner.stats.add_read(op.len as u64),
+            Ok(()) => {
+                self.inner.stats.add_read(op.len as u64);
+                if let Some(h) = &self.hashes {
+                    // SAFETY: op i has just been read in full, by this worker only.
+                    unsafe { h.record(i, op) };
+                }
+            }
             Err(e) => {
                 self.failed.store(true, Ordering::Relaxed);
                 let mut slot = self.error.lock().unwrap_or_else(|e| e.into_inner());
@@ -386,9 +409,13 @@ impl Inner {
         let mut used_buffered = false;
         while done < op.len {
             let off = op.file_offset + done as u64;
-            let want = op.len - done;
+            let mut want = op.len - done;
             // SAFETY: the caller of read_raw guarantees dest..dest+len is writable and ours.
             let dst = unsafe { op.dest.add(done) };
+            let fault = faults::check(&self.path, off, want);
+            if fault == Some(faults::Hit::Short) {
+                want = faults::short_len(want);
+            }
             let aligned = is_aligned(off) && is_aligned(want as u64) && (dst as usize) % ALIGN == 0;
             let file = match &self.direct {
                 Some(f) if aligned && !buffered => f,
@@ -397,12 +424,23 @@ impl Inner {
                     &self.buffered
                 }
             };
-            // SAFETY: dst is valid for `want` bytes of writes (see above); the file descriptor is
-            // kept open by `self` (an Arc held by the job for the whole batch).
-            let r = unsafe { libc::pread(file.as_raw_fd(), dst.cast(), want, off as libc::off_t) };
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                match e.raw_os_error() {
+            let r = match fault {
+                Some(faults::Hit::Fail(code)) => Err(std::io::Error::from_raw_os_error(code)),
+                Some(faults::Hit::Eof) => Ok(0),
+                // SAFETY: dst is valid for `want` bytes of writes (see above); the file descriptor
+                // is kept open by `self` (an Arc held by the job for the whole batch).
+                _ => match unsafe { libc::pread(file.as_raw_fd(), dst.cast(), want, off as libc::off_t) } {
+                    r if r < 0 => Err(std::io::Error::last_os_error()),
+                    r => Ok(r as usize),
+                },
+            };
+            let got = match r {
+                Ok(got) => {
+                    // SAFETY: the read just wrote `got` bytes at dst, inside this op's destination.
+                    unsafe { faults::flip(fault, dst, got) };
+                    got
+                }
+                Err(e) => match e.raw_os_error() {
                     Some(libc::EINTR) | Some(libc::EAGAIN) => continue,
                     // A filesystem that accepted O_DIRECT at open but refuses this read (block
                     // size over 4 KiB, some FUSE): serve the rest through the page cache.
@@ -418,12 +456,12 @@ impl Inner {
                             source: e,
                         })
                     }
-                }
-            }
-            if r == 0 {
+                },
+            };
+            if got == 0 {
                 return Err(self.eof(op, done));
             }
-            done += r as usize;
+            done += got;
         }
         if used_buffered {
             self.drop_cached(op.file_offset, op.len as u64);
@@ -458,3 +496,5 @@ impl Inner {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_faults;

@@ -17,7 +17,8 @@ use io_uring::{opcode, types, IoUring};
 
 use crate::aligned::ALIGN;
 use crate::error::{Error, Result};
-use crate::reader::{Inner, RawOp};
+use crate::reader::faults::{self, Hit};
+use crate::reader::{Hashes, Inner, RawOp};
 
 /// Largest single submission (the SQE length is 32 bits); longer ops complete synchronously.
 const MAX_SQE_LEN: usize = 1 << 30;
@@ -33,12 +34,19 @@ fn aligned(x: u64) -> bool {
     x % ALIGN as u64 == 0
 }
 
-/// Run `ops` with up to `depth` in flight on `ring`.
+/// Run `ops` with up to `depth` in flight on `ring`; with `hashes`, hash each op as it completes
+/// (while the others are still in flight).
 ///
 /// # Safety
 /// As `Reader::read_raw`: each op's destination is valid for writes, disjoint from the others,
 /// and untouched by anyone else until this returns.
-pub(crate) unsafe fn run(ring: &mut IoUring, inner: &Inner, ops: &[RawOp], depth: usize) -> Result<()> {
+pub(crate) unsafe fn run(
+    ring: &mut IoUring,
+    inner: &Inner,
+    ops: &[RawOp],
+    depth: usize,
+    hashes: Option<&Hashes>,
+) -> Result<()> {
     let n = ops.len();
     let depth = depth.min(ring.params().sq_entries() as usize).max(1);
     let (mut next, mut inflight) = (0usize, 0usize);
@@ -78,9 +86,11 @@ pub(crate) unsafe fn run(ring: &mut IoUring, inner: &Inner, ops: &[RawOp], depth
         }
         // Nothing left to submit: sleep until every read in flight is done (one wake-up, not one
         // per completion: the cores stay with the compute that overlaps these reads); else wake
-        // at the first completion to refill the ring.
+        // at the first completion to refill the ring. Hashing wakes at each completion too, so
+        // the hash of one read overlaps the reads still in flight.
         let queued = first_err.is_none() && (next < n || !retry.is_empty());
-        match ring.submit_and_wait(if queued { 1 } else { inflight }) {
+        let one = queued || (hashes.is_some() && first_err.is_none());
+        match ring.submit_and_wait(if one { 1 } else { inflight }) {
             Ok(_) => enter_failures = 0,
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)) => {}
             Err(e) => {
@@ -97,6 +107,8 @@ pub(crate) unsafe fn run(ring: &mut IoUring, inner: &Inner, ops: &[RawOp], depth
         for (i, res) in done {
             inflight -= 1;
             let op = ops[i];
+            let res = fault(inner, op, res);
+            let mut ok = false;
             if res < 0 {
                 match -res {
                     libc::EINTR | libc::EAGAIN => retry.push(i),
@@ -105,7 +117,7 @@ pub(crate) unsafe fn run(ring: &mut IoUring, inner: &Inner, ops: &[RawOp], depth
                         if let Err(e) = inner.read_from(op, 0, true) {
                             first_err.get_or_insert(e);
                         } else {
-                            inner.stats.add_read(op.len as u64);
+                            ok = true;
                         }
                     }
                     code => {
@@ -122,7 +134,7 @@ pub(crate) unsafe fn run(ring: &mut IoUring, inner: &Inner, ops: &[RawOp], depth
             } else if (res as usize) < op.len {
                 // Short read (end of file, or an op longer than one SQE): finish it here.
                 match inner.read_from(op, res as usize, false) {
-                    Ok(()) => inner.stats.add_read(op.len as u64),
+                    Ok(()) => ok = true,
                     Err(e) => {
                         first_err.get_or_insert(e);
                     }
@@ -131,13 +143,40 @@ pub(crate) unsafe fn run(ring: &mut IoUring, inner: &Inner, ops: &[RawOp], depth
                 if direct_for(inner, op).is_none() {
                     inner.drop_cached(op.file_offset, op.len as u64);
                 }
+                ok = true;
+            }
+            if ok {
                 inner.stats.add_read(op.len as u64);
+                if let (Some(h), None) = (hashes, &first_err) {
+                    // SAFETY: op i has completed in full; nothing else writes its destination.
+                    unsafe { h.record(i, op) };
+                }
             }
         }
     }
     match first_err {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// A completion's result after the test-only fault hook (reader/faults.rs): as if the kernel had
+/// failed the read, ended it early or shortened it, or the bytes it brought had changed.
+fn fault(inner: &Inner, op: RawOp, res: i32) -> i32 {
+    let hit = faults::check(&inner.path, op.file_offset, op.len);
+    match hit {
+        None => res,
+        Some(Hit::Fail(code)) => -code,
+        Some(Hit::Eof) => 0,
+        Some(Hit::Short) if res > 0 => res.min(faults::short_len(op.len) as i32),
+        Some(Hit::Short) => res,
+        Some(Hit::Flip(_)) => {
+            if res > 0 {
+                // SAFETY: the kernel has written `res` bytes at op.dest, which this batch owns.
+                unsafe { faults::flip(hit, op.dest, res as usize) };
+            }
+            res
+        }
     }
 }
 

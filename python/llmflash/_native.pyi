@@ -121,6 +121,10 @@ class Reader:
     def file_size(self) -> int: ...
     def read(self, requests: Sequence[tuple[int, int, AlignedBuf, int]]) -> None: ...
     def read_region(self, offset: int, length: int) -> AlignedBuf: ...
+    def read_region_checked(self, offset: int, length: int, out: AlignedBuf, crc_bytes: int, crc32: int,
+                            what: str = "region") -> None: ...
+    #   out[:length] = the bytes at offset, hashed request by request as they land; StoreError
+    #   (naming the file, `what` and offset) unless zlib.crc32 of out[:crc_bytes] == crc32
     def read_plan(self, plan: Plan, out: Optional[AlignedBuf] = None) -> AlignedBuf: ...
     def stats(self) -> dict[str, int]: ...  # bytes_read, bytes_useful, requests, batches, io_ns
     def reset_stats(self) -> None: ...
@@ -249,3 +253,16 @@ def attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, length: int, scale: 
     bit patterns or float32, C-contiguous, positions [0, length) filled; query head h reads KV head
     h // (Hq // Hkv). Returns (Hq * hd,) float32. Without the GIL."""
     ...
+
+
+# -- test-only: the reader's fault-injection hook (tests/test_faults.py); never used by the package --
+
+def _inject_fault(kind: Literal["eio", "eintr", "eof", "short", "flip"], file: str = "", start: int = 0,
+                  end: int = 2**64 - 1, skip: int = 0, times: Optional[int] = 1) -> int:
+    """Make reads (a pread, or an io_uring completion) of files whose path ends with `file` that
+    meet bytes [start, end) fail with EIO or EINTR, return 0 bytes ("eof"), return about half
+    ("short"), or bring their first byte in the range inverted ("flip"): after `skip` such reads,
+    `times` times (None: always). Process-wide until _clear_faults(). Returns the rule's index."""
+    ...
+def _clear_faults() -> list[int]: ...     # remove every rule; how many times each fired
+def _faults_fired() -> list[int]: ...     # how many times each installed rule has fired

@@ -7,6 +7,7 @@ mod attend;
 mod buffer;
 mod cache;
 mod errors;
+mod faults;
 mod gemv;
 mod planner;
 mod profile;
@@ -28,6 +29,9 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gemv::f16_bundle_ffn, m)?)?;
     m.add_function(wrap_pyfunction!(gemv::f16_matvec, m)?)?;
     m.add_function(wrap_pyfunction!(attend::attend_one, m)?)?;
+    m.add_function(wrap_pyfunction!(faults::inject_fault, m)?)?;
+    m.add_function(wrap_pyfunction!(faults::clear_faults, m)?)?;
+    m.add_function(wrap_pyfunction!(faults::faults_fired, m)?)?;
     m.add("ALIGN", crate::aligned::ALIGN)?;
     m.add("DEFAULT_CONCURRENCY", crate::reader::DEFAULT_CONCURRENCY)?;
     m.add("MAX_CONCURRENCY", crate::reader::MAX_CONCURRENCY)?;

@@ -31,6 +31,18 @@ impl Ops {
     }
 }
 
+/// A destination address carried across `py.detach`.
+struct Dest(*mut u8);
+// SAFETY: the address targets an AlignedBuf kept alive by a Python reference that the calling
+// function holds until the detached read has returned.
+unsafe impl Send for Dest {}
+
+impl Dest {
+    fn get(&self) -> *mut u8 {
+        self.0
+    }
+}
+
 impl PyReader {
     /// Read `ops` with the GIL released. The caller holds references to every destination.
     fn run(&self, py: Python<'_>, ops: Ops) -> PyResult<()> {
@@ -138,6 +150,36 @@ impl PyReader {
         let reader = &self.reader;
         let buf = py.detach(move || reader.read_region(offset, length))?;
         Ok(PyAlignedBuf::from_buf(buf))
+    }
+
+    /// Read `length` bytes at `offset` into `out[:length]` as ~1 MiB requests in parallel (GIL
+    /// released), hashing each request's bytes as it completes; StoreError naming the file, `what`
+    /// and `offset` unless the CRC-32 of the first `crc_bytes` bytes is `crc32`.
+    #[pyo3(signature = (offset, length, out, crc_bytes, crc32, what = "region"))]
+    #[allow(clippy::too_many_arguments)]
+    fn read_region_checked(
+        &self,
+        py: Python<'_>,
+        offset: u64,
+        length: usize,
+        out: Bound<'_, PyAlignedBuf>,
+        crc_bytes: usize,
+        crc32: u32,
+        what: &str,
+    ) -> PyResult<()> {
+        let b = &out.get().buf;
+        if length > b.len() {
+            return Err(
+                Error::invalid(format!("region of {length} bytes does not fit the {}-byte buffer", b.len())).into()
+            );
+        }
+        let dest = Dest(b.as_mut_ptr());
+        let reader = &self.reader;
+        // Python code may read the buffer meanwhile (as with any I/O into a numpy array).
+        // SAFETY: `out` (held on this stack frame) keeps the buffer alive across the call and
+        // length <= its size (checked above).
+        let got = py.detach(move || unsafe { reader.read_region_crc_raw(offset, length, dest.get(), crc_bytes) })?;
+        Ok(self.reader.check_crc(offset, crc_bytes, got, crc32, what)?)
     }
 
     /// Read a plan's requests into `out` (an AlignedBuf of at least plan.buffer_bytes) or a new

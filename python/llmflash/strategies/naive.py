@@ -3,12 +3,15 @@ direct I/O (no cache, no page cache) and computes the dense FFN on it.
 
 The paper's baseline reloads the whole model per token; ours keeps attention resident and
 streams only the FFN, so it is the stronger baseline. Reads go through the same Rust reader as
-`flash` (1 MiB requests, 32 in flight: the device's sweet spot in DESIGN §3), into one reusable
+`flash` (1 MiB requests, 32 in flight: the disk's sweet spot, see benches/README.md), into one reusable
 aligned buffer sized for the largest layer: DRAM for the FFN is one layer at a time.
 
-Each region's CRC-32 (manifest) is checked the first time the region is read, so a corrupt
-ffn.bin is a StoreError, not wrong logits (zlib.crc32, ~5.7 GB/s here: 1.5 s once for
-OPT-6.7B's 8.59 GB, then never again; benches take it in their untimed warm-up).
+Every read is checked: the Rust reader hashes each 1 MiB request as it lands (overlapped with
+the requests still in flight) and combines them into the region's CRC-32, compared with the
+manifest's `layers[i].crc32` on every token. A corrupt ffn.bin, or one changed under a running
+model, is a StoreError naming the file, the layer and the offset, never wrong logits.
+`verify_reads=False` skips the hash (the unchecked baseline that benches/bench_naive_verify.py
+prices the check against); nothing else should turn it off.
 """
 
 from __future__ import annotations
@@ -28,10 +31,10 @@ PIECE = 1 << 20          # request size: 1 MiB reads reach ~2 GB/s at 32 in flig
 class NaiveFFN:
     name = "naive"
 
-    def __init__(self, store: Store, concurrency: int = 32, verify: bool = True):
+    def __init__(self, store: Store, concurrency: int = 32, verify_reads: bool = True, engine: str = "auto"):
         self.store, self.config = store, store.config
-        self.unverified = set(range(len(store.layers))) if verify else set()   # layers whose CRC is unchecked
-        self.reader = Reader(store.ffn_path, concurrency=concurrency)
+        self.verify_reads = verify_reads
+        self.reader = Reader(store.ffn_path, concurrency=concurrency, engine=engine)   # engine: see io.Reader
         self.buf = AlignedBuf(max(L.region_bytes for L in store.layers))
         self.bytes_view = as_tensor(self.buf)                               # (bytes,) uint8, zero-copy
         self.b1 = store.up_biases()                                         # (n,) float32 fc1 bias (OPT)
@@ -40,13 +43,13 @@ class NaiveFFN:
 
     def _read(self, layer: int) -> Tensor:
         L = self.store.layers[layer]
-        reqs = [(L.offset + o, min(PIECE, L.region_bytes - o), self.buf, o)
-                for o in range(0, L.region_bytes, PIECE)]
-        self.reader.read(reqs)                                              # GIL released
+        if self.verify_reads:                                               # GIL released
+            self.reader.read_region_checked(L.offset, L.region_bytes, self.buf, L.payload_bytes, L.crc32,
+                                            f"layer {layer}'s region")
+        else:
+            self.reader.read([(L.offset + o, min(PIECE, L.region_bytes - o), self.buf, o)
+                              for o in range(0, L.region_bytes, PIECE)])
         self.bytes_read += L.region_bytes
-        if layer in self.unverified:
-            self.store.check_region(layer, memoryview(self.buf)[:L.payload_bytes])
-            self.unverified.discard(layer)
         payload = self.bytes_view[:L.payload_bytes].view(self.store.dtype)
         return payload.view(L.n_neurons, -1)                                # (n, bundle_values)
 
