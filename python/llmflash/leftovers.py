@@ -158,26 +158,26 @@ def manifest_problem(path: Path) -> str | None:
     try:
         st = os.lstat(path)
         if not stat.S_ISREG(st.st_mode):
-            return "is not a regular file"
+            return "not a regular file"
         if st.st_size > S.MAX_MANIFEST_BYTES:
-            return f"is over the {S.MAX_MANIFEST_BYTES}-byte cap"
+            return f"over the {S.MAX_MANIFEST_BYTES}-byte cap"
         with open(path, "rb") as f:
             m = json.loads(f.read(S.MAX_MANIFEST_BYTES + 1))
     except OSError as e:
-        return f"cannot be read ({e.strerror})"
+        return f"unreadable: {e.strerror}"
     except (ValueError, UnicodeDecodeError, RecursionError):       # RecursionError: hostile nesting
-        return "is not valid JSON"
+        return "not valid JSON"
     if not isinstance(m, dict):
-        return "is not a JSON object"
+        return "not a JSON object"
     if m.get("format") != S.FORMAT:
-        return f"has no format {S.FORMAT!r}"
+        return f"no format {S.FORMAT!r}"
     v = m.get("version")
     if type(v) is not int or v not in _known_versions():
-        return "has no known format version"
+        return "no known format version"
     if not isinstance(m.get("config"), dict):
-        return "has no config object"
+        return "no config object"
     if not isinstance(m.get("layers"), list):
-        return "has no layers list"
+        return "no layers list"
     return None
 
 
@@ -195,7 +195,7 @@ def store_problem(folder: Path) -> str | None:
     if S.MANIFEST not in {e.name for e in entries}:
         return f"it has no {S.MANIFEST}: not an llmflash store"
     why = manifest_problem(folder / S.MANIFEST)
-    return None if why is None else f"its {S.MANIFEST} {why}: not an llmflash store manifest"
+    return None if why is None else f"its {S.MANIFEST} is not an llmflash store manifest ({why})"
 
 
 def is_complete_store(folder: Path) -> bool:
