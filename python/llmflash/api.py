@@ -4,11 +4,17 @@
     model.generate("The capital of France is", max_new_tokens=16)           # -> str
     for piece in model.generate("Hi", stream=True): print(piece, end="")    # -> text pieces
     model.logits([1, 2, 3])                                 # -> float32 (T, vocab)
+
+Threads may share a FlashModel: each forward pass (a prompt's prefill, one decode step) holds the
+model's lock, so concurrent generations take turns token by token, each with its own KV cache.
+dense and naive then give every generation the tokens it would get alone; flash's generations
+share its neuron caches and window, as consecutive prompts do.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any, Iterator, Sequence
 
@@ -16,6 +22,7 @@ import torch
 
 from .errors import ChatTemplateError, InvalidArgumentError, LlmflashError, check_int
 from .generation import check_sampling, decode_stream, render_chat, sample
+from .models.transformer import KV_STEP
 from .store import MANIFEST, Store
 from .strategies import check_strategy, make_ffn
 
@@ -28,9 +35,12 @@ class FlashModel:
         self.config = store.config
         self.strategy = strategy
         self.ffn = ffn
-        self.model = Transformer(store.config, store.resident(), ffn)
+        self.model = Transformer.from_store(store, ffn)
         self.tokenizer = store.tokenizer()
         self._stats: dict[str, float] = {"tokens_in": 0, "tokens_out": 0, "prefill_s": 0.0, "decode_s": 0.0}
+        # One forward pass at a time: the FFN strategies keep per-model state (naive's read
+        # buffer, flash's neuron caches and native handles) that two threads would tear.
+        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, path: str | os.PathLike[str] | None = None, strategy: str | None = None,
@@ -96,7 +106,13 @@ class FlashModel:
         """Float32 logits (T, vocab) for a whole sequence, from an empty KV cache."""
         ids = self._ids(token_ids.tolist() if isinstance(token_ids, torch.Tensor) else token_ids)
         cache = self.model.new_cache(len(ids))
-        return self.model.forward(torch.tensor(ids, dtype=torch.long), cache).float()
+        return self._forward(ids, cache, last_only=False).float()
+
+    def _forward(self, ids: list[int], cache: Any, last_only: bool = True) -> torch.Tensor:
+        """The model over `ids` continuing `cache`, holding the model's lock: threads sharing a
+        FlashModel take turns a forward pass (a prefill, one decode step) at a time."""
+        with self._lock:
+            return self.model.forward(torch.tensor(ids, dtype=torch.long), cache, last_only=last_only)
 
     def generate_ids(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
                      top_p: float = 1.0, seed: int | None = None, chat: bool = False,
@@ -120,10 +136,10 @@ class FlashModel:
     def _generate_ids(self, ids: list[int], max_new_tokens: int, temperature: float, top_p: float,
                       seed: int | None, stop_at_eos: bool) -> Iterator[int]:
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        cache = self.model.new_cache(len(ids) + max_new_tokens)
+        cache = self.model.new_cache(len(ids) + min(max_new_tokens, KV_STEP))   # grows as tokens come
         eos = set(self.config.eos_token_ids) if stop_at_eos else set()
         t0 = time.perf_counter()
-        logits = self.model.forward(torch.tensor(ids, dtype=torch.long), cache, last_only=True)[-1]
+        logits = self._forward(ids, cache)[-1]
         self._stats["tokens_in"] += len(ids)
         self._stats["prefill_s"] += time.perf_counter() - t0
         for step in range(max_new_tokens):
@@ -134,7 +150,7 @@ class FlashModel:
             if step + 1 == max_new_tokens:
                 return
             t0 = time.perf_counter()
-            logits = self.model.forward(torch.tensor([tok], dtype=torch.long), cache, last_only=True)[-1]
+            logits = self._forward([tok], cache)[-1]
             self._stats["decode_s"] += time.perf_counter() - t0
             self._stats["tokens_out"] += 1
 
@@ -155,6 +171,7 @@ class FlashModel:
         if s["decode_s"] > 0:
             s["decode_tok_per_s"] = s["tokens_out"] / s["decode_s"]
         if hasattr(self.ffn, "stats"):
-            s.update(self.ffn.stats())
+            with self._lock:                     # not while another thread's forward pass runs
+                s.update(self.ffn.stats())
         return s
 

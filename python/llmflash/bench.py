@@ -11,7 +11,6 @@ optionally JSON and a PNG bar chart.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .cli_args import Parser
 from .errors import InvalidArgumentError, check_int
 from .store import Store
 
@@ -183,7 +183,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="llmflash bench", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="llmflash bench", description=__doc__.split("\n\n")[0])
     p.add_argument("store")
     p.add_argument("--memory", action="append", help="flash memory budget(s), repeatable (default 0.5x, 0.75x, 1x)")
     p.add_argument("--window", type=int, default=4)

@@ -25,7 +25,6 @@ Deterministic for a given seed (torch's CPU kernels with a fixed thread count).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -35,8 +34,11 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .errors import InvalidArgumentError, LlmflashError, check_int
+from .cli_args import Parser
+from .errors import InvalidArgumentError, LlmflashError
 from .models.layers import linear
+from .textfile import check_text_file
+from .threads import check_threads, set_threads
 from .predictor import TrainResult, activations, label_kind, labels, pack_bits, threshold_for_recall
 from .predictor_file import save_predictors
 from .checksums import file_entry
@@ -172,10 +174,7 @@ def calibrate(store_path: str | os.PathLike[str], texts: list[str] | None = None
     if tokens < 2 or rank < 1 or epochs < 0 or chunk < 1 or batch < 1:
         raise InvalidArgumentError("tokens >= 2, rank >= 1, epochs >= 0, chunk >= 1 and batch >= 1 are required, got "
                                    f"tokens {tokens}, rank {rank}, epochs {epochs}, chunk {chunk}, batch {batch}")
-    if threads is not None:                             # None: torch's setting
-        check_int("threads", threads, 1)
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(check_threads(threads))
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     store = Store(store_path)
@@ -293,7 +292,7 @@ def _write_manifest_entry(store: Store, entry: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="llmflash calibrate", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="llmflash calibrate", description=__doc__.split("\n\n")[0])
     p.add_argument("store", nargs="?", default=None,
                    help="store folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--text", action="append", metavar="FILE",
@@ -316,14 +315,16 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--heldout", type=float, default=DEFAULTS["heldout"],
                    help="share of tokens held out to choose thresholds (default %(default)s)")
     p.add_argument("--batch", type=int, default=DEFAULTS["batch"], help="mini-batch tokens (default %(default)s)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads, at most 8 per core (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(list(argv))
+    check_threads(a.threads)                 # before the default model is converted
     path = store_or_default(a.store)
     texts = None
     if a.text:
         texts = []
         for f in a.text:
+            check_text_file(f, "calibration text")
             try:
                 texts.append(Path(f).read_text(encoding="utf-8", errors="replace"))
             except OSError as e:

@@ -1,4 +1,5 @@
-"""The `llmflash` command line. Bad input prints one line on stderr and exits with code 2."""
+"""The `llmflash` command line. Bad input, usage errors included, prints one line on stderr
+(`llmflash: error: ...`) and exits with code 2; `--help` prints the usage."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from .cli_args import Parser
 from .errors import InvalidArgumentError, LlmflashError
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -83,7 +85,7 @@ def _delegate(command: str, argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llmflash", description="Run LLMs larger than memory by streaming FFN neurons from flash.")
+    p = Parser(prog="llmflash", description="Run LLMs larger than memory by streaming FFN neurons from flash.")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="convert a Hugging Face folder or a GGUF file into a store")

@@ -20,21 +20,22 @@ Prints tables, or JSON with --json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .cli_args import Parser
 from .budget import parse_memory
 from .errors import BudgetError, InvalidArgumentError, LlmflashError, check_int
 from .models.layers import linear
+from .textfile import check_text_file, read_text_for_tokens
+from .threads import check_threads, set_threads
 from .predictor import Predictors, activations, label_kind, labels
 from .defaults import store_or_default
 from .store import Store
@@ -140,7 +141,9 @@ class _Counting:
 def evaluate(store_path: str | os.PathLike[str], text: str | None = None, tokens: int = 512,
              memories: Sequence[str] = ("0.75x", "0.5x"), window: int = 4, sparsity: str = "predictor",
              threads: int | None = 2, progress: bool = True, lookahead: str | None = None,
-             hot: float = 0.0) -> dict[str, Any]:
+             hot: float = 0.0, text_file: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Dense and flash perplexity over `tokens` tokens of `text`, or of the file `text_file` (read
+    only as far as those tokens need), or of held-out documentation text."""
     from tqdm import tqdm
 
     from .models.transformer import Transformer
@@ -148,21 +151,23 @@ def evaluate(store_path: str | os.PathLike[str], text: str | None = None, tokens
     from .sparsity import NextLayerGuess, SameLayerGuess
     from .strategies.flash import check_window, make_source, model_bytes
 
-    if threads is not None:                             # None: torch's setting
-        check_int("threads", threads, 1)
+    threads = check_threads(threads)
     check_int("tokens", tokens, 2)
+    if text_file is not None:
+        check_text_file(text_file)
     if lookahead not in (None, "layer", "attention"):
         raise InvalidArgumentError(f"lookahead must be None, 'layer' or 'attention', got {lookahead!r}")
     window = check_window(window)
     for mem in memories:            # syntax only here; a budget too small for this store is a row of its own
         parse_memory(mem, 1 << 40)
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     store = Store(store_path)
     c = store.config
     tok = store.tokenizer()
     if tok is None:
         raise LlmflashError("the store has no tokenizer.json, so it cannot tokenize evaluation text", store.path)
+    if text_file is not None:
+        text = read_text_for_tokens(text_file, tok, tokens)
     ids_list = [i for i in tok.encode(text if text is not None else heldout_text()).ids if 0 <= i < c.vocab_size]
     ids_list = ids_list[:min(tokens, c.max_positions)]
     if len(ids_list) < 2:
@@ -287,7 +292,7 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="llmflash eval", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="llmflash eval", description=__doc__.split("\n\n")[0])
     p.add_argument("store", nargs="?", default=None, help="store folder (default: the embedded SmolLM2)")
     p.add_argument("--text", metavar="FILE",
                    help="evaluation text (default: documentation text disjoint from calibrate's default)")
@@ -298,7 +303,7 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--sparsity", default="predictor",
                    help="wanted-set source: predictor[:RECALL[/STAY]], oracle[:KEEP] or all (default "
                         "predictor); STAY, a higher recall: cached neurons stay wanted at its lower threshold")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads, at most 8 per core (default %(default)s)")
     p.add_argument("--lookahead", choices=["layer", "attention"],
                    help="flash guesses a layer's set early and starts its reads: from the layer before's "
                         "FFN input (layer) or from the layer's attention input (attention); checked at the "
@@ -309,14 +314,9 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(list(argv))
+    check_threads(a.threads)                 # before the default model is converted
     path = store_or_default(a.store)
-    text = None
-    if a.text:
-        try:
-            text = Path(a.text).read_text(encoding="utf-8", errors="replace")
-        except OSError as e:
-            raise LlmflashError(f"cannot read evaluation text: {e.strerror}", a.text) from None
-    r = evaluate(path, text, a.tokens, a.memory or ["0.75x", "0.5x"], a.window, a.sparsity, a.threads,
-                 progress=not (a.quiet or a.json), lookahead=a.lookahead, hot=a.hot)
+    r = evaluate(path, None, a.tokens, a.memory or ["0.75x", "0.5x"], a.window, a.sparsity, a.threads,
+                 progress=not (a.quiet or a.json), lookahead=a.lookahead, hot=a.hot, text_file=a.text)
     print(json.dumps(r, indent=1) if a.json else format_report(r))
     return 0

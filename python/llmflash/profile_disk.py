@@ -7,7 +7,6 @@ device, and is removed afterwards. Reads use O_DIRECT (no page cache), like the 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -15,6 +14,7 @@ import time
 import warnings
 from pathlib import Path
 
+from .cli_args import Parser
 from ._native import Profile, measure_point
 
 SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20]
@@ -91,7 +91,7 @@ def _write_scratch(path: Path, size: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="llmflash profile-disk", description=__doc__.split("\n\n")[0])
+    ap = Parser(prog="llmflash profile-disk", description=__doc__.split("\n\n")[0])
     ap.add_argument("path", nargs="?", default=".", help="a folder on the disk to measure (default: .)")
     ap.add_argument("--out", default=None, help=f"profile JSON (default: {default_profile_path()})")
     ap.add_argument("--plot", default=None, help="write the Figure-2-style PNG here")

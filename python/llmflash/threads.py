@@ -16,12 +16,34 @@ this on from a model width of NATIVE_DECODE_DIM.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator
 
 import torch
 
 _native: int | None = None      # set while decode_threads() is active
 NATIVE_DECODE_DIM = 2048        # model width from which decode runs the products natively
+THREADS_PER_CORE = 8            # the most threads `--threads` may ask for, per core of the machine
+
+
+def max_threads() -> int:
+    """The largest thread count calibrate/eval accept: THREADS_PER_CORE per core. More threads than
+    cores only slow torch down; tens of thousands crash OpenMP (libgomp segfaults or aborts)."""
+    return THREADS_PER_CORE * max(1, os.cpu_count() or 1)
+
+
+def check_threads(threads: int | None) -> int | None:
+    """`threads` checked (an integer in [1, max_threads()]; None keeps torch's setting), so a bad
+    count is an InvalidArgumentError before any work rather than a crash inside OpenMP."""
+    from .errors import check_int
+
+    return None if threads is None else check_int("threads", threads, 1, max_threads())
+
+
+def set_threads(threads: int | None) -> None:
+    """Give torch `threads` (already checked by check_threads; None: leave torch's setting)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def native_decode(dim: int, dtype: torch.dtype) -> bool:
