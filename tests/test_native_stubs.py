@@ -83,3 +83,13 @@ def test_stub_parameter_names_match(qual):
     if stub and stub[0] == "self" and (not real or real[0] != "self"):
         stub = stub[1:]                          # a class's signature omits self
     assert stub == real, qual
+
+
+def test_the_test_only_fault_hook_is_declared_private():
+    """The reader's fault-injection hook (tests/test_faults.py) is reachable only through
+    underscore names, each declared in the stub with the module's parameter names."""
+    private = {n for n in dir(native) if "fault" in n}
+    assert private == {"_inject_fault", "_clear_faults", "_faults_fired"}
+    stub = {node.name: node for node in _stub().body if isinstance(node, ast.FunctionDef)}
+    for name in private:
+        assert _params(stub[name]) == _native_params(getattr(native, name)), name
