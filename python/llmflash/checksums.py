@@ -28,6 +28,15 @@ import torch
 from .errors import StoreError
 
 HASH_CHUNK = 8 << 20                 # bytes read at a time when hashing a file
+MAX_FILE_BYTES = 1 << 50             # the largest size or offset a manifest may state
+
+
+def manifest_int(v: Any, what: str, path: Path, lo: int = 0, hi: int = MAX_FILE_BYTES) -> int:
+    """`v` when it is an int (not a bool, not a float such as 1e400) in [lo, hi]; otherwise a
+    StoreError naming the manifest field `what`."""
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise StoreError(f"{what} = {v!r:.60} is not an integer in [{lo}, {hi}]", path)
+    return v
 
 
 def replace_file(path: Path, write: Callable[[Path], None]) -> None:
@@ -129,3 +138,38 @@ def check_finite(name: str, t: torch.Tensor, path: Path) -> None:
     lo, hi = torch.aminmax(t)
     if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
         raise StoreError(f"{name} holds non-finite values (NaN or Inf): the weights are corrupt", path)
+
+
+def read_records(files: Any, folder: Path, mpath: Path, names: tuple[str, ...], required: tuple[str, ...],
+                 at_open: tuple[str, ...]) -> dict[str, dict[str, int]]:
+    """A version-4 manifest's `files` (its value `files`), each entry well formed and one of
+    `names`, every one of `required` recorded; each of `at_open` that is recorded must be there at
+    its recorded size (a cheap stat: the hashes run where each file is loaded), and one that is
+    there must be recorded. StoreError naming the manifest or the file otherwise."""
+    if not isinstance(files, dict):
+        raise StoreError(f"files = {files!r:.40}: a version-4 manifest records its files' checksums", mpath)
+    out: dict[str, dict[str, int]] = {}
+    for name, e in files.items():
+        if name not in names:
+            raise StoreError(f"files[{name!r:.40}] is not a file with a recorded checksum ({', '.join(names)})", mpath)
+        if not isinstance(e, dict) or set(e) != {"bytes", "crc32"}:
+            raise StoreError(f"files[{name!r}] must be {{\"bytes\": N, \"crc32\": C}}", mpath)
+        out[name] = {"bytes": manifest_int(e["bytes"], f"files[{name!r}].bytes", mpath),
+                     "crc32": manifest_int(e["crc32"], f"files[{name!r}].crc32", mpath, 0, 0xFFFFFFFF)}
+    for name in required:
+        if name not in out:
+            raise StoreError(f"files[{name!r}] is missing: a version-4 manifest records it", mpath)
+    for name in at_open:
+        path = folder / name
+        if name not in out:
+            if path.exists():
+                raise StoreError("not recorded in the manifest's files: added after conversion (convert again "
+                                 "with it, e.g. --tokenizer)", path)
+            continue
+        if not path.is_file():
+            raise StoreError("missing (the manifest records it)", path)
+        size = path.stat().st_size
+        if size != out[name]["bytes"]:
+            raise StoreError(f"file is {size} bytes but the manifest records {out[name]['bytes']}: truncated, "
+                             "or changed after conversion", path)
+    return out

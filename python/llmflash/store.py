@@ -58,7 +58,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checksums import check_finite, compare_file, manifest_crc32, os_reason, parse_manifest, replace_file
+from .checksums import (check_finite, compare_file, manifest_crc32, os_reason, parse_manifest, read_records,
+                        replace_file)
+from .checksums import manifest_int as _int
 from .errors import StoreError
 from .models.config import ModelConfig
 
@@ -77,7 +79,6 @@ BUNDLE_CRCS = "bundles.crc32"
 KNOWN_FILES = frozenset({MANIFEST, RESIDENT, FFN, TOKENIZER, PREDICTORS, BUNDLE_CRCS})
 CHECKSUMMED = (RESIDENT, BUNDLE_CRCS, TOKENIZER, PREDICTORS)   # version 4: manifest["files"] entries
 MAX_MANIFEST_BYTES = 64 << 20
-MAX_FILE_BYTES = 1 << 50
 
 DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
@@ -195,10 +196,6 @@ def expected_resident(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 _REDO = {PREDICTORS: ("run `llmflash calibrate` again", "calibration")}   # remedy and writer, if not convert
 
 
-def _int(v: Any, what: str, path: Path, lo: int = 0, hi: int = MAX_FILE_BYTES) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise StoreError(f"{what} = {v!r:.60} is not an integer in [{lo}, {hi}]", path)
-    return v
 
 
 class Store:
@@ -335,44 +332,13 @@ class Store:
                                  "truncated or replaced", cpath)
         elif cpath.exists():
             raise StoreError(f"unexpected in a version-{version} store (versions {V3} and later have it)", cpath)
-        self.files: dict[str, dict[str, int]] | None = self._validate_files(m, mpath) if version == VERSION else None
-
-    def _validate_files(self, m: dict[str, Any], mpath: Path) -> dict[str, dict[str, int]]:
-        """The version-4 `files` entries, each well formed; the files recorded must be there at
-        the recorded size (a cheap stat: the hashes run where each file is loaded) and the
-        tokenizer there only if recorded. Predictors are compared where they are loaded, so an
-        interrupted calibrate (a new file, the old manifest) leaves a store that opens and can
-        be calibrated again."""
-        files = m.get("files")
-        if not isinstance(files, dict):
-            raise StoreError(f"files = {files!r:.40}: a version-{VERSION} manifest records its files' checksums", mpath)
-        out: dict[str, dict[str, int]] = {}
-        for name, e in files.items():
-            if name not in CHECKSUMMED:
-                raise StoreError(f"files[{name!r:.40}] is not a file with a recorded checksum "
-                                 f"({', '.join(CHECKSUMMED)})", mpath)
-            if not isinstance(e, dict) or set(e) != {"bytes", "crc32"}:
-                raise StoreError(f"files[{name!r}] must be {{\"bytes\": N, \"crc32\": C}}", mpath)
-            out[name] = {"bytes": _int(e["bytes"], f"files[{name!r}].bytes", mpath),
-                         "crc32": _int(e["crc32"], f"files[{name!r}].crc32", mpath, 0, 0xFFFFFFFF)}
-        for name in (RESIDENT, BUNDLE_CRCS):
-            if name not in out:
-                raise StoreError(f"files[{name!r}] is missing: a version-{VERSION} manifest records it", mpath)
-        tpath = self.path / TOKENIZER
-        if tpath.exists() and TOKENIZER not in out:
-            raise StoreError("not recorded in the manifest's files: added after conversion (convert again with "
-                             "--tokenizer to include it)", tpath)
-        for name in (RESIDENT, BUNDLE_CRCS, TOKENIZER):
-            if name not in out:
-                continue
-            path = self.path / name
-            if not path.is_file():
-                raise StoreError("missing (the manifest records it)", path)
-            size = path.stat().st_size
-            if size != out[name]["bytes"]:
-                raise StoreError(f"file is {size} bytes but the manifest records {out[name]['bytes']}: truncated, "
-                                 "or changed after conversion", path)
-        return out
+        # version 4: the recorded files, each there at its recorded size; a tokenizer only if recorded.
+        # Predictors are compared where they are loaded, so an interrupted calibrate (a new file, the
+        # old manifest) leaves a store that opens and can be calibrated again.
+        self.files: dict[str, dict[str, int]] | None = None
+        if version == VERSION:
+            self.files = read_records(m.get("files"), self.path, mpath, CHECKSUMMED, required=(RESIDENT, BUNDLE_CRCS),
+                                      at_open=(RESIDENT, BUNDLE_CRCS, TOKENIZER))
 
     # -- checksums ---------------------------------------------------------------------------
     def check_file(self, name: str) -> bool:

@@ -178,7 +178,7 @@ class StoreWriter:
         if not (self.tmp / S.RESIDENT).exists():
             raise ConvertError("conversion incomplete: resident weights not written")
         with self._writing(S.BUNDLE_CRCS):
-            np.concatenate(self.bundle_crcs).astype("<u4").tofile(self.tmp / S.BUNDLE_CRCS)
+            (self.tmp / S.BUNDLE_CRCS).write_bytes(np.concatenate(self.bundle_crcs).astype("<u4").tobytes())
         files = {}
         for name in (S.RESIDENT, S.BUNDLE_CRCS, S.TOKENIZER):
             if (self.tmp / name).exists():
