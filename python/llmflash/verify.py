@@ -66,7 +66,8 @@ def verify_store(path: str | os.PathLike[str], progress: bool = True) -> VerifyR
     unchecked: list[str] = []
     if store.files is None:
         have = [n for n in (RESIDENT, BUNDLE_CRCS, TOKENIZER, PREDICTORS) if (store.path / n).is_file()]
-        unchecked = [f"{n} checksum" for n in [MANIFEST, *have]]
+        sealed = {MANIFEST} if "manifest_crc32" in store.manifest else set()   # then checked at open
+        unchecked = [f"{n} checksum" for n in [MANIFEST, *have] if n not in sealed]
         if not store.has_bundle_crcs:
             unchecked.append("per-bundle CRC-32s (bundles.crc32)")
     elif store.has_bundle_crcs:
