@@ -16,7 +16,9 @@
 //!
 //! A batch completes or fails as a whole: short reads are continued, EINTR is retried, and any
 //! other failure (an I/O error, the end of the file before the request's end) makes the batch
-//! call return that error, naming the file, the offset and the length.
+//! call return that error, naming the file, the offset and the length. A region can be read
+//! checked, each request hashed as it lands (reader/hashed.rs); reader/faults.rs is the
+//! test-only hook that makes chosen reads fail, end, come back short or bring changed bytes.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
