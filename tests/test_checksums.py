@@ -1,5 +1,5 @@
 """A corrupt ffn.bin is an error, not wrong logits: the strategies that read a layer's region
-whole (dense at open, naive on its first read of each region) check the region's CRC-32, and
+whole (dense at open, naive on every read) check the region's CRC-32, flash each bundle's, and
 `llmflash verify` checks a whole store."""
 
 from __future__ import annotations
@@ -46,23 +46,32 @@ def x() -> torch.Tensor:
     return torch.randn(1, tiny_config().dim, generator=torch.Generator().manual_seed(1))
 
 
-def test_naive_checks_each_region_on_first_read(corrupt):
+def test_naive_checks_each_region(corrupt):
     ffn = NaiveFFN(Store(corrupt))
     ffn(0, x())                                                  # layer 0 is intact
     with pytest.raises(StoreError, match=r"ffn\.bin.*checksum mismatch in layer 1"):
         ffn(1, x())
-    assert ffn.unverified == {1}
 
 
-def test_naive_checks_once(pristine):
-    ffn = NaiveFFN(Store(pristine))
+def test_naive_checks_every_read(pristine, tmp_path):
+    """A region changed under a running model (after its first, clean read) is caught too."""
+    dst = tmp_path / "s.llmflash"
+    shutil.copytree(pristine, dst)
+    ffn = NaiveFFN(Store(dst))
     a = ffn(1, x())
-    assert ffn.unverified == {0}                                 # layer 1 checked, layer 0 not read yet
-    assert torch.equal(ffn(1, x()), a)                           # later reads: same result, no check
+    assert torch.equal(ffn(1, x()), a)                           # same result read after read
+    off = Store(dst).layers[1].offset + 25 * 4 + 3
+    with open(dst / "ffn.bin", "r+b") as f:
+        f.seek(off)
+        b = f.read(1)
+        f.seek(off)
+        f.write(bytes([b[0] ^ 0x01]))
+    with pytest.raises(StoreError, match=r"ffn\.bin.*checksum mismatch in layer 1"):
+        ffn(1, x())
 
 
 def test_naive_without_verify_reads_what_is_there(corrupt, pristine):
-    bad = NaiveFFN(Store(corrupt), verify=False)(1, x())         # the check is off: no error ...
+    bad = NaiveFFN(Store(corrupt), verify_reads=False)(1, x())   # the check is off: no error ...
     good = NaiveFFN(Store(pristine))(1, x())
     assert not torch.equal(bad, good)                            # ... and a silently different result
 
