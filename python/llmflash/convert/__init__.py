@@ -20,8 +20,14 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], dtype: str
     if src.is_dir():
         from .hf import convert_hf
         return convert_hf(src, dst, dtype=dtype, force=force, tokenizer=tokenizer)
-    with open(src, "rb") as f:
-        magic = f.read(4)
+    from .common import regular_file
+
+    regular_file(src)                       # a FIFO or device: an error now, not a blocked open
+    try:
+        with open(src, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ConvertError(f"cannot read ({e.strerror or e})", src) from None
     if magic == GGUF_MAGIC or src.suffix.lower() == ".gguf":
         from .gguf import convert_gguf
         return convert_gguf(src, dst, dtype=dtype, force=force)

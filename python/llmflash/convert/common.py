@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
+import stat
 import sys
-from typing import Iterable, Iterator, TypeVar
+from pathlib import Path
+from typing import Any, Iterable, Iterator, TypeVar
 
 import torch
 
@@ -12,6 +15,41 @@ from .. import store as S
 from ..errors import ConvertError
 
 T = TypeVar("T")
+
+# Upper bounds on a source's counts, far above any published model (405B Llama: 126 layers, width
+# 16,384, FFN 53,248, 128 heads; the largest vocabularies ~262k) but low enough that everything
+# built from them before the weights are read (per-layer lists, the plan of tensor names) stays
+# small: a hostile 2^24 layers fails at once, naming the key, instead of as a MemoryError later.
+MAX_LAYERS = 4096
+MAX_WIDTH = 1 << 17           # hidden size / embedding width
+MAX_FFN = 1 << 20             # FFN (intermediate) width
+MAX_HEADS = 4096              # attention heads, KV heads, head size
+MAX_VOCAB = 1 << 22
+
+
+def natural_key(s: str) -> list[Any]:
+    """Sort key putting layers.2 before layers.10."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s)]
+
+
+def regular_file(path: Path) -> bool:
+    """True when `path` is a regular file (following symlinks), False when nothing is there.
+
+    Anything else (a FIFO, a device, a socket, a folder) is a ConvertError naming it, raised
+    before the file is opened: opening a FIFO for reading blocks until a writer comes, and a
+    device such as /dev/zero never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as e:
+        raise ConvertError(f"cannot read ({e.strerror or e})", path) from None
+    if stat.S_ISREG(mode):
+        return True
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a special file")
+    raise ConvertError(f"not a regular file ({kind})", path)
 
 
 def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:

@@ -19,6 +19,8 @@ Layout facts (checked against transformers' own GGUF loader by tests/test_conver
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 import re
 from pathlib import Path
@@ -29,7 +31,9 @@ import torch
 
 from ..errors import ConvertError, LlmflashError, UnsupportedModelError
 from ..models.config import ModelConfig
-from .common import parse_dtype, progress
+from .common import (MAX_FFN, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, natural_key, parse_dtype, progress,
+                     regular_file)
+from .gguf_layout import check_layout
 from .gguf_tokenizer import chat_template as _chat_template
 from .gguf_tokenizer import tokenizer_json as _tokenizer_json
 from .writer import StoreWriter
@@ -41,6 +45,7 @@ _MAGIC = b"GGUF"
 _ATTN = {"attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v", "attn_output": "attn.o"}
 _NORMS = {"attn_norm": "attn_norm", "ffn_norm": "ffn_norm"}
 _FFN = ("ffn_gate", "ffn_up", "ffn_down")
+FP16_MAX = 65504.0
 _BLK = re.compile(r"blk\.(\d+)\.(.+)\.(weight|bias)$")
 
 
@@ -62,23 +67,30 @@ def _reader_class():
 
 
 def _open(src: Path):
-    """A GGUFReader over src, with every failure to parse turned into a ConvertError naming it."""
+    """A GGUFReader over src, once its header and every tensor's byte range have been checked
+    (convert/gguf_layout.py); any failure to parse is a ConvertError naming the file."""
     try:
-        size = src.stat().st_size
+        if not regular_file(src):
+            raise ConvertError("no such file", src)
         with open(src, "rb") as f:
             magic = f.read(4)
+            if magic == _MAGIC:
+                size = os.fstat(f.fileno()).st_size
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                    ranges = check_layout(buf, size, src)
     except OSError as e:
         raise ConvertError(f"cannot read the file ({e.strerror or e})", src) from None
     if magic != _MAGIC:
         raise ConvertError(f"not a GGUF file (starts with {magic!r}, expected {_MAGIC!r})", src)
     try:
         reader = _reader_class()(src, "r")
+        got = {t.name: (int(t.data_offset), int(t.n_bytes)) for t in reader.tensors}
     except Exception as e:  # the reader raises ValueError, struct/numpy errors, IndexError ... on bad headers
-        raise ConvertError(f"malformed or truncated GGUF file ({type(e).__name__}: {e})", src) from None
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise ConvertError(f"truncated: tensor {t.name!r} ends at byte {end} but the file has {size}", src)
+        raise ConvertError(f"malformed GGUF file ({type(e).__name__}: {e})", src) from None
+    for r in ranges:                        # the reader must see the very bytes that were checked
+        if got.get(r.name) != (r.start, r.n_bytes):
+            raise ConvertError(f"malformed GGUF file: tensor {r.name!r} is read at {got.get(r.name)}, "
+                               f"its header says {(r.start, r.n_bytes)}", src)
     return reader
 
 
@@ -112,12 +124,14 @@ def _metadata(reader, src: Path) -> dict[str, Any]:
     return meta
 
 
-def _int(meta: dict[str, Any], key: str, src: Path, default: int | None = None) -> int:
+def _int(meta: dict[str, Any], key: str, src: Path, default: int | None = None, hi: int = 1 << 24) -> int:
+    """A positive integer of at most `hi` (common.py's bounds for counts), checked before any
+    per-layer list is built from it."""
     v = meta.get(key, default)
     if v is None:
         raise ConvertError(f"missing metadata {key!r}", src)
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= 1 << 24:
-        raise ConvertError(f"metadata {key!r} = {v!r:.40} is not a positive integer", src)
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= hi:
+        raise ConvertError(f"metadata {key!r} = {v!r:.40} is not an integer in [1, {hi}]", src)
     return v
 
 
@@ -148,15 +162,15 @@ def _rope_scaling(meta: dict[str, Any], a: str, src: Path) -> dict[str, Any] | N
 
 def _config(meta: dict[str, Any], names: dict[str, Any], src: Path) -> ModelConfig:
     a = "llama"
-    n_layers = _int(meta, f"{a}.block_count", src)
-    dim = _int(meta, f"{a}.embedding_length", src)
-    ffn = _int(meta, f"{a}.feed_forward_length", src)
-    n_heads = _int(meta, f"{a}.attention.head_count", src)
-    n_kv = _int(meta, f"{a}.attention.head_count_kv", src, default=n_heads)
-    head_dim = _int(meta, f"{a}.attention.key_length", src, default=dim // n_heads)
-    if _int(meta, f"{a}.attention.value_length", src, default=head_dim) != head_dim:
+    n_layers = _int(meta, f"{a}.block_count", src, hi=MAX_LAYERS)
+    dim = _int(meta, f"{a}.embedding_length", src, hi=MAX_WIDTH)
+    ffn = _int(meta, f"{a}.feed_forward_length", src, hi=MAX_FFN)
+    n_heads = _int(meta, f"{a}.attention.head_count", src, hi=MAX_HEADS)
+    n_kv = _int(meta, f"{a}.attention.head_count_kv", src, default=n_heads, hi=MAX_HEADS)
+    head_dim = _int(meta, f"{a}.attention.key_length", src, default=max(dim // n_heads, 1), hi=MAX_HEADS)
+    if _int(meta, f"{a}.attention.value_length", src, default=head_dim, hi=MAX_HEADS) != head_dim:
         raise UnsupportedModelError("value head size differs from key head size", src)
-    rot = _int(meta, f"{a}.rope.dimension_count", src, default=head_dim)
+    rot = _int(meta, f"{a}.rope.dimension_count", src, default=head_dim, hi=MAX_HEADS)
     if rot != head_dim:
         raise UnsupportedModelError(f"partial rotary embeddings ({rot} of {head_dim} dims) are not supported", src)
     if meta.get(f"{a}.expert_count", 0):
@@ -171,6 +185,8 @@ def _config(meta: dict[str, Any], names: dict[str, Any], src: Path) -> ModelConf
     if embd is None:
         raise ConvertError("missing tensor 'token_embd.weight'", src)
     vocab = int(embd.shape[-1]) if len(embd.shape) == 2 else 0
+    if vocab > MAX_VOCAB:
+        raise ConvertError(f"token_embd.weight has {vocab} rows, more than the {MAX_VOCAB} a vocabulary may have", src)
     tokens = meta.get("tokenizer.ggml.tokens")
     if isinstance(tokens, list) and tokens and len(tokens) > vocab:
         raise ConvertError(f"the tokenizer has {len(tokens)} tokens but token_embd only {vocab} rows", src)
@@ -209,17 +225,15 @@ def _check_names(names: dict[str, Any], cfg: ModelConfig, src: Path) -> None:
     allowed = set(want) | {"output.weight"}
     if cfg.attn_bias:
         allowed |= {f"blk.{i}.{n}.bias" for i in range(cfg.n_layers) for n in _ATTN}
-    extra = sorted(set(names) - allowed, key=_natural)
+    extra = sorted(set(names) - allowed, key=natural_key)
     if extra:
         raise UnsupportedModelError(f"unexpected tensors {extra[:4]}: this llama variant is not supported", src)
 
 
-def _natural(s: str) -> list[Any]:
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s)]
-
-
-def _dequant(t, src: Path) -> np.ndarray:
-    """Tensor t as float32 in HF layout (GGUF's reversed dimensions)."""
+def _dequant(t, src: Path, max_abs: float = math.inf) -> np.ndarray:
+    """Tensor t as float32 in HF layout (GGUF's reversed dimensions). A NaN or infinity (bytes
+    that are not what the header says), or a value beyond max_abs (the store dtype's range), is
+    a ConvertError naming the tensor."""
     from gguf import quants
 
     shape = tuple(int(x) for x in reversed([int(d) for d in t.shape]))
@@ -230,10 +244,18 @@ def _dequant(t, src: Path) -> np.ndarray:
             f"tensor {t.name!r} has type {t.tensor_type.name}, which the gguf package cannot dequantize", src) from None
     except Exception as e:
         raise ConvertError(f"cannot dequantize tensor {t.name!r} ({t.tensor_type.name}): {e}", src) from None
-    if w.size != int(np.prod(shape)):
-        raise ConvertError(f"tensor {t.name!r} holds {w.size} values, its shape {shape} needs {int(np.prod(shape))}",
+    if w.size != math.prod(shape):
+        raise ConvertError(f"tensor {t.name!r} holds {w.size} values, its shape {shape} needs {math.prod(shape)}",
                            src)
     w = np.ascontiguousarray(w.reshape(shape), dtype=np.float32)
+    big = max(-float(w.min()), float(w.max())) if w.size else 0.0         # NaN propagates through min/max
+    if not math.isfinite(big):
+        bad = int(np.count_nonzero(~np.isfinite(w)))
+        raise ConvertError(f"tensor {t.name!r} ({t.tensor_type.name}) holds {bad} non-finite values (NaN or "
+                           "infinity): the file is corrupt", src)
+    if big > max_abs:
+        raise ConvertError(f"tensor {t.name!r} holds {big:.3g}, beyond float16's range: convert with "
+                           "dtype bfloat16 or float32", src)
     return w if w.flags.writeable else w.copy()     # F32 tensors come back as views of the read-only map
 
 
@@ -243,8 +265,9 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _tensor(names: dict[str, Any], name: str, shape: tuple[int, ...], src: Path) -> np.ndarray:
-    w = _dequant(names[name], src)
+def _tensor(names: dict[str, Any], name: str, shape: tuple[int, ...], src: Path,
+            max_abs: float = math.inf) -> np.ndarray:
+    w = _dequant(names[name], src, max_abs)
     if w.shape != shape:
         raise ConvertError(f"tensor {name!r} has shape {w.shape} (HF layout), expected {shape}", src)
     return w
@@ -279,16 +302,21 @@ def convert_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], dtype
     d, hd, n = cfg.dim, cfg.head_dim, cfg.ffn_dims[0]
     hq, hkv = cfg.n_heads[0], cfg.n_kv_heads[0]
 
+    max_abs = FP16_MAX if dtype == "float16" else math.inf
+
+    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        return _tensor(names, name, shape, src, max_abs)
+
     def res(w: np.ndarray) -> torch.Tensor:          # cast at once: only the store dtype stays in memory
         return torch.from_numpy(w).to(target)
 
     writer = StoreWriter(dst, cfg, dtype=dtype, source=str(src), force=force, src=src)  # fails fast on a bad dst
     resident: dict[str, torch.Tensor] = {
-        "embed.weight": res(_tensor(names, "token_embd.weight", (cfg.vocab_size, d), src)),
-        "norm.weight": res(_tensor(names, "output_norm.weight", (d,), src)),
+        "embed.weight": res(get("token_embd.weight", (cfg.vocab_size, d))),
+        "norm.weight": res(get("output_norm.weight", (d,))),
     }
     if not cfg.tie_embeddings:
-        resident["lm_head.weight"] = res(_tensor(names, "output.weight", (cfg.vocab_size, d), src))
+        resident["lm_head.weight"] = res(get("output.weight", (cfg.vocab_size, d)))
     try:
         with writer as w:
             for i in progress(range(cfg.n_layers), desc=f"convert {src.name}", total=cfg.n_layers):
@@ -296,11 +324,11 @@ def convert_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], dtype
                 shapes = {"attn_q": (hq * hd, d), "attn_k": (hkv * hd, d), "attn_v": (hkv * hd, d),
                           "attn_output": (d, hq * hd)}
                 for g, c in _ATTN.items():
-                    wt = _tensor(names, f"{b}{g}.weight", shapes[g], src)
+                    wt = get(f"{b}{g}.weight", shapes[g])
                     bias = None
                     if cfg.attn_bias:                   # a missing one of q/k/v/o biases is zero
                         bn = f"{b}{g}.bias"
-                        bias = _tensor(names, bn, shapes[g][:1], src) if bn in names else \
+                        bias = get(bn, shapes[g][:1]) if bn in names else \
                             np.zeros(shapes[g][:1], np.float32)
                     if g in ("attn_q", "attn_k"):
                         heads = hq if g == "attn_q" else hkv
@@ -310,10 +338,10 @@ def convert_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], dtype
                     if bias is not None:
                         resident[f"{p}{c}.bias"] = res(bias)
                 for g, c in _NORMS.items():
-                    resident[f"{p}{c}.weight"] = res(_tensor(names, f"{b}{g}.weight", (d,), src))
-                gate = _tensor(names, f"{b}ffn_gate.weight", (n, d), src)
-                up = _tensor(names, f"{b}ffn_up.weight", (n, d), src)
-                down = _tensor(names, f"{b}ffn_down.weight", (d, n), src)
+                    resident[f"{p}{c}.weight"] = res(get(f"{b}{g}.weight", (d,)))
+                gate = get(f"{b}ffn_gate.weight", (n, d))
+                up = get(f"{b}ffn_up.weight", (n, d))
+                down = get(f"{b}ffn_down.weight", (d, n))
                 w.write_layer(i, up=torch.from_numpy(up), down=torch.from_numpy(down), gate=torch.from_numpy(gate))
             w.write_resident(resident)
             if tok_json is not None:
