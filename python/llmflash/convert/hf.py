@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ import torch
 
 from ..errors import ConvertError, UnsupportedModelError
 from ..models.config import finite_number
-from .common import parse_dtype, progress
+from .common import (MAX_FFN, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, natural_key, parse_dtype, progress,
+                     regular_file)
 from .destination import check_destination
 from .writer import StoreWriter
 
@@ -34,6 +36,12 @@ INDEX = "model.safetensors.index.json"
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 SUPPORTED = ("llama", "mistral", "opt", "openelm")
 FP16_MAX = 65504.0
+# config.json keys bounded below 2^24 (common.py says why), checked by HFConfig.int as they are read
+LIMITS = {"num_hidden_layers": MAX_LAYERS, "num_transformer_layers": MAX_LAYERS,
+          "hidden_size": MAX_WIDTH, "model_dim": MAX_WIDTH, "word_embed_proj_dim": MAX_WIDTH,
+          "intermediate_size": MAX_FFN, "ffn_dim": MAX_FFN, "num_attention_heads": MAX_HEADS,
+          "num_key_value_heads": MAX_HEADS, "head_dim": MAX_HEADS, "num_gqa_groups": MAX_HEADS,
+          "vocab_size": MAX_VOCAB}
 
 
 # -- the checkpoint: tensor names -> shard files ---------------------------------------------------
@@ -46,19 +54,22 @@ class Checkpoint:
         self.folder = folder
         index = folder / INDEX
         self.expected_in: dict[str, Path] = {}              # from the index: name -> shard
-        if index.is_file():
+        if regular_file(index):
             wm = _read_json(index).get("weight_map")
             if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
                 raise ConvertError("no weight_map object of tensor name -> file name", index)
             files = []
             for shard in dict.fromkeys(wm.values()):
                 p = folder / shard
-                if os.sep in shard or shard.startswith(".") or not p.is_file():
+                if os.sep in shard or shard.startswith(".") or not regular_file(p):
                     raise ConvertError(f"shard {shard!r} listed in the index is missing", index)
                 files.append(p)
             self.expected_in = {k: folder / v for k, v in wm.items()}
         else:
             files = sorted(folder.glob("*.safetensors"))
+            for p in files:
+                if not regular_file(p):
+                    raise ConvertError("missing (a broken symbolic link?)", p)
         if not files:
             extra = " (pytorch_model.bin checkpoints are not supported: save with safetensors)" \
                 if any(folder.glob("*.bin")) else ""
@@ -151,13 +162,16 @@ class HFConfig:
         return default if v is None else v
 
     def int(self, key: str, default: Any = _MISSING, lo: int = 1) -> int:
+        """An integer in [lo, LIMITS[key]] (2^24 for keys not listed), checked before anything is
+        sized by it."""
         v = self.d.get(key)
         if v is None:
             if default is _MISSING:
                 raise ConvertError(f"{key} is missing", self.path)
             return default
-        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= 1 << 24:
-            raise ConvertError(f"{key} = {v!r:.40} is not an integer in [{lo}, 2^24]", self.path)
+        hi = LIMITS.get(key, 1 << 24)
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise ConvertError(f"{key} = {v!r:.40} is not an integer in [{lo}, {hi}]", self.path)
         return v
 
     def float(self, key: str, default: float, lo: float = 0.0, hi: float = math.inf, lo_open: bool = True) -> float:
@@ -200,7 +214,7 @@ class HFConfig:
         bos = ids(b, "bos_token_id", self.path)
         eos: list[int] = ids(self.d.get("eos_token_id"), "eos_token_id", self.path)
         gen = folder / "generation_config.json"
-        if gen.is_file():
+        if regular_file(gen):
             try:
                 g = json.loads(gen.read_bytes())
             except (ValueError, UnicodeDecodeError, OSError, RecursionError):
@@ -225,10 +239,13 @@ def check_number(v: Any, key: str, path: Path, lo: float = 0.0, hi: float = math
 # -- tokenizer --------------------------------------------------------------------------------------
 def _chat_template(folder: Path) -> str | None:
     jinja = folder / "chat_template.jinja"                  # transformers >= 4.50 saves it apart
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
+    if regular_file(jinja):
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConvertError(f"unreadable chat template ({e})", jinja) from None
     tc = folder / "tokenizer_config.json"
-    if not tc.is_file():
+    if not regular_file(tc):
         return None
     t = _read_json(tc).get("chat_template")
     if isinstance(t, list):                                  # [{"name": ..., "template": ...}]
@@ -245,17 +262,20 @@ def _tokenizer(src: Path, tokenizer: str | os.PathLike[str] | None,
             folder, tp = tp, tp / "tokenizer.json"
         else:
             folder = tp.parent
-        if not tp.is_file():
+        if not regular_file(tp):
             raise ConvertError("no tokenizer.json here (pass a tokenizer.json or a folder holding one)", tp)
     else:
         folder, tp = src, src / "tokenizer.json"
-        if not tp.is_file():
+        if not regular_file(tp):
             warnings.warn(f"{src}: no tokenizer.json; the store will take token ids only "
                           "(pass tokenizer=... / --tokenizer to add one)", stacklevel=3)
             return None
     from tokenizers import Tokenizer
 
-    data = tp.read_bytes()
+    try:
+        data = tp.read_bytes()
+    except OSError as e:
+        raise ConvertError(f"cannot read ({e.strerror or e})", tp) from None
     try:
         tok = Tokenizer.from_str(data.decode("utf-8"))
     except Exception as e:  # tokenizers raises a bare Exception subclass
@@ -277,6 +297,24 @@ def _cast(t: torch.Tensor, dtype: torch.dtype, name: str, path: Path) -> torch.T
     return t.to(dtype)
 
 
+def _check_unused(ck: Checkpoint, plan: Any, cfg_path: Path) -> None:
+    """Every tensor in the checkpoint is one the plan reads or one it may ignore (plan.unused_ok):
+    a tensor the config does not account for means the config does not describe these weights
+    (fewer layers than the checkpoint holds, a variant with extra parts) and the store would be
+    silently wrong. Names the first few, their files and config.json."""
+    used = {ck.resolve(n) for n in plan.want}
+    extra = sorted((k for k in ck.where if k not in used and not plan.unused_ok(k)), key=natural_key)
+    if not extra:
+        return
+    files = sorted({ck.where[k].name for k in extra})
+    more = f" and {len(extra) - 4} more" if len(extra) > 4 else ""
+    msg = f"the checkpoint holds tensors this config does not use: {extra[:4]}{more} (in {', '.join(files[:3])})"
+    layers = [int(m.group(1)) for k in extra if (m := re.search(r"\blayers\.(\d+)\.", k))]
+    if layers and max(layers) >= plan.config.n_layers:
+        msg += f"; {plan.layers_key} = {plan.config.n_layers} but the checkpoint has {max(layers) + 1} layers"
+    raise ConvertError(msg, cfg_path)
+
+
 def convert_hf(src: str | os.PathLike[str], dst: str | os.PathLike[str], dtype: str = "float16",
                force: bool = False, tokenizer: str | os.PathLike[str] | None = None) -> Path:
     """Convert the Hugging Face model folder SRC into the store DST (written atomically).
@@ -291,7 +329,7 @@ def convert_hf(src: str | os.PathLike[str], dst: str | os.PathLike[str], dtype: 
         raise ConvertError("not a Hugging Face model folder (config.json + *.safetensors)", src)
     check_destination(dst, src, force)                  # before any reading; StoreWriter checks again
     cfg_path = src / CONFIG
-    if not cfg_path.is_file():
+    if not regular_file(cfg_path):
         raise ConvertError(f"no {CONFIG}: not a Hugging Face model folder", src)
     hf = HFConfig(cfg_path)
     mt = hf.get("model_type")
@@ -308,6 +346,7 @@ def convert_hf(src: str | os.PathLike[str], dst: str | os.PathLike[str], dtype: 
         raise ConvertError(f"inconsistent config: {e}", cfg_path) from None
     for name, shape in plan.want.items():                    # headers only: fail before writing
         ck.check(name, shape)
+    _check_unused(ck, plan, cfg_path)
     tok = _tokenizer(src, tokenizer, plan.config.vocab_size)
     target = torch.float16 if dtype == "float16" else torch.bfloat16 if dtype == "bfloat16" else torch.float32
 

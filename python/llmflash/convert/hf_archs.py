@@ -8,6 +8,7 @@ canonical resident tensors (llmflash.models.config) and each layer's FFN in Hugg
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -22,12 +23,23 @@ from .hf import Checkpoint, HFConfig, check_number
 Tensors = dict[str, torch.Tensor]
 
 
+# Tensors a checkpoint may hold that no plan reads, as transformers ignores them too: RoPE
+# frequency buffers old Llama checkpoints saved per layer (computed from the config instead).
+ALWAYS_UNUSED = re.compile(r"(.*\.)?rotary_emb\.inv_freq")
+
+
 @dataclass
 class Plan:
     config: ModelConfig
     want: dict[str, tuple[int, ...]]                         # source tensor -> shape (checked first)
     globals: Callable[[], Tensors]                           # canonical non-layer resident tensors
     layer: Callable[[int], tuple[Tensors, Tensors]]          # (canonical resident, FFN kwargs)
+    layers_key: str = "num_hidden_layers"                    # the config.json key giving the layer count
+    unused: tuple[str, ...] = ()                             # regexes of stored names the plan may leave
+
+    def unused_ok(self, stored: str) -> bool:
+        """Whether the checkpoint may hold `stored` without the plan reading it."""
+        return bool(ALWAYS_UNUSED.fullmatch(stored)) or any(re.fullmatch(p, stored) for p in self.unused)
 
 
 def _rope(hf: HFConfig) -> tuple[float, dict[str, Any] | None]:
@@ -136,7 +148,8 @@ def _llama(hf: HFConfig, ck: Checkpoint, folder: Path) -> Plan:
                "down": ck.get(p + "mlp.down_proj.weight")}
         return r, ffn
 
-    return Plan(cfg, want, globals_, layer)
+    unused = (r"(model\.)?lm_head\.weight",) if tie else ()   # a tied head is the embedding, as in transformers
+    return Plan(cfg, want, globals_, layer, unused=unused)
 
 
 def _opt(hf: HFConfig, ck: Checkpoint, folder: Path) -> Plan:
@@ -213,7 +226,10 @@ def _opt(hf: HFConfig, ck: Checkpoint, folder: Path) -> Plan:
             r[q + "ffn.down_bias"] = ck.get(p + "fc2.bias")
         return r, ffn
 
-    return Plan(cfg, want, globals_, layer)
+    unused = (r"(model\.)?lm_head\.weight",) if tie else ()
+    if not final:                                            # modeling_opt builds no final norm then
+        unused += (r"(model\.)?decoder\.final_layer_norm\.(weight|bias)",)
+    return Plan(cfg, want, globals_, layer, unused=unused)
 
 
 def _openelm(hf: HFConfig, ck: Checkpoint, folder: Path) -> Plan:
@@ -281,7 +297,8 @@ def _openelm(hf: HFConfig, ck: Checkpoint, folder: Path) -> Plan:
         ffn["down"] = ck.get(p + "ffn.proj_2.weight")
         return r, ffn
 
-    return Plan(cfg, want, globals_, layer)
+    unused = (r"(model\.)?lm_head\.weight",) if tie else ()
+    return Plan(cfg, want, globals_, layer, layers_key="num_transformer_layers", unused=unused)
 
 
 PLANS: dict[str, Callable[[HFConfig, Checkpoint, Path], Plan]] = {
