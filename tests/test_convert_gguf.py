@@ -10,7 +10,6 @@ on the 2-core machine), transformers' load once per module (about 25 s).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -560,6 +559,7 @@ def test_default_store_path(monkeypatch, tmp_path):
 def test_ensure_default_store_converts_once(tiny, monkeypatch, tmp_path):
     from llmflash import defaults
     import llmflash.convert.gguf as G
+    from test_store_errors import edit_manifest
 
     monkeypatch.setenv("LLMFLASH_CACHE", str(tmp_path))
     monkeypatch.setenv("LLMFLASH_QUIET", "1")
@@ -575,10 +575,8 @@ def test_ensure_default_store_converts_once(tiny, monkeypatch, tmp_path):
     (p / "ffn.bin").write_bytes(b"")                                      # a broken store is rebuilt
     assert defaults.ensure_default_store() == p and len(calls) == 2
     Store(p)
-    m = json.loads((p / "manifest.json").read_text())                    # an older format version,
-    m["version"] = 2                                                      # still valid, is converted
-    (p / "manifest.json").write_text(json.dumps(m))                       # again (to version 3)
-    (p / "bundles.crc32").unlink()
+    edit_manifest(p, lambda m: m.update(version=2))                       # an older format version,
+    (p / "bundles.crc32").unlink()                                        # still valid, is converted again
     assert Store(p).manifest["version"] == 2
     assert defaults.ensure_default_store() == p and len(calls) == 3
     assert Store(p).has_bundle_crcs
