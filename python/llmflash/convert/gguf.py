@@ -1,10 +1,14 @@
 """GGUF (llama.cpp) -> llmflash store, for the `llama` architecture (Llama 1/2/3 shapes, SmolLM2,
 TinyLlama, Mistral without sliding windows).
 
-Every tensor is dequantized by its own type (`gguf.quants.dequantize`: F32, F16, BF16, Q4_0 ...
-Q8_0, the K-quants and the IQ types) to float32 and then cast to the store dtype. A "Q4_1" file
-is not all Q4_1: llama.cpp keeps norms in F32, the embedding often in Q8_0, and falls back to
-other types where a row length is not a multiple of a K-quant's 256-value block.
+Nothing in the file is trusted before convert/gguf_layout.py has walked its header: every count
+against the bytes left, every tensor's type, size, alignment and range against the file and the
+other tensors. Every tensor is dequantized by its own type (`gguf.quants.dequantize`: F32, F16,
+BF16, Q4_0 ... Q8_0, the K-quants and the IQ types) to float32 and then cast to the store dtype.
+A "Q4_1" file is not all Q4_1: llama.cpp keeps norms in F32, the embedding often in Q8_0, and
+falls back to other types where a row length is not a multiple of a K-quant's 256-value block.
+A NaN or infinity among the dequantized values (bytes that are not what the header says) is an
+error naming the tensor, as is a value beyond float16's range when converting to float16.
 
 Layout facts (checked against transformers' own GGUF loader by tests/test_convert_gguf.py):
   * GGUF lists a tensor's dimensions fastest-first (ne[0] = columns), so a [576, 1536] `ffn_up`

@@ -92,6 +92,8 @@ class _Cursor:
             else:
                 for _ in range(count):
                     self.skip_value(itype, key, depth + 1)
+        elif vtype == ARRAY:
+            raise ConvertError(f"malformed header: metadata {key!r} nests arrays deeper than {MAX_DEPTH}", self.src)
         else:
             raise ConvertError(f"malformed header: metadata {key!r} has unknown value type {vtype}", self.src)
 
