@@ -18,6 +18,7 @@ from llmflash.predictor import load_predictors
 from llmflash.store import PREDICTORS, Store
 
 from conftest import VOCAB, tiny_tokenizer_json
+from test_store_errors import reseal
 
 
 def words(n: int, seed: int) -> str:
@@ -145,6 +146,7 @@ def test_eval_lookahead_reports_the_guess(llama_store, texts, capsys, mode):
 def test_relu_model_calibrates(hf_opt, convert_to, texts):
     store = convert_to(hf_opt.path, dtype="float32")
     (store / "tokenizer.json").write_text(tiny_tokenizer_json())
+    reseal(store)                                          # recorded, as if converted with it
     assert main(["calibrate", str(store), "--text", str(texts[0]), "--tokens", "300", "--rank", "8",
                  "--epochs", "1", "--chunk", "60", "--quiet"]) == 0
     p = load_predictors(store)

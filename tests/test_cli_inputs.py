@@ -15,6 +15,7 @@ import torch
 
 from llmflash.cli import main
 from llmflash.errors import ChatTemplateError, InvalidArgumentError, LlmflashError
+from llmflash.store import write_manifest
 
 from conftest import tiny_tokenizer_json
 from test_store_errors import write_store as write_tiny_store
@@ -138,7 +139,7 @@ def template_stores(tmp_path_factory) -> dict[str, Path]:
         shutil.copytree(base, dst)
         m = json.loads((dst / "manifest.json").read_text())
         m["chat_template"] = template
-        (dst / "manifest.json").write_text(json.dumps(m))
+        write_manifest(dst, m)                             # with its new checksum
         out[name] = dst
     return out
 

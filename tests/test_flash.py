@@ -18,6 +18,7 @@ from llmflash.budget import parse_memory, plan_caches
 from llmflash.errors import BudgetError
 from llmflash.store import Store
 from llmflash.strategies.flash import model_bytes
+from test_store_errors import reseal
 
 PROMPT = [3, 17, 5, 99, 42, 7, 8, 64, 1, 23, 77, 12, 50, 31, 9, 4]
 
@@ -123,7 +124,7 @@ def permute_store(src: Path, dst: Path, seed: int = 0) -> Path:
     save_file(resident, str(dst / "resident.safetensors"), metadata={"format": "llmflash-store"})
     (dst / "manifest.json").write_text(json.dumps(m))
     np.concatenate(crcs).astype("<u4").tofile(dst / "bundles.crc32")
-    return dst
+    return reseal(dst)                                                  # the changed files' checksums
 
 
 @pytest.mark.parametrize("strategy,ffn_share,sparsity", [

@@ -23,6 +23,7 @@ from conftest import tiny_tokenizer_json
 from test_calibrate import calibrate_args, texts  # noqa: F401  (fixture)
 from test_flash import permute_store
 from test_shadow import shadow_args
+from test_store_errors import reseal
 
 
 @pytest.fixture(scope="module", params=["llama-lowrank", "llama-shadow", "opt-lowrank"])
@@ -31,6 +32,7 @@ def store(request, hf_llama, hf_opt, convert_to, texts) -> Path:  # noqa: F811
     path = convert_to((hf_llama if arch == "llama" else hf_opt).path, dtype="float32")
     if not (path / "tokenizer.json").is_file():
         (path / "tokenizer.json").write_text(tiny_tokenizer_json())
+        reseal(path)                                                    # recorded, as if converted with it
     args = calibrate_args(path, texts[0]) if kind == "lowrank" else shadow_args(path, texts[0])
     assert main([*args, "--recall", "0.9"]) == 0
     return path
@@ -131,9 +133,7 @@ def test_hot_needs_rates_and_predictors(store, tmp_path):
 
     def write(tensors):
         save_file(tensors, str(path), metadata=md)
-        m = json.loads((other / "manifest.json").read_text())
-        m["predictors"]["bytes"] = path.stat().st_size
-        (other / "manifest.json").write_text(json.dumps(m))
+        reseal(other)                                                   # its size and checksum recorded
 
     write({k: v for k, v in t.items() if not k.endswith(".rate")})        # a file from before rates
     assert load_predictors(other).rates is None

@@ -20,6 +20,7 @@ from llmflash.store import PREDICTORS, Store
 
 from conftest import tiny_tokenizer_json
 from test_calibrate import texts  # noqa: F401  (fixture)
+from test_store_errors import reseal
 
 
 @settings(max_examples=30, deadline=None)
@@ -95,6 +96,7 @@ def test_shadow_eval_precision_and_budget(shadow_store, texts, capsys):  # noqa:
 def test_shadow_relu_model(hf_opt, convert_to, texts):  # noqa: F811
     store = convert_to(hf_opt.path, dtype="float32")
     (store / "tokenizer.json").write_text(tiny_tokenizer_json())
+    reseal(store)                                                       # recorded, as if converted with it
     assert main(shadow_args(store, texts[0], "--tokens", "300", "--chunk", "60")) == 0
     p = load_predictors(store)
     assert p.kind == "shadow" and p.meta["label"] == "relu"
@@ -117,9 +119,7 @@ def test_hostile_shadow_files(shadow_store, tmp_path):
 
     def write(tensors, meta):
         save_file(tensors, str(path), metadata=meta)
-        m = json.loads((other / "manifest.json").read_text())
-        m["predictors"]["bytes"] = path.stat().st_size
-        (other / "manifest.json").write_text(json.dumps(m))
+        reseal(other)                                                   # its size and checksum recorded
 
     for bad, meta, what in [
         ({**t, "layers.0.shadow.codes": t["layers.0.shadow.codes"][:, :-1].contiguous()}, md, "shape"),

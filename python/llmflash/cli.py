@@ -42,10 +42,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify_store
 
     r = verify_store(args.store, progress=not args.quiet)
-    print(f"{r.path}: ok: {r.layers} layer regions ({r.ffn_bytes / 1e6:.1f} MB) and {r.bundles} bundles match "
-          "their CRC-32s, "
-          f"{r.resident_tensors} resident tensors, tokenizer {'ok' if r.tokenizer else 'none'}, "
-          f"predictors {'ok' if r.predictors else 'none'}", file=sys.stderr)
+    print(r.summary(), file=sys.stderr)
     return 0
 
 
