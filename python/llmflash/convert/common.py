@@ -16,15 +16,6 @@ from ..errors import ConvertError
 
 T = TypeVar("T")
 
-# Upper bounds on a source's counts, far above any published model (405B Llama: 126 layers, width
-# 16,384, FFN 53,248, 128 heads; the largest vocabularies ~262k) but low enough that everything
-# built from them before the weights are read (per-layer lists, the plan of tensor names) stays
-# small: a hostile 2^24 layers fails at once, naming the key, instead of as a MemoryError later.
-MAX_LAYERS = 4096
-MAX_WIDTH = 1 << 17           # hidden size / embedding width
-MAX_FFN = 1 << 20             # FFN (intermediate) width
-MAX_HEADS = 4096              # attention heads, KV heads, head size
-MAX_VOCAB = 1 << 22
 
 
 def natural_key(s: str) -> list[Any]:

@@ -34,9 +34,8 @@ import numpy as np
 import torch
 
 from ..errors import ConvertError, LlmflashError, UnsupportedModelError
-from ..models.config import ModelConfig
-from .common import (MAX_FFN, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, natural_key, parse_dtype, progress,
-                     regular_file)
+from ..models.config import MAX_FFN, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, ModelConfig
+from .common import natural_key, parse_dtype, progress, regular_file
 from .gguf_layout import check_layout
 from .gguf_tokenizer import chat_template as _chat_template
 from .gguf_tokenizer import tokenizer_json as _tokenizer_json

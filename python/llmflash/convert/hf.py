@@ -25,9 +25,8 @@ from typing import Any
 import torch
 
 from ..errors import ConvertError, UnsupportedModelError
-from ..models.config import finite_number
-from .common import (MAX_FFN, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, natural_key, parse_dtype, progress,
-                     regular_file)
+from ..models.config import MAX_FFN, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, finite_number
+from .common import natural_key, parse_dtype, progress, regular_file
 from .destination import check_destination
 from .writer import StoreWriter
 

@@ -97,6 +97,19 @@ def check_rope_scaling(s: Any) -> None:
                              "is not a positive integer below 2^24")
 
 
+# Upper bounds on a model's counts, far above any published model (405B Llama: 126 layers, width
+# 16,384, FFN 53,248, 128 heads; the largest vocabularies ~262k) but low enough that everything
+# built from them before the weights are read (per-layer lists, the plan of tensor names) stays
+# small: a hostile 2^24 layers fails at once (a converter names the key; a manifest, the field)
+# instead of as a MemoryError later. Positions: 2^24 (Llama 4 Scout's 10M context fits).
+MAX_LAYERS = 4096
+MAX_WIDTH = 1 << 17           # hidden size / embedding width
+MAX_FFN = 1 << 20             # FFN (intermediate) width
+MAX_HEADS = 4096              # attention heads, KV heads, head size
+MAX_VOCAB = 1 << 22
+MAX_POSITIONS = 1 << 24
+
+
 @dataclass
 class ModelConfig:
     arch: str                    # "llama" | "opt" | "openelm"
@@ -149,18 +162,19 @@ class ModelConfig:
         range, so a bad config fails here rather than as a TypeError or NaN logits later."""
         if not isinstance(self.arch, str) or self.arch not in ARCHS:
             raise ValueError(f"unsupported architecture {self.arch!r:.40} (supported: {', '.join(ARCHS)})")
-        for name in ("vocab_size", "dim", "n_layers", "head_dim", "embed_dim", "max_positions"):
+        for name, hi in (("vocab_size", MAX_VOCAB), ("dim", MAX_WIDTH), ("n_layers", MAX_LAYERS),
+                         ("head_dim", MAX_HEADS), ("embed_dim", MAX_WIDTH), ("max_positions", MAX_POSITIONS)):
             v = getattr(self, name)
-            if not _is_int(v) or not 0 < v <= 1 << 24:
-                raise ValueError(f"config.{name} = {v!r:.40} is not a positive integer below 2^24")
+            if not _is_int(v) or not 0 < v <= hi:
+                raise ValueError(f"config.{name} = {v!r:.40} is not an integer in [1, {hi}]")
         if not _is_int(self.pos_offset) or not 0 <= self.pos_offset <= 1 << 24:
             raise ValueError(f"config.pos_offset = {self.pos_offset!r:.40} is not an integer in [0, 2^24]")
-        for name in ("n_heads", "n_kv_heads", "ffn_dims"):
+        for name, hi in (("n_heads", MAX_HEADS), ("n_kv_heads", MAX_HEADS), ("ffn_dims", MAX_FFN)):
             v = getattr(self, name)
             if not isinstance(v, list) or len(v) != self.n_layers:
                 raise ValueError(f"config.{name} must list {self.n_layers} layers, got {v!r:.80}")
-            if not all(_is_int(x) and 0 < x <= 1 << 24 for x in v):
-                raise ValueError(f"config.{name} has a non-positive or huge entry")
+            if not all(_is_int(x) and 0 < x <= hi for x in v):
+                raise ValueError(f"config.{name} has an entry that is not an integer in [1, {hi}]")
         for i, (hq, hkv) in enumerate(zip(self.n_heads, self.n_kv_heads)):
             if hq % hkv:
                 raise ValueError(f"query heads {hq} not a multiple of KV heads {hkv} "
