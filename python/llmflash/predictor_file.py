@@ -141,7 +141,9 @@ def read_predictors(path: str | os.PathLike[str], config: ModelConfig,
                                  f"(a predictors file for {L} layers)", path)
             if extra:
                 raise StoreError(f"unexpected tensors {extra[:4]}", path)
-            t = {name: f.get_tensor(name) for name in sorted(want)}
+            # copies, not views of the file's memory map: a small tensor kept (a rate, a quantile)
+            # would keep the whole mapping resident beside the packed predictors
+            t = {name: f.get_tensor(name).clone() for name in sorted(want)}
     except SafetensorError as e:
         raise StoreError(f"cannot read predictors: {e}", path) from None
     except (OSError, ValueError, RuntimeError) as e:

@@ -108,13 +108,31 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 # -- attention --------------------------------------------------------------------------------------
+SCORE_BLOCK_BYTES = 8 << 20       # attention scores held at once: queries go in blocks under this
+
+
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
     """Grouped-query causal attention for one sequence, float32.
 
     q (Hq, T, hd): queries at positions start..start+T-1; k, v (Hkv, S, hd) with S = start + T:
     every key so far. Query head h reads KV head h // (Hq // Hkv) (transformers' repeat_kv and
     corenet's repeat_interleave). Returns (T, Hq * hd).
+
+    The (Hq, T, S) score matrix of a long prompt would grow with the square of its length: the
+    queries go in blocks whose scores stay under SCORE_BLOCK_BYTES, each block reading only the
+    keys up to its last position (each query's softmax is its own, so blocks change nothing).
     """
+    Hq, T, hd = q.shape
+    S = k.shape[1]
+    rows = max(1, SCORE_BLOCK_BYTES // (4 * Hq * S))
+    if T <= rows:
+        return _causal_block(q, k, v, start)
+    return torch.cat([_causal_block(q[:, a:a + rows], k[:, :start + a + rows], v[:, :start + a + rows], start + a)
+                      for a in range(0, T, rows)])
+
+
+def _causal_block(q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
+    """causal_attention for one block of queries: k, v (Hkv, S, hd) with S >= start + T."""
     Hq, T, hd = q.shape
     Hkv, S, _ = k.shape
     g = Hq // Hkv

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import LlmflashError
+from ..errors import LlmflashError, StoreError
 from ..store import Store
 from ..strategies.base import FFN
 from .config import ModelConfig
@@ -37,10 +37,16 @@ class ContextLengthError(LlmflashError, ValueError):
     """A sequence ran past the positions a model with learned position embeddings has."""
 
 
+KV_STEP = 256            # positions a KV cache grows by at least (and what a generation reserves ahead)
+PREFILL_CHUNK = 512      # tokens one pass runs through the layers at once: bounds a long prompt's activations
+
+
 class KVCache:
     """Keys (after RoPE) and values of one sequence, per layer: k[i], v[i] (Hkv_i, capacity, hd)
-    in the compute dtype; positions 0..length-1 are filled. Grows by doubling when a forward
-    needs more room, up to `limit` positions when the model has one (learned positions)."""
+    in the compute dtype; positions 0..length-1 are filled. Memory follows the tokens that came:
+    when a forward needs more room the cache grows by a quarter (at least KV_STEP positions), one
+    layer at a time (the only extra memory while growing is one layer's old buffer), up to `limit`
+    positions when the model has one (learned positions). Capacity <= 1.25 x length + KV_STEP."""
 
     def __init__(self, n_kv_heads: list[int], head_dim: int, capacity: int, dtype: torch.dtype,
                  limit: int | None = None):
@@ -61,14 +67,16 @@ class KVCache:
                                      "(learned position embeddings cannot extrapolate)")
         if n <= self.capacity:
             return
-        cap = max(n, 2 * self.capacity)
+        cap = max(n, self.capacity + max(KV_STEP, self.capacity // 4))
         if self.limit is not None:
             cap = min(cap, self.limit)
         for buf in (self.k, self.v):
-            for i, t in enumerate(buf):
+            for i in range(len(buf)):
+                t = buf[i]
                 grown = t.new_zeros(t.shape[0], cap, t.shape[2])
                 grown[:, :self.length] = t[:, :self.length]
                 buf[i] = grown
+                del t, grown                     # the old buffer goes now, before the next layer's grows
 
     def truncate(self, n: int) -> None:
         """Forget every position from n on (rewind; e.g. to reuse a shared prompt)."""
@@ -110,6 +118,7 @@ class Transformer:
                  dtype: torch.dtype | None = None):
         c = self.config = config
         self.ffn = ffn
+        self.source: str | os.PathLike[str] | None = None       # the store, named in errors
         self.dtype = dtype or resident["embed.weight"].dtype
         w = lambda name: resident[name].to(self.dtype)                      # noqa: E731
         f32 = lambda name: resident[name].float()                           # noqa: E731
@@ -141,10 +150,13 @@ class Transformer:
     @classmethod
     def from_store(cls, store: Store, ffn: FFN) -> "Transformer":
         """A model over `store`'s resident weights (checked against the config) and `ffn`."""
-        return cls(store.config, store.resident(), ffn, dtype=store.dtype)
+        model = cls(store.config, store.resident(), ffn, dtype=store.dtype)
+        model.source = store.path
+        return model
 
     def new_cache(self, max_len: int) -> KVCache:
-        """An empty KV cache with room for max_len positions (it grows when needed)."""
+        """An empty KV cache with room for max_len positions (it grows when needed: callers that
+        only may reach max_len, like a generation, pass what they know will come)."""
         c = self.config
         return KVCache(c.n_kv_heads, c.head_dim, max_len, self.dtype,
                        limit=c.max_positions if c.learned_pos else None)
@@ -157,10 +169,19 @@ class Transformer:
         the LM head's T x V product at prefill). The cache advances by T."""
         if tokens.dim() != 1 or tokens.numel() == 0:
             raise ValueError(f"tokens must be a non-empty 1-D tensor, got shape {tuple(tokens.shape)}")
-        T, start = tokens.shape[0], cache.length
+        T = tokens.shape[0]
+        if T > PREFILL_CHUNK:
+            # a long prompt in chunks, each attending to the cache the chunks before filled: the
+            # activations and attention scores stay those of PREFILL_CHUNK tokens (memory linear
+            # in the prompt: its KV cache), with the same logits up to float rounding
+            cache.reserve(cache.length + T)
+            # (with last_only, every chunk computes one row of logits, not PREFILL_CHUNK x vocab)
+            outs = [self.forward(tokens[a:a + PREFILL_CHUNK], cache, last_only)
+                    for a in range(0, T, PREFILL_CHUNK)]
+            return outs[-1] if last_only else torch.cat(outs)
         # one token of a large float16 model: the products run natively, torch's ops on one thread
         with decode_threads(T == 1 and native_decode(self.config.dim, self.dtype)):
-            return self._forward(tokens, cache, last_only, T, start)
+            return self._forward(tokens, cache, last_only, T, cache.length)
 
     __call__ = forward
 
@@ -190,7 +211,14 @@ class Transformer:
             x = self._norm(x, self.norm)
         if self.project_out is not None:
             x = linear(x, self.project_out)                                 # (T, E)
-        return linear(x, self.lm_head)                                      # (T, V)
+        logits = linear(x, self.lm_head)                                    # (T, V)
+        # NaN/Inf anywhere in the weights or activations reaches the logits (norms, softmax and
+        # sums spread it): one check here (~20 us a token) instead of a token picked from NaNs
+        if not bool(torch.isfinite(logits).all()):
+            raise StoreError(f"the model computed non-finite logits (NaN or Inf) at positions {start}..{start + T - 1}: "
+                             "its weights hold non-finite or overflowing values (`llmflash verify` checks a store)",
+                             self.source)
+        return logits
 
     def _norm(self, x: Tensor, n: Norm) -> Tensor:
         if self.config.norm == "rms":
@@ -233,7 +261,7 @@ class Transformer:
 def greedy(model: Transformer, prompt: list[int], max_new_tokens: int,
            eos_token_ids: list[int] | None = None) -> list[int]:
     """Greedy continuation of `prompt` with a KV cache: the new token ids (stops after an EOS)."""
-    cache = model.new_cache(len(prompt) + max_new_tokens)
+    cache = model.new_cache(len(prompt) + min(max_new_tokens, KV_STEP))
     logits = model.forward(torch.tensor(prompt, dtype=torch.long), cache, last_only=True)[-1]
     out: list[int] = []
     for step in range(max_new_tokens):
