@@ -133,3 +133,15 @@ def convert_to(tmp_path_factory) -> Callable[..., Path]:
             return convert_hf(src, dst, dtype=dtype, **kw)
 
     return convert
+
+
+def flip_bit(path: Path, offset: int) -> None:
+    """Flip the lowest bit of the byte at `offset` of the file `path`, durably (fsync): a one-bit
+    corruption of a store file on disk."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x01]))
+        f.flush()
+        os.fsync(f.fileno())

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_tokenizer_json
+from conftest import flip_bit, tiny_tokenizer_json
 from llmflash.cli import main
 from llmflash.errors import StoreError
 from llmflash.store import Store
@@ -34,11 +34,7 @@ def corrupt(pristine, tmp_path) -> Path:
     dst = tmp_path / "c.llmflash"
     shutil.copytree(pristine, dst)
     off = Store(dst).layers[1].offset + 25 * 4 + 3
-    with open(dst / "ffn.bin", "r+b") as f:
-        f.seek(off)
-        b = f.read(1)
-        f.seek(off)
-        f.write(bytes([b[0] ^ 0x01]))
+    flip_bit(dst / "ffn.bin", off)
     return dst
 
 
@@ -61,11 +57,7 @@ def test_naive_checks_every_read(pristine, tmp_path):
     a = ffn(1, x())
     assert torch.equal(ffn(1, x()), a)                           # same result read after read
     off = Store(dst).layers[1].offset + 25 * 4 + 3
-    with open(dst / "ffn.bin", "r+b") as f:
-        f.seek(off)
-        b = f.read(1)
-        f.seek(off)
-        f.write(bytes([b[0] ^ 0x01]))
+    flip_bit(dst / "ffn.bin", off)
     with pytest.raises(StoreError, match=r"ffn\.bin.*checksum mismatch in layer 1"):
         ffn(1, x())
 

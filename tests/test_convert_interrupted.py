@@ -160,7 +160,7 @@ def test_open_of_missing_store_cleans_partial_tmp(tmp_path):
     """No store, only a dead conversion's partial folder: the open fails as before, and the
     folder is gone."""
     partial = tmp_path / f".m.llmflash.tmp-{dead_pid()}"
-    (partial / "sub").mkdir(parents=True)
+    partial.mkdir()
     (partial / "ffn.bin").write_bytes(b"\0" * 4096)
     with pytest.raises(StoreError, match="no such store folder"):
         Store(tmp_path / "m.llmflash")
@@ -243,8 +243,8 @@ def test_symlinks_inside_a_leftover_are_not_followed(tmp_path, pristine):
     tmp = tmp_path / f".m.llmflash.tmp-{dead_pid()}"
     tmp.mkdir()
     (tmp / "link").symlink_to(target, target_is_directory=True)
-    Store(dst)
-    assert not os.path.lexists(tmp) and (target / "precious").read_text() == "keep"
+    Store(dst)                       # a link is nothing a conversion writes: the folder is not ours, kept
+    assert os.path.islink(tmp / "link") and (target / "precious").read_text() == "keep"
 
 
 def test_opening_lists_the_parent_once(tmp_path, pristine, monkeypatch):
@@ -279,3 +279,24 @@ def test_recover_never_raises_on_odd_paths(tmp_path):
     (tmp_path / "file").write_text("x")
     leftovers.recover(tmp_path / "file")
     assert (tmp_path / "file").read_text() == "x"
+
+
+def test_folders_named_like_leftovers_but_not_ours_are_kept(tmp_path, pristine):
+    """A folder that only looks like a leftover (the pattern's name, a dead PID) but holds a
+    user's files is never deleted, by an open, a convert or a conversion of this process."""
+    dst = tmp_path / "s"
+    shutil.copytree(pristine, dst)
+    mine = {dst.parent / f".s.tmp-{dead_pid()}": "notes.txt", dst.parent / f".s.old-{dead_pid()}": "thesis.tex"}
+    for folder, name in mine.items():
+        folder.mkdir()
+        (folder / name).write_text("a user's work")
+    Store(dst)                                                  # recovery runs at open
+    leftovers.recover(dst)
+    for folder, name in mine.items():
+        assert (folder / name).read_text() == "a user's work"
+    own = dst.parent / f".t.tmp-{os.getpid()}"                 # the name this process would write to
+    own.mkdir()
+    (own / "notes.txt").write_text("mine")
+    with pytest.raises(ConvertError, match="not a store's"):
+        write_store(dst.parent / "t")
+    assert (own / "notes.txt").read_text() == "mine"

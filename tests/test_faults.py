@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import llmflash._native as native
-from conftest import tiny_tokenizer_json
+from conftest import flip_bit, tiny_tokenizer_json
 from llmflash.api import FlashModel
 from llmflash.cli import main
 from llmflash.errors import FlashIOError, StoreError
@@ -168,14 +168,6 @@ def test_the_hook_is_private_and_off_by_default():
 
 # -- ffn.bin really changed on disk under a running naive model --------------------------------------
 
-def flip_on_disk(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x01]))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 @pytest.fixture
@@ -192,7 +184,7 @@ def test_ffn_bin_changed_under_a_running_naive_model(copy):
     tokens = model.generate_ids(PROMPT, max_new_tokens=5, stop_at_eos=False)
     next(tokens)
     L = Store(copy).layers[1]
-    flip_on_disk(copy / "ffn.bin", L.offset + 25 * 4 + 3)
+    flip_bit(copy / "ffn.bin", L.offset + 25 * 4 + 3)
     with pytest.raises(StoreError, match=rf"ffn\.bin.*checksum mismatch in layer 1's region.*offset {L.offset}"):
         next(tokens)
     with pytest.raises(StoreError, match=r"ffn\.bin.*layer 1"):

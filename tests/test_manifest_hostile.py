@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,19 +19,9 @@ from llmflash import store as S
 from llmflash.cli import main
 from llmflash.errors import StoreError
 from llmflash.store import Store, write_manifest
-from test_store_errors import edit_manifest, write_store
+from test_store_errors import edit_manifest, pristine, store  # noqa: F401 (pristine, store: fixtures)
 
 
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    return write_store(tmp_path_factory.mktemp("hostile") / "tiny.llmflash")
-
-
-@pytest.fixture
-def store(pristine, tmp_path) -> Path:
-    dst = tmp_path / "s.llmflash"
-    shutil.copytree(pristine, dst)
-    return dst
 
 
 def refused(store: Path, *words: str) -> str:

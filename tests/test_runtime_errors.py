@@ -19,8 +19,8 @@ from llmflash import cli
 from llmflash.errors import InvalidArgumentError, StoreError
 from llmflash.textfile import read_text_for_tokens
 from llmflash.threads import max_threads
-from tests.conftest import tiny_tokenizer_json
-from tests.test_store_errors import reseal, tiny_config, write_store
+from conftest import tiny_tokenizer_json
+from test_store_errors import reseal, tiny_config, write_store
 
 PYTHONPATH = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "python")}
 
@@ -186,3 +186,29 @@ def test_help_still_prints_usage(capsys):
 def test_tiny_config_is_what_the_store_holds(tok_store):
     """The fixtures above rely on the tokenizer's ids fitting the model."""
     assert llmflash.FlashModel.open(tok_store).config.vocab_size == tiny_config().vocab_size == 64
+
+
+# -- calibrate's writes ------------------------------------------------------------------------------
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), "safetensors"])
+def test_calibrate_disk_full_is_one_line(tok_store, tmp_path, monkeypatch, capsys, error):
+    """calibrate writing predictors.safetensors on a full disk escaped as a SafetensorError
+    traceback (exit 1); now a StoreError naming the file, and the store is as it was."""
+    import shutil
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    dst = shutil.copytree(tok_store, tmp_path / "s.llmflash")
+    before = sorted(os.listdir(dst))
+    exc = SafetensorError("Error while serializing: IoError(No space left on device)") if error == "safetensors" \
+        else error
+
+    def full(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    assert cli.main(["calibrate", str(dst), "--tokens", "64", "--epochs", "1", "--quiet"]) == 2
+    err = one_line_error(capsys)
+    assert "predictors.safetensors" in err and "No space left" in err
+    assert sorted(os.listdir(dst)) == before
+    llmflash.FlashModel.open(dst).logits([2, 3])                # still opens, unchanged

@@ -7,10 +7,6 @@
 from .errors import (BudgetError, ChatTemplateError, ConvertError, FlashIOError, InvalidArgumentError,
                      LlmflashError, StoreError, UnsupportedModelError)
 
-from .heap import bound_heap
-
-bound_heap()         # large temporaries go back to the system when freed (heap.py: the RSS promise)
-
 __version__ = "0.1.0"
 __all__ = ["FlashModel", "LlmflashError", "StoreError", "ConvertError", "UnsupportedModelError",
            "FlashIOError", "BudgetError", "InvalidArgumentError", "ChatTemplateError", "verify_store",

@@ -21,8 +21,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .errors import ChatTemplateError, InvalidArgumentError, LlmflashError, check_int
-from .heap import trim
 from .generation import check_sampling, decode_stream, render_chat, sample
+from .heap import bound_heap, trim
 from .models.transformer import KV_STEP
 from .store import MANIFEST, Store
 from .strategies import check_strategy, make_ffn
@@ -64,6 +64,7 @@ class FlashModel:
         if strategy is None:
             strategy = "flash" if options else "dense"
         check_strategy(strategy, options)                # before the default model is converted
+        bound_heap()                                     # freed large buffers go back to the system
         from .defaults import store_or_default
 
         store = Store(store_or_default(path))
@@ -117,11 +118,20 @@ class FlashModel:
         cache = self.model.new_cache(len(ids))
         return self._forward(ids, cache, last_only=False).float()
 
-    def _forward(self, ids: list[int], cache: Any, last_only: bool = True) -> torch.Tensor:
+    def _forward(self, ids: list[int], cache: Any, last_only: bool = True, count: str | None = None) -> torch.Tensor:
         """The model over `ids` continuing `cache`, holding the model's lock: threads sharing a
-        FlashModel take turns a forward pass (a prefill, one decode step) at a time."""
+        FlashModel take turns a forward pass (a prefill, one decode step) at a time. `count`:
+        "prefill" or "decode", the counters this pass adds to (under the lock too)."""
         with self._lock:
-            return self.model.forward(torch.tensor(ids, dtype=torch.long), cache, last_only=last_only)
+            t0 = time.perf_counter()
+            out = self.model.forward(torch.tensor(ids, dtype=torch.long), cache, last_only=last_only)
+            if count == "prefill":
+                self._stats["tokens_in"] += len(ids)
+                self._stats["prefill_s"] += time.perf_counter() - t0
+            elif count == "decode":
+                self._stats["tokens_out"] += len(ids)
+                self._stats["decode_s"] += time.perf_counter() - t0
+            return out
 
     def generate_ids(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
                      top_p: float = 1.0, seed: int | None = None, chat: bool = False,
@@ -147,10 +157,7 @@ class FlashModel:
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         cache = self.model.new_cache(len(ids) + min(max_new_tokens, KV_STEP))   # grows as tokens come
         eos = set(self.config.eos_token_ids) if stop_at_eos else set()
-        t0 = time.perf_counter()
-        logits = self._forward(ids, cache)[-1]
-        self._stats["tokens_in"] += len(ids)
-        self._stats["prefill_s"] += time.perf_counter() - t0
+        logits = self._forward(ids, cache, count="prefill")[-1]
         for step in range(max_new_tokens):
             tok = sample(logits, temperature, top_p, gen)
             if tok in eos:
@@ -158,10 +165,7 @@ class FlashModel:
             yield tok
             if step + 1 == max_new_tokens:
                 return
-            t0 = time.perf_counter()
-            logits = self._forward([tok], cache)[-1]
-            self._stats["decode_s"] += time.perf_counter() - t0
-            self._stats["tokens_out"] += 1
+            logits = self._forward([tok], cache, count="decode")[-1]
 
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, *, stream: bool = False,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, chat: bool = False,
@@ -178,7 +182,9 @@ class FlashModel:
         (at least KV_STEP positions) as tokens come, keys and values of every layer in the model's
         dtype."""
         c, item = self.config, self.model.dtype.itemsize
-        capacity = min(int(1.25 * positions) + KV_STEP, max(positions, c.max_positions))
+        capacity = int(1.25 * positions) + KV_STEP
+        if c.learned_pos:                            # such a cache never grows past the model's positions
+            capacity = min(capacity, max(positions, c.max_positions))
         return 2 * capacity * c.head_dim * sum(c.n_kv_heads) * item
 
     def stats(self) -> dict[str, Any]:

@@ -41,13 +41,21 @@ def manifest_int(v: Any, what: str, path: Path, lo: int = 0, hi: int = MAX_FILE_
 
 def replace_file(path: Path, write: Callable[[Path], None]) -> None:
     """Write `path` atomically: `write(tmp)` fills a hidden sibling, which is fsynced and then
-    renamed over `path`; on any failure the sibling is removed and `path` is untouched."""
+    renamed over `path`; on any failure the sibling is removed and `path` is untouched. A write
+    that fails (disk full, permissions; safetensors' own SafetensorError) is a StoreError naming
+    `path`."""
+    from safetensors import SafetensorError
+
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise StoreError(f"cannot write the file: {os_reason(e)}", path) from None
+    except SafetensorError as e:
+        raise StoreError(f"cannot write the file: {e}", path) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -130,13 +138,18 @@ def compare_file(path: Path, rec: dict[str, int], when: str, hint: str) -> None:
                          f"after {when}; {hint}", path)
 
 
-def check_finite(name: str, t: torch.Tensor, path: Path) -> None:
-    """StoreError unless every value of float tensor `t` is finite: min and max at memory speed
-    (NaN propagates to both, an Inf shows as one of them)."""
+def is_finite(t: torch.Tensor) -> bool:
+    """Whether every value of float tensor `t` is finite: min and max at memory speed (NaN
+    propagates to both, an Inf shows as one of them; torch.isfinite(t).all() ran at 0.3 GB/s)."""
     if t.numel() == 0:
-        return
+        return True
     lo, hi = torch.aminmax(t)
-    if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
+def check_finite(name: str, t: torch.Tensor, path: Path) -> None:
+    """StoreError unless every value of float tensor `t` is finite (is_finite)."""
+    if not is_finite(t):
         raise StoreError(f"{name} holds non-finite values (NaN or Inf): the weights are corrupt", path)
 
 

@@ -9,6 +9,7 @@ from typing import Sequence
 
 from .cli_args import Parser
 from .errors import InvalidArgumentError, LlmflashError
+from .heap import bound_heap
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -128,6 +129,7 @@ def one_line(e: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    bound_heap()                     # the memory promise (heap.py): freed large buffers go back to the system
     try:
         if argv and argv[0] in DELEGATED:
             return _delegate(argv[0], argv[1:])

@@ -5,10 +5,11 @@ after the first few large temporaries, later ones of that size come from the hea
 keeps the holes they leave between longer-lived blocks: loading a 30 MB predictors file, whose
 packing allocates a few MB per layer, left about 200 MB of heap behind. A fixed threshold of
 MMAP_THRESHOLD sends every block that large to its own mapping, returned to the system when
-freed, which keeps the heap near what is live (the same load: 70 MB). `bound_heap` sets it once,
-at import of llmflash, unless the user chose a threshold (MALLOC_MMAP_THRESHOLD_ or
-GLIBC_TUNABLES); `trim` hands the heap's free top back after a load. Both do nothing where the
-C library is not glibc.
+freed, which keeps the heap near what is live (the same load: 70 MB). `bound_heap` sets it once
+per process, when the command line starts or a FlashModel is opened (it is process-wide: a host
+application that embeds llmflash gets it too; set MALLOC_MMAP_THRESHOLD_ or GLIBC_TUNABLES's
+glibc.malloc.mmap_threshold to keep a threshold of your own, which is then left alone); `trim`
+hands the heap's free memory back after a load. Both do nothing where the C library is not glibc.
 """
 
 from __future__ import annotations

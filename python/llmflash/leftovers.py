@@ -208,6 +208,19 @@ def is_complete_store(folder: Path) -> bool:
         return False
 
 
+def holds_only_store_files(folder: Path) -> bool:
+    """A real folder whose every entry is a regular file with a store file's name (or a store
+    file's temporary name), as a conversion's temporary folder or an old store is: what recovery
+    may delete. A folder a user named like a leftover but filled with anything else is kept."""
+    try:
+        if not stat.S_ISDIR(os.lstat(folder).st_mode):
+            return False
+        with os.scandir(folder) as it:
+            return all(_is_store_file(e.name) and e.is_file(follow_symlinks=False) for e in it)
+    except OSError:
+        return False
+
+
 def find_leftovers(dst: Path) -> list[tuple[Path, str, int]]:
     """(path, "tmp" or "old", pid) of every `.NAME.tmp-PID` / `.NAME.old-PID` beside `dst`, any PID."""
     name = dst.name
@@ -248,6 +261,8 @@ def recover(dst: str | os.PathLike[str]) -> None:
             dead.remove((old, "old"))
             break
     for p, kind in dead:        # an old store is kept only while it is the only copy of dst
+        if not holds_only_store_files(p):                      # not ours after all: never deleted
+            continue
         if kind == "tmp" or os.path.lexists(dst) or not is_complete_store(p):
             try:
                 remove_tree(p)

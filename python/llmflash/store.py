@@ -196,8 +196,6 @@ def expected_resident(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 _REDO = {PREDICTORS: ("run `llmflash calibrate` again", "calibration")}   # remedy and writer, if not convert
 
 
-
-
 class Store:
     """An opened, validated store. Cheap to open: nothing large is read until asked for."""
 

@@ -86,6 +86,9 @@ impl Reader {
         if hash_len > len {
             return Err(Error::invalid(format!("hash of {hash_len} bytes over a region of {len} bytes")));
         }
+        if offset.checked_add(len as u64).is_none() {
+            return Err(Error::invalid(format!("region of {len} bytes at offset {offset} ends past 2^64")));
+        }
         let pieces: Vec<ReadOp> = (0..len.div_ceil(REGION_PIECE))
             .map(|k| {
                 let start = k * REGION_PIECE;

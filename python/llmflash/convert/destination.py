@@ -116,12 +116,23 @@ def _discard(path: Path) -> None:
         pass
 
 
+def clear_own_leftover(path: Path) -> None:
+    """Delete `path`, a `.NAME.tmp-PID` / `.NAME.old-PID` name with this process's PID, left by an
+    earlier conversion of ours; a ConvertError (nothing deleted) if it holds anything but store
+    files: then it is not ours."""
+    if not os.path.lexists(path):
+        return
+    if not leftovers.holds_only_store_files(path):
+        raise ConvertError("this name is the one a conversion uses for its temporary folder, and it holds "
+                           "files that are not a store's: move it away", path)
+    leftovers.remove_tree(path)
+
+
 def swap_in(tmp: Path, dst: Path, old: Path) -> None:
     """Replace the old store at dst with the new one at tmp. Atomic exchange where the kernel
     allows (after it, tmp holds the old store, which is deleted); else old aside to `old`, new
     in, old deleted, and a failure before the new one is in puts the old one back."""
-    if os.path.lexists(old):                 # our own leftover (same pid, earlier run)
-        leftovers.remove_tree(old)
+    clear_own_leftover(old)
     try:
         exchanged = leftovers.exchange(tmp, dst)
     except BaseException:

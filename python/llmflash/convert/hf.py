@@ -35,7 +35,7 @@ INDEX = "model.safetensors.index.json"
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 SUPPORTED = ("llama", "mistral", "opt", "openelm")
 FP16_MAX = 65504.0
-# config.json keys bounded below 2^24 (common.py says why), checked by HFConfig.int as they are read
+# config.json keys bounded by the model limits (models/config.py says why), checked by HFConfig.int as read
 LIMITS = {"num_hidden_layers": MAX_LAYERS, "num_transformer_layers": MAX_LAYERS,
           "hidden_size": MAX_WIDTH, "model_dim": MAX_WIDTH, "word_embed_proj_dim": MAX_WIDTH,
           "intermediate_size": MAX_FFN, "ffn_dim": MAX_FFN, "num_attention_heads": MAX_HEADS,

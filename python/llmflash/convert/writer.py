@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from .. import store as S
-from ..checksums import file_entry, os_reason
-from ..errors import ConvertError
+from ..checksums import file_entry, is_finite, os_reason
+from ..errors import ConvertError, StoreError
 from ..models.config import ModelConfig
-from .destination import check_destination, fsync_dir, swap_in
+from .destination import check_destination, clear_own_leftover, fsync_dir, swap_in
 
 
 class StoreWriter:
@@ -59,9 +59,8 @@ class StoreWriter:
 
     # -- context management: anything but a clean exit removes the temporary folder ---------------
     def __enter__(self) -> "StoreWriter":
+        clear_own_leftover(self.tmp)                 # an earlier run of this PID's, never a user's folder
         try:
-            if self.tmp.exists():
-                shutil.rmtree(self.tmp)
             self.dst.parent.mkdir(parents=True, exist_ok=True)
             self.tmp.mkdir()
             self._ffn = open(self.tmp / S.FFN, "wb")
@@ -96,14 +95,15 @@ class StoreWriter:
             raise ConvertError(f"cannot write: {os_reason(e)}", self.dst / name) from None
         except SafetensorError as e:
             raise ConvertError(f"cannot write: {e}", self.dst / name) from None
+        except StoreError as e:                  # store.replace_file's own (the manifest): the same, renamed
+            reason = str(e).removeprefix(f"{e.path}: " if e.path else "").removeprefix("cannot write the file: ")
+            raise ConvertError(f"cannot write: {reason}", self.dst / name) from None
 
     def _finite(self, what: str, t: torch.Tensor) -> None:
         """ConvertError unless every value of `t` (already in the store dtype) is finite."""
-        if t.numel():
-            lo, hi = torch.aminmax(t)
-            if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
-                raise ConvertError(f"{what} holds non-finite values (NaN, or Inf: values beyond {self.dtype_name}'s "
-                                   "range); the source is corrupt or needs a wider --dtype")
+        if not is_finite(t):
+            raise ConvertError(f"{what} holds non-finite values (NaN, or Inf: values beyond {self.dtype_name}'s "
+                               "range); the source is corrupt or needs a wider --dtype")
 
     # -- contents -------------------------------------------------------------------------------------
     def write_resident(self, tensors: dict[str, torch.Tensor]) -> None:

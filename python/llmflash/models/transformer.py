@@ -39,6 +39,7 @@ class ContextLengthError(LlmflashError, ValueError):
 
 KV_STEP = 256            # positions a KV cache grows by at least (and what a generation reserves ahead)
 PREFILL_CHUNK = 512      # tokens one pass runs through the layers at once: bounds a long prompt's activations
+CHUNK_BYTES = 16 << 20   # ... and fewer for wide models: a chunk's float32 activations stay about this size
 
 
 class KVCache:
@@ -146,6 +147,9 @@ class Transformer:
         self.inv_freq = (rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
                          if c.rope_theta is not None else None)
         self._cos = self._sin = torch.empty(0)
+        # float32 values a token's pass holds at once: residual, norm, q/k/v/attention out, FFN hidden
+        per_token = 4 * (6 * c.dim + 3 * max(c.ffn_dims))
+        self.prefill_chunk = max(64, min(PREFILL_CHUNK, CHUNK_BYTES // per_token))
 
     @classmethod
     def from_store(cls, store: Store, ffn: FFN) -> "Transformer":
@@ -169,15 +173,15 @@ class Transformer:
         the LM head's T x V product at prefill). The cache advances by T."""
         if tokens.dim() != 1 or tokens.numel() == 0:
             raise ValueError(f"tokens must be a non-empty 1-D tensor, got shape {tuple(tokens.shape)}")
-        T = tokens.shape[0]
-        if T > PREFILL_CHUNK:
+        T, chunk = tokens.shape[0], min(self.prefill_chunk, PREFILL_CHUNK)
+        if T > chunk:
             # a long prompt in chunks, each attending to the cache the chunks before filled: the
-            # activations and attention scores stay those of PREFILL_CHUNK tokens (memory linear
-            # in the prompt: its KV cache), with the same logits up to float rounding
+            # activations and attention scores stay those of one chunk (memory linear in the
+            # prompt: its KV cache), with the same logits up to float rounding. The price: a
+            # strategy that reads the FFN from flash reads it once a chunk, not once a prompt.
             cache.reserve(cache.length + T)
-            # (with last_only, every chunk computes one row of logits, not PREFILL_CHUNK x vocab)
-            outs = [self.forward(tokens[a:a + PREFILL_CHUNK], cache, last_only)
-                    for a in range(0, T, PREFILL_CHUNK)]
+            # (with last_only, every chunk computes one row of logits, not chunk x vocab)
+            outs = [self.forward(tokens[a:a + chunk], cache, last_only) for a in range(0, T, chunk)]
             return outs[-1] if last_only else torch.cat(outs)
         # one token of a large float16 model: the products run natively, torch's ops on one thread
         with decode_threads(T == 1 and native_decode(self.config.dim, self.dtype)):
