@@ -22,7 +22,7 @@ from llmflash.convert.hf import convert_hf
 from llmflash.errors import ConvertError, StoreError
 from llmflash.models.config import ModelConfig
 from llmflash.models.layers import rope_inv_freq
-from llmflash.models.transformer import load_dense
+from llmflash.strategies.dense import load_dense
 from llmflash.store import Store, write_manifest
 from test_store_errors import reseal, write_store
 

@@ -18,7 +18,7 @@ from llmflash.convert.hf import HFConfig, convert_hf
 from llmflash.convert.hf_archs import _rope
 from llmflash.convert.writer import StoreWriter
 from llmflash.errors import ConvertError, UnsupportedModelError
-from llmflash.models.transformer import load_dense
+from llmflash.strategies.dense import load_dense
 from llmflash.store import Store
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmflash.models.transformer import ContextLengthError, greedy, load_dense
+from llmflash.models.transformer import ContextLengthError, greedy
+from llmflash.strategies.dense import load_dense
 
 # name -> (kind, config overrides). Every variant the converter maps differently.
 VARIANTS = {

@@ -17,7 +17,8 @@ from conftest import tiny_tokenizer_json
 from llmflash.convert.hf import convert_hf
 from llmflash.errors import ConvertError
 from llmflash.models.openelm import make_divisible, openelm_dims
-from llmflash.models.transformer import greedy, load_dense
+from llmflash.models.transformer import greedy
+from llmflash.strategies.dense import load_dense
 
 # A small config whose layers differ in head count and FFN width.
 D, HD, L, GROUPS, DIVISOR, V = 128, 16, 4, 2, 32, 128

@@ -1,7 +1,8 @@
 """The decoder-only transformer for every supported architecture (Llama family, OPT, OpenELM),
-driven by ModelConfig flags, with the FFN plugged in from outside (llmflash.strategies).
+driven by ModelConfig flags, with the FFN plugged in from outside (models/ffn.py: the FFN
+interface; llmflash.strategies implements it).
 
-    model = Transformer(store.config, store.resident(), DenseFFN(store))
+    model = Transformer.from_store(store, DenseFFN(store))   # or Transformer(config, resident, ffn)
     cache = model.new_cache(64)
     logits = model.forward(torch.tensor(prompt_ids), cache)      # (T, V) float32, cache advanced
     logits = model.forward(torch.tensor([next_id]), cache)       # one more token
@@ -19,18 +20,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import LlmflashError, StoreError
-from ..store import Store
-from ..strategies.base import FFN
+from ..threads import decode_threads, native_decode
 from .config import ModelConfig
+from .ffn import FFN
 from .layers import (apply_rope, causal_attention, decode_attention, layer_norm, linear, rms_norm, rope_inv_freq,
                      rope_tables)
-from ..threads import decode_threads, native_decode
 
 
 class ContextLengthError(LlmflashError, ValueError):
@@ -79,14 +80,19 @@ class KVCache:
                 buf[i] = grown
                 del t, grown                     # the old buffer goes now, before the next layer's grows
 
-    def truncate(self, n: int) -> None:
-        """Forget every position from n on (rewind; e.g. to reuse a shared prompt)."""
-        if not 0 <= n <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} positions to {n}")
-        self.length = n
-
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+
+class Weights(Protocol):
+    """Where a model's resident weights come from (an llmflash.store.Store): the config, the
+    dtype, the folder (named in errors) and the resident tensors by canonical name."""
+
+    config: ModelConfig
+    dtype: torch.dtype
+    path: os.PathLike[str]
+
+    def resident(self) -> dict[str, Tensor]: ...
 
 
 @dataclass
@@ -152,8 +158,8 @@ class Transformer:
         self.prefill_chunk = max(64, min(PREFILL_CHUNK, CHUNK_BYTES // per_token))
 
     @classmethod
-    def from_store(cls, store: Store, ffn: FFN) -> "Transformer":
-        """A model over `store`'s resident weights (checked against the config) and `ffn`."""
+    def from_store(cls, store: Weights, ffn: FFN) -> "Transformer":
+        """A model over `store`'s resident weights (a Store checks them against the config) and `ffn`."""
         model = cls(store.config, store.resident(), ffn, dtype=store.dtype)
         model.source = store.path
         return model
@@ -217,10 +223,10 @@ class Transformer:
             x = linear(x, self.project_out)                                 # (T, E)
         logits = linear(x, self.lm_head)                                    # (T, V)
         # NaN/Inf anywhere in the weights or activations reaches the logits (norms, softmax and
-        # sums spread it): one check here (~20 us a token) instead of a token picked from NaNs
+        # sums spread it): one cheap check here instead of a token picked from NaNs
         if not bool(torch.isfinite(logits).all()):
-            raise StoreError(f"the model computed non-finite logits (NaN or Inf) at positions {start}..{start + T - 1}: "
-                             "its weights hold non-finite or overflowing values (`llmflash verify` checks a store)",
+            raise StoreError(f"the model computed non-finite logits (NaN or Inf) at positions {start}.."
+                             f"{start + T - 1}: its weights hold non-finite or overflowing values (`llmflash verify` checks a store)",
                              self.source)
         return logits
 
@@ -276,10 +282,3 @@ def greedy(model: Transformer, prompt: list[int], max_new_tokens: int,
         logits = model.forward(torch.tensor([tok], dtype=torch.long), cache)[-1]
     return out
 
-
-def load_dense(path: str | os.PathLike[str]) -> tuple[Transformer, Store]:
-    """(Transformer with the dense FFN, Store) for the store folder at `path`."""
-    from ..strategies.dense import DenseFFN
-
-    store = Store(path)
-    return Transformer.from_store(store, DenseFFN(store)), store

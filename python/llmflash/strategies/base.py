@@ -1,36 +1,20 @@
-"""The one interface every FFN strategy implements (dense, naive, flash), so the transformer and
-`bench` treat them alike.
+"""What the FFN strategies (dense, naive, flash) share: the FFN over a set of neuron rows.
 
-An FFN strategy maps a layer's FFN input x (T, D) to
-
-    y = sum over neurons i of  act_i(x) * down_i          (T, D)
-    act_i(x) = act(x . gate_i) * (x . up_i)               gated (SwiGLU: Llama, OpenELM)
-             = act(x . up_i + bias_i)                     plain (OPT: fc1 with its bias)
-
-where gate_i, up_i, down_i (D,) are neuron i's bundle fields and bias_i its fc1 bias, which is
-resident (Store.up_biases, in store order like the bundles): a strategy gathers the entries of
-the rows it computes on. OPT's fc2 bias is not a neuron's: the transformer adds it from the
-resident weights. A strategy that admits only some neurons returns the same sum over those;
-with every neuron admitted it must equal `dense`.
+Every strategy implements the model's FFN interface (llmflash.models.ffn.FFN, which states the
+sum a strategy computes), so the transformer and `bench` treat them alike. A neuron's rows
+(gate, up, down) are its bundle's fields; its fc1 bias (OPT) is resident (Store.up_biases, in
+store order like the bundles): a strategy gathers the entries of the rows it computes on.
 """
 
 from __future__ import annotations
-
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..models.layers import ACTIVATIONS, linear
+from ..store import split_bundles
 from ..threads import native_threads
-
-
-@runtime_checkable
-class FFN(Protocol):
-    def __call__(self, layer: int, x: Tensor) -> Tensor:
-        """x (T, D) in the store dtype -> (T, D), in the store dtype or float32."""
-        ...
 
 
 def bundle_ffn(x: Tensor, up: Tensor, down: Tensor, gate: Tensor | None = None,
@@ -61,10 +45,9 @@ def bundle_ffn(x: Tensor, up: Tensor, down: Tensor, gate: Tensor | None = None,
 def rows_gemv(down: Tensor, h: Tensor) -> Tensor:
     """sum_i h[i] * down[i] for half-precision rows down (n, D) (any row stride, unit column
     stride) and h (n,): (D,) float32, for decode. float16 rows go to the native kernel
-    (llmflash._native.f16_rows_gemv: F16C + FMA, two threads, skips h = 0): 0.8 ms for OPT-6.7B's
-    3,651 cached rows with ReLU activations, 1.8 ms with none zero, against 11.3 ms for torch's
-    float16 mv in this layout (and 48 ms upcasting the rows first). bfloat16 rows use torch's mv,
-    fast for that type (3.4 ms)."""
+    (llmflash._native.f16_rows_gemv: F16C + FMA, the configured threads, skips h = 0), several
+    times faster than torch's float16 mv in this strided layout; bfloat16 rows use torch's mv,
+    fast for that type."""
     if down.dtype == torch.float16 and down.shape[0] > 0 and (down.shape[1] == 1 or down.stride(1) == 1):
         from .._native import f16_rows_gemv
 
@@ -80,8 +63,8 @@ def rows_ffn(x: Tensor, rows: Tensor, config, bias: Tensor | None = None, pick=N
 
     One decode token over float16 rows of a ReLU or SiLU-gated FFN runs natively in one pass per
     bundle (llmflash._native.f16_bundle_ffn: up (and gate) dot x, then the down row only where the
-    activation is not 0): 3.3 against 7.2 ms for OPT-6.7B's 3,651 cached rows measured inside a
-    token through split views and torch products. Everything else goes through bundle_ffn."""
+    activation is not 0), about twice as fast as split views and torch products. Everything else
+    goes through bundle_ffn."""
     gated = bool(config.gated)
     if (x.shape[0] == 1 and rows.dtype == torch.float16 and rows.shape[0] > 0 and rows.stride(1) == 1
             and (config.act == "silu" if gated else config.act == "relu") and not (gated and bias is not None)):
@@ -91,8 +74,6 @@ def rows_ffn(x: Tensor, rows: Tensor, config, bias: Tensor | None = None, pick=N
                            None if bias is None else bias.float().contiguous().numpy(), native_threads(),
                            None if pick is None else np.ascontiguousarray(pick, dtype=np.uint32))
         return torch.from_numpy(y).unsqueeze(0)
-    from ..store import split_bundles
-
     if pick is not None:
         idx = torch.from_numpy(np.asarray(pick, dtype=np.int64))
         rows, bias = rows[idx], None if bias is None else bias[idx]

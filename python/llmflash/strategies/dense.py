@@ -6,15 +6,18 @@ read once (CRC-checked), copied out into contiguous matrices, and the bundle buf
 the peak is one layer above that. Contiguous copies rather than strided views of the bundles:
 gate and up fuse into one (2n, D) product, and with down transposed to (D, n) both products have
 the (out, in) layout whose half-precision matrix-vector kernel is fast (the (n, D) row layout
-ran 5-10x slower in float16 here; see models/layers.py).
+runs several times slower in float16; see models/layers.py).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
 
 from ..models.layers import ACTIVATIONS, linear
+from ..models.transformer import Transformer
 from ..store import Store, split_bundles
 
 
@@ -48,3 +51,9 @@ class DenseFFN:
     def stats(self) -> dict[str, float]:
         tensors = [*self.w1, *self.w2, *(b for b in self.b1 if b is not None)]
         return {"ffn_resident_bytes": float(sum(t.numel() * t.element_size() for t in tensors))}
+
+
+def load_dense(path: str | os.PathLike[str]) -> tuple[Transformer, Store]:
+    """(Transformer with the dense FFN, Store) for the store folder at `path`."""
+    store = Store(path)
+    return Transformer.from_store(store, DenseFFN(store)), store
