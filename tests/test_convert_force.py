@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import build_hf
-from llmflash import leftovers
+from llmflash.store import leftovers
 from llmflash.cli import main
 from llmflash.convert.gguf import convert_gguf
 from llmflash.convert.hf import convert_hf

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import build_hf
-from llmflash import leftovers
+from llmflash.store import leftovers
 from llmflash.convert.hf import convert_hf
 from llmflash.errors import ConvertError, StoreError
 from llmflash.store import Store
@@ -27,7 +27,7 @@ CHILD = r"""
 import os, sys, warnings
 from pathlib import Path
 warnings.simplefilter("ignore")
-from llmflash import leftovers
+from llmflash.store import leftovers
 from llmflash.convert.hf import convert_hf
 from llmflash.convert.writer import StoreWriter
 mode, src, dst = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])

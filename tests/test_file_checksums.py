@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_tokenizer_json
-from llmflash import checksums
+from llmflash.store import checksums
 from llmflash.api import FlashModel
-from llmflash.checksums import file_crc32, file_entry, manifest_crc32
+from llmflash.store.checksums import file_crc32, file_entry, manifest_crc32
 from llmflash.cli import main
 from llmflash.errors import LlmflashError, StoreError
 from llmflash.predictor_file import load_predictors

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from llmflash import checksums
-from llmflash import store as S
+from llmflash.store import checksums
+from llmflash.store import store as store_module
 from llmflash.cli import main
 from llmflash.errors import StoreError
 from llmflash.store import Store, write_manifest
@@ -134,7 +134,7 @@ def test_permission_denied_says_so(store, monkeypatch, capsys, version):
     safetensors does: either way the message is the system's reason, not "no such file"."""
     if version == 3:
         edit_manifest(store, lambda m: m.update(version=3))
-    _deny(monkeypatch, checksums if version == 4 else S, "resident.safetensors")
+    _deny(monkeypatch, checksums if version == 4 else store_module, "resident.safetensors")
     with pytest.raises(StoreError) as e:
         Store(store).resident()
     msg = str(e.value)

@@ -16,7 +16,7 @@ import torch
 from llmflash.convert.writer import StoreWriter
 from llmflash.errors import ConvertError, StoreError
 from llmflash.models.config import ModelConfig
-from llmflash.checksums import file_entry
+from llmflash.store.checksums import file_entry
 from llmflash.store import CHECKSUMMED, PREDICTORS, VERSION, Store, expected_resident, write_manifest
 
 

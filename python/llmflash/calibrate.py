@@ -41,7 +41,7 @@ from .textfile import check_text_file
 from .threads import check_threads, set_threads
 from .predictor import TrainResult, activations, label_kind, labels, pack_bits, threshold_for_recall
 from .predictor_file import save_predictors
-from .checksums import file_entry
+from .store.checksums import file_entry
 from .defaults import store_or_default
 from .store import PREDICTORS, Store, write_manifest
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .. import leftovers
+from ..store import leftovers
 from ..errors import ConvertError
 
 

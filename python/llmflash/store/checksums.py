@@ -1,5 +1,5 @@
 """Whole-file checksums of a store (format version 4), the manifest's own checksum, and the
-careful reading and atomic writing of store files. llmflash.store documents the format.
+careful reading and atomic writing of store files. store/layout.py describes the format.
 
 File checksums (version 4): the manifest's `files` records, for resident.safetensors,
 bundles.crc32, tokenizer.json (when there is one) and predictors.safetensors (once calibrated),
@@ -10,7 +10,7 @@ cover every byte a model reads. Checked where each is loaded, streaming the file
 (memory stays flat, the hash runs at disk speed): the manifest and the recorded sizes at open,
 resident.safetensors once per Store on its first load (resident(), up_biases()), bundles.crc32
 on its first read, tokenizer.json when loaded, predictors.safetensors when loaded
-(predictor_file.load_predictors; calibrate records a new file's entry after writing it, so an
+(where the predictors file is loaded; calibrate records a new file's entry after writing it, so an
 interrupted calibrate is caught there, not at open, and can be re-run); `llmflash verify` checks
 them all. A mismatch is a StoreError naming the file: corrupt, or changed after conversion.
 """
@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import StoreError
+from ..errors import StoreError
 
 HASH_CHUNK = 8 << 20                 # bytes read at a time when hashing a file
 MAX_FILE_BYTES = 1 << 50             # the largest size or offset a manifest may state
@@ -140,7 +140,7 @@ def compare_file(path: Path, rec: dict[str, int], when: str, hint: str) -> None:
 
 def is_finite(t: torch.Tensor) -> bool:
     """Whether every value of float tensor `t` is finite: min and max at memory speed (NaN
-    propagates to both, an Inf shows as one of them; torch.isfinite(t).all() ran at 0.3 GB/s)."""
+    propagates to both, an Inf shows as one of them; torch.isfinite(t).all() is many times slower)."""
     if t.numel() == 0:
         return True
     lo, hi = torch.aminmax(t)

@@ -6,7 +6,7 @@ two folders atomically where the kernel can (Linux renameat2 with RENAME_EXCHANG
 destination always names a complete store, the old one or the new one); elsewhere the old store
 is first renamed aside to `.NAME.old-PID`, so a kill between the two renames leaves no
 destination, and the old store only under that hidden name. Inside a store, a file being
-replaced is written as `.FILE.tmp-PID` (store.replace_file).
+replaced is written as `.FILE.tmp-PID` (checksums.replace_file).
 
 `recover(dst)` runs when a store is opened and before a conversion writes `dst`. It looks only
 at names of exactly those forms whose PID is not a live process on this machine (os.kill(pid, 0)
@@ -35,7 +35,7 @@ import stat
 import sys
 from pathlib import Path
 
-from . import store as S
+from . import layout as S
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -138,17 +138,11 @@ def pid_alive(pid: int) -> bool:
 
 
 def _is_store_file(name: str) -> bool:
-    """A name a store folder may hold: a store file, or store.replace_file's temporary one."""
+    """A name a store folder may hold: a store file, or checksums.replace_file's temporary one."""
     if name in S.KNOWN_FILES:
         return True
     m = _FILE_TMP.fullmatch(name)
     return m is not None and m.group(1) in S.KNOWN_FILES
-
-
-def _known_versions() -> set[int]:
-    versions = set(range(S.V1, S.VERSION + 1))
-    extra = getattr(S, "VERSIONS", ())
-    return versions | {v for v in extra if type(v) is int}
 
 
 def manifest_problem(path: Path) -> str | None:
@@ -172,7 +166,7 @@ def manifest_problem(path: Path) -> str | None:
     if m.get("format") != S.FORMAT:
         return f"no format {S.FORMAT!r}"
     v = m.get("version")
-    if type(v) is not int or v not in _known_versions():
+    if type(v) is not int or not S.V1 <= v <= S.VERSION:
         return "no known format version"
     if not isinstance(m.get("config"), dict):
         return "no config object"
@@ -184,7 +178,7 @@ def manifest_problem(path: Path) -> str | None:
 def store_problem(folder: Path) -> str | None:
     """Why the folder `folder` is not an llmflash store (by shape); None when it is one: every
     entry, hidden ones included, a regular file the store format defines (or one of
-    store.replace_file's `.FILE.tmp-PID` files), and a manifest.json that parses as a store's."""
+    checksums.replace_file's `.FILE.tmp-PID` files), and a manifest.json that parses as a store's."""
     with os.scandir(folder) as it:
         entries = sorted(it, key=lambda e: e.name)
     for e in entries:
@@ -272,7 +266,7 @@ def recover(dst: str | os.PathLike[str]) -> None:
 
 
 def _clean_inside(folder: Path) -> None:
-    """Delete store.replace_file's `.FILE.tmp-PID` files of dead processes inside the store."""
+    """Delete checksums.replace_file's `.FILE.tmp-PID` files of dead processes inside the store."""
     try:
         with os.scandir(folder) as it:
             names = [e.name for e in it if e.name.startswith(".") and e.is_file(follow_symlinks=False)]
