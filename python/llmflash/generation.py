@@ -11,7 +11,6 @@ from .chat_template import render_chat  # noqa: F401  (re-exported: the API rend
 from .errors import InvalidArgumentError
 
 
-
 def check_sampling(temperature: float, top_p: float) -> None:
     """Raise InvalidArgumentError unless temperature is finite and >= 0 and top_p is in [0, 1]."""
     for name, v in (("temperature", temperature), ("top_p", top_p)):

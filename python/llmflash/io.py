@@ -20,8 +20,19 @@ from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
 
-from ._native import (ALIGN, DEFAULT_CONCURRENCY, Admission, AlignedBuf, NeuronCache, Plan, Profile,
-                      Reader, measure, measure_point, plan)
+from ._native import (
+    ALIGN,
+    DEFAULT_CONCURRENCY,
+    Admission,
+    AlignedBuf,
+    NeuronCache,
+    Plan,
+    Profile,
+    Reader,
+    measure,
+    measure_point,
+    plan,
+)
 
 if TYPE_CHECKING:
     import torch

@@ -26,8 +26,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..store import leftovers
 from ..errors import ConvertError
+from ..store import leftovers
 
 
 def fsync_dir(path: Path) -> None:

@@ -1,5 +1,5 @@
 """How each supported architecture maps a Hugging Face checkpoint onto the store (see
-llmflash.convert.hf for the conversion itself).
+convert/hf.py for the conversion itself, convert/hf_source.py for reading the source).
 
 A plan per `model_type`: the ModelConfig, every source tensor it needs with its expected shape
 (checked against the safetensors headers before anything is written), and functions giving the
@@ -18,7 +18,7 @@ import torch
 from ..errors import ConvertError
 from ..models.config import ModelConfig
 from ..models.openelm import openelm_dims
-from .hf import Checkpoint, HFConfig, check_number
+from .hf_source import Checkpoint, HFConfig, check_number
 
 Tensors = dict[str, torch.Tensor]
 
@@ -112,7 +112,8 @@ def _llama(hf: HFConfig, ck: Checkpoint, folder: Path) -> Plan:
     bias, tie = hf.bool("attention_bias", False), hf.bool("tie_word_embeddings", False)
     bos, eos = hf.token_ids(folder, V)
     cfg = ModelConfig(arch="llama", vocab_size=V, dim=d, n_layers=L, head_dim=hd, n_heads=[heads] * L,
-                      n_kv_heads=[kv] * L, ffn_dims=[n] * L, norm="rms", norm_eps=hf.float("rms_norm_eps", 1e-6, hi=1.0),
+                      n_kv_heads=[kv] * L, ffn_dims=[n] * L, norm="rms",
+                      norm_eps=hf.float("rms_norm_eps", 1e-6, hi=1.0),
                       act="silu", gated=True, max_positions=hf.int("max_position_embeddings", 2048),
                       rope_theta=theta, rope_scaling=scaling, attn_bias=bias, tie_embeddings=tie,
                       bos_token_id=bos, eos_token_ids=eos, name=folder.name)

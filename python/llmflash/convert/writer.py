@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from .. import store as S
-from ..store.checksums import file_entry, is_finite, os_reason
 from ..errors import ConvertError, StoreError
 from ..models.config import ModelConfig
+from ..store.checksums import file_entry, is_finite, os_reason
 from .destination import check_destination, clear_own_leftover, fsync_dir, swap_in
 
 

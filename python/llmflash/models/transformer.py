@@ -30,8 +30,16 @@ from ..errors import LlmflashError, StoreError
 from ..threads import decode_threads, native_decode
 from .config import ModelConfig
 from .ffn import FFN
-from .layers import (apply_rope, causal_attention, decode_attention, layer_norm, linear, rms_norm, rope_inv_freq,
-                     rope_tables)
+from .layers import (
+    apply_rope,
+    causal_attention,
+    decode_attention,
+    layer_norm,
+    linear,
+    rms_norm,
+    rope_inv_freq,
+    rope_tables,
+)
 
 
 class ContextLengthError(LlmflashError, ValueError):
@@ -226,7 +234,8 @@ class Transformer:
         # sums spread it): one cheap check here instead of a token picked from NaNs
         if not bool(torch.isfinite(logits).all()):
             raise StoreError(f"the model computed non-finite logits (NaN or Inf) at positions {start}.."
-                             f"{start + T - 1}: its weights hold non-finite or overflowing values (`llmflash verify` checks a store)",
+                             f"{start + T - 1}: its weights hold non-finite or overflowing values "
+                             "(`llmflash verify` checks a store)",
                              self.source)
         return logits
 

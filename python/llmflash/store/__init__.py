@@ -8,9 +8,32 @@
 """
 
 from .checksums import file_entry, replace_file
-from .layout import (ALIGN, BUNDLE_CRCS, CHECKSUMMED, DTYPES, FFN, FORMAT, ITEMSIZE, KNOWN_FILES, MANIFEST,
-                     MAX_MANIFEST_BYTES, PREDICTORS, RESIDENT, SAFETENSORS_DTYPES, TOKENIZER, V1, V2, V3, VERSION,
-                     LayerRegion, align_up, crc32_per_bundle, expected_resident, plan_regions, split_bundles)
+from .layout import (
+    ALIGN,
+    BUNDLE_CRCS,
+    CHECKSUMMED,
+    DTYPES,
+    FFN,
+    FORMAT,
+    ITEMSIZE,
+    KNOWN_FILES,
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    PREDICTORS,
+    RESIDENT,
+    SAFETENSORS_DTYPES,
+    TOKENIZER,
+    V1,
+    V2,
+    V3,
+    VERSION,
+    LayerRegion,
+    align_up,
+    crc32_per_bundle,
+    expected_resident,
+    plan_regions,
+    split_bundles,
+)
 from .manifest import write_manifest
 from .store import Store
 

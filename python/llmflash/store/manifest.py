@@ -19,8 +19,24 @@ from ..errors import StoreError
 from ..models.config import ModelConfig
 from .checksums import manifest_crc32, os_reason, parse_manifest, read_records, replace_file
 from .checksums import manifest_int as _int
-from .layout import (ALIGN, BUNDLE_CRCS, CHECKSUMMED, DTYPES, FFN, FORMAT, ITEMSIZE, MANIFEST, MAX_MANIFEST_BYTES,
-                     RESIDENT, TOKENIZER, V1, V2, V3, VERSION, LayerRegion)
+from .layout import (
+    ALIGN,
+    BUNDLE_CRCS,
+    CHECKSUMMED,
+    DTYPES,
+    FFN,
+    FORMAT,
+    ITEMSIZE,
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    RESIDENT,
+    TOKENIZER,
+    V1,
+    V2,
+    V3,
+    VERSION,
+    LayerRegion,
+)
 
 
 def write_manifest(folder: Path, m: dict[str, Any]) -> None:

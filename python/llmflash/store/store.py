@@ -13,8 +13,18 @@ import torch
 
 from ..errors import StoreError
 from .checksums import check_finite, compare_file, os_reason
-from .layout import (BUNDLE_CRCS, FFN, KNOWN_FILES, MANIFEST, RESIDENT, SAFETENSORS_DTYPES, TOKENIZER, PREDICTORS,
-                     crc32_per_bundle, expected_resident)
+from .layout import (
+    BUNDLE_CRCS,
+    FFN,
+    KNOWN_FILES,
+    MANIFEST,
+    PREDICTORS,
+    RESIDENT,
+    SAFETENSORS_DTYPES,
+    TOKENIZER,
+    crc32_per_bundle,
+    expected_resident,
+)
 from .leftovers import recover
 from .manifest import check_manifest, read_manifest
 

@@ -1,7 +1,7 @@
-"""FFN strategies, all behind one interface (strategies/base.py) so `bench` compares them in
-one run: `dense` keeps every neuron in DRAM (the exactness reference); `naive` reads every
-layer's whole FFN from flash each token (the paper's baseline); `flash` keeps a windowed neuron cache per layer under a memory
-budget and reads only the missing neurons."""
+"""FFN strategies, all behind the model's FFN interface (models/ffn.py) so `bench` compares them
+in one run: `dense` keeps every neuron in DRAM (the exactness reference); `naive` reads every
+layer's whole FFN from flash each token (the paper's baseline); `flash` keeps a windowed neuron
+cache per layer under a memory budget and reads only the missing neurons."""
 
 from __future__ import annotations
 
@@ -29,5 +29,5 @@ def make_ffn(name: str, store: Store, **options: Any):
     if name == "naive":
         from .naive import NaiveFFN
         return NaiveFFN(store, **options)
-    from .flash import FlashFFN                          # "flash", the last of STRATEGIES
+    from .flash import FlashFFN  # "flash", the last of STRATEGIES
     return FlashFFN(store, **options)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 from torch import Tensor
 
 from ..io import ALIGN, AlignedBuf, Reader, as_tensor
