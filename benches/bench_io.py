@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_synthetic_store import DEFAULT_OUT, make  # noqa: E402
 
 from llmflash._native import AlignedBuf, Reader, plan  # noqa: E402
-from llmflash.profile_disk import load_profile  # noqa: E402
+from llmflash.io import load_profile  # noqa: E402
 
 FILE = Path(os.environ.get("LLMFLASH_BENCH_FILE", DEFAULT_OUT))
 SECONDS = float(os.environ.get("LLMFLASH_BENCH_SECONDS", "1"))

@@ -11,7 +11,8 @@ import pytest
 
 from llmflash import FlashIOError
 from llmflash._native import Profile, measure, measure_point
-from llmflash.profile_disk import default_profile_path, format_table, load_profile, main
+from llmflash.io import default_profile_path, load_profile
+from llmflash.profile_disk import format_table, main
 
 
 def test_default_profile_is_design_table():

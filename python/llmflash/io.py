@@ -11,11 +11,15 @@
 
 `wanted` are store positions (bundle j of the region; see LayerRegion.order for the original
 neuron ids). The planner chooses exact bundles, bridged runs or the whole region, whichever the
-disk profile (llmflash.profile_disk.load_profile) prices cheapest.
+disk profile (load_profile: the one `llmflash profile-disk` measured, else a default table) prices
+cheapest.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
@@ -41,16 +45,36 @@ if TYPE_CHECKING:
 
 __all__ = ["ALIGN", "DEFAULT_CONCURRENCY", "Admission", "AlignedBuf", "NeuronCache", "Plan", "Profile",
            "Reader", "plan", "measure", "measure_point", "plan_layer", "read_neurons", "layer_cache",
-           "cache_rows", "as_array", "as_tensor"]
+           "cache_rows", "as_array", "as_tensor", "default_profile_path", "load_profile"]
 
 Ids = Union[np.ndarray, Sequence[int]]
+
+
+def default_profile_path() -> Path:
+    """Where `llmflash profile-disk` saves this machine's disk profile (the user's cache folder)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llmflash" / "disk-profile.json"
+
+
+def load_profile(path: str | os.PathLike[str] | None = None) -> Profile:
+    """The measured profile (default location: default_profile_path()), or the built-in default
+    table (Profile.default()) when none was measured; a corrupt file is reported with a warning,
+    never fatal."""
+    p = Path(path) if path is not None else default_profile_path()
+    if not p.is_file():
+        return Profile.default()
+    try:
+        return Profile.load(p)
+    except (ValueError, OSError) as e:
+        warnings.warn(f"ignoring disk profile {p}: {e}; using the default profile "
+                      "(re-run `llmflash profile-disk`)", RuntimeWarning, stacklevel=2)
+        return Profile.default()
 
 
 def plan_layer(region: "LayerRegion", wanted: Ids, profile: Profile | None = None,
                concurrency: int = DEFAULT_CONCURRENCY, **options) -> Plan:
     """Plan the reads of `wanted` store positions of one layer region (options: see plan())."""
     if profile is None:
-        from .profile_disk import load_profile
         profile = load_profile()
     return plan(wanted, region.bundle_bytes, region.offset, region.n_neurons, profile=profile,
                 concurrency=concurrency, **options)
@@ -72,7 +96,6 @@ def layer_cache(reader: Reader, region: "LayerRegion", capacity: int, window: in
                 profile: Profile | None = None, **options) -> NeuronCache:
     """A NeuronCache of `capacity` rows for one layer region (options: see plan())."""
     if profile is None:
-        from .profile_disk import load_profile
         profile = load_profile()
     return NeuronCache(reader, region.offset, region.n_neurons, region.bundle_bytes, capacity, window,
                        profile=profile, **options)

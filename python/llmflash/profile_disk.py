@@ -11,33 +11,14 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 from .cli_args import Parser
 from ._native import Profile, measure_point
+from .io import default_profile_path
 
 SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20]
 CONCURRENCIES = [1, 4, 8, 16, 32]
-
-
-def default_profile_path() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "llmflash" / "disk-profile.json"
-
-
-def load_profile(path: str | os.PathLike[str] | None = None) -> Profile:
-    """The measured profile (default location: ~/.cache/llmflash/disk-profile.json), or DESIGN's
-    table when none was measured; a corrupt file is reported with a warning, never fatal."""
-    p = Path(path) if path is not None else default_profile_path()
-    if not p.is_file():
-        return Profile.default()
-    try:
-        return Profile.load(p)
-    except (ValueError, OSError) as e:
-        warnings.warn(f"ignoring disk profile {p}: {e}; using the default profile "
-                      "(re-run `llmflash profile-disk`)", RuntimeWarning, stacklevel=2)
-        return Profile.default()
 
 
 def _fmt_size(n: int) -> str:

@@ -150,7 +150,7 @@ class FlashFFN:
                  overlap: bool = True, coalesce: bool = True, reuse: bool = True, engine: str | None = None,
                  compute: str = "live", lookahead: bool | str = False, hot: float = 0.0,
                  fill_holes: bool = True):
-        from ..profile_disk import load_profile
+        from ..io import load_profile
 
         self.store, self.config = store, store.config
         if compute not in ("live", "wanted"):
