@@ -5,7 +5,7 @@ few lines of Jinja can loop for hours or build strings of gigabytes (nested loop
 string, `~` doubling a string in a loop, `"x".center(10**10)`). So:
   - the sandbox bounds what it can see cheaply: range() items, `*` / `+` results, `**` sizes and
     the output (the limits below), each a clear ChatTemplateError;
-  - and the render runs in a child Python process (this module, no torch: ~0.1 s) under
+  - and the render runs in a child Python process (this module, without torch: quick to start) under
     RLIMIT_CPU, RLIMIT_AS and a wall-clock timeout, so whatever the sandbox cannot see ends as
     a ChatTemplateError too, never as a hang or an exhausted machine.
 Every failure names `source`, the file the template came from.

@@ -3,14 +3,12 @@ kernels (every float16 product) on the configured count.
 
 On a machine with few cores, torch's OpenMP workers spin for a while after each parallel region
 (libgomp's default), and a native kernel (llmflash._native) that starts its second thread right
-then fights them for the core: OPT-6.7B-shaped attention with the native products took 350-440
-ms a token against 255 with torch's. Inside decode_threads() torch runs on one thread (no
-workers to spin), and layers.linear sends float16 products to the native kernel with the
-threads torch was configured with: a whole OPT-6.7B-shaped token (attention + FFN over cached
-rows, alternated in one process) 8.6-12.7% faster than torch's kernels and threads.
-Small models are better off with torch's threads and kernels (SmolLM2, d=576: 28-35 tokens/s
-against 20-21 inside decode_threads; OMP_WAIT_POLICY=PASSIVE: 12-14), so `native_decode` turns
-this on from a model width of NATIVE_DECODE_DIM.
+then fights them for the core, which made the native products slower than torch's. Inside
+decode_threads() torch runs on one thread (no workers to spin), and layers.linear sends float16
+products to the native kernel with the threads torch was configured with: a large float16 model's
+token runs faster than with torch's kernels and threads. Small models are better off with
+torch's threads and kernels, so `native_decode` turns this on from a model width of
+NATIVE_DECODE_DIM.
 """
 
 from __future__ import annotations

@@ -29,12 +29,11 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     return F.layer_norm(x.float(), weight.shape, weight, bias, eps)
 
 
-# Matrix products. Measured here (torch CPU, 2 threads, a 3072x576 weight): a half-precision
-# matrix-vector product is as fast as float32's or faster (memory-bound, half the bytes), but a
-# half-precision matrix-matrix product runs 4-10x slower than float32's (no fast fp16/bf16 GEMM
-# kernel on this CPU): 128 tokens x 3072x576 took 23 ms in float16 and 4 ms when the weight is
-# upcast first. So decode (few rows) multiplies in the store dtype, and prefill (many rows)
-# upcasts the weight for the call; both accumulate to a float32 result.
+# Matrix products. On CPU a half-precision matrix-vector product is as fast as float32's or
+# faster (memory-bound, half the bytes), but a half-precision matrix-matrix product runs several
+# times slower than float32's (torch has no fast fp16/bf16 GEMM kernel for most CPUs). So decode
+# (few rows) multiplies in the store dtype, and prefill (many rows) upcasts the weight for the
+# call; both accumulate to a float32 result.
 UPCAST_ROWS = 16
 
 
@@ -43,7 +42,7 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
 
     Inside threads.decode_threads() (one token of a large float16 model), one float16 row goes to
     the native kernel (llmflash._native.f16_matvec: F16C + FMA, float32 accumulation and result,
-    the configured threads): 8-15% faster than torch's float16 linear for OPT-6.7B's shapes, which
+    the configured threads): faster than torch's float16 linear for large models' shapes, which
     also rounds its result to float16."""
     if w.dtype != torch.float32 and x.shape[0] >= UPCAST_ROWS:
         return F.linear(x.float(), w.float(), None if b is None else b.float())
