@@ -14,7 +14,7 @@ weights (4.3 GB) are random matrices held in DRAM, generated here (not read from
 resident file, to leave the disk to the FFN); the embedding lookup and LM head are left out
 (one row, and one 50272x4096 product = 0.4 GB, the same for every strategy).
 
-Strategies (token by token, interleaved; the disk is shared and throttled, DESIGN §3):
+Strategies (token by token, interleaved: the disk is shared and throttled):
   naive     NaiveFFN: each layer's whole region (268 MB) read with 1 MiB direct reads, dense FFN
   flash     FlashFFN(memory = 50% of the real model, window 5, the replay source)
   flash-ahead                 + an exact next-layer lookahead (LookaheadReplay)

@@ -1,5 +1,5 @@
 """What a least-recently-wanted cache must read per token with the oracle's sets, by cache size:
-the floor any predictor faces at a given DRAM share (benches/README.md, "Fourth session").
+the floor any predictor faces at a given DRAM share (benches/HISTORY.md, "Fourth session").
 
 Runs the dense model once over held-out text, records each layer's |silu(gate) * up| per token,
 takes the top KEEP share per token (the oracle), and replays those sets through a window-K cache
