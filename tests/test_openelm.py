@@ -141,7 +141,7 @@ def test_tiny_dims_both_config_styles():
 
 
 def test_openelm_270m_dims():
-    """DESIGN §7: 16 layers, d=1280, head_dim 64 -> query heads 12x5, 16x7, 20x4; FFN 768 ... 5120."""
+    """OpenELM-270M-like shape: 16 layers, d=1280, head_dim 64 -> query heads 12x5, 16x7, 20x4; FFN 768 ... 5120."""
     d = openelm_dims(1280, 64, 16, 4, (0.5, 1.0), (0.5, 4.0), 256)
     assert d.n_heads == [12] * 5 + [16] * 7 + [20] * 4
     assert d.n_kv_heads == [h // 4 for h in d.n_heads]
