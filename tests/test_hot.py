@@ -119,7 +119,7 @@ def test_a_hot_share_near_one_keeps_some_cold_neurons(store):
 
 
 def test_hot_needs_rates_and_predictors(store, tmp_path):
-    from llmflash.strategies.flash import make_source
+    from llmflash.sparsity import make_source
 
     with pytest.raises(ValueError, match="hot pinning needs the calibrated predictors"):
         make_source("oracle", Store(store), hot=0.4)

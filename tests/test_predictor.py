@@ -242,7 +242,7 @@ def test_stay_recall_is_checked(store, recall, stay, match):
 
 @pytest.mark.parametrize("spec", ["predictor:0.9/x", "predictor:a", "predictor:0.9/0.8"])
 def test_sticky_sparsity_spec_errors(store, spec):
-    from llmflash.strategies.flash import make_source
+    from llmflash.sparsity import make_source
 
     with pytest.raises(ValueError, match="sparsity|below"):
         make_source(spec, Store(store))

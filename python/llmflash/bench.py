@@ -57,7 +57,8 @@ def run_bench(store_path: str, memories: list[str], window: int = 4, sparsity: s
     from tqdm import tqdm
 
     from .api import FlashModel
-    from .strategies.flash import check_window, make_source
+    from .sparsity import make_source
+    from .strategies.flash import check_window
 
     unknown = [s for s in strategies if s not in BENCH_STRATEGIES]
     if unknown or not strategies:

@@ -149,7 +149,8 @@ def evaluate(store_path: str | os.PathLike[str], text: str | None = None, tokens
     from .models.transformer import Transformer
     from .strategies import make_ffn
     from .sparsity import NextLayerGuess, SameLayerGuess
-    from .strategies.flash import check_window, make_source, model_bytes
+    from .sparsity import make_source
+    from .strategies.flash import check_window, model_bytes
 
     threads = check_threads(threads)
     check_int("tokens", tokens, 2)

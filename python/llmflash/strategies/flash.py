@@ -49,7 +49,6 @@ paper's OPT regime). With every neuron wanted, flash equals dense either way.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 import warnings
 from typing import Any
@@ -61,7 +60,7 @@ from torch import Tensor
 from ..budget import CachePlan, parse_memory, plan_caches
 from ..errors import InvalidArgumentError, check_int
 from ..io import AlignedBuf, NeuronCache, Reader, as_tensor
-from ..sparsity import AllNeurons, NextLayerGuess, Oracle, SameLayerGuess, WantedSource
+from ..sparsity import NextLayerGuess, SameLayerGuess, WantedSource, make_source
 from ..store import PREDICTORS, RESIDENT, Store
 from .base import rows_ffn
 
@@ -90,56 +89,6 @@ def _mgmt_ns(cache: NeuronCache) -> int:
 def check_window(window: Any) -> int:
     """The window as an int in [0, MAX_WINDOW] (0: keep nothing past the token), else InvalidArgumentError."""
     return check_int("window (tokens a neuron stays cached after it was last wanted)", window, 0, MAX_WINDOW)
-
-
-def _share(spec: Any, what: str, value: str) -> float:
-    """A number in (0, 1] parsed from `value`, the `what` part of the sparsity spec `spec`."""
-    try:
-        v = float(value)
-    except ValueError:
-        v = math.nan
-    if not 0.0 < v <= 1.0:                      # also NaN
-        raise InvalidArgumentError(f"sparsity {spec!r}: {what} must be a number in (0, 1], not {value!r}")
-    return v
-
-
-def make_source(spec: str | WantedSource, store: Store, hot: float = 0.0) -> WantedSource:
-    """'all', 'oracle' (ReLU: act > 0; SwiGLU: top 50% by |act|), 'oracle:0.3', 'predictor',
-    'predictor:RECALL', 'predictor:RECALL/STAY' (hysteresis: Predictors.select), or a callable.
-    `hot` pins that share of each layer's neurons (predictors only: read_predictors)."""
-    try:
-        hot_ok = 0.0 <= float(hot) < 1.0        # also rejects NaN
-    except (TypeError, ValueError):
-        hot_ok = False
-    if not hot_ok or isinstance(hot, bool):
-        raise InvalidArgumentError(f"hot share must be a number in [0, 1), not {hot!r}")
-    hot = float(hot)
-    if hot and not str(spec).startswith("predictor"):
-        raise InvalidArgumentError(f"hot pinning needs the calibrated predictors (their per-neuron rates), not "
-                                   f"{spec!r}; for a ready source, pin with load_predictors(store, hot=...)")
-    if callable(spec):
-        return spec
-    if not isinstance(spec, str):
-        raise InvalidArgumentError(f"sparsity must be a string (all, oracle[:KEEP], predictor[:RECALL[/STAY]]) "
-                                   f"or a callable source, not {spec!r}")
-    name, colon, arg = spec.partition(":")
-    if name == "all":
-        if colon:
-            raise InvalidArgumentError(f"sparsity {spec!r}: 'all' takes no argument")
-        return AllNeurons(store.config)
-    if name == "oracle":
-        keep = _share(spec, "KEEP (the share of neurons kept per token)", arg) if arg else 0.5
-        return Oracle(store, keep=keep)
-    if name == "predictor":
-        from ..predictor_file import load_predictors
-        recall, _, stay = arg.partition("/")
-        r = _share(spec, "RECALL", recall) if recall else None
-        st = _share(spec, "STAY", stay) if stay else None
-        if r is not None and st is not None and st < r:
-            raise InvalidArgumentError(f"sparsity {spec!r}: STAY ({st}) must be >= RECALL ({r}): a cached neuron "
-                                       "would need a higher score to stay than a new one to enter")
-        return load_predictors(store, recall=r, stay=st, hot=hot)
-    raise InvalidArgumentError(f"unknown sparsity {spec!r}: use all, oracle[:KEEP] or predictor[:RECALL[/STAY]]")
 
 
 class FlashFFN:
