@@ -24,12 +24,10 @@ pub mod error;
 pub mod gemv;
 pub mod par;
 pub mod planner;
-mod pool;
 pub mod profile;
 pub mod reader;
 pub mod staging;
 pub mod stats;
-mod uring;
 
 #[cfg(feature = "python")]
 mod py;

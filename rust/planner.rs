@@ -24,7 +24,6 @@
 use crate::aligned::ALIGN;
 use crate::error::{Error, Result};
 use crate::profile::Profile;
-use crate::reader::ReadOp;
 
 const PAGE: u64 = ALIGN as u64;
 
@@ -294,14 +293,6 @@ pub fn plan(wanted: &[u32], region: &Region, profile: &Profile, opts: &PlanOptio
 }
 
 impl Plan {
-    /// The requests as reader operations into the plan's buffer.
-    pub fn read_ops(&self) -> Vec<ReadOp> {
-        self.requests
-            .iter()
-            .map(|r| ReadOp { file_offset: r.offset, len: r.len as usize, dest_offset: r.dest_offset as usize })
-            .collect()
-    }
-
     /// Copy each wanted bundle from the plan's buffer `src` into `dst`, row k = `neurons[k]`
     /// (`dst` holds at least `neurons.len() * bundle_bytes` bytes).
     pub fn gather(&self, src: &[u8], dst: &mut [u8]) -> Result<()> {

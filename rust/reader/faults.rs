@@ -107,7 +107,7 @@ pub fn fired() -> Vec<u64> {
 
 /// What to do to one read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Hit {
+pub(super) enum Hit {
     /// Fail with this errno.
     Fail(i32),
     Eof,
@@ -118,7 +118,7 @@ pub(crate) enum Hit {
 
 /// The fault for a read of `len` bytes at `offset` of `path`, if a rule fires on it.
 #[inline]
-pub(crate) fn check(path: &Path, offset: u64, len: usize) -> Option<Hit> {
+pub(super) fn check(path: &Path, offset: u64, len: usize) -> Option<Hit> {
     if !ARMED.load(Ordering::Relaxed) {
         return None;
     }
@@ -151,7 +151,7 @@ fn check_rules(path: &Path, offset: u64, len: usize) -> Option<Hit> {
 }
 
 /// The length a `Short` read returns when `want` bytes were asked: about half (see above).
-pub(crate) fn short_len(want: usize) -> usize {
+pub(super) fn short_len(want: usize) -> usize {
     let half = want / 2;
     if half >= ALIGN {
         half / ALIGN * ALIGN
@@ -164,7 +164,7 @@ pub(crate) fn short_len(want: usize) -> usize {
 ///
 /// # Safety
 /// `dest .. dest + got` must be valid for reads and writes and not used by anyone else.
-pub(crate) unsafe fn flip(hit: Option<Hit>, dest: *mut u8, got: usize) {
+pub(super) unsafe fn flip(hit: Option<Hit>, dest: *mut u8, got: usize) {
     if let Some(Hit::Flip(at)) = hit {
         if at < got {
             // SAFETY: at < got, inside the range the caller vouches for.

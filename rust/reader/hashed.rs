@@ -8,11 +8,11 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use super::{RawOp, ReadOp, Reader, REGION_PIECE};
+use super::{region_pieces, RawOp, Reader};
 use crate::error::{Error, Result};
 
 /// Per-op hash lengths and results of one batch, indexed like the batch's (sorted) ops.
-pub(crate) struct Hashes {
+pub(super) struct Hashes {
     lens: Vec<usize>,
     crcs: Vec<AtomicU32>,
 }
@@ -23,7 +23,7 @@ impl Hashes {
     /// # Safety
     /// `op.dest .. op.dest + op.len` holds the op's bytes, read in full, and nobody writes it
     /// until the batch returns; `lens[i] <= op.len` (checked when the batch was built).
-    pub(crate) unsafe fn record(&self, i: usize, op: RawOp) {
+    pub(super) unsafe fn record(&self, i: usize, op: RawOp) {
         let n = self.lens[i].min(op.len);
         if n > 0 {
             // SAFETY: the caller's contract: n <= op.len bytes at op.dest, complete and unshared.
@@ -89,12 +89,7 @@ impl Reader {
         if offset.checked_add(len as u64).is_none() {
             return Err(Error::invalid(format!("region of {len} bytes at offset {offset} ends past 2^64")));
         }
-        let pieces: Vec<ReadOp> = (0..len.div_ceil(REGION_PIECE))
-            .map(|k| {
-                let start = k * REGION_PIECE;
-                ReadOp { file_offset: offset + start as u64, len: REGION_PIECE.min(len - start), dest_offset: start }
-            })
-            .collect();
+        let pieces = region_pieces(offset, len);
         let lens: Vec<usize> = pieces.iter().map(|p| hash_len.saturating_sub(p.dest_offset).min(p.len)).collect();
         let ops: Vec<RawOp> = pieces
             .iter()
@@ -137,7 +132,7 @@ impl Reader {
 }
 
 /// The CRC-32 of consecutive blocks given each block's CRC-32 and length.
-pub(crate) fn combine(blocks: impl IntoIterator<Item = (u32, u64)>) -> u32 {
+pub(super) fn combine(blocks: impl IntoIterator<Item = (u32, u64)>) -> u32 {
     let mut h = crc32fast::Hasher::new();
     for (crc, len) in blocks {
         if len > 0 {

@@ -15,7 +15,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 /// Work for the pool: `run(i)` for every i in 0..len(), each exactly once, from any thread.
-pub(crate) trait BatchJob: Send + Sync {
+pub(super) trait BatchJob: Send + Sync {
     fn len(&self) -> usize;
     fn run(&self, i: usize);
 }
@@ -48,7 +48,7 @@ struct Shared {
     work: Condvar,
 }
 
-pub(crate) struct Pool {
+pub(super) struct Pool {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -60,7 +60,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Pool {
-    pub(crate) fn new(threads: usize, name: &str) -> std::io::Result<Pool> {
+    pub(super) fn new(threads: usize, name: &str) -> std::io::Result<Pool> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue { batches: VecDeque::new(), shutdown: false }),
             work: Condvar::new(),
@@ -78,7 +78,7 @@ impl Pool {
     }
 
     /// Run every item of `job` on the workers; return when all have finished.
-    pub(crate) fn run(&self, job: Arc<dyn BatchJob>) {
+    pub(super) fn run(&self, job: Arc<dyn BatchJob>) {
         let n = job.len();
         if n == 0 {
             return;

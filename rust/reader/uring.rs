@@ -1,12 +1,11 @@
 //! The io_uring engine: the calling thread keeps up to `depth` reads in flight on one ring.
 //!
-//! Why (measured, benches/README.md): the model reads one batch per layer, and a layer's batch
-//! is small (SmolLM2, 10% of 1,536 bundles of 3,456 B: about 57 requests, 2 ms). With the pread
-//! pool, every batch wakes 32 sleeping threads one after another on 2 cores (~150 us before
-//! the last read is issued) and the batch's tail drains with few reads in flight, so per-layer
-//! batches reached about 0.75-0.85x fio, while 8-layer batches exceeded fio. One
-//! io_uring_enter submits the whole first wave at once and each completion is refilled by the
-//! same thread without a context switch.
+//! Why: the model reads one batch per layer, and a layer's batch is small (a few dozen
+//! requests, a few milliseconds). With the pread pool, every batch wakes its sleeping threads one
+//! after another (slow on few cores) and the batch's tail drains with few reads in flight, so
+//! per-layer batches stay below the disk's throughput. One io_uring_enter submits the whole
+//! first wave at once and each completion is refilled by the same thread without a context
+//! switch; the thread sleeps until the reads land.
 //!
 //! Safety of the destination buffers: every submitted read is waited for before `run` returns,
 //! on success and on error alike (the kernel writes into them until its completion arrives).
@@ -15,23 +14,19 @@ use std::os::unix::io::AsRawFd;
 
 use io_uring::{opcode, types, IoUring};
 
+use super::faults::{self, Hit};
+use super::{is_aligned, Hashes, Inner, RawOp};
 use crate::aligned::ALIGN;
 use crate::error::{Error, Result};
-use crate::reader::faults::{self, Hit};
-use crate::reader::{Hashes, Inner, RawOp};
 
 /// Largest single submission (the SQE length is 32 bits); longer ops complete synchronously.
 const MAX_SQE_LEN: usize = 1 << 30;
 
-pub(crate) fn new_ring(depth: usize) -> std::io::Result<IoUring> {
+pub(super) fn new_ring(depth: usize) -> std::io::Result<IoUring> {
     let entries = (depth.max(1) as u32).next_power_of_two();
     // COOP_TASKRUN: completions are posted when this thread next enters the kernel, not by
     // interrupting it (it only ever waits in io_uring_enter anyway). Kernels before 5.19 lack it.
     IoUring::builder().setup_coop_taskrun().build(entries).or_else(|_| IoUring::new(entries))
-}
-
-fn aligned(x: u64) -> bool {
-    x % ALIGN as u64 == 0
 }
 
 /// Run `ops` with up to `depth` in flight on `ring`; with `hashes`, hash each op as it completes
@@ -40,7 +35,7 @@ fn aligned(x: u64) -> bool {
 /// # Safety
 /// As `Reader::read_raw`: each op's destination is valid for writes, disjoint from the others,
 /// and untouched by anyone else until this returns.
-pub(crate) unsafe fn run(
+pub(super) unsafe fn run(
     ring: &mut IoUring,
     inner: &Inner,
     ops: &[RawOp],
@@ -184,5 +179,5 @@ fn direct_for(inner: &Inner, op: RawOp) -> Option<&std::fs::File> {
     inner
         .direct
         .as_ref()
-        .filter(|_| aligned(op.file_offset) && aligned(op.len as u64) && (op.dest as usize) % ALIGN == 0)
+        .filter(|_| is_aligned(op.file_offset) && is_aligned(op.len as u64) && (op.dest as usize) % ALIGN == 0)
 }
