@@ -25,9 +25,10 @@
 //!
 //! Concurrency and memory ordering (who may touch which row when). Three parties use a cache:
 //! the *owner* (the thread calling begin/wait/admit; they take `&mut self`, so one at a time),
-//! the *filler* (one thread per cache, started by the first background admission, which drives
-//! the reader's pool workers and then copies staged bundles into rows), and *compute* (Python
-//! reading the slot matrix through a zero-copy view). For the admission with epoch `e`:
+//! the *filler* (one thread per cache, started by the first background admission, which runs
+//! the fill's batch on the reader, io_uring on the filler itself or the pread pool's workers,
+//! then copies staged bundles into rows), and *compute* (Python reading the slot matrix through
+//! a zero-copy view). For the admission with epoch `e`:
 //! - rows `[0, ready)` belong to the owner and compute. Only `begin` writes them (eviction moves),
 //!   and `begin` first settles the pending fill, so no fill is running when rows move. Compute
 //!   may read them until the next `begin` on this cache: the filler never writes below `ready`
@@ -40,24 +41,26 @@
 //!
 //! Publication: every write of a read into the staging buffer happens-before `Reader::read_raw`
 //! returns in the filler (with the thread pool, the per-batch counter is decremented with AcqRel
-//! and read with Acquire; with io_uring, the filler reaps each completion itself). The filler then copies each bundle into its row and stores `state[row] = READY`
-//! (Release), stores `done_epoch = e` (Release), and sends the result on a channel. The owner's
-//! `recv` (like an Acquire load of `state`/`done_epoch`, used by `is_ready`) synchronises-with
-//! those stores, so every byte of the new rows is visible to the owner, and to Python code it
-//! runs afterwards, before `wait` returns. In the other direction, the owner's last writes to
-//! the rows being refilled (eviction moves, EMPTY/FILLING state stores, Relaxed) happen-before
-//! its channel send of the fill, which the filler's `recv` acquires. Layers never share rows,
-//! so layer A's fill runs in the pool while compute reads layer B's matrix with no
-//! synchronisation at all. No lock guards slot data; the locks that exist (the pool's queue,
-//! the channels' wake-up, the staging pool) are taken a few times per fill, never per row, and
-//! never while bundle bytes move. (The result receiver sits in a Mutex only to make the cache
-//! `Sync`; the owner reaches it through `Mutex::get_mut`, which never locks.)
+//! and read with Acquire; with io_uring, the filler reaps each completion itself). The filler then
+//! copies each bundle into its row and stores `state[row] = READY` (Release), stores
+//! `done_epoch = e` (Release), and sends the result on a channel. The owner's `recv` (like an
+//! Acquire load of `state`/`done_epoch`, used by `is_ready`) synchronises-with those stores, so
+//! every byte of the new rows is visible to the owner, and to Python code it runs afterwards,
+//! before `wait` returns. In the other direction, the owner's last writes to the rows being
+//! refilled (eviction moves, EMPTY/FILLING state stores, Relaxed) happen-before its channel send of
+//! the fill, which the filler's `recv` acquires. Layers never share rows, so layer A's fill runs on
+//! the reader while compute reads layer B's matrix with no synchronisation at all. No lock guards
+//! slot data; the locks that exist (the pread pool's queue or the reader's spare rings, the
+//! channels' wake-up, the staging pool) are taken a few times per fill, never per row, and never
+//! while bundle bytes move. (The result receiver sits in a Mutex only to make the cache `Sync`; the
+//! owner reaches it through `Mutex::get_mut`, which never locks.)
 //!
 //! Staging: when bundles are whole pages (OPT-6.7B: 16 KiB), a request that holds only wanted
-//! bundles reads straight into its rows (no copy). Other reads land in a staging buffer (direct
-//! I/O reads whole pages, and sub-page bundles or bridged gaps are not rows), taken from a
-//! [`StagingPool`] shared by all caches so that transient memory is bounded by the reads in flight, not by the number of layers (30 layers each keeping a
-//! whole-region buffer would hold the entire FFN in DRAM and defeat the memory budget).
+//! bundles reads straight into its rows (no copy). Other reads land in a staging buffer (direct I/O
+//! reads whole pages, and sub-page bundles or bridged gaps are not rows), taken from a
+//! [`StagingPool`] shared by all caches so that transient memory is bounded by the reads in flight,
+//! not by the number of layers (30 layers each keeping a whole-region buffer would hold the entire
+//! FFN in DRAM and defeat the memory budget).
 //!
 //! Checksums (cache/crc.rs): given a table of one CRC-32 per bundle (`set_bundle_crcs`, once, with
 //! no fill pending), every bundle read is checked before it counts: a fill hashes its rows after

@@ -1,9 +1,9 @@
 //! The decode product over bundle rows: `y = sum_i h[i] * down_i`, with `down_i` the float16
 //! down-projection row stored inside neuron i's bundle (row-major, bundle-length row stride).
 //!
-//! Why here: torch's float16 matrix-vector kernel for this "transposed" layout runs at about
-//! 5 GB/s on this CPU (11.3 ms for OPT-6.7B's 3,651 cached rows, against 2.3 ms for the same bytes
-//! in the (D, n) layout), and it is most of a flash token's FFN time. The rows are walked once,
+//! Why here: torch's float16 matrix-vector kernel is several times slower for this "transposed"
+//! layout than for the same bytes in the (D, n) layout, and it is most of a flash token's FFN
+//! time. The rows are walked once,
 //! each converted from float16 with F16C and accumulated with FMA into a float32 `y` that stays
 //! in L1; rows whose `h` is 0 (ReLU's inactive neurons) are skipped without being read. Large
 //! products split the rows into fixed ranges that two threads claim as they go (each range with
@@ -212,8 +212,7 @@ pub fn f16_bundle_ffn(
 /// (q, k, v, o, the LM head). Memory-bound: rows are read once, four at a time (four streams for
 /// the prefetchers) with F16C + FMA; large products split the output rows between two threads
 /// (in chunks each thread claims as it goes).
-/// 8-15% faster than torch's float16 linear for one row here (22 against 19.5 GB/s, OPT-6.7B's
-/// q/k/v and o shapes, alternated in one process).
+/// Somewhat faster than torch's float16 linear for one row (OPT-6.7B's q/k/v and o shapes).
 pub fn f16_matvec(w: &[u16], stride: usize, x: &[f32], y: &mut [f32], threads: usize) -> Result<()> {
     let (n, dim) = (y.len(), x.len());
     check_rows(w.len(), n, dim, stride)?;

@@ -1,10 +1,10 @@
 //! `join(a, b)`: run two closures in parallel, `b` on a persistent helper thread.
 //!
-//! Why not `std::thread::scope`: the decode kernels (crate::gemv, crate::attend) split a product
-//! of 0.1-5 ms between two threads, ~160 times a token, and starting a thread costs 150-350 us
-//! on these VMs (f16_matvec over 512 x 4096: 100 us on one thread, 240-450 us on two with a
-//! spawned thread). A helper that stays alive and spins briefly for the next job before it
-//! sleeps costs a few microseconds per join.
+//! Why not `std::thread::scope`: the decode kernels (crate::gemv, crate::attend) split products
+//! of a fraction of a millisecond to a few milliseconds between two threads, ~160 times a token,
+//! and starting a thread costs about as much as such a product takes (a small product run on two
+//! spawned threads is slower than on one). A helper that stays alive and spins briefly for the
+//! next job before it sleeps costs a few microseconds per join.
 //!
 //! One helper serves the whole process, one join at a time: a join that finds it busy (another
 //! thread is joining) or that runs in a forked child (the helper lives in the parent) falls back

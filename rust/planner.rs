@@ -12,9 +12,9 @@
 //!    run over several workers); with whole-page bundles, pieces hold whole bundles, so each
 //!    can be read straight into its rows (a piece cut mid-bundle must be staged and copied).
 //! 2. Whole region: read the entire region in even pieces of at most `max_request_bytes`.
-//!    DESIGN §3: for SmolLM2's 3,456-byte bundles and half of the neurons wanted, the sparse
-//!    plan reads 41% of the FFN in 5,700 small requests (420 ms/token) while reading all of it
-//!    in large requests takes 97 ms. Flash must never be slower than naive: the cheaper wins.
+//!    For small bundles and a dense wanted set, many small requests cost several times more
+//!    than reading the whole region in large ones. Flash must never be slower than naive: the
+//!    cheaper plan wins.
 //!
 //! Destination layout: the requests' data lie back to back in one buffer of `buffer_bytes`
 //! (request r at `dest_offset`, a multiple of 4 KiB so direct I/O can write it). The wanted

@@ -1,7 +1,7 @@
 //! The disk's cost profile: random direct-I/O read throughput (MB/s) by request size x number of
 //! requests in flight, i.e. the paper's Figure 2 for this machine. The planner prices its
 //! choices with it; `measure` produces one (`llmflash profile-disk`), `Profile::default()` is
-//! DESIGN §3's table (fio, ext4 on this project's virtual SSD).
+//! a table measured with fio on this project's reference machine (ext4 on a virtual SSD).
 //!
 //! Model: a request of `s` bytes issued with `c` in flight costs `s / T(s, c)` seconds of the
 //! batch's wall time, where `T` is the table's aggregate throughput, interpolated log-log in
@@ -38,7 +38,8 @@ pub struct Profile {
 }
 
 impl Default for Profile {
-    /// DESIGN §3: fio random direct reads, 4 GiB file, psync threads, ext4 on a virtual SSD.
+    /// fio random direct reads on this project's reference machine: 4 GiB file, psync threads,
+    /// ext4 on a virtual SSD.
     fn default() -> Profile {
         Profile {
             sizes: vec![4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20],
@@ -50,7 +51,7 @@ impl Default for Profile {
                 vec![900.0, 1489.0, 1626.0],
                 vec![1022.0, 1582.0, 2046.0],
             ],
-            source: "default: DESIGN.md section 3 (fio, ext4 on a virtual SSD)".to_string(),
+            source: "default: fio on the reference machine (ext4 on a virtual SSD)".to_string(),
         }
     }
 }
@@ -143,7 +144,7 @@ impl Profile {
     /// Fit the cost of one request as `overhead + s / B`: B is the throughput of the largest
     /// requests, and the overhead is what the smallest request costs beyond its bytes at B.
     /// Reading a gap g costs g / B; a second request costs the overhead; bridge when
-    /// g / B < overhead, i.e. g < overhead * B. DESIGN §3's table at 32 in flight: 4 KiB costs
+    /// g / B < overhead, i.e. g < overhead * B. The default table at 32 in flight: 4 KiB costs
     /// 14.7 us, 4 KiB at 2046 MB/s is 2.0 us, so gaps under 26 KB (6 pages) are bridged.
     pub fn bridge_gap_bytes(&self, concurrency: u32) -> u64 {
         let smin = self.sizes[0];

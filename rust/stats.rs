@@ -1,5 +1,5 @@
-//! I/O counters, updated with relaxed atomics from the reader's workers (they are statistics:
-//! no other memory is ordered by them).
+//! I/O counters, updated with relaxed atomics by whichever thread completes a read (a pool
+//! worker, or the thread driving io_uring); they are statistics: no other memory is ordered by them.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 

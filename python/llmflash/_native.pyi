@@ -38,7 +38,7 @@ class Profile:
     def __init__(self, sizes: Sequence[int], concurrencies: Sequence[int],
                  mbps: Sequence[Sequence[float]], source: str = "") -> None: ...
     @staticmethod
-    def default() -> Profile: ...          # DESIGN.md section 3's table
+    def default() -> Profile: ...          # fio table of the reference machine
     @staticmethod
     def load(path: _Path) -> Profile: ...   # ValueError if malformed, FlashIOError if unreadable
     @staticmethod

@@ -77,7 +77,7 @@ fn unaligned_bundles_share_pages() {
 
 #[test]
 fn whole_region_when_dense_and_small() {
-    // DESIGN §3's case: SmolLM2 float16 bundles, a dense wanted set. Half the neurons at
+    // SmolLM2's float16 bundles (3,456 bytes) and a dense wanted set. Half the neurons at
     // random: bridging merges everything, so the sparse plan is the whole region already.
     let r = region(1536, 3456);
     let half: Vec<u32> = (0..1536u32).filter(|j| (j.wrapping_mul(2654435761) >> 7) % 2 == 0).collect();

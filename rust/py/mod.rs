@@ -1,5 +1,5 @@
 //! Python bindings (`llmflash._native`), one file per Python-visible concept. Only this folder
-//! imports pyo3; the core (`rust/*.rs`) is plain Rust, usable from other Rust code.
+//! imports pyo3; the core (everything else under `rust/`) is plain Rust, usable from other Rust code.
 
 use pyo3::prelude::*;
 

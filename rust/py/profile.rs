@@ -20,7 +20,7 @@ impl PyProfile {
         Ok(PyProfile { profile: Profile::new(sizes, concurrencies, mbps, source)? })
     }
 
-    /// DESIGN.md §3's table (fio on this project's reference machine).
+    /// The built-in table: fio random direct reads on this project's reference machine.
     #[staticmethod]
     fn default() -> PyProfile {
         PyProfile { profile: Profile::default() }
