@@ -206,7 +206,7 @@ def test_cli_naive_stops_when_ffn_bin_changes_after_the_first_token(store, capsy
 # The CLI with the I/O engine forced to the pread pool: io_uring reads never call pread.
 DRIVER = """
 import sys
-import llmflash.strategies.flash as flash, llmflash.strategies.naive as naive
+import llmflash.strategies.flash.setup as flash, llmflash.strategies.naive as naive
 from llmflash.io import Reader
 def threads(*a, **k):
     return Reader(*a, **{**k, "engine": "threads"})

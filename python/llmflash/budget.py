@@ -71,9 +71,30 @@ class CachePlan:
 
 
 def plan_caches(budget: int, resident_bytes: int, ffn_dims: list[int], bundle_bytes: int,
-                scratch_neurons: int, store_name: str = "") -> CachePlan:
-    """Split what the budget leaves after the fixed parts into per-layer capacities."""
-    scratch = scratch_neurons * bundle_bytes
+                scratch_neurons: int, store_name: str = "", reuse: bool = True) -> CachePlan:
+    """Split what the budget leaves after the fixed parts into per-layer capacities.
+
+    `ffn_dims`: the neurons each layer's cache may have to hold. When some layer's capacity falls
+    short of its size (or `reuse` is False: no cache at all, every wanted neuron streams), a
+    token's overflow streams through one scratch area of `scratch_neurons` rows (at most the
+    widest layer), reserved inside the budget before the capacities are split. A BudgetError when
+    the budget does not cover the resident part, then when it does not cover the scratch area too.
+    """
+    _check_fixed(budget, resident_bytes, 0, store_name)
+    caps = _capacities(budget - resident_bytes, ffn_dims, bundle_bytes)
+    if not reuse:
+        caps = (0,) * len(ffn_dims)
+    if not any(c < n for c, n in zip(caps, ffn_dims)):
+        return CachePlan(budget, resident_bytes, 0, caps)
+    scratch = min(scratch_neurons, max(ffn_dims)) * bundle_bytes
+    _check_fixed(budget, resident_bytes, scratch, store_name)
+    if reuse:
+        caps = _capacities(budget - resident_bytes - scratch, ffn_dims, bundle_bytes)
+    return CachePlan(budget, resident_bytes, scratch, caps)
+
+
+def _check_fixed(budget: int, resident_bytes: int, scratch: int, store_name: str) -> None:
+    """A BudgetError unless the budget covers the resident part and `scratch` bytes."""
     fixed = resident_bytes + scratch
     if budget < fixed:
         raise BudgetError(
@@ -81,7 +102,10 @@ def plan_caches(budget: int, resident_bytes: int, ffn_dims: list[int], bundle_by
             f"({format_bytes(resident_bytes)} of embeddings/attention/norms, predictors and hot neurons + "
             f"{format_bytes(scratch)} scratch); "
             f"use at least {format_bytes(fixed, up=True)}", store_name or None)
+
+
+def _capacities(free: int, ffn_dims: list[int], bundle_bytes: int) -> tuple[int, ...]:
+    """Per-layer cache slots from `free` bytes: every layer the same share of its neurons."""
     total = sum(ffn_dims)
-    share = min(1.0, (budget - fixed) / (total * bundle_bytes)) if total else 1.0
-    caps = tuple(min(n, int(share * n)) for n in ffn_dims)
-    return CachePlan(budget, resident_bytes, scratch, caps)
+    share = min(1.0, free / (total * bundle_bytes)) if total else 1.0
+    return tuple(min(n, int(share * n)) for n in ffn_dims)
