@@ -18,9 +18,9 @@ import torch
 from tqdm import tqdm
 
 from llmflash.defaults import store_or_default
-from llmflash.evaluate import heldout_text
+from llmflash.commands.texts import heldout_text
 from llmflash.models.transformer import Transformer
-from llmflash.predictor import activations
+from llmflash.sparsity.labels import activations
 from llmflash.store import Store
 from llmflash.strategies.dense import DenseFFN
 

@@ -14,7 +14,7 @@ import torch
 
 from llmflash.cli import main
 from llmflash.errors import StoreError
-from llmflash.predictor import load_predictors
+from llmflash.sparsity.predictors_file import load_predictors
 from llmflash.store import PREDICTORS, Store
 
 from conftest import VOCAB, tiny_tokenizer_json
@@ -230,7 +230,7 @@ def test_sticky_selection_does_not_depend_on_a_lookahead_guess(llama_store, text
 
 
 def test_eval_sticky_spec(llama_store, texts, capsys, monkeypatch):
-    from llmflash.predictor import Predictors
+    from llmflash.sparsity.predictors import Predictors
 
     calls = []
     select = Predictors.select

@@ -214,7 +214,7 @@ def test_calibrate_records_the_rank_it_trained(tmp_path, capsys):
     entry = json.loads((store / "manifest.json").read_text())["predictors"]
     assert entry["rank"] == 32                             # the model's width, not the 1000 asked for
     assert "rank 32" in err and "--rank 1000" in err
-    from llmflash.predictor import load_predictors
+    from llmflash.sparsity.predictors_file import load_predictors
 
     p = load_predictors(store)
     assert p.meta["rank"] == 32 and all(layer.rank == 32 for layer in p.layers)

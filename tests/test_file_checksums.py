@@ -22,7 +22,7 @@ from llmflash.api import FlashModel
 from llmflash.store.checksums import file_crc32, file_entry, manifest_crc32
 from llmflash.cli import main
 from llmflash.errors import LlmflashError, StoreError
-from llmflash.predictor_file import load_predictors
+from llmflash.sparsity.predictors_file import load_predictors
 from llmflash.store import PREDICTORS, Store
 from llmflash.verify import verify_store
 from test_predictor import write_predictors
@@ -240,7 +240,7 @@ def test_calibrate_records_predictors_and_recovers_from_an_interruption(tmp_path
     and calibrate runs again."""
     import random
 
-    from llmflash import calibrate as C
+    from llmflash.sparsity import calibration as C
 
     store = write_store(tmp_path / "s.llmflash", tokenizer=tiny_tokenizer_json(64))
     text = tmp_path / "calib.txt"

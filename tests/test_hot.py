@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from llmflash.api import FlashModel
 from llmflash.cli import main
 from llmflash.errors import StoreError
-from llmflash.predictor import load_predictors
+from llmflash.sparsity.predictors_file import load_predictors
 from llmflash.store import PREDICTORS, Store
 
 from conftest import tiny_tokenizer_json
@@ -74,7 +74,7 @@ def test_flash_computes_hot_and_predicted_neurons(store, texts, tmp_path):  # no
     """Flash with hot pinning (wanted rows only) computes exactly the hot neurons plus the
     predicted cold ones: the dense FFN restricted to that set (eval's "predictor only") gives the
     same logits, also on a store with shuffled neurons (the hot rows are found by position)."""
-    from llmflash.evaluate import _ProbeFFN
+    from llmflash.commands.evaluation import _ProbeFFN
     from llmflash.models.transformer import Transformer
 
     ids = Store(store).tokenizer().encode(texts[1].read_text()).ids[:20]

@@ -133,7 +133,7 @@ def test_peak_rss_over_2000_tokens_with_predictors(tmp_path):
     cache + at most WORKING_BYTES. The campaign's case: SmolLM2 with predictors at 0.6x, 2,000
     tokens (before: 867 MB against a promised 776; the predictors' load left ~150 MB of glibc heap
     behind, and kept their file's memory map resident beside their packed form)."""
-    from llmflash.calibrate import calibrate
+    from llmflash.commands.calibrate import calibrate
     from llmflash.defaults import ensure_default_store
 
     store = tmp_path / "smollm2.llmflash"

@@ -12,7 +12,7 @@ import pytest
 from llmflash import FlashIOError
 from llmflash._native import Profile, measure, measure_point
 from llmflash.io import default_profile_path, load_profile
-from llmflash.profile_disk import format_table, main
+from llmflash.commands.profile_disk import format_table, main
 
 
 def test_default_profile_is_design_table():

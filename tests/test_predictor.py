@@ -15,8 +15,11 @@ from safetensors.torch import save_file
 
 from llmflash.errors import StoreError
 from llmflash.models.config import ModelConfig
-from llmflash.predictor import (QUANTILES, Predictors, load_predictors, pack_bits, read_predictors, save_predictors,
-                                share_above, threshold_for_recall, train_layer, unpack_bits)
+from llmflash.sparsity.labels import pack_bits, unpack_bits
+from llmflash.sparsity.lowrank import train_layer
+from llmflash.sparsity.predictors import Predictors
+from llmflash.sparsity.predictors_file import load_predictors, read_predictors, save_predictors
+from llmflash.sparsity.quantiles import QUANTILES, share_above, threshold_for_recall
 from llmflash.store import PREDICTORS, Store
 from test_store_errors import edit_manifest, reseal, write_store
 

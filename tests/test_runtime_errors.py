@@ -110,8 +110,8 @@ def test_absurd_thread_counts_are_refused(command, threads, tmp_path, capsys):
 
 
 def test_thread_bound_in_the_api(tok_store):
-    from llmflash.calibrate import calibrate
-    from llmflash.evaluate import evaluate
+    from llmflash.commands.calibrate import calibrate
+    from llmflash.commands.evaluation import evaluate
 
     with pytest.raises(InvalidArgumentError, match="threads"):
         calibrate(tok_store, threads=max_threads() + 1)

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmflash import shadow
+from llmflash.sparsity import shadow
 from llmflash.cli import main
 from llmflash.errors import StoreError
-from llmflash.predictor import load_predictors
-from llmflash.shadow import GROUP, ShadowLayer, dequantize4, quantize4
+from llmflash.sparsity.predictors_file import load_predictors
+from llmflash.sparsity.shadow import GROUP, ShadowLayer, dequantize4, quantize4
 from llmflash.store import PREDICTORS, Store
 
 from conftest import tiny_tokenizer_json

@@ -7,7 +7,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from .cli_args import Parser
+from .commands import bench, calibrate, profile_disk, verify
+from .commands import eval as eval_command
+from .commands.args import Parser
 from .errors import InvalidArgumentError, LlmflashError
 from .heap import bound_heap
 
@@ -39,14 +41,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import verify_store
-
-    r = verify_store(args.store, progress=not args.quiet)
-    print(r.summary(), file=sys.stderr)
-    return 0
-
-
 def flash_options(args: argparse.Namespace) -> dict:
     """Options for the flash strategy from --memory/--window/--sparsity/--hot (only those given)."""
     opts = {k: getattr(args, k) for k in ("memory", "window", "sparsity", "hot") if getattr(args, k) is not None}
@@ -66,20 +60,8 @@ def add_flash_flags(p: argparse.ArgumentParser) -> None:
                         "always computed; the predictors cover the rest (flash, needs calibrated predictors)")
 
 
-# Subcommands with parsers of their own (module.main(argv) -> exit code).
-DELEGATED = {
-    "profile-disk": ("profile_disk", "measure random direct-I/O read throughput (the paper's Figure 2)"),
-    "bench": ("bench", "per-token latency of naive vs flash, measured in one interleaved run"),
-    "calibrate": ("calibrate", "train the per-layer sparsity predictors of a store"),
-    "eval": ("evaluate", "perplexity of dense vs flash, predictor recall/precision, FFN share read per token"),
-}
-
-
-def _delegate(command: str, argv: list[str]) -> int:
-    import importlib
-
-    module = importlib.import_module(f".{DELEGATED[command][0]}", __package__)
-    return module.main(argv)
+# Subcommands with parsers of their own (main(argv) -> exit code), in the order `--help` lists them.
+OWN_PARSERS = {"profile-disk": profile_disk, "bench": bench, "calibrate": calibrate, "eval": eval_command}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,14 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stats", action="store_true", help="print timing and I/O counters to stderr")
     g.set_defaults(func=_cmd_generate)
 
-    v = sub.add_parser("verify", help="check a whole store: every layer region's and bundle's CRC-32, "
-                                      "resident tensors, tokenizer, predictors")
-    v.add_argument("store", help="store folder")
-    v.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    v.set_defaults(func=_cmd_verify)
-
-    for command, (_, text) in DELEGATED.items():
-        sub.add_parser(command, help=text, add_help=False)
+    verify.register(sub)
+    for command, module in OWN_PARSERS.items():
+        sub.add_parser(command, help=module.HELP, add_help=False)
     return p
 
 
@@ -131,8 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     bound_heap()                     # the memory promise (heap.py): freed large buffers go back to the system
     try:
-        if argv and argv[0] in DELEGATED:
-            return _delegate(argv[0], argv[1:])
+        if argv and argv[0] in OWN_PARSERS:
+            return OWN_PARSERS[argv[0]].main(argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
     except (LlmflashError, ValueError, OSError) as e:

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import StoreError
+from .sparsity.predictors_file import load_predictors
 from .store import BUNDLE_CRCS, MANIFEST, PREDICTORS, RESIDENT, TOKENIZER, VERSION, Store, crc32_per_bundle
 
 
@@ -82,8 +83,6 @@ def verify_store(path: str | os.PathLike[str], progress: bool = True) -> VerifyR
         raise StoreError("missing: the manifest declares predictors (run `llmflash calibrate` again)", ppath)
     predictors = ppath.is_file()
     if predictors:
-        from .predictor_file import load_predictors
-
         load_predictors(store)                              # checksum, the manifest's entry, every tensor
     checked = bundles = 0
     for i in tqdm(range(len(store.layers)), desc="verify ffn.bin", unit="layer", disable=not progress):

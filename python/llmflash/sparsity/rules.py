@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ..errors import InvalidArgumentError
 from ..models.config import ModelConfig
 from ..store import Store, split_bundles
+from .neurons import in_original_ids, order_inverse
 
 
 class AllNeurons:
@@ -36,10 +37,8 @@ class _FullActivations:
             parts = split_bundles(store.read_layer(i).float(), store.config)
             if biases[i] is not None:
                 parts["bias"] = biases[i]
-            if L.order is not None:                          # back to original neuron ids
-                inv = torch.empty(L.n_neurons, dtype=torch.long)
-                inv[torch.tensor(L.order)] = torch.arange(L.n_neurons)
-                parts = {k: v[inv] for k, v in parts.items()}
+            inverse = order_inverse(L.order)                 # rows back to original neuron ids
+            parts = {k: in_original_ids(v, inverse, dim=0) for k, v in parts.items()}
             self.weights.append(parts)
 
     def activations(self, layer: int, x: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch
 
 from ..errors import InvalidArgumentError
 from ..store import Store
+from .predictors_file import load_predictors
 from .rules import AllNeurons, Oracle
 
 
@@ -73,7 +74,6 @@ def make_source(spec: str | WantedSource, store: Store, hot: float = 0.0) -> Wan
         keep = _share(spec, "KEEP (the share of neurons kept per token)", arg) if arg else 0.5
         return Oracle(store, keep=keep)
     if name == "predictor":
-        from ..predictor_file import load_predictors
         recall, _, stay = arg.partition("/")
         r = _share(spec, "RECALL", recall) if recall else None
         st = _share(spec, "STAY", stay) if stay else None

@@ -1,15 +1,14 @@
 """The argument parser every `llmflash` command uses: argparse, with usage errors raised as
 UsageError so the command line prints them like any other bad input, on one line
 (`llmflash: error: convert: the following arguments are required: dst (see `llmflash convert
---help`)`),
-and exits with code 2, instead of argparse's usage block."""
+--help`)`), and exits with code 2, instead of argparse's usage block."""
 
 from __future__ import annotations
 
 import argparse
 from typing import NoReturn
 
-from .errors import InvalidArgumentError
+from ..errors import InvalidArgumentError
 
 
 class UsageError(InvalidArgumentError):

@@ -26,13 +26,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import StoreError
-from .models.config import ModelConfig
-from .predictor import (FORMAT, MAX_PREDICTORS_BYTES, QUANTILES, VERSION, LayerPredictor, Predictors, TrainResult,
-                        threshold_for_recall)
+from ..errors import StoreError
+from ..models.config import ModelConfig
+from ..store import PREDICTORS, Store, replace_file
+from .lowrank import LayerPredictor, TrainResult
+from .predictors import Predictors
+from .quantiles import QUANTILES, threshold_for_recall
 from .shadow import GROUP as SHADOW_GROUP
 from .shadow import ShadowLayer
-from .store import PREDICTORS, Store, replace_file
+
+FORMAT = "llmflash-predictors"
+VERSION = 1
+MAX_PREDICTORS_BYTES = 1 << 34
 
 
 def save_predictors(path: str | os.PathLike[str], results: list[TrainResult], recall: float,
@@ -112,15 +117,42 @@ def read_predictors(path: str | os.PathLike[str], config: ModelConfig,
     picks the same logit threshold as without, not that recall over the cold neurons alone."""
     if not 0.0 <= hot < 1.0:
         raise ValueError(f"hot share must be in [0, 1), not {hot}")
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise StoreError("no predictors file: run `llmflash calibrate STORE` first", path)
     size = path.stat().st_size
     if size > MAX_PREDICTORS_BYTES:
         raise StoreError(f"predictors file is {size} bytes, over the {MAX_PREDICTORS_BYTES} cap", path)
-    L, D = config.n_layers, config.dim
+    meta, tensors = _read_tensors(path, config)
+    t = _Checked(tensors, path)
+    L = config.n_layers
+    rates = _rates(t, config)
+    hot_ids = cold_ids = None
+    if hot > 0:
+        if rates is None:
+            raise StoreError("hot pinning needs per-neuron rates, which this predictors file (written "
+                             "before they were recorded) lacks: run `llmflash calibrate` again", path)
+        hot_ids, cold_ids = zip(*(hot_split(r, hot) for r in rates))
+    layers = [_layer(t, config, meta["kind"], i, None if cold_ids is None else cold_ids[i], dtype) for i in range(L)]
+    thresholds = t.check("thresholds", (L,)).float()
+    label_thresholds = t.check("label_thresholds", (L,)).float()
+    pos_q = t.check("pos_quantiles", (L, QUANTILES)).float()
+    neg_q = t.check("neg_quantiles", (L, QUANTILES)).float()
+    pos_rate = t.check("pos_rate", (L,)).float()
+    if bool((pos_q.diff(dim=1) < 0).any()) or bool((neg_q.diff(dim=1) < 0).any()):
+        raise StoreError("pos_quantiles / neg_quantiles are not increasing", path)
+    if bool(((pos_rate < 0) | (pos_rate > 1)).any()):
+        raise StoreError("pos_rate is outside [0, 1]", path)
+    return Predictors(layers, thresholds.tolist(), pos_q, neg_q, pos_rate, label_thresholds, meta, path,
+                      rates=rates, hot=None if hot_ids is None else list(hot_ids),
+                      cold=None if cold_ids is None else list(cold_ids))
+
+
+def _read_tensors(path: Path, config: ModelConfig) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The file's metadata, and its tensors once their names are exactly the expected ones."""
+    from safetensors import SafetensorError, safe_open
+
+    L = config.n_layers
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = _parse_meta(f.metadata(), path)
@@ -133,8 +165,7 @@ def read_predictors(path: str | os.PathLike[str], config: ModelConfig,
                     want |= {f"layers.{i}.shadow.bias"} if shadow_bias else set()
                 else:
                     want |= {f"layers.{i}.{a}.{b}" for a in ("in", "out") for b in ("weight", "bias")}
-            rate_names = {f"layers.{i}.rate" for i in range(L)} & names     # optional
-            want |= rate_names
+            want |= {f"layers.{i}.rate" for i in range(L)} & names             # optional
             missing, extra = sorted(want - names), sorted(names - want)
             if missing:
                 raise StoreError(f"missing tensors {missing[:4]}{' ...' if len(missing) > 4 else ''} "
@@ -143,80 +174,78 @@ def read_predictors(path: str | os.PathLike[str], config: ModelConfig,
                 raise StoreError(f"unexpected tensors {extra[:4]}", path)
             # copies, not views of the file's memory map: a small tensor kept (a rate, a quantile)
             # would keep the whole mapping resident beside the packed predictors
-            t = {name: f.get_tensor(name).clone() for name in sorted(want)}
+            return meta, {name: f.get_tensor(name).clone() for name in sorted(want)}
     except SafetensorError as e:
         raise StoreError(f"cannot read predictors: {e}", path) from None
     except (OSError, ValueError, RuntimeError) as e:
         raise StoreError(f"cannot read predictors: {e}", path) from None
 
-    def check(name: str, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...] = ()) -> Tensor:
-        v = t[name]
+
+class _Checked:
+    """The file's tensors, each handed out once its shape and dtype are as expected."""
+
+    def __init__(self, tensors: dict[str, Tensor], path: Path):
+        self.t, self.path = tensors, path
+
+    def check(self, name: str, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...] = ()) -> Tensor:
+        """The tensor `name` with shape `shape` and a dtype in `dtypes` (default: a finite float)."""
+        v = self.t[name]
         if tuple(v.shape) != shape:
-            raise StoreError(f"{name} has shape {tuple(v.shape)}, expected {shape}", path)
+            raise StoreError(f"{name} has shape {tuple(v.shape)}, expected {shape}", self.path)
         if dtypes:
             if v.dtype not in dtypes:
-                raise StoreError(f"{name} has dtype {v.dtype}, expected {dtypes[0]}", path)
+                raise StoreError(f"{name} has dtype {v.dtype}, expected {dtypes[0]}", self.path)
             return v
         if v.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise StoreError(f"{name} has dtype {v.dtype}, expected a float type", path)
+            raise StoreError(f"{name} has dtype {v.dtype}, expected a float type", self.path)
         if not bool(torch.isfinite(v).all()):
-            raise StoreError(f"{name} holds non-finite values", path)
+            raise StoreError(f"{name} holds non-finite values", self.path)
         return v
 
-    rates = None
-    if rate_names:
-        if len(rate_names) != L:
-            raise StoreError(f"per-neuron rates for {len(rate_names)} of {L} layers", path)
-        rates = [check(f"layers.{i}.rate", (config.ffn_dims[i],)).float() for i in range(L)]
-        if any(bool(((r < 0) | (r > 1)).any()) for r in rates):
-            raise StoreError("a layers.*.rate is outside [0, 1]", path)
-    hot_ids = cold_ids = None
-    if hot > 0:
-        if rates is None:
-            raise StoreError("hot pinning needs per-neuron rates, which this predictors file (written "
-                             "before they were recorded) lacks: run `llmflash calibrate` again", path)
-        hot_ids, cold_ids = zip(*(hot_split(r, hot) for r in rates))
 
-    layers: list[LayerPredictor | ShadowLayer] = []
-    for i in range(L):
-        n = config.ffn_dims[i]
-        if meta["kind"] == "shadow":
-            if D % SHADOW_GROUP:
-                raise StoreError(f"shadow predictors need a width divisible by {SHADOW_GROUP}; the model's is {D}", path)
-            rows = 2 * n if config.gated else n
-            codes = check(f"layers.{i}.shadow.codes", (rows, D // 2), (torch.uint8,))
-            scales = check(f"layers.{i}.shadow.scales", (rows, D // SHADOW_GROUP)).half()
-            bias = check(f"layers.{i}.shadow.bias", (n,)).float() if shadow_bias else None
-            if cold_ids is not None:                   # only the cold neurons' rows, packed once
-                c = cold_ids[i]
-                sel = torch.cat([c, c + n]) if config.gated else c
-                codes, scales, bias = codes[sel], scales[sel], None if bias is None else bias[c]
-            layers.append(ShadowLayer(codes.contiguous(), scales.contiguous(), config.gated, bias).release_codes())
-            continue
-        w = t[f"layers.{i}.in.weight"]
-        if w.dim() != 2 or not 1 <= w.shape[0] <= max(D, n):
-            raise StoreError(f"layers.{i}.in.weight has shape {tuple(w.shape)}, expected (R, {D}) with "
-                             f"1 <= R <= {max(D, n)}", path)
-        R = w.shape[0]
-        in_w = check(f"layers.{i}.in.weight", (R, D))
-        out_w, out_b = check(f"layers.{i}.out.weight", (n, R)), check(f"layers.{i}.out.bias", (n,))
-        if cold_ids is not None:                       # only the cold neurons' output rows
-            out_w, out_b = out_w[cold_ids[i]], out_b[cold_ids[i]]
-        layers.append(LayerPredictor(
-            in_w.to(dtype) if dtype is not None else in_w, check(f"layers.{i}.in.bias", (R,)).float(),
-            out_w.to(dtype or in_w.dtype).contiguous(), out_b.float().contiguous()))
-    thresholds = check("thresholds", (L,)).float()
-    label_thresholds = check("label_thresholds", (L,)).float()
-    pos_q = check("pos_quantiles", (L, QUANTILES)).float()
-    neg_q = check("neg_quantiles", (L, QUANTILES)).float()
-    pos_rate = check("pos_rate", (L,)).float()
-    if bool((pos_q.diff(dim=1) < 0).any()) or bool((neg_q.diff(dim=1) < 0).any()):
-        raise StoreError("pos_quantiles / neg_quantiles are not increasing", path)
-    if bool(((pos_rate < 0) | (pos_rate > 1)).any()):
-        raise StoreError("pos_rate is outside [0, 1]", path)
-    return Predictors(layers, thresholds.tolist(), pos_q, neg_q, pos_rate, label_thresholds, meta, path,
-                      rates=rates, hot=None if hot_ids is None else list(hot_ids),
-                      cold=None if cold_ids is None else list(cold_ids))
+def _rates(t: _Checked, config: ModelConfig) -> list[Tensor] | None:
+    """The per-neuron rates of every layer, or None for a file without them."""
+    L = config.n_layers
+    have = [i for i in range(L) if f"layers.{i}.rate" in t.t]
+    if not have:
+        return None
+    if len(have) != L:
+        raise StoreError(f"per-neuron rates for {len(have)} of {L} layers", t.path)
+    rates = [t.check(f"layers.{i}.rate", (config.ffn_dims[i],)).float() for i in range(L)]
+    if any(bool(((r < 0) | (r > 1)).any()) for r in rates):
+        raise StoreError("a layers.*.rate is outside [0, 1]", t.path)
+    return rates
+
+
+def _layer(t: _Checked, config: ModelConfig, kind: str, i: int, cold: Tensor | None,
+           dtype: torch.dtype | None) -> LayerPredictor | ShadowLayer:
+    """Layer i's predictor; with `cold` (hot pinning), its rows for those neurons only."""
+    D, n = config.dim, config.ffn_dims[i]
+    if kind == "shadow":
+        if D % SHADOW_GROUP:
+            raise StoreError(f"shadow predictors need a width divisible by {SHADOW_GROUP}; the model's is {D}",
+                             t.path)
+        rows = 2 * n if config.gated else n
+        codes = t.check(f"layers.{i}.shadow.codes", (rows, D // 2), (torch.uint8,))
+        scales = t.check(f"layers.{i}.shadow.scales", (rows, D // SHADOW_GROUP)).half()
+        shadow_bias = not config.gated and config.ffn_bias
+        bias = t.check(f"layers.{i}.shadow.bias", (n,)).float() if shadow_bias else None
+        if cold is not None:                           # only the cold neurons' rows, packed once
+            sel = torch.cat([cold, cold + n]) if config.gated else cold
+            codes, scales, bias = codes[sel], scales[sel], None if bias is None else bias[cold]
+        return ShadowLayer(codes.contiguous(), scales.contiguous(), config.gated, bias).release_codes()
+    w = t.t[f"layers.{i}.in.weight"]
+    if w.dim() != 2 or not 1 <= w.shape[0] <= max(D, n):
+        raise StoreError(f"layers.{i}.in.weight has shape {tuple(w.shape)}, expected (R, {D}) with "
+                         f"1 <= R <= {max(D, n)}", t.path)
+    R = w.shape[0]
+    in_w = t.check(f"layers.{i}.in.weight", (R, D))
+    out_w, out_b = t.check(f"layers.{i}.out.weight", (n, R)), t.check(f"layers.{i}.out.bias", (n,))
+    if cold is not None:                               # only the cold neurons' output rows
+        out_w, out_b = out_w[cold], out_b[cold]
+    return LayerPredictor(
+        in_w.to(dtype) if dtype is not None else in_w, t.check(f"layers.{i}.in.bias", (R,)).float(),
+        out_w.to(dtype or in_w.dtype).contiguous(), out_b.float().contiguous())
 
 
 def hot_split(rate: Tensor, share: float) -> tuple[Tensor, Tensor]:

@@ -5,31 +5,21 @@
 
 where gate~, up~ are the rows quantized to 4 bits in groups of GROUP columns (symmetric: code
 c in 1..15 stands for (c - 8) * scale, one float16 scale per group). A neuron is predicted when
-its score is over the layer's threshold, chosen like the low-rank predictors' (llmflash.predictor:
+its score is over the layer's threshold, chosen like the low-rank predictors' (llmflash.sparsity.quantiles:
 held-out quantiles of the scores of active and inactive pairs, any target recall).
 
-Why a second kind (measured on SmolLM2-135M, 1,024 held-out tokens, each token's FFN restricted
-to the top 50% / 60% of neurons by each score; dense perplexity 12.04):
-
-    score                               50%: ppl / dense   60%     |act| mass kept at 50%
-    oracle |silu(g) u|                  1.014              1.006   0.89
-    4-bit gate and up (this)            1.036              1.021   0.88
-    3-bit gate and up                   1.068              1.022   0.85
-    exact gate alone, |silu(g)| (CATS)  1.332              1.145   0.77
-    data-aware rank-256 gate and up     1.102              1.039   0.83
-    data-aware rank-128 gate and up     1.192              1.113   0.78
-
-|silu(g) u| needs |u|, which a low-rank view of the FFN input does not carry well on this model
-(its variance is spread over many directions), while 4 bits per weight keep the ranking almost
-intact. The cost is memory: gate and up at 4 bits are 1/6 of the FFN's float16 bytes (SmolLM2:
-29.9 MB for 30 layers, against 16.4 MB for rank-128 low-rank predictors), all counted inside
-`--memory`. For wide models with a small active share (OPT-6.7B: 16,384 neurons, 10% active)
-the low-rank predictors are far smaller; shadows suit small SwiGLU models with dense magnitude
-sparsity.
+Why a second kind: |silu(g) u| needs |u|, which a low-rank view of the FFN input does not carry
+well on small SwiGLU models (their FFN input spreads its variance over many directions), while 4
+bits per weight keep the neurons' ranking almost intact: on SmolLM2-135M, restricting each
+token's FFN to the top half of neurons by this score costs about as little perplexity as by the
+exact |act|, far less than low-rank predictors of rank 128 or 256. The cost is memory: gate and
+up at 4 bits are 1/6 of the FFN's float16 bytes, counted inside `--memory`. For wide models with
+a small active share (OPT) the low-rank predictors are far smaller; shadows suit small SwiGLU
+models with dense magnitude sparsity.
 
 Decode runs the product with torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`, bfloat16
-activations): 0.17 ms for SmolLM2's 3,072 x 576 gate+up rows against 0.20 ms for the float16
-product of the same rows (2 threads); without that kernel, the rows are dequantized once at load.
+activations), a little faster than the float16 product of the same rows; without that kernel,
+the rows are dequantized once at load.
 
 File layout (inside predictors.safetensors, metadata kind = "shadow"):
     layers.{i}.shadow.codes   (rows, D/2)      uint8: 4-bit codes, low nibble = even column

@@ -13,9 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from .cli_args import Parser
-from ._native import Profile, measure_point
-from .io import default_profile_path
+from .._native import Profile, measure_point
+from .args import Parser
+
+HELP = "measure random direct-I/O read throughput (the paper's Figure 2)"
 
 SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20]
 CONCURRENCIES = [1, 4, 8, 16, 32]
@@ -26,6 +27,7 @@ def _fmt_size(n: int) -> str:
 
 
 def format_table(profile: Profile) -> str:
+    """MB/s by request size (rows) and requests in flight (columns)."""
     head = "request   " + "".join(f"{c:>9}" for c in profile.concurrencies)
     lines = [f"MB/s by requests in flight ({profile.source})", head]
     for s, row in zip(profile.sizes, profile.mbps):
@@ -72,6 +74,8 @@ def _write_scratch(path: Path, size: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..io import default_profile_path
+
     ap = Parser(prog="llmflash profile-disk", description=__doc__.split("\n\n")[0])
     ap.add_argument("path", nargs="?", default=".", help="a folder on the disk to measure (default: .)")
     ap.add_argument("--out", default=None, help=f"profile JSON (default: {default_profile_path()})")
@@ -79,8 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=1.0, help="seconds per point (default: 1)")
     ap.add_argument("--size-mb", type=int, default=1024, help="scratch file size in MB (default: 1024)")
     args = ap.parse_args(argv)
-    from tqdm import tqdm
-
     folder = Path(args.path)
     if not folder.is_dir():
         print(f"llmflash profile-disk: {folder} is not a folder", file=sys.stderr)
@@ -89,11 +91,27 @@ def main(argv: list[str] | None = None) -> int:
     if size < SIZES[-1] * 4:
         print(f"llmflash profile-disk: --size-mb must be at least {SIZES[-1] * 4 >> 20}", file=sys.stderr)
         return 2
+    profile = _measure(folder, size, args.size_mb, args.seconds)
+    print(format_table(profile))
+    out = Path(args.out) if args.out else default_profile_path()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    profile.save(out)
+    print(f"profile saved to {out}")
+    if args.plot:
+        plot(profile, args.plot)
+        print(f"plot saved to {args.plot}")
+    return 0
+
+
+def _measure(folder: Path, size: int, size_mb: int, seconds: float) -> Profile:
+    """Every (request size, requests in flight) point on a scratch file of `size` bytes in `folder`."""
+    from tqdm import tqdm
+
     fd, name = tempfile.mkstemp(prefix=".llmflash-profile-", dir=folder)
     os.close(fd)
     scratch = Path(name)
     try:
-        print(f"writing a {args.size_mb} MB scratch file in {folder.resolve()} ...", file=sys.stderr)
+        print(f"writing a {size_mb} MB scratch file in {folder.resolve()} ...", file=sys.stderr)
         _write_scratch(scratch, size)
         points = [(s, c) for s in SIZES for c in CONCURRENCIES]
         mbps = {p: 0.0 for p in points}
@@ -104,22 +122,12 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(passes):
                 for s, c in points:
                     bar.set_postfix_str(f"{_fmt_size(s)} x {c}")
-                    mbps[(s, c)] = max(mbps[(s, c)], measure_point(scratch, s, c, args.seconds / passes))
+                    mbps[(s, c)] = max(mbps[(s, c)], measure_point(scratch, s, c, seconds / passes))
                     bar.update()
     finally:
         scratch.unlink(missing_ok=True)
     table = [[max(mbps[(s, c)], 1e-3) for c in CONCURRENCIES] for s in SIZES]
-    profile = Profile(SIZES, CONCURRENCIES, table,
-                      f"measured on {folder.resolve()} at {time.strftime('%Y-%m-%d %H:%M')}")
-    print(format_table(profile))
-    out = Path(args.out) if args.out else default_profile_path()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    profile.save(out)
-    print(f"profile saved to {out}")
-    if args.plot:
-        plot(profile, args.plot)
-        print(f"plot saved to {args.plot}")
-    return 0
+    return Profile(SIZES, CONCURRENCIES, table, f"measured on {folder.resolve()} at {time.strftime('%Y-%m-%d %H:%M')}")
 
 
 if __name__ == "__main__":
