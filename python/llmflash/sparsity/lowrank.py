@@ -99,17 +99,40 @@ def train_layer(x: Tensor, packed: Tensor, n: int, rank: int, heldout: int, epoc
         pos += int(unpack_bits(packed[s:min(s + 4096, ntr)], n).sum())
     total = ntr * n
     pos_weight = torch.tensor((total - pos) / max(pos, 1)).clamp(0.01, 100.0)
+    params = _initial(rank, D, n, pos / max(total, 1), gen)
+    xs = (xtr - mu) / sd                                                   # standardized
+    del xtr
+    loss = _fit(params, xs, packed, n, pos_weight, epochs, min(batch, ntr), lr, gen, progress)
+    with torch.no_grad():
+        # fold the standardization: A ((x - mu) / sd) + a = (A / sd) x + (a - (A / sd) mu)
+        in_w, in_b, out_w, out_b = (p.detach() for p in params)
+        a_w = in_w / sd
+        pred = LayerPredictor(a_w.to(dtype), (in_b - a_w @ mu).float(), out_w.to(dtype), out_b.float())
+        z = torch.cat([F.linear(F.linear(x[s:s + 4096].float(), pred.in_w.float(), pred.in_b),
+                                pred.out_w.float(), pred.out_b) for s in range(ntr, N, 4096)])
+        y = torch.cat([unpack_bits(packed[s:min(s + 4096, N)], n) for s in range(ntr, N, 4096)])
+        return TrainResult(pred, sample_quantiles(z[y], gen), sample_quantiles(z[~y], gen), float(y.float().mean()),
+                           loss)
 
+
+def _initial(rank: int, D: int, n: int, rate: float, gen: torch.Generator) -> list[Tensor]:
+    """[in_w, in_b, out_w, out_b] before training: torch's Linear initialization for the maps,
+    and output biases at the logit of the active share `rate`."""
     in_w = torch.empty(rank, D)
     out_w = torch.empty(n, rank)
     torch.nn.init.kaiming_uniform_(in_w, a=math.sqrt(5), generator=gen)
     torch.nn.init.kaiming_uniform_(out_w, a=math.sqrt(5), generator=gen)
-    in_b = torch.zeros(rank)
-    rate = min(max(pos / max(total, 1), 1e-4), 1 - 1e-4)
+    rate = min(max(rate, 1e-4), 1 - 1e-4)
     out_b = torch.full((n,), math.log(rate / (1 - rate)))
-    params = [p.requires_grad_() for p in (in_w, in_b, out_w, out_b)]
+    return [p.requires_grad_() for p in (in_w, torch.zeros(rank), out_w, out_b)]
+
+
+def _fit(params: list[Tensor], xs: Tensor, packed: Tensor, n: int, pos_weight: Tensor, epochs: int, batch: int,
+         lr: float, gen: torch.Generator, progress: Any) -> float:
+    """Train `params` in place on the standardized inputs `xs` (ntr, D); the last epoch's mean loss."""
+    in_w, in_b, out_w, out_b = params
+    ntr = xs.shape[0]
     opt = torch.optim.Adam(params, lr=lr)
-    batch = min(batch, ntr)
     steps_per_epoch = ntr // batch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(1, epochs * steps_per_epoch))
     loss_sum, loss_n = 0.0, 0
@@ -119,9 +142,8 @@ def train_layer(x: Tensor, packed: Tensor, n: int, rank: int, heldout: int, epoc
             loss_sum, loss_n = 0.0, 0
             for s in range(steps_per_epoch):
                 idx = perm[s * batch:(s + 1) * batch]
-                xb = (xtr[idx] - mu) / sd                                  # (B, D)
                 yb = unpack_bits(packed[idx], n).float()                   # (B, n)
-                z = F.linear(F.linear(xb, in_w, in_b), out_w, out_b)       # (B, n)
+                z = F.linear(F.linear(xs[idx], in_w, in_b), out_w, out_b)  # (B, n)
                 loss = F.binary_cross_entropy_with_logits(z, yb, pos_weight=pos_weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -130,14 +152,4 @@ def train_layer(x: Tensor, packed: Tensor, n: int, rank: int, heldout: int, epoc
                 loss_sum, loss_n = loss_sum + loss.detach().item(), loss_n + 1
                 if progress is not None:
                     progress.update(1)
-    with torch.no_grad():
-        # fold the standardization: A ((x - mu) / sd) + a = (A / sd) x + (a - (A / sd) mu)
-        a_w = in_w.detach() / sd
-        a_b = in_b.detach() - a_w @ mu
-        pred = LayerPredictor(a_w.to(dtype), a_b.float(), out_w.detach().to(dtype), out_b.detach().float())
-        z = torch.cat([F.linear(F.linear(x[s:s + 4096].float(), pred.in_w.float(), pred.in_b),
-                                pred.out_w.float(), pred.out_b) for s in range(ntr, N, 4096)])
-        y = torch.cat([unpack_bits(packed[s:min(s + 4096, N)], n) for s in range(ntr, N, 4096)])
-        result = TrainResult(pred, sample_quantiles(z[y], gen), sample_quantiles(z[~y], gen),
-                             float(y.float().mean()), loss_sum / max(loss_n, 1))
-    return result
+    return loss_sum / max(loss_n, 1)
