@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
 import threading
 import time
 import warnings
@@ -19,6 +21,8 @@ import torch
 
 os.environ.setdefault("LLMFLASH_QUIET", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+from store_builders import write_store  # noqa: E402  (after LLMFLASH_QUIET)
 
 VOCAB = 128
 
@@ -145,3 +149,33 @@ def flip_bit(path: Path, offset: int) -> None:
         f.write(bytes([b[0] ^ 0x01]))
         f.flush()
         os.fsync(f.fileno())
+
+
+def words(n: int, seed: int) -> str:
+    """Text for the word-level test tokenizer: a random walk over t0..t127 (some structure)."""
+    rng = random.Random(seed)
+    t, out = 3, []
+    for _ in range(n):
+        t = (t + rng.choice((1, 1, 2, 5, -3, 17))) % VOCAB
+        out.append(f"t{t}")
+    return " ".join(out)
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("text")
+    (d / "calib.txt").write_text(words(1500, 0))
+    (d / "eval.txt").write_text(words(200, 1))
+    return d / "calib.txt", d / "eval.txt"
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    return write_store(tmp_path_factory.mktemp("store") / "tiny.llmflash")
+
+
+@pytest.fixture
+def store(pristine, tmp_path) -> Path:
+    dst = tmp_path / "s.llmflash"
+    shutil.copytree(pristine, dst)
+    return dst

@@ -370,7 +370,7 @@ def test_io_error_leaves_nothing_presented_as_filled(tmp_path, background):
 def test_capacity_zero_and_full(tmp_path):
     n, bb = 40, 100
     path = tmp_path / "ffn.bin"
-    data = write_store(path, n, bb, 0, seed=4)
+    write_store(path, n, bb, 0, seed=4)
     reader = Reader(path, concurrency=2)
     zero = NeuronCache(reader, 0, n, bb, 0, 3)
     adm = zero.begin([5, 6, 5], 0)

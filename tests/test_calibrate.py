@@ -5,7 +5,6 @@ strategy driven by the predictors, and the eval report."""
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -17,31 +16,14 @@ from llmflash.errors import StoreError
 from llmflash.sparsity.predictors_file import load_predictors
 from llmflash.store import PREDICTORS, Store
 
-from conftest import VOCAB, tiny_tokenizer_json
-from test_store_errors import reseal
+from conftest import tiny_tokenizer_json
+from store_builders import calibrate_args, permute_store, reseal
 
 
-def words(n: int, seed: int) -> str:
-    """Text for the word-level test tokenizer: a random walk over t0..t127 (some structure)."""
-    rng = random.Random(seed)
-    t, out = 3, []
-    for _ in range(n):
-        t = (t + rng.choice((1, 1, 2, 5, -3, 17))) % VOCAB
-        out.append(f"t{t}")
-    return " ".join(out)
 
 
-@pytest.fixture(scope="module")
-def texts(tmp_path_factory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("text")
-    (d / "calib.txt").write_text(words(1500, 0))
-    (d / "eval.txt").write_text(words(200, 1))
-    return d / "calib.txt", d / "eval.txt"
 
 
-def calibrate_args(store: Path, text: Path, *extra: str) -> list[str]:
-    return ["calibrate", str(store), "--text", str(text), "--tokens", "1200", "--rank", "16", "--epochs", "4",
-            "--chunk", "100", "--batch", "64", "--quiet", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +178,6 @@ def test_sticky_predictors_see_the_cache_in_original_ids(llama_store, texts, tmp
     (a mix-up of store positions and ids would keep other neurons); and the stay threshold
     does keep cached neurons the plain rule drops."""
     from llmflash.api import FlashModel
-    from test_flash import permute_store
 
     perm = permute_store(llama_store, tmp_path / "perm.llmflash")
     assert Store(perm).layers[0].order is not None

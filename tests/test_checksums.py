@@ -18,12 +18,12 @@ from llmflash.errors import StoreError
 from llmflash.store import Store
 from llmflash.strategies.naive import NaiveFFN
 from llmflash.verify import verify_store
-from test_store_errors import edit_manifest, run_cli, tiny_config, write_store
+from store_builders import edit_manifest, run_cli, tiny_config, write_store
 
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
-    """test_store_errors.write_store's tiny float32 Llama, with a tokenizer (its 64 ids) for the CLI."""
+    """store_builders.write_store's tiny float32 Llama, with a tokenizer (its 64 ids) for the CLI."""
     return write_store(tmp_path_factory.mktemp("crc") / "tiny.llmflash", tokenizer=tiny_tokenizer_json(64))
 
 

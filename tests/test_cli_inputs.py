@@ -18,7 +18,7 @@ from llmflash.errors import ChatTemplateError, InvalidArgumentError, LlmflashErr
 from llmflash.store import write_manifest
 
 from conftest import tiny_tokenizer_json
-from test_store_errors import write_store as write_tiny_store
+from store_builders import write_store as write_tiny_store
 
 # flash without predictors falls back to the oracle, with a warning (expected here)
 pytestmark = pytest.mark.filterwarnings("ignore:.*no predictors:UserWarning")

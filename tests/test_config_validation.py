@@ -24,7 +24,7 @@ from llmflash.models.config import ModelConfig
 from llmflash.models.layers import rope_inv_freq
 from llmflash.strategies.dense import load_dense
 from llmflash.store import Store, write_manifest
-from test_store_errors import reseal, write_store
+from store_builders import reseal, write_store
 
 NAN, INF = float("nan"), float("inf")
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -26,7 +26,7 @@ from llmflash.convert.gguf import convert_gguf
 from llmflash.convert.hf import convert_hf
 from llmflash.errors import ConvertError
 from llmflash.store import Store
-from test_convert_gguf import write_tiny_gguf
+from gguf_builders import write_tiny_gguf
 
 
 def quiet_convert(src: Path, dst: Path, **kw) -> Path:

@@ -28,9 +28,9 @@ from conftest import build_hf, tiny_tokenizer_json
 from llmflash.cli import main
 from llmflash.convert import convert
 from llmflash.errors import ConvertError
+from gguf_builders import DIM, Q, TYPES, write_tiny_gguf
 
 gguf = pytest.importorskip("gguf")
-from test_convert_gguf import DIM, TYPES, Q, write_tiny_gguf  # noqa: E402
 
 T = TypeVar("T")
 

@@ -20,7 +20,7 @@ from llmflash.store import leftovers
 from llmflash.convert.hf import convert_hf
 from llmflash.errors import ConvertError, StoreError
 from llmflash.store import Store
-from test_store_errors import write_store
+from store_builders import write_store
 
 TESTS = Path(__file__).parent
 CHILD = r"""

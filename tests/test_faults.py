@@ -25,7 +25,7 @@ from llmflash.api import FlashModel
 from llmflash.cli import main
 from llmflash.errors import FlashIOError, StoreError
 from llmflash.store import Store
-from test_store_errors import tiny_config, write_store
+from store_builders import tiny_config, write_store
 
 PROMPT = [3, 17, 5, 9, 42, 7, 8, 11]
 

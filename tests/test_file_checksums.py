@@ -25,8 +25,7 @@ from llmflash.errors import LlmflashError, StoreError
 from llmflash.sparsity.predictors_file import load_predictors
 from llmflash.store import PREDICTORS, Store
 from llmflash.verify import verify_store
-from test_predictor import write_predictors
-from test_store_errors import edit_manifest, opt_config, reseal, tiny_config, write_store
+from store_builders import edit_manifest, opt_config, reseal, tiny_config, write_predictors, write_store
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -18,14 +17,14 @@ from llmflash.budget import parse_memory, plan_caches
 from llmflash.errors import BudgetError
 from llmflash.store import Store
 from llmflash.strategies.flash import model_bytes
-from test_store_errors import reseal
+from store_builders import permute_store
+from openelm_builders import hf_config, random_weights, save_openelm
 
 PROMPT = [3, 17, 5, 99, 42, 7, 8, 64, 1, 23, 77, 12, 50, 31, 9, 4]
 
 
 @pytest.fixture(scope="module")
 def stores(hf_llama, hf_opt, convert_to, tmp_path_factory) -> dict[str, Path]:
-    from test_openelm import hf_config, random_weights, save_openelm
 
     from llmflash.convert.hf import convert_hf
 
@@ -93,38 +92,6 @@ def test_relu_oracle_greedy_tokens_equal(stores):
     assert s["evicted_window"] + s["evicted_capacity"] > 0      # rows moved: slot order != store order
 
 
-def permute_store(src: Path, dst: Path, seed: int = 0) -> Path:
-    """A copy of `src` that keeps each layer's neurons in a random order (the manifest's `order`:
-    bundle j is neuron order[j]), its bundles and resident fc1 biases (OPT) permuted alike; a
-    predictors file, in original ids, is copied as is."""
-    import json
-    import shutil
-    import zlib
-
-    from safetensors.torch import load_file, save_file
-
-    from llmflash.store import Store
-
-    shutil.copytree(src, dst)
-    s, g = Store(src), torch.Generator().manual_seed(seed)
-    m = json.loads((dst / "manifest.json").read_text())
-    resident = load_file(str(dst / "resident.safetensors"))
-    crcs = []                                                           # bundles.crc32, permuted alike
-    with open(dst / "ffn.bin", "r+b") as f:
-        for i, L in enumerate(s.layers):
-            order = torch.randperm(L.n_neurons, generator=g)
-            payload = s.read_layer(i)[order].contiguous().view(torch.uint8).numpy().tobytes()
-            f.seek(L.offset)
-            f.write(payload)
-            m["layers"][i].update(order=order.tolist(), crc32=zlib.crc32(payload))
-            crcs.append(s.bundle_crcs(i)[order.numpy()])
-            name = f"layers.{i}.ffn.up_bias"
-            if name in resident:                                        # OPT's fc1 bias
-                resident[name] = resident[name][order].contiguous()
-    save_file(resident, str(dst / "resident.safetensors"), metadata={"format": "llmflash-store"})
-    (dst / "manifest.json").write_text(json.dumps(m))
-    np.concatenate(crcs).astype("<u4").tofile(dst / "bundles.crc32")
-    return reseal(dst)                                                  # the changed files' checksums
 
 
 @pytest.mark.parametrize("strategy,ffn_share,sparsity", [

@@ -20,10 +20,7 @@ from llmflash.sparsity.predictors_file import load_predictors
 from llmflash.store import PREDICTORS, Store
 
 from conftest import tiny_tokenizer_json
-from test_calibrate import calibrate_args, texts  # noqa: F401  (fixture)
-from test_flash import permute_store
-from test_shadow import shadow_args
-from test_store_errors import reseal
+from store_builders import calibrate_args, permute_store, reseal, shadow_args
 
 
 @pytest.fixture(scope="module", params=["llama-lowrank", "llama-shadow", "opt-lowrank"])

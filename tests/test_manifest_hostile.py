@@ -19,7 +19,7 @@ from llmflash.store import store as store_module
 from llmflash.cli import main
 from llmflash.errors import StoreError
 from llmflash.store import Store, write_manifest
-from test_store_errors import edit_manifest, pristine, store  # noqa: F401 (pristine, store: fixtures)
+from store_builders import edit_manifest
 
 
 

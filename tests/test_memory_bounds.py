@@ -18,7 +18,7 @@ import llmflash
 import llmflash.api
 from llmflash.models import layers, transformer
 from llmflash.models.transformer import KV_STEP, KVCache
-from test_store_errors import tiny_config, write_store
+from store_builders import tiny_config, write_store
 
 PYTHONPATH = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "python")}
 

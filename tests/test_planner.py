@@ -6,7 +6,6 @@ the store's own layer reads."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +17,8 @@ from hypothesis import strategies as st
 from llmflash import StoreError
 from llmflash import store as S
 from llmflash._native import AlignedBuf, Profile, Reader, plan
-from llmflash.convert.writer import StoreWriter
 from llmflash.io import as_array, read_neurons
-from llmflash.models.config import ModelConfig
+from store_builders import make_store
 
 PAGE = 4096
 FILE_BYTES = 12 << 20
@@ -194,19 +192,6 @@ def test_read_plan_into_caller_buffer_and_stats(random_file, file_reader):
 
 # -- a real store (StoreWriter) ----------------------------------------------------------------------
 
-def make_store(dst: Path, dtype: str = "float16", dim: int = 576, ffn: tuple[int, ...] = (64, 150, 33),
-               seed: int = 0) -> Path:
-    """A tiny llama store written by the real StoreWriter (bundle = 3 x dim values)."""
-    n = len(ffn)
-    cfg = ModelConfig(arch="llama", vocab_size=32, dim=dim, n_layers=n, head_dim=64, n_heads=[dim // 64] * n,
-                      n_kv_heads=[dim // 64] * n, ffn_dims=list(ffn))
-    g = torch.Generator().manual_seed(seed)
-    with StoreWriter(dst, cfg, dtype) as w:
-        w.write_resident({k: torch.randn(shape, generator=g) for k, shape in S.expected_resident(cfg).items()})
-        for i, f in enumerate(ffn):
-            w.write_layer(i, up=torch.randn(f, dim, generator=g), down=torch.randn(dim, f, generator=g),
-                          gate=torch.randn(f, dim, generator=g))
-    return dst
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])

@@ -18,21 +18,12 @@ from llmflash.models.config import ModelConfig
 from llmflash.sparsity.labels import pack_bits, unpack_bits
 from llmflash.sparsity.lowrank import train_layer
 from llmflash.sparsity.predictors import Predictors
-from llmflash.sparsity.predictors_file import load_predictors, read_predictors, save_predictors
+from llmflash.sparsity.predictors_file import load_predictors, read_predictors
 from llmflash.sparsity.quantiles import QUANTILES, share_above, threshold_for_recall
 from llmflash.store import PREDICTORS, Store
-from test_store_errors import edit_manifest, reseal, write_store
+from store_builders import edit_manifest, planted, reseal, write_predictors, write_store
 
 
-def planted(n_tokens: int, D: int, n: int, r: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (N, D) with channel scales spread over 300x (like an FFN input's outlier channels) and
-    labels from a rank-r function of x: y = (x W1) W2 + b > 0, W1 (D, r), W2 (r, n)."""
-    scales = torch.logspace(-1, 1.5, D)[torch.randperm(D, generator=torch.Generator().manual_seed(0))]
-    w1 = torch.randn(D, r, generator=torch.Generator().manual_seed(1)) / scales[:, None]
-    w2 = torch.randn(r, n, generator=torch.Generator().manual_seed(2))
-    b = 0.3 * torch.randn(n, generator=torch.Generator().manual_seed(3))
-    x = torch.randn(n_tokens, D, generator=torch.Generator().manual_seed(100 + seed)) * scales
-    return x, (x @ w1) @ w2 + b > 0
 
 
 def test_pack_unpack_roundtrip():
@@ -86,14 +77,6 @@ def tiny_config() -> ModelConfig:
                        n_kv_heads=[1, 1], ffn_dims=[24, 20], max_positions=64)
 
 
-def write_predictors(path: Path, config: ModelConfig, rank: int = 3, recall: float = 0.9) -> Path:
-    results = []
-    for i, n in enumerate(config.ffn_dims):
-        x, y = planted(600, config.dim, n, 2, seed=i)
-        results.append(train_layer(x, pack_bits(y), n, rank=rank, heldout=150, epochs=1, batch=64, seed=i))
-    meta = dict(rank=rank, keep=0.5, sparsity=0.5, tokens=600, heldout_tokens=150, epochs=1, seed=0,
-                label="magnitude")
-    return save_predictors(path, results, recall, [0.1] * config.n_layers, meta)
 
 
 @pytest.fixture(scope="module")

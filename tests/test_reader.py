@@ -25,7 +25,7 @@ from llmflash._native import AlignedBuf, Reader, plan
 from llmflash.io import as_array, as_tensor, read_neurons
 
 from conftest import python_counter
-from test_planner import make_store
+from store_builders import make_store
 
 BIG = 96 << 20          # large enough that one read takes tens of milliseconds on the disk
 ENGINES = ["threads", "io_uring", "auto"]

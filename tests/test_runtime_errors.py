@@ -20,7 +20,7 @@ from llmflash.errors import InvalidArgumentError, StoreError
 from llmflash.textfile import read_text_for_tokens
 from llmflash.threads import max_threads
 from conftest import tiny_tokenizer_json
-from test_store_errors import reseal, tiny_config, write_store
+from store_builders import reseal, tiny_config, write_store
 
 PYTHONPATH = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "python")}
 

@@ -19,8 +19,7 @@ from llmflash.sparsity.shadow import GROUP, ShadowLayer, dequantize4, quantize4
 from llmflash.store import PREDICTORS, Store
 
 from conftest import tiny_tokenizer_json
-from test_calibrate import texts  # noqa: F401  (fixture)
-from test_store_errors import reseal
+from store_builders import reseal, shadow_args
 
 
 @settings(max_examples=30, deadline=None)
@@ -54,9 +53,6 @@ def test_scores_match_the_dequantized_rows(kernel, monkeypatch):
     assert torch.allclose(L.scores(x), want, rtol=0.03, atol=0.03 * float(want.abs().max()))
 
 
-def shadow_args(store, text, *extra):
-    return ["calibrate", str(store), "--kind", "shadow", "--text", str(text), "--tokens", "1200", "--chunk", "100",
-            "--quiet", *extra]
 
 
 @pytest.fixture(scope="module")

@@ -3,84 +3,28 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from llmflash.convert.writer import StoreWriter
 from llmflash.errors import ConvertError, StoreError
-from llmflash.models.config import ModelConfig
-from llmflash.store.checksums import file_entry
-from llmflash.store import CHECKSUMMED, PREDICTORS, VERSION, Store, expected_resident, write_manifest
+from llmflash.store import Store, expected_resident
+from store_builders import edit_manifest, opt_config, reseal, run_cli, write_store
 
 
-def opt_config() -> ModelConfig:
-    """A plain ReLU FFN with fc1/fc2 biases, like OPT."""
-    return tiny_config(arch="opt", gated=False, act="relu", ffn_bias=True, norm="layer", attn_bias=True,
-                       n_kv_heads=[4, 4], rope_theta=None, learned_pos=True, pos_offset=2)
 
 
-def tiny_config(**kw) -> ModelConfig:
-    base = dict(arch="llama", vocab_size=64, dim=32, n_layers=2, head_dim=8, n_heads=[4, 4],
-                n_kv_heads=[2, 2], ffn_dims=[48, 40], max_positions=128, eos_token_ids=[1])
-    base.update(kw)
-    return ModelConfig(**base)
 
 
-def write_store(dst: Path, config: ModelConfig | None = None, dtype: str = "float32",
-                tokenizer: str | None = None, chat_template: str | None = None) -> Path:
-    """A random-weight store of `config` (default tiny_config()); with `tokenizer` (tokenizer.json
-    text) and its chat template when given. The tests' one store writer."""
-    config = config or tiny_config()
-    g = torch.Generator().manual_seed(0)
-    with StoreWriter(dst, config, dtype) as w:
-        w.write_resident({k: torch.randn(s, generator=g) for k, s in expected_resident(config).items()})
-        for i, n in enumerate(config.ffn_dims):
-            d = config.dim
-            w.write_layer(i, up=torch.randn(n, d, generator=g), down=torch.randn(d, n, generator=g),
-                          gate=torch.randn(n, d, generator=g))
-        if tokenizer is not None:
-            w.write_tokenizer(tokenizer, chat_template)
-    return dst
 
 
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    return write_store(tmp_path_factory.mktemp("store") / "tiny.llmflash")
 
 
-@pytest.fixture
-def store(pristine, tmp_path) -> Path:
-    dst = tmp_path / "s.llmflash"
-    shutil.copytree(pristine, dst)
-    return dst
 
 
-def edit_manifest(store: Path, fn) -> None:
-    """Apply `fn` to the manifest and write it back with a matching manifest_crc32 (so the
-    validation behind the checksum meets the edit)."""
-    m = json.loads((store / "manifest.json").read_text())
-    fn(m)
-    write_manifest(store, m)
 
 
-def reseal(store: Path) -> Path:
-    """Record the store's files as they are now (size and CRC-32 of each, and the manifest's own
-    checksum): for tests that change or add a file on purpose to meet the checks behind the
-    checksums (or older tools' ways of editing a store)."""
-    m = json.loads((store / "manifest.json").read_text())
-    if m.get("version") == VERSION:
-        m["files"] = {n: file_entry(store / n) for n in CHECKSUMMED if (store / n).is_file()}
-        if m.get("predictors") is not None and (store / PREDICTORS).is_file():
-            m["predictors"]["bytes"] = (store / PREDICTORS).stat().st_size
-    write_manifest(store, m)
-    return store
 
 
 def test_pristine_store_opens_and_reads(store):
@@ -252,9 +196,6 @@ def test_convert_rejects_non_model(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llmflash", *args], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "python")})
 
 
 def test_cli_bad_store_exit_2(store):

@@ -17,7 +17,7 @@ from llmflash.cli import main
 from llmflash.convert import writer as W
 from llmflash.errors import ConvertError
 from llmflash.store import expected_resident
-from test_store_errors import tiny_config, write_store
+from store_builders import tiny_config, write_store
 
 FULL = OSError(errno.ENOSPC, "No space left on device")
 
