@@ -14,6 +14,7 @@ from ...budget import CachePlan, parse_memory, plan_caches
 from ...errors import InvalidArgumentError
 from ...io import AlignedBuf, NeuronCache, Profile, Reader, as_tensor, load_profile
 from ...sparsity import NextLayerGuess, SameLayerGuess, WantedSource, make_source
+from ...sparsity.neurons import order_inverse
 from ...store import PREDICTORS, RESIDENT, Store
 from .layer import FlashLayer
 from .options import FlashOptions
@@ -96,11 +97,8 @@ def read_layers(store: Store, hot: list[Tensor] | None) -> list[FlashLayer]:
     resident rows that are computed every token and never named to the caches."""
     layers = []
     for i, (L, bias) in enumerate(zip(store.layers, store.up_biases())):
-        position = None
-        if L.order is not None:
-            position = np.empty(L.n_neurons, dtype=np.int64)
-            position[np.asarray(L.order)] = np.arange(L.n_neurons)
-        lay = FlashLayer(L, position, bias, None, None)
+        inverse = order_inverse(L.order)
+        lay = FlashLayer(L, None if inverse is None else inverse.numpy(), bias, None, None)
         ids = hot[i] if hot is not None and i < len(hot) else []
         if len(ids):
             pos = np.sort(lay.positions(ids).astype(np.int64))
