@@ -335,10 +335,11 @@ def kernel_micro(flash: FlashFFN, naive: NaiveFFN, cfg) -> dict[str, float]:
     "native") on a flash cache's live rows and on naive's last-read whole region, alternated 3
     times, best of each."""
     x = torch.randn(1, cfg.dim).half()
-    live = flash.caches[0].live
-    b_flash, b_naive = flash.b1[0], naive.b1[-1]
-    cases = {"flash_live_rows": (flash.rows[0][:live], None if b_flash is None else
-                                 b_flash[torch.from_numpy(flash.caches[0].slot_neurons())]),
+    first = flash.layers[0]
+    live = first.cache.live
+    b_flash, b_naive = first.bias, naive.b1[-1]
+    cases = {"flash_live_rows": (first.rows[:live], None if b_flash is None else
+                                 b_flash[torch.from_numpy(first.cache.slot_neurons())]),
              "naive_region": (naive.bytes_view[:naive.store.layers[-1].payload_bytes].view(torch.float16)
                               .view(cfg.ffn_dims[-1], -1), b_naive)}
     out: dict[str, float] = {"flash_live_rows_n": float(live)}

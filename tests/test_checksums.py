@@ -161,7 +161,7 @@ def test_flash_checks_each_bundle_it_reads(corrupt, pristine):
     from llmflash.api import FlashModel
 
     ok = FlashModel.open(pristine, strategy="flash", memory="2x", sparsity="all")
-    assert ok.ffn.caches[1].has_bundle_crcs
+    assert ok.ffn.layers[1].cache.has_bundle_crcs
     ok.logits([1, 2, 3])
     bad = FlashModel.open(corrupt, strategy="flash", memory="2x", sparsity="all")
     with pytest.raises(StoreError, match=r"ffn\.bin.*checksum mismatch in bundle 0"):

@@ -130,7 +130,7 @@ def a_bundle_flash_reads(store: Path, layer: int) -> dict:
     after a clean run reading the same prompt (the reads are deterministic)."""
     m = open_model(store, "flash", "threads")
     m.logits(PROMPT)
-    j = int(m.ffn.caches[layer].slot_neurons()[0])
+    j = int(m.ffn.layers[layer].cache.slot_neurons()[0])
     L = Store(store).layers[layer]
     return dict(start=L.offset + j * L.bundle_bytes, end=L.offset + (j + 1) * L.bundle_bytes)
 

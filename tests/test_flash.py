@@ -394,9 +394,9 @@ def test_filling_holes_equals_the_papers_moves(stores, compute):
     got, _ = decode_logits(holes, PROMPT, 8)
     assert (got - ref).abs().max().item() <= 1e-4 * (1.0 + ref.abs().max().item())
     a, b = moved.model.ffn, holes.model.ffn
-    assert [c.fill_holes for c in a.caches] == [False] * len(a.caches)
-    assert [c.fill_holes for c in b.caches] == [True] * len(b.caches)
-    for ca, cb in zip(a.caches, b.caches):
+    assert [lay.cache.fill_holes for lay in a.layers] == [False] * len(a.layers)
+    assert [lay.cache.fill_holes for lay in b.layers] == [True] * len(b.layers)
+    for ca, cb in zip((lay.cache for lay in a.layers), (lay.cache for lay in b.layers)):
         assert sorted(ca.slot_neurons().tolist()) == sorted(cb.slot_neurons().tolist())
     assert a.stats()["misses"] == b.stats()["misses"] > 0
 

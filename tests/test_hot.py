@@ -99,7 +99,7 @@ def test_hot_rows_are_counted_in_the_budget(store):
                                                                             hot=0.4)
     bb = s.layers[0].bundle_bytes
     n_hot = sum(len(h) for h in hot.source.hot)
-    hot_bytes = n_hot * bb + sum(b.numel() * 4 for b in hot.hot_bias if b is not None)   # OPT: fc1 bias copies
+    hot_bytes = n_hot * bb + sum(b.numel() * 4 for b in (lay.hot_bias for lay in hot.layers) if b is not None)   # OPT: fc1 bias copies
     assert hot.plan.resident - plain.plan.resident == hot_bytes - (plain.source.nbytes() - hot.source.nbytes())
     # the caches hold cold neurons only; when every cold neuron fits, no scratch area is reserved
     cold = [L.n_neurons - len(h) for L, h in zip(s.layers, hot.source.hot)]

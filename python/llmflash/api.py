@@ -59,7 +59,7 @@ class FlashModel:
         verify_reads=False for an unchecked benchmark baseline) or "flash" (options: memory="150MB"
         or "0.5x", window=4, sparsity="oracle"|"predictor"|"predictor:RECALL/STAY"|"all", hot=0.4
         (pin that share of each layer's neurons), concurrency=128 on io_uring, compute=,
-        lookahead=; see strategies/flash.py). Left out, it is "flash" when flash options are given,
+        lookahead=; see llmflash.strategies.flash). Left out, it is "flash" when flash options are given,
         else "dense"."""
         if strategy is None:
             strategy = "flash" if options else "dense"

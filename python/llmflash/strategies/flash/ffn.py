@@ -63,8 +63,7 @@ class Pending(NamedTuple):
 
 class FlashFFN:
     """The flash strategy (the package docstring says how it works). Per layer, `layers[i]` holds
-    the cache, the id -> position map, the fc1 biases and the hot rows; `caches`, `rows`, `b1`
-    and `hot_bias` list the same per layer for callers that inspect them (tests, benches)."""
+    the cache, the id -> position map, the fc1 biases and the hot rows."""
 
     name = "flash"
 
@@ -79,10 +78,6 @@ class FlashFFN:
         s = build(store, self.options)
         self.source, self.layers, self.plan, self.model_bytes = s.source, s.layers, s.plan, s.model_bytes
         self.profile, self.reader, self.scratch, self.scratch_rows = s.profile, s.reader, s.scratch, s.scratch_rows
-        self.caches: list[NeuronCache] = [lay.cache for lay in self.layers]
-        self.rows: list[Tensor] = [lay.rows for lay in self.layers]
-        self.b1: list[Tensor | None] = [lay.bias for lay in self.layers]
-        self.hot_bias: list[Tensor | None] = [lay.hot_bias for lay in self.layers]
         self._sticky = bool(getattr(self.source, "sticky", False))
         self._hook_lookahead()
         self.step = 0
@@ -245,7 +240,7 @@ class FlashFFN:
         """Summed over layers: the cache counters, plus seconds in prediction, I/O (waiting for
         reads, including what overlapped none), memory management and compute."""
         out: dict[str, float] = {}
-        for c in self.caches:
+        for c in (lay.cache for lay in self.layers):
             for k, v in c.stats().items():
                 out[k] = out.get(k, 0.0) + float(v)
         # a checked guess's own admission: one admission per layer and token is reported, and
@@ -265,7 +260,7 @@ class FlashFFN:
         return out
 
     def reset_stats(self) -> None:
-        for c in self.caches:
+        for c in (lay.cache for lay in self.layers):
             c.reset_stats()
         self.t = dict.fromkeys(self.t, 0.0)
         self.ahead = dict.fromkeys(self.ahead, 0)
