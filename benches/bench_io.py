@@ -57,27 +57,42 @@ def fio_mbps(path: Path, bs: int, threads: int, seconds: float) -> float:
     """fio random direct reads, `threads` psync jobs; MB/s (the shared fio-randread recipe)."""
     secs = str(max(1, round(seconds)))
     if FIO_SCRIPT.is_file():
-        out = subprocess.run([str(FIO_SCRIPT), str(path), str(bs), str(threads), secs],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [str(FIO_SCRIPT), str(path), str(bs), str(threads), secs], capture_output=True, text=True, check=True
+        ).stdout
         return float(out.split()[0])
     if not shutil.which("fio"):
         raise RuntimeError("fio is not installed (apt-get install -y fio)")
-    out = subprocess.run(fio_cmd(path, threads, seconds, f"--bs={bs}"), capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        fio_cmd(path, threads, seconds, f"--bs={bs}"), capture_output=True, text=True, check=True
+    ).stdout
     return json.loads(out)["jobs"][0]["read"]["bw_bytes"] / 1e6
 
 
 def fio_cmd(path: Path, threads: int, seconds: float, bs: str) -> list[str]:
     # The same job as fio-randread (psync, threads, direct, random, time based, read only).
-    return ["fio", "--name=randread", f"--filename={path}", "--rw=randread", bs, "--direct=1",
-            "--ioengine=psync", f"--numjobs={threads}", "--group_reporting",
-            f"--runtime={max(1, round(seconds * 1000))}ms", "--time_based", "--readonly", "--output-format=json"]
+    return [
+        "fio",
+        "--name=randread",
+        f"--filename={path}",
+        "--rw=randread",
+        bs,
+        "--direct=1",
+        "--ioengine=psync",
+        f"--numjobs={threads}",
+        "--group_reporting",
+        f"--runtime={max(1, round(seconds * 1000))}ms",
+        "--time_based",
+        "--readonly",
+        "--output-format=json",
+    ]
 
 
 def fio_mix_mbps(path: Path, sizes: list[int], threads: int, seconds: float) -> float:
     """fio on the engine's own mix of request sizes (`--bssplit`, by share of requests)."""
-    out = subprocess.run(fio_cmd(path, threads, seconds, "--bssplit=" + bssplit(sizes)),
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        fio_cmd(path, threads, seconds, "--bssplit=" + bssplit(sizes)), capture_output=True, text=True, check=True
+    ).stdout
     return json.loads(out)["jobs"][0]["read"]["bw_bytes"] / 1e6
 
 
@@ -89,7 +104,7 @@ def bssplit(sizes: list[int], buckets: int = 48) -> str:
     near = keep[np.abs(vals[:, None] - keep[None, :]).argmin(axis=1)]
     share = np.array([counts[near == k].sum() for k in keep], dtype=float) * 100 / counts.sum()
     pct = np.floor(share).astype(int)
-    for i in np.argsort(-(share - pct))[:100 - pct.sum()]:
+    for i in np.argsort(-(share - pct))[: 100 - pct.sum()]:
         pct[i] += 1
     return ":".join(f"{k // 1024}k/{p}" for k, p in zip(keep, pct) if p > 0)
 
@@ -97,6 +112,7 @@ def bssplit(sizes: list[int], buckets: int = 48) -> str:
 @dataclass
 class Workload:
     """Pre-planned random 10% layer reads (planning is measured separately: microseconds)."""
+
     bundle_bytes: int
     n_neurons: int
     plans: list = field(default_factory=list)
@@ -110,8 +126,16 @@ class Workload:
         w = cls(bundle_bytes, n_neurons)
         for _ in range(count):
             wanted = rng.choice(n_neurons, size=int(FRACTION * n_neurons), replace=False)
-            w.plans.append(plan(wanted, bundle_bytes, int(rng.integers(layers)) * region, n_neurons,
-                                profile=profile, concurrency=CONCURRENCY))
+            w.plans.append(
+                plan(
+                    wanted,
+                    bundle_bytes,
+                    int(rng.integers(layers)) * region,
+                    n_neurons,
+                    profile=profile,
+                    concurrency=CONCURRENCY,
+                )
+            )
         return w
 
     @property
@@ -123,7 +147,7 @@ class Workload:
         return sum(p.buffer_bytes for p in self.plans) / sum(len(p) for p in self.plans)
 
     def run(self, reader: Reader, seconds: float) -> dict:
-        out = AlignedBuf(max(p.buffer_bytes for p in self.plans))   # a reused staging buffer
+        out = AlignedBuf(max(p.buffer_bytes for p in self.plans))  # a reused staging buffer
         reader.reset_stats()
         t0, i = time.perf_counter(), 0
         while time.perf_counter() - t0 < seconds:
@@ -131,8 +155,12 @@ class Workload:
             i += 1
         wall = time.perf_counter() - t0
         s = reader.stats()
-        return {"mbps": s["bytes_read"] / wall / 1e6, "useful_mbps": s["bytes_useful"] / wall / 1e6,
-                "ms_per_layer": wall / i * 1e3, "batches": i}
+        return {
+            "mbps": s["bytes_read"] / wall / 1e6,
+            "useful_mbps": s["bytes_useful"] / wall / 1e6,
+            "ms_per_layer": wall / i * 1e3,
+            "batches": i,
+        }
 
 
 def raw_run(reader: Reader, bs: int, seconds: float, batch: int = 1024, seed: int = 1) -> float:
@@ -140,8 +168,7 @@ def raw_run(reader: Reader, bs: int, seconds: float, batch: int = 1024, seed: in
     rng = np.random.default_rng(seed)
     blocks = reader.file_size() // bs
     out = AlignedBuf(bs * batch)
-    lists = [[(int(o), bs, out, k * bs) for k, o in enumerate(rng.integers(blocks, size=batch) * bs)]
-             for _ in range(8)]
+    lists = [[(int(o), bs, out, k * bs) for k, o in enumerate(rng.integers(blocks, size=batch) * bs)] for _ in range(8)]
     reader.reset_stats()
     t0, i = time.perf_counter(), 0
     while time.perf_counter() - t0 < seconds:
@@ -150,7 +177,7 @@ def raw_run(reader: Reader, bs: int, seconds: float, batch: int = 1024, seed: in
     return reader.stats()["bytes_read"] / (time.perf_counter() - t0) / 1e6
 
 
-GAP = 0.5   # idle seconds before every measurement (see interleave)
+GAP = 0.5  # idle seconds before every measurement (see interleave)
 
 
 def interleave(engine, refs: dict, rounds: int = ROUNDS) -> dict:
@@ -164,7 +191,7 @@ def interleave(engine, refs: dict, rounds: int = ROUNDS) -> dict:
     items = [("engine", engine), *refs.items()]
     for r in range(rounds):
         got = {}
-        for k, f in (items if r % 2 == 0 else items[::-1]):
+        for k, f in items if r % 2 == 0 else items[::-1]:
             time.sleep(GAP)
             got[k] = f()
         rows.append(got)
@@ -186,15 +213,28 @@ def compare_planned(reader: Reader, case: str) -> dict:
     w = Workload.make(FILE, bb, n)
     sizes = w.request_sizes
     bs = max(4096, round(w.mean_request / 4096) * 4096)
-    res = interleave(lambda: w.run(reader, SECONDS)["mbps"],
-                     {"fio_mix": lambda: fio_mix_mbps(FILE, sizes, CONCURRENCY, SECONDS),
-                      "fio_mean": lambda: fio_mbps(FILE, bs, CONCURRENCY, SECONDS)})
+    res = interleave(
+        lambda: w.run(reader, SECONDS)["mbps"],
+        {
+            "fio_mix": lambda: fio_mix_mbps(FILE, sizes, CONCURRENCY, SECONDS),
+            "fio_mean": lambda: fio_mbps(FILE, bs, CONCURRENCY, SECONDS),
+        },
+    )
     detail = w.run(reader, min(1.0, SECONDS))
-    return {"case": f"planned {case}", "bundle_bytes": bb, "n_neurons": n, "fio_bs": bs, "bssplit": bssplit(sizes),
-            "mean_request": round(w.mean_request), "requests_per_layer": round(np.mean([len(p) for p in w.plans]), 1),
-            "whole_region_plans": sum(p.whole_region for p in w.plans), "read_over_useful":
-                round(sum(p.buffer_bytes for p in w.plans) / sum(p.useful_bytes for p in w.plans), 2),
-            "ms_per_layer": round(detail["ms_per_layer"], 2), "useful_mbps": round(detail["useful_mbps"], 1), **res}
+    return {
+        "case": f"planned {case}",
+        "bundle_bytes": bb,
+        "n_neurons": n,
+        "fio_bs": bs,
+        "bssplit": bssplit(sizes),
+        "mean_request": round(w.mean_request),
+        "requests_per_layer": round(np.mean([len(p) for p in w.plans]), 1),
+        "whole_region_plans": sum(p.whole_region for p in w.plans),
+        "read_over_useful": round(sum(p.buffer_bytes for p in w.plans) / sum(p.useful_bytes for p in w.plans), 2),
+        "ms_per_layer": round(detail["ms_per_layer"], 2),
+        "useful_mbps": round(detail["useful_mbps"], 1),
+        **res,
+    }
 
 
 def compare_raw(reader: Reader, bs: int) -> dict:
@@ -203,6 +243,7 @@ def compare_raw(reader: Reader, bs: int) -> dict:
 
 
 # -- pytest-benchmark ---------------------------------------------------------------------------------
+
 
 def _reader() -> Reader:
     make(FILE, 2 << 30)
@@ -238,28 +279,43 @@ def test_raw_16k(benchmark):
 
 def main() -> int:
     reader = _reader()
-    print(f"file {FILE} ({FILE.stat().st_size / 2**30:.1f} GiB), direct={reader.direct}, engine={reader.engine}, "
-          f"{CONCURRENCY} in flight, {SECONDS:g} s per point, {ROUNDS} rounds; profile: {load_profile().source}")
-    results = [compare_planned(reader, "3456"), compare_planned(reader, "16k"),
-               compare_raw(reader, 4096), compare_raw(reader, 16384)]
+    print(
+        f"file {FILE} ({FILE.stat().st_size / 2**30:.1f} GiB), direct={reader.direct}, engine={reader.engine}, "
+        f"{CONCURRENCY} in flight, {SECONDS:g} s per point, {ROUNDS} rounds; profile: {load_profile().source}"
+    )
+    results = [
+        compare_planned(reader, "3456"),
+        compare_planned(reader, "16k"),
+        compare_raw(reader, 4096),
+        compare_raw(reader, 16384),
+    ]
     med = statistics.median
-    print("\n| case | engine MB/s | fio, same requests, MB/s | engine/fio per round | **median** "
-          "| fio at the mean size (bs) | median ratio | notes |")
+    print(
+        "\n| case | engine MB/s | fio, same requests, MB/s | engine/fio per round | **median** "
+        "| fio at the mean size (bs) | median ratio | notes |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         key = "fio_mix" if "fio_mix_mbps" in r else "fio"
         notes = []
         if "mean_request" in r:
-            notes.append(f"{r['requests_per_layer']} requests/layer, mean {r['mean_request']} B, "
-                         f"{r['ms_per_layer']} ms/layer, read/useful {r['read_over_useful']}, "
-                         f"{r['whole_region_plans']} whole-region plans")
+            notes.append(
+                f"{r['requests_per_layer']} requests/layer, mean {r['mean_request']} B, "
+                f"{r['ms_per_layer']} ms/layer, read/useful {r['read_over_useful']}, "
+                f"{r['whole_region_plans']} whole-region plans"
+            )
         if r["throttled"]:
             notes.append("disk throttled in some round")
-        mean_cols = (f"{med(r['fio_mean_mbps']):.0f} ({r['fio_bs'] // 1024} KiB) | {r['fio_mean_median_ratio']:.2f}"
-                     if "fio_mean_mbps" in r else "- | -")
-        print(f"| {r['case']} | {med(r['engine_mbps']):.0f} | {med(r[key + '_mbps']):.0f} | "
-              f"{', '.join(f'{x:.2f}' for x in r[key + '_ratios'])} | **{r['median_ratio']:.2f}** | "
-              f"{mean_cols} | {'; '.join(notes)} |")
+        mean_cols = (
+            f"{med(r['fio_mean_mbps']):.0f} ({r['fio_bs'] // 1024} KiB) | {r['fio_mean_median_ratio']:.2f}"
+            if "fio_mean_mbps" in r
+            else "- | -"
+        )
+        print(
+            f"| {r['case']} | {med(r['engine_mbps']):.0f} | {med(r[key + '_mbps']):.0f} | "
+            f"{', '.join(f'{x:.2f}' for x in r[key + '_ratios'])} | **{r['median_ratio']:.2f}** | "
+            f"{mean_cols} | {'; '.join(notes)} |"
+        )
     print("\n" + json.dumps(results, indent=1))
     return 0
 

@@ -37,6 +37,7 @@ SYNTHETIC = HERE.parent / "bench-out" / "opt-width-random.llmflash"
 def synthetic_store(layers: int, out: Path = SYNTHETIC) -> Path:
     """An OPT-6.7B-width store of `layers` layers (make_opt_store's writer), made once."""
     import make_opt_store as M
+
     from llmflash.convert.writer import StoreWriter
     from llmflash.store import RESIDENT
 
@@ -44,8 +45,14 @@ def synthetic_store(layers: int, out: Path = SYNTHETIC) -> Path:
         s = Store(out)
         if len(s.layers) == layers:
             return out
-    cfg = replace(M.opt_6_7b_config(), n_layers=layers, n_heads=[32] * layers, n_kv_heads=[32] * layers,
-                  ffn_dims=[16384] * layers, name=f"OPT-6.7B width, {layers} layers, random (bench_naive_verify)")
+    cfg = replace(
+        M.opt_6_7b_config(),
+        n_layers=layers,
+        n_heads=[32] * layers,
+        n_kv_heads=[32] * layers,
+        ffn_dims=[16384] * layers,
+        name=f"OPT-6.7B width, {layers} layers, random (bench_naive_verify)",
+    )
     rng = np.random.default_rng(0)
     out.parent.mkdir(parents=True, exist_ok=True)
     with StoreWriter(out, cfg, "float16", source="benches/bench_naive_verify.py random", force=True) as w:
@@ -74,7 +81,7 @@ def measure(path: Path, tokens: int) -> dict[str, float]:
     n = len(store.layers)
     x = torch.randn(1, store.config.dim, generator=torch.Generator().manual_seed(0))
     modes = {"checked": NaiveFFN(store), "unchecked": NaiveFFN(store, verify_reads=False)}
-    for ffn in modes.values():                                  # warm-up: allocation, first faults
+    for ffn in modes.values():  # warm-up: allocation, first faults
         token(ffn, x, n)
     ms: dict[str, list[float]] = {k: [] for k in modes}
     io: dict[str, list[float]] = {k: [] for k in modes}
@@ -96,8 +103,12 @@ def measure(path: Path, tokens: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--store", type=Path, action="append", help="a store to measure (repeatable); "
-                    "default: the embedded SmolLM2-135M")
+    ap.add_argument(
+        "--store",
+        type=Path,
+        action="append",
+        help="a store to measure (repeatable); default: the embedded SmolLM2-135M",
+    )
     ap.add_argument("--synthetic-layers", type=int, default=0, help="also an OPT-6.7B-width store of N layers")
     ap.add_argument("--tokens", type=int, default=12, help="tokens per mode (alternating)")
     a = ap.parse_args(argv)
@@ -105,17 +116,23 @@ def main(argv: list[str] | None = None) -> int:
     stores = list(a.store or [])
     if not stores:
         from llmflash.defaults import store_or_default
+
         stores.append(Path(store_or_default(None)))
     if a.synthetic_layers:
         stores.append(synthetic_store(a.synthetic_layers))
-    print("| store | layers | MB/token | checked ms | unchecked ms | ratio | checked I/O ms | unchecked I/O ms "
-          "| I/O ratio |")
+    print(
+        "| store | layers | MB/token | checked ms | unchecked ms | ratio | checked I/O ms | unchecked I/O ms "
+        "| I/O ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for path in stores:
         r = measure(path, a.tokens)
-        print(f"| {path.name} | {r['layers']} | {r['mb_per_token']:.1f} | {r['checked_ms']:.1f} | "
-              f"{r['unchecked_ms']:.1f} | {r['ratio']:.3f} | {r['checked_io_ms']:.1f} | "
-              f"{r['unchecked_io_ms']:.1f} | {r['io_ratio']:.3f} |", flush=True)
+        print(
+            f"| {path.name} | {r['layers']} | {r['mb_per_token']:.1f} | {r['checked_ms']:.1f} | "
+            f"{r['unchecked_ms']:.1f} | {r['ratio']:.3f} | {r['checked_io_ms']:.1f} | "
+            f"{r['unchecked_io_ms']:.1f} | {r['io_ratio']:.3f} |",
+            flush=True,
+        )
     return 0
 
 

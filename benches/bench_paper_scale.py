@@ -34,8 +34,9 @@ The strategies' order rotates from round to round (the disk is a token bucket: a
 would hand the first strategy the disk that naive and fio had just drained).
 Both FFNs decode with the library's own kernel (strategies.base.rows_ffn: one native F16C + FMA
 pass per float16 bundle, down rows skipped where relu gives 0). A short in-run microbenchmark
-compares it with the torch path (strategies.base.bundle_ffn) on the caches' real rows. fio (`fio-randread`, 32 threads, 2 s) at 1 MiB and at flash's mean request
-size runs after every naive token: the disk's reference and throttle check from the same minute.
+compares it with the torch path (strategies.base.bundle_ffn) on the caches' real rows. fio
+(`fio-randread`, 32 threads, 2 s) at 1 MiB and at flash's mean request size runs after every naive
+token: the disk's reference and throttle check from the same minute.
 Columns: I/O is time the token waited for reads, including the per-bundle CRC-32 checks (a
 version-3 store: each bundle checked as it lands) when it waited for them; (crc) is all CRC time,
 on the critical path or not; mgmt is memory management without the checks (evictions, moves,
@@ -60,14 +61,15 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_opt_store import DEFAULT_OUT, random_f16_bits  # noqa: E402
+from paper_scale_report import bounds, plot, print_table, summarize  # noqa: E402
 from wanted_sets import GuessReplay, LookaheadReplay, Params, Replay, generate, stats  # noqa: E402
 
 from llmflash.models.layers import decode_attention, linear  # noqa: E402
-from llmflash.threads import decode_threads, native_decode  # noqa: E402
 from llmflash.store import Store, split_bundles  # noqa: E402
 from llmflash.strategies.base import bundle_ffn, rows_ffn  # noqa: E402
 from llmflash.strategies.flash import FlashFFN, model_bytes  # noqa: E402
 from llmflash.strategies.naive import NaiveFFN  # noqa: E402
+from llmflash.threads import decode_threads, native_decode  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 FIO = Path(os.environ.get("LLMFLASH_FIO", REPO.parent / "shared" / "tools" / "fio-randread"))
@@ -107,10 +109,10 @@ class Attention:
         t0 = time.perf_counter()
         h = self.ln(x).half()
         q, k, v = linear(h, self.qkv[i], self.b_qkv[i]).view(3, self.h, 1, self.hd)
-        keys, vals = self.k[i], self.v[i]                                # (H, ctx+1, hd)
+        keys, vals = self.k[i], self.v[i]  # (H, ctx+1, hd)
         keys[:, -1:] = k
         vals[:, -1:] = v
-        a = decode_attention(q, keys, vals, keys.shape[1])               # (1, D)
+        a = decode_attention(q, keys, vals, keys.shape[1])  # (1, D)
         out = linear(a.half(), self.o[i], self.b_o[i])
         self.s += time.perf_counter() - t0
         return out
@@ -119,7 +121,7 @@ class Attention:
 def decode_token(attn: Attention, ffn, x: Tensor, n_layers: int) -> Tensor:
     """One token through every layer, with the library's decode threading (llmflash.threads:
     torch on one thread, the native float16 kernels on two), as Transformer.forward runs it."""
-    early = getattr(ffn, "early", None)              # FlashFFN lookahead="attention"
+    early = getattr(ffn, "early", None)  # FlashFFN lookahead="attention"
     with decode_threads(native_decode(attn.dim, torch.float16)):
         for i in range(n_layers):
             if early is not None:
@@ -139,8 +141,9 @@ def fio(path: Path, bs: int, seconds: int = 2, threads: int = 32) -> tuple[float
     if not FIO.is_file():
         return float("nan"), float("nan")
     c0 = busy_seconds()
-    out = subprocess.run([str(FIO), str(path), str(bs), str(threads), str(seconds)], capture_output=True,
-                         text=True).stdout
+    out = subprocess.run(
+        [str(FIO), str(path), str(bs), str(threads), str(seconds)], capture_output=True, text=True
+    ).stdout
     c1 = busy_seconds()
     try:
         mb_s, iops = float(out.split()[0]), float(out.split()[2])
@@ -161,9 +164,29 @@ def busy_seconds() -> float:
 
 
 # -- the run -------------------------------------------------------------------------------------
-KEYS = ("ffn_io_s", "mgmt_s", "crc_s", "predict_s", "ffn_compute_s", "bytes_read", "bytes_useful", "requests",
-        "hits", "misses", "evicted_window", "evicted_capacity", "overflow", "io_ns", "wait_ns", "mgmt_ns",
-        "ahead_read", "ahead_missed", "guess_named", "guess_right", "wanted_named")
+KEYS = (
+    "ffn_io_s",
+    "mgmt_s",
+    "crc_s",
+    "predict_s",
+    "ffn_compute_s",
+    "bytes_read",
+    "bytes_useful",
+    "requests",
+    "hits",
+    "misses",
+    "evicted_window",
+    "evicted_capacity",
+    "overflow",
+    "io_ns",
+    "wait_ns",
+    "mgmt_ns",
+    "ahead_read",
+    "ahead_missed",
+    "guess_named",
+    "guess_right",
+    "wanted_named",
+)
 
 
 def snapshot(ffn) -> dict[str, float]:
@@ -180,31 +203,59 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--naive-tokens", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=8, help="flash tokens before measuring (window fill)")
     ap.add_argument("--context", type=int, default=256, help="KV cache length for attention")
-    ap.add_argument("--uring", action="store_true",
-                    help="add flash-uring and flash-ahead-uring (and flash-wanted-uring with --wanted): every "
-                         "batch on io_uring (no pread pool)")
-    ap.add_argument("--uring-depth", type=int, default=None,
-                    help="reads in flight for the --uring strategies (default: --concurrency)")
-    ap.add_argument("--wanted", action="store_true",
-                    help="add flash-wanted and flash-ahead-wanted: the FFN on the wanted rows only "
-                         "(FlashFFN compute='wanted'), not every live row")
-    ap.add_argument("--guess", type=float, nargs=2, metavar=("RECALL", "PRECISION"), action="append",
-                    help="add flash-early-R/P (the layer's set guessed before its attention with this recall "
-                         "and precision, checked at the FFN; lookahead='attention'; repeatable) and "
-                         "flash-early-exact")
-    ap.add_argument("--floor", action="store_true",
-                    help="add floor: flash-wanted replaying one token's sets every token (nothing read after "
-                         "the first), the token's compute with free I/O; and print the run's bounds on x naive")
-    ap.add_argument("--moves", action="store_true",
-                    help="add flash-moves (and flash-wanted-moves with --wanted): the paper's DRAM scheme, every "
-                         "hole closed by moving the last live row in before the reads start (FlashFFN "
-                         "fill_holes=False), against new neurons read into the holes (the default)")
-    ap.add_argument("--concurrency", type=int, default=None,
-                    help="reads in flight per fill (FlashFFN's default: 128 on io_uring)")
-    ap.add_argument("--engine", default=None,
-                    help="the flash strategies' reader engine (FlashFFN's default: io_uring, else auto)")
-    ap.add_argument("--no-lookahead", dest="lookahead", action="store_false",
-                    help="skip the flash-ahead strategy (layer+1's reads start during layer)")
+    ap.add_argument(
+        "--uring",
+        action="store_true",
+        help="add flash-uring and flash-ahead-uring (and flash-wanted-uring with --wanted): every "
+        "batch on io_uring (no pread pool)",
+    )
+    ap.add_argument(
+        "--uring-depth",
+        type=int,
+        default=None,
+        help="reads in flight for the --uring strategies (default: --concurrency)",
+    )
+    ap.add_argument(
+        "--wanted",
+        action="store_true",
+        help="add flash-wanted and flash-ahead-wanted: the FFN on the wanted rows only "
+        "(FlashFFN compute='wanted'), not every live row",
+    )
+    ap.add_argument(
+        "--guess",
+        type=float,
+        nargs=2,
+        metavar=("RECALL", "PRECISION"),
+        action="append",
+        help="add flash-early-R/P (the layer's set guessed before its attention with this recall "
+        "and precision, checked at the FFN; lookahead='attention'; repeatable) and "
+        "flash-early-exact",
+    )
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="add floor: flash-wanted replaying one token's sets every token (nothing read after "
+        "the first), the token's compute with free I/O; and print the run's bounds on x naive",
+    )
+    ap.add_argument(
+        "--moves",
+        action="store_true",
+        help="add flash-moves (and flash-wanted-moves with --wanted): the paper's DRAM scheme, every "
+        "hole closed by moving the last live row in before the reads start (FlashFFN "
+        "fill_holes=False), against new neurons read into the holes (the default)",
+    )
+    ap.add_argument(
+        "--concurrency", type=int, default=None, help="reads in flight per fill (FlashFFN's default: 128 on io_uring)"
+    )
+    ap.add_argument(
+        "--engine", default=None, help="the flash strategies' reader engine (FlashFFN's default: io_uring, else auto)"
+    )
+    ap.add_argument(
+        "--no-lookahead",
+        dest="lookahead",
+        action="store_false",
+        help="skip the flash-ahead strategy (layer+1's reads start during layer)",
+    )
     ap.add_argument("--fio-seconds", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
@@ -218,8 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     resident_b, ffn_b = model_bytes(store)
     real_model = resident_b + ffn_b
     budget = int(a.memory * real_model)
-    print(f"model {real_model / 1e9:.3f} GB (resident {resident_b / 1e9:.3f} + FFN {ffn_b / 1e9:.3f}); "
-          f"memory {a.memory:.0%} = {budget / 1e9:.3f} GB", file=sys.stderr)
+    print(
+        f"model {real_model / 1e9:.3f} GB (resident {resident_b / 1e9:.3f} + FFN {ffn_b / 1e9:.3f}); "
+        f"memory {a.memory:.0%} = {budget / 1e9:.3f} GB",
+        file=sys.stderr,
+    )
 
     t0 = time.perf_counter()
     P = Params(n_layers=cfg.n_layers, n_neurons=cfg.ffn_dims[0], window=a.window, seed=a.seed)
@@ -240,11 +294,11 @@ def main(argv: list[str] | None = None) -> int:
             strategies["flash-wanted-uring"] = flash(Replay(sets), compute="wanted", **depth)
         strategies["flash-ahead-uring"] = flash(LookaheadReplay(sets), **depth)
     for r, p in a.guess or []:
-        strategies[f"flash-early-{r:g}/{p:g}"] = flash(GuessReplay(sets, P.n_neurons, r, p, seed=a.seed),
-                                                       compute="wanted", lookahead="attention")
+        strategies[f"flash-early-{r:g}/{p:g}"] = flash(
+            GuessReplay(sets, P.n_neurons, r, p, seed=a.seed), compute="wanted", lookahead="attention"
+        )
     if a.guess:
-        strategies["flash-early-exact"] = flash(GuessReplay(sets, P.n_neurons), compute="wanted",
-                                                lookahead="attention")
+        strategies["flash-early-exact"] = flash(GuessReplay(sets, P.n_neurons), compute="wanted", lookahead="attention")
     if a.floor:
         # the compute floor: one token's sets replayed every token, so after the first admission
         # nothing is read; a flash token with free and perfectly hidden I/O (compute="wanted")
@@ -262,9 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     print("generator (measured tokens): " + ", ".join(f"{k} {v:.4f}" for k, v in gen.items()), file=sys.stderr)
     naive = NaiveFFN(store)
     attn = Attention(cfg.n_layers, cfg.dim, cfg.n_heads[0], a.context, a.seed)
-    print(f"setup {time.perf_counter() - t0:.0f} s: caches {cap} neurons/layer "
-          f"({cap / P.n_neurons:.1%} of the FFN), attention weights {attn.weight_bytes / 1e9:.2f} GB in DRAM",
-          file=sys.stderr)
+    print(
+        f"setup {time.perf_counter() - t0:.0f} s: caches {cap} neurons/layer "
+        f"({cap / P.n_neurons:.1%} of the FFN), attention weights {attn.weight_bytes / 1e9:.2f} GB in DRAM",
+        file=sys.stderr,
+    )
 
     g = torch.Generator().manual_seed(a.seed + 1)
     xs = [torch.randn(1, cfg.dim, generator=g) for _ in range(a.warmup + a.tokens + a.naive_tokens)]
@@ -291,8 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     for t in range(a.tokens):
         schedule.append(("flash", a.warmup + t))
         if (t + 1) % per_round == 0 and len([s for s in schedule if s[0] == "naive"]) < a.naive_tokens:
-            schedule += [("naive", a.warmup + a.tokens + len([s for s in schedule if s[0] == "naive"])),
-                         ("fio", 0)]
+            schedule += [("naive", a.warmup + a.tokens + len([s for s in schedule if s[0] == "naive"])), ("fio", 0)]
     names = list(strategies)
     for step, (kind, t) in enumerate(tqdm(schedule, desc="flash / naive / fio, interleaved", unit="step")):
         if kind == "flash":
@@ -309,17 +364,30 @@ def main(argv: list[str] | None = None) -> int:
             bs = max(4096, int(round(mean_req / 4096)) * 4096)
             mb_1m, _ = fio(store.ffn_path, 1 << 20, a.fio_seconds)
             mb_bs, cpu_bs = fio(store.ffn_path, bs, a.fio_seconds)
-            fio_runs.append({"mb_s_1m": mb_1m, "bs_flash": bs, "mb_s_flash_bs": mb_bs, "cpu_us_per_read_flash_bs": cpu_bs})
+            fio_runs.append(
+                {"mb_s_1m": mb_1m, "bs_flash": bs, "mb_s_flash_bs": mb_bs, "cpu_us_per_read_flash_bs": cpu_bs}
+            )
 
     micro = kernel_micro(strategies["flash"], naive, cfg)
     rows = summarize(records, fio_runs, ffn_b, cfg)
-    out = {"store": str(a.store), "model_bytes": real_model, "resident_bytes": resident_b, "ffn_bytes": ffn_b,
-           "budget_bytes": budget, "capacity_neurons_per_layer": cap, "capacity_share": cap / P.n_neurons,
-           "context": a.context, "generator": gen,
-           "generator_params": {"wanted": P.wanted, "new": P.new, "hot": P.hot, "window": P.window,
-                                "rates": P.rates()},
-           "rows": rows, "fio": fio_runs, "kernel_micro_ms": micro, "records": records,
-           "threads": torch.get_num_threads(), "loadavg": os.getloadavg()}
+    out = {
+        "store": str(a.store),
+        "model_bytes": real_model,
+        "resident_bytes": resident_b,
+        "ffn_bytes": ffn_b,
+        "budget_bytes": budget,
+        "capacity_neurons_per_layer": cap,
+        "capacity_share": cap / P.n_neurons,
+        "context": a.context,
+        "generator": gen,
+        "generator_params": {"wanted": P.wanted, "new": P.new, "hot": P.hot, "window": P.window, "rates": P.rates()},
+        "rows": rows,
+        "fio": fio_runs,
+        "kernel_micro_ms": micro,
+        "records": records,
+        "threads": torch.get_num_threads(),
+        "loadavg": os.getloadavg(),
+    }
     out["bounds"] = bounds(rows, fio_runs, ffn_b)
     print_table(out)
     if a.json:
@@ -338,10 +406,16 @@ def kernel_micro(flash: FlashFFN, naive: NaiveFFN, cfg) -> dict[str, float]:
     first = flash.layers[0]
     live = first.cache.live
     b_flash, b_naive = first.bias, naive.b1[-1]
-    cases = {"flash_live_rows": (first.rows[:live], None if b_flash is None else
-                                 b_flash[torch.from_numpy(first.cache.slot_neurons())]),
-             "naive_region": (naive.bytes_view[:naive.store.layers[-1].payload_bytes].view(torch.float16)
-                              .view(cfg.ffn_dims[-1], -1), b_naive)}
+    cases = {
+        "flash_live_rows": (
+            first.rows[:live],
+            None if b_flash is None else b_flash[torch.from_numpy(first.cache.slot_neurons())],
+        ),
+        "naive_region": (
+            naive.bytes_view[: naive.store.layers[-1].payload_bytes].view(torch.float16).view(cfg.ffn_dims[-1], -1),
+            b_naive,
+        ),
+    }
     out: dict[str, float] = {"flash_live_rows_n": float(live)}
     for name, (rows, bias) in cases.items():
         best = {"project": 1e9, "native": 1e9}
@@ -356,124 +430,6 @@ def kernel_micro(flash: FlashFFN, naive: NaiveFFN, cfg) -> dict[str, float]:
                 best[k] = min(best[k], (time.perf_counter() - t0) * 1e3)
         out.update({f"{name}_{k}": v for k, v in best.items()})
     return out
-
-
-def bounds(rows, fio_runs, ffn_b: int) -> dict[str, float] | None:
-    """What this run's disk and compute allow, against naive's measured token: I/O alone (naive's
-    measured I/O time over flash's bytes at fio's rate for flash's request size: no compute on
-    either side), the floor row (reads free), perfect overlap (a flash token as long as the
-    longer of the floor and its reads at fio's rate), and the CPU bound (a flash token's
-    measured machine CPU time, reads' kernel path included, spread over every core)."""
-    by = {r["strategy"]: r for r in rows}
-    if "naive" not in by or "flash" not in by or not fio_runs:
-        return None
-    r1m = float(np.nanmean([f["mb_s_1m"] for f in fio_runs]))
-    rbs = float(np.nanmean([f["mb_s_flash_bs"] for f in fio_runs]))
-    flash_mb = by["flash"]["mb_read_per_token"]
-    disk_ms = flash_mb / rbs * 1e3
-    out = {"fio_1m_mb_s": r1m, "fio_bs_mb_s": rbs, "bs_kib": fio_runs[0]["bs_flash"] // 1024,
-           "x_io_only": by["naive"]["io_ms"] / disk_ms, "flash_disk_ms": disk_ms,
-           "cpu_us_per_read": float(np.nanmean([f.get("cpu_us_per_read_flash_bs", float("nan")) for f in fio_runs]))}
-    naive_ms = by["naive"]["ms_per_token"]
-    # every core busy the whole token: the machine's CPU time per token (compute, the reads'
-    # kernel path, the helper's spin) spread over all cores
-    cores = os.cpu_count() or 1
-    out.update({f"x_cpu_{k}": naive_ms / (by[k]["cpu_ms"] / cores) for k in ("flash", "flash-wanted") if k in by
-                and by[k].get("cpu_ms", 0) > 0})
-    if "floor" in by:
-        floor = by["floor"]["ms_per_token"]
-        out.update(floor_ms=floor, x_floor=naive_ms / floor, x_perfect_overlap=naive_ms / max(floor, disk_ms))
-    else:
-        out.update(floor_ms=float("nan"), x_floor=float("nan"), x_perfect_overlap=float("nan"))
-    return out
-
-
-def summarize(records, fio_runs, ffn_b: int, cfg) -> list[dict[str, float]]:
-    rows = []
-    for name, recs in records.items():
-        n = len(recs)
-        if not n:
-            continue
-        s = {k: sum(r[k] for r in recs) / n for k in recs[0]}
-        ms = s["wall_s"] * 1e3
-        io, mgmt, pred = s["ffn_io_s"] * 1e3, s["mgmt_s"] * 1e3, s["predict_s"] * 1e3
-        row = {"strategy": name, "tokens": n, "ms_per_token": ms,
-               "ms_median": float(np.median([r["wall_s"] for r in recs]) * 1e3),
-               "ms_min": min(r["wall_s"] for r in recs) * 1e3, "ms_max": max(r["wall_s"] for r in recs) * 1e3,
-               "io_ms": io, "mgmt_ms": mgmt, "predict_ms": pred, "compute_ms": ms - io - mgmt - pred,
-               "attn_ms": s["attn_s"] * 1e3, "ffn_compute_ms": s["ffn_compute_s"] * 1e3,
-               "cpu_ms": s["cpu_s"] * 1e3, "cores_busy": s["cpu_s"] / max(1e-9, s["wall_s"]),
-               "mgmt_share": mgmt / ms, "crc_ms": s["crc_s"] * 1e3, "mb_read_per_token": s["bytes_read"] / 1e6,
-               "read_mb_s_during_io": s["bytes_read"] / 1e6 / max(1e-9, s["ffn_io_s"])}
-        if name == "naive":
-            row["mb_min_per_token"] = ffn_b / 1e6
-        else:
-            row.update(mb_min_per_token=s["bytes_useful"] / 1e6,
-                       read_vs_min=s["bytes_read"] / max(1.0, s["bytes_useful"]),
-                       requests_per_token=s["requests"],
-                       mean_request_kib=s["bytes_read"] / max(1.0, s["requests"]) / 1024,
-                       disk_ms=s["io_ns"] / 1e6, wait_ms=s["wait_ns"] / 1e6,
-                       disk_mb_s=s["bytes_read"] / 1e3 / max(1.0, s["io_ns"] / 1e6),
-                       miss_share=s["misses"] / (cfg.n_layers * cfg.ffn_dims[0]),
-                       hit_rate=s["hits"] / max(1.0, s["hits"] + s["misses"]),
-                       overflow_per_token=s["overflow"], evicted_capacity_per_token=s["evicted_capacity"])
-        rows.append(row)
-    naive = next((r for r in rows if r["strategy"] == "naive"), None)
-    for r in rows:
-        r["x_vs_naive"] = naive["ms_per_token"] / r["ms_per_token"] if naive else float("nan")
-        r["x_vs_naive_median"] = naive["ms_median"] / r["ms_median"] if naive else float("nan")
-    return rows
-
-
-def print_table(out) -> None:
-    heads = ["strategy", "tok", "ms/tok", "median", "I/O", "(crc)", "mgmt", "compute", "(attn)", "MB read", "MB min",
-             "read/min", "MB/s io", "CPU ms", "x naive", "x naive (medians)"]
-    keys = ["strategy", "tokens", "ms_per_token", "ms_median", "io_ms", "crc_ms", "mgmt_ms", "compute_ms", "attn_ms",
-            "mb_read_per_token", "mb_min_per_token", "read_vs_min", "read_mb_s_during_io", "cpu_ms", "x_vs_naive",
-            "x_vs_naive_median"]
-    print(" | ".join(heads))
-    for r in out["rows"]:
-        cells = []
-        for k in keys:
-            v = r.get(k)
-            cells.append("-" if v is None else v if isinstance(v, str) else f"{v:.0f}" if k == "tokens"
-                         else f"{v:.2f}" if k in ("read_vs_min", "x_vs_naive", "x_vs_naive_median") else f"{v:.1f}")
-        print(" | ".join(cells))
-    for f in out["fio"]:
-        print(f"fio 32 threads: 1 MiB {f['mb_s_1m']:.0f} MB/s, {f['bs_flash'] // 1024} KiB {f['mb_s_flash_bs']:.0f} MB/s "
-              f"({f.get('cpu_us_per_read_flash_bs', float('nan')):.1f} us of CPU per read)")
-    b = out.get("bounds")
-    if b:
-        print(f"bounds (this run): I/O alone (naive's I/O time over flash's bytes at fio {b['bs_kib']} KiB) "
-              f"{b['x_io_only']:.2f}x; floor (no reads) {b['floor_ms']:.0f} ms -> {b['x_floor']:.2f}x; "
-              f"flash's reads at fio speed {b['flash_disk_ms']:.0f} ms; perfect overlap "
-              f"max(floor, reads) -> {b['x_perfect_overlap']:.2f}x naive; every core busy all token: "
-              + ", ".join(f"{k[6:]} {v:.2f}x" for k, v in b.items() if k.startswith("x_cpu_")))
-    print("kernel micro (ms/layer):", {k: round(v, 1) for k, v in out["kernel_micro_ms"].items()})
-    print("generator:", {k: round(v, 4) for k, v in out["generator"].items()})
-
-
-def plot(rows, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [r["strategy"] for r in rows]
-    fig, ax = plt.subplots(figsize=(1.8 * len(rows) + 2, 4))
-    bottom = [0.0] * len(rows)
-    for key, color in (("io_ms", "tab:red"), ("mgmt_ms", "tab:orange"), ("compute_ms", "tab:blue")):
-        vals = [r[key] for r in rows]
-        ax.bar(labels, vals, bottom=bottom, label=key.replace("_ms", ""), color=color)
-        bottom = [b + v for b, v in zip(bottom, vals)]
-    for i, r in enumerate(rows):
-        ax.text(i, bottom[i], f"{r['ms_per_token']:.0f} ms\n{r['x_vs_naive']:.1f}x", ha="center", va="bottom")
-    ax.set_ylabel("ms per token")
-    ax.set_title("OPT-6.7B shape, memory 50%, window 5 (one interleaved run)")
-    ax.legend()
-    ax.set_ylim(0, max(bottom) * 1.2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

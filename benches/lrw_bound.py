@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from llmflash.defaults import store_or_default
 from llmflash.commands.texts import heldout_text
+from llmflash.defaults import store_or_default
 from llmflash.models.transformer import Transformer
 from llmflash.sparsity.labels import activations
 from llmflash.store import Store
@@ -51,19 +51,19 @@ def lrw_reads(sets: np.ndarray, capacity: int, window: int) -> float:
     L, N, n = sets.shape
     reads = 0
     for layer in range(L):
-        cached, last = np.zeros(n, bool), np.full(n, -(10 ** 9))
+        cached, last = np.zeros(n, bool), np.full(n, -(10**9))
         for t in range(N):
             w = sets[layer, t]
             miss = w & ~cached
             reads += int(miss.sum())
-            cached &= last >= t - window                             # the window
+            cached &= last >= t - window  # the window
             new = np.flatnonzero(miss)
             free = capacity - int(cached.sum())
-            if len(new) > free:                                      # least recently wanted first
+            if len(new) > free:  # least recently wanted first
                 cand = np.flatnonzero(cached & ~w)
                 k = min(len(new) - free, len(cand))
                 cached[cand[np.argsort(last[cand], kind="stable")[:k]]] = False
-                new = new[:max(free + k, 0)]
+                new = new[: max(free + k, 0)]
             cached[new] = True
             last[w & cached] = t
     return reads / (L * N * n)
@@ -82,8 +82,8 @@ def main() -> None:
     sets = oracle_sets(store, a.tokens, a.keep)
     n = sets.shape[2]
     for share in tqdm(a.cache, desc="cache sizes"):
-        print(f"cache {share:.1%} of the FFN: oracle top-{a.keep:.0%} reads {lrw_reads(sets, int(share * n), a.window):.1%} "
-              "of the FFN's bundles per token")
+        reads = lrw_reads(sets, int(share * n), a.window)
+        print(f"cache {share:.1%} of the FFN: oracle top-{a.keep:.0%} reads {reads:.1%} of the FFN's bundles per token")
 
 
 if __name__ == "__main__":

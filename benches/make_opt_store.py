@@ -41,18 +41,38 @@ def opt_6_7b_config() -> ModelConfig:
     """facebook/opt-6.7b's shape, in llmflash's ModelConfig."""
     L = 32
     return ModelConfig(
-        arch="opt", vocab_size=50272, dim=4096, n_layers=L, head_dim=128, n_heads=[32] * L,
-        n_kv_heads=[32] * L, ffn_dims=[16384] * L, norm="layer", norm_eps=1e-5, act="relu", gated=False,
-        max_positions=2048, rope_theta=None, attn_bias=True, ffn_bias=True, pre_norm=True,
-        final_norm=True, learned_pos=True, pos_offset=2, tie_embeddings=True, bos_token_id=2,
-        eos_token_ids=[2], name="OPT-6.7B shape, random float16 weights (benches/make_opt_store.py)")
+        arch="opt",
+        vocab_size=50272,
+        dim=4096,
+        n_layers=L,
+        head_dim=128,
+        n_heads=[32] * L,
+        n_kv_heads=[32] * L,
+        ffn_dims=[16384] * L,
+        norm="layer",
+        norm_eps=1e-5,
+        act="relu",
+        gated=False,
+        max_positions=2048,
+        rope_theta=None,
+        attn_bias=True,
+        ffn_bias=True,
+        pre_norm=True,
+        final_norm=True,
+        learned_pos=True,
+        pos_offset=2,
+        tie_embeddings=True,
+        bos_token_id=2,
+        eos_token_ids=[2],
+        name="OPT-6.7B shape, random float16 weights (benches/make_opt_store.py)",
+    )
 
 
 def random_f16_bits(n: int, rng: np.random.Generator) -> np.ndarray:
     """n random float16 values as uint16 bits: sign random, exponent 2^-7, mantissa random."""
-    raw = rng.bit_generator.random_raw((n + 3) // 4).view(np.uint16)[:n]   # 64-bit words, 4 values each
-    raw &= 0x83FF                                                       # keep sign + mantissa
-    raw |= 0x2000                                                       # exponent 8: |v| in [2^-7, 2^-6)
+    raw = rng.bit_generator.random_raw((n + 3) // 4).view(np.uint16)[:n]  # 64-bit words, 4 values each
+    raw &= 0x83FF  # keep sign + mantissa
+    raw |= 0x2000  # exponent 8: |v| in [2^-7, 2^-6)
     return raw
 
 
@@ -75,7 +95,7 @@ def write_resident(path: Path, config: ModelConfig, rng: np.random.Generator) ->
     header["__metadata__"] = {"format": S.FORMAT}
     h = json.dumps(header, separators=(",", ":")).encode()
     h += b" " * (-len(h) % 8)
-    ones = np.full(config.dim, 0x3C00, dtype=np.uint16)                # float16 1.0
+    ones = np.full(config.dim, 0x3C00, dtype=np.uint16)  # float16 1.0
     with open(path, "wb") as f:
         f.write(len(h).to_bytes(8, "little"))
         f.write(h)
@@ -84,7 +104,7 @@ def write_resident(path: Path, config: ModelConfig, rng: np.random.Generator) ->
             if name.endswith("norm.weight"):
                 f.write(ones.tobytes())
             else:
-                for start in range(0, n, 64 << 20):                     # 128 MB pieces
+                for start in range(0, n, 64 << 20):  # 128 MB pieces
                     f.write(random_f16_bits(min(64 << 20, n - start), rng).tobytes())
         f.flush()
         os.fsync(f.fileno())
@@ -95,8 +115,11 @@ def make(out: Path, seed: int = 0, force: bool = False) -> Path:
     cfg = opt_6_7b_config()
     rng = np.random.default_rng(seed)
     res_b, ffn_b = model_bytes(cfg)
-    print(f"OPT-6.7B shape: resident {res_b / 1e9:.3f} GB + FFN {ffn_b / 1e9:.3f} GB = "
-          f"{(res_b + ffn_b) / 1e9:.3f} GB float16 -> {out}", file=sys.stderr)
+    print(
+        f"OPT-6.7B shape: resident {res_b / 1e9:.3f} GB + FFN {ffn_b / 1e9:.3f} GB = "
+        f"{(res_b + ffn_b) / 1e9:.3f} GB float16 -> {out}",
+        file=sys.stderr,
+    )
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -114,11 +137,13 @@ def make(out: Path, seed: int = 0, force: bool = False) -> Path:
             assert payload.nbytes == n * bb and ffn.tell() == offset
             ffn.write(memoryview(payload).cast("B"))
             ffn.write(b"\0" * (region - payload.nbytes))
-            w.record_layer(i, payload)                # the region's and each bundle's CRC-32
+            w.record_layer(i, payload)  # the region's and each bundle's CRC-32
         ffn.flush()
         t2 = time.perf_counter()
-        print(f"ffn.bin: {ffn.tell() / 1e9:.2f} GB in {t2 - t1:.0f} s ({ffn.tell() / (t2 - t1) / 1e6:.0f} MB/s)",
-              file=sys.stderr)
+        print(
+            f"ffn.bin: {ffn.tell() / 1e9:.2f} GB in {t2 - t1:.0f} s ({ffn.tell() / (t2 - t1) / 1e6:.0f} MB/s)",
+            file=sys.stderr,
+        )
     print(f"done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return out
 
@@ -132,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.out.exists() and not a.force:
         try:
             S.Store(a.out)
-        except StoreError as e:                 # e.g. a version-1 store (fc1 bias in the bundles)
+        except StoreError as e:  # e.g. a version-1 store (fc1 bias in the bundles)
             raise SystemExit(f"{a.out} exists but does not open ({e}); pass --force to rewrite it") from None
         print(f"{a.out} exists (a valid store); pass --force to rewrite it", file=sys.stderr)
         return 0

@@ -28,8 +28,8 @@ def make(path: Path, size: int) -> Path:
     t0 = time.perf_counter()
     with open(tmp, "wb") as f:
         for i in range(0, size, len(chunk)):
-            chunk[:8] = i.to_bytes(8, "little")            # no two chunks identical
-            f.write(memoryview(chunk)[:min(len(chunk), size - i)])
+            chunk[:8] = i.to_bytes(8, "little")  # no two chunks identical
+            f.write(memoryview(chunk)[: min(len(chunk), size - i)])
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

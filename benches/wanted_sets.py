@@ -32,22 +32,22 @@ import numpy as np
 class Params:
     n_layers: int = 32
     n_neurons: int = 16384
-    wanted: float = 0.10        # share wanted per token
-    new: float = 0.024          # share new per token vs the last `window` tokens
+    wanted: float = 0.10  # share wanted per token
+    new: float = 0.024  # share new per token vs the last `window` tokens
     window: int = 5
-    hot: float = 0.02           # share always wanted
+    hot: float = 0.02  # share always wanted
     seed: int = 0
 
     def rates(self) -> tuple[float, float, float]:
         """(pc, b, a): the churn neurons' stationary on-share and off->on / on->off rates."""
         h, k = self.hot, self.window
         pc = (self.wanted - h) / (1 - h)
-        target = self.new / (1 - h) / (1 - pc)                  # = (1 - b)^(k-1) b
-        f = lambda b: (1 - b) ** (k - 1) * b                     # noqa: E731
+        target = self.new / (1 - h) / (1 - pc)  # = (1 - b)^(k-1) b
+        f = lambda b: (1 - b) ** (k - 1) * b  # noqa: E731
         lo, hi = 0.0, 1.0 / k
         if f(hi) < target:
             raise ValueError(f"new share {self.new} is unreachable with window {k} and wanted {self.wanted}")
-        for _ in range(100):                                    # bisection on the rising branch
+        for _ in range(100):  # bisection on the rising branch
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
         b = (lo + hi) / 2
@@ -64,7 +64,7 @@ def generate(p: Params, tokens: int) -> list[list[np.ndarray]]:
         n_hot = int(round(p.hot * p.n_neurons))
         hot = np.zeros(p.n_neurons, dtype=bool)
         hot[rng.choice(p.n_neurons, n_hot, replace=False)] = True
-        on = rng.random(p.n_neurons) < pc                       # stationary start
+        on = rng.random(p.n_neurons) < pc  # stationary start
         for t in range(tokens):
             u = rng.random(p.n_neurons)
             on = np.where(on, u >= a, u < b)
@@ -72,8 +72,9 @@ def generate(p: Params, tokens: int) -> list[list[np.ndarray]]:
     return out
 
 
-def stats(sets: list[list[np.ndarray]], n_neurons: int, window: int, capacity: int | None = None,
-          skip: int | None = None) -> dict[str, float]:
+def stats(
+    sets: list[list[np.ndarray]], n_neurons: int, window: int, capacity: int | None = None, skip: int | None = None
+) -> dict[str, float]:
     """Measured, averaged over layers and tokens t >= skip (default: window):
     wanted share; new share (wanted at t, not in t-window..t-1); live share (the union of
     t-window..t: what a window cache holds); and, given a per-layer `capacity`, the share a
@@ -89,12 +90,12 @@ def stats(sets: list[list[np.ndarray]], n_neurons: int, window: int, capacity: i
             w = sets[t][layer]
             recent = last >= t - window
             is_new = ~recent[w]
-            cached &= recent                                   # the window's eviction
+            cached &= recent  # the window's eviction
             missing = w[~cached[w]]
             if capacity is not None:
                 cached[w] = True
                 over = int(cached.sum()) - capacity
-                if over > 0:                                   # least recently wanted, not wanted now
+                if over > 0:  # least recently wanted, not wanted now
                     cand = np.flatnonzero(cached)
                     cand = cand[last[cand] < t]
                     cached[cand[np.argsort(last[cand], kind="stable")[:over]]] = False
@@ -133,7 +134,7 @@ class LookaheadReplay(Replay):
     here exact. It measures what the engine gains when reads of the next layer overlap this
     layer's compute; the accuracy of such a predictor is not modelled."""
 
-    ahead_exact = True          # final: FlashFFN does not check it at layer+1
+    ahead_exact = True  # final: FlashFFN does not check it at layer+1
 
     def ahead(self, layer: int, x=None) -> np.ndarray:
         return self.sets[self.t][layer + 1]
@@ -147,13 +148,14 @@ class GuessReplay(Replay):
     guess missed. Recall = precision = 0.816 is what SmolLM2's oracle measured from the
     attention input (`llmflash eval --sparsity oracle --lookahead attention`)."""
 
-    def __init__(self, sets: list[list[np.ndarray]], n_neurons: int, recall: float = 1.0,
-                 precision: float = 1.0, seed: int = 0):
+    def __init__(
+        self, sets: list[list[np.ndarray]], n_neurons: int, recall: float = 1.0, precision: float = 1.0, seed: int = 0
+    ):
         super().__init__(sets)
         self.n, self.recall, self.precision, self.seed = n_neurons, recall, precision, seed
 
     def early(self, layer: int, x=None) -> np.ndarray:
-        t = self.t + 1 if layer == 0 else self.t        # layer 0's guess comes before the step advances
+        t = self.t + 1 if layer == 0 else self.t  # layer 0's guess comes before the step advances
         true = np.asarray(self.sets[t][layer])
         if self.recall >= 1.0 and self.precision >= 1.0:
             return true
@@ -171,14 +173,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--hot", type=float, default=Params.hot)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--capacity-share", type=float, default=0.2231,
-                    help="cache capacity per layer as a share of its neurons (default: OPT-6.7B at 50%% memory)")
+    ap.add_argument(
+        "--capacity-share",
+        type=float,
+        default=0.2231,
+        help="cache capacity per layer as a share of its neurons (default: OPT-6.7B at 50%% memory)",
+    )
     a = ap.parse_args(argv)
     p = Params(n_layers=a.layers, hot=a.hot, seed=a.seed)
     pc, b, rate_a = p.rates()
     sets = generate(p, a.tokens)
     s = stats(sets, p.n_neurons, p.window, capacity=int(a.capacity_share * p.n_neurons))
-    print(f"churn neurons: on-share {pc:.4f}, off->on {b:.4f}, on->off {rate_a:.4f} (mean on-run {1 / rate_a:.1f} tokens)")
+    print(
+        f"churn neurons: on-share {pc:.4f}, off->on {b:.4f}, on->off {rate_a:.4f} (mean on-run {1 / rate_a:.1f} tokens)"
+    )
     print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()))
     return 0
 

@@ -29,8 +29,8 @@ VOCAB = 128
 
 @dataclass
 class HFModel:
-    path: Path            # the save_pretrained folder
-    model: Any            # the transformers model (float32, eval mode)
+    path: Path  # the save_pretrained folder
+    model: Any  # the transformers model (float32, eval mode)
 
 
 @contextmanager
@@ -70,15 +70,35 @@ def build_hf(kind: str, folder: Path, seed: int = 0, max_shard_size: str | None 
     if kind == "llama":
         # Initialisation wider than the default 0.02: logits far enough apart that greedy choices
         # are stable under float32 rounding differences between implementations.
-        kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  initializer_range=0.15, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+        kw = dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            initializer_range=0.15,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
         kw.update(overrides)
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
     elif kind == "opt":
-        kw = dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
-                  max_position_embeddings=64, init_std=0.15, dropout=0.0, bos_token_id=2, eos_token_id=2,
-                  pad_token_id=1)
+        kw = dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            ffn_dim=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            init_std=0.15,
+            dropout=0.0,
+            bos_token_id=2,
+            eos_token_id=2,
+            pad_token_id=1,
+        )
         kw.update(overrides)
         model = transformers.OPTForCausalLM(transformers.OPTConfig(**kw))
     else:
@@ -115,8 +135,9 @@ def hf_llama(make_hf) -> HFModel:
     """GQA Llama (4 query heads, 2 KV heads), untied LM head, with a tokenizer and chat template."""
     m = make_hf("llama", "llama")
     (m.path / "tokenizer.json").write_text(tiny_tokenizer_json())
-    (m.path / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}))
+    (m.path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"})
+    )
     return m
 
 
@@ -133,7 +154,7 @@ def convert_to(tmp_path_factory) -> Callable[..., Path]:
     def convert(src: Path, dtype: str = "float32", **kw) -> Path:
         dst = tmp_path_factory.mktemp("store") / "model.llmflash"
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")                     # "no tokenizer.json" for most fixtures
+            warnings.simplefilter("ignore")  # "no tokenizer.json" for most fixtures
             return convert_hf(src, dst, dtype=dtype, **kw)
 
     return convert

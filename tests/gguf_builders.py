@@ -35,24 +35,39 @@ def byte_level_vocab() -> tuple[list[str], list[int], list[str]]:
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's convert_hf_to_gguf.py `LlamaModel.permute` (HF -> GGUF), the forward direction."""
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def hf_weights(vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
     g = np.random.default_rng(seed)
-    r = lambda *s: g.standard_normal(s).astype(np.float32) * 0.1   # noqa: E731
+    r = lambda *s: g.standard_normal(s).astype(np.float32) * 0.1  # noqa: E731
     w = {"embed": r(vocab, DIM), "norm": 1 + r(DIM)}
     for i in range(LAYERS):
-        w |= {f"{i}.q": r(HEADS * HD, DIM), f"{i}.k": r(KV_HEADS * HD, DIM), f"{i}.v": r(KV_HEADS * HD, DIM),
-              f"{i}.o": r(DIM, HEADS * HD), f"{i}.gate": r(FFN, DIM), f"{i}.up": r(FFN, DIM),
-              f"{i}.down": r(DIM, FFN), f"{i}.attn_norm": 1 + r(DIM), f"{i}.ffn_norm": 1 + r(DIM)}
+        w |= {
+            f"{i}.q": r(HEADS * HD, DIM),
+            f"{i}.k": r(KV_HEADS * HD, DIM),
+            f"{i}.v": r(KV_HEADS * HD, DIM),
+            f"{i}.o": r(DIM, HEADS * HD),
+            f"{i}.gate": r(FFN, DIM),
+            f"{i}.up": r(FFN, DIM),
+            f"{i}.down": r(DIM, FFN),
+            f"{i}.attn_norm": 1 + r(DIM),
+            f"{i}.ffn_norm": 1 + r(DIM),
+        }
     return w
 
 
 # quant type per tensor: exercises F32, F16 and five block formats in one file
-TYPES = {"embed": Q.Q8_0, "q": Q.Q4_1, "k": Q.F16, "v": Q.F32, "o": Q.Q5_0,
-         "gate": Q.Q8_0, "up": Q.Q4_0, "down": Q.Q5_1}
+TYPES = {
+    "embed": Q.Q8_0,
+    "q": Q.Q4_1,
+    "k": Q.F16,
+    "v": Q.F32,
+    "o": Q.Q5_0,
+    "gate": Q.Q8_0,
+    "up": Q.Q4_0,
+    "down": Q.Q5_1,
+}
 
 
 def roundtrip(w: np.ndarray, qtype) -> np.ndarray:
@@ -64,10 +79,17 @@ def roundtrip(w: np.ndarray, qtype) -> np.ndarray:
     return gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype)
 
 
-def write_tiny_gguf(path: Path, arch: str = "llama", drop: str | None = None,
-                    reshape: str | None = None, override: dict | None = None, seed: int = 0,
-                    tokenizer: str = "gpt2", extra: dict | None = None,
-                    kv: dict | None = None) -> dict[str, np.ndarray]:
+def write_tiny_gguf(
+    path: Path,
+    arch: str = "llama",
+    drop: str | None = None,
+    reshape: str | None = None,
+    override: dict | None = None,
+    seed: int = 0,
+    tokenizer: str = "gpt2",
+    extra: dict | None = None,
+    kv: dict | None = None,
+) -> dict[str, np.ndarray]:
     """A 2-layer llama GGUF as llama.cpp would write it; returns the HF-layout weights it encodes."""
     tokens, types, merges = byte_level_vocab()
     w = hf_weights(len(tokens), seed)
@@ -102,7 +124,7 @@ def write_tiny_gguf(path: Path, arch: str = "llama", drop: str | None = None,
         if name == drop:
             return
         if name == reshape:
-            arr = arr[:-1]                      # one row short: a shape the metadata does not allow
+            arr = arr[:-1]  # one row short: a shape the metadata does not allow
         if qtype == Q.F32 or qtype is None:
             out.add_tensor(name, np.ascontiguousarray(arr))
         elif qtype == Q.F16:

@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-
 # A small config whose layers differ in head count and FFN width.
 D, HD, L, GROUPS, DIVISOR, V = 128, 16, 4, 2, 32, 128
 
@@ -23,12 +22,28 @@ HEADS, KV_HEADS, FFN = [4, 6, 6, 8], [2, 3, 3, 4], [64, 224, 352, 512]
 def hf_config(style: str = "hf", **kw) -> dict:
     """`hf`: what Apple's HF repos ship (computed per-layer lists saved alongside the pairs);
     `corenet`: only the (first, last) multiplier pairs."""
-    c = {"architectures": ["OpenELMForCausalLM"], "model_type": "openelm", "activation_fn_name": "swish",
-         "bos_token_id": 1, "eos_token_id": 2, "ffn_dim_divisor": DIVISOR, "ffn_with_glu": True,
-         "head_dim": HD, "max_context_length": 64, "model_dim": D, "normalization_layer_name": "rms_norm",
-         "normalize_qk_projections": True, "num_gqa_groups": GROUPS, "num_transformer_layers": L,
-         "qkv_multipliers": [0.5, 1.0], "ffn_multipliers": [0.5, 4.0], "rope_freq_constant": 10000,
-         "rope_max_length": 128, "share_input_output_layers": True, "vocab_size": V}
+    c = {
+        "architectures": ["OpenELMForCausalLM"],
+        "model_type": "openelm",
+        "activation_fn_name": "swish",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "ffn_dim_divisor": DIVISOR,
+        "ffn_with_glu": True,
+        "head_dim": HD,
+        "max_context_length": 64,
+        "model_dim": D,
+        "normalization_layer_name": "rms_norm",
+        "normalize_qk_projections": True,
+        "num_gqa_groups": GROUPS,
+        "num_transformer_layers": L,
+        "qkv_multipliers": [0.5, 1.0],
+        "ffn_multipliers": [0.5, 4.0],
+        "rope_freq_constant": 10000,
+        "rope_max_length": 128,
+        "share_input_output_layers": True,
+        "vocab_size": V,
+    }
     if style == "hf":
         c.update(num_query_heads=HEADS, num_kv_heads=KV_HEADS, ffn_multipliers=[0.5, 1.67, 2.83, 4.0])
     c.update(kw)
@@ -37,8 +52,8 @@ def hf_config(style: str = "hf", **kw) -> dict:
 
 def random_weights(seed: int = 0, tie: bool = True) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: 0.15 * torch.randn(*s, generator=g)            # noqa: E731
-    norm = lambda n: 1 + 0.1 * torch.randn(n, generator=g)          # noqa: E731
+    rnd = lambda *s: 0.15 * torch.randn(*s, generator=g)  # noqa: E731
+    norm = lambda n: 1 + 0.1 * torch.randn(n, generator=g)  # noqa: E731
     w = {"transformer.token_embeddings.weight": rnd(V, D), "transformer.norm.weight": norm(D)}
     for i in range(L):
         p, hq, hkv, n = f"transformer.layers.{i}.", HEADS[i], KV_HEADS[i], FFN[i]

@@ -24,19 +24,44 @@ from llmflash.store.checksums import file_entry
 
 def opt_config() -> ModelConfig:
     """A plain ReLU FFN with fc1/fc2 biases, like OPT."""
-    return tiny_config(arch="opt", gated=False, act="relu", ffn_bias=True, norm="layer", attn_bias=True,
-                       n_kv_heads=[4, 4], rope_theta=None, learned_pos=True, pos_offset=2)
+    return tiny_config(
+        arch="opt",
+        gated=False,
+        act="relu",
+        ffn_bias=True,
+        norm="layer",
+        attn_bias=True,
+        n_kv_heads=[4, 4],
+        rope_theta=None,
+        learned_pos=True,
+        pos_offset=2,
+    )
 
 
 def tiny_config(**kw) -> ModelConfig:
-    base = dict(arch="llama", vocab_size=64, dim=32, n_layers=2, head_dim=8, n_heads=[4, 4],
-                n_kv_heads=[2, 2], ffn_dims=[48, 40], max_positions=128, eos_token_ids=[1])
+    base = dict(
+        arch="llama",
+        vocab_size=64,
+        dim=32,
+        n_layers=2,
+        head_dim=8,
+        n_heads=[4, 4],
+        n_kv_heads=[2, 2],
+        ffn_dims=[48, 40],
+        max_positions=128,
+        eos_token_ids=[1],
+    )
     base.update(kw)
     return ModelConfig(**base)
 
 
-def write_store(dst: Path, config: ModelConfig | None = None, dtype: str = "float32",
-                tokenizer: str | None = None, chat_template: str | None = None) -> Path:
+def write_store(
+    dst: Path,
+    config: ModelConfig | None = None,
+    dtype: str = "float32",
+    tokenizer: str | None = None,
+    chat_template: str | None = None,
+) -> Path:
     """A random-weight store of `config` (default tiny_config()); with `tokenizer` (tokenizer.json
     text) and its chat template when given. The tests' one store writer."""
     config = config or tiny_config()
@@ -45,8 +70,12 @@ def write_store(dst: Path, config: ModelConfig | None = None, dtype: str = "floa
         w.write_resident({k: torch.randn(s, generator=g) for k, s in expected_resident(config).items()})
         for i, n in enumerate(config.ffn_dims):
             d = config.dim
-            w.write_layer(i, up=torch.randn(n, d, generator=g), down=torch.randn(d, n, generator=g),
-                          gate=torch.randn(n, d, generator=g))
+            w.write_layer(
+                i,
+                up=torch.randn(n, d, generator=g),
+                down=torch.randn(d, n, generator=g),
+                gate=torch.randn(n, d, generator=g),
+            )
         if tokenizer is not None:
             w.write_tokenizer(tokenizer, chat_template)
     return dst
@@ -74,22 +103,39 @@ def reseal(store: Path) -> Path:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llmflash", *args], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "python")})
+    return subprocess.run(
+        [sys.executable, "-m", "llmflash", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "python")},
+    )
 
 
-def make_store(dst: Path, dtype: str = "float16", dim: int = 576, ffn: tuple[int, ...] = (64, 150, 33),
-               seed: int = 0) -> Path:
+def make_store(
+    dst: Path, dtype: str = "float16", dim: int = 576, ffn: tuple[int, ...] = (64, 150, 33), seed: int = 0
+) -> Path:
     """A tiny llama store written by the real StoreWriter (bundle = 3 x dim values)."""
     n = len(ffn)
-    cfg = ModelConfig(arch="llama", vocab_size=32, dim=dim, n_layers=n, head_dim=64, n_heads=[dim // 64] * n,
-                      n_kv_heads=[dim // 64] * n, ffn_dims=list(ffn))
+    cfg = ModelConfig(
+        arch="llama",
+        vocab_size=32,
+        dim=dim,
+        n_layers=n,
+        head_dim=64,
+        n_heads=[dim // 64] * n,
+        n_kv_heads=[dim // 64] * n,
+        ffn_dims=list(ffn),
+    )
     g = torch.Generator().manual_seed(seed)
     with StoreWriter(dst, cfg, dtype) as w:
         w.write_resident({k: torch.randn(shape, generator=g) for k, shape in expected_resident(cfg).items()})
         for i, f in enumerate(ffn):
-            w.write_layer(i, up=torch.randn(f, dim, generator=g), down=torch.randn(dim, f, generator=g),
-                          gate=torch.randn(f, dim, generator=g))
+            w.write_layer(
+                i,
+                up=torch.randn(f, dim, generator=g),
+                down=torch.randn(dim, f, generator=g),
+                gate=torch.randn(f, dim, generator=g),
+            )
     return dst
 
 
@@ -109,7 +155,7 @@ def permute_store(src: Path, dst: Path, seed: int = 0) -> Path:
     s, g = Store(src), torch.Generator().manual_seed(seed)
     m = json.loads((dst / "manifest.json").read_text())
     resident = load_file(str(dst / "resident.safetensors"))
-    crcs = []                                                           # bundles.crc32, permuted alike
+    crcs = []  # bundles.crc32, permuted alike
     with open(dst / "ffn.bin", "r+b") as f:
         for i, L in enumerate(s.layers):
             order = torch.randperm(L.n_neurons, generator=g)
@@ -119,12 +165,12 @@ def permute_store(src: Path, dst: Path, seed: int = 0) -> Path:
             m["layers"][i].update(order=order.tolist(), crc32=zlib.crc32(payload))
             crcs.append(s.bundle_crcs(i)[order.numpy()])
             name = f"layers.{i}.ffn.up_bias"
-            if name in resident:                                        # OPT's fc1 bias
+            if name in resident:  # OPT's fc1 bias
                 resident[name] = resident[name][order].contiguous()
     save_file(resident, str(dst / "resident.safetensors"), metadata={"format": "llmflash-store"})
     (dst / "manifest.json").write_text(json.dumps(m))
     np.concatenate(crcs).astype("<u4").tofile(dst / "bundles.crc32")
-    return reseal(dst)                                                  # the changed files' checksums
+    return reseal(dst)  # the changed files' checksums
 
 
 def planted(n_tokens: int, D: int, n: int, r: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,16 +189,43 @@ def write_predictors(path: Path, config: ModelConfig, rank: int = 3, recall: flo
     for i, n in enumerate(config.ffn_dims):
         x, y = planted(600, config.dim, n, 2, seed=i)
         results.append(train_layer(x, pack_bits(y), n, rank=rank, heldout=150, epochs=1, batch=64, seed=i))
-    meta = dict(rank=rank, keep=0.5, sparsity=0.5, tokens=600, heldout_tokens=150, epochs=1, seed=0,
-                label="magnitude")
+    meta = dict(rank=rank, keep=0.5, sparsity=0.5, tokens=600, heldout_tokens=150, epochs=1, seed=0, label="magnitude")
     return save_predictors(path, results, recall, [0.1] * config.n_layers, meta)
 
 
 def calibrate_args(store: Path, text: Path, *extra: str) -> list[str]:
-    return ["calibrate", str(store), "--text", str(text), "--tokens", "1200", "--rank", "16", "--epochs", "4",
-            "--chunk", "100", "--batch", "64", "--quiet", *extra]
+    return [
+        "calibrate",
+        str(store),
+        "--text",
+        str(text),
+        "--tokens",
+        "1200",
+        "--rank",
+        "16",
+        "--epochs",
+        "4",
+        "--chunk",
+        "100",
+        "--batch",
+        "64",
+        "--quiet",
+        *extra,
+    ]
 
 
 def shadow_args(store, text, *extra):
-    return ["calibrate", str(store), "--kind", "shadow", "--text", str(text), "--tokens", "1200", "--chunk", "100",
-            "--quiet", *extra]
+    return [
+        "calibrate",
+        str(store),
+        "--kind",
+        "shadow",
+        "--text",
+        str(text),
+        "--tokens",
+        "1200",
+        "--chunk",
+        "100",
+        "--quiet",
+        *extra,
+    ]

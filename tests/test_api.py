@@ -61,14 +61,14 @@ def test_top_p_keeps_only_the_nucleus():
 
 def test_chat_template_renders(model):
     ids = model.chat_prompt("t5 t6")
-    assert model.decode(ids) == "t5 t6"                    # the fixture's template joins contents
+    assert model.decode(ids) == "t5 t6"  # the fixture's template joins contents
     assert render_chat(None, [{"role": "user", "content": "hi"}]).endswith("assistant:")
     with pytest.raises(ValueError, match="chat template: nope"):
         render_chat("{{ raise_exception('nope') }}", [])
 
 
 def test_incremental_decoder_holds_partial_characters():
-    class ByteTok:                                          # one token per UTF-8 byte
+    class ByteTok:  # one token per UTF-8 byte
         def decode(self, ids, skip_special_tokens=True):
             return bytes(ids).decode("utf-8", errors="replace")
 

@@ -16,9 +16,16 @@ from llmflash.threads import decode_threads
 
 
 @settings(max_examples=80, deadline=None)
-@given(kv_heads=st.integers(1, 6), group=st.integers(1, 4), hd=st.integers(1, 80), capacity=st.integers(1, 400),
-       fill=st.floats(0, 1), dtype=st.sampled_from([torch.float16, torch.float32]), threads=st.booleans(),
-       seed=st.integers(0, 2**31))
+@given(
+    kv_heads=st.integers(1, 6),
+    group=st.integers(1, 4),
+    hd=st.integers(1, 80),
+    capacity=st.integers(1, 400),
+    fill=st.floats(0, 1),
+    dtype=st.sampled_from([torch.float16, torch.float32]),
+    threads=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
 def test_decode_attention_equals_the_float32_path(kv_heads, group, hd, capacity, fill, dtype, threads, seed):
     g = torch.Generator().manual_seed(seed)
     length = 1 + int((capacity - 1) * fill)
@@ -26,7 +33,7 @@ def test_decode_attention_equals_the_float32_path(kv_heads, group, hd, capacity,
     k = (torch.randn(kv_heads, capacity, hd, generator=g) * 2).to(dtype)
     v = torch.randn(kv_heads, capacity, hd, generator=g).to(dtype)
     want = causal_attention(q, k[:, :length].float(), v[:, :length].float(), length - 1)
-    with decode_threads(threads):                       # inside: the KV heads split between threads
+    with decode_threads(threads):  # inside: the KV heads split between threads
         got = decode_attention(q, k, v, length)
     assert got.dtype == torch.float32 and got.shape == want.shape == (1, kv_heads * group * hd)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -13,8 +13,27 @@ from llmflash.store import Store
 def test_bench_table_json_plot(hf_llama, convert_to, tmp_path, capsys):
     store = convert_to(hf_llama.path, dtype="float16")
     out, png = tmp_path / "b.json", tmp_path / "b.png"
-    assert main(["bench", str(store), "--memory", "0.9x", "--tokens", "6", "--sparsity", "oracle:0.5",
-                 "--strategies", "naive,flash,ablation", "--json", str(out), "--plot", str(png)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                str(store),
+                "--memory",
+                "0.9x",
+                "--tokens",
+                "6",
+                "--sparsity",
+                "oracle:0.5",
+                "--strategies",
+                "naive,flash,ablation",
+                "--json",
+                str(out),
+                "--plot",
+                str(png),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     rows = {r["strategy"]: r for r in json.loads(out.read_text())}
     assert set(rows) == {"naive", "flash 0.9x", "pred only 0.9x", "+window 0.9x"}

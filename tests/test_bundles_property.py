@@ -24,16 +24,26 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 @st.composite
 def layouts(draw):
     gated = draw(st.booleans())
-    bias = False if gated else draw(st.booleans())          # fc1 bias: OPT-style, plain FFN only
+    bias = False if gated else draw(st.booleans())  # fc1 bias: OPT-style, plain FFN only
     n_layers = draw(st.integers(1, 3))
     head_dim = draw(st.sampled_from([2, 4, 8]))
     dim = head_dim * draw(st.integers(1, 6))
     ffn = [draw(st.integers(1, 300)) for _ in range(n_layers)]
     dtype = draw(st.sampled_from(sorted(DTYPES)))
-    config = ModelConfig(arch="llama" if gated else "opt", vocab_size=16, dim=dim, n_layers=n_layers,
-                         head_dim=head_dim, n_heads=[dim // head_dim] * n_layers,
-                         n_kv_heads=[dim // head_dim] * n_layers, ffn_dims=ffn, gated=gated,
-                         act="silu" if gated else "relu", ffn_bias=bias, norm="rms" if gated else "layer")
+    config = ModelConfig(
+        arch="llama" if gated else "opt",
+        vocab_size=16,
+        dim=dim,
+        n_layers=n_layers,
+        head_dim=head_dim,
+        n_heads=[dim // head_dim] * n_layers,
+        n_kv_heads=[dim // head_dim] * n_layers,
+        ffn_dims=ffn,
+        gated=gated,
+        act="silu" if gated else "relu",
+        ffn_bias=bias,
+        norm="rms" if gated else "layer",
+    )
     return config, dtype, draw(st.integers(0, 2**31 - 1))
 
 
@@ -46,8 +56,13 @@ def test_every_neuron_round_trips(layout):
     layers = []
     for n in config.ffn_dims:
         d = config.dim
-        layers.append({"up": torch.randn(n, d, generator=g).to(t), "down": torch.randn(d, n, generator=g).to(t),
-                       "gate": torch.randn(n, d, generator=g).to(t) if config.gated else None})
+        layers.append(
+            {
+                "up": torch.randn(n, d, generator=g).to(t),
+                "down": torch.randn(d, n, generator=g).to(t),
+                "gate": torch.randn(n, d, generator=g).to(t) if config.gated else None,
+            }
+        )
     resident = {k: torch.randn(s, generator=g).to(t) for k, s in expected_resident(config).items()}
     with tempfile.TemporaryDirectory() as tmp:
         dst = Path(tmp) / "s.llmflash"

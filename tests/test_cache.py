@@ -27,15 +27,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import python_counter
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from llmflash import FlashIOError
-from llmflash.io import (AlignedBuf, NeuronCache, Profile, Reader, as_array, cache_rows, layer_cache,
-                         plan)
-
-from conftest import python_counter
+from llmflash.io import AlignedBuf, NeuronCache, Profile, Reader, as_array, cache_rows, layer_cache, plan
 
 PAGE = 4096
 EMPTY, FILLING, READY = 0, 1, 2
@@ -54,7 +52,7 @@ def write_store(path: Path, n: int, bb: int, offset: int, seed: int) -> np.ndarr
 
 
 def bundle(data: np.ndarray, offset: int, bb: int, j: int) -> np.ndarray:
-    return data[offset + j * bb: offset + (j + 1) * bb]
+    return data[offset + j * bb : offset + (j + 1) * bb]
 
 
 def sparse_bytes(ids: list[int], bb: int, gap_bytes: int) -> int:
@@ -132,23 +130,33 @@ class CacheMachine(RuleBasedStateMachine):
         self.reader = Reader(path, concurrency=concurrency)
         self.options = dict(allow_whole=not sparse_only, max_gap_bytes=gap_pages * PAGE if sparse_only else None)
         self.profile = Profile.default()
-        self.cache = NeuronCache(self.reader, self.offset, n, bb, self.capacity, window,
-                                 profile=self.profile, **self.options)
-        self.cache.fill_holes = fill_holes    # new neurons into evicted rows, or the paper's moves
+        self.cache = NeuronCache(
+            self.reader, self.offset, n, bb, self.capacity, window, profile=self.profile, **self.options
+        )
+        self.cache.fill_holes = fill_holes  # new neurons into evicted rows, or the paper's moves
         assert self.cache.fill_holes == fill_holes
         self.model = Model(self.capacity, window)
-        self.last: dict[int, int] = {}     # neuron -> step last wanted (every neuron ever wanted)
+        self.last: dict[int, int] = {}  # neuron -> step last wanted (every neuron ever wanted)
         self.step = 0
-        self.window = window               # as applied by the last admission
+        self.window = window  # as applied by the last admission
         self.scratch = AlignedBuf(max(1, n) * bb)
 
-    @rule(picks=st.lists(st.integers(0, 2**31), max_size=50), dt=st.integers(0, 3),
-          background=st.booleans(), as_tensor=st.booleans())
+    @rule(
+        picks=st.lists(st.integers(0, 2**31), max_size=50),
+        dt=st.integers(0, 3),
+        background=st.booleans(),
+        as_tensor=st.booleans(),
+    )
     def admit(self, picks, dt, background, as_tensor):
         self._admit([p % self.n for p in picks], dt, background, as_tensor)
 
-    @rule(start=st.integers(0, 2**31), length=st.integers(1, 60), stride=st.integers(1, 3),
-          dt=st.integers(0, 2), background=st.booleans())
+    @rule(
+        start=st.integers(0, 2**31),
+        length=st.integers(1, 60),
+        stride=st.integers(1, 3),
+        dt=st.integers(0, 2),
+        background=st.booleans(),
+    )
     def admit_run(self, start, length, stride, dt, background):
         """A drifting run of neighbours: hits, bridged gaps and capacity pressure."""
         self._admit([(start % 8 + k * stride) % self.n for k in range(length)], dt, background, False)
@@ -162,8 +170,8 @@ class CacheMachine(RuleBasedStateMachine):
             adm = self.cache.begin(arg, self.step)
             # While the fill runs: rows below ready_rows hold what they held, the rest fill.
             states = self.cache.row_states()
-            assert set(states[adm.ready_rows:adm.total_rows].tolist()) <= {FILLING, READY}
-            assert (states[:adm.ready_rows] == READY).all() and (states[adm.total_rows:] == EMPTY).all()
+            assert set(states[adm.ready_rows : adm.total_rows].tolist()) <= {FILLING, READY}
+            assert (states[: adm.ready_rows] == READY).all() and (states[adm.total_rows :] == EMPTY).all()
             # ...and so do the rows between them that this fill does not write (fill_holes puts
             # new neurons between live rows): compute may take every row but filled_rows.
             filled = set(adm.filled_rows.tolist())
@@ -208,8 +216,15 @@ class CacheMachine(RuleBasedStateMachine):
 
         # Bytes: the appended bundles' pages plus bridged gaps, nothing else.
         after = self.cache.stats()
-        p = plan(appended, self.bb, self.offset, self.n, profile=self.profile,
-                 concurrency=self.reader.concurrency, **self.options)
+        p = plan(
+            appended,
+            self.bb,
+            self.offset,
+            self.n,
+            profile=self.profile,
+            concurrency=self.reader.concurrency,
+            **self.options,
+        )
         assert adm.bytes_read == after["bytes_read"] - before["bytes_read"] == (p.buffer_bytes if appended else 0)
         assert adm.bytes_useful == after["bytes_useful"] - before["bytes_useful"] == len(appended) * self.bb
         assert adm.requests == after["requests"] - before["requests"] == (len(p) if appended else 0)
@@ -218,19 +233,21 @@ class CacheMachine(RuleBasedStateMachine):
         if self.bb % PAGE:
             assert direct == 0
         elif appended and p.buffer_bytes == len(appended) * self.bb and new_rows[-1] - new_rows[0] == len(new_rows) - 1:
-            assert direct == p.buffer_bytes              # no gap, rows side by side: all direct
+            assert direct == p.buffer_bytes  # no gap, rows side by side: all direct
         else:
             assert direct <= adm.bytes_read
         if not self.options["allow_whole"]:
             assert adm.bytes_read == sparse_bytes(appended, self.bb, self.options["max_gap_bytes"])
         assert (after["misses"] - before["misses"], after["overflow"] - before["overflow"]) == (
-            len(appended), len(overflow))
+            len(appended),
+            len(overflow),
+        )
 
         # What did not fit streams through a scratch buffer, packed in the given order.
         if overflow:
             got = self.cache.read_neurons(np.array(overflow), self.scratch)
             assert got == len(overflow)
-            rows = as_array(self.scratch)[:got * self.bb].reshape(got, self.bb)
+            rows = as_array(self.scratch)[: got * self.bb].reshape(got, self.bb)
             for k, j in enumerate(overflow):
                 assert np.array_equal(rows[k], bundle(self.data, self.offset, self.bb, j))
 
@@ -250,7 +267,7 @@ class CacheMachine(RuleBasedStateMachine):
         assert (self.cache.slot_neurons().tolist(), self.cache.stats()) == snapshot
 
     def row(self, r: int) -> np.ndarray:
-        return as_array(self.cache.slots)[r * self.bb:(r + 1) * self.bb]
+        return as_array(self.cache.slots)[r * self.bb : (r + 1) * self.bb]
 
     def rows(self) -> dict[int, np.ndarray]:
         return {int(j): self.row(r).copy() for r, j in enumerate(self.cache.slot_neurons())}
@@ -265,7 +282,7 @@ class CacheMachine(RuleBasedStateMachine):
         assert len(set(rows.tolist())) == len(rows) and ((rows >= 0) & (rows < n)).all()
         states = c.row_states()
         assert len(states) == c.capacity
-        assert (states[:c.live] == READY).all() and (states[c.live:] == EMPTY).all()
+        assert (states[: c.live] == READY).all() and (states[c.live :] == EMPTY).all()
         # Index and row map agree, for every neuron of the layer.
         where = c.rows_of(np.arange(n))
         assert (where[rows] == np.arange(len(rows))).all()
@@ -277,12 +294,14 @@ class CacheMachine(RuleBasedStateMachine):
             assert self.step - self.last[j] <= self.window
 
 
-CacheMachine.TestCase.settings = settings(max_examples=80, stateful_step_count=16, deadline=None,
-                                          suppress_health_check=[HealthCheck.too_slow])
+CacheMachine.TestCase.settings = settings(
+    max_examples=80, stateful_step_count=16, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 TestCacheMachine = CacheMachine.TestCase
 
 
 # -- concurrency ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def two_layers(tmp_path_factory):
@@ -298,7 +317,7 @@ def test_fill_one_layer_while_computing_on_another(two_layers):
     path, data, n, bb = two_layers
     reader = Reader(path, concurrency=8)
     caches = [NeuronCache(reader, k * n * bb, n, bb, 160, 1) for k in range(2)]
-    views = [cache_rows(c, torch.float32) for c in caches]                 # (160, 4096) each
+    views = [cache_rows(c, torch.float32) for c in caches]  # (160, 4096) each
     expect = torch.from_numpy(data.view(np.float32).copy()).view(2, n, bb // 4)
     assert views[0].data_ptr() == caches[0].slots.address
     x = torch.randn(4096, 8)
@@ -307,15 +326,15 @@ def test_fill_one_layer_while_computing_on_another(two_layers):
     overlapped = 0
     for step in range(1, 61):
         a, b = step % 2, 1 - step % 2
-        adm = caches[a].begin(rng.choice(n, 120, replace=False), step)     # reads in the background
+        adm = caches[a].begin(rng.choice(n, 120, replace=False), step)  # reads in the background
         overlapped += not caches[a].is_ready()
         rows_b = caches[b].slot_neurons()
-        got = views[b][:caches[b].ready_rows] @ x                          # compute on layer b
+        got = views[b][: caches[b].ready_rows] @ x  # compute on layer b
         assert torch.allclose(got, expect[b][torch.from_numpy(rows_b)] @ x, rtol=1e-5, atol=1e-4)
         caches[a].wait()
         rows_a = torch.from_numpy(caches[a].slot_neurons())
         assert adm.total_rows == len(rows_a)
-        assert torch.equal(views[a][:len(rows_a)], expect[a][rows_a]), f"step {step}"
+        assert torch.equal(views[a][: len(rows_a)], expect[a][rows_a]), f"step {step}"
     assert overlapped > 0, "begin() never returned before its reads finished"
 
 
@@ -327,14 +346,15 @@ def test_python_runs_during_a_cache_read(two_layers):
         for _ in range(3):
             cache = NeuronCache(reader, 0, 2 * n, bb, 2 * n, 0)
             c0 = count[0]
-            cache.admit(np.arange(2 * n), 0)                               # 8 MiB, GIL released
+            cache.admit(np.arange(2 * n), 0)  # 8 MiB, GIL released
             counts.append(count[0] - c0)
             got = as_array(cache.slots).reshape(2 * n, bb)
-            assert np.array_equal(got[7], data[7 * bb:8 * bb])
+            assert np.array_equal(got[7], data[7 * bb : 8 * bb])
     assert max(counts) > 1000, f"counter advanced {counts} during cache reads"
 
 
 # -- faults and lifetime -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("background", [True, False])
 def test_io_error_leaves_nothing_presented_as_filled(tmp_path, background):
@@ -343,7 +363,7 @@ def test_io_error_leaves_nothing_presented_as_filled(tmp_path, background):
     data = write_store(path, n, bb, PAGE, seed=3)
     cache = NeuronCache(Reader(path, concurrency=4), PAGE, n, bb, 32, 10)
     cache.admit([0, 1, 2], 0)
-    os.truncate(path, PAGE + 20 * bb)                                      # bundles past ~20 are gone
+    os.truncate(path, PAGE + 20 * bb)  # bundles past ~20 are gone
     with pytest.raises(FlashIOError) as e:
         if background:
             adm = cache.begin([1, 40, 50], 1)
@@ -357,7 +377,7 @@ def test_io_error_leaves_nothing_presented_as_filled(tmp_path, background):
     assert (cache.row_states()[3:] == EMPTY).all()
     assert cache.stats()["failed_fills"] == 1
     for r, j in enumerate(cache.slot_neurons()):
-        assert np.array_equal(as_array(cache.slots)[r * bb:(r + 1) * bb], bundle(data, PAGE, bb, j))
+        assert np.array_equal(as_array(cache.slots)[r * bb : (r + 1) * bb], bundle(data, PAGE, bb, j))
     # An unwaited failure surfaces at the next begin(), which then changes nothing.
     cache.begin([45], 2)
     with pytest.raises(FlashIOError):
@@ -385,7 +405,7 @@ def test_capacity_zero_and_full(tmp_path):
         adm = full.admit(wanted, step)
         assert adm.misses == len(set(wanted) - seen) and not adm.overflow.size
         seen |= set(wanted)
-    assert full.stats()["bytes_useful"] == len(seen) * bb                 # never re-read
+    assert full.stats()["bytes_useful"] == len(seen) * bb  # never re-read
     assert full.stats()["evicted_window"] + full.stats()["evicted_capacity"] == 0
     with pytest.raises(ValueError, match="capacity"):
         NeuronCache(reader, 0, n, bb, n + 1, 1)
@@ -398,13 +418,23 @@ def test_a_long_run_of_page_bundles_is_cut_between_bundles(tmp_path):
     n, bb = 21, 16384
     path = tmp_path / "ffn.bin"
     data = write_store(path, n, bb, 0, seed=781)
-    cache = NeuronCache(Reader(path, concurrency=32), 0, n, bb, n, BIG_WINDOW, profile=Profile.default(),
-                        allow_whole=False, max_gap_bytes=0)
+    cache = NeuronCache(
+        Reader(path, concurrency=32),
+        0,
+        n,
+        bb,
+        n,
+        BIG_WINDOW,
+        profile=Profile.default(),
+        allow_whole=False,
+        max_gap_bytes=0,
+    )
     adm = cache.admit(list(range(n)), 0)
     assert adm.requests > 1 and cache.stats()["bytes_direct"] == adm.bytes_read == n * bb
     for j in range(n):
-        assert np.array_equal(cache_rows(cache, torch.uint8)[int(cache.rows_of([j])[0])].numpy(),
-                              bundle(data, 0, bb, j))
+        assert np.array_equal(
+            cache_rows(cache, torch.uint8)[int(cache.rows_of([j])[0])].numpy(), bundle(data, 0, bb, j)
+        )
 
 
 def test_slot_matrix_is_zero_copy_and_outlives_the_cache(tmp_path):
@@ -414,7 +444,7 @@ def test_slot_matrix_is_zero_copy_and_outlives_the_cache(tmp_path):
     cache = NeuronCache(Reader(path), 0, n, bb, 8, 1)
     cache.admit([3, 9], 0)
     slots = cache.slots
-    assert cache.slots is slots                                            # one object, always
+    assert cache.slots is slots  # one object, always
     t = cache_rows(cache, torch.float32)
     assert t.shape == (8, 1024) and t.data_ptr() == slots.address
     assert np.asarray(slots).ctypes.data == slots.address

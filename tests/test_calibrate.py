@@ -10,20 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_tokenizer_json
+from store_builders import calibrate_args, permute_store, reseal
 
 from llmflash.cli import main
 from llmflash.errors import StoreError
 from llmflash.sparsity.predictors_file import load_predictors
 from llmflash.store import PREDICTORS, Store
-
-from conftest import tiny_tokenizer_json
-from store_builders import calibrate_args, permute_store, reseal
-
-
-
-
-
-
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +33,8 @@ def test_calibrate_writes_file_and_manifest(llama_store):
     assert entry["file"] == PREDICTORS and entry["bytes"] == path.stat().st_size
     assert entry["rank"] == 16 and entry["recall"] == 0.99 and entry["tokens"] == 1200 and entry["label"] == "magnitude"
     assert 0.9 <= entry["expected"]["recall"] <= 1.0
-    assert not [p for p in llama_store.iterdir() if p.name.startswith(".")]   # no temporary files left
-    store = Store(llama_store)                                           # the store still validates
+    assert not [p for p in llama_store.iterdir() if p.name.startswith(".")]  # no temporary files left
+    store = Store(llama_store)  # the store still validates
     p = load_predictors(store)
     assert len(p.layers) == store.config.n_layers and p.meta["tokens"] == 1200
     assert p.layers[0].in_w.shape == (16, store.config.dim)
@@ -54,7 +47,7 @@ def test_calibrate_is_deterministic(llama_store, texts, tmp_path):
     (other / PREDICTORS).unlink()
     assert main(calibrate_args(other, texts[0], "--recall", "0.99")) == 0
     a, b = _contents(other / PREDICTORS), _contents(llama_store / PREDICTORS)
-    assert a[1] == b[1] and a[0].keys() == b[0].keys()                # metadata (the header's order varies)
+    assert a[1] == b[1] and a[0].keys() == b[0].keys()  # metadata (the header's order varies)
     assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
 
 
@@ -90,8 +83,24 @@ def _decode(model, ids: list[int]) -> torch.Tensor:
 
 
 def test_eval_json(llama_store, texts, capsys):
-    assert main(["eval", str(llama_store), "--text", str(texts[1]), "--tokens", "48", "--memory", "1x",
-                 "--memory", "0.9x", "--json"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(llama_store),
+                "--text",
+                str(texts[1]),
+                "--tokens",
+                "48",
+                "--memory",
+                "1x",
+                "--memory",
+                "0.9x",
+                "--json",
+            ]
+        )
+        == 0
+    )
     r = json.loads(capsys.readouterr().out)
     assert r["tokens"] == 48 and r["window"] == 4
     assert r["dense"]["ppl"] > 1 and r["predictor_only"]["ppl"] > 1
@@ -105,8 +114,7 @@ def test_eval_json(llama_store, texts, capsys):
 
 
 def test_eval_table(llama_store, texts, capsys):
-    assert main(["eval", str(llama_store), "--text", str(texts[1]), "--tokens", "24", "--memory", "1x",
-                 "--quiet"]) == 0
+    assert main(["eval", str(llama_store), "--text", str(texts[1]), "--tokens", "24", "--memory", "1x", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "predictor only" in out and "flash 1x" in out and "precision" in out
 
@@ -115,8 +123,24 @@ def test_eval_table(llama_store, texts, capsys):
 def test_eval_lookahead_reports_the_guess(llama_store, texts, capsys, mode):
     """eval --lookahead: the guess's recall and precision against each layer's own predicted set,
     and the FFN shares read early and late; the named share counts the layer's own sets only."""
-    assert main(["eval", str(llama_store), "--text", str(texts[1]), "--tokens", "32", "--memory", "0.9x",
-                 "--lookahead", mode, "--json"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(llama_store),
+                "--text",
+                str(texts[1]),
+                "--tokens",
+                "32",
+                "--memory",
+                "0.9x",
+                "--lookahead",
+                mode,
+                "--json",
+            ]
+        )
+        == 0
+    )
     r = json.loads(capsys.readouterr().out)
     f = r["flash"][0]
     assert r["lookahead"] == mode
@@ -128,9 +152,27 @@ def test_eval_lookahead_reports_the_guess(llama_store, texts, capsys, mode):
 def test_relu_model_calibrates(hf_opt, convert_to, texts):
     store = convert_to(hf_opt.path, dtype="float32")
     (store / "tokenizer.json").write_text(tiny_tokenizer_json())
-    reseal(store)                                          # recorded, as if converted with it
-    assert main(["calibrate", str(store), "--text", str(texts[0]), "--tokens", "300", "--rank", "8",
-                 "--epochs", "1", "--chunk", "60", "--quiet"]) == 0
+    reseal(store)  # recorded, as if converted with it
+    assert (
+        main(
+            [
+                "calibrate",
+                str(store),
+                "--text",
+                str(texts[0]),
+                "--tokens",
+                "300",
+                "--rank",
+                "8",
+                "--epochs",
+                "1",
+                "--chunk",
+                "60",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     p = load_predictors(store)
     assert p.meta["label"] == "relu" and p.label_thresholds.tolist() == [0.0, 0.0]
 
@@ -190,9 +232,10 @@ def test_sticky_predictors_see_the_cache_in_original_ids(llama_store, texts, tmp
         spies.append(spy)
     assert spies[0].kept > 0 and spies[0].kept == spies[1].kept
     assert (out[0] - out[1]).abs().max() <= 1e-4 * out[0].abs().max()
-    plain = _decode(FlashModel.open(llama_store, strategy="flash", memory="1x", window=2,
-                                    sparsity="predictor:0.8"), ids)
-    assert (plain - out[0]).abs().max() > 1e-3 * out[0].abs().max()   # the kept neurons count
+    plain = _decode(
+        FlashModel.open(llama_store, strategy="flash", memory="1x", window=2, sparsity="predictor:0.8"), ids
+    )
+    assert (plain - out[0]).abs().max() > 1e-3 * out[0].abs().max()  # the kept neurons count
 
 
 @pytest.mark.parametrize("mode", ["layer", "attention"])
@@ -216,9 +259,26 @@ def test_eval_sticky_spec(llama_store, texts, capsys, monkeypatch):
     calls = []
     select = Predictors.select
     monkeypatch.setattr(Predictors, "select", lambda self, *a: calls.append(1) or select(self, *a))
-    assert main(["eval", str(llama_store), "--text", str(texts[1]), "--tokens", "24", "--memory", "0.9x",
-                 "--sparsity", "predictor:0.8/0.99", "--json", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(llama_store),
+                "--text",
+                str(texts[1]),
+                "--tokens",
+                "24",
+                "--memory",
+                "0.9x",
+                "--sparsity",
+                "predictor:0.8/0.99",
+                "--json",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     r = json.loads(capsys.readouterr().out)
     assert r["predictor"]["recall_target"] == 0.8 and r["predictor"]["stay"] == 0.99
-    assert len(calls) >= 23 * 2                               # flash named every layer's set with it
+    assert len(calls) >= 23 * 2  # flash named every layer's set with it
     assert r["flash"][0]["ppl"] > 1 and 0 < r["flash"][0]["wanted_share"] <= 1

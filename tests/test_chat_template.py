@@ -13,10 +13,15 @@ from llmflash import chat_template
 from llmflash.chat_template import render_chat, render_here
 from llmflash.errors import ChatTemplateError
 
-MESSAGES = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-            {"role": "user", "content": "two\nlines"}]
-CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}{{ bos_token }}{{ eos_token }}")
+MESSAGES = [
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "hello"},
+    {"role": "user", "content": "two\nlines"},
+]
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}{{ bos_token }}{{ eos_token }}"
+)
 
 
 def test_child_renders_what_the_sandbox_renders_here():
@@ -27,7 +32,7 @@ def test_child_renders_what_the_sandbox_renders_here():
 
 MEMORY_HOGS = {
     "doubling with ~": "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
-                       "{% endfor %}{{ ns.s|length }}",
+    "{% endfor %}{{ ns.s|length }}",
     "str.center width": "{{ 'x'.center(10**10) }}",
     "center filter": "{{ 'x'|center(10**10) }}",
 }

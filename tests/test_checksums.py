@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import flip_bit, tiny_tokenizer_json
+from store_builders import edit_manifest, run_cli, tiny_config, write_store
+
 from llmflash.cli import main
 from llmflash.errors import StoreError
 from llmflash.store import Store
 from llmflash.strategies.naive import NaiveFFN
 from llmflash.verify import verify_store
-from store_builders import edit_manifest, run_cli, tiny_config, write_store
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def x() -> torch.Tensor:
 
 def test_naive_checks_each_region(corrupt):
     ffn = NaiveFFN(Store(corrupt))
-    ffn(0, x())                                                  # layer 0 is intact
+    ffn(0, x())  # layer 0 is intact
     with pytest.raises(StoreError, match=r"ffn\.bin.*checksum mismatch in layer 1"):
         ffn(1, x())
 
@@ -55,7 +55,7 @@ def test_naive_checks_every_read(pristine, tmp_path):
     shutil.copytree(pristine, dst)
     ffn = NaiveFFN(Store(dst))
     a = ffn(1, x())
-    assert torch.equal(ffn(1, x()), a)                           # same result read after read
+    assert torch.equal(ffn(1, x()), a)  # same result read after read
     off = Store(dst).layers[1].offset + 25 * 4 + 3
     flip_bit(dst / "ffn.bin", off)
     with pytest.raises(StoreError, match=r"ffn\.bin.*checksum mismatch in layer 1"):
@@ -63,9 +63,9 @@ def test_naive_checks_every_read(pristine, tmp_path):
 
 
 def test_naive_without_verify_reads_what_is_there(corrupt, pristine):
-    bad = NaiveFFN(Store(corrupt), verify_reads=False)(1, x())   # the check is off: no error ...
+    bad = NaiveFFN(Store(corrupt), verify_reads=False)(1, x())  # the check is off: no error ...
     good = NaiveFFN(Store(pristine))(1, x())
-    assert not torch.equal(bad, good)                            # ... and a silently different result
+    assert not torch.equal(bad, good)  # ... and a silently different result
 
 
 def test_cli_naive_on_corrupt_store_exits_2(corrupt):
@@ -97,20 +97,23 @@ def test_cli_verify(pristine, corrupt, capsys):
 
 # -- per-bundle CRC-32s (bundles.crc32, store version 3) -------------------------------------------
 
+
 def test_writer_records_every_bundles_crc(pristine):
     s = Store(pristine)
     assert s.manifest["version"] == 4 and s.has_bundle_crcs
     raw = (pristine / "ffn.bin").read_bytes()
     for i, L in enumerate(s.layers):
-        want = [zlib.crc32(raw[L.offset + j * L.bundle_bytes:L.offset + (j + 1) * L.bundle_bytes])
-                for j in range(L.n_neurons)]
+        want = [
+            zlib.crc32(raw[L.offset + j * L.bundle_bytes : L.offset + (j + 1) * L.bundle_bytes])
+            for j in range(L.n_neurons)
+        ]
         assert s.bundle_crcs(i).tolist() == want
     assert verify_store(pristine, progress=False).bundles == sum(L.n_neurons for L in s.layers)
 
 
 def test_read_bundles_checks_each_bundle(corrupt):
     s = Store(corrupt)
-    s.read_bundles(1, np.array([1, 2, 39]))                      # bundle 0 is the corrupt one
+    s.read_bundles(1, np.array([1, 2, 39]))  # bundle 0 is the corrupt one
     with pytest.raises(StoreError, match=r"ffn\.bin.*checksum mismatch in layer 1's bundle 0"):
         s.read_bundles(1, np.array([0, 5]))
 
@@ -132,10 +135,13 @@ def test_verify_finds_a_corrupt_table(pristine, tmp_path, version, match):
         verify_store(dst, progress=False)
 
 
-@pytest.mark.parametrize("damage,match", [
-    (lambda p: p.unlink(), "missing"),
-    (lambda p: p.write_bytes(p.read_bytes()[:-4]), "truncated or replaced"),
-])
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        (lambda p: p.unlink(), "missing"),
+        (lambda p: p.write_bytes(p.read_bytes()[:-4]), "truncated or replaced"),
+    ],
+)
 def test_version_3_needs_its_table(pristine, tmp_path, damage, match):
     dst = tmp_path / "t.llmflash"
     shutil.copytree(pristine, dst)

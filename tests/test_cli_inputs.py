@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_tokenizer_json
+from store_builders import write_store as write_tiny_store
 
 from llmflash.cli import main
 from llmflash.errors import ChatTemplateError, InvalidArgumentError, LlmflashError
 from llmflash.store import write_manifest
-
-from conftest import tiny_tokenizer_json
-from store_builders import write_store as write_tiny_store
 
 # flash without predictors falls back to the oracle, with a warning (expected here)
 pytestmark = pytest.mark.filterwarnings("ignore:.*no predictors:UserWarning")
@@ -54,7 +53,7 @@ def assert_one_line_error(rc: int, err: str, *names: str) -> None:
     assert rc == 2, err
     assert lines and lines[-1].startswith("llmflash: error: "), err
     assert "Traceback" not in err
-    assert len([l for l in lines if l.startswith("llmflash: error")]) == 1
+    assert len([line for line in lines if line.startswith("llmflash: error")]) == 1
     for name in names:
         assert name in lines[-1], (name, lines[-1])
 
@@ -84,7 +83,7 @@ GENERATE_CASES = [
     (["--memory", "9" * 400 + "MB"], ["memory budget", "too large"]),
     (["--seed", str(1 << 70)], ["seed", str(1 << 70)]),
     (["-n", "-1"], ["max_new_tokens", "-1"]),
-    (["--chat", "-p", "t100 t2"], ["token id 100", "[0, 64)"]),       # tokenizer knows more than the model
+    (["--chat", "-p", "t100 t2"], ["token id 100", "[0, 64)"]),  # tokenizer knows more than the model
     (["-p", "t100 t2"], ["token id 100", "[0, 64)"]),
     (["-p", ""], ["empty prompt"]),
 ]
@@ -99,10 +98,12 @@ def test_generate_bad_input(store, capsys, extra, names):
 
 
 def test_top_p_zero_keeps_the_top_token(store, capsys, model):
-    assert main(["generate", str(store), "-p", "t1 t2", "-n", "3", "--temperature", "1", "--top-p", "0",
-                 "--seed", "3"]) == 0
+    assert (
+        main(["generate", str(store), "-p", "t1 t2", "-n", "3", "--temperature", "1", "--top-p", "0", "--seed", "3"])
+        == 0
+    )
     out = capsys.readouterr().out.strip()
-    assert out == model.generate("t1 t2", max_new_tokens=3, stop_at_eos=True)      # = greedy
+    assert out == model.generate("t1 t2", max_new_tokens=3, stop_at_eos=True)  # = greedy
 
 
 def test_window_zero_is_still_valid(store, capsys):
@@ -118,11 +119,12 @@ TEMPLATES = {
     "unsafe": ("{{ ''.__class__.__mro__ }}", "SecurityError"),
     "raises": ("{{ raise_exception('roles must alternate') }}", "roles must alternate"),
     "empty": ("{{ messages.__class__ }}", "empty prompt"),
-    "nested range": ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
-                     "range()"),
+    "nested range": ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", "range()"),
     "repeat": ("{{ 'x' * 10**10 }}", "repetition"),
-    "doubling": ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}"
-                 "{% endfor %}{{ ns.s }}", "concatenation"),
+    "doubling": (
+        "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
+        "concatenation",
+    ),
     "power": ("{{ 2 ** 10000000 }}", "power"),
     "recursion": ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
 }
@@ -139,7 +141,7 @@ def template_stores(tmp_path_factory) -> dict[str, Path]:
         shutil.copytree(base, dst)
         m = json.loads((dst / "manifest.json").read_text())
         m["chat_template"] = template
-        write_manifest(dst, m)                             # with its new checksum
+        write_manifest(dst, m)  # with its new checksum
         out[name] = dst
     return out
 
@@ -158,7 +160,7 @@ def test_chat_template_errors_are_llmflash_errors():
 
     for template, what in TEMPLATES.values():
         if what == "empty prompt":
-            continue                            # renders fine (to nothing): the API checks that
+            continue  # renders fine (to nothing): the API checks that
         with pytest.raises(ChatTemplateError, match="chat template") as e:
             render_chat(template, [{"role": "user", "content": "hi"}], source="x/manifest.json")
         assert isinstance(e.value, LlmflashError) and isinstance(e.value, ValueError)
@@ -169,7 +171,7 @@ def test_chat_template_errors_are_llmflash_errors():
 
 BENCH_CASES = [
     (["--strategies", "foo"], ["foo", "naive", "flash-serial", "ablation"]),
-    (["--strategies", "naive,,"], []),          # empty entries are ignored: runs (checked below)
+    (["--strategies", "naive,,"], []),  # empty entries are ignored: runs (checked below)
     (["--strategies", ","], ["none given"]),
     (["--tokens", "0"], ["tokens", "0"]),
     (["--tokens", "-3"], ["tokens", "-3"]),
@@ -208,11 +210,31 @@ def test_calibrate_records_the_rank_it_trained(tmp_path, capsys):
     store = write_store(tmp_path / "s.llmflash")
     text = tmp_path / "calib.txt"
     text.write_text(words(400, 0))
-    assert main(["calibrate", str(store), "--text", str(text), "--tokens", "300", "--rank", "1000",
-                 "--epochs", "1", "--chunk", "100", "--batch", "64", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                str(store),
+                "--text",
+                str(text),
+                "--tokens",
+                "300",
+                "--rank",
+                "1000",
+                "--epochs",
+                "1",
+                "--chunk",
+                "100",
+                "--batch",
+                "64",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     entry = json.loads((store / "manifest.json").read_text())["predictors"]
-    assert entry["rank"] == 32                             # the model's width, not the 1000 asked for
+    assert entry["rank"] == 32  # the model's width, not the 1000 asked for
     assert "rank 32" in err and "--rank 1000" in err
     from llmflash.sparsity.predictors_file import load_predictors
 
@@ -221,6 +243,7 @@ def test_calibrate_records_the_rank_it_trained(tmp_path, capsys):
 
 
 # -- API --------------------------------------------------------------------------------------
+
 
 def test_api_errors_are_llmflash_value_errors(store, model):
     import llmflash
@@ -258,7 +281,7 @@ def test_sample_top_p_zero_is_the_top_token():
     logits = torch.tensor([1.0, 3.0, 2.9, 0.0])
     gen = torch.Generator().manual_seed(0)
     assert {sample(logits, 1.0, 0.0, gen) for _ in range(30)} == {1}
-    assert sample(logits, 1e-40, 0.9, gen) == 1            # logits / temperature overflows: greedy
+    assert sample(logits, 1e-40, 0.9, gen) == 1  # logits / temperature overflows: greedy
 
 
 def test_oracle_keep_is_checked(store):
@@ -279,10 +302,11 @@ def test_budget_message_has_meaningful_units():
     msg = str(e.value)
     assert "900 B" in msg and "53.2 KB" in msg and "use at least 53.3 KB" in msg and "0.0 MB" not in msg
     assert [format_bytes(n) for n in (5, 1500, 2_500_000, 7_000_000_000)] == ["5 B", "1.5 KB", "2.5 MB", "7.0 GB"]
-    assert format_bytes(1049, up=True) == "1.1 KB"       # "use at least" never rounds below the need
+    assert format_bytes(1049, up=True) == "1.1 KB"  # "use at least" never rounds below the need
 
 
 # -- the CLI's own net ------------------------------------------------------------------------
+
 
 def test_llmflash_errors_exit_2_on_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
     import llmflash.cli as cli

@@ -15,32 +15,58 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import tiny_tokenizer_json
+from safetensors.torch import load_file, save_file
+from store_builders import reseal, write_store
+
 from llmflash.convert.hf import convert_hf
 from llmflash.errors import ConvertError, StoreError
 from llmflash.models.config import ModelConfig
 from llmflash.models.layers import rope_inv_freq
-from llmflash.strategies.dense import load_dense
 from llmflash.store import Store, write_manifest
-from store_builders import reseal, write_store
+from llmflash.strategies.dense import load_dense
 
 NAN, INF = float("nan"), float("inf")
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 64}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 
 def tiny_config(**kw) -> ModelConfig:
-    base = dict(arch="llama", vocab_size=64, dim=32, n_layers=2, head_dim=8, n_heads=[4, 4],
-                n_kv_heads=[2, 2], ffn_dims=[48, 40], max_positions=128, eos_token_ids=[1], bos_token_id=0)
+    base = dict(
+        arch="llama",
+        vocab_size=64,
+        dim=32,
+        n_layers=2,
+        head_dim=8,
+        n_heads=[4, 4],
+        n_kv_heads=[2, 2],
+        ffn_dims=[48, 40],
+        max_positions=128,
+        eos_token_ids=[1],
+        bos_token_id=0,
+    )
     base.update(kw)
     return ModelConfig(**base)
 
 
 def opt_config(**kw) -> ModelConfig:
-    base = dict(arch="opt", gated=False, act="relu", ffn_bias=True, norm="layer", attn_bias=True,
-                n_kv_heads=[4, 4], rope_theta=None, learned_pos=True, pos_offset=2)
+    base = dict(
+        arch="opt",
+        gated=False,
+        act="relu",
+        ffn_bias=True,
+        norm="layer",
+        attn_bias=True,
+        n_kv_heads=[4, 4],
+        rope_theta=None,
+        learned_pos=True,
+        pos_offset=2,
+    )
     base.update(kw)
     return tiny_config(**base)
 
@@ -81,11 +107,20 @@ def first_logits(store: Path) -> torch.Tensor:
 
 # -- ModelConfig.validate through a hostile manifest --------------------------------------------------
 CONFIG_CASES = [
-    ("llama", "rope_theta", 0), ("llama", "rope_theta", -1.0), ("llama", "rope_theta", NAN),
-    ("llama", "rope_theta", INF), ("llama", "rope_theta", "x"), ("llama", "rope_theta", True),
-    ("llama", "rope_theta", 10 ** 400), ("llama", "rope_theta", None),       # no RoPE, no learned positions
-    ("llama", "norm_eps", NAN), ("llama", "norm_eps", -1e-5), ("llama", "norm_eps", 0.0),
-    ("llama", "norm_eps", INF), ("llama", "norm_eps", "x"), ("llama", "norm_eps", 2.0),
+    ("llama", "rope_theta", 0),
+    ("llama", "rope_theta", -1.0),
+    ("llama", "rope_theta", NAN),
+    ("llama", "rope_theta", INF),
+    ("llama", "rope_theta", "x"),
+    ("llama", "rope_theta", True),
+    ("llama", "rope_theta", 10**400),
+    ("llama", "rope_theta", None),  # no RoPE, no learned positions
+    ("llama", "norm_eps", NAN),
+    ("llama", "norm_eps", -1e-5),
+    ("llama", "norm_eps", 0.0),
+    ("llama", "norm_eps", INF),
+    ("llama", "norm_eps", "x"),
+    ("llama", "norm_eps", 2.0),
     ("llama", "rope_scaling", {"rope_type": "linear"}),
     ("llama", "rope_scaling", {"rope_type": "linear", "factor": "x"}),
     ("llama", "rope_scaling", {"rope_type": "linear", "factor": 0}),
@@ -95,21 +130,33 @@ CONFIG_CASES = [
     ("llama", "rope_scaling", {**LLAMA3, "high_freq_factor": 0.5}),
     ("llama", "rope_scaling", {**LLAMA3, "original_max_position_embeddings": "x"}),
     ("llama", "rope_scaling", {**LLAMA3, "low_freq_factor": True}),
-    ("llama", "eos_token_ids", 5), ("llama", "eos_token_ids", [[1]]), ("llama", "eos_token_ids", [64]),
-    ("llama", "eos_token_ids", [-1]), ("llama", "eos_token_ids", [True]), ("llama", "eos_token_ids", [1.0]),
-    ("llama", "bos_token_id", "x"), ("llama", "bos_token_id", 64), ("llama", "bos_token_id", -1),
+    ("llama", "eos_token_ids", 5),
+    ("llama", "eos_token_ids", [[1]]),
+    ("llama", "eos_token_ids", [64]),
+    ("llama", "eos_token_ids", [-1]),
+    ("llama", "eos_token_ids", [True]),
+    ("llama", "eos_token_ids", [1.0]),
+    ("llama", "bos_token_id", "x"),
+    ("llama", "bos_token_id", 64),
+    ("llama", "bos_token_id", -1),
     ("llama", "bos_token_id", True),
     ("llama", "head_dim", 7),
-    ("llama", "gated", "no"), ("llama", "tie_embeddings", 1), ("llama", "attn_bias", "false"),
-    ("llama", "qk_norm", None), ("llama", "final_norm", 0), ("llama", "pre_norm", "yes"),
+    ("llama", "gated", "no"),
+    ("llama", "tie_embeddings", 1),
+    ("llama", "attn_bias", "false"),
+    ("llama", "qk_norm", None),
+    ("llama", "final_norm", 0),
+    ("llama", "pre_norm", "yes"),
     ("llama", "name", 5),
-    ("opt", "pos_offset", -2), ("opt", "pos_offset", "2"), ("opt", "pos_offset", 2.0),
-    ("opt", "learned_pos", "true"), ("opt", "ffn_bias", 1),
+    ("opt", "pos_offset", -2),
+    ("opt", "pos_offset", "2"),
+    ("opt", "pos_offset", 2.0),
+    ("opt", "learned_pos", "true"),
+    ("opt", "ffn_bias", 1),
 ]
 
 
-@pytest.mark.parametrize("kind,field,value", CONFIG_CASES,
-                         ids=[f"{k}-{f}={v!r:.30}" for k, f, v in CONFIG_CASES])
+@pytest.mark.parametrize("kind,field,value", CONFIG_CASES, ids=[f"{k}-{f}={v!r:.30}" for k, f, v in CONFIG_CASES])
 def test_bad_config_field(pristine, tmp_path, kind, field, value):
     store = copy(pristine, kind, tmp_path)
     mpath = edit_manifest(store, lambda m: m["config"].update({field: value}))
@@ -122,19 +169,23 @@ def write_unchecked(dst: Path, config: ModelConfig) -> Path:
     """A store whose resident tensors match a config validate() refuses (as a hostile writer
     would make it): validation is switched off while it is written."""
     orig = ModelConfig.validate
-    ModelConfig.validate = lambda self: None               # type: ignore[method-assign]
+    ModelConfig.validate = lambda self: None  # type: ignore[method-assign]
     try:
         return write_store(dst, config)
     finally:
-        ModelConfig.validate = orig                         # type: ignore[method-assign]
+        ModelConfig.validate = orig  # type: ignore[method-assign]
 
 
-@pytest.mark.parametrize("config,field", [
-    (tiny_config(head_dim=7), "head_dim"),                  # was: RuntimeError inside RoPE
-    (opt_config(pos_offset=-2, max_positions=130), "pos_offset"),   # was: RuntimeError/IndexError
-    (tiny_config(rope_theta=0.0), "rope_theta"),            # was: NaN logits
-    (tiny_config(norm_eps=NAN), "norm_eps"),                # was: NaN logits
-], ids=["odd-head-dim", "negative-pos-offset", "theta-0", "eps-nan"])
+@pytest.mark.parametrize(
+    "config,field",
+    [
+        (tiny_config(head_dim=7), "head_dim"),  # was: RuntimeError inside RoPE
+        (opt_config(pos_offset=-2, max_positions=130), "pos_offset"),  # was: RuntimeError/IndexError
+        (tiny_config(rope_theta=0.0), "rope_theta"),  # was: NaN logits
+        (tiny_config(norm_eps=NAN), "norm_eps"),  # was: NaN logits
+    ],
+    ids=["odd-head-dim", "negative-pos-offset", "theta-0", "eps-nan"],
+)
 def test_consistent_store_with_bad_config(tmp_path, config, field):
     store = write_unchecked(tmp_path / "s.llmflash", config)
     with pytest.raises(StoreError) as e:
@@ -142,12 +193,22 @@ def test_consistent_store_with_bad_config(tmp_path, config, field):
     assert_names(e, store / "manifest.json", field)
 
 
-@pytest.mark.parametrize("changes", [
-    dict(norm_eps=1e-12), dict(norm_eps=1.0), dict(rope_theta=1.0), dict(rope_theta=5e5),
-    dict(rope_scaling={"rope_type": "linear", "factor": 2}), dict(rope_scaling=dict(LLAMA3)),
-    dict(rope_scaling={"rope_type": "default"}), dict(bos_token_id=None, eos_token_ids=[]),
-    dict(bos_token_id=63, eos_token_ids=[0, 63]), dict(head_dim=6),
-], ids=lambda c: ",".join(f"{k}={v!r:.20}" for k, v in c.items()))
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(norm_eps=1e-12),
+        dict(norm_eps=1.0),
+        dict(rope_theta=1.0),
+        dict(rope_theta=5e5),
+        dict(rope_scaling={"rope_type": "linear", "factor": 2}),
+        dict(rope_scaling=dict(LLAMA3)),
+        dict(rope_scaling={"rope_type": "default"}),
+        dict(bos_token_id=None, eos_token_ids=[]),
+        dict(bos_token_id=63, eos_token_ids=[0, 63]),
+        dict(head_dim=6),
+    ],
+    ids=lambda c: ",".join(f"{k}={v!r:.20}" for k, v in c.items()),
+)
 def test_good_configs_still_run(tmp_path, changes):
     logits = first_logits(write_store(tmp_path / "s.llmflash", tiny_config(**changes)))
     assert logits.shape == (3, 64) and bool(torch.isfinite(logits).all())
@@ -201,9 +262,16 @@ def test_good_order_still_opens(pristine, tmp_path):
 
 
 # -- JSON the parser cannot take ---------------------------------------------------------------------
-@pytest.mark.parametrize("text", ["[" * 200000, '{"a": ' * 100000, "[" * 200000 + "]" * 200000,
-                                  '{"format": "llmflash-store", "x": ' + "[" * 100000 + "]" * 100000 + "}"],
-                         ids=["open-arrays", "open-objects", "closed-arrays", "deep-value"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 200000,
+        '{"a": ' * 100000,
+        "[" * 200000 + "]" * 200000,
+        '{"format": "llmflash-store", "x": ' + "[" * 100000 + "]" * 100000 + "}",
+    ],
+    ids=["open-arrays", "open-objects", "closed-arrays", "deep-value"],
+)
 def test_deeply_nested_manifest(pristine, tmp_path, text):
     store = copy(pristine, "llama", tmp_path)
     (store / "manifest.json").write_text(text)
@@ -213,23 +281,30 @@ def test_deeply_nested_manifest(pristine, tmp_path, text):
 
 
 # -- resident tensor dtypes --------------------------------------------------------------------------
-@pytest.mark.parametrize("kind,name,dtype", [
-    ("llama", "embed.weight", torch.int64), ("llama", "layers.0.attn.q.weight", torch.uint8),
-    ("llama", "layers.1.attn_norm.weight", torch.float16), ("llama", "norm.weight", torch.float64),
-    ("llama", "layers.1.attn.o.weight", torch.bfloat16), ("opt", "layers.0.ffn.up_bias", torch.int64),
-    ("opt", "pos_embed.weight", torch.int32), ("opt", "layers.1.ffn_norm.bias", torch.uint8),
-])
+@pytest.mark.parametrize(
+    "kind,name,dtype",
+    [
+        ("llama", "embed.weight", torch.int64),
+        ("llama", "layers.0.attn.q.weight", torch.uint8),
+        ("llama", "layers.1.attn_norm.weight", torch.float16),
+        ("llama", "norm.weight", torch.float64),
+        ("llama", "layers.1.attn.o.weight", torch.bfloat16),
+        ("opt", "layers.0.ffn.up_bias", torch.int64),
+        ("opt", "pos_embed.weight", torch.int32),
+        ("opt", "layers.1.ffn_norm.bias", torch.uint8),
+    ],
+)
 def test_resident_dtype(pristine, tmp_path, kind, name, dtype):
     store = copy(pristine, kind, tmp_path)
     rpath = store / "resident.safetensors"
     t = load_file(str(rpath))
     t[name] = (t[name] * 10).to(dtype)
     save_file(t, str(rpath), metadata={"format": "llmflash-store"})
-    reseal(store)                                            # meet the dtype check behind the checksum
+    reseal(store)  # meet the dtype check behind the checksum
     with pytest.raises(StoreError) as e:
         Store(store).resident()
     assert_names(e, rpath, name, str(dtype).removeprefix("torch."), "float32")
-    if name.endswith("up_bias"):                             # read apart by the FFN strategies
+    if name.endswith("up_bias"):  # read apart by the FFN strategies
         with pytest.raises(StoreError) as e:
             Store(store).up_biases()
         assert_names(e, rpath, name, "I64", "F32")
@@ -248,15 +323,19 @@ def test_whole_store_in_another_dtype(pristine, tmp_path):
 
 # -- the CLI: exit code 2, one line, no traceback ---------------------------------------------------
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llmflash", *args], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "python")})
+    return subprocess.run(
+        [sys.executable, "-m", "llmflash", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "python")},
+    )
 
 
 @pytest.mark.parametrize("what", ["rope_theta", "resident-dtype"])
 def test_cli_exit_2(pristine, tmp_path, what):
     store = copy(pristine, "llama", tmp_path)
     (store / "tokenizer.json").write_text(tiny_tokenizer_json(64))
-    reseal(store)                                            # recorded as if converted with it
+    reseal(store)  # recorded as if converted with it
     if what == "rope_theta":
         edit_manifest(store, lambda m: m["config"].update(rope_theta=0))
         where = "manifest.json"
@@ -285,11 +364,15 @@ def clone_hf(src: Path, tmp: Path, **changes) -> Path:
 
 
 HF_CASES = [
-    (dict(rope_theta=0), "rope_theta"), (dict(rope_theta=-1e4), "rope_theta"),
-    (dict(rope_theta=NAN), "rope_theta"), (dict(rope_theta=INF), "rope_theta"),
+    (dict(rope_theta=0), "rope_theta"),
+    (dict(rope_theta=-1e4), "rope_theta"),
+    (dict(rope_theta=NAN), "rope_theta"),
+    (dict(rope_theta=INF), "rope_theta"),
     (dict(rope_theta=0.5), "rope_theta"),
-    (dict(rms_norm_eps=0), "rms_norm_eps"), (dict(rms_norm_eps=-1e-6), "rms_norm_eps"),
-    (dict(rms_norm_eps=NAN), "rms_norm_eps"), (dict(rms_norm_eps=INF), "rms_norm_eps"),
+    (dict(rms_norm_eps=0), "rms_norm_eps"),
+    (dict(rms_norm_eps=-1e-6), "rms_norm_eps"),
+    (dict(rms_norm_eps=NAN), "rms_norm_eps"),
+    (dict(rms_norm_eps=INF), "rms_norm_eps"),
     (dict(head_dim=15), "head_dim"),
     (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": "2"}), "factor"),
     (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": NAN}), "factor"),
@@ -297,18 +380,24 @@ HF_CASES = [
     (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": True}), "factor"),
     (dict(rope_parameters={"rope_type": "default", "rope_theta": "1e4"}), "rope_theta"),
     (dict(rope_parameters={"rope_type": "default", "rope_theta": NAN}), "rope_theta"),
-    (dict(rope_parameters={**LLAMA3, "rope_theta": 1e4, "original_max_position_embeddings": "64"}),
-     "original_max_position_embeddings"),
+    (
+        dict(rope_parameters={**LLAMA3, "rope_theta": 1e4, "original_max_position_embeddings": "64"}),
+        "original_max_position_embeddings",
+    ),
     (dict(rope_parameters={**LLAMA3, "rope_theta": 1e4, "factor": INF}), "factor"),
     (dict(rope_parameters=None, rope_theta=1e4, rope_scaling={"type": "linear", "factor": -2.0}), "factor"),
-    (dict(eos_token_id=999), "eos_token_id"), (dict(eos_token_id="x"), "eos_token_id"),
-    (dict(eos_token_id=[2, 128]), "eos_token_id"), (dict(bos_token_id=500), "bos_token_id"),
-    (dict(bos_token_id="x"), "bos_token_id"), (dict(bos_token_id=True), "bos_token_id"),
+    (dict(eos_token_id=999), "eos_token_id"),
+    (dict(eos_token_id="x"), "eos_token_id"),
+    (dict(eos_token_id=[2, 128]), "eos_token_id"),
+    (dict(bos_token_id=500), "bos_token_id"),
+    (dict(bos_token_id="x"), "bos_token_id"),
+    (dict(bos_token_id=True), "bos_token_id"),
 ]
 
 
-@pytest.mark.parametrize("changes,key", HF_CASES,
-                         ids=[",".join(f"{k}={v!r:.40}" for k, v in c.items()) for c, _ in HF_CASES])
+@pytest.mark.parametrize(
+    "changes,key", HF_CASES, ids=[",".join(f"{k}={v!r:.40}" for k, v in c.items()) for c, _ in HF_CASES]
+)
 def test_hf_bad_config_values(tmp_path, hf_llama, changes, key):
     src = clone_hf(hf_llama.path, tmp_path, **changes)
     with pytest.raises(ConvertError) as e, warnings.catch_warnings():

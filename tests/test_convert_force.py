@@ -18,15 +18,14 @@ import warnings
 from pathlib import Path
 
 import pytest
-
 from conftest import build_hf
-from llmflash.store import leftovers
+from gguf_builders import write_tiny_gguf
+
 from llmflash.cli import main
 from llmflash.convert.gguf import convert_gguf
 from llmflash.convert.hf import convert_hf
 from llmflash.errors import ConvertError
-from llmflash.store import Store
-from gguf_builders import write_tiny_gguf
+from llmflash.store import Store, leftovers
 
 
 def quiet_convert(src: Path, dst: Path, **kw) -> Path:
@@ -71,9 +70,12 @@ def test_force_refuses_non_store_folder_subprocess(tmp_path, hf_src):
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "notes.txt").write_text("keep me")
-    r = subprocess.run([sys.executable, "-m", "llmflash", "convert", str(hf_src), str(victim), "--force"],
-                       capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "python")})
+    r = subprocess.run(
+        [sys.executable, "-m", "llmflash", "convert", str(hf_src), str(victim), "--force"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "python")},
+    )
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and str(victim) in r.stderr.strip().splitlines()[-1]
     assert (victim / "notes.txt").read_text() == "keep me"
@@ -241,7 +243,7 @@ def test_renameat2_through_syscall(tmp_path):
     if call(os.fsencode(a), os.fsencode(b), leftovers.RENAME_EXCHANGE) != 0:
         pytest.skip(f"renameat2(RENAME_EXCHANGE) unsupported here (errno {ctypes.get_errno()})")
     assert not (a / "x").exists() and (b / "x").read_text() == "a"
-    assert call(os.fsencode(b), os.fsencode(a), leftovers.RENAME_NOREPLACE) != 0   # a exists
+    assert call(os.fsencode(b), os.fsencode(a), leftovers.RENAME_NOREPLACE) != 0  # a exists
     assert ctypes.get_errno() == errno.EEXIST
 
 
@@ -284,18 +286,21 @@ def test_force_refuses_format_only_manifest_with_dotfiles(capsys, tmp_path, hf_s
     assert snapshot(home) == before
     (home / ".bashrc").unlink()
     (home / ".profile").unlink()
-    with pytest.raises(ConvertError, match="known format version") as e:   # the manifest alone: refused too
+    with pytest.raises(ConvertError, match="known format version") as e:  # the manifest alone: refused too
         quiet_convert(hf_src, home, force=True)
     assert str(home) in str(e.value) and snapshot(home) == {"manifest.json": b'{"format": "llmflash-store"}'}
     no_temp_left(tmp_path)
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda m: m.pop("config"), "config object"),
-    (lambda m: m.update(layers={}), "layers list"),
-    (lambda m: m.update(version=99), "known format version"),
-    (lambda m: m.update(version=True), "known format version"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda m: m.pop("config"), "config object"),
+        (lambda m: m.update(layers={}), "layers list"),
+        (lambda m: m.update(version=99), "known format version"),
+        (lambda m: m.update(version=True), "known format version"),
+    ],
+)
 def test_force_refuses_store_shaped_folder_with_bad_manifest(tmp_path, hf_src, edit, match):
     store = quiet_convert(hf_src, tmp_path / "s.llmflash", dtype="float32")
     m = json.loads((store / "manifest.json").read_text())
@@ -325,7 +330,7 @@ def test_force_refuses_symlink_or_folder_under_a_store_name(tmp_path, hf_src):
 def test_force_replaces_store_holding_its_own_temporary_file(tmp_path, hf_src):
     """A store's own `.FILE.tmp-PID` (store.replace_file, e.g. calibrate killed) does not stop --force."""
     store = quiet_convert(hf_src, tmp_path / "s.llmflash", dtype="float32")
-    for n in (".notes.tmp-1", ".ffn.bin.tmp-", ".ffn.bin.tmp-1.txt"):           # not store.replace_file's
+    for n in (".notes.tmp-1", ".ffn.bin.tmp-", ".ffn.bin.tmp-1.txt"):  # not store.replace_file's
         (store / n).write_bytes(b"mine")
         with pytest.raises(ConvertError, match=re.escape(repr(n))):
             quiet_convert(hf_src, store, force=True)

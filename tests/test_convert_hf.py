@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_hf, tiny_tokenizer_json
 from safetensors.torch import load_file, save_file
 
-from conftest import build_hf, tiny_tokenizer_json
 from llmflash.convert.hf import HFConfig, convert_hf
 from llmflash.convert.hf_archs import _rope
 from llmflash.convert.writer import StoreWriter
 from llmflash.errors import ConvertError, UnsupportedModelError
-from llmflash.strategies.dense import load_dense
 from llmflash.store import Store
+from llmflash.strategies.dense import load_dense
 
 
 def clone(src: Path, tmp: Path) -> Path:
@@ -84,8 +84,9 @@ def test_no_config_json(tmp_path, hf_llama):
     assert str(src) in str(e.value)
 
 
-@pytest.mark.parametrize("text,match", [("{not json", "invalid JSON"), ("[1, 2]", "JSON object"),
-                                        (b"\xff\xfe{}", "invalid JSON")])
+@pytest.mark.parametrize(
+    "text,match", [("{not json", "invalid JSON"), ("[1, 2]", "JSON object"), (b"\xff\xfe{}", "invalid JSON")]
+)
 def test_bad_config_json(tmp_path, hf_llama, text, match):
     src = clone(hf_llama.path, tmp_path)
     (src / "config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -103,13 +104,16 @@ def test_unsupported_model_type(tmp_path, hf_llama, model_type):
     assert str(cfg) in str(e.value) and repr(model_type) in str(e.value)
 
 
-@pytest.mark.parametrize("changes,match", [
-    (dict(mlp_bias=True), "mlp_bias"),
-    (dict(hidden_act="gelu"), "hidden_act"),
-    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}), "yarn"),
-    (dict(model_type="mistral", sliding_window=4096), "sliding"),
-    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}), "partial"),
-])
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        (dict(mlp_bias=True), "mlp_bias"),
+        (dict(hidden_act="gelu"), "hidden_act"),
+        (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}), "yarn"),
+        (dict(model_type="mistral", sliding_window=4096), "sliding"),
+        (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}), "partial"),
+    ],
+)
 def test_unsupported_llama_options(tmp_path, hf_llama, changes, match):
     src = clone(hf_llama.path, tmp_path)
     cfg = edit_config(src, **changes)
@@ -126,12 +130,15 @@ def test_unsupported_opt_activation(tmp_path, hf_opt):
     assert str(cfg) in str(e.value)
 
 
-@pytest.mark.parametrize("changes,match", [
-    (dict(hidden_size=None), "hidden_size is missing"),
-    (dict(num_hidden_layers="2"), "num_hidden_layers"),
-    (dict(num_key_value_heads=3), "multiple"),
-    (dict(rms_norm_eps="tiny"), "rms_norm_eps"),
-])
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        (dict(hidden_size=None), "hidden_size is missing"),
+        (dict(num_hidden_layers="2"), "num_hidden_layers"),
+        (dict(num_key_value_heads=3), "multiple"),
+        (dict(rms_norm_eps="tiny"), "rms_norm_eps"),
+    ],
+)
 def test_bad_config_values(tmp_path, hf_llama, changes, match):
     src = clone(hf_llama.path, tmp_path)
     cfg = edit_config(src, **changes)
@@ -161,8 +168,9 @@ def test_wrong_shape(tmp_path, hf_llama):
 
 def test_quantized_tensor(tmp_path, hf_llama):
     src = clone(hf_llama.path, tmp_path)
-    st = edit_tensors(src, lambda t: t.update(
-        {"model.layers.0.mlp.up_proj.weight": torch.zeros(96, 64, dtype=torch.int8)}))
+    st = edit_tensors(
+        src, lambda t: t.update({"model.layers.0.mlp.up_proj.weight": torch.zeros(96, 64, dtype=torch.int8)})
+    )
     with pytest.raises(UnsupportedModelError, match="I8") as e:
         convert_hf(src, tmp_path / "out")
     assert str(st) in str(e.value)
@@ -191,6 +199,7 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, hf_llama, monkeypatch):
     real = StoreWriter.write_layer
 
     for exc in (OSError("disk full"), KeyboardInterrupt()):
+
         def failing(self, i, *a, **kw):
             if i == self.config.n_layers - 1:
                 raise exc
@@ -241,7 +250,7 @@ def test_sharded_checkpoint_matches_single_file(tmp_path, hf_llama, convert_to):
     assert len(list(sharded.path.glob("*.safetensors"))) >= 3
     a = logits(convert_to(sharded.path))
     b = logits(convert_to(hf_llama.path))
-    assert torch.equal(a, b)                 # same seed, same weights
+    assert torch.equal(a, b)  # same seed, same weights
 
 
 def test_sharded_checkpoint_missing_shard(tmp_path):
@@ -318,19 +327,22 @@ def test_checkpoint_without_model_prefix(tmp_path, hf_opt, convert_to):
 
 def test_legacy_rope_keys():
     """transformers 4 wrote rope_theta + rope_scaling {"type"/"rope_type": ...}; 5 writes rope_parameters."""
+
     class Cfg(HFConfig):
         def __init__(self, d):
             self.path, self.d = Path("config.json"), d
 
-    llama3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-              "original_max_position_embeddings": 8192}
+    llama3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     want = {"rope_type": "llama3", **llama3}
     assert _rope(Cfg({"rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", **llama3}})) == (5e5, want)
     assert _rope(Cfg({"rope_theta": 5e5, "rope_scaling": {"type": "llama3", **llama3}})) == (5e5, want)
     assert _rope(Cfg({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, **llama3}})) == (5e5, want)
     assert _rope(Cfg({})) == (10000.0, None)
     assert _rope(Cfg({"rope_theta": 1e6, "rope_scaling": None})) == (1e6, None)
-    assert _rope(Cfg({"rope_scaling": {"type": "linear", "factor": 2}})) == (10000.0, {"rope_type": "linear", "factor": 2.0})
+    assert _rope(Cfg({"rope_scaling": {"type": "linear", "factor": 2}})) == (
+        10000.0,
+        {"rope_type": "linear", "factor": 2.0},
+    )
     with pytest.raises(ConvertError, match="low_freq_factor"):
         _rope(Cfg({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}))
     with pytest.raises(ConvertError, match="inconsistent"):

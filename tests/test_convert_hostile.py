@@ -22,13 +22,13 @@ from typing import Callable, TypeVar
 
 import numpy as np
 import pytest
+from conftest import build_hf, tiny_tokenizer_json
+from gguf_builders import DIM, TYPES, Q, write_tiny_gguf
 from safetensors.torch import load_file, save_file
 
-from conftest import build_hf, tiny_tokenizer_json
 from llmflash.cli import main
 from llmflash.convert import convert
 from llmflash.errors import ConvertError
-from gguf_builders import DIM, Q, TYPES, write_tiny_gguf
 
 gguf = pytest.importorskip("gguf")
 
@@ -92,6 +92,7 @@ def assert_refused(src: Path, dst: Path, *words: str, child: bool = False, **kw)
 
 # -- GGUF: the tensor table against the bytes ---------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def good_gguf(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("hostile") / "tiny.gguf"
@@ -122,7 +123,7 @@ def read_u64(path: Path, pos: int) -> int:
     return struct.unpack_from("<Q", path.read_bytes(), pos)[0]
 
 
-Q_NAME = "blk.0.attn_q.weight"       # Q4_1 in the tiny file
+Q_NAME = "blk.0.attn_q.weight"  # Q4_1 in the tiny file
 
 
 def test_type_changed_to_f32(good_gguf, tmp_path):
@@ -132,8 +133,7 @@ def test_type_changed_to_f32(good_gguf, tmp_path):
     assert_refused(bad, tmp_path / "out", str(bad), Q_NAME, "overlap")
 
 
-@pytest.mark.parametrize("delta,words", [(1, ["not a multiple of the alignment (32 bytes)"]),
-                                          (32, ["overlap"])])
+@pytest.mark.parametrize("delta,words", [(1, ["not a multiple of the alignment (32 bytes)"]), (32, ["overlap"])])
 def test_data_offset_moved(good_gguf, tmp_path, delta, words):
     _, _, off, _ = tensor_info(good_gguf, Q_NAME)
     bad = patched(good_gguf, tmp_path, [(off, "Q", read_u64(good_gguf, off) + delta)])
@@ -148,7 +148,7 @@ def test_data_offset_beyond_the_file(good_gguf, tmp_path, offset):
 
 
 def test_row_not_a_multiple_of_the_block(good_gguf, tmp_path):
-    dims, _, _, _ = tensor_info(good_gguf, "token_embd.weight")      # Q8_0: blocks of 32 values
+    dims, _, _, _ = tensor_info(good_gguf, "token_embd.weight")  # Q8_0: blocks of 32 values
     bad = patched(good_gguf, tmp_path, [(dims, "Q", DIM - 16)])
     assert_refused(bad, tmp_path / "out", "'token_embd.weight'", "not a multiple of Q8_0's block of 32")
 
@@ -162,10 +162,11 @@ def test_unknown_tensor_type(good_gguf, tmp_path):
 def bounded_cli(*args: object, timeout: float = 120) -> str:
     """`llmflash ARGS` in a child limited to 6 GiB of address space (a regression then fails
     without taking the machine's memory); asserts exit 2 and one stderr line, returns it."""
-    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30)); "
-            "from llmflash.cli import main; sys.exit(main(sys.argv[1:]))")
-    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                       timeout=timeout)
+    code = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30)); "
+        "from llmflash.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("llmflash: error: "), lines
@@ -207,13 +208,24 @@ def test_float16_overflow(tmp_path):
     convert(src, tmp_path / "ok", dtype="float32")
 
 
-@pytest.mark.parametrize("key,value", [("llama.block_count", 4097), ("llama.embedding_length", 2**20),
-                                       ("llama.feed_forward_length", 2**24), ("llama.attention.head_count", 2**20)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("llama.block_count", 4097),
+        ("llama.embedding_length", 2**20),
+        ("llama.feed_forward_length", 2**24),
+        ("llama.attention.head_count", 2**20),
+    ],
+)
 def test_gguf_counts_bounded(tmp_path, key, value):
     src = tmp_path / "big.gguf"
     w = gguf.GGUFWriter(src, "llama")
-    defaults = {"llama.block_count": 2, "llama.embedding_length": 64, "llama.feed_forward_length": 96,
-                "llama.attention.head_count": 4}
+    defaults = {
+        "llama.block_count": 2,
+        "llama.embedding_length": 64,
+        "llama.feed_forward_length": 96,
+        "llama.attention.head_count": 4,
+    }
     for k, v in (defaults | {key: value}).items():
         w.add_uint32(k, v)
     w.add_tensor("token_embd.weight", np.zeros((8, 64), np.float32))
@@ -225,6 +237,7 @@ def test_gguf_counts_bounded(tmp_path, key, value):
 
 
 # -- Hugging Face: counts and tensors the config does not account for ---------------------------------
+
 
 @pytest.fixture(scope="module")
 def llama4(tmp_path_factory) -> Path:
@@ -242,8 +255,13 @@ def hf_copy(src: Path, tmp: Path, **config) -> Path:
 
 def test_fewer_layers_in_config_than_checkpoint(llama4, tmp_path):
     src = hf_copy(llama4, tmp_path, num_hidden_layers=2)
-    assert_refused(src, tmp_path / "out", str(src / "config.json"), "model.layers.2.",
-                   "num_hidden_layers = 2 but the checkpoint has 4 layers")
+    assert_refused(
+        src,
+        tmp_path / "out",
+        str(src / "config.json"),
+        "model.layers.2.",
+        "num_hidden_layers = 2 but the checkpoint has 4 layers",
+    )
 
 
 def test_tensor_of_another_variant(hf_llama, tmp_path):
@@ -263,14 +281,20 @@ def test_ignorable_tensors_still_convert(hf_llama, tmp_path, convert_to):
     assert (convert_to(src) / "manifest.json").is_file()
 
 
-@pytest.mark.parametrize("key,value", [("num_hidden_layers", 4097),
-                                       ("hidden_size", 2**24), ("intermediate_size", 2**24),
-                                       ("num_attention_heads", 2**20), ("vocab_size", 2**24)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("num_hidden_layers", 4097),
+        ("hidden_size", 2**24),
+        ("intermediate_size", 2**24),
+        ("num_attention_heads", 2**20),
+        ("vocab_size", 2**24),
+    ],
+)
 def test_hf_counts_bounded(hf_llama, tmp_path, key, value):
     src = hf_copy(hf_llama.path, tmp_path, **{key: value})
     t0 = time.perf_counter()
-    assert_refused(src, tmp_path / "out", str(src / "config.json"), f"{key} = {value}",
-                   "is not an integer in [1, ")
+    assert_refused(src, tmp_path / "out", str(src / "config.json"), f"{key} = {value}", "is not an integer in [1, ")
     assert time.perf_counter() - t0 < 10
 
 
@@ -283,6 +307,7 @@ def test_hf_huge_layer_count_in_a_bounded_process(hf_llama, tmp_path):
 
 
 # -- FIFOs, devices and folders where a file is expected -----------------------------------------------
+
 
 def fifo_at(path: Path) -> Path:
     if path.is_dir():
@@ -308,8 +333,9 @@ def test_gguf_device(tmp_path):
     refuses_without_blocking(src, tmp_path / "out", src, "a device")
 
 
-@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                                  "generation_config.json"])
+@pytest.mark.parametrize(
+    "name", ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"]
+)
 @pytest.mark.parametrize("kind", ["a FIFO", "a folder"])
 def test_hf_file_not_regular(hf_llama, tmp_path, name, kind):
     src = hf_copy(hf_llama.path, tmp_path)
@@ -344,8 +370,7 @@ def test_tokenizer_option_fifo(hf_opt, tmp_path, as_folder):
     tok.mkdir()
     (tok / "tokenizer_config.json").write_text("{}")
     culprit = fifo_at(tok / "tokenizer.json")
-    refuses_without_blocking(hf_opt.path, tmp_path / "out", culprit, "a FIFO",
-                             tokenizer=tok if as_folder else culprit)
+    refuses_without_blocking(hf_opt.path, tmp_path / "out", culprit, "a FIFO", tokenizer=tok if as_folder else culprit)
 
 
 def test_tokenizer_option_regular_file_still_works(hf_opt, tmp_path, convert_to):

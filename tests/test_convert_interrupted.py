@@ -14,13 +14,12 @@ import warnings
 from pathlib import Path
 
 import pytest
-
 from conftest import build_hf
-from llmflash.store import leftovers
+from store_builders import write_store
+
 from llmflash.convert.hf import convert_hf
 from llmflash.errors import ConvertError, StoreError
-from llmflash.store import Store
-from store_builders import write_store
+from llmflash.store import Store, leftovers
 
 TESTS = Path(__file__).parent
 CHILD = r"""
@@ -61,8 +60,9 @@ os._exit(0)
 def killed_convert(mode: str, src: Path, dst: Path) -> int:
     """Run CHILD in a new process; returns its (now dead, reaped) pid after checking it was killed."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent / "python"), str(TESTS)])}
-    p = subprocess.Popen([sys.executable, "-c", CHILD, mode, str(src), str(dst)], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [sys.executable, "-c", CHILD, mode, str(src), str(dst)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     out, err = p.communicate(timeout=300)
     if p.returncode == 3:
         pytest.skip("this kernel or file system has no renameat2(RENAME_EXCHANGE)")
@@ -114,7 +114,7 @@ def test_killed_between_the_two_renames(tmp_path, hf_src, recover_by):
     if recover_by == "open":
         assert Store(dst).dtype_name == "float32"
     elif recover_by == "convert":
-        with pytest.raises(ConvertError, match="already exists"):   # the old store is back, so kept
+        with pytest.raises(ConvertError, match="already exists"):  # the old store is back, so kept
             quiet_convert(hf_src, dst)
         assert Store(dst).dtype_name == "float32"
     else:
@@ -177,7 +177,7 @@ def test_newest_complete_old_store_is_restored(tmp_path, pristine):
     os.utime(older / "manifest.json", (1, 1))
     os.utime(broken / "manifest.json", (2**31, 2**31))
     (broken / "ffn.bin").unlink()
-    newest = (newer / "manifest.json").stat().st_ino          # a rename keeps the inode
+    newest = (newer / "manifest.json").stat().st_ino  # a rename keeps the inode
     Store(dst)
     assert (dst / "manifest.json").stat().st_ino == newest
     assert names(tmp_path) == ["m.llmflash"]
@@ -191,12 +191,12 @@ def test_live_process_leftovers_are_kept(tmp_path, hf_src, pristine, live_pid):
     tmp.mkdir()
     (tmp / "ffn.bin").write_bytes(b"partial")
     inner = f".predictors.safetensors.tmp-{live_pid}"
-    gone = tmp_path / f".m.llmflash.tmp-{dead_pid()}"            # a dead one beside them goes
+    gone = tmp_path / f".m.llmflash.tmp-{dead_pid()}"  # a dead one beside them goes
     gone.mkdir()
     with pytest.raises(StoreError, match="no such store folder"):
         Store(dst)
     assert names(tmp_path) == sorted([tmp.name, old.name])
-    quiet_convert(hf_src, dst, dtype="float32")              # not put back: the destination is free
+    quiet_convert(hf_src, dst, dtype="float32")  # not put back: the destination is free
     assert names(tmp_path) == sorted([tmp.name, old.name, dst.name])
     (dst / inner).write_bytes(b"partial")
     Store(dst)
@@ -219,16 +219,25 @@ def test_only_the_exact_pattern_is_touched(tmp_path, pristine):
     target = tmp_path / "target"
     target.mkdir()
     (target / "precious").write_text("keep")
-    keep = [f".m.llmflash.tmp-{pid}x", f".m.llmflash.tmp-{pid}.bak", ".m.llmflash.tmp-", ".m.llmflash.tmp-0",
-            f"m.llmflash.tmp-{pid}", f".n.llmflash.tmp-{pid}", f".m.llmflash.new-{pid}", f".m.llmflashtmp-{pid}",
-            f".m.llmflash.tmp--{pid}", f".m.llmflash.old-0{pid}"]
+    keep = [
+        f".m.llmflash.tmp-{pid}x",
+        f".m.llmflash.tmp-{pid}.bak",
+        ".m.llmflash.tmp-",
+        ".m.llmflash.tmp-0",
+        f"m.llmflash.tmp-{pid}",
+        f".n.llmflash.tmp-{pid}",
+        f".m.llmflash.new-{pid}",
+        f".m.llmflashtmp-{pid}",
+        f".m.llmflash.tmp--{pid}",
+        f".m.llmflash.old-0{pid}",
+    ]
     for n in keep:
         (tmp_path / n).mkdir()
         (tmp_path / n / "f").write_text("keep")
     (tmp_path / f".m.llmflash.old-{pid}").symlink_to(target, target_is_directory=True)
     (tmp_path / f".m.llmflash.tmp-{pid}").write_text("a file, not a conversion's folder")
     before = names(tmp_path)
-    (tmp_path / f".m.llmflash.old-{dead_pid()}").mkdir()          # the one real leftover: deleted
+    (tmp_path / f".m.llmflash.old-{dead_pid()}").mkdir()  # the one real leftover: deleted
     Store(dst)
     assert names(tmp_path) == before
     assert (target / "precious").read_text() == "keep"
@@ -243,7 +252,7 @@ def test_symlinks_inside_a_leftover_are_not_followed(tmp_path, pristine):
     tmp = tmp_path / f".m.llmflash.tmp-{dead_pid()}"
     tmp.mkdir()
     (tmp / "link").symlink_to(target, target_is_directory=True)
-    Store(dst)                       # a link is nothing a conversion writes: the folder is not ours, kept
+    Store(dst)  # a link is nothing a conversion writes: the folder is not ours, kept
     assert os.path.islink(tmp / "link") and (target / "precious").read_text() == "keep"
 
 
@@ -290,11 +299,11 @@ def test_folders_named_like_leftovers_but_not_ours_are_kept(tmp_path, pristine):
     for folder, name in mine.items():
         folder.mkdir()
         (folder / name).write_text("a user's work")
-    Store(dst)                                                  # recovery runs at open
+    Store(dst)  # recovery runs at open
     leftovers.recover(dst)
     for folder, name in mine.items():
         assert (folder / name).read_text() == "a user's work"
-    own = dst.parent / f".t.tmp-{os.getpid()}"                 # the name this process would write to
+    own = dst.parent / f".t.tmp-{os.getpid()}"  # the name this process would write to
     own.mkdir()
     (own / "notes.txt").write_text("mine")
     with pytest.raises(ConvertError, match="not a store's"):

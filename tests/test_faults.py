@@ -18,22 +18,23 @@ from typing import Iterator
 
 import pytest
 import torch
+from conftest import flip_bit, tiny_tokenizer_json
+from store_builders import tiny_config, write_store
 
 import llmflash._native as native
-from conftest import flip_bit, tiny_tokenizer_json
 from llmflash.api import FlashModel
 from llmflash.cli import main
 from llmflash.errors import FlashIOError, StoreError
 from llmflash.store import Store
-from store_builders import tiny_config, write_store
 
 PROMPT = [3, 17, 5, 9, 42, 7, 8, 11]
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    return write_store(tmp_path_factory.mktemp("faults") / "tiny.llmflash",
-                       tokenizer=tiny_tokenizer_json(tiny_config().vocab_size))
+    return write_store(
+        tmp_path_factory.mktemp("faults") / "tiny.llmflash", tokenizer=tiny_tokenizer_json(tiny_config().vocab_size)
+    )
 
 
 @contextmanager
@@ -88,12 +89,17 @@ def region(store: Path, layer: int) -> dict:
 
 # -- through the hook: retried to the same logits -------------------------------------------------
 
+
 @pytest.mark.parametrize("strategy,engine", MODELS)
-@pytest.mark.parametrize("rule", [
-    dict(kind="eintr", times=3),                  # interrupted reads are retried
-    dict(kind="short", times=2),                  # a short read is continued
-    dict(kind="short", times=None),               # every read of ffn.bin short: still continued
-], ids=["eintr", "short", "always-short"])
+@pytest.mark.parametrize(
+    "rule",
+    [
+        dict(kind="eintr", times=3),  # interrupted reads are retried
+        dict(kind="short", times=2),  # a short read is continued
+        dict(kind="short", times=None),  # every read of ffn.bin short: still continued
+    ],
+    ids=["eintr", "short", "always-short"],
+)
 def test_transient_faults_give_the_same_logits(store, clean, strategy, engine, rule):
     model = open_model(store, strategy, engine)
     with faults(rule) as fired:
@@ -104,13 +110,18 @@ def test_transient_faults_give_the_same_logits(store, clean, strategy, engine, r
 
 # -- through the hook: errors naming ffn.bin ---------------------------------------------------------
 
+
 @pytest.mark.parametrize("strategy,engine", MODELS)
-@pytest.mark.parametrize("rules,match", [
-    ([dict(kind="eio", times=None)], "Input/output error"),
-    ([dict(kind="eof", times=None)], "hit the end of the file after 0 bytes"),
-    # A short read, then nothing more: the file ends inside the request.
-    ([dict(kind="short", times=1), dict(kind="eof", times=None)], "hit the end of the file after [1-9]"),
-], ids=["eio", "eof", "short-then-eof"])
+@pytest.mark.parametrize(
+    "rules,match",
+    [
+        ([dict(kind="eio", times=None)], "Input/output error"),
+        ([dict(kind="eof", times=None)], "hit the end of the file after 0 bytes"),
+        # A short read, then nothing more: the file ends inside the request.
+        ([dict(kind="short", times=1), dict(kind="eof", times=None)], "hit the end of the file after [1-9]"),
+    ],
+    ids=["eio", "eof", "short-then-eof"],
+)
 def test_failing_reads_are_flash_io_errors_naming_ffn_bin(store, clean, strategy, engine, rules, match):
     model = open_model(store, strategy, engine)
     with faults(*rules) as fired, pytest.raises(FlashIOError, match=match) as e:
@@ -119,8 +130,8 @@ def test_failing_reads_are_flash_io_errors_naming_ffn_bin(store, clean, strategy
     assert Path(e.value.path).name == "ffn.bin" and "ffn.bin" in str(e.value)
     if rules[0]["kind"] == "eio":
         assert e.value.errno == 5
-    after = model.logits(PROMPT)                                # the fault gone, the model works again:
-    if strategy == "naive":                                     # naive keeps no state between reads
+    after = model.logits(PROMPT)  # the fault gone, the model works again:
+    if strategy == "naive":  # naive keeps no state between reads
         assert torch.equal(after, clean[strategy, engine])
     assert torch.isfinite(after).all()
 
@@ -167,7 +178,6 @@ def test_the_hook_is_private_and_off_by_default():
 
 
 # -- ffn.bin really changed on disk under a running naive model --------------------------------------
-
 
 
 @pytest.fixture
@@ -220,7 +230,7 @@ def strace_works() -> bool:
     if shutil.which("strace") is None:
         return False
     r = subprocess.run(["strace", "-f", "-qq", "-o", os.devnull, "true"], capture_output=True)
-    return r.returncode == 0          # fails where ptrace is not permitted
+    return r.returncode == 0  # fails where ptrace is not permitted
 
 
 needs_strace = pytest.mark.skipif(not strace_works(), reason="strace absent or ptrace not permitted")
@@ -235,17 +245,31 @@ def run_traced(store: Path, strategy: str, inject: str | None, log: Path | None 
     cmd = [sys.executable, "-c", DRIVER, *args]
     if inject is not None:
         # -P: count and inject only the system calls on ffn.bin (not the loader's own preads).
-        cmd = ["strace", "-f", "-qq", "-o", str(log or os.devnull), "-P", str(store / "ffn.bin"), "-e", "trace=pread64",
-               "-e", f"inject=pread64:{inject}", *cmd]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "python"),
-                                                         str(Path(__file__).parent)])}
+        cmd = [
+            "strace",
+            "-f",
+            "-qq",
+            "-o",
+            str(log or os.devnull),
+            "-P",
+            str(store / "ffn.bin"),
+            "-e",
+            "trace=pread64",
+            "-e",
+            f"inject=pread64:{inject}",
+            *cmd,
+        ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "python"), str(Path(__file__).parent)]),
+    }
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
 @needs_strace
 @pytest.mark.parametrize("strategy", ["naive", "flash"])
 def test_strace_eio_is_one_line_naming_ffn_bin(store, strategy):
-    r = run_traced(store, strategy, "error=EIO:when=2+")   # each thread's preads of ffn.bin from its 2nd
+    r = run_traced(store, strategy, "error=EIO:when=2+")  # each thread's preads of ffn.bin from its 2nd
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2, r.stderr
     assert len(lines) == 1 and "ffn.bin" in lines[0] and "Input/output error" in lines[0], r.stderr
@@ -259,4 +283,4 @@ def test_strace_eintr_is_retried_to_the_same_tokens(store, strategy, tmp_path):
     r = run_traced(store, strategy, "error=EINTR:when=2..6", tmp_path / "strace.log")
     assert r.returncode == 0, r.stderr
     assert r.stdout == clean.stdout
-    assert "EINTR" in (tmp_path / "strace.log").read_text()      # the injection did happen
+    assert "EINTR" in (tmp_path / "strace.log").read_text()  # the injection did happen

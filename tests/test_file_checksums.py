@@ -14,18 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import tiny_tokenizer_json
-from llmflash.store import checksums
+from safetensors.torch import load_file, save_file
+from store_builders import edit_manifest, opt_config, reseal, tiny_config, write_predictors, write_store
+
 from llmflash.api import FlashModel
-from llmflash.store.checksums import file_crc32, file_entry, manifest_crc32
 from llmflash.cli import main
 from llmflash.errors import LlmflashError, StoreError
 from llmflash.sparsity.predictors_file import load_predictors
-from llmflash.store import PREDICTORS, Store
+from llmflash.store import PREDICTORS, Store, checksums
+from llmflash.store.checksums import file_crc32, file_entry, manifest_crc32
 from llmflash.verify import verify_store
-from store_builders import edit_manifest, opt_config, reseal, tiny_config, write_predictors, write_store
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +81,8 @@ def test_writer_records_every_file_and_the_manifest(pristine):
 
 def test_flipped_byte_in_an_attention_matrix(store, capsys):
     rpath = store / "resident.safetensors"
-    flip(rpath, tensor_offset(rpath, "layers.0.attn.q.weight") + 4 * 37 + 1)     # a low mantissa bit
-    s = Store(store)                                                             # same size: opens
+    flip(rpath, tensor_offset(rpath, "layers.0.attn.q.weight") + 4 * 37 + 1)  # a low mantissa bit
+    s = Store(store)  # same size: opens
     with pytest.raises(StoreError, match=r"resident\.safetensors: checksum mismatch.*changed after conversion"):
         s.resident()
     with pytest.raises(LlmflashError, match=r"resident\.safetensors: checksum mismatch"):
@@ -92,8 +91,10 @@ def test_flipped_byte_in_an_attention_matrix(store, capsys):
     assert str(rpath) in cli_error(capsys, "verify", "-q", str(store))
 
 
-@pytest.mark.parametrize("name,value", [("embed.weight", float("nan")), ("layers.1.ffn_norm.weight", float("inf")),
-                                        ("norm.weight", float("-inf"))])
+@pytest.mark.parametrize(
+    "name,value",
+    [("embed.weight", float("nan")), ("layers.1.ffn_norm.weight", float("inf")), ("norm.weight", float("-inf"))],
+)
 def test_non_finite_resident_tensor(store, capsys, name, value):
     """Written with safetensors into the store: the checksum fails; recorded anew (reseal, as a
     hostile or older writer would leave it), the finiteness check still refuses the tensor."""
@@ -122,7 +123,7 @@ def test_non_finite_up_bias(tmp_path):
 def test_changed_predictors_file(store, capsys):
     ppath = store / PREDICTORS
     flip(ppath, tensor_offset(ppath, "layers.0.in.weight") + 2)
-    Store(store)                                                  # predictors are checked where loaded
+    Store(store)  # predictors are checked where loaded
     with pytest.raises(StoreError, match=r"predictors\.safetensors: checksum mismatch.*calibrate"):
         load_predictors(store)
     with pytest.raises(LlmflashError, match=r"predictors\.safetensors"):
@@ -130,12 +131,16 @@ def test_changed_predictors_file(store, capsys):
     assert str(ppath) in cli_error(capsys, "verify", "-q", str(store))
 
 
-@pytest.mark.parametrize("edit", [
-    lambda t: t.replace('"rope_theta": 10000.0', '"rope_theta": 10001.0'),
-    lambda t: t.replace('"crc32": ', '"crc32": 1', 1),
-    lambda t: t.replace('"version": 4', '"version": 3'),         # a downgrade keeps its checksum: checked
-    lambda t: t.replace('"chat_template": null', '"chat_template": "{{ 1 }}"'),
-], ids=["config", "region-crc", "version", "template"])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda t: t.replace('"rope_theta": 10000.0', '"rope_theta": 10001.0'),
+        lambda t: t.replace('"crc32": ', '"crc32": 1', 1),
+        lambda t: t.replace('"version": 4', '"version": 3'),  # a downgrade keeps its checksum: checked
+        lambda t: t.replace('"chat_template": null', '"chat_template": "{{ 1 }}"'),
+    ],
+    ids=["config", "region-crc", "version", "template"],
+)
 def test_edited_manifest(store, capsys, edit):
     mpath = store / "manifest.json"
     text = mpath.read_text()
@@ -166,7 +171,7 @@ def test_declared_predictors_missing(store, capsys):
 
 
 def test_tokenizer_beyond_the_vocabulary(tmp_path, capsys):
-    dst = write_store(tmp_path / "s.llmflash", tokenizer=tiny_tokenizer_json(128))   # the model has 64 rows
+    dst = write_store(tmp_path / "s.llmflash", tokenizer=tiny_tokenizer_json(128))  # the model has 64 rows
     with pytest.raises(StoreError, match=r"tokenizer\.json: the tokenizer has 128 tokens .* vocabulary is 64"):
         verify_store(dst, progress=False)
     assert str(dst / "tokenizer.json") in cli_error(capsys, "verify", "-q", str(dst))
@@ -174,7 +179,7 @@ def test_tokenizer_beyond_the_vocabulary(tmp_path, capsys):
 
 def test_changed_or_added_tokenizer(store, tmp_path):
     tpath = store / "tokenizer.json"
-    tpath.write_text(tpath.read_text().replace('"t10"', '"t1x"'))           # same size
+    tpath.write_text(tpath.read_text().replace('"t10"', '"t1x"'))  # same size
     with pytest.raises(StoreError, match=r"tokenizer\.json: checksum mismatch"):
         Store(store).tokenizer()
     bare = write_store(tmp_path / "bare.llmflash")
@@ -195,10 +200,11 @@ def test_version_3_store_opens_unchecked(store, capsys):
     def as_v3(m):
         m.update(version=3)
         m.pop("files")
+
     edit_manifest(store, as_v3)
     assert "manifest_crc32" not in json.loads((store / "manifest.json").read_text())
     rpath = store / "resident.safetensors"
-    flip(rpath, tensor_offset(rpath, "layers.0.attn.q.weight") + 1)       # unseen: nothing recorded
+    flip(rpath, tensor_offset(rpath, "layers.0.attn.q.weight") + 1)  # unseen: nothing recorded
     s = Store(store)
     assert s.files is None and not s.check_file("resident.safetensors")
     r = verify_store(store, progress=False)
@@ -245,11 +251,27 @@ def test_calibrate_records_predictors_and_recovers_from_an_interruption(tmp_path
     text = tmp_path / "calib.txt"
     rng = random.Random(0)
     text.write_text(" ".join(f"t{rng.randrange(2, 64)}" for _ in range(400)))
-    args = ["calibrate", str(store), "--text", str(text), "--tokens", "300", "--rank", "4", "--epochs", "1",
-            "--chunk", "100", "--batch", "64", "--quiet"]
+    args = [
+        "calibrate",
+        str(store),
+        "--text",
+        str(text),
+        "--tokens",
+        "300",
+        "--rank",
+        "4",
+        "--epochs",
+        "1",
+        "--chunk",
+        "100",
+        "--batch",
+        "64",
+        "--quiet",
+    ]
 
     def killed(*a, **k):
         raise OSError(5, "Input/output error")
+
     monkeypatch.setattr(C, "write_manifest", killed)
     assert main(args) == 2
     capsys.readouterr()

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from openelm_builders import hf_config, random_weights, save_openelm
+from store_builders import permute_store
 
 from llmflash.api import FlashModel
 from llmflash.budget import parse_memory, plan_caches
 from llmflash.errors import BudgetError
 from llmflash.store import Store
 from llmflash.strategies.flash import model_bytes
-from store_builders import permute_store
-from openelm_builders import hf_config, random_weights, save_openelm
 
 PROMPT = [3, 17, 5, 99, 42, 7, 8, 64, 1, 23, 77, 12, 50, 31, 9, 4]
 
@@ -71,7 +71,7 @@ def test_flash_all_neurons_equals_dense(stores, arch, ffn_share):
     assert (flash - dense).abs().max().item() <= 1e-5
     assert flash_tokens == dense_tokens
     s = flash_model.stats()
-    if ffn_share < 1.0:                              # capacity below the layer: overflow streamed
+    if ffn_share < 1.0:  # capacity below the layer: overflow streamed
         assert s["overflow"] > 0
     assert s["hits"] > 0 and s["misses"] > 0
 
@@ -88,15 +88,19 @@ def test_relu_oracle_greedy_tokens_equal(stores):
     assert (flash - dense).abs().max().item() <= 1e-4
     s = model.stats()
     total = sum(model.config.ffn_dims) * (len(PROMPT) + 8)
-    assert s["hits"] + s["misses"] + s["overflow"] < total      # ReLU sparsity: not every neuron read
-    assert s["evicted_window"] + s["evicted_capacity"] > 0      # rows moved: slot order != store order
+    assert s["hits"] + s["misses"] + s["overflow"] < total  # ReLU sparsity: not every neuron read
+    assert s["evicted_window"] + s["evicted_capacity"] > 0  # rows moved: slot order != store order
 
 
-
-
-@pytest.mark.parametrize("strategy,ffn_share,sparsity", [
-    ("dense", None, None), ("naive", None, None), ("flash", 0.3, "all"), ("flash", 0.5, "oracle"),
-])
+@pytest.mark.parametrize(
+    "strategy,ffn_share,sparsity",
+    [
+        ("dense", None, None),
+        ("naive", None, None),
+        ("flash", 0.3, "all"),
+        ("flash", 0.5, "oracle"),
+    ],
+)
 def test_permuted_opt_store_equals_original(stores, tmp_path, strategy, ffn_share, sparsity):
     """The resident fc1 bias is in store order, like the bundles: every strategy (and the oracle,
     which names original ids) gives the unpermuted store's dense logits on a permuted store."""
@@ -125,10 +129,17 @@ def test_flash_generate_through_api(stores):
     assert model.generate("t1 t2 t3", max_new_tokens=6) == dense.generate("t1 t2 t3", max_new_tokens=6)
 
 
-@pytest.mark.parametrize("spec,expected", [
-    ("150MB", 150_000_000), ("1.5GiB", int(1.5 * (1 << 30))), ("0.5x", 500), ("25%", 250), ("800", 800),
-    (1234, 1234),
-])
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("150MB", 150_000_000),
+        ("1.5GiB", int(1.5 * (1 << 30))),
+        ("0.5x", 500),
+        ("25%", 250),
+        ("800", 800),
+        (1234, 1234),
+    ],
+)
 def test_parse_memory(spec, expected):
     assert parse_memory(spec, 1000) == expected
 
@@ -146,8 +157,9 @@ def test_budget_below_resident_is_a_clear_error(stores):
 
 
 def test_capacities_share_the_budget():
-    plan = plan_caches(budget=1000 + 50 * 10, resident_bytes=1000, ffn_dims=[100, 50], bundle_bytes=10,
-                       scratch_neurons=0)
+    plan = plan_caches(
+        budget=1000 + 50 * 10, resident_bytes=1000, ffn_dims=[100, 50], bundle_bytes=10, scratch_neurons=0
+    )
     assert plan.capacities == (33, 16)
     full = plan_caches(budget=10**9, resident_bytes=1000, ffn_dims=[100, 50], bundle_bytes=10, scratch_neurons=0)
     assert full.capacities == (100, 50)
@@ -156,9 +168,12 @@ def test_capacities_share_the_budget():
 def test_cli_generate_flash_and_bad_budget(stores):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "python")}
     base = [sys.executable, "-m", "llmflash", "generate", str(stores["llama"]), "-p", "t1 t2", "-n", "3"]
-    ok = subprocess.run(base + ["--memory", str(budget_for(stores["llama"], 0.5)), "--sparsity", "all", "--stats"],
-                        capture_output=True,
-                        text=True, env=env)
+    ok = subprocess.run(
+        base + ["--memory", str(budget_for(stores["llama"], 0.5)), "--sparsity", "all", "--stats"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "strategy: flash" in ok.stderr and "bytes_read" in ok.stderr
     bad = subprocess.run(base + ["--memory", "1KB"], capture_output=True, text=True, env=env)
@@ -187,8 +202,12 @@ def test_peak_rss_within_budget_plus_overhead():
     from llmflash.defaults import ensure_default_store
 
     store = ensure_default_store()
-    out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(store), "0.5x"], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "python")})
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_PROBE, str(store), "0.5x"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "python")},
+    )
     assert out.returncode == 0, out.stderr
     grown, budget = map(int, out.stdout.split())
     assert grown <= budget + (64 << 20), f"peak RSS grew {grown / 1e6:.0f} MB for a {budget / 1e6:.0f} MB budget"
@@ -200,10 +219,9 @@ def test_model_bytes_counts_resident_and_ffn(stores):
     s = Store(stores["llama"])
     resident, ffn = model_bytes(s)
     assert ffn == sum(L.n_neurons for L in s.layers) * s.layers[0].bundle_bytes
-    tables = (s.path / "bundles.crc32").stat().st_size               # the caches' CRC-32s, 4 B a neuron
+    tables = (s.path / "bundles.crc32").stat().st_size  # the caches' CRC-32s, 4 B a neuron
     assert tables == 4 * sum(L.n_neurons for L in s.layers)
     assert resident == (s.path / "resident.safetensors").stat().st_size + tables
-
 
 
 class _Halves:
@@ -249,7 +267,7 @@ def test_lookahead_prefetch_is_used_and_equal(stores, arch):
         out[lookahead], _ = decode_logits(model, PROMPT, 6)
         assert model.stats()["misses"] > 0
         if lookahead:
-            assert set(src.calls) == {0} and len(src.calls) == 7           # prefill + 6 tokens
+            assert set(src.calls) == {0} and len(src.calls) == 7  # prefill + 6 tokens
             assert src.ahead_calls == list(range(L - 1)) * 7
         else:
             assert src.calls == list(range(L)) * 7
@@ -262,8 +280,9 @@ def test_flash_engine_choice_is_exact(stores):
     """The reader engine is a FlashFFN option (the pread pool here); results do not depend on it."""
     path = stores["opt"]
     dense, _ = decode_logits(FlashModel.open(path, strategy="dense"), PROMPT, 4)
-    model = FlashModel.open(path, strategy="flash", memory=budget_for(path, 0.5), window=2, sparsity="all",
-                            engine="threads")
+    model = FlashModel.open(
+        path, strategy="flash", memory=budget_for(path, 0.5), window=2, sparsity="all", engine="threads"
+    )
     got, _ = decode_logits(model, PROMPT, 4)
     assert model.ffn.reader.engine == "threads"
     assert (got - dense).abs().max().item() <= 1e-5
@@ -280,8 +299,14 @@ def test_compute_wanted_runs_the_wanted_rows_only(hf_llama, convert_to, dtype):
     memory = budget_for(path, 0.5)
 
     def run(compute: str, window: int) -> torch.Tensor:
-        model = FlashModel.open(path, strategy="flash", memory=memory, window=window,
-                                sparsity=_Halves(config, lookahead=False), compute=compute)
+        model = FlashModel.open(
+            path,
+            strategy="flash",
+            memory=memory,
+            window=window,
+            sparsity=_Halves(config, lookahead=False),
+            compute=compute,
+        )
         return decode_logits(model, PROMPT, 6)[0]
 
     wanted, only, live = run("wanted", 2), run("live", 0), run("live", 2)
@@ -328,7 +353,7 @@ def test_a_wrong_lookahead_guess_is_checked_and_corrected(stores):
     more overflow than without a guess (a guess admitted as this token's pushed it out)."""
     path = stores["llama"]
     config = Store(path).config
-    memory = budget_for(path, 0.3)              # caches below half a layer: the sets overflow
+    memory = budget_for(path, 0.3)  # caches below half a layer: the sets overflow
     ref_src, src = _Halves(config, lookahead=False), _WrongGuess(config, lookahead=True)
     # compute="wanted": the guess's wrong rows stay live for the step but are not computed
     options = dict(strategy="flash", memory=memory, window=0, compute="wanted")
@@ -338,7 +363,7 @@ def test_a_wrong_lookahead_guess_is_checked_and_corrected(stores):
     got, _ = decode_logits(model, PROMPT, 6)
     assert model.stats()["overflow"] == ref_model.stats()["overflow"] > 0
     assert model.stats()["admissions"] == ref_model.stats()["admissions"]
-    assert src.calls == ref_src.calls                      # every layer asked, every token
+    assert src.calls == ref_src.calls  # every layer asked, every token
     assert len(src.ahead_calls) == (config.n_layers - 1) * 7
     s = model.stats()
     assert s["ahead_read"] > 0 and s["ahead_missed"] >= s["ahead_read"] // 2
@@ -352,8 +377,15 @@ def test_next_layer_guess_with_the_relu_oracle_equals_dense(stores, compute):
     each layer's set is read ahead."""
     path = stores["opt"]
     dense, dense_tokens = decode_logits(FlashModel.open(path, strategy="dense"), PROMPT, 8)
-    model = FlashModel.open(path, strategy="flash", memory=budget_for(path, 0.5), window=2,
-                            sparsity="oracle", compute=compute, lookahead=True)
+    model = FlashModel.open(
+        path,
+        strategy="flash",
+        memory=budget_for(path, 0.5),
+        window=2,
+        sparsity="oracle",
+        compute=compute,
+        lookahead=True,
+    )
     got, tokens = decode_logits(model, PROMPT, 8)
     assert tokens == dense_tokens and (got - dense).abs().max().item() <= 1e-4
     s = model.stats()
@@ -371,8 +403,7 @@ def test_flash_is_deterministic_and_independent_of_overlap(hf_llama, convert_to,
     path = convert_to(hf_llama.path, dtype="float16")
 
     def run(**kw) -> torch.Tensor:
-        model = FlashModel.open(path, strategy="flash", memory=budget_for(path, 0.4), window=2,
-                                sparsity="oracle", **kw)
+        model = FlashModel.open(path, strategy="flash", memory=budget_for(path, 0.4), window=2, sparsity="oracle", **kw)
         return decode_logits(model, PROMPT, 10)[0]
 
     a = run(lookahead=lookahead)
@@ -449,7 +480,7 @@ def test_smollm2_flash_does_not_depend_on_read_timing():
 
     def run(**kw) -> torch.Tensor:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")          # the oracle is outside the budget: expected
+            warnings.simplefilter("ignore")  # the oracle is outside the budget: expected
             m = FlashModel.open(path, strategy="flash", memory="0.75x", window=4, sparsity="oracle", **kw).model
         cache = m.new_cache(len(ids))
         with torch.inference_mode():

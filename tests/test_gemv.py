@@ -14,18 +14,24 @@ from llmflash.strategies.base import rows_gemv
 
 
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(0, 300), dim=st.integers(1, 80), pad=st.integers(0, 20), zeros=st.floats(0, 1),
-       dtype=st.sampled_from([torch.float16, torch.bfloat16]), seed=st.integers(0, 2**31))
+@given(
+    n=st.integers(0, 300),
+    dim=st.integers(1, 80),
+    pad=st.integers(0, 20),
+    zeros=st.floats(0, 1),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+    seed=st.integers(0, 2**31),
+)
 def test_rows_gemv_equals_reference(n, dim, pad, zeros, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     bundles = (torch.randn(n, dim + pad, generator=g) * 3).to(dtype)
-    down = bundles[:, pad:]                                  # a strided view, like the cache's rows
+    down = bundles[:, pad:]  # a strided view, like the cache's rows
     h = torch.randn(n, generator=g)
     h[torch.rand(n, generator=g) < zeros] = 0.0
     want = (h.double()[:, None] * down.double()).sum(0) if n else torch.zeros(dim, dtype=torch.float64)
     got = rows_gemv(down, h)
     assert got.dtype == torch.float32 and got.shape == (dim,)
-    tol = 1e-4 if dtype == torch.float16 else 2e-2          # torch's bfloat16 mv rounds h to bfloat16
+    tol = 1e-4 if dtype == torch.float16 else 2e-2  # torch's bfloat16 mv rounds h to bfloat16
     scale = float((h.abs().double()[:, None] * down.double().abs()).sum(0).max()) if n else 0.0
     assert float((got.double() - want).abs().max()) <= tol * (1.0 + scale)
 
@@ -42,8 +48,13 @@ def test_native_rejects_bad_layouts():
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 200), dim=st.integers(1, 64), gated=st.booleans(), with_bias=st.booleans(),
-       seed=st.integers(0, 2**31))
+@given(
+    n=st.integers(1, 200),
+    dim=st.integers(1, 64),
+    gated=st.booleans(),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
 def test_fused_decode_ffn_equals_reference(n, dim, gated, with_bias, seed):
     """rows_ffn's native one-pass path (one token, float16 rows) against a float64 FFN."""
     from types import SimpleNamespace
@@ -55,11 +66,15 @@ def test_fused_decode_ffn_equals_reference(n, dim, gated, with_bias, seed):
     rows = (torch.randn(n, fields * dim, generator=g) * 0.5).half()
     x = torch.randn(1, dim, generator=g)
     bias = torch.randn(n, generator=g) if with_bias and not gated else None
-    config = SimpleNamespace(gated=gated, act="silu" if gated else "relu", dim=dim,
-                             bundle_fields=[("gate", dim)] * gated + [("up", dim), ("down", dim)])
+    config = SimpleNamespace(
+        gated=gated,
+        act="silu" if gated else "relu",
+        dim=dim,
+        bundle_fields=[("gate", dim)] * gated + [("up", dim), ("down", dim)],
+    )
     r, xd = rows.double(), x[0].double()
     if gated:
-        gate, up, down = r[:, :dim], r[:, dim:2 * dim], r[:, 2 * dim:]
+        gate, up, down = r[:, :dim], r[:, dim : 2 * dim], r[:, 2 * dim :]
         h = torch.nn.functional.silu(gate @ xd) * (up @ xd)
     else:
         up, down = r[:, :dim], r[:, dim:]
@@ -72,8 +87,13 @@ def test_fused_decode_ffn_equals_reference(n, dim, gated, with_bias, seed):
 
 
 @settings(max_examples=40, deadline=None)
-@given(out=st.integers(1, 70), dim=st.integers(1, 90), pad=st.integers(0, 9), threads=st.integers(1, 2),
-       seed=st.integers(0, 2**31))
+@given(
+    out=st.integers(1, 70),
+    dim=st.integers(1, 90),
+    pad=st.integers(0, 9),
+    threads=st.integers(1, 2),
+    seed=st.integers(0, 2**31),
+)
 def test_native_matvec_equals_reference(out, dim, pad, threads, seed):
     """f16_matvec (the decode product of a float16 projection) against float64, any row stride."""
     from llmflash._native import f16_matvec
@@ -105,7 +125,7 @@ def test_decode_threads_restores_torch_and_routes_products():
 
     outer = torch.get_num_threads()
     w, x, b = torch.randn(300, 64).half(), torch.randn(1, 64), torch.randn(300)
-    ref = torch.nn.functional.linear(x.half().double(), w.double(), b.double())   # x rounded as F.linear does
+    ref = torch.nn.functional.linear(x.half().double(), w.double(), b.double())  # x rounded as F.linear does
     with decode_threads():
         assert in_decode() == (outer > 1)
         assert torch.get_num_threads() == (1 if outer > 1 else outer) and native_threads() == outer

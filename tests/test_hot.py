@@ -10,17 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_tokenizer_json
 from safetensors import safe_open
 from safetensors.torch import save_file
+from store_builders import calibrate_args, permute_store, reseal, shadow_args
 
 from llmflash.api import FlashModel
 from llmflash.cli import main
 from llmflash.errors import StoreError
 from llmflash.sparsity.predictors_file import load_predictors
 from llmflash.store import PREDICTORS, Store
-
-from conftest import tiny_tokenizer_json
-from store_builders import calibrate_args, permute_store, reseal, shadow_args
 
 
 @pytest.fixture(scope="module", params=["llama-lowrank", "llama-shadow", "opt-lowrank"])
@@ -29,7 +28,7 @@ def store(request, hf_llama, hf_opt, convert_to, texts) -> Path:  # noqa: F811
     path = convert_to((hf_llama if arch == "llama" else hf_opt).path, dtype="float32")
     if not (path / "tokenizer.json").is_file():
         (path / "tokenizer.json").write_text(tiny_tokenizer_json())
-        reseal(path)                                                    # recorded, as if converted with it
+        reseal(path)  # recorded, as if converted with it
     args = calibrate_args(path, texts[0]) if kind == "lowrank" else shadow_args(path, texts[0])
     assert main([*args, "--recall", "0.9"]) == 0
     return path
@@ -40,13 +39,13 @@ def test_calibrate_records_neuron_rates(store):
     assert p.rates is not None and p.hot is None
     for r, n in zip(p.rates, Store(store).config.ffn_dims):
         assert r.shape == (n,) and bool(((r >= 0) & (r <= 1)).all())
-        assert 0.2 < float(r.mean()) < 0.8                  # magnitude labels keep 50%; ReLU: act > 0
-        assert float(r.std()) > 0                           # neurons differ
+        assert 0.2 < float(r.mean()) < 0.8  # magnitude labels keep 50%; ReLU: act > 0
+        assert float(r.std()) > 0  # neurons differ
 
 
 def test_hot_pinning_splits_each_layer_and_keeps_cold_predictions(store):
     full, p = load_predictors(store), load_predictors(store, hot=0.4)
-    assert p.nbytes() < full.nbytes()                       # no predictor rows for hot neurons
+    assert p.nbytes() < full.nbytes()  # no predictor rows for hot neurons
     x = torch.randn(3, Store(store).config.dim, generator=torch.Generator().manual_seed(0))
     for i, n in enumerate(Store(store).config.ffn_dims):
         hot, cold = set(p.hot[i].tolist()), set(p.cold[i].tolist())
@@ -81,25 +80,27 @@ def test_flash_computes_hot_and_predicted_neurons(store, texts, tmp_path):  # no
         want = probe.forward(torch.tensor(ids), probe.new_cache(len(ids)))
     perm = permute_store(store, tmp_path / "perm.llmflash")
     for path in (store, perm):
-        model = FlashModel.open(path, strategy="flash", memory="1x", window=2, sparsity="predictor", hot=0.4,
-                                compute="wanted")
+        model = FlashModel.open(
+            path, strategy="flash", memory="1x", window=2, sparsity="predictor", hot=0.4, compute="wanted"
+        )
         got = _decode(model, ids)
         assert (got - want).abs().max() <= 1e-4 * want.abs().max()
         s = model.ffn.stats()
         assert s["hot_neurons"] == sum(len(h) for h in p.hot)
     dense = FlashModel.open(store, strategy="dense").logits(ids)
-    assert (want - dense).abs().max() > 1e-3 * dense.abs().max()     # the restriction is real
+    assert (want - dense).abs().max() > 1e-3 * dense.abs().max()  # the restriction is real
 
 
 def test_hot_rows_are_counted_in_the_budget(store):
     from llmflash.strategies.flash import FlashFFN
 
     s = Store(store)
-    plain, hot = FlashFFN(s, memory="1x", sparsity="predictor"), FlashFFN(s, memory="1x", sparsity="predictor",
-                                                                            hot=0.4)
+    plain, hot = FlashFFN(s, memory="1x", sparsity="predictor"), FlashFFN(s, memory="1x", sparsity="predictor", hot=0.4)
     bb = s.layers[0].bundle_bytes
     n_hot = sum(len(h) for h in hot.source.hot)
-    hot_bytes = n_hot * bb + sum(b.numel() * 4 for b in (lay.hot_bias for lay in hot.layers) if b is not None)   # OPT: fc1 bias copies
+    hot_bytes = n_hot * bb + sum(
+        b.numel() * 4 for b in (lay.hot_bias for lay in hot.layers) if b is not None
+    )  # OPT: fc1 bias copies
     assert hot.plan.resident - plain.plan.resident == hot_bytes - (plain.source.nbytes() - hot.source.nbytes())
     # the caches hold cold neurons only; when every cold neuron fits, no scratch area is reserved
     cold = [L.n_neurons - len(h) for L, h in zip(s.layers, hot.source.hot)]
@@ -130,9 +131,9 @@ def test_hot_needs_rates_and_predictors(store, tmp_path):
 
     def write(tensors):
         save_file(tensors, str(path), metadata=md)
-        reseal(other)                                                   # its size and checksum recorded
+        reseal(other)  # its size and checksum recorded
 
-    write({k: v for k, v in t.items() if not k.endswith(".rate")})        # a file from before rates
+    write({k: v for k, v in t.items() if not k.endswith(".rate")})  # a file from before rates
     assert load_predictors(other).rates is None
     with pytest.raises(StoreError, match="calibrate` again") as e:
         load_predictors(other, hot=0.4)
@@ -149,8 +150,27 @@ def test_hot_needs_rates_and_predictors(store, tmp_path):
 
 
 def test_eval_hot_json(store, texts, capsys):  # noqa: F811
-    assert main(["eval", str(store), "--text", str(texts[1]), "--tokens", "24", "--memory", "1x", "--hot", "0.4",
-                 "--sparsity", "predictor:0.8/0.95", "--json", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(store),
+                "--text",
+                str(texts[1]),
+                "--tokens",
+                "24",
+                "--memory",
+                "1x",
+                "--hot",
+                "0.4",
+                "--sparsity",
+                "predictor:0.8/0.95",
+                "--json",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     r = json.loads(capsys.readouterr().out)
     f = r["flash"][0]
     assert r["hot"] == 0.4 and 0.2 < f["hot_share"] < 0.6
@@ -158,8 +178,26 @@ def test_eval_hot_json(store, texts, capsys):  # noqa: F811
 
 
 def test_cli_generate_with_hot_and_sticky(store, capsys):
-    assert main(["generate", str(store), "-p", "t1 t2 t3", "-n", "3", "--memory", "1.5x", "--hot", "0.4",
-                 "--sparsity", "predictor:0.8/0.99", "--stats"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(store),
+                "-p",
+                "t1 t2 t3",
+                "-n",
+                "3",
+                "--memory",
+                "1.5x",
+                "--hot",
+                "0.4",
+                "--sparsity",
+                "predictor:0.8/0.99",
+                "--stats",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr()
     assert out.out.strip() and "hot_neurons" in out.out + out.err
     assert main(["generate", str(store), "-p", "t1", "-n", "1", "--strategy", "dense", "--hot", "0.4"]) == 2

@@ -23,8 +23,9 @@ def lint_imports(cwd: Path, pythonpath: Path | None = None) -> subprocess.Comple
     if pythonpath is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")])
     code = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
-    return subprocess.run([sys.executable, "-c", code, "--no-cache"], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code, "--no-cache"], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_contracts_hold():
@@ -35,9 +36,13 @@ def test_contracts_hold():
 def test_a_lower_layer_importing_a_higher_one_fails(tmp_path):
     """The model layer importing the API, in a copy of the package: the same contracts refuse it."""
     copy = tmp_path / "src" / "llmflash"
-    shutil.copytree(PACKAGE, copy, ignore=lambda d, names: [n for n in names if not (n.endswith((".py", ".pyi"))
-                                                                                   or (Path(d) / n).is_dir())
-                                                            or n == "__pycache__"])
+    shutil.copytree(
+        PACKAGE,
+        copy,
+        ignore=lambda d, names: [
+            n for n in names if not (n.endswith((".py", ".pyi")) or (Path(d) / n).is_dir()) or n == "__pycache__"
+        ],
+    )
     config = copy / "models" / "config.py"
     config.write_text(config.read_text() + "\n\ndef _violation():\n    from .. import api  # noqa: F401\n")
     shutil.copy(PYPROJECT, tmp_path / "pyproject.toml")

@@ -13,15 +13,12 @@ import os
 from pathlib import Path
 
 import pytest
-
-from llmflash.store import checksums
-from llmflash.store import store as store_module
-from llmflash.cli import main
-from llmflash.errors import StoreError
-from llmflash.store import Store, write_manifest
 from store_builders import edit_manifest
 
-
+from llmflash.cli import main
+from llmflash.errors import StoreError
+from llmflash.store import Store, checksums, write_manifest
+from llmflash.store import store as store_module
 
 
 def refused(store: Path, *words: str) -> str:
@@ -70,14 +67,17 @@ def test_duplicate_keys(store):
     mpath = store / "manifest.json"
     mpath.write_text(mpath.read_text().replace('{\n "format"', '{\n "dtype": "float16",\n "format"', 1))
     refused(store, "duplicate key 'dtype'")
-    mpath.write_text(mpath.read_text().replace('"dtype": "float16",', "", 1)
-                     .replace('"offset": 0,', '"offset": 0, "offset": 4096,', 1))
+    mpath.write_text(
+        mpath.read_text()
+        .replace('"dtype": "float16",', "", 1)
+        .replace('"offset": 0,', '"offset": 0, "offset": 4096,', 1)
+    )
     refused(store, "duplicate key 'offset'")
 
 
 def test_chat_template_with_a_lone_surrogate(store, capsys):
     edit_manifest(store, lambda m: m.update(chat_template="{{ 'hi' }}\udcff"))
-    assert "\\udcff" in (store / "manifest.json").read_text()            # valid JSON, not encodable text
+    assert "\\udcff" in (store / "manifest.json").read_text()  # valid JSON, not encodable text
     refused(store, "chat_template", "not valid UTF-8")
     assert main(["verify", "-q", str(store)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -95,21 +95,28 @@ def test_chat_template_not_a_string(store):
     refused(store, "chat_template is a list")
 
 
-@pytest.mark.parametrize("mutate,words", [
-    (lambda m: m.update(files=[]), ("files",)),
-    (lambda m: m.pop("files"), ("files",)),
-    (lambda m: m["files"].pop("resident.safetensors"), ("files['resident.safetensors'] is missing",)),
-    (lambda m: m["files"].update({"ffn.bin": {"bytes": 1, "crc32": 1}}), ("files['ffn.bin']",)),
-    (lambda m: m["files"]["resident.safetensors"].update(bytes=float("inf")), ("files['resident.safetensors'].bytes",)),
-    (lambda m: m["files"]["bundles.crc32"].update(crc32=-1), ("files['bundles.crc32'].crc32",)),
-    (lambda m: m["files"].update({"bundles.crc32": [352, 0]}), ("files['bundles.crc32']",)),
-], ids=["list", "absent", "no-resident", "ffn", "inf-bytes", "negative-crc", "entry-list"])
+@pytest.mark.parametrize(
+    "mutate,words",
+    [
+        (lambda m: m.update(files=[]), ("files",)),
+        (lambda m: m.pop("files"), ("files",)),
+        (lambda m: m["files"].pop("resident.safetensors"), ("files['resident.safetensors'] is missing",)),
+        (lambda m: m["files"].update({"ffn.bin": {"bytes": 1, "crc32": 1}}), ("files['ffn.bin']",)),
+        (
+            lambda m: m["files"]["resident.safetensors"].update(bytes=float("inf")),
+            ("files['resident.safetensors'].bytes",),
+        ),
+        (lambda m: m["files"]["bundles.crc32"].update(crc32=-1), ("files['bundles.crc32'].crc32",)),
+        (lambda m: m["files"].update({"bundles.crc32": [352, 0]}), ("files['bundles.crc32']",)),
+    ],
+    ids=["list", "absent", "no-resident", "ffn", "inf-bytes", "negative-crc", "entry-list"],
+)
 def test_malformed_checksum_records(store, mutate, words):
     edit_manifest(store, mutate)
     refused(store, *words)
 
 
-@pytest.mark.parametrize("value", [None, "0", 1.0, 2 ** 32, float("inf")])
+@pytest.mark.parametrize("value", [None, "0", 1.0, 2**32, float("inf")])
 def test_manifest_crc32_of_the_wrong_type(store, value):
     m = json.loads((store / "manifest.json").read_text())
     m["manifest_crc32"] = value
@@ -125,6 +132,7 @@ def _deny(monkeypatch, module, name: str) -> None:
         if Path(path).name == name:
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
         return real(path, *a, **k)
+
     monkeypatch.setattr(module, "open", fake, raising=False)
 
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from store_builders import tiny_config, write_store
 
 import llmflash
 import llmflash.api
 from llmflash.models import layers, transformer
 from llmflash.models.transformer import KV_STEP, KVCache
-from store_builders import tiny_config, write_store
 
 PYTHONPATH = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "python")}
 
@@ -48,10 +48,10 @@ def test_generation_reserves_only_what_will_come(long_store, monkeypatch):
     sizes: list[int] = []
     real = model.model.new_cache
     monkeypatch.setattr(model.model, "new_cache", lambda n: sizes.append(n) or real(n))
-    next(model.generate_ids([2, 3, 4], max_new_tokens=10 ** 12, stop_at_eos=False))
+    next(model.generate_ids([2, 3, 4], max_new_tokens=10**12, stop_at_eos=False))
     assert sizes == [3 + KV_STEP]
-    ids = list(zip(range(KV_STEP + 40), model.generate_ids([2, 3], max_new_tokens=10 ** 12, stop_at_eos=False)))
-    assert len(ids) == KV_STEP + 40                           # ran past the first reservation: it grew
+    ids = list(zip(range(KV_STEP + 40), model.generate_ids([2, 3], max_new_tokens=10**12, stop_at_eos=False)))
+    assert len(ids) == KV_STEP + 40  # ran past the first reservation: it grew
 
 
 def test_chunked_prefill_equals_one_pass(long_store, monkeypatch):
@@ -72,10 +72,10 @@ def test_chunked_prefill_equals_one_pass(long_store, monkeypatch):
 
 def test_attention_in_query_blocks_equals_one_block(monkeypatch):
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(6, 50, 8, generator=g)                    # 6 query heads, 50 new positions
-    k, v = torch.randn(2, 70, 8, generator=g), torch.randn(2, 70, 8, generator=g)   # 20 cached before
+    q = torch.randn(6, 50, 8, generator=g)  # 6 query heads, 50 new positions
+    k, v = torch.randn(2, 70, 8, generator=g), torch.randn(2, 70, 8, generator=g)  # 20 cached before
     one = layers.causal_attention(q, k, v, start=20)
-    monkeypatch.setattr(layers, "SCORE_BLOCK_BYTES", 4 * 6 * 70 * 7)        # blocks of 7 queries
+    monkeypatch.setattr(layers, "SCORE_BLOCK_BYTES", 4 * 6 * 70 * 7)  # blocks of 7 queries
     blocks = layers.causal_attention(q, k, v, start=20)
     torch.testing.assert_close(blocks, one, rtol=1e-6, atol=1e-6)
 
@@ -109,8 +109,9 @@ else:                                        # flash with the store's predictors
 
 
 def probe(*args: str) -> list[int]:
-    out = subprocess.run([sys.executable, "-c", HWM_PROBE, *map(str, args)], capture_output=True, text=True,
-                         env=PYTHONPATH, timeout=1800)
+    out = subprocess.run(
+        [sys.executable, "-c", HWM_PROBE, *map(str, args)], capture_output=True, text=True, env=PYTHONPATH, timeout=1800
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return [int(x) for x in out.stdout.split()]
 
@@ -142,12 +143,22 @@ def test_peak_rss_over_2000_tokens_with_predictors(tmp_path):
     (tokenizer,) = probe(store, 0, "tokenizer")
     grown, budget, kv = probe(store, 2000, "0.6x")
     bound = budget + tokenizer + kv + llmflash.api.WORKING_BYTES
-    assert grown <= bound, (f"peak RSS grew {grown / 1e6:.0f} MB: budget {budget / 1e6:.0f} + tokenizer "
-                            f"{tokenizer / 1e6:.0f} + KV cache {kv / 1e6:.0f} + working {64} MB = {bound / 1e6:.0f}")
+    assert grown <= bound, (
+        f"peak RSS grew {grown / 1e6:.0f} MB: budget {budget / 1e6:.0f} + tokenizer "
+        f"{tokenizer / 1e6:.0f} + KV cache {kv / 1e6:.0f} + working {64} MB = {bound / 1e6:.0f}"
+    )
 
 
-@pytest.mark.parametrize("field,value", [("n_layers", 4097), ("dim", (1 << 17) + 1), ("vocab_size", (1 << 22) + 1),
-                                         ("max_positions", (1 << 24) + 1), ("head_dim", 4100)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("n_layers", 4097),
+        ("dim", (1 << 17) + 1),
+        ("vocab_size", (1 << 22) + 1),
+        ("max_positions", (1 << 24) + 1),
+        ("head_dim", 4100),
+    ],
+)
 def test_model_counts_are_bounded(field, value):
     """A manifest's counts are bounded as a converter's are (models.config.MAX_*), so nothing is
     planned or allocated from an absurd one."""

@@ -14,11 +14,21 @@ from llmflash.strategies.dense import load_dense
 VARIANTS = {
     "llama_gqa": ("llama", {}),
     "llama_tied_bias_headdim": ("llama", dict(tie_word_embeddings=True, attention_bias=True, head_dim=32)),
-    "llama3_rope": ("llama", dict(rope_parameters={
-        "rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 32}, num_key_value_heads=1)),
-    "llama_linear_rope": ("llama", dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0,
-                                                          "factor": 4.0})),
+    "llama3_rope": (
+        "llama",
+        dict(
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 50000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+            num_key_value_heads=1,
+        ),
+    ),
+    "llama_linear_rope": ("llama", dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0})),
     "opt_pre_ln": ("opt", {}),
     "opt_proj": ("opt", dict(word_embed_proj_dim=32)),
     "opt_post_ln": ("opt", dict(do_layer_norm_before=False)),
@@ -53,13 +63,20 @@ def test_prompt_logits_match(pair):
 def test_greedy_with_kv_cache_matches_generate(pair):
     hf, model, _ = pair
     ids = prompt(2)
-    hf.model.generation_config.eos_token_id = None          # always STEPS tokens
+    hf.model.generation_config.eos_token_id = None  # always STEPS tokens
     with torch.no_grad():
-        out = hf.model.generate(ids[None], max_new_tokens=STEPS, do_sample=False, eos_token_id=None,
-                                pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+        out = hf.model.generate(
+            ids[None],
+            max_new_tokens=STEPS,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
     ref_tokens = out.sequences[0, PROMPT_LEN:].tolist()
 
-    cache = model.new_cache(4)                               # too small on purpose: it must grow
+    cache = model.new_cache(4)  # too small on purpose: it must grow
     logits = model.forward(ids, cache)[-1]
     tokens = []
     for step in range(STEPS):
@@ -103,20 +120,21 @@ def test_half_precision_close(name, dtype, make_hf, convert_to, monkeypatch):
     model, store = load_dense(convert_to(hf.path, dtype))
     assert store.dtype_name == dtype and model.dtype == getattr(torch, dtype)
     c = store.config
-    assert store.layers[0].bundle_bytes == (3 if c.gated else 2) * c.dim * 2    # no bias in the bundle
+    assert store.layers[0].bundle_bytes == (3 if c.gated else 2) * c.dim * 2  # no bias in the bundle
     ids = prompt()
     ours = model.forward(ids, model.new_cache(PROMPT_LEN))
     with torch.no_grad():
         ref = hf.model(ids[None]).logits[0]
     assert ours.dtype == torch.float32
     scale = ref.abs().max().item()
-    tol = 0.01 if dtype == "float16" else 0.06             # bfloat16 keeps 8 mantissa bits
+    tol = 0.01 if dtype == "float16" else 0.06  # bfloat16 keeps 8 mantissa bits
     assert (ours - ref).abs().max().item() <= tol * scale
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.8
     # Short chunks and single tokens take the half-precision kernels (layers.linear).
     cache = model.new_cache(PROMPT_LEN)
-    steps = torch.cat([model.forward(ids[:4], cache)] + [model.forward(ids[t:t + 1], cache)
-                                                         for t in range(4, PROMPT_LEN)])
+    steps = torch.cat(
+        [model.forward(ids[:4], cache)] + [model.forward(ids[t : t + 1], cache) for t in range(4, PROMPT_LEN)]
+    )
     assert (steps - ref).abs().max().item() <= tol * scale
     if dtype == "float16":
         # The native decode of large float16 models (threads.decode_threads: torch on one thread,
@@ -126,8 +144,9 @@ def test_half_precision_close(name, dtype, make_hf, convert_to, monkeypatch):
         threads = torch.get_num_threads()
         monkeypatch.setattr(th, "NATIVE_DECODE_DIM", 1)
         cache = model.new_cache(PROMPT_LEN)
-        native = torch.cat([model.forward(ids[:4], cache)] + [model.forward(ids[t:t + 1], cache)
-                                                              for t in range(4, PROMPT_LEN)])
+        native = torch.cat(
+            [model.forward(ids[:4], cache)] + [model.forward(ids[t : t + 1], cache) for t in range(4, PROMPT_LEN)]
+        )
         assert torch.get_num_threads() == threads and not th.in_decode()
         assert (native - ref).abs().max().item() <= tol * scale
         assert (native[4:] - steps[4:]).abs().max().item() <= tol * scale

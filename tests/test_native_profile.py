@@ -11,8 +11,8 @@ import pytest
 
 from llmflash import FlashIOError
 from llmflash._native import Profile, measure, measure_point
-from llmflash.io import default_profile_path, load_profile
 from llmflash.commands.profile_disk import format_table, main
+from llmflash.io import default_profile_path, load_profile
 
 
 def test_default_profile_is_design_table():
@@ -32,9 +32,15 @@ def test_json_round_trip_and_hostile_files(tmp_path):
     p.save(tmp_path / "p.json")
     assert Profile.load(tmp_path / "p.json") == p
     good = json.loads(p.to_json())
-    for bad in ({**good, "format": "x"}, {**good, "version": 9}, {**good, "sizes": [4096, 1000]},
-                {**good, "mbps": [[1.0, -1.0], [1.0, 1.0]]}, {**good, "concurrencies": [4, 1]},
-                {**good, "mbps": [[1.0]]}, [1, 2]):
+    for bad in (
+        {**good, "format": "x"},
+        {**good, "version": 9},
+        {**good, "sizes": [4096, 1000]},
+        {**good, "mbps": [[1.0, -1.0], [1.0, 1.0]]},
+        {**good, "concurrencies": [4, 1]},
+        {**good, "mbps": [[1.0]]},
+        [1, 2],
+    ):
         with pytest.raises(ValueError):
             Profile.from_json(json.dumps(bad))
     with pytest.raises(ValueError, match="JSON"):

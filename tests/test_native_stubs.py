@@ -42,7 +42,7 @@ def _params(fn: ast.FunctionDef) -> list[str]:
 def _native_params(obj) -> list[str] | None:
     try:
         return [p for p in inspect.signature(obj).parameters]
-    except (TypeError, ValueError):      # no __text_signature__ (e.g. a slot wrapper)
+    except (TypeError, ValueError):  # no __text_signature__ (e.g. a slot wrapper)
         return None
 
 
@@ -65,7 +65,7 @@ def _callables():
             cls = getattr(native, node.name)
             for b in node.body:
                 if not isinstance(b, ast.FunctionDef) or b.decorator_list or b.name.startswith("__"):
-                    continue                     # properties and dunders: no parameters to compare
+                    continue  # properties and dunders: no parameters to compare
                 if b.name == "__init__":
                     continue
                 yield f"{node.name}.{b.name}", b, getattr(cls, b.name)
@@ -81,7 +81,7 @@ def test_stub_parameter_names_match(qual):
     assert real is not None, f"{qual}: the native callable has no signature to compare"
     stub = _params(node)
     if stub and stub[0] == "self" and (not real or real[0] != "self"):
-        stub = stub[1:]                          # a class's signature omits self
+        stub = stub[1:]  # a class's signature omits self
     assert stub == real, qual
 
 

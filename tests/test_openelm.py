@@ -9,21 +9,14 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_tokenizer_json
+from openelm_builders import DIVISOR, FFN, GROUPS, HD, HEADS, KV_HEADS, D, L, V, hf_config, random_weights, save_openelm
+
 from llmflash.convert.hf import convert_hf
 from llmflash.errors import ConvertError
 from llmflash.models.openelm import make_divisible, openelm_dims
 from llmflash.models.transformer import greedy
 from llmflash.strategies.dense import load_dense
-from openelm_builders import D, DIVISOR, FFN, GROUPS, HD, HEADS, KV_HEADS, L, V, hf_config, random_weights, save_openelm
-
-
-
-
-
-
-
 
 
 # -- the reference, after corenet's GeneralGPTModel / HF OpenELMForCausalLM ------------------------
@@ -43,14 +36,14 @@ def ref_rope(query, key, freq_constant=10000):
         x1, x2 = x.chunk(2, dim=-1)
         return x * c + torch.cat((-x2, x1), dim=-1) * s
 
-    q = rot(query.float(), sin[..., key_len - query_len:key_len, :], cos[..., key_len - query_len:key_len, :])
+    q = rot(query.float(), sin[..., key_len - query_len : key_len, :], cos[..., key_len - query_len : key_len, :])
     k = rot(key.float(), sin[..., :key_len, :], cos[..., :key_len, :])
     return q.type_as(query), k.type_as(key)
 
 
 def ref_forward(w: dict[str, torch.Tensor], ids: torch.Tensor, tie: bool = True) -> torch.Tensor:
     """Logits [S, V] for one sequence, full causal attention, no cache."""
-    x = F.embedding(ids[None], w["transformer.token_embeddings.weight"])            # [1, S, d]
+    x = F.embedding(ids[None], w["transformer.token_embeddings.weight"])  # [1, S, d]
     B, S, _ = x.shape
     for i in range(L):
         p, hq, hkv = f"transformer.layers.{i}.", HEADS[i], KV_HEADS[i]
@@ -84,9 +77,9 @@ def elm(tmp_path_factory):
 
 # -- the layer-wise scaling formula -----------------------------------------------------------------
 def test_make_divisible():
-    assert make_divisible(640, 256) == 768            # nearest multiple
-    assert make_divisible(1, 8) == 8                  # at least the divisor
-    assert make_divisible(10, 8) == 16                # 8 would lose more than 10%
+    assert make_divisible(640, 256) == 768  # nearest multiple
+    assert make_divisible(1, 8) == 8  # at least the divisor
+    assert make_divisible(10, 8) == 16  # 8 would lose more than 10%
     assert make_divisible(5120, 256) == 5120
 
 
@@ -132,9 +125,9 @@ def test_greedy_generation_matches_reference(elm):
     ids = torch.randint(0, V, (10,), generator=torch.Generator().manual_seed(4)).tolist()
     ours = greedy(model, ids, 8)
     seq = list(ids)
-    for _ in range(8):                                # reference: full recomputation each step
+    for _ in range(8):  # reference: full recomputation each step
         seq.append(int(ref_forward(w, torch.tensor(seq))[-1].argmax()))
-    assert ours == seq[len(ids):]
+    assert ours == seq[len(ids) :]
 
 
 @pytest.mark.parametrize("style", ["hf", "corenet"])

@@ -13,20 +13,20 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from store_builders import make_store
 
 from llmflash import StoreError
 from llmflash import store as S
 from llmflash._native import AlignedBuf, Profile, Reader, plan
 from llmflash.io import as_array, read_neurons
-from store_builders import make_store
 
 PAGE = 4096
 FILE_BYTES = 12 << 20
 
 PROFILES = [
     Profile.default(),
-    Profile([4096, 1 << 20], [1, 32], [[100.0, 100.0], [25600.0, 25600.0]], "flat"),   # no overhead
-    Profile([4096, 1 << 20], [1], [[10.0], [3000.0]], "steep"),                        # costly requests
+    Profile([4096, 1 << 20], [1, 32], [[100.0, 100.0], [25600.0, 25600.0]], "flat"),  # no overhead
+    Profile([4096, 1 << 20], [1], [[10.0], [3000.0]], "steep"),  # costly requests
 ]
 
 
@@ -55,7 +55,7 @@ def check_plan(p, wanted: list[int], n: int, bb: int, offset: int, max_request: 
     # Map buffer pages back to file offsets; every byte of every wanted bundle must be there.
     page_file = np.zeros(p.buffer_bytes // PAGE, dtype=np.int64)
     for off, ln, d in reqs:
-        page_file[d // PAGE:(d + ln) // PAGE] = off + np.arange(ln // PAGE) * PAGE
+        page_file[d // PAGE : (d + ln) // PAGE] = off + np.arange(ln // PAGE) * PAGE
     ri, oir = p.request_index, p.offset_in_request
     for k, (j, at) in enumerate(zip(p.neurons.tolist(), p.landing.tolist())):
         assert at + bb <= p.buffer_bytes
@@ -87,16 +87,33 @@ bundle_sizes = st.one_of(st.sampled_from([3456, 6912, 4096, 16384, 576, 4097]), 
 
 
 @settings(max_examples=300, deadline=None)
-@given(n=st.integers(1, 3000), bb=bundle_sizes, picks=st.lists(st.integers(0, 1 << 31), max_size=300),
-       offset_pages=st.integers(0, 1 << 20), max_pages=st.integers(1, 300),
-       gap=st.one_of(st.none(), st.integers(0, 200_000)), allow_whole=st.booleans(),
-       conc=st.integers(1, 64), prof=st.sampled_from(PROFILES), as_numpy=st.booleans())
+@given(
+    n=st.integers(1, 3000),
+    bb=bundle_sizes,
+    picks=st.lists(st.integers(0, 1 << 31), max_size=300),
+    offset_pages=st.integers(0, 1 << 20),
+    max_pages=st.integers(1, 300),
+    gap=st.one_of(st.none(), st.integers(0, 200_000)),
+    allow_whole=st.booleans(),
+    conc=st.integers(1, 64),
+    prof=st.sampled_from(PROFILES),
+    as_numpy=st.booleans(),
+)
 def test_plan_properties(n, bb, picks, offset_pages, max_pages, gap, allow_whole, conc, prof, as_numpy):
     wanted = [x % n for x in picks]
     max_request = max_pages * PAGE + 123
     ids = np.array(wanted, dtype=np.int64) if as_numpy else wanted
-    p = plan(ids, bb, offset_pages * PAGE, n, profile=prof, max_request_bytes=max_request,
-             concurrency=conc, allow_whole=allow_whole, max_gap_bytes=gap)
+    p = plan(
+        ids,
+        bb,
+        offset_pages * PAGE,
+        n,
+        profile=prof,
+        max_request_bytes=max_request,
+        concurrency=conc,
+        allow_whole=allow_whole,
+        max_gap_bytes=gap,
+    )
     if allow_whole and wanted:
         assert p.est_seconds == min(p.est_sparse_seconds, p.est_whole_seconds)
     if not allow_whole:
@@ -110,7 +127,7 @@ def test_plan_inputs_and_errors():
     for dtype in (np.int64, np.int32, np.uint32, np.uint64):
         p = plan(np.array([9, 2, 2], dtype=dtype), 3456, 0, 10)
         assert p.neurons.tolist() == [2, 9]
-    assert plan(np.array([5, 1, 3])[::2], 100, 0, 10).neurons.tolist() == [3, 5]      # strided
+    assert plan(np.array([5, 1, 3])[::2], 100, 0, 10).neurons.tolist() == [3, 5]  # strided
     assert plan(torch.tensor([4, 1]), 100, 0, 10).neurons.tolist() == [1, 4]
     assert len(plan([], 100, 0, 10)) == 0
     for bad in ([10], [-1], np.array([1 << 40])):
@@ -139,6 +156,7 @@ def test_whole_region_chosen_only_when_cheaper():
 
 # -- bytes through plan + Reader --------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def random_file(tmp_path_factory) -> tuple[Path, np.ndarray]:
     path = tmp_path_factory.mktemp("planner") / "random.bin"
@@ -153,25 +171,31 @@ def file_reader(random_file) -> Reader:
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(n=st.integers(1, 2500), bb=bundle_sizes, picks=st.lists(st.integers(0, 1 << 31), max_size=200),
-       offset_frac=st.floats(0, 1), gap=st.one_of(st.none(), st.integers(0, 64 << 10)),
-       allow_whole=st.booleans(), max_pages=st.integers(1, 512))
-def test_plan_read_delivers_file_bytes(random_file, file_reader, n, bb, picks, offset_frac, gap,
-                                       allow_whole, max_pages):
+@given(
+    n=st.integers(1, 2500),
+    bb=bundle_sizes,
+    picks=st.lists(st.integers(0, 1 << 31), max_size=200),
+    offset_frac=st.floats(0, 1),
+    gap=st.one_of(st.none(), st.integers(0, 64 << 10)),
+    allow_whole=st.booleans(),
+    max_pages=st.integers(1, 512),
+)
+def test_plan_read_delivers_file_bytes(
+    random_file, file_reader, n, bb, picks, offset_frac, gap, allow_whole, max_pages
+):
     path, data = random_file
     region = align_up(n * bb)
     assume(region <= FILE_BYTES)
     offset = int(offset_frac * (FILE_BYTES - region)) // PAGE * PAGE
     wanted = [x % n for x in picks]
-    p = plan(wanted, bb, offset, n, max_gap_bytes=gap, allow_whole=allow_whole,
-             max_request_bytes=max_pages * PAGE)
+    p = plan(wanted, bb, offset, n, max_gap_bytes=gap, allow_whole=allow_whole, max_request_bytes=max_pages * PAGE)
     buf = file_reader.read_plan(p)
     assert len(buf) == p.buffer_bytes
     got = as_array(buf)
     rows = as_array(p.gather(buf)).reshape(len(p.neurons), bb) if len(p.neurons) else None
     for k, (j, at) in enumerate(zip(p.neurons.tolist(), p.landing.tolist())):
-        expect = data[offset + j * bb: offset + (j + 1) * bb]
-        assert np.array_equal(got[at:at + bb], expect)
+        expect = data[offset + j * bb : offset + (j + 1) * bb]
+        assert np.array_equal(got[at : at + bb], expect)
         assert np.array_equal(rows[k], expect)
 
 
@@ -182,7 +206,7 @@ def test_read_plan_into_caller_buffer_and_stats(random_file, file_reader):
     file_reader.reset_stats()
     assert file_reader.read_plan(p, out=out) is out
     for j, at in zip(p.neurons.tolist(), p.landing.tolist()):
-        assert np.array_equal(as_array(out)[at:at + 3456], data[8192 + j * 3456: 8192 + (j + 1) * 3456])
+        assert np.array_equal(as_array(out)[at : at + 3456], data[8192 + j * 3456 : 8192 + (j + 1) * 3456])
     s = file_reader.stats()
     assert s == {**s, "bytes_read": p.buffer_bytes, "bytes_useful": 3 * 3456, "requests": len(p), "batches": 1}
     assert s["io_ns"] > 0
@@ -193,7 +217,6 @@ def test_read_plan_into_caller_buffer_and_stats(random_file, file_reader):
 # -- a real store (StoreWriter) ----------------------------------------------------------------------
 
 
-
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_store_bytes_through_plan_and_reader(tmp_path, dtype):
     store = S.Store(make_store(tmp_path / f"s-{dtype}", dtype))
@@ -201,7 +224,7 @@ def test_store_bytes_through_plan_and_reader(tmp_path, dtype):
     rng = np.random.default_rng(1)
     assert store.layers[0].bundle_bytes == 3 * 576 * S.ITEMSIZE[dtype]
     for L in store.layers:
-        ref = store.read_layer(L.index).view(torch.uint8).numpy()              # (n, bundle_bytes)
+        ref = store.read_layer(L.index).view(torch.uint8).numpy()  # (n, bundle_bytes)
         for frac in (0.05, 0.3, 0.9, 1.0):
             wanted = rng.choice(L.n_neurons, size=max(1, int(frac * L.n_neurons)), replace=frac > 0.95)
             for gap in (0, None):
@@ -213,4 +236,4 @@ def test_store_bytes_through_plan_and_reader(tmp_path, dtype):
             assert np.array_equal(ids, np.unique(wanted)) and np.array_equal(rows, ref[ids])
         # The whole region, as the naive strategy reads it.
         whole = reader.read_region(L.offset, L.region_bytes)
-        assert np.array_equal(as_array(whole)[:L.payload_bytes].reshape(L.n_neurons, -1), ref)
+        assert np.array_equal(as_array(whole)[: L.payload_bytes].reshape(L.n_neurons, -1), ref)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from store_builders import edit_manifest, planted, reseal, write_predictors, write_store
 
 from llmflash.errors import StoreError
 from llmflash.models.config import ModelConfig
@@ -21,9 +22,6 @@ from llmflash.sparsity.predictors import Predictors
 from llmflash.sparsity.predictors_file import load_predictors, read_predictors
 from llmflash.sparsity.quantiles import QUANTILES, share_above, threshold_for_recall
 from llmflash.store import PREDICTORS, Store
-from store_builders import edit_manifest, planted, reseal, write_predictors, write_store
-
-
 
 
 def test_pack_unpack_roundtrip():
@@ -41,15 +39,22 @@ def test_planted_low_rank_pattern_is_learned():
     res = train_layer(x, pack_bits(y), n, rank=4, heldout=1000, epochs=8, batch=128, lr=1e-2, seed=0)
     assert res.predictor.in_w.shape == (4, D) and res.predictor.out_w.shape == (n, 4)
     tau = threshold_for_recall(res.pos_quantiles, 0.97)
-    xt, yt = planted(3000, D, n, r, seed=7)                             # fresh tokens
+    xt, yt = planted(3000, D, n, r, seed=7)  # fresh tokens
     pred = res.predictor.logits(xt) > tau
     recall = float((pred & yt).sum() / yt.sum())
     precision = float((pred & yt).sum() / pred.sum())
     assert recall >= 0.95, recall
     assert precision >= 0.85, precision
     # the held-out quantiles predict what fresh data shows
-    p = Predictors([res.predictor], [tau], res.pos_quantiles[None], res.neg_quantiles[None],
-                   torch.tensor([res.pos_rate]), torch.zeros(1), {"recall": 0.97})
+    p = Predictors(
+        [res.predictor],
+        [tau],
+        res.pos_quantiles[None],
+        res.neg_quantiles[None],
+        torch.tensor([res.pos_rate]),
+        torch.zeros(1),
+        {"recall": 0.97},
+    )
     e = p.expected(0)
     assert abs(e["recall"] - recall) < 0.03 and abs(e["precision"] - precision) < 0.05
 
@@ -62,9 +67,9 @@ def test_training_is_deterministic():
 
 
 def test_threshold_and_share_from_quantiles():
-    q = torch.linspace(-1, 1, QUANTILES)                                # uniform on [-1, 1]
+    q = torch.linspace(-1, 1, QUANTILES)  # uniform on [-1, 1]
     assert threshold_for_recall(q, 0.75) == pytest.approx(-0.5, abs=1e-6)
-    assert threshold_for_recall(q, 1.0) < -1.0                         # keeps the smallest seen too
+    assert threshold_for_recall(q, 1.0) < -1.0  # keeps the smallest seen too
     assert share_above(q, 0.5) == pytest.approx(0.25, abs=1e-6)
     assert share_above(q, -2.0) == 1.0 and share_above(q, 2.0) == 0.0
     with pytest.raises(ValueError):
@@ -73,10 +78,17 @@ def test_threshold_and_share_from_quantiles():
 
 # -- files -------------------------------------------------------------------------------------------
 def tiny_config() -> ModelConfig:
-    return ModelConfig(arch="llama", vocab_size=64, dim=16, n_layers=2, head_dim=8, n_heads=[2, 2],
-                       n_kv_heads=[1, 1], ffn_dims=[24, 20], max_positions=64)
-
-
+    return ModelConfig(
+        arch="llama",
+        vocab_size=64,
+        dim=16,
+        n_layers=2,
+        head_dim=8,
+        n_heads=[2, 2],
+        n_kv_heads=[1, 1],
+        ffn_dims=[24, 20],
+        max_positions=64,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +99,7 @@ def pristine_store(tmp_path_factory) -> Path:
     write_store(dst, config)
     path = write_predictors(dst / PREDICTORS, config)
     edit_manifest(dst, lambda m: m.update(predictors={"file": PREDICTORS, "bytes": path.stat().st_size}))
-    return reseal(dst)                                   # its size and CRC-32 recorded, as calibrate does
+    return reseal(dst)  # its size and CRC-32 recorded, as calibrate does
 
 
 @pytest.fixture
@@ -104,11 +116,11 @@ def test_roundtrip_and_wanted_sets(store):
     for layer, n in enumerate((24, 20)):
         ids = p(layer, x)
         assert ids.dtype == torch.long and ids.dim() == 1
-        assert torch.equal(ids, torch.unique(ids))                       # sorted, unique
+        assert torch.equal(ids, torch.unique(ids))  # sorted, unique
         union = torch.zeros(n, dtype=torch.bool)
         for t in range(5):
-            union[p(layer, x[t:t + 1])] = True
-        assert torch.equal(torch.nonzero(union).flatten(), ids)          # union over the tokens
+            union[p(layer, x[t : t + 1])] = True
+        assert torch.equal(torch.nonzero(union).flatten(), ids)  # union over the tokens
     lo, hi = load_predictors(store, recall=0.5), load_predictors(store, recall=1.0)
     for layer in range(2):
         assert lo.thresholds[layer] > hi.thresholds[layer]
@@ -164,9 +176,16 @@ def test_hostile_predictors_file(store, name, edit_tensors, edit_meta, match):
     assert str(path) in str(e.value)
 
 
-@pytest.mark.parametrize("content", [b"", b"\x00" * 7, b"garbage bytes, not safetensors" * 4,
-                                     (100).to_bytes(8, "little") + b"{not json" + b" " * 91,
-                                     (1 << 62).to_bytes(8, "little") + b"{}"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"\x00" * 7,
+        b"garbage bytes, not safetensors" * 4,
+        (100).to_bytes(8, "little") + b"{not json" + b" " * 91,
+        (1 << 62).to_bytes(8, "little") + b"{}",
+    ],
+)
 def test_garbage_predictors_file(store, content):
     path = store / PREDICTORS
     path.write_bytes(content)
@@ -178,7 +197,7 @@ def test_garbage_predictors_file(store, content):
 def test_truncated_predictors_file(store):
     path = store / PREDICTORS
     data = path.read_bytes()
-    path.write_bytes(data[:len(data) - 100])
+    path.write_bytes(data[: len(data) - 100])
     with pytest.raises(StoreError) as e:
         load_predictors(store)
     assert str(path) in str(e.value)
@@ -213,14 +232,20 @@ def test_stay_keeps_cached_neurons_at_the_lower_threshold(store):
             assert got == lo | {i for i in hi if cached[i]}
             assert set(p.select(layer, x, torch.zeros(n, dtype=torch.bool)).tolist()) == lo
             assert set(p.select(layer, x, torch.ones(n, dtype=torch.bool)).tolist()) == hi
-            assert torch.equal(p(layer, x), enter(layer, x))        # without a cache view: the enter rule
+            assert torch.equal(p(layer, x), enter(layer, x))  # without a cache view: the enter rule
     # the two thresholds differ: some neuron would be kept only because it is cached
     x = torch.randn(8, 16, generator=g)
-    assert any(len(stay(i, x[t:t + 1])) > len(enter(i, x[t:t + 1])) for t in range(8) for i in range(2))
+    assert any(len(stay(i, x[t : t + 1])) > len(enter(i, x[t : t + 1])) for t in range(8) for i in range(2))
 
 
-@pytest.mark.parametrize("recall,stay,match", [(0.9, 0.8, "below the recall"), (0.9, 1.5, r"stay must be in \(0, 1\]"),
-                                               (0.0, None, r"recall must be in \(0, 1\]")])
+@pytest.mark.parametrize(
+    "recall,stay,match",
+    [
+        (0.9, 0.8, "below the recall"),
+        (0.9, 1.5, r"stay must be in \(0, 1\]"),
+        (0.0, None, r"recall must be in \(0, 1\]"),
+    ],
+)
 def test_stay_recall_is_checked(store, recall, stay, match):
     with pytest.raises(ValueError, match=match):
         load_predictors(store, recall=recall, stay=stay)

@@ -18,16 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import python_counter
+from store_builders import make_store
 
 from llmflash import FlashIOError, LlmflashError
 from llmflash import store as S
 from llmflash._native import AlignedBuf, Reader, plan
 from llmflash.io import as_array, as_tensor, read_neurons
 
-from conftest import python_counter
-from store_builders import make_store
-
-BIG = 96 << 20          # large enough that one read takes tens of milliseconds on the disk
+BIG = 96 << 20  # large enough that one read takes tens of milliseconds on the disk
 ENGINES = ["threads", "io_uring", "auto"]
 engines = pytest.mark.parametrize("engine", ENGINES)
 
@@ -45,6 +44,7 @@ def big_file(tmp_path_factory) -> tuple[Path, np.ndarray]:
 
 
 # -- zero copy ----------------------------------------------------------------------------------
+
 
 def test_aligned_buf_basics():
     for n in (0, 1, 3456, 4096, 10_000):
@@ -67,10 +67,10 @@ def test_zero_copy_views_and_lifetime(big_file):
     addr = buf.address
     t = as_tensor(buf, torch.float16)
     a = np.asarray(buf)
-    assert t.data_ptr() == addr and a.ctypes.data == addr                  # pointer identity
+    assert t.data_ptr() == addr and a.ctypes.data == addr  # pointer identity
     assert torch.frombuffer(buf, dtype=torch.uint8).data_ptr() == addr
     assert t.shape == ((1 << 20) // 2,)
-    expect = torch.from_numpy(data[4096:4096 + (1 << 20)].copy()).view(torch.float16)
+    expect = torch.from_numpy(data[4096 : 4096 + (1 << 20)].copy()).view(torch.float16)
     assert torch.equal(t.view(torch.int16), expect.view(torch.int16))
     # Writes through one view are seen by the others: same memory.
     a[0] = 0xAB
@@ -80,7 +80,7 @@ def test_zero_copy_views_and_lifetime(big_file):
     del buf, a
     gc.collect()
     assert alive() is not None, "a tensor still views the buffer: it must stay alive"
-    junk = [np.ones(1 << 20, dtype=np.uint8) for _ in range(8)]            # churn the allocator
+    junk = [np.ones(1 << 20, dtype=np.uint8) for _ in range(8)]  # churn the allocator
     assert t.data_ptr() == addr and t.view(torch.uint8)[0] == 0xAB
     assert torch.equal(t.view(torch.int16)[1:], expect.view(torch.int16)[1:])
     # ...and only while something views it.
@@ -95,11 +95,15 @@ def test_read_into_many_buffers(big_file, engine):
     reader = Reader(path, concurrency=4, engine=engine)
     assert reader.engine == engine
     bufs = [AlignedBuf(1 << 16) for _ in range(3)]
-    reqs = [(0, 4096, bufs[0], 0), (1 << 20, 8192, bufs[0], 8192), (12345, 3456, bufs[1], 100),
-            (BIG - 65536, 65536, bufs[2], 0)]
+    reqs = [
+        (0, 4096, bufs[0], 0),
+        (1 << 20, 8192, bufs[0], 8192),
+        (12345, 3456, bufs[1], 100),
+        (BIG - 65536, 65536, bufs[2], 0),
+    ]
     reader.read(reqs)
     for off, n, b, d in reqs:
-        assert np.array_equal(as_array(b)[d:d + n], data[off:off + n])
+        assert np.array_equal(as_array(b)[d : d + n], data[off : off + n])
     s = reader.stats()
     assert (s["requests"], s["batches"], s["bytes_read"]) == (4, 1, 4096 + 8192 + 3456 + 65536)
     reader.reset_stats()
@@ -116,6 +120,7 @@ def test_read_into_many_buffers(big_file, engine):
 
 
 # -- the GIL is released during reads ---------------------------------------------------------------
+
 
 @engines
 def test_python_thread_runs_during_a_read(big_file, engine):
@@ -146,7 +151,7 @@ def test_two_reading_threads_overlap(big_file, engine):
             spans[k] = (t0, time.perf_counter())
             j = int(p.neurons[5])
             at = int(p.landing[5])
-            assert np.array_equal(as_array(buf)[at:at + 4096], data[j * 4096:(j + 1) * 4096])
+            assert np.array_equal(as_array(buf)[at : at + 4096], data[j * 4096 : (j + 1) * 4096])
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -163,12 +168,13 @@ def test_two_reading_threads_overlap(big_file, engine):
 
 # -- faults --------------------------------------------------------------------------------------
 
+
 @engines
 def test_truncated_under_an_open_reader(tmp_path, engine):
     path = tmp_path / "ffn.bin"
     data = write_random(path, 4 << 20)
     reader = Reader(path, engine=engine)
-    assert np.array_equal(as_array(reader.read_region(0, 1 << 20)), data[:1 << 20])
+    assert np.array_equal(as_array(reader.read_region(0, 1 << 20)), data[: 1 << 20])
     os.truncate(path, 1 << 20)
     with pytest.raises(FlashIOError) as e:
         reader.read_region(0, 4 << 20)
@@ -205,6 +211,7 @@ def test_open_errors(tmp_path):
 
 # -- the buffered fallback ---------------------------------------------------------------------------
 
+
 def check_store_reads(folder: Path, expect_direct: bool | None) -> None:
     store = S.Store(folder)
     with warnings.catch_warnings(record=True) as caught:
@@ -224,7 +231,7 @@ def check_store_reads(folder: Path, expect_direct: bool | None) -> None:
         ids, rows = read_neurons(reader, L, wanted)
         assert np.array_equal(rows, ref[ids])
         whole = reader.read_region(L.offset, L.region_bytes)
-        assert np.array_equal(as_array(whole)[:L.payload_bytes].reshape(L.n_neurons, -1), ref)
+        assert np.array_equal(as_array(whole)[: L.payload_bytes].reshape(L.n_neurons, -1), ref)
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")
@@ -237,6 +244,7 @@ def test_store_on_tmpfs(tmp_path_factory):
         check_store_reads(folder, None)
     finally:
         import shutil
+
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_tokenizer_json
 from safetensors.torch import load_file, save_file
+from store_builders import reseal, tiny_config, write_store
 
 import llmflash
 from llmflash import cli
 from llmflash.errors import InvalidArgumentError, StoreError
 from llmflash.textfile import read_text_for_tokens
 from llmflash.threads import max_threads
-from conftest import tiny_tokenizer_json
-from store_builders import reseal, tiny_config, write_store
 
 PYTHONPATH = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "python")}
 
@@ -48,7 +48,7 @@ def test_non_finite_logits_are_an_error_not_a_token(tok_store, tmp_path, value, 
 
     shutil.copytree(tok_store, dst)
     t = load_file(dst / "resident.safetensors")
-    t["layers.1.ffn_norm.weight"][:] = value                 # the FFN's products overflow to Inf
+    t["layers.1.ffn_norm.weight"][:] = value  # the FFN's products overflow to Inf
     save_file(t, dst / "resident.safetensors", metadata={"format": "llmflash-store"})
     reseal(dst)
     for strategy in ("dense", "naive"):
@@ -68,8 +68,9 @@ def test_finite_model_passes_the_check(tok_store):
 
 
 # -- threads sharing one model -----------------------------------------------------------------------
-@pytest.mark.parametrize("strategy,options", [("naive", {}), ("dense", {}),
-                                              ("flash", {"memory": "0.9x", "sparsity": "all"})])
+@pytest.mark.parametrize(
+    "strategy,options", [("naive", {}), ("dense", {}), ("flash", {"memory": "0.9x", "sparsity": "all"})]
+)
 def test_threads_sharing_a_model_get_their_own_tokens(tok_store, strategy, options):
     """naive used to change tokens silently when two threads shared a model (one read buffer),
     and flash raised `RuntimeError: Already borrowed`. Now forward passes take turns: every
@@ -87,7 +88,7 @@ def test_threads_sharing_a_model_get_their_own_tokens(tok_store, strategy, optio
             for _ in range(3):
                 got[i] = list(model.generate_ids(prompts[i], max_new_tokens=12, stop_at_eos=False))
                 assert got[i] == alone[i]
-        except BaseException as e:          # noqa: BLE001 - reported below
+        except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
@@ -116,7 +117,7 @@ def test_thread_bound_in_the_api(tok_store):
     with pytest.raises(InvalidArgumentError, match="threads"):
         calibrate(tok_store, threads=max_threads() + 1)
     with pytest.raises(InvalidArgumentError, match="threads"):
-        evaluate(tok_store, threads=10 ** 5)
+        evaluate(tok_store, threads=10**5)
 
 
 # -- evaluation text ---------------------------------------------------------------------------------
@@ -125,8 +126,13 @@ def test_eval_text_fifo_is_refused_at_once(tok_store, tmp_path):
     timeout, so a regression fails instead of hanging the suite)."""
     fifo = tmp_path / "text.fifo"
     os.mkfifo(fifo)
-    out = subprocess.run([sys.executable, "-m", "llmflash.cli", "eval", str(tok_store), "--text", str(fifo)],
-                         capture_output=True, text=True, timeout=120, env=PYTHONPATH)
+    out = subprocess.run(
+        [sys.executable, "-m", "llmflash.cli", "eval", str(tok_store), "--text", str(fifo)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=PYTHONPATH,
+    )
     assert out.returncode == 2 and "regular file" in out.stderr and str(fifo) in out.stderr
     assert "Traceback" not in out.stderr
 
@@ -152,24 +158,27 @@ def test_eval_text_reads_only_what_the_tokens_need(tmp_path):
             f.write(line)
     text = read_text_for_tokens(big, tok, 1000)
     assert len(tok.encode(text).ids) > 1000
-    assert len(text) < 1 << 20                              # under 1 MB of a 64 MB file
-    assert text == big.read_text()[:len(text)]              # its start, as it is
+    assert len(text) < 1 << 20  # under 1 MB of a 64 MB file
+    assert text == big.read_text()[: len(text)]  # its start, as it is
     small = tmp_path / "small.txt"
-    small.write_bytes(b"t1 t2 \xff t3")                    # bad UTF-8 is replaced, not an error
+    small.write_bytes(b"t1 t2 \xff t3")  # bad UTF-8 is replaced, not an error
     assert read_text_for_tokens(small, tok, 1000) == "t1 t2 \ufffd t3"
 
 
 # -- usage errors --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("argv,words", [
-    ([], "required: command"),
-    (["convert"], "convert: the following arguments are required: src, dst"),
-    (["generate", "--bogus"], "unrecognized arguments: --bogus"),
-    (["generate", "-n", "many"], "invalid int value"),
-    (["eval", "--tokens", "x"], "eval: argument --tokens"),
-    (["bench", "--strategies"], "bench: argument --strategies"),
-    (["calibrate", "--kind", "magic"], "calibrate: argument --kind"),
-    (["profile-disk", "--nope"], "profile-disk: unrecognized arguments"),
-])
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        ([], "required: command"),
+        (["convert"], "convert: the following arguments are required: src, dst"),
+        (["generate", "--bogus"], "unrecognized arguments: --bogus"),
+        (["generate", "-n", "many"], "invalid int value"),
+        (["eval", "--tokens", "x"], "eval: argument --tokens"),
+        (["bench", "--strategies"], "bench: argument --strategies"),
+        (["calibrate", "--kind", "magic"], "calibrate: argument --kind"),
+        (["profile-disk", "--nope"], "profile-disk: unrecognized arguments"),
+    ],
+)
 def test_usage_errors_are_one_line(argv, words, capsys):
     """argparse printed its usage block and an error (7 lines); the README promises one line."""
     assert cli.main(argv) == 2
@@ -200,8 +209,11 @@ def test_calibrate_disk_full_is_one_line(tok_store, tmp_path, monkeypatch, capsy
 
     dst = shutil.copytree(tok_store, tmp_path / "s.llmflash")
     before = sorted(os.listdir(dst))
-    exc = SafetensorError("Error while serializing: IoError(No space left on device)") if error == "safetensors" \
+    exc = (
+        SafetensorError("Error while serializing: IoError(No space left on device)")
+        if error == "safetensors"
         else error
+    )
 
     def full(*a, **k):
         raise exc
@@ -211,4 +223,4 @@ def test_calibrate_disk_full_is_one_line(tok_store, tmp_path, monkeypatch, capsy
     err = one_line_error(capsys)
     assert "predictors.safetensors" in err and "No space left" in err
     assert sorted(os.listdir(dst)) == before
-    llmflash.FlashModel.open(dst).logits([2, 3])                # still opens, unchanged
+    llmflash.FlashModel.open(dst).logits([2, 3])  # still opens, unchanged

@@ -8,18 +8,17 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_tokenizer_json
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from store_builders import reseal, shadow_args
 
-from llmflash.sparsity import shadow
 from llmflash.cli import main
 from llmflash.errors import StoreError
+from llmflash.sparsity import shadow
 from llmflash.sparsity.predictors_file import load_predictors
 from llmflash.sparsity.shadow import GROUP, ShadowLayer, dequantize4, quantize4
 from llmflash.store import PREDICTORS, Store
-
-from conftest import tiny_tokenizer_json
-from store_builders import reseal, shadow_args
 
 
 @settings(max_examples=30, deadline=None)
@@ -53,8 +52,6 @@ def test_scores_match_the_dequantized_rows(kernel, monkeypatch):
     assert torch.allclose(L.scores(x), want, rtol=0.03, atol=0.03 * float(want.abs().max()))
 
 
-
-
 @pytest.fixture(scope="module")
 def shadow_store(hf_llama, convert_to, texts):  # noqa: F811
     store = convert_to(hf_llama.path, dtype="float32")
@@ -74,12 +71,27 @@ def test_shadow_calibration_file_and_predictions(shadow_store):
 def test_shadow_eval_precision_and_budget(shadow_store, texts, capsys):  # noqa: F811
     from llmflash.api import FlashModel
 
-    assert main(["eval", str(shadow_store), "--text", str(texts[1]), "--tokens", "64", "--memory", "0.9x",
-                 "--json", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(shadow_store),
+                "--text",
+                str(texts[1]),
+                "--tokens",
+                "64",
+                "--memory",
+                "0.9x",
+                "--json",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     r = json.loads(capsys.readouterr().out)
     pr = r["predictor"]
     assert pr["kind"] == "shadow" and pr["recall"] > 0.8
-    base = sum(L["label_share"] for L in r["layers"]) / len(r["layers"])   # precision of a random guess
+    base = sum(L["label_share"] for L in r["layers"]) / len(r["layers"])  # precision of a random guess
     assert pr["precision"] > 1.3 * base, (pr, base)
     assert r["predictor_only"]["ratio"] < 1.5
     # eval's flash counts the predictors inside the budget, exactly like the strategy itself
@@ -92,19 +104,20 @@ def test_shadow_eval_precision_and_budget(shadow_store, texts, capsys):  # noqa:
 def test_shadow_relu_model(hf_opt, convert_to, texts):  # noqa: F811
     store = convert_to(hf_opt.path, dtype="float32")
     (store / "tokenizer.json").write_text(tiny_tokenizer_json())
-    reseal(store)                                                       # recorded, as if converted with it
+    reseal(store)  # recorded, as if converted with it
     assert main(shadow_args(store, texts[0], "--tokens", "300", "--chunk", "60")) == 0
     p = load_predictors(store)
     assert p.kind == "shadow" and p.meta["label"] == "relu"
-    assert all(L.up_bias is not None and L.up_bias.shape == (Store(store).config.ffn_dims[i],)
-               for i, L in enumerate(p.layers))
+    assert all(
+        L.up_bias is not None and L.up_bias.shape == (Store(store).config.ffn_dims[i],) for i, L in enumerate(p.layers)
+    )
 
 
 def test_hostile_shadow_files(shadow_store, tmp_path):
     import shutil
 
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     other = tmp_path / "s.llmflash"
     shutil.copytree(shadow_store, other)
@@ -115,7 +128,7 @@ def test_hostile_shadow_files(shadow_store, tmp_path):
 
     def write(tensors, meta):
         save_file(tensors, str(path), metadata=meta)
-        reseal(other)                                                   # its size and checksum recorded
+        reseal(other)  # its size and checksum recorded
 
     for bad, meta, what in [
         ({**t, "layers.0.shadow.codes": t["layers.0.shadow.codes"][:, :-1].contiguous()}, md, "shape"),
@@ -133,12 +146,30 @@ def test_hostile_shadow_files(shadow_store, tmp_path):
 
 def test_eval_reports_a_budget_that_cannot_hold_the_predictors(shadow_store, texts, capsys):  # noqa: F811
     """A budget below resident + predictors is one row saying so, not a failed evaluation."""
-    assert main(["eval", str(shadow_store), "--text", str(texts[1]), "--tokens", "24", "--memory", "1x",
-                 "--memory", "1KB", "--json", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(shadow_store),
+                "--text",
+                str(texts[1]),
+                "--tokens",
+                "24",
+                "--memory",
+                "1x",
+                "--memory",
+                "1KB",
+                "--json",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     r = json.loads(capsys.readouterr().out)
     ok, bad = r["flash"]
     assert ok["memory"] == "1x" and ok["ppl"] > 1
     assert bad["memory"] == "1KB" and "resident" in bad["error"]
-    assert main(["eval", str(shadow_store), "--text", str(texts[1]), "--tokens", "24", "--memory", "1KB",
-                 "--quiet"]) == 0
+    assert (
+        main(["eval", str(shadow_store), "--text", str(texts[1]), "--tokens", "24", "--memory", "1KB", "--quiet"]) == 0
+    )
     assert "does not fit" in capsys.readouterr().out

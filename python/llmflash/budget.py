@@ -15,8 +15,21 @@ from dataclasses import dataclass
 
 from .errors import BudgetError
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40, "k": 10**3, "m": 10**6, "g": 10**9}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+}
 
 
 def parse_memory(spec: str | int | float, model_bytes: int) -> int:
@@ -60,9 +73,9 @@ def format_bytes(n: int, up: bool = False) -> str:
 
 @dataclass(frozen=True)
 class CachePlan:
-    budget: int                 # bytes for weights in all
-    resident: int               # embeddings, attention, norms, LM head, predictors, pinned hot neurons
-    scratch: int                # one layer's overflow area (reused by every layer)
+    budget: int  # bytes for weights in all
+    resident: int  # embeddings, attention, norms, LM head, predictors, pinned hot neurons
+    scratch: int  # one layer's overflow area (reused by every layer)
     capacities: tuple[int, ...]  # cache slots (neurons) per layer
 
     @property
@@ -70,8 +83,15 @@ class CachePlan:
         return self.budget - self.resident - self.scratch
 
 
-def plan_caches(budget: int, resident_bytes: int, ffn_dims: list[int], bundle_bytes: int,
-                scratch_neurons: int, store_name: str = "", reuse: bool = True) -> CachePlan:
+def plan_caches(
+    budget: int,
+    resident_bytes: int,
+    ffn_dims: list[int],
+    bundle_bytes: int,
+    scratch_neurons: int,
+    store_name: str = "",
+    reuse: bool = True,
+) -> CachePlan:
     """Split what the budget leaves after the fixed parts into per-layer capacities.
 
     `ffn_dims`: the neurons each layer's cache may have to hold. When some layer's capacity falls
@@ -101,7 +121,9 @@ def _check_fixed(budget: int, resident_bytes: int, scratch: int, store_name: str
             f"memory budget {format_bytes(budget)} is below what must stay resident "
             f"({format_bytes(resident_bytes)} of embeddings/attention/norms, predictors and hot neurons + "
             f"{format_bytes(scratch)} scratch); "
-            f"use at least {format_bytes(fixed, up=True)}", store_name or None)
+            f"use at least {format_bytes(fixed, up=True)}",
+            store_name or None,
+        )
 
 
 def _capacities(free: int, ffn_dims: list[int], bundle_bytes: int) -> tuple[int, ...]:

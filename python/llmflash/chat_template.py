@@ -37,8 +37,7 @@ def _limited_sandbox():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def too_big(seq: Any, n: Any) -> bool:
-        return (isinstance(seq, (str, list, tuple)) and isinstance(n, int)
-                and len(seq) * n > TEMPLATE_SEQUENCE_ITEMS)
+        return isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > TEMPLATE_SEQUENCE_ITEMS
 
     class Limited(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset({"*", "+", "**"})
@@ -46,11 +45,21 @@ def _limited_sandbox():
         def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
             if operator == "*" and (too_big(left, right) or too_big(right, left)):
                 raise TemplateRuntimeError(f"a repetition longer than {TEMPLATE_SEQUENCE_ITEMS} items")
-            if (operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple))
-                    and len(left) + len(right) > TEMPLATE_SEQUENCE_ITEMS):
+            if (
+                operator == "+"
+                and isinstance(left, (str, list, tuple))
+                and isinstance(right, (str, list, tuple))
+                and len(left) + len(right) > TEMPLATE_SEQUENCE_ITEMS
+            ):
                 raise TemplateRuntimeError(f"a concatenation longer than {TEMPLATE_SEQUENCE_ITEMS} items")
-            if (operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1
-                    and right > 0 and abs(left).bit_length() * right > 1 << 16):
+            if (
+                operator == "**"
+                and isinstance(left, int)
+                and isinstance(right, int)
+                and abs(left) > 1
+                and right > 0
+                and abs(left).bit_length() * right > 1 << 16
+            ):
                 raise TemplateRuntimeError(f"a power too large ({left} ** {right})")
             return super().call_binop(context, operator, left, right)
 
@@ -76,8 +85,13 @@ def _limited_sandbox():
     return env
 
 
-def render_here(template: str, messages: list[dict[str, str]], bos_token: str = "", eos_token: str = "",
-                source: str | os.PathLike[str] | None = None) -> str:
+def render_here(
+    template: str,
+    messages: list[dict[str, str]],
+    bos_token: str = "",
+    eos_token: str = "",
+    source: str | os.PathLike[str] | None = None,
+) -> str:
     """Render in this process, in the limited sandbox (no process limits: render_chat adds them)."""
     from jinja2.exceptions import TemplateError, TemplateSyntaxError
 
@@ -85,8 +99,9 @@ def render_here(template: str, messages: list[dict[str, str]], bos_token: str = 
     try:
         tmpl = _limited_sandbox().from_string(template)
         out, size = [], 0
-        for piece in tmpl.generate(messages=messages, add_generation_prompt=True, bos_token=bos_token,
-                                   eos_token=eos_token):
+        for piece in tmpl.generate(
+            messages=messages, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token
+        ):
             size += len(piece)
             if size > limit:
                 raise ChatTemplateError(f"chat template: output longer than {limit} characters", source)
@@ -98,17 +113,21 @@ def render_here(template: str, messages: list[dict[str, str]], bos_token: str = 
         raise
     except TemplateSyntaxError as e:
         raise ChatTemplateError(f"chat template does not parse (line {e.lineno}): {e.message}", source) from None
-    except (TemplateError, TypeError, ValueError, ArithmeticError, LookupError, AttributeError,
-            RecursionError) as e:
+    except (TemplateError, TypeError, ValueError, ArithmeticError, LookupError, AttributeError, RecursionError) as e:
         raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}", source) from None
 
 
-RENDER_SECONDS = 5.0            # CPU seconds (RLIMIT_CPU) and, plus a margin, wall seconds a render may take
-RENDER_MEMORY = 1 << 30         # address space of the rendering process (RLIMIT_AS): ~40 MB is Python + jinja2
+RENDER_SECONDS = 5.0  # CPU seconds (RLIMIT_CPU) and, plus a margin, wall seconds a render may take
+RENDER_MEMORY = 1 << 30  # address space of the rendering process (RLIMIT_AS): ~40 MB is Python + jinja2
 
 
-def render_chat(template: str | None, messages: list[dict[str, str]], bos_token: str = "",
-                eos_token: str = "", source: str | os.PathLike[str] | None = None) -> str:
+def render_chat(
+    template: str | None,
+    messages: list[dict[str, str]],
+    bos_token: str = "",
+    eos_token: str = "",
+    source: str | os.PathLike[str] | None = None,
+) -> str:
     """Render a Hugging Face chat template (Jinja), ready for the model to answer, in a sandbox in
     a child process with CPU, memory and time limits. Any failure (syntax, an undefined or unsafe
     access, the template's own raise_exception, the limits) is a ChatTemplateError naming
@@ -116,11 +135,22 @@ def render_chat(template: str | None, messages: list[dict[str, str]], bos_token:
     if not template:
         # No template shipped: a plain, widely understood fallback.
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-    job = {"template": template, "messages": messages, "bos_token": bos_token, "eos_token": eos_token,
-           "seconds": RENDER_SECONDS, "memory": RENDER_MEMORY}
+    job = {
+        "template": template,
+        "messages": messages,
+        "bos_token": bos_token,
+        "eos_token": eos_token,
+        "seconds": RENDER_SECONDS,
+        "memory": RENDER_MEMORY,
+    }
     try:
-        r = subprocess.run([sys.executable, "-c", "from llmflash.chat_template import child; child()"],
-                           input=json.dumps(job), capture_output=True, text=True, timeout=RENDER_SECONDS + 5)
+        r = subprocess.run(
+            [sys.executable, "-c", "from llmflash.chat_template import child; child()"],
+            input=json.dumps(job),
+            capture_output=True,
+            text=True,
+            timeout=RENDER_SECONDS + 5,
+        )
     except subprocess.TimeoutExpired:
         raise ChatTemplateError(f"chat template: rendering took longer than {RENDER_SECONDS + 5:g} s", source) from None
     try:
@@ -131,9 +161,12 @@ def render_chat(template: str | None, messages: list[dict[str, str]], bos_token:
         return out["text"]
     if isinstance(out, dict) and isinstance(out.get("error"), str):
         raise ChatTemplateError(out["error"], source)
-    if r.returncode < 0:    # killed: SIGXCPU (the CPU limit) or SIGKILL
-        raise ChatTemplateError(f"chat template: rendering stopped by signal {-r.returncode} "
-                                f"(limits: {RENDER_SECONDS:g} CPU s, {RENDER_MEMORY >> 20} MiB)", source)
+    if r.returncode < 0:  # killed: SIGXCPU (the CPU limit) or SIGKILL
+        raise ChatTemplateError(
+            f"chat template: rendering stopped by signal {-r.returncode} "
+            f"(limits: {RENDER_SECONDS:g} CPU s, {RENDER_MEMORY >> 20} MiB)",
+            source,
+        )
     last = (r.stderr.strip().splitlines() or ["no output"])[-1]
     raise ChatTemplateError(f"chat template: the renderer failed (exit code {r.returncode}): {last}", source)
 

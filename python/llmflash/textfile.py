@@ -23,8 +23,9 @@ def check_text_file(path: str | os.PathLike[str], what: str = "evaluation text")
         raise LlmflashError(f"{what} must be a regular file (not a FIFO, device or folder)", path)
 
 
-def read_text_for_tokens(path: str | os.PathLike[str], tokenizer: Any, tokens: int,
-                         first_chunk: int = 1 << 16, what: str = "evaluation text") -> str:
+def read_text_for_tokens(
+    path: str | os.PathLike[str], tokenizer: Any, tokens: int, first_chunk: int = 1 << 16, what: str = "evaluation text"
+) -> str:
     """The start of the text file `path` (UTF-8, bad bytes replaced), read in growing chunks only
     until it holds more than `tokens` tokens or ends: a huge file costs what the evaluation uses.
     Not a regular file: LlmflashError (check_text_file)."""

@@ -19,9 +19,9 @@ from typing import Iterator
 
 import torch
 
-_native: int | None = None      # set while decode_threads() is active
-NATIVE_DECODE_DIM = 2048        # model width from which decode runs the products natively
-THREADS_PER_CORE = 8            # the most threads `--threads` may ask for, per core of the machine
+_native: int | None = None  # set while decode_threads() is active
+NATIVE_DECODE_DIM = 2048  # model width from which decode runs the products natively
+THREADS_PER_CORE = 8  # the most threads `--threads` may ask for, per core of the machine
 
 
 def max_threads() -> int:

@@ -19,5 +19,5 @@ class Parser(argparse.ArgumentParser):
     """argparse.ArgumentParser whose errors are UsageErrors (subcommand parsers inherit it)."""
 
     def error(self, message: str) -> NoReturn:
-        command = self.prog.removeprefix("llmflash").strip()          # "" for the top-level parser
+        command = self.prog.removeprefix("llmflash").strip()  # "" for the top-level parser
         raise UsageError(f"{command + ': ' if command else ''}{message} (see `{self.prog} --help`)")

@@ -21,11 +21,30 @@ HELP = "per-token latency of naive vs flash, measured in one interleaved run"
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The rows of run_bench as a fixed-width table ("-" where a strategy has no such figure)."""
-    cols = [("strategy", "{:<16}"), ("ms_per_token", "{:>9.1f}"), ("io_ms", "{:>8.1f}"), ("mgmt_ms", "{:>8.1f}"),
-            ("predict_ms", "{:>10.1f}"), ("compute_ms", "{:>10.1f}"), ("mb_read_per_token", "{:>9.2f}"),
-            ("mb_min_per_token", "{:>8.2f}"), ("hit_rate", "{:>6.2f}"), ("x_vs_naive", "{:>8.2f}")]
-    heads = ["strategy", "ms/tok", "I/O ms", "mgmt ms", "predict ms", "compute ms", "MB read", "MB min", "hits",
-             "x naive"]
+    cols = [
+        ("strategy", "{:<16}"),
+        ("ms_per_token", "{:>9.1f}"),
+        ("io_ms", "{:>8.1f}"),
+        ("mgmt_ms", "{:>8.1f}"),
+        ("predict_ms", "{:>10.1f}"),
+        ("compute_ms", "{:>10.1f}"),
+        ("mb_read_per_token", "{:>9.2f}"),
+        ("mb_min_per_token", "{:>8.2f}"),
+        ("hit_rate", "{:>6.2f}"),
+        ("x_vs_naive", "{:>8.2f}"),
+    ]
+    heads = [
+        "strategy",
+        "ms/tok",
+        "I/O ms",
+        "mgmt ms",
+        "predict ms",
+        "compute ms",
+        "MB read",
+        "MB min",
+        "hits",
+        "x naive",
+    ]
     widths = [16, 9, 8, 8, 10, 10, 9, 8, 6, 8]
     lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(heads, widths)))]
     for r in rows:
@@ -40,14 +59,19 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def plot(rows: list[dict[str, Any]], path: str) -> None:
     """A PNG bar chart of each strategy's ms per token, stacked by I/O, management, prediction, compute."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels = [r["strategy"] for r in rows]
     fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 4))
     bottom = [0.0] * len(rows)
-    for key, color in (("io_ms", "tab:red"), ("mgmt_ms", "tab:orange"), ("predict_ms", "tab:green"),
-                       ("compute_ms", "tab:blue")):
+    for key, color in (
+        ("io_ms", "tab:red"),
+        ("mgmt_ms", "tab:orange"),
+        ("predict_ms", "tab:green"),
+        ("compute_ms", "tab:blue"),
+    ):
         vals = [r[key] for r in rows]
         ax.bar(labels, vals, bottom=bottom, label=key.replace("_ms", ""), color=color)
         bottom = [b + v for b, v in zip(bottom, vals)]
@@ -64,22 +88,37 @@ def main(argv: list[str]) -> int:
 
     p = Parser(prog="llmflash bench", description=__doc__.split("\n\n")[0])
     p.add_argument("store")
-    p.add_argument("--memory", action="append",
-                   help="flash memory budget(s), repeatable (default 0.5x, 0.75x, 1x)")
+    p.add_argument("--memory", action="append", help="flash memory budget(s), repeatable (default 0.5x, 0.75x, 1x)")
     p.add_argument("--window", type=int, default=4)
-    p.add_argument("--sparsity", default="oracle",
-                   help="predictor[:RECALL[/STAY]], oracle[:KEEP] or all (default oracle)")
+    p.add_argument(
+        "--sparsity", default="oracle", help="predictor[:RECALL[/STAY]], oracle[:KEEP] or all (default oracle)"
+    )
     p.add_argument("--tokens", type=int, default=32, help="decoded tokens per strategy (default 32)")
-    p.add_argument("--strategies", default="naive,flash",
-                   help="comma list of dense, naive, flash, flash-serial (flash without read/compute overlap), "
-                        "ablation (per memory: predictor only = no cache and no coalescing, + window, + coalescing)")
-    p.add_argument("--hot", type=float, default=0.0, metavar="SHARE",
-                   help="pin that share of each layer's neurons in DRAM (predictors only; default 0)")
+    p.add_argument(
+        "--strategies",
+        default="naive,flash",
+        help="comma list of dense, naive, flash, flash-serial (flash without read/compute overlap), "
+        "ablation (per memory: predictor only = no cache and no coalescing, + window, + coalescing)",
+    )
+    p.add_argument(
+        "--hot",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="pin that share of each layer's neurons in DRAM (predictors only; default 0)",
+    )
     p.add_argument("--plot", help="write a PNG bar chart of the breakdown")
     p.add_argument("--json", help="write the table as JSON")
     a = p.parse_args(argv)
-    rows = run_bench(a.store, a.memory or ["0.5x", "0.75x", "1x"], a.window, a.sparsity, a.tokens,
-                     strategies=tuple(s.strip() for s in a.strategies.split(",") if s.strip()), hot=a.hot)
+    rows = run_bench(
+        a.store,
+        a.memory or ["0.5x", "0.75x", "1x"],
+        a.window,
+        a.sparsity,
+        a.tokens,
+        strategies=tuple(s.strip() for s in a.strategies.split(",") if s.strip()),
+        hot=a.hot,
+    )
     print(format_table(rows))
     if a.plot:
         plot(rows, a.plot)

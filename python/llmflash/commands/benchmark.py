@@ -32,7 +32,7 @@ BENCH_STRATEGIES = ("dense", "naive", "flash", "flash-serial", "ablation")
 class Run:
     label: str
     strategy: str
-    model: Any                      # FlashModel
+    model: Any  # FlashModel
     cache: Any = None
     ms: list[float] = field(default_factory=list)
     totals: dict[str, float] = field(default_factory=dict)
@@ -46,15 +46,25 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float
     return {k: after[k] - before.get(k, 0.0) for k in after if isinstance(after[k], (int, float))}
 
 
-def run_bench(store_path: str, memories: list[str], window: int = 4, sparsity: str = "oracle",
-              tokens: int = 32, prompt_tokens: int = 16, strategies: tuple[str, ...] = ("naive", "flash"),
-              progress: bool = True, hot: float = 0.0) -> list[dict[str, Any]]:
+def run_bench(
+    store_path: str,
+    memories: list[str],
+    window: int = 4,
+    sparsity: str = "oracle",
+    tokens: int = 32,
+    prompt_tokens: int = 16,
+    strategies: tuple[str, ...] = ("naive", "flash"),
+    progress: bool = True,
+    hot: float = 0.0,
+) -> list[dict[str, Any]]:
     """One row per run (a strategy, and for flash a memory budget): ms per token and its parts."""
     unknown = [s for s in strategies if s not in BENCH_STRATEGIES]
     if unknown or not strategies:
-        raise InvalidArgumentError(f"bench strategies {','.join(strategies)!r}: "
-                                   + (f"unknown {', '.join(map(repr, unknown))}; " if unknown else "none given; ")
-                                   + f"choose from {', '.join(BENCH_STRATEGIES)}")
+        raise InvalidArgumentError(
+            f"bench strategies {','.join(strategies)!r}: "
+            + (f"unknown {', '.join(map(repr, unknown))}; " if unknown else "none given; ")
+            + f"choose from {', '.join(BENCH_STRATEGIES)}"
+        )
     check_int("bench tokens", tokens, 1)
     check_int("bench prompt_tokens", prompt_tokens, 1)
     window = check_window(window)
@@ -65,36 +75,40 @@ def run_bench(store_path: str, memories: list[str], window: int = 4, sparsity: s
     tok = runs[0].model.tokenizer
     text = calibration_text(20_000)
     ids = tok.encode(text).ids if tok is not None else list(range(prompt_tokens + tokens))
-    ids = [i % store.config.vocab_size for i in ids[:prompt_tokens + tokens]]
+    ids = [i % store.config.vocab_size for i in ids[: prompt_tokens + tokens]]
     _decode(runs, ids, prompt_tokens, progress)
     return _rows(runs, len(ids) - prompt_tokens)
 
 
-def _runs(store: Store, memories: list[str], window: int, sparsity: str, strategies: tuple[str, ...],
-          hot: float) -> list[Run]:
+def _runs(
+    store: Store, memories: list[str], window: int, sparsity: str, strategies: tuple[str, ...], hot: float
+) -> list[Run]:
     runs: list[Run] = []
     if "dense" in strategies:
         runs.append(Run("dense", "dense", FlashModel(store, "dense", _make("dense", store))))
     if "naive" in strategies:
         runs.append(Run("naive", "naive", FlashModel(store, "naive", _make("naive", store))))
     if "flash" in strategies:
-        source = make_source(sparsity, store, hot=hot)    # shared: the oracle holds full weights once
+        source = make_source(sparsity, store, hot=hot)  # shared: the oracle holds full weights once
         for mem in memories:
             ffn = _make("flash", store, memory=mem, window=window, sparsity=source)
             runs.append(Run(f"flash {mem}", "flash", FlashModel(store, "flash", ffn)))
-    if "ablation" in strategies:                          # the paper's Table: each technique's share
+    if "ablation" in strategies:  # the paper's Table: each technique's share
         source = source if "flash" in strategies else make_source(sparsity, store, hot=hot)
         for mem in memories:
             # predictor only: no cache (every predicted neuron read every token), exact pages;
             # + window: the neuron cache and its window; + coalescing: the planner's bridging and
             # whole-region reads (= the flash row)
-            for label, reuse, co in ((f"pred only {mem}", False, False), (f"+window {mem}", True, False),
-                                     (f"+coalesce {mem}", True, True)):
+            for label, reuse, co in (
+                (f"pred only {mem}", False, False),
+                (f"+window {mem}", True, False),
+                (f"+coalesce {mem}", True, True),
+            ):
                 if co and "flash" in strategies:
-                    continue                                 # the flash row is this one
+                    continue  # the flash row is this one
                 ffn = _make("flash", store, memory=mem, window=window, sparsity=source, coalesce=co, reuse=reuse)
                 runs.append(Run(label, "flash", FlashModel(store, "flash", ffn)))
-    if "flash-serial" in strategies:                      # no read/compute overlap: what it gains
+    if "flash-serial" in strategies:  # no read/compute overlap: what it gains
         source = source if "flash" in strategies else make_source(sparsity, store, hot=hot)
         for mem in memories:
             ffn = _make("flash", store, memory=mem, window=window, sparsity=source, overlap=False)
@@ -107,17 +121,17 @@ def _decode(runs: list[Run], ids: list[int], prompt_tokens: int, progress: bool)
     from tqdm import tqdm
 
     with torch.inference_mode():
-        for r in runs:                                    # prefill (not timed): warms the caches
+        for r in runs:  # prefill (not timed): warms the caches
             r.cache = r.model.model.new_cache(len(ids))
             r.model.model.forward(torch.tensor(ids[:prompt_tokens]), r.cache, last_only=True)
             if hasattr(r.model.ffn, "reset_stats"):
                 r.model.ffn.reset_stats()
         bar = tqdm(range(prompt_tokens, len(ids)), desc="bench", unit="tok", disable=not progress)
         for t in bar:
-            for r in runs:                                # interleaved: A B C A B C ...
+            for r in runs:  # interleaved: A B C A B C ...
                 before = r.ffn_stats()
                 t0 = time.perf_counter()
-                r.model.model.forward(torch.tensor(ids[t:t + 1]), r.cache, last_only=True)
+                r.model.model.forward(torch.tensor(ids[t : t + 1]), r.cache, last_only=True)
                 r.ms.append((time.perf_counter() - t0) * 1e3)
                 for k, v in _delta(r.ffn_stats(), before).items():
                     r.totals[k] = r.totals.get(k, 0.0) + v
@@ -132,9 +146,16 @@ def _rows(runs: list[Run], n: int) -> list[dict[str, Any]]:
         io = r.totals.get("ffn_io_s", 0.0) * 1e3 / n
         mgmt = r.totals.get("mgmt_s", 0.0) * 1e3 / n
         pred = r.totals.get("predict_s", 0.0) * 1e3 / n
-        row = {"strategy": r.label, "ms_per_token": ms, "tok_per_s": 1e3 / ms, "io_ms": io, "mgmt_ms": mgmt,
-               "predict_ms": pred, "compute_ms": max(0.0, ms - io - mgmt - pred),
-               "mb_read_per_token": r.totals.get("bytes_read", 0.0) / n / 1e6}
+        row = {
+            "strategy": r.label,
+            "ms_per_token": ms,
+            "tok_per_s": 1e3 / ms,
+            "io_ms": io,
+            "mgmt_ms": mgmt,
+            "predict_ms": pred,
+            "compute_ms": max(0.0, ms - io - mgmt - pred),
+            "mb_read_per_token": r.totals.get("bytes_read", 0.0) / n / 1e6,
+        }
         if "bytes_useful" in r.totals:
             hits, misses = r.totals.get("hits", 0.0), r.totals.get("misses", 0.0)
             row["mb_min_per_token"] = r.totals["bytes_useful"] / n / 1e6

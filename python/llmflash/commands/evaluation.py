@@ -59,26 +59,35 @@ class _ProbeFFN:
         self.order = [None if L.order is None else torch.tensor(L.order, dtype=torch.long) for L in store.layers]
         self.inverse = [order_inverse(L.order) for L in store.layers]
         L = store.config.n_layers
-        self.counts = torch.zeros(L, 4, dtype=torch.float64)   # tp, fp, fn, tokens x n
+        self.counts = torch.zeros(L, 4, dtype=torch.float64)  # tp, fp, fn, tokens x n
 
     def __call__(self, layer: int, x: Tensor) -> Tensor:
         d = self.dense
-        act = activations(self.config, d.w1[layer], x, d.b1[layer])        # (T, n) store positions
+        act = activations(self.config, d.w1[layer], x, d.b1[layer])  # (T, n) store positions
         if self.p is not None:
             y = labels(self.kind, in_original_ids(act, self.inverse[layer]), float(self.p.label_thresholds[layer]))
-            pred = self.p.predict(layer, x)                                 # (T, n) original ids
-            self.counts[layer] += torch.tensor([float((pred & y).sum()), float((pred & ~y).sum()),
-                                                float((~pred & y).sum()), float(y.numel())], dtype=torch.float64)
+            pred = self.p.predict(layer, x)  # (T, n) original ids
+            self.counts[layer] += torch.tensor(
+                [float((pred & y).sum()), float((pred & ~y).sum()), float((~pred & y).sum()), float(y.numel())],
+                dtype=torch.float64,
+            )
             if self.restrict:
                 order = self.order[layer]
-                act = act * (pred if order is None else pred[:, order])     # back to store positions
-        return linear(act, d.w2[layer])                                     # (T, D)
+                act = act * (pred if order is None else pred[:, order])  # back to store positions
+        return linear(act, d.w2[layer])  # (T, D)
 
     def layer_table(self) -> list[dict[str, float]]:
         rows = []
         for i, (tp, fp, fn, total) in enumerate(self.counts.tolist()):
-            rows.append({"layer": i, "recall": tp / max(tp + fn, 1.0), "precision": tp / max(tp + fp, 1.0),
-                         "predicted_share": (tp + fp) / max(total, 1.0), "label_share": (tp + fn) / max(total, 1.0)})
+            rows.append(
+                {
+                    "layer": i,
+                    "recall": tp / max(tp + fn, 1.0),
+                    "precision": tp / max(tp + fp, 1.0),
+                    "predicted_share": (tp + fp) / max(total, 1.0),
+                    "label_share": (tp + fn) / max(total, 1.0),
+                }
+            )
         return rows
 
 
@@ -90,7 +99,7 @@ class _Counting:
         self.n_layers = len(ffn_dims)
         self.sticky = bool(getattr(source, "sticky", False))
         self.hot = getattr(source, "hot", None)
-        for hook in ("ahead", "early"):          # lookahead guesses pass through, uncounted
+        for hook in ("ahead", "early"):  # lookahead guesses pass through, uncounted
             if hasattr(source, hook):
                 setattr(self, hook, getattr(source, hook))
                 self.ahead_exact = getattr(source, "ahead_exact", False)
@@ -115,10 +124,19 @@ class _Counting:
         return self.named / (steps * self.total) if steps else float("nan")
 
 
-def evaluate(store_path: str | os.PathLike[str], text: str | None = None, tokens: int = 512,
-             memories: Sequence[str] = ("0.75x", "0.5x"), window: int = 4, sparsity: str = "predictor",
-             threads: int | None = 2, progress: bool = True, lookahead: str | None = None,
-             hot: float = 0.0, text_file: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+def evaluate(
+    store_path: str | os.PathLike[str],
+    text: str | None = None,
+    tokens: int = 512,
+    memories: Sequence[str] = ("0.75x", "0.5x"),
+    window: int = 4,
+    sparsity: str = "predictor",
+    threads: int | None = 2,
+    progress: bool = True,
+    lookahead: str | None = None,
+    hot: float = 0.0,
+    text_file: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
     """Dense and flash perplexity over `tokens` tokens of `text`, or of the file `text_file` (read
     only as far as those tokens need), or of held-out documentation text."""
     threads = check_threads(threads)
@@ -128,26 +146,37 @@ def evaluate(store_path: str | os.PathLike[str], text: str | None = None, tokens
     if lookahead not in (None, "layer", "attention"):
         raise InvalidArgumentError(f"lookahead must be None, 'layer' or 'attention', got {lookahead!r}")
     window = check_window(window)
-    for mem in memories:            # syntax only here; a budget too small for this store is a row of its own
+    for mem in memories:  # syntax only here; a budget too small for this store is a row of its own
         parse_memory(mem, 1 << 40)
     set_threads(threads)
     store = Store(store_path)
     ids = _token_ids(store, text, text_file, tokens)
     source = make_source(sparsity, store, hot=hot)
     predictors = source if isinstance(source, Predictors) else None
-    out: dict[str, Any] = {"store": str(store.path), "tokens": len(ids), "window": window, "sparsity": sparsity,
-                           "lookahead": lookahead, "hot": hot}
+    out: dict[str, Any] = {
+        "store": str(store.path),
+        "tokens": len(ids),
+        "window": window,
+        "sparsity": sparsity,
+        "lookahead": lookahead,
+        "hot": hot,
+    }
     if predictors is not None:
-        out["predictor"] = {k: predictors.meta.get(k) for k in ("kind", "rank", "keep", "tokens", "epochs", "seed",
-                                                                "label")}
+        out["predictor"] = {
+            k: predictors.meta.get(k) for k in ("kind", "rank", "keep", "tokens", "epochs", "seed", "label")
+        }
         out["predictor"]["recall_target"] = predictors.recall
         out["predictor"]["stay"] = predictors.stay
         out["predictor"]["bytes"] = predictors.nbytes()
     with torch.inference_mode():
         _dense_pass(store, ids, predictors, out)
     guess = {"layer": NextLayerGuess, "attention": SameLayerGuess}.get(lookahead or "")
-    out["flash"] = [_flash_row(store, ids, mem, window, guess(source) if guess else source, lookahead, progress,
-                               out["dense"]["ppl"]) for mem in memories]
+    out["flash"] = [
+        _flash_row(
+            store, ids, mem, window, guess(source) if guess else source, lookahead, progress, out["dense"]["ppl"]
+        )
+        for mem in memories
+    ]
     return out
 
 
@@ -159,7 +188,7 @@ def _token_ids(store: Store, text: str | None, text_file: str | os.PathLike[str]
     if text_file is not None:
         text = read_text_for_tokens(text_file, tok, tokens)
     ids_list = [i for i in tok.encode(text if text is not None else heldout_text()).ids if 0 <= i < c.vocab_size]
-    ids_list = ids_list[:min(tokens, c.max_positions)]
+    ids_list = ids_list[: min(tokens, c.max_positions)]
     if len(ids_list) < 2:
         raise LlmflashError(f"evaluation text gave {len(ids_list)} tokens; need at least 2")
     return torch.tensor(ids_list, dtype=torch.long)
@@ -177,15 +206,28 @@ def _dense_pass(store: Store, ids: Tensor, predictors: Predictors | None, out: d
         return
     out["layers"] = probe.layer_table()
     tp, fp, fn, total = probe.counts.sum(0).tolist()
-    out["predictor"].update({"recall": tp / max(tp + fn, 1), "precision": tp / max(tp + fp, 1),
-                             "predicted_share": (tp + fp) / max(total, 1)})
+    out["predictor"].update(
+        {
+            "recall": tp / max(tp + fn, 1),
+            "precision": tp / max(tp + fp, 1),
+            "predicted_share": (tp + fp) / max(total, 1),
+        }
+    )
     model.ffn = _ProbeFFN(store, predictors, restrict=True)
     out["predictor_only"] = {"ppl": _perplexity(model.forward(ids, model.new_cache(N)), ids)}
     out["predictor_only"]["ratio"] = out["predictor_only"]["ppl"] / dense_ppl
 
 
-def _flash_row(store: Store, ids: Tensor, mem: str, window: int, source: Any, lookahead: str | None,
-               progress: bool, dense_ppl: float) -> dict[str, Any]:
+def _flash_row(
+    store: Store,
+    ids: Tensor,
+    mem: str,
+    window: int,
+    source: Any,
+    lookahead: str | None,
+    progress: bool,
+    dense_ppl: float,
+) -> dict[str, Any]:
     """Flash at the budget `mem`, token by token: perplexity and the strategy's counters."""
     from tqdm import tqdm
 
@@ -193,7 +235,7 @@ def _flash_row(store: Store, ids: Tensor, mem: str, window: int, source: Any, lo
     counting = _Counting(source, c.ffn_dims)
     try:
         ffn = make_ffn("flash", store, memory=mem, window=window, sparsity=counting, lookahead=lookahead or False)
-    except BudgetError as e:                  # this budget cannot hold the resident part
+    except BudgetError as e:  # this budget cannot hold the resident part
         return {"memory": mem, "error": str(e)}
     model = Transformer.from_store(store, ffn)
     cache = model.new_cache(N)
@@ -201,7 +243,7 @@ def _flash_row(store: Store, ids: Tensor, mem: str, window: int, source: Any, lo
     t0 = time.perf_counter()
     with torch.inference_mode():
         for t in tqdm(range(N - 1), desc=f"flash {mem}", unit="tok", disable=not progress):
-            logits = model.forward(ids[t:t + 1], cache)[-1]
+            logits = model.forward(ids[t : t + 1], cache)[-1]
             nll -= float(F.log_softmax(logits.float(), dim=-1)[ids[t + 1]])
     elapsed = time.perf_counter() - t0
     s = ffn.stats()
@@ -210,8 +252,10 @@ def _flash_row(store: Store, ids: Tensor, mem: str, window: int, source: Any, lo
     hits, misses = s.get("hits", 0.0), s.get("misses", 0.0)
     ffn_bytes, n_total = model_bytes(store)[1], sum(c.ffn_dims)
     row = {
-        "memory": mem, "ppl": ppl, "ratio": ppl / dense_ppl,
-        "wanted_share": counting.share() + s.get("hot_neurons", 0.0) / n_total,   # named + hot
+        "memory": mem,
+        "ppl": ppl,
+        "ratio": ppl / dense_ppl,
+        "wanted_share": counting.share() + s.get("hot_neurons", 0.0) / n_total,  # named + hot
         "read_share": s.get("bytes_read", 0.0) / (steps * ffn_bytes),
         "useful_share": s.get("bytes_useful", 0.0) / (steps * ffn_bytes),
         # the FFN held in DRAM: the caches plus the pinned hot neurons
@@ -223,8 +267,12 @@ def _flash_row(store: Store, ids: Tensor, mem: str, window: int, source: Any, lo
     if lookahead:
         # neurons the guesses read during the layer before, and those they missed (read at
         # the layer itself, not hidden behind compute), as shares of the FFN per token
-        row.update({"ahead_read_share": s.get("ahead_read", 0.0) / (steps * n_total),
-                    "late_read_share": s.get("ahead_missed", 0.0) / (steps * n_total),
-                    "guess_recall": s.get("guess_right", 0.0) / max(s.get("wanted_named", 0.0), 1.0),
-                    "guess_precision": s.get("guess_right", 0.0) / max(s.get("guess_named", 0.0), 1.0)})
+        row.update(
+            {
+                "ahead_read_share": s.get("ahead_read", 0.0) / (steps * n_total),
+                "late_read_share": s.get("ahead_missed", 0.0) / (steps * n_total),
+                "guess_recall": s.get("guess_right", 0.0) / max(s.get("wanted_named", 0.0), 1.0),
+                "guess_precision": s.get("guess_right", 0.0) / max(s.get("guess_named", 0.0), 1.0),
+            }
+        )
     return row

@@ -4,7 +4,7 @@ CALIBRATION_CHARS characters, evaluation the topics after them: disjoint by cons
 
 from __future__ import annotations
 
-CALIBRATION_CHARS = 360_000      # pydoc topics text [0, 360000) calibrates; eval reads from here on
+CALIBRATION_CHARS = 360_000  # pydoc topics text [0, 360000) calibrates; eval reads from here on
 
 
 def calibration_text(n_chars: int = 200_000, offset: int = 0) -> str:
@@ -12,7 +12,7 @@ def calibration_text(n_chars: int = 200_000, offset: int = 0) -> str:
     from pydoc_data.topics import topics
 
     text = "\n\n".join(topics[k] for k in sorted(topics))
-    return text[offset:offset + n_chars]
+    return text[offset : offset + n_chars]
 
 
 def default_text() -> str:
@@ -30,5 +30,5 @@ def heldout_text(n_chars: int = 200_000) -> str:
     for key in sorted(topics):
         if start >= CALIBRATION_CHARS:
             break
-        start += len(topics[key]) + 2                     # "\n\n" joins the topics
+        start += len(topics[key]) + 2  # "\n\n" joins the topics
     return calibration_text(n_chars, offset=max(start, CALIBRATION_CHARS))

@@ -10,8 +10,10 @@ from typing import Any
 
 def register(sub: Any) -> None:
     """Add the `verify` subcommand to the `llmflash` parser's subparsers."""
-    v = sub.add_parser("verify", help="check a whole store: every layer region's and bundle's CRC-32, "
-                                      "resident tensors, tokenizer, predictors")
+    v = sub.add_parser(
+        "verify",
+        help="check a whole store: every layer region's and bundle's CRC-32, resident tensors, tokenizer, predictors",
+    )
     v.add_argument("store", help="store folder")
     v.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     v.set_defaults(func=run)

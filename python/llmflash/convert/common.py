@@ -17,7 +17,6 @@ from ..errors import ConvertError
 T = TypeVar("T")
 
 
-
 def natural_key(s: str) -> list[Any]:
     """Sort key putting layers.2 before layers.10."""
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s)]
@@ -37,9 +36,17 @@ def regular_file(path: Path) -> bool:
         raise ConvertError(f"cannot read ({e.strerror or e})", path) from None
     if stat.S_ISREG(mode):
         return True
-    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
-            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
-            else "a special file")
+    kind = (
+        "a folder"
+        if stat.S_ISDIR(mode)
+        else "a FIFO"
+        if stat.S_ISFIFO(mode)
+        else "a device"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "a special file"
+    )
     raise ConvertError(f"not a regular file ({kind})", path)
 
 
@@ -51,8 +58,7 @@ def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> Iter
     from tqdm.auto import tqdm
 
     quiet = bool(os.environ.get("LLMFLASH_QUIET")) or not sys.stderr.isatty()
-    yield from tqdm(iterable, desc=desc, total=total, unit="layer", disable=quiet, leave=False,
-                    dynamic_ncols=True)
+    yield from tqdm(iterable, desc=desc, total=total, unit="layer", disable=quiet, leave=False, dynamic_ncols=True)
 
 
 def parse_dtype(dtype: str | torch.dtype) -> str:
@@ -62,8 +68,15 @@ def parse_dtype(dtype: str | torch.dtype) -> str:
             if t == dtype:
                 return name
         raise ConvertError(f"unsupported dtype {dtype}; choose one of {sorted(S.DTYPES)}")
-    aliases = {"fp16": "float16", "f16": "float16", "half": "float16",
-               "bf16": "bfloat16", "fp32": "float32", "f32": "float32", "float": "float32"}
+    aliases = {
+        "fp16": "float16",
+        "f16": "float16",
+        "half": "float16",
+        "bf16": "bfloat16",
+        "fp32": "float32",
+        "f32": "float32",
+        "float": "float32",
+    }
     name = str(dtype).strip().lower().removeprefix("torch.")
     name = aliases.get(name, name)
     if name not in S.DTYPES:

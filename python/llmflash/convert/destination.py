@@ -82,11 +82,14 @@ def check_destination(dst: Path, src: Path | None, force: bool) -> str:
     Returns "absent", "empty" or "store": what the finished store replaces."""
     if src is not None:
         if _inside(dst, src):
-            raise ConvertError("the destination must not be the source folder or inside it"
-                               if dst.resolve() != src.resolve() else "the destination is the source itself", dst)
+            raise ConvertError(
+                "the destination must not be the source folder or inside it"
+                if dst.resolve() != src.resolve()
+                else "the destination is the source itself",
+                dst,
+            )
         if _inside(src, dst):
-            raise ConvertError(f"the destination contains the source {src}: replacing it would delete the source",
-                               dst)
+            raise ConvertError(f"the destination contains the source {src}: replacing it would delete the source", dst)
     leftovers.recover(dst)
     if not os.path.lexists(dst):
         return "absent"
@@ -94,8 +97,11 @@ def check_destination(dst: Path, src: Path | None, force: bool) -> str:
         raise ConvertError("destination already exists (pass --force to replace it)", dst)
     refuse = "--force only replaces an llmflash store or an empty folder, and"
     if dst.is_symlink():
-        raise ConvertError(f"{refuse} this is a symbolic link (to {os.readlink(dst)}): remove the link or "
-                           "give its target as the destination", dst)
+        raise ConvertError(
+            f"{refuse} this is a symbolic link (to {os.readlink(dst)}): remove the link or "
+            "give its target as the destination",
+            dst,
+        )
     if not dst.is_dir():
         raise ConvertError(f"{refuse} this is a file, not a folder: remove it or choose another destination", dst)
     with os.scandir(dst) as entries:
@@ -103,8 +109,9 @@ def check_destination(dst: Path, src: Path | None, force: bool) -> str:
             return "empty"
     why = _store_problem(dst)
     if why is not None:
-        raise ConvertError(f"{refuse} {why}: nothing was deleted; remove it yourself or choose another "
-                           "destination", dst)
+        raise ConvertError(
+            f"{refuse} {why}: nothing was deleted; remove it yourself or choose another destination", dst
+        )
     return "store"
 
 
@@ -123,8 +130,11 @@ def clear_own_leftover(path: Path) -> None:
     if not os.path.lexists(path):
         return
     if not leftovers.holds_only_store_files(path):
-        raise ConvertError("this name is the one a conversion uses for its temporary folder, and it holds "
-                           "files that are not a store's: move it away", path)
+        raise ConvertError(
+            "this name is the one a conversion uses for its temporary folder, and it holds "
+            "files that are not a store's: move it away",
+            path,
+        )
     leftovers.remove_tree(path)
 
 
@@ -139,7 +149,7 @@ def swap_in(tmp: Path, dst: Path, old: Path) -> None:
         _discard(tmp)
         raise
     if exchanged:
-        fsync_dir(dst.parent)                # the new store durable at dst before the old goes
+        fsync_dir(dst.parent)  # the new store durable at dst before the old goes
         _discard(tmp)
         return
     try:
@@ -153,8 +163,7 @@ def swap_in(tmp: Path, dst: Path, old: Path) -> None:
         try:
             os.rename(old, dst)
         except OSError as e:
-            raise ConvertError(f"could not put the old store back ({e}); it is kept at {old}",
-                               dst) from None
+            raise ConvertError(f"could not put the old store back ({e}); it is kept at {old}", dst) from None
         finally:
             _discard(tmp)
         raise

@@ -90,10 +90,13 @@ def _open(src: Path):
         got = {t.name: (int(t.data_offset), int(t.n_bytes)) for t in reader.tensors}
     except Exception as e:  # the reader raises ValueError, struct/numpy errors, IndexError ... on bad headers
         raise ConvertError(f"malformed GGUF file ({type(e).__name__}: {e})", src) from None
-    for r in ranges:                        # the reader must see the very bytes that were checked
+    for r in ranges:  # the reader must see the very bytes that were checked
         if got.get(r.name) != (r.start, r.n_bytes):
-            raise ConvertError(f"malformed GGUF file: tensor {r.name!r} is read at {got.get(r.name)}, "
-                               f"its header says {(r.start, r.n_bytes)}", src)
+            raise ConvertError(
+                f"malformed GGUF file: tensor {r.name!r} is read at {got.get(r.name)}, "
+                f"its header says {(r.start, r.n_bytes)}",
+                src,
+            )
     return reader
 
 
@@ -150,7 +153,7 @@ def _float(meta: dict[str, Any], key: str, src: Path, default: float | None = No
 def _rope_scaling(meta: dict[str, Any], a: str, src: Path) -> dict[str, Any] | None:
     kind = meta.get(f"{a}.rope.scaling.type")
     factor = meta.get(f"{a}.rope.scaling.factor")
-    if kind is None and meta.get(f"{a}.rope.scale_linear") is not None:      # older files
+    if kind is None and meta.get(f"{a}.rope.scale_linear") is not None:  # older files
         kind, factor = "linear", meta[f"{a}.rope.scale_linear"]
     if kind in (None, "none") or (kind == "linear" and factor in (None, 1.0)):
         return None
@@ -193,14 +196,26 @@ def _config(meta: dict[str, Any], names: dict[str, Any], src: Path) -> ModelConf
     tokens = meta.get("tokenizer.ggml.tokens")
     if isinstance(tokens, list) and tokens and len(tokens) > vocab:
         raise ConvertError(f"the tokenizer has {len(tokens)} tokens but token_embd only {vocab} rows", src)
-    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                             "tokenizer.ggml.eom_token_id") if isinstance(meta.get(k), int)]
+    eos = [
+        meta[k]
+        for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+        if isinstance(meta.get(k), int)
+    ]
     bos = meta.get("tokenizer.ggml.bos_token_id")
     cfg = ModelConfig(
-        arch="llama", vocab_size=vocab, dim=dim, n_layers=n_layers, head_dim=head_dim,
-        n_heads=[n_heads] * n_layers, n_kv_heads=[n_kv] * n_layers, ffn_dims=[ffn] * n_layers,
-        norm="rms", norm_eps=_float(meta, f"{a}.attention.layer_norm_rms_epsilon", src, 1e-5),
-        act="silu", gated=True, max_positions=_int(meta, f"{a}.context_length", src, 2048),
+        arch="llama",
+        vocab_size=vocab,
+        dim=dim,
+        n_layers=n_layers,
+        head_dim=head_dim,
+        n_heads=[n_heads] * n_layers,
+        n_kv_heads=[n_kv] * n_layers,
+        ffn_dims=[ffn] * n_layers,
+        norm="rms",
+        norm_eps=_float(meta, f"{a}.attention.layer_norm_rms_epsilon", src, 1e-5),
+        act="silu",
+        gated=True,
+        max_positions=_int(meta, f"{a}.context_length", src, 2048),
         rope_theta=_float(meta, f"{a}.rope.freq_base", src, 10000.0),
         rope_scaling=_rope_scaling(meta, a, src),
         attn_bias=any(f"blk.0.{n}.bias" in names for n in _ATTN),
@@ -244,22 +259,26 @@ def _dequant(t, src: Path, max_abs: float = math.inf) -> np.ndarray:
         w = quants.dequantize(t.data, t.tensor_type)
     except NotImplementedError:
         raise UnsupportedModelError(
-            f"tensor {t.name!r} has type {t.tensor_type.name}, which the gguf package cannot dequantize", src) from None
+            f"tensor {t.name!r} has type {t.tensor_type.name}, which the gguf package cannot dequantize", src
+        ) from None
     except Exception as e:
         raise ConvertError(f"cannot dequantize tensor {t.name!r} ({t.tensor_type.name}): {e}", src) from None
     if w.size != math.prod(shape):
-        raise ConvertError(f"tensor {t.name!r} holds {w.size} values, its shape {shape} needs {math.prod(shape)}",
-                           src)
+        raise ConvertError(f"tensor {t.name!r} holds {w.size} values, its shape {shape} needs {math.prod(shape)}", src)
     w = np.ascontiguousarray(w.reshape(shape), dtype=np.float32)
-    big = max(-float(w.min()), float(w.max())) if w.size else 0.0         # NaN propagates through min/max
+    big = max(-float(w.min()), float(w.max())) if w.size else 0.0  # NaN propagates through min/max
     if not math.isfinite(big):
         bad = int(np.count_nonzero(~np.isfinite(w)))
-        raise ConvertError(f"tensor {t.name!r} ({t.tensor_type.name}) holds {bad} non-finite values (NaN or "
-                           "infinity): the file is corrupt", src)
+        raise ConvertError(
+            f"tensor {t.name!r} ({t.tensor_type.name}) holds {bad} non-finite values (NaN or "
+            "infinity): the file is corrupt",
+            src,
+        )
     if big > max_abs:
-        raise ConvertError(f"tensor {t.name!r} holds {big:.3g}, beyond float16's range: convert with "
-                           "dtype bfloat16 or float32", src)
-    return w if w.flags.writeable else w.copy()     # F32 tensors come back as views of the read-only map
+        raise ConvertError(
+            f"tensor {t.name!r} holds {big:.3g}, beyond float16's range: convert with dtype bfloat16 or float32", src
+        )
+    return w if w.flags.writeable else w.copy()  # F32 tensors come back as views of the read-only map
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -268,16 +287,18 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _tensor(names: dict[str, Any], name: str, shape: tuple[int, ...], src: Path,
-            max_abs: float = math.inf) -> np.ndarray:
+def _tensor(
+    names: dict[str, Any], name: str, shape: tuple[int, ...], src: Path, max_abs: float = math.inf
+) -> np.ndarray:
     w = _dequant(names[name], src, max_abs)
     if w.shape != shape:
         raise ConvertError(f"tensor {name!r} has shape {w.shape} (HF layout), expected {shape}", src)
     return w
 
 
-def convert_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], dtype: str = "float16",
-                 force: bool = False) -> Path:
+def convert_gguf(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], dtype: str = "float16", force: bool = False
+) -> Path:
     """Convert a llama-architecture GGUF file into the llmflash store `dst`; returns `dst`.
 
     Raises ConvertError (naming the file) for anything malformed: not a GGUF, truncated, a tensor
@@ -289,8 +310,9 @@ def convert_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], dtype
     meta = _metadata(reader, src)
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHS:
-        raise UnsupportedModelError(f"architecture {arch!r} is not supported (supported: "
-                                    f"{', '.join(SUPPORTED_ARCHS)})", src)
+        raise UnsupportedModelError(
+            f"architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})", src
+        )
     names = {t.name: t for t in reader.tensors}
     if len(names) != len(reader.tensors):
         raise ConvertError("duplicate tensor names", src)
@@ -310,7 +332,7 @@ def convert_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], dtype
     def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
         return _tensor(names, name, shape, src, max_abs)
 
-    def res(w: np.ndarray) -> torch.Tensor:          # cast at once: only the store dtype stays in memory
+    def res(w: np.ndarray) -> torch.Tensor:  # cast at once: only the store dtype stays in memory
         return torch.from_numpy(w).to(target)
 
     writer = StoreWriter(dst, cfg, dtype=dtype, source=str(src), force=force, src=src)  # fails fast on a bad dst
@@ -324,15 +346,18 @@ def convert_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], dtype
         with writer as w:
             for i in progress(range(cfg.n_layers), desc=f"convert {src.name}", total=cfg.n_layers):
                 b, p = f"blk.{i}.", f"layers.{i}."
-                shapes = {"attn_q": (hq * hd, d), "attn_k": (hkv * hd, d), "attn_v": (hkv * hd, d),
-                          "attn_output": (d, hq * hd)}
+                shapes = {
+                    "attn_q": (hq * hd, d),
+                    "attn_k": (hkv * hd, d),
+                    "attn_v": (hkv * hd, d),
+                    "attn_output": (d, hq * hd),
+                }
                 for g, c in _ATTN.items():
                     wt = get(f"{b}{g}.weight", shapes[g])
                     bias = None
-                    if cfg.attn_bias:                   # a missing one of q/k/v/o biases is zero
+                    if cfg.attn_bias:  # a missing one of q/k/v/o biases is zero
                         bn = f"{b}{g}.bias"
-                        bias = get(bn, shapes[g][:1]) if bn in names else \
-                            np.zeros(shapes[g][:1], np.float32)
+                        bias = get(bn, shapes[g][:1]) if bn in names else np.zeros(shapes[g][:1], np.float32)
                     if g in ("attn_q", "attn_k"):
                         heads = hq if g == "attn_q" else hkv
                         wt = _unpermute(wt, heads)
@@ -351,6 +376,6 @@ def convert_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], dtype
                 w.write_tokenizer(tok_json, chat)
     except LlmflashError:
         raise
-    except OSError as e:                             # writing the store: disk full, permissions ...
+    except OSError as e:  # writing the store: disk full, permissions ...
         raise ConvertError(f"I/O error while writing the store ({e})", dst) from None
     return dst

@@ -24,9 +24,9 @@ from ..errors import ConvertError
 
 DEFAULT_ALIGNMENT = 32
 VERSIONS = (2, 3)
-MAX_DIMS = 4                                  # GGML_MAX_DIMS
-MAX_NAME = 1 << 16                            # tensor and key names (llama.cpp allows 64 bytes)
-MAX_DEPTH = 4                                 # arrays of arrays of ...
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_NAME = 1 << 16  # tensor and key names (llama.cpp allows 64 bytes)
+MAX_DEPTH = 4  # arrays of arrays of ...
 STRING, ARRAY = 8, 9
 # GGUFValueType -> size in bytes of a scalar: u8 i8 u16 i16 u32 i32 f32 bool u64 i64 f64
 SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
@@ -36,8 +36,8 @@ SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 class TensorRange:
     name: str
     type_name: str
-    dims: tuple[int, ...]                     # GGUF order: fastest-varying first
-    start: int                                # absolute byte offset in the file
+    dims: tuple[int, ...]  # GGUF order: fastest-varying first
+    start: int  # absolute byte offset in the file
     n_bytes: int
 
     @property
@@ -53,8 +53,10 @@ class _Cursor:
 
     def need(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > self.size:
-            raise ConvertError(f"truncated or malformed header: {what} needs {n} bytes at byte {self.pos}, "
-                               f"the file has {self.size}", self.src)
+            raise ConvertError(
+                f"truncated or malformed header: {what} needs {n} bytes at byte {self.pos}, the file has {self.size}",
+                self.src,
+            )
 
     def take(self, fmt: str, what: str) -> int:
         n = struct.calcsize(fmt)
@@ -68,7 +70,7 @@ class _Cursor:
         if limit is not None and n > limit:
             raise ConvertError(f"malformed header: {what} is {n} bytes long (at most {limit})", self.src)
         self.need(n, what)
-        s = bytes(self.buf[self.pos:self.pos + n])
+        s = bytes(self.buf[self.pos : self.pos + n])
         self.pos += n
         return s
 
@@ -83,10 +85,13 @@ class _Cursor:
         elif vtype == ARRAY and depth < MAX_DEPTH:
             itype = self.take("I", f"metadata {key!r}")
             count = self.take("Q", f"metadata {key!r}")
-            least = SCALAR.get(itype, 8 if itype == STRING else 12)       # smallest item: a length or a header
+            least = SCALAR.get(itype, 8 if itype == STRING else 12)  # smallest item: a length or a header
             if count > (self.size - self.pos) // least:
-                raise ConvertError(f"malformed header: metadata {key!r} claims {count} items, more than the "
-                                   f"{self.size - self.pos} bytes left can hold", self.src)
+                raise ConvertError(
+                    f"malformed header: metadata {key!r} claims {count} items, more than the "
+                    f"{self.size - self.pos} bytes left can hold",
+                    self.src,
+                )
             if itype in SCALAR:
                 self.pos += count * SCALAR[itype]
             else:
@@ -107,16 +112,17 @@ def check_layout(buf, size: int, src: Path) -> list[TensorRange]:
     c.need(24, "the GGUF header")
     c.pos = 4
     version = c.take("I", "the version")
-    if version & 0xFFFF == 0:                 # written on a machine of the other byte order
+    if version & 0xFFFF == 0:  # written on a machine of the other byte order
         c.order, c.pos = ">", 4
         version = c.take("I", "the version")
     if version not in VERSIONS:
         raise ConvertError(f"GGUF version {version} is not supported (supported: 2, 3)", src)
     n_tensors = c.take("Q", "the tensor count")
     n_kv = c.take("Q", "the metadata count")
-    if n_kv > (size - c.pos) // 13 or n_tensors > (size - c.pos) // 24:    # smallest entries: 13 and 24 bytes
-        raise ConvertError(f"malformed header: {n_kv} metadata entries and {n_tensors} tensors cannot fit "
-                           f"in {size} bytes", src)
+    if n_kv > (size - c.pos) // 13 or n_tensors > (size - c.pos) // 24:  # smallest entries: 13 and 24 bytes
+        raise ConvertError(
+            f"malformed header: {n_kv} metadata entries and {n_tensors} tensors cannot fit in {size} bytes", src
+        )
     alignment = DEFAULT_ALIGNMENT
     for _ in range(n_kv):
         key = c.string("a metadata key", MAX_NAME).decode("utf-8", "replace")
@@ -163,19 +169,29 @@ def check_layout(buf, size: int, src: Path) -> list[TensorRange]:
         if n == 0 or n >= 1 << 62:
             raise ConvertError(f"tensor {name!r} has an impossible shape {shape}", src)
         if dims[0] % block:
-            raise ConvertError(f"tensor {name!r} ({qtype.name}, {shape}): its row length {dims[0]} is not a "
-                               f"multiple of {qtype.name}'s block of {block} values", src)
+            raise ConvertError(
+                f"tensor {name!r} ({qtype.name}, {shape}): its row length {dims[0]} is not a "
+                f"multiple of {qtype.name}'s block of {block} values",
+                src,
+            )
         r = TensorRange(name, qtype.name, dims, data_start + offset, n // block * block_bytes)
         if r.end > size:
-            raise ConvertError(f"truncated or a wrong offset/type: tensor {name!r} ({qtype.name}, {shape}) needs "
-                               f"bytes {r.start}..{r.end} but the file has {size}", src)
+            raise ConvertError(
+                f"truncated or a wrong offset/type: tensor {name!r} ({qtype.name}, {shape}) needs "
+                f"bytes {r.start}..{r.end} but the file has {size}",
+                src,
+            )
         if offset % alignment:
-            raise ConvertError(f"tensor {name!r}: data offset {offset} is not a multiple of the alignment "
-                               f"({alignment} bytes)", src)
+            raise ConvertError(
+                f"tensor {name!r}: data offset {offset} is not a multiple of the alignment ({alignment} bytes)", src
+            )
         ranges.append(r)
     by_start = sorted(ranges, key=lambda r: r.start)
     for a, b in zip(by_start, by_start[1:]):
         if b.start < a.end:
-            raise ConvertError(f"tensors {a.name!r} ({a.type_name}, bytes {a.start}..{a.end}) and {b.name!r} "
-                               f"({b.type_name}, bytes {b.start}..{b.end}) overlap: a wrong offset or type", src)
+            raise ConvertError(
+                f"tensors {a.name!r} ({a.type_name}, bytes {a.start}..{a.end}) and {b.name!r} "
+                f"({b.type_name}, bytes {b.start}..{b.end}) overlap: a wrong offset or type",
+                src,
+            )
     return ranges

@@ -34,27 +34,32 @@ from ..errors import ConvertError, UnsupportedModelError
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 # Pre-tokenizer split rules by `tokenizer.ggml.pre`, from llama.cpp (src/llama-vocab.cpp).
-_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-          r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_GPT4O = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-          r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-          r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT4O = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _SPLITS = {
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx", "pixtral"), _LLAMA3),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2),
     **dict.fromkeys(("gpt-4o", "llama4"), _GPT4O),
 }
 _GPT2_LIKE = {None, "", "default", "gpt2", "gpt-2"}
-_DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact"}   # llama.cpp: "\p{N}" then the GPT-2 regex
+_DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact"}  # llama.cpp: "\p{N}" then the GPT-2 regex
 
 
 @lru_cache(maxsize=1)
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (the byte-level BPE alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -101,8 +106,9 @@ def _vocab(tokens: list[str]) -> dict[str, int]:
     return vocab
 
 
-def _merges(meta: Mapping[str, Any], vocab: dict[str, int], scores: list[float] | None,
-            path: Any) -> list[tuple[str, str]]:
+def _merges(
+    meta: Mapping[str, Any], vocab: dict[str, int], scores: list[float] | None, path: Any
+) -> list[tuple[str, str]]:
     raw = _get(meta, "tokenizer.ggml.merges", list, path)
     if raw is not None:
         out = []
@@ -157,24 +163,41 @@ def _byte_level(meta: Mapping[str, Any], path: Any):
     spelled = [t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")) for t in tokens]
     vocab = _vocab(spelled)
     try:
-        tok = Tokenizer(BPE(vocab=vocab, merges=_merges(meta, vocab, None, path), dropout=None,
-                            continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+        tok = Tokenizer(
+            BPE(
+                vocab=vocab,
+                merges=_merges(meta, vocab, None, path),
+                dropout=None,
+                continuing_subword_prefix="",
+                end_of_word_suffix="",
+                fuse_unk=False,
+            )
+        )
     except Exception as e:  # tokenizers raises its own Exception subclass for a merge not in the vocabulary
         raise ConvertError(f"cannot build the BPE tokenizer: {e}", path) from None
 
     pre = meta.get("tokenizer.ggml.pre")
     if pre in _DIGITS_THEN_GPT2:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
     elif pre in _SPLITS:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     else:
         if pre not in _GPT2_LIKE:
-            warnings.warn(f"{os.fspath(path) if path else 'GGUF'}: unknown pre-tokenizer {pre!r}; using GPT-2's "
-                          "split rule, which may tokenize some text differently from llama.cpp", stacklevel=3)
+            warnings.warn(
+                f"{os.fspath(path) if path else 'GGUF'}: unknown pre-tokenizer {pre!r}; using GPT-2's "
+                "split rule, which may tokenize some text differently from llama.cpp",
+                stacklevel=3,
+            )
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     _add_tokens(tok, spelled, types, alphabet)
@@ -194,13 +217,22 @@ def _sentencepiece(meta: Mapping[str, Any], path: Any):
     if unk is None:
         unk = next((i for i, t in enumerate(types) if t == UNKNOWN), None)
     try:
-        tok = Tokenizer(BPE(vocab=vocab, merges=_merges(meta, vocab, scores, path), dropout=None,
-                            unk_token=tokens[unk] if unk is not None else None, fuse_unk=True, byte_fallback=True))
+        tok = Tokenizer(
+            BPE(
+                vocab=vocab,
+                merges=_merges(meta, vocab, scores, path),
+                dropout=None,
+                unk_token=tokens[unk] if unk is not None else None,
+                fuse_unk=True,
+                byte_fallback=True,
+            )
+        )
     except Exception as e:
         raise ConvertError(f"cannot build the SentencePiece-BPE tokenizer: {e}", path) from None
     prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if prefix else "never",
-                                                 split=False)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first" if prefix else "never", split=False
+    )
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
@@ -214,8 +246,11 @@ def _add_tokens(tok, tokens: list[str], types: list[int], alphabet: set[str] | N
 
     # A byte-level token marked CONTROL but spelled outside the byte alphabet is a llama.cpp
     # mislabel (transformers skips it too): adding it would grow the vocabulary past the model's.
-    control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types)
-               if ty == CONTROL and (alphabet is None or set(t) <= alphabet)]
+    control = [
+        AddedToken(t, special=True, normalized=False)
+        for t, ty in zip(tokens, types)
+        if ty == CONTROL and (alphabet is None or set(t) <= alphabet)
+    ]
     user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED]
     if control:
         tok.add_special_tokens(control)

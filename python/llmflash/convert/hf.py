@@ -39,8 +39,9 @@ def _cast(t: torch.Tensor, dtype: torch.dtype, name: str, path: Path) -> torch.T
     if dtype == torch.float16 and t.dtype != torch.float16 and t.numel():
         big = t.abs().max().item()
         if big > FP16_MAX:
-            raise ConvertError(f"tensor {name!r} holds {big:.3g}, beyond float16's range: convert with "
-                               "dtype bfloat16 or float32", path)
+            raise ConvertError(
+                f"tensor {name!r} holds {big:.3g}, beyond float16's range: convert with dtype bfloat16 or float32", path
+            )
     return t.to(dtype)
 
 
@@ -62,8 +63,13 @@ def _check_unused(ck: Checkpoint, plan: Any, cfg_path: Path) -> None:
     raise ConvertError(msg, cfg_path)
 
 
-def convert_hf(src: str | os.PathLike[str], dst: str | os.PathLike[str], dtype: str = "float16",
-               force: bool = False, tokenizer: str | os.PathLike[str] | None = None) -> Path:
+def convert_hf(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    dtype: str = "float16",
+    force: bool = False,
+    tokenizer: str | os.PathLike[str] | None = None,
+) -> Path:
     """Convert the Hugging Face model folder SRC into the store DST (written atomically).
     `tokenizer`: a tokenizer.json, or a folder holding one (its tokenizer_config.json supplies the
     chat template), for sources that ship none (OpenELM); it takes precedence over SRC's own.
@@ -74,22 +80,21 @@ def convert_hf(src: str | os.PathLike[str], dst: str | os.PathLike[str], dtype: 
         raise ConvertError("no such file or folder", src)
     if not src.is_dir():
         raise ConvertError("not a Hugging Face model folder (config.json + *.safetensors)", src)
-    check_destination(dst, src, force)                  # before any reading; StoreWriter checks again
+    check_destination(dst, src, force)  # before any reading; StoreWriter checks again
     cfg_path = src / CONFIG
     if not regular_file(cfg_path):
         raise ConvertError(f"no {CONFIG}: not a Hugging Face model folder", src)
     hf = HFConfig(cfg_path)
     mt = hf.get("model_type")
     if mt not in SUPPORTED:
-        raise UnsupportedModelError(f"model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED)})",
-                                    cfg_path)
+        raise UnsupportedModelError(f"model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED)})", cfg_path)
     ck = Checkpoint(src)
     plan = PLANS[mt](hf, ck, src)
     try:
         plan.config.validate()
     except ValueError as e:
         raise ConvertError(f"inconsistent config: {e}", cfg_path) from None
-    for name, shape in plan.want.items():                    # headers only: fail before writing
+    for name, shape in plan.want.items():  # headers only: fail before writing
         ck.check(name, shape)
     _check_unused(ck, plan, cfg_path)
     tok = read_tokenizer(src, tokenizer, plan.config.vocab_size)

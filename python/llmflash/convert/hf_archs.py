@@ -31,11 +31,11 @@ ALWAYS_UNUSED = re.compile(r"(.*\.)?rotary_emb\.inv_freq")
 @dataclass
 class Plan:
     config: ModelConfig
-    want: dict[str, tuple[int, ...]]                         # source tensor -> shape (checked first)
-    globals: Callable[[], Tensors]                           # canonical non-layer resident tensors
-    layer: Callable[[int], tuple[Tensors, Tensors]]          # (canonical resident, FFN kwargs)
-    layers_key: str = "num_hidden_layers"                    # the config.json key giving the layer count
-    unused: tuple[str, ...] = ()                             # regexes of stored names the plan may leave
+    want: dict[str, tuple[int, ...]]  # source tensor -> shape (checked first)
+    globals: Callable[[], Tensors]  # canonical non-layer resident tensors
+    layer: Callable[[int], tuple[Tensors, Tensors]]  # (canonical resident, FFN kwargs)
+    layers_key: str = "num_hidden_layers"  # the config.json key giving the layer count
+    unused: tuple[str, ...] = ()  # regexes of stored names the plan may leave
 
     def unused_ok(self, stored: str) -> bool:
         """Whether the checkpoint may hold `stored` without the plan reading it."""
@@ -67,21 +67,28 @@ def _rope(hf: HFConfig) -> tuple[float, dict[str, Any] | None]:
         theta = num("rope_theta", 1.0, lo_open=False)
     if kind == "default":
         return theta, None
-    if kind == "linear":                                     # factor >= 1, as transformers requires
+    if kind == "linear":  # factor >= 1, as transformers requires
         return theta, {"rope_type": "linear", "factor": num("factor", 1.0, lo_open=False)}
     if kind == "llama3":
         n = params.get("original_max_position_embeddings")
         if n is None:
             n = hf.int("max_position_embeddings", 2048)
         elif not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= 1 << 24:
-            raise ConvertError(f"RoPE parameter original_max_position_embeddings = {n!r:.40} is not an integer "
-                               "in [1, 2^24]", hf.path)
-        s = {"rope_type": "llama3", "factor": num("factor", 1.0, lo_open=False),
-             "low_freq_factor": num("low_freq_factor"), "high_freq_factor": num("high_freq_factor"),
-             "original_max_position_embeddings": n}
+            raise ConvertError(
+                f"RoPE parameter original_max_position_embeddings = {n!r:.40} is not an integer in [1, 2^24]", hf.path
+            )
+        s = {
+            "rope_type": "llama3",
+            "factor": num("factor", 1.0, lo_open=False),
+            "low_freq_factor": num("low_freq_factor"),
+            "high_freq_factor": num("high_freq_factor"),
+            "original_max_position_embeddings": n,
+        }
         if not s["high_freq_factor"] > s["low_freq_factor"]:
-            raise ConvertError(f"RoPE parameters for {kind!r}: inconsistent values {s} "
-                               "(high_freq_factor must exceed low_freq_factor)", hf.path)
+            raise ConvertError(
+                f"RoPE parameters for {kind!r}: inconsistent values {s} (high_freq_factor must exceed low_freq_factor)",
+                hf.path,
+            )
         return theta, s
     raise hf.unsupported(f"RoPE scaling {kind!r} (supported: default, linear, llama3)")
 
@@ -111,12 +118,28 @@ def _llama(hf: HFConfig, ck: Checkpoint, folder: Path) -> Plan:
     theta, scaling = _rope(hf)
     bias, tie = hf.bool("attention_bias", False), hf.bool("tie_word_embeddings", False)
     bos, eos = hf.token_ids(folder, V)
-    cfg = ModelConfig(arch="llama", vocab_size=V, dim=d, n_layers=L, head_dim=hd, n_heads=[heads] * L,
-                      n_kv_heads=[kv] * L, ffn_dims=[n] * L, norm="rms",
-                      norm_eps=hf.float("rms_norm_eps", 1e-6, hi=1.0),
-                      act="silu", gated=True, max_positions=hf.int("max_position_embeddings", 2048),
-                      rope_theta=theta, rope_scaling=scaling, attn_bias=bias, tie_embeddings=tie,
-                      bos_token_id=bos, eos_token_ids=eos, name=folder.name)
+    cfg = ModelConfig(
+        arch="llama",
+        vocab_size=V,
+        dim=d,
+        n_layers=L,
+        head_dim=hd,
+        n_heads=[heads] * L,
+        n_kv_heads=[kv] * L,
+        ffn_dims=[n] * L,
+        norm="rms",
+        norm_eps=hf.float("rms_norm_eps", 1e-6, hi=1.0),
+        act="silu",
+        gated=True,
+        max_positions=hf.int("max_position_embeddings", 2048),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        attn_bias=bias,
+        tie_embeddings=tie,
+        bos_token_id=bos,
+        eos_token_ids=eos,
+        name=folder.name,
+    )
     want = {"model.embed_tokens.weight": (V, d), "model.norm.weight": (d,)}
     if not tie:
         want["lm_head.weight"] = (V, d)
@@ -139,17 +162,22 @@ def _llama(hf: HFConfig, ck: Checkpoint, folder: Path) -> Plan:
 
     def layer(i: int) -> tuple[Tensors, Tensors]:
         p, q = f"model.layers.{i}.", f"layers.{i}."
-        r = {q + "attn_norm.weight": ck.get(p + "input_layernorm.weight"),
-             q + "ffn_norm.weight": ck.get(p + "post_attention_layernorm.weight")}
+        r = {
+            q + "attn_norm.weight": ck.get(p + "input_layernorm.weight"),
+            q + "ffn_norm.weight": ck.get(p + "post_attention_layernorm.weight"),
+        }
         for x in proj:
             r[q + f"attn.{x}.weight"] = ck.get(p + f"self_attn.{x}_proj.weight")
             if bias:
                 r[q + f"attn.{x}.bias"] = ck.get(p + f"self_attn.{x}_proj.bias")
-        ffn = {"gate": ck.get(p + "mlp.gate_proj.weight"), "up": ck.get(p + "mlp.up_proj.weight"),
-               "down": ck.get(p + "mlp.down_proj.weight")}
+        ffn = {
+            "gate": ck.get(p + "mlp.gate_proj.weight"),
+            "up": ck.get(p + "mlp.up_proj.weight"),
+            "down": ck.get(p + "mlp.down_proj.weight"),
+        }
         return r, ffn
 
-    unused = (r"(model\.)?lm_head\.weight",) if tie else ()   # a tied head is the embedding, as in transformers
+    unused = (r"(model\.)?lm_head\.weight",) if tie else ()  # a tied head is the embedding, as in transformers
     return Plan(cfg, want, globals_, layer, unused=unused)
 
 
@@ -164,15 +192,37 @@ def _opt(hf: HFConfig, ck: Checkpoint, folder: Path) -> Plan:
         raise ConvertError(f"hidden_size {d} is not a multiple of num_attention_heads {heads}", hf.path)
     hd = d // heads
     pre = hf.bool("do_layer_norm_before", True)
-    final = pre and not hf.bool("_remove_final_layer_norm", False)    # as modeling_opt.OPTDecoder
+    final = pre and not hf.bool("_remove_final_layer_norm", False)  # as modeling_opt.OPTDecoder
     bias, affine = hf.bool("enable_bias", True), hf.bool("layer_norm_elementwise_affine", True)
     tie = hf.bool("tie_word_embeddings", True)
     bos, eos = hf.token_ids(folder, V)
-    cfg = ModelConfig(arch="opt", vocab_size=V, dim=d, n_layers=L, head_dim=hd, n_heads=[heads] * L,
-                      n_kv_heads=[heads] * L, ffn_dims=[n] * L, norm="layer", norm_eps=1e-5, act=act,
-                      gated=False, max_positions=P, rope_theta=None, attn_bias=bias, ffn_bias=bias,
-                      pre_norm=pre, final_norm=final, embed_dim=e, learned_pos=True, pos_offset=2,
-                      tie_embeddings=tie, bos_token_id=bos, eos_token_ids=eos, name=folder.name)
+    cfg = ModelConfig(
+        arch="opt",
+        vocab_size=V,
+        dim=d,
+        n_layers=L,
+        head_dim=hd,
+        n_heads=[heads] * L,
+        n_kv_heads=[heads] * L,
+        ffn_dims=[n] * L,
+        norm="layer",
+        norm_eps=1e-5,
+        act=act,
+        gated=False,
+        max_positions=P,
+        rope_theta=None,
+        attn_bias=bias,
+        ffn_bias=bias,
+        pre_norm=pre,
+        final_norm=final,
+        embed_dim=e,
+        learned_pos=True,
+        pos_offset=2,
+        tie_embeddings=tie,
+        bos_token_id=bos,
+        eos_token_ids=eos,
+        name=folder.name,
+    )
     D = "model.decoder."
     want = {D + "embed_tokens.weight": (V, e), D + "embed_positions.weight": (P + 2, d)}
     if e != d:
@@ -198,11 +248,13 @@ def _opt(hf: HFConfig, ck: Checkpoint, folder: Path) -> Plan:
     def norm(src: str) -> Tensors:
         if affine:
             return {"weight": ck.get(src + ".weight"), "bias": ck.get(src + ".bias")}
-        return {"weight": torch.ones(d), "bias": torch.zeros(d)}          # elementwise_affine=False
+        return {"weight": torch.ones(d), "bias": torch.zeros(d)}  # elementwise_affine=False
 
     def globals_() -> Tensors:
-        g = {"embed.weight": ck.get(D + "embed_tokens.weight"),
-             "pos_embed.weight": ck.get(D + "embed_positions.weight")}
+        g = {
+            "embed.weight": ck.get(D + "embed_tokens.weight"),
+            "pos_embed.weight": ck.get(D + "embed_positions.weight"),
+        }
         if e != d:
             g["project_in.weight"] = ck.get(D + "project_in.weight")
             g["project_out.weight"] = ck.get(D + "project_out.weight")
@@ -223,12 +275,12 @@ def _opt(hf: HFConfig, ck: Checkpoint, folder: Path) -> Plan:
                 r[q + f"attn.{x}.bias"] = ck.get(p + f"self_attn.{src}_proj.bias")
         ffn = {"up": ck.get(p + "fc1.weight"), "down": ck.get(p + "fc2.weight")}
         if bias:
-            r[q + "ffn.up_bias"] = ck.get(p + "fc1.bias")                # resident, store order = source
+            r[q + "ffn.up_bias"] = ck.get(p + "fc1.bias")  # resident, store order = source
             r[q + "ffn.down_bias"] = ck.get(p + "fc2.bias")
         return r, ffn
 
     unused = (r"(model\.)?lm_head\.weight",) if tie else ()
-    if not final:                                            # modeling_opt builds no final norm then
+    if not final:  # modeling_opt builds no final norm then
         unused += (r"(model\.)?decoder\.final_layer_norm\.(weight|bias)",)
     return Plan(cfg, want, globals_, layer, unused=unused)
 
@@ -244,24 +296,48 @@ def _openelm(hf: HFConfig, ck: Checkpoint, folder: Path) -> Plan:
     V, groups = hf.int("vocab_size"), hf.int("num_gqa_groups", 1)
     glu = hf.bool("ffn_with_glu", True)
     try:
-        dims = openelm_dims(d, hd, L, groups, hf.get("qkv_multipliers", 1.0), hf.get("ffn_multipliers", 4.0),
-                            hf.int("ffn_dim_divisor", 256))
+        dims = openelm_dims(
+            d,
+            hd,
+            L,
+            groups,
+            hf.get("qkv_multipliers", 1.0),
+            hf.get("ffn_multipliers", 4.0),
+            hf.int("ffn_dim_divisor", 256),
+        )
     except ValueError as e:
         raise ConvertError(str(e), hf.path) from None
     for key, mine in (("num_query_heads", dims.n_heads), ("num_kv_heads", dims.n_kv_heads)):
         given = hf.get(key)
-        if isinstance(given, list) and given != mine:       # HF's OpenELMConfig saves the computed lists
+        if isinstance(given, list) and given != mine:  # HF's OpenELMConfig saves the computed lists
             raise ConvertError(f"{key} = {given} disagrees with the layer-wise scaling formula ({mine})", hf.path)
     qk_norm, tie = hf.bool("normalize_qk_projections", False), hf.bool("share_input_output_layers", True)
     if not tie and not ck.has("lm_head.weight"):
-        raise ConvertError("share_input_output_layers is false but there is no 'lm_head.weight'",
-                           ck.path_of("lm_head.weight"))
+        raise ConvertError(
+            "share_input_output_layers is false but there is no 'lm_head.weight'", ck.path_of("lm_head.weight")
+        )
     bos, eos = hf.token_ids(folder, V)
-    cfg = ModelConfig(arch="openelm", vocab_size=V, dim=d, n_layers=L, head_dim=hd, n_heads=dims.n_heads,
-                      n_kv_heads=dims.n_kv_heads, ffn_dims=dims.ffn_dims, norm="rms", norm_eps=1e-6, act=act,
-                      gated=glu, max_positions=hf.int("max_context_length", 2048),
-                      rope_theta=hf.float("rope_freq_constant", 10000.0, lo=1.0, lo_open=False), qk_norm=qk_norm,
-                      tie_embeddings=tie, bos_token_id=bos, eos_token_ids=eos, name=folder.name)
+    cfg = ModelConfig(
+        arch="openelm",
+        vocab_size=V,
+        dim=d,
+        n_layers=L,
+        head_dim=hd,
+        n_heads=dims.n_heads,
+        n_kv_heads=dims.n_kv_heads,
+        ffn_dims=dims.ffn_dims,
+        norm="rms",
+        norm_eps=1e-6,
+        act=act,
+        gated=glu,
+        max_positions=hf.int("max_context_length", 2048),
+        rope_theta=hf.float("rope_freq_constant", 10000.0, lo=1.0, lo_open=False),
+        qk_norm=qk_norm,
+        tie_embeddings=tie,
+        bos_token_id=bos,
+        eos_token_ids=eos,
+        name=folder.name,
+    )
     T = "transformer."
     want = {T + "token_embeddings.weight": (V, d), T + "norm.weight": (d,)}
     if not tie:
@@ -284,16 +360,20 @@ def _openelm(hf: HFConfig, ck: Checkpoint, folder: Path) -> Plan:
 
     def layer(i: int) -> tuple[Tensors, Tensors]:
         p, q, hq, hkv, ni = f"{T}layers.{i}.", f"layers.{i}.", dims.n_heads[i], dims.n_kv_heads[i], dims.ffn_dims[i]
-        qkv = ck.get(p + "attn.qkv_proj.weight")             # rows: all Q heads, then K, then V
+        qkv = ck.get(p + "attn.qkv_proj.weight")  # rows: all Q heads, then K, then V
         wq, wk, wv = qkv.split([hq * hd, hkv * hd, hkv * hd], dim=0)
-        r = {q + "attn_norm.weight": ck.get(p + "attn_norm.weight"),
-             q + "ffn_norm.weight": ck.get(p + "ffn_norm.weight"),
-             q + "attn.q.weight": wq, q + "attn.k.weight": wk, q + "attn.v.weight": wv,
-             q + "attn.o.weight": ck.get(p + "attn.out_proj.weight")}
+        r = {
+            q + "attn_norm.weight": ck.get(p + "attn_norm.weight"),
+            q + "ffn_norm.weight": ck.get(p + "ffn_norm.weight"),
+            q + "attn.q.weight": wq,
+            q + "attn.k.weight": wk,
+            q + "attn.v.weight": wv,
+            q + "attn.o.weight": ck.get(p + "attn.out_proj.weight"),
+        }
         if qk_norm:
             r[q + "attn.q_norm.weight"] = ck.get(p + "attn.q_norm.weight")
             r[q + "attn.k_norm.weight"] = ck.get(p + "attn.k_norm.weight")
-        p1 = ck.get(p + "ffn.proj_1.weight")                 # GLU: rows 0..n-1 gate, n..2n-1 up
+        p1 = ck.get(p + "ffn.proj_1.weight")  # GLU: rows 0..n-1 gate, n..2n-1 up
         ffn = {"gate": p1[:ni], "up": p1[ni:]} if glu else {"up": p1}
         ffn["down"] = ck.get(p + "ffn.proj_2.weight")
         return r, ffn
@@ -303,5 +383,8 @@ def _openelm(hf: HFConfig, ck: Checkpoint, folder: Path) -> Plan:
 
 
 PLANS: dict[str, Callable[[HFConfig, Checkpoint, Path], Plan]] = {
-    "llama": _llama, "mistral": _llama, "opt": _opt, "openelm": _openelm,
+    "llama": _llama,
+    "mistral": _llama,
+    "opt": _opt,
+    "openelm": _openelm,
 }

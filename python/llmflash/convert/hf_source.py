@@ -23,11 +23,20 @@ CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 # config.json keys bounded by the model limits (models/config.py says why), checked by HFConfig.int as read
-LIMITS = {"num_hidden_layers": MAX_LAYERS, "num_transformer_layers": MAX_LAYERS,
-          "hidden_size": MAX_WIDTH, "model_dim": MAX_WIDTH, "word_embed_proj_dim": MAX_WIDTH,
-          "intermediate_size": MAX_FFN, "ffn_dim": MAX_FFN, "num_attention_heads": MAX_HEADS,
-          "num_key_value_heads": MAX_HEADS, "head_dim": MAX_HEADS, "num_gqa_groups": MAX_HEADS,
-          "vocab_size": MAX_VOCAB}
+LIMITS = {
+    "num_hidden_layers": MAX_LAYERS,
+    "num_transformer_layers": MAX_LAYERS,
+    "hidden_size": MAX_WIDTH,
+    "model_dim": MAX_WIDTH,
+    "word_embed_proj_dim": MAX_WIDTH,
+    "intermediate_size": MAX_FFN,
+    "ffn_dim": MAX_FFN,
+    "num_attention_heads": MAX_HEADS,
+    "num_key_value_heads": MAX_HEADS,
+    "head_dim": MAX_HEADS,
+    "num_gqa_groups": MAX_HEADS,
+    "vocab_size": MAX_VOCAB,
+}
 
 
 # -- the checkpoint: tensor names -> shard files ---------------------------------------------------
@@ -39,7 +48,7 @@ class Checkpoint:
 
         self.folder = folder
         index = folder / INDEX
-        self.expected_in: dict[str, Path] = {}              # from the index: name -> shard
+        self.expected_in: dict[str, Path] = {}  # from the index: name -> shard
         if regular_file(index):
             wm = read_json(index).get("weight_map")
             if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
@@ -57,8 +66,11 @@ class Checkpoint:
                 if not regular_file(p):
                     raise ConvertError("missing (a broken symbolic link?)", p)
         if not files:
-            extra = " (pytorch_model.bin checkpoints are not supported: save with safetensors)" \
-                if any(folder.glob("*.bin")) else ""
+            extra = (
+                " (pytorch_model.bin checkpoints are not supported: save with safetensors)"
+                if any(folder.glob("*.bin"))
+                else ""
+            )
             raise ConvertError(f"no *.safetensors weights in the folder{extra}", folder)
         self.files = files
         self.where: dict[str, Path] = {}
@@ -101,12 +113,15 @@ class Checkpoint:
         if got != shape:
             raise ConvertError(f"tensor {stored!r} has shape {got}, expected {shape}", path)
         if dt not in FLOAT_DTYPES:
-            raise UnsupportedModelError(f"tensor {stored!r} is {dt}; only float16/bfloat16/float32 "
-                                        "weights are supported (quantized checkpoints are not)", path)
+            raise UnsupportedModelError(
+                f"tensor {stored!r} is {dt}; only float16/bfloat16/float32 "
+                "weights are supported (quantized checkpoints are not)",
+                path,
+            )
 
     def get(self, name: str) -> torch.Tensor:
         stored = self.resolve(name)
-        assert stored is not None, name                     # the plan was checked first
+        assert stored is not None, name  # the plan was checked first
         path = self.where[stored]
         try:
             return self.handles[path].get_tensor(stored)
@@ -183,14 +198,18 @@ class HFConfig:
         """bos id and eos ids (config.json, plus generation_config.json's eos ids: Llama 3 chat
         models stop on several). null and negative ids mean none; an id that is not an integer,
         or (given vocab_size) lies beyond the vocabulary, is an error naming the file and key."""
+
         def ids(v: Any, key: str, path: Path) -> list[int]:
             out = []
-            for t in (v if isinstance(v, list) else [v]):
+            for t in v if isinstance(v, list) else [v]:
                 if t is None or (isinstance(t, int) and not isinstance(t, bool) and t < 0):
                     continue
                 if not isinstance(t, int) or isinstance(t, bool) or (vocab_size is not None and t >= vocab_size):
-                    raise ConvertError(f"{key} = {v!r:.40} is not a token id"
-                                       + (f" in [0, {vocab_size})" if vocab_size is not None else ""), path)
+                    raise ConvertError(
+                        f"{key} = {v!r:.40} is not a token id"
+                        + (f" in [0, {vocab_size})" if vocab_size is not None else ""),
+                        path,
+                    )
                 out.append(t)
             return out
 
@@ -224,7 +243,7 @@ def check_number(v: Any, key: str, path: Path, lo: float = 0.0, hi: float = math
 
 # -- tokenizer --------------------------------------------------------------------------------------
 def _chat_template(folder: Path) -> str | None:
-    jinja = folder / "chat_template.jinja"                  # transformers >= 4.50 saves it apart
+    jinja = folder / "chat_template.jinja"  # transformers >= 4.50 saves it apart
     if regular_file(jinja):
         try:
             return jinja.read_text(encoding="utf-8")
@@ -234,14 +253,15 @@ def _chat_template(folder: Path) -> str | None:
     if not regular_file(tc):
         return None
     t = read_json(tc).get("chat_template")
-    if isinstance(t, list):                                  # [{"name": ..., "template": ...}]
+    if isinstance(t, list):  # [{"name": ..., "template": ...}]
         named = {x.get("name"): x.get("template") for x in t if isinstance(x, dict)}
         t = named.get("default", next(iter(named.values()), None))
     return t if isinstance(t, str) else None
 
 
-def read_tokenizer(src: Path, tokenizer: str | os.PathLike[str] | None,
-               vocab_size: int) -> tuple[bytes, str | None] | None:
+def read_tokenizer(
+    src: Path, tokenizer: str | os.PathLike[str] | None, vocab_size: int
+) -> tuple[bytes, str | None] | None:
     if tokenizer is not None:
         tp = Path(tokenizer)
         if tp.is_dir():
@@ -253,8 +273,11 @@ def read_tokenizer(src: Path, tokenizer: str | os.PathLike[str] | None,
     else:
         folder, tp = src, src / "tokenizer.json"
         if not regular_file(tp):
-            warnings.warn(f"{src}: no tokenizer.json; the store will take token ids only "
-                          "(pass tokenizer=... / --tokenizer to add one)", stacklevel=3)
+            warnings.warn(
+                f"{src}: no tokenizer.json; the store will take token ids only "
+                "(pass tokenizer=... / --tokenizer to add one)",
+                stacklevel=3,
+            )
             return None
     from tokenizers import Tokenizer
 
@@ -267,6 +290,9 @@ def read_tokenizer(src: Path, tokenizer: str | os.PathLike[str] | None,
     except Exception as e:  # tokenizers raises a bare Exception subclass
         raise ConvertError(f"not a valid tokenizers JSON file: {e}", tp) from None
     if tok.get_vocab_size(with_added_tokens=True) > vocab_size:
-        warnings.warn(f"{tp}: the tokenizer has {tok.get_vocab_size(with_added_tokens=True)} tokens but the "
-                      f"model only {vocab_size} embeddings; ids beyond them will be refused", stacklevel=3)
+        warnings.warn(
+            f"{tp}: the tokenizer has {tok.get_vocab_size(with_added_tokens=True)} tokens but the "
+            f"model only {vocab_size} embeddings; ids beyond them will be refused",
+            stacklevel=3,
+        )
     return data, _chat_template(folder) or (_chat_template(src) if folder != src else None)

@@ -36,8 +36,15 @@ from .destination import check_destination, clear_own_leftover, fsync_dir, swap_
 
 
 class StoreWriter:
-    def __init__(self, dst: str | os.PathLike[str], config: ModelConfig, dtype: str = "float16",
-                 source: str = "", force: bool = False, src: str | os.PathLike[str] | None = None):
+    def __init__(
+        self,
+        dst: str | os.PathLike[str],
+        config: ModelConfig,
+        dtype: str = "float16",
+        source: str = "",
+        force: bool = False,
+        src: str | os.PathLike[str] | None = None,
+    ):
         """`source`: recorded in the manifest. `src`: the path converted from, if any; the
         destination must neither be it, nor lie inside it, nor contain it."""
         if dtype not in S.DTYPES:
@@ -53,28 +60,29 @@ class StoreWriter:
         self.old = self.dst.parent / f".{self.dst.name}.old-{os.getpid()}"
         self.regions = S.plan_regions(config, dtype)
         self.layers: list[dict[str, Any] | None] = [None] * config.n_layers
-        self.bundle_crcs: list[np.ndarray | None] = [None] * config.n_layers   # per layer, bundles.crc32
+        self.bundle_crcs: list[np.ndarray | None] = [None] * config.n_layers  # per layer, bundles.crc32
         self.extra: dict[str, Any] = {}
         self._ffn = None
 
     # -- context management: anything but a clean exit removes the temporary folder ---------------
     def __enter__(self) -> "StoreWriter":
-        clear_own_leftover(self.tmp)                 # an earlier run of this PID's, never a user's folder
+        clear_own_leftover(self.tmp)  # an earlier run of this PID's, never a user's folder
         try:
             self.dst.parent.mkdir(parents=True, exist_ok=True)
             self.tmp.mkdir()
             self._ffn = open(self.tmp / S.FFN, "wb")
         except OSError as e:
             shutil.rmtree(self.tmp, ignore_errors=True)
-            raise ConvertError(f"cannot create the temporary folder {self.tmp.name}: {os_reason(e)}",
-                               self.dst.parent) from None
+            raise ConvertError(
+                f"cannot create the temporary folder {self.tmp.name}: {os_reason(e)}", self.dst.parent
+            ) from None
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if self._ffn is not None and not self._ffn.closed:
                 with self._writing(S.FFN):
-                    self._ffn.close()                                     # flushes: may meet a full disk
+                    self._ffn.close()  # flushes: may meet a full disk
             if exc_type is None:
                 self._finish()
         except BaseException:
@@ -95,15 +103,17 @@ class StoreWriter:
             raise ConvertError(f"cannot write: {os_reason(e)}", self.dst / name) from None
         except SafetensorError as e:
             raise ConvertError(f"cannot write: {e}", self.dst / name) from None
-        except StoreError as e:                  # store.replace_file's own (the manifest): the same, renamed
+        except StoreError as e:  # store.replace_file's own (the manifest): the same, renamed
             reason = str(e).removeprefix(f"{e.path}: " if e.path else "").removeprefix("cannot write the file: ")
             raise ConvertError(f"cannot write: {reason}", self.dst / name) from None
 
     def _finite(self, what: str, t: torch.Tensor) -> None:
         """ConvertError unless every value of `t` (already in the store dtype) is finite."""
         if not is_finite(t):
-            raise ConvertError(f"{what} holds non-finite values (NaN, or Inf: values beyond {self.dtype_name}'s "
-                               "range); the source is corrupt or needs a wider --dtype")
+            raise ConvertError(
+                f"{what} holds non-finite values (NaN, or Inf: values beyond {self.dtype_name}'s "
+                "range); the source is corrupt or needs a wider --dtype"
+            )
 
     # -- contents -------------------------------------------------------------------------------------
     def write_resident(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -139,7 +149,7 @@ class StoreWriter:
             if tuple(t.shape) != (n, k):
                 raise ConvertError(f"layer {i}: FFN {name} has shape {tuple(t.shape)}, expected {(n, k)}")
             cols.append(t.to(self.dtype))
-        bundles = torch.cat(cols, dim=1).contiguous()                    # (n, bundle_values)
+        bundles = torch.cat(cols, dim=1).contiguous()  # (n, bundle_values)
         self._finite(f"layer {i}'s FFN", bundles)
         payload = bundles.view(torch.uint8).numpy().tobytes()
         offset, bb, region = self.regions[i]
@@ -160,8 +170,9 @@ class StoreWriter:
         if len(mv) != n * bb:
             raise ConvertError(f"layer {i}: payload is {len(mv)} bytes, expected {n * bb}")
         self.bundle_crcs[i] = S.crc32_per_bundle(mv, bb)
-        self.layers[i] = S.LayerRegion(i, offset, n, bb, region, tuple(self.config.bundle_fields),
-                                       zlib.crc32(mv), None).to_dict()
+        self.layers[i] = S.LayerRegion(
+            i, offset, n, bb, region, tuple(self.config.bundle_fields), zlib.crc32(mv), None
+        ).to_dict()
 
     def write_tokenizer(self, tokenizer_json: str | bytes, chat_template: str | None = None) -> None:
         data = tokenizer_json.encode() if isinstance(tokenizer_json, str) else tokenizer_json
@@ -186,19 +197,26 @@ class StoreWriter:
                 with self._writing(name):
                     files[name] = file_entry(self.tmp / name)
         manifest = {
-            "format": S.FORMAT, "version": S.VERSION, "dtype": self.dtype_name, "source": self.source,
-            "config": self.config.to_dict(), "ffn_bytes": (self.tmp / S.FFN).stat().st_size, "alignment": S.ALIGN,
-            "layers": self.layers, "chat_template": self.extra.get("chat_template"), "files": files,
+            "format": S.FORMAT,
+            "version": S.VERSION,
+            "dtype": self.dtype_name,
+            "source": self.source,
+            "config": self.config.to_dict(),
+            "ffn_bytes": (self.tmp / S.FFN).stat().st_size,
+            "alignment": S.ALIGN,
+            "layers": self.layers,
+            "chat_template": self.extra.get("chat_template"),
+            "files": files,
         }
         with self._writing(S.MANIFEST):
             S.write_manifest(self.tmp, manifest)
-        for name in os.listdir(self.tmp):                                 # durable before visible
+        for name in os.listdir(self.tmp):  # durable before visible
             with self._writing(name), open(self.tmp / name, "rb") as f:
                 os.fsync(f.fileno())
         fsync_dir(self.tmp)
-        kind = check_destination(self.dst, self.src, self.force)          # again: it may have changed
+        kind = check_destination(self.dst, self.src, self.force)  # again: it may have changed
         if kind == "store":
             swap_in(self.tmp, self.dst, self.old)
-        else:                                    # absent, or an empty folder: rename(2) replaces it
+        else:  # absent, or an empty folder: rename(2) replaces it
             os.replace(self.tmp, self.dst)
         fsync_dir(self.dst.parent)

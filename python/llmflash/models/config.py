@@ -34,9 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ARCHS = ("llama", "opt", "openelm")
-BOOL_FIELDS = ("gated", "attn_bias", "ffn_bias", "qk_norm", "pre_norm", "final_norm", "learned_pos",
-               "tie_embeddings")
-MAX_FLOAT = 3.0e38                   # about float32's largest: RoPE's tables are float32
+BOOL_FIELDS = ("gated", "attn_bias", "ffn_bias", "qk_norm", "pre_norm", "final_norm", "learned_pos", "tie_embeddings")
+MAX_FLOAT = 3.0e38  # about float32's largest: RoPE's tables are float32
 # rope_scaling's keys per rope_type (besides rope_type itself), as the converters write them
 ROPE_SCALING_KEYS = {
     "default": (),
@@ -56,7 +55,7 @@ def finite_number(what: str, v: Any, lo: float, hi: float, lo_open: bool = False
     if ok:
         try:
             f = float(v)
-        except OverflowError:                                # an int beyond float's range
+        except OverflowError:  # an int beyond float's range
             ok = False
         else:
             ok = math.isfinite(f) and (lo < f if lo_open else lo <= f) and f <= hi
@@ -76,14 +75,17 @@ def check_rope_scaling(s: Any) -> None:
         raise ValueError(f"config.rope_scaling = {s!r:.60} is not an object")
     kind = s.get("rope_type", "default")
     if not isinstance(kind, str) or kind not in ROPE_SCALING_KEYS:
-        raise ValueError(f"config.rope_scaling type {kind!r:.40} is not supported "
-                         f"(supported: {', '.join(ROPE_SCALING_KEYS)})")
+        raise ValueError(
+            f"config.rope_scaling type {kind!r:.40} is not supported (supported: {', '.join(ROPE_SCALING_KEYS)})"
+        )
     want = ROPE_SCALING_KEYS[kind]
     missing = [k for k in want if k not in s]
     extra = sorted(str(k) for k in s if k != "rope_type" and k not in want)
     if missing or extra:
-        raise ValueError(f"config.rope_scaling of type {kind!r}: "
-                         + (f"missing {missing}" if missing else f"unexpected keys {extra[:5]}"))
+        raise ValueError(
+            f"config.rope_scaling of type {kind!r}: "
+            + (f"missing {missing}" if missing else f"unexpected keys {extra[:5]}")
+        )
     if "factor" in want:
         finite_number("config.rope_scaling.factor", s["factor"], 1.0, MAX_FLOAT)
     if kind == "llama3":
@@ -93,8 +95,9 @@ def check_rope_scaling(s: Any) -> None:
             raise ValueError(f"config.rope_scaling.high_freq_factor = {hi:g} is not above low_freq_factor = {lo:g}")
         n = s["original_max_position_embeddings"]
         if not _is_int(n) or not 0 < n <= 1 << 24:
-            raise ValueError(f"config.rope_scaling.original_max_position_embeddings = {n!r:.40} "
-                             "is not a positive integer below 2^24")
+            raise ValueError(
+                f"config.rope_scaling.original_max_position_embeddings = {n!r:.40} is not a positive integer below 2^24"
+            )
 
 
 # Upper bounds on a model's counts, far above any published model (405B Llama: 126 layers, width
@@ -103,42 +106,42 @@ def check_rope_scaling(s: Any) -> None:
 # small: a hostile 2^24 layers fails at once (a converter names the key; a manifest, the field)
 # instead of as a MemoryError later. Positions: 2^24 (Llama 4 Scout's 10M context fits).
 MAX_LAYERS = 4096
-MAX_WIDTH = 1 << 17           # hidden size / embedding width
-MAX_FFN = 1 << 20             # FFN (intermediate) width
-MAX_HEADS = 4096              # attention heads, KV heads, head size
+MAX_WIDTH = 1 << 17  # hidden size / embedding width
+MAX_FFN = 1 << 20  # FFN (intermediate) width
+MAX_HEADS = 4096  # attention heads, KV heads, head size
 MAX_VOCAB = 1 << 22
 MAX_POSITIONS = 1 << 24
 
 
 @dataclass
 class ModelConfig:
-    arch: str                    # "llama" | "opt" | "openelm"
+    arch: str  # "llama" | "opt" | "openelm"
     vocab_size: int
-    dim: int                     # hidden size D of the decoder layers
+    dim: int  # hidden size D of the decoder layers
     n_layers: int
     head_dim: int
-    n_heads: list[int]           # query heads per layer
-    n_kv_heads: list[int]        # key/value heads per layer (GQA when fewer than n_heads)
-    ffn_dims: list[int]          # FFN neurons per layer
-    norm: str = "rms"            # "rms" | "layer"
+    n_heads: list[int]  # query heads per layer
+    n_kv_heads: list[int]  # key/value heads per layer (GQA when fewer than n_heads)
+    ffn_dims: list[int]  # FFN neurons per layer
+    norm: str = "rms"  # "rms" | "layer"
     norm_eps: float = 1e-5
-    act: str = "silu"            # "silu" | "relu" | "gelu"
-    gated: bool = True           # SwiGLU (gate * up) vs plain fc1 -> act -> fc2
+    act: str = "silu"  # "silu" | "relu" | "gelu"
+    gated: bool = True  # SwiGLU (gate * up) vs plain fc1 -> act -> fc2
     max_positions: int = 2048
-    rope_theta: float | None = 10000.0   # None: no RoPE (OPT's learned positions)
+    rope_theta: float | None = 10000.0  # None: no RoPE (OPT's learned positions)
     rope_scaling: dict[str, Any] | None = None
-    attn_bias: bool = False      # q/k/v/o biases
-    ffn_bias: bool = False       # fc1 bias (resident, per neuron, in store order) and fc2 bias (resident)
-    qk_norm: bool = False        # RMSNorm over head_dim on q and k before RoPE (OpenELM)
-    pre_norm: bool = True        # OPT do_layer_norm_before
+    attn_bias: bool = False  # q/k/v/o biases
+    ffn_bias: bool = False  # fc1 bias (resident, per neuron, in store order) and fc2 bias (resident)
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (OpenELM)
+    pre_norm: bool = True  # OPT do_layer_norm_before
     final_norm: bool = True
-    embed_dim: int = 0           # OPT word_embed_proj_dim; 0 means == dim
-    learned_pos: bool = False    # OPT
-    pos_offset: int = 0          # OPT: 2
+    embed_dim: int = 0  # OPT word_embed_proj_dim; 0 means == dim
+    learned_pos: bool = False  # OPT
+    pos_offset: int = 0  # OPT: 2
     tie_embeddings: bool = True
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
-    name: str = ""               # human-readable source name
+    name: str = ""  # human-readable source name
 
     def __post_init__(self) -> None:
         if _is_int(self.embed_dim) and self.embed_dim == 0:
@@ -162,8 +165,14 @@ class ModelConfig:
         range, so a bad config fails here rather than as a TypeError or NaN logits later."""
         if not isinstance(self.arch, str) or self.arch not in ARCHS:
             raise ValueError(f"unsupported architecture {self.arch!r:.40} (supported: {', '.join(ARCHS)})")
-        for name, hi in (("vocab_size", MAX_VOCAB), ("dim", MAX_WIDTH), ("n_layers", MAX_LAYERS),
-                         ("head_dim", MAX_HEADS), ("embed_dim", MAX_WIDTH), ("max_positions", MAX_POSITIONS)):
+        for name, hi in (
+            ("vocab_size", MAX_VOCAB),
+            ("dim", MAX_WIDTH),
+            ("n_layers", MAX_LAYERS),
+            ("head_dim", MAX_HEADS),
+            ("embed_dim", MAX_WIDTH),
+            ("max_positions", MAX_POSITIONS),
+        ):
             v = getattr(self, name)
             if not _is_int(v) or not 0 < v <= hi:
                 raise ValueError(f"config.{name} = {v!r:.40} is not an integer in [1, {hi}]")
@@ -177,8 +186,9 @@ class ModelConfig:
                 raise ValueError(f"config.{name} has an entry that is not an integer in [1, {hi}]")
         for i, (hq, hkv) in enumerate(zip(self.n_heads, self.n_kv_heads)):
             if hq % hkv:
-                raise ValueError(f"query heads {hq} not a multiple of KV heads {hkv} "
-                                 f"(config.n_heads[{i}], config.n_kv_heads[{i}])")
+                raise ValueError(
+                    f"query heads {hq} not a multiple of KV heads {hkv} (config.n_heads[{i}], config.n_kv_heads[{i}])"
+                )
         for name in BOOL_FIELDS:
             v = getattr(self, name)
             if not isinstance(v, bool):
@@ -192,8 +202,10 @@ class ModelConfig:
         finite_number("config.norm_eps", self.norm_eps, 0.0, 1.0, lo_open=True)
         if self.rope_theta is None:
             if not self.learned_pos:
-                raise ValueError("config.rope_theta is null but config.learned_pos is false: "
-                                 "the model would have no positional information")
+                raise ValueError(
+                    "config.rope_theta is null but config.learned_pos is false: "
+                    "the model would have no positional information"
+                )
             if self.rope_scaling is not None:
                 raise ValueError("config.rope_scaling is set but config.rope_theta is null (no RoPE)")
         else:

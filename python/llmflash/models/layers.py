@@ -46,11 +46,17 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     also rounds its result to float16."""
     if w.dtype != torch.float32 and x.shape[0] >= UPCAST_ROWS:
         return F.linear(x.float(), w.float(), None if b is None else b.float())
-    if (x.shape[0] == 1 and in_decode() and w.dtype == torch.float16 and w.dim() == 2 and w.shape[0] > 0
-            and w.stride(1) == 1):
+    if (
+        x.shape[0] == 1
+        and in_decode()
+        and w.dtype == torch.float16
+        and w.dim() == 2
+        and w.shape[0] > 0
+        and w.stride(1) == 1
+    ):
         from .._native import f16_matvec
 
-        xs = x[0].to(torch.float16).float().contiguous().numpy()      # the input rounded as F.linear's
+        xs = x[0].to(torch.float16).float().contiguous().numpy()  # the input rounded as F.linear's
         y = torch.from_numpy(f16_matvec(w.view(torch.int16).numpy(), xs, native_threads())).unsqueeze(0)
         return y if b is None else y + b.float()
     return F.linear(x.to(w.dtype), w, b).float()
@@ -59,7 +65,7 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
 ACTIVATIONS = {
     "silu": F.silu,
     "relu": F.relu,
-    "gelu": F.gelu,            # exact (erf) GELU: Hugging Face's "gelu"
+    "gelu": F.gelu,  # exact (erf) GELU: Hugging Face's "gelu"
 }
 
 
@@ -74,9 +80,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = 
     if kind == "default":
         return inv
     if kind == "linear":
-        return inv / float(scaling["factor"])               # type: ignore[index]
+        return inv / float(scaling["factor"])  # type: ignore[index]
     if kind == "llama3":
-        s = scaling                                          # type: ignore[assignment]
+        s = scaling  # type: ignore[assignment]
         factor, lo, hi = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
         old_len = float(s["original_max_position_embeddings"])
         low_wavelen, high_wavelen = old_len / lo, old_len / hi
@@ -94,8 +100,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = 
 def rope_tables(inv_freq: Tensor, n_positions: int) -> tuple[Tensor, Tensor]:
     """cos, sin (n_positions, head_dim) float32 for positions 0..n_positions-1 (half-split layout)."""
     pos = torch.arange(n_positions, dtype=torch.float32)
-    freqs = pos[:, None] * inv_freq[None, :]                # (P, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)                  # (P, hd)
+    freqs = pos[:, None] * inv_freq[None, :]  # (P, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (P, hd)
     return emb.cos(), emb.sin()
 
 
@@ -107,7 +113,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 # -- attention --------------------------------------------------------------------------------------
-SCORE_BLOCK_BYTES = 8 << 20       # attention scores held at once: queries go in blocks under this
+SCORE_BLOCK_BYTES = 8 << 20  # attention scores held at once: queries go in blocks under this
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
@@ -126,8 +132,12 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
     rows = max(1, SCORE_BLOCK_BYTES // (4 * Hq * S))
     if T <= rows:
         return _causal_block(q, k, v, start)
-    return torch.cat([_causal_block(q[:, a:a + rows], k[:, :start + a + rows], v[:, :start + a + rows], start + a)
-                      for a in range(0, T, rows)])
+    return torch.cat(
+        [
+            _causal_block(q[:, a : a + rows], k[:, : start + a + rows], v[:, : start + a + rows], start + a)
+            for a in range(0, T, rows)
+        ]
+    )
 
 
 def _causal_block(q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
@@ -138,13 +148,13 @@ def _causal_block(q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
     # Grouping the query heads by their KV head lets one batched matmul serve the whole group
     # without materialising repeated keys: (Hkv, g*T, hd) @ (Hkv, hd, S).
     qg = q.reshape(Hkv, g * T, hd)
-    scores = torch.matmul(qg, k.transpose(1, 2)) * (hd ** -0.5)          # (Hkv, g*T, S)
+    scores = torch.matmul(qg, k.transpose(1, 2)) * (hd**-0.5)  # (Hkv, g*T, S)
     if T > 1:
-        t = torch.arange(T).unsqueeze(1) + start                          # (T, 1) query positions
-        future = torch.arange(S).unsqueeze(0) > t                         # (T, S)
+        t = torch.arange(T).unsqueeze(1) + start  # (T, 1) query positions
+        future = torch.arange(S).unsqueeze(0) > t  # (T, S)
         scores = scores.view(Hkv, g, T, S).masked_fill(future, float("-inf")).view(Hkv, g * T, S)
     probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, v)                                          # (Hkv, g*T, hd)
+    out = torch.matmul(probs, v)  # (Hkv, g*T, hd)
     return out.view(Hq, T, hd).transpose(0, 1).reshape(T, Hq * hd)
 
 
@@ -158,12 +168,22 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int) -
     it splits the KV heads between the configured threads. Other dtypes (bfloat16) and
     non-contiguous caches go through causal_attention."""
     Hq, T, hd = q.shape
-    if (T != 1 or k_cache.dtype not in (torch.float16, torch.float32) or v_cache.dtype != k_cache.dtype
-            or not (k_cache.is_contiguous() and v_cache.is_contiguous())):
+    if (
+        T != 1
+        or k_cache.dtype not in (torch.float16, torch.float32)
+        or v_cache.dtype != k_cache.dtype
+        or not (k_cache.is_contiguous() and v_cache.is_contiguous())
+    ):
         return causal_attention(q, k_cache[:, :length].float(), v_cache[:, :length].float(), length - 1)
     from .._native import attend_one
 
     bits = (lambda t: t.view(torch.int16).numpy()) if k_cache.dtype == torch.float16 else (lambda t: t.numpy())
-    out = attend_one(q.reshape(Hq, hd).float().contiguous().numpy(), bits(k_cache), bits(v_cache), length,
-                     hd ** -0.5, native_threads() if in_decode() else 1)
+    out = attend_one(
+        q.reshape(Hq, hd).float().contiguous().numpy(),
+        bits(k_cache),
+        bits(v_cache),
+        length,
+        hd**-0.5,
+        native_threads() if in_decode() else 1,
+    )
     return torch.from_numpy(out).unsqueeze(0)

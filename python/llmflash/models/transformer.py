@@ -46,9 +46,9 @@ class ContextLengthError(LlmflashError, ValueError):
     """A sequence ran past the positions a model with learned position embeddings has."""
 
 
-KV_STEP = 256            # positions a KV cache grows by at least (and what a generation reserves ahead)
-PREFILL_CHUNK = 512      # tokens one pass runs through the layers at once: bounds a long prompt's activations
-CHUNK_BYTES = 16 << 20   # ... and fewer for wide models: a chunk's float32 activations stay about this size
+KV_STEP = 256  # positions a KV cache grows by at least (and what a generation reserves ahead)
+PREFILL_CHUNK = 512  # tokens one pass runs through the layers at once: bounds a long prompt's activations
+CHUNK_BYTES = 16 << 20  # ... and fewer for wide models: a chunk's float32 activations stay about this size
 
 
 class KVCache:
@@ -58,8 +58,9 @@ class KVCache:
     layer at a time (the only extra memory while growing is one layer's old buffer), up to `limit`
     positions when the model has one (learned positions). Capacity <= 1.25 x length + KV_STEP."""
 
-    def __init__(self, n_kv_heads: list[int], head_dim: int, capacity: int, dtype: torch.dtype,
-                 limit: int | None = None):
+    def __init__(
+        self, n_kv_heads: list[int], head_dim: int, capacity: int, dtype: torch.dtype, limit: int | None = None
+    ):
         capacity = max(1, capacity if limit is None else min(capacity, limit))
         self.k = [torch.zeros(h, capacity, head_dim, dtype=dtype) for h in n_kv_heads]
         self.v = [torch.zeros(h, capacity, head_dim, dtype=dtype) for h in n_kv_heads]
@@ -73,8 +74,10 @@ class KVCache:
     def reserve(self, n: int) -> None:
         """Make room for n positions in all."""
         if self.limit is not None and n > self.limit:
-            raise ContextLengthError(f"sequence of {n} tokens exceeds the model's {self.limit} positions "
-                                     "(learned position embeddings cannot extrapolate)")
+            raise ContextLengthError(
+                f"sequence of {n} tokens exceeds the model's {self.limit} positions "
+                "(learned position embeddings cannot extrapolate)"
+            )
         if n <= self.capacity:
             return
         cap = max(n, self.capacity + max(KV_STEP, self.capacity // 4))
@@ -84,9 +87,9 @@ class KVCache:
             for i in range(len(buf)):
                 t = buf[i]
                 grown = t.new_zeros(t.shape[0], cap, t.shape[2])
-                grown[:, :self.length] = t[:, :self.length]
+                grown[:, : self.length] = t[:, : self.length]
                 buf[i] = grown
-                del t, grown                     # the old buffer goes now, before the next layer's grows
+                del t, grown  # the old buffer goes now, before the next layer's grows
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
@@ -105,61 +108,68 @@ class Weights(Protocol):
 
 @dataclass
 class Norm:
-    weight: Tensor                # (D,) float32
-    bias: Tensor | None           # (D,) float32, LayerNorm only
+    weight: Tensor  # (D,) float32
+    bias: Tensor | None  # (D,) float32, LayerNorm only
 
 
 @dataclass
 class Layer:
     attn_norm: Norm
     ffn_norm: Norm
-    q: Tensor                     # (Hq*hd, D)
-    k: Tensor                     # (Hkv*hd, D)
-    v: Tensor                     # (Hkv*hd, D)
-    o: Tensor                     # (D, Hq*hd)
-    q_b: Tensor | None            # attention biases (OPT, Llama with attention_bias)
+    q: Tensor  # (Hq*hd, D)
+    k: Tensor  # (Hkv*hd, D)
+    v: Tensor  # (Hkv*hd, D)
+    o: Tensor  # (D, Hq*hd)
+    q_b: Tensor | None  # attention biases (OPT, Llama with attention_bias)
     k_b: Tensor | None
     v_b: Tensor | None
     o_b: Tensor | None
-    q_norm: Tensor | None         # (hd,) float32, OpenELM
+    q_norm: Tensor | None  # (hd,) float32, OpenELM
     k_norm: Tensor | None
-    down_bias: Tensor | None      # (D,) float32, OPT fc2 bias
+    down_bias: Tensor | None  # (D,) float32, OPT fc2 bias
     n_heads: int
     n_kv_heads: int
 
 
 class Transformer:
-    def __init__(self, config: ModelConfig, resident: dict[str, Tensor], ffn: FFN,
-                 dtype: torch.dtype | None = None):
+    def __init__(self, config: ModelConfig, resident: dict[str, Tensor], ffn: FFN, dtype: torch.dtype | None = None):
         c = self.config = config
         self.ffn = ffn
-        self.source: str | os.PathLike[str] | None = None       # the store, named in errors
+        self.source: str | os.PathLike[str] | None = None  # the store, named in errors
         self.dtype = dtype or resident["embed.weight"].dtype
-        w = lambda name: resident[name].to(self.dtype)                      # noqa: E731
-        f32 = lambda name: resident[name].float()                           # noqa: E731
-        opt = lambda name, conv: conv(name) if name in resident else None   # noqa: E731
+        w = lambda name: resident[name].to(self.dtype)  # noqa: E731
+        f32 = lambda name: resident[name].float()  # noqa: E731
+        opt = lambda name, conv: conv(name) if name in resident else None  # noqa: E731
 
-        self.embed = w("embed.weight")                                      # (V, E)
-        self.pos_embed = opt("pos_embed.weight", w)                         # (P + offset, D)
-        self.project_in = opt("project_in.weight", w)                       # (D, E)
-        self.project_out = opt("project_out.weight", w)                     # (E, D)
+        self.embed = w("embed.weight")  # (V, E)
+        self.pos_embed = opt("pos_embed.weight", w)  # (P + offset, D)
+        self.project_in = opt("project_in.weight", w)  # (D, E)
+        self.project_out = opt("project_out.weight", w)  # (E, D)
         self.norm = Norm(f32("norm.weight"), opt("norm.bias", f32)) if c.final_norm else None
-        self.lm_head = self.embed if c.tie_embeddings else w("lm_head.weight")   # (V, E)
+        self.lm_head = self.embed if c.tie_embeddings else w("lm_head.weight")  # (V, E)
         self.layers: list[Layer] = []
         for i in range(c.n_layers):
             p = f"layers.{i}."
-            self.layers.append(Layer(
-                attn_norm=Norm(f32(p + "attn_norm.weight"), opt(p + "attn_norm.bias", f32)),
-                ffn_norm=Norm(f32(p + "ffn_norm.weight"), opt(p + "ffn_norm.bias", f32)),
-                q=w(p + "attn.q.weight"), k=w(p + "attn.k.weight"),
-                v=w(p + "attn.v.weight"), o=w(p + "attn.o.weight"),
-                q_b=opt(p + "attn.q.bias", w), k_b=opt(p + "attn.k.bias", w),
-                v_b=opt(p + "attn.v.bias", w), o_b=opt(p + "attn.o.bias", w),
-                q_norm=opt(p + "attn.q_norm.weight", f32), k_norm=opt(p + "attn.k_norm.weight", f32),
-                down_bias=opt(p + "ffn.down_bias", f32),
-                n_heads=c.n_heads[i], n_kv_heads=c.n_kv_heads[i]))
-        self.inv_freq = (rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
-                         if c.rope_theta is not None else None)
+            self.layers.append(
+                Layer(
+                    attn_norm=Norm(f32(p + "attn_norm.weight"), opt(p + "attn_norm.bias", f32)),
+                    ffn_norm=Norm(f32(p + "ffn_norm.weight"), opt(p + "ffn_norm.bias", f32)),
+                    q=w(p + "attn.q.weight"),
+                    k=w(p + "attn.k.weight"),
+                    v=w(p + "attn.v.weight"),
+                    o=w(p + "attn.o.weight"),
+                    q_b=opt(p + "attn.q.bias", w),
+                    k_b=opt(p + "attn.k.bias", w),
+                    v_b=opt(p + "attn.v.bias", w),
+                    o_b=opt(p + "attn.o.bias", w),
+                    q_norm=opt(p + "attn.q_norm.weight", f32),
+                    k_norm=opt(p + "attn.k_norm.weight", f32),
+                    down_bias=opt(p + "ffn.down_bias", f32),
+                    n_heads=c.n_heads[i],
+                    n_kv_heads=c.n_kv_heads[i],
+                )
+            )
+        self.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling) if c.rope_theta is not None else None
         self._cos = self._sin = torch.empty(0)
         # float32 values a token's pass holds at once: residual, norm, q/k/v/attention out, FFN hidden
         per_token = 4 * (6 * c.dim + 3 * max(c.ffn_dims))
@@ -176,8 +186,7 @@ class Transformer:
         """An empty KV cache with room for max_len positions (it grows when needed: callers that
         only may reach max_len, like a generation, pass what they know will come)."""
         c = self.config
-        return KVCache(c.n_kv_heads, c.head_dim, max_len, self.dtype,
-                       limit=c.max_positions if c.learned_pos else None)
+        return KVCache(c.n_kv_heads, c.head_dim, max_len, self.dtype, limit=c.max_positions if c.learned_pos else None)
 
     # -- forward ------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -195,7 +204,7 @@ class Transformer:
             # strategy that reads the FFN from flash reads it once a chunk, not once a prompt.
             cache.reserve(cache.length + T)
             # (with last_only, every chunk computes one row of logits, not chunk x vocab)
-            outs = [self.forward(tokens[a:a + chunk], cache, last_only) for a in range(0, T, chunk)]
+            outs = [self.forward(tokens[a : a + chunk], cache, last_only) for a in range(0, T, chunk)]
             return outs[-1] if last_only else torch.cat(outs)
         # one token of a large float16 model: the products run natively, torch's ops on one thread
         with decode_threads(T == 1 and native_decode(self.config.dim, self.dtype)):
@@ -206,16 +215,16 @@ class Transformer:
     def _forward(self, tokens: Tensor, cache: KVCache, last_only: bool, T: int, start: int) -> Tensor:
         c = self.config
         cache.reserve(start + T)
-        x = F.embedding(tokens, self.embed).float()                         # (T, E)
+        x = F.embedding(tokens, self.embed).float()  # (T, E)
         if self.project_in is not None:
-            x = linear(x, self.project_in)                                  # (T, D)
+            x = linear(x, self.project_in)  # (T, D)
         if self.pos_embed is not None:
-            x = x + self.pos_embed[start + c.pos_offset:start + c.pos_offset + T].float()
+            x = x + self.pos_embed[start + c.pos_offset : start + c.pos_offset + T].float()
         cos, sin = self._rope(start, T)
         early = getattr(self.ffn, "early", None)
         for i, L in enumerate(self.layers):
             if c.pre_norm:
-                if early is not None:        # flash lookahead="attention": guess this layer's set now
+                if early is not None:  # flash lookahead="attention": guess this layer's set now
                     early(i, self._norm(x, L.ffn_norm).to(self.dtype))
                 x = x + self._attention(i, L, self._norm(x, L.attn_norm), cache, start, cos, sin)
                 x = x + self._ffn(i, L, self._norm(x, L.ffn_norm))
@@ -228,57 +237,61 @@ class Transformer:
         if self.norm is not None:
             x = self._norm(x, self.norm)
         if self.project_out is not None:
-            x = linear(x, self.project_out)                                 # (T, E)
-        logits = linear(x, self.lm_head)                                    # (T, V)
+            x = linear(x, self.project_out)  # (T, E)
+        logits = linear(x, self.lm_head)  # (T, V)
         # NaN/Inf anywhere in the weights or activations reaches the logits (norms, softmax and
         # sums spread it): one cheap check here instead of a token picked from NaNs
         if not bool(torch.isfinite(logits).all()):
-            raise StoreError(f"the model computed non-finite logits (NaN or Inf) at positions {start}.."
-                             f"{start + T - 1}: its weights hold non-finite or overflowing values "
-                             "(`llmflash verify` checks a store)",
-                             self.source)
+            raise StoreError(
+                f"the model computed non-finite logits (NaN or Inf) at positions {start}.."
+                f"{start + T - 1}: its weights hold non-finite or overflowing values "
+                "(`llmflash verify` checks a store)",
+                self.source,
+            )
         return logits
 
     def _norm(self, x: Tensor, n: Norm) -> Tensor:
         if self.config.norm == "rms":
             return rms_norm(x, n.weight, self.config.norm_eps)
-        return layer_norm(x, n.weight, n.bias, self.config.norm_eps)       # type: ignore[arg-type]
+        return layer_norm(x, n.weight, n.bias, self.config.norm_eps)  # type: ignore[arg-type]
 
     def _rope(self, start: int, T: int) -> tuple[Tensor | None, Tensor | None]:
         if self.inv_freq is None:
             return None, None
-        if self._cos.shape[0] < start + T:                                  # grow the tables
+        if self._cos.shape[0] < start + T:  # grow the tables
             self._cos, self._sin = rope_tables(self.inv_freq, max(start + T, 2 * self._cos.shape[0], 256))
-        return self._cos[start:start + T], self._sin[start:start + T]     # (T, hd) each
+        return self._cos[start : start + T], self._sin[start : start + T]  # (T, hd) each
 
-    def _attention(self, i: int, L: Layer, x: Tensor, cache: KVCache, start: int,
-                   cos: Tensor | None, sin: Tensor | None) -> Tensor:
+    def _attention(
+        self, i: int, L: Layer, x: Tensor, cache: KVCache, start: int, cos: Tensor | None, sin: Tensor | None
+    ) -> Tensor:
         """x (T, D) -> (T, D) float32; writes this layer's keys and values into the cache."""
         c, hd, T = self.config, self.config.head_dim, x.shape[0]
-        q = linear(x, L.q, L.q_b).view(T, L.n_heads, hd).transpose(0, 1)            # (Hq, T, hd)
-        k = linear(x, L.k, L.k_b).view(T, L.n_kv_heads, hd).transpose(0, 1)         # (Hkv, T, hd)
-        v = linear(x, L.v, L.v_b).view(T, L.n_kv_heads, hd).transpose(0, 1)         # (Hkv, T, hd)
-        if L.q_norm is not None and L.k_norm is not None:                  # OpenELM, before RoPE
+        q = linear(x, L.q, L.q_b).view(T, L.n_heads, hd).transpose(0, 1)  # (Hq, T, hd)
+        k = linear(x, L.k, L.k_b).view(T, L.n_kv_heads, hd).transpose(0, 1)  # (Hkv, T, hd)
+        v = linear(x, L.v, L.v_b).view(T, L.n_kv_heads, hd).transpose(0, 1)  # (Hkv, T, hd)
+        if L.q_norm is not None and L.k_norm is not None:  # OpenELM, before RoPE
             q, k = rms_norm(q, L.q_norm, c.norm_eps), rms_norm(k, L.k_norm, c.norm_eps)
         if cos is not None and sin is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache.k[i][:, start:start + T] = k
-        cache.v[i][:, start:start + T] = v
-        if T == 1:                                                          # decode: the cache as stored
-            out = decode_attention(q, cache.k[i], cache.v[i], start + 1)   # (1, Hq*hd)
+        cache.k[i][:, start : start + T] = k
+        cache.v[i][:, start : start + T] = v
+        if T == 1:  # decode: the cache as stored
+            out = decode_attention(q, cache.k[i], cache.v[i], start + 1)  # (1, Hq*hd)
         else:
-            keys = cache.k[i][:, :start + T].float()                        # (Hkv, S, hd)
-            values = cache.v[i][:, :start + T].float()
-            out = causal_attention(q, keys, values, start)                  # (T, Hq*hd)
-        return linear(out, L.o, L.o_b)                                      # (T, D)
+            keys = cache.k[i][:, : start + T].float()  # (Hkv, S, hd)
+            values = cache.v[i][:, : start + T].float()
+            out = causal_attention(q, keys, values, start)  # (T, Hq*hd)
+        return linear(out, L.o, L.o_b)  # (T, D)
 
     def _ffn(self, i: int, L: Layer, x: Tensor) -> Tensor:
-        y = self.ffn(i, x.to(self.dtype)).float()                           # (T, D)
+        y = self.ffn(i, x.to(self.dtype)).float()  # (T, D)
         return y + L.down_bias if L.down_bias is not None else y
 
 
-def greedy(model: Transformer, prompt: list[int], max_new_tokens: int,
-           eos_token_ids: list[int] | None = None) -> list[int]:
+def greedy(
+    model: Transformer, prompt: list[int], max_new_tokens: int, eos_token_ids: list[int] | None = None
+) -> list[int]:
     """Greedy continuation of `prompt` with a KV cache: the new token ids (stops after an EOS)."""
     cache = model.new_cache(len(prompt) + min(max_new_tokens, KV_STEP))
     logits = model.forward(torch.tensor(prompt, dtype=torch.long), cache, last_only=True)[-1]
@@ -290,4 +303,3 @@ def greedy(model: Transformer, prompt: list[int], max_new_tokens: int,
             break
         logits = model.forward(torch.tensor([tok], dtype=torch.long), cache)[-1]
     return out
-

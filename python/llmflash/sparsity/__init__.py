@@ -17,5 +17,13 @@ from .predictors_file import load_predictors
 from .rules import AllNeurons, Oracle
 from .source import WantedSource, make_source
 
-__all__ = ["AllNeurons", "NextLayerGuess", "Oracle", "Predictors", "SameLayerGuess", "WantedSource",
-           "load_predictors", "make_source"]
+__all__ = [
+    "AllNeurons",
+    "NextLayerGuess",
+    "Oracle",
+    "Predictors",
+    "SameLayerGuess",
+    "WantedSource",
+    "load_predictors",
+    "make_source",
+]

@@ -36,7 +36,7 @@ from .predictors_file import save_predictors
 from .quantiles import expected, sample_quantiles, threshold_for_recall
 from .shadow import ShadowLayer
 
-THRESHOLD_TOKENS = 1024         # the label thresholds come from |act| over the first 1024 tokens
+THRESHOLD_TOKENS = 1024  # the label thresholds come from |act| over the first 1024 tokens
 
 
 class DenseWeights(Protocol):
@@ -63,13 +63,13 @@ class RecordingFFN:
         self.inverse = [order_inverse(L.order) for L in store.layers]
         self.thresholds: list[float] | None = None if self.kind == "magnitude" else [0.0] * c.n_layers
         self.threshold_tokens = threshold_tokens
-        self._pending: list[list[Tensor]] = [[] for _ in range(c.n_layers)]   # |act| until thresholds
-        self.pos = 0                                    # first row of the current chunk
+        self._pending: list[list[Tensor]] = [[] for _ in range(c.n_layers)]  # |act| until thresholds
+        self.pos = 0  # first row of the current chunk
 
     def __call__(self, layer: int, x: Tensor) -> Tensor:
         T = x.shape[0]
         d = self.dense
-        act = activations(self.config, d.w1[layer], x, d.b1[layer])         # (T, n) float32, store positions
+        act = activations(self.config, d.w1[layer], x, d.b1[layer])  # (T, n) float32, store positions
         a = in_original_ids(act, self.inverse[layer])
         rows = slice(self.pos, self.pos + T)
         self.x[layer][rows] = x
@@ -77,7 +77,7 @@ class RecordingFFN:
             self._pending[layer].append(a.abs())
         else:
             self.y[layer][rows] = pack_bits(labels(self.kind, a, self.thresholds[layer]))
-        return linear(act, d.w2[layer])                                     # (T, D)
+        return linear(act, d.w2[layer])  # (T, D)
 
     def end_chunk(self, T: int) -> None:
         """Advance past a chunk of T tokens; fix the label thresholds once enough tokens were seen."""
@@ -95,14 +95,15 @@ class RecordingFFN:
                 a = a[torch.randint(a.numel(), (1 << 22,), generator=gen)]
             self.thresholds.append(float(torch.quantile(a.double(), 1.0 - self.keep)))
             start = 0
-            for p in parts:                                                # label what was held back
-                self.y[layer][start:start + p.shape[0]] = pack_bits(p > self.thresholds[-1])
+            for p in parts:  # label what was held back
+                self.y[layer][start : start + p.shape[0]] = pack_bits(p > self.thresholds[-1])
                 start += p.shape[0]
         self._pending = [[] for _ in self._pending]
 
 
-def record(store: Store, dense: DenseWeights, ids: list[int], keep: float, chunk: int,
-           progress: bool = True) -> RecordingFFN:
+def record(
+    store: Store, dense: DenseWeights, ids: list[int], keep: float, chunk: int, progress: bool = True
+) -> RecordingFFN:
     """Run the dense model over `ids` in chunks (fresh KV cache each), recording x and labels."""
     from tqdm import tqdm
 
@@ -113,7 +114,7 @@ def record(store: Store, dense: DenseWeights, ids: list[int], keep: float, chunk
     model = Transformer.from_store(store, rec)
     with tqdm(total=len(ids), desc="record", unit="tok", disable=not progress) as bar:
         for s in range(0, len(ids), chunk):
-            piece = torch.tensor(ids[s:s + chunk], dtype=torch.long)
+            piece = torch.tensor(ids[s : s + chunk], dtype=torch.long)
             model.forward(piece, model.new_cache(piece.numel()), last_only=True)
             rec.end_chunk(piece.numel())
             bar.update(piece.numel())
@@ -132,8 +133,17 @@ def heldout_tokens(n: int, heldout: float, chunk: int) -> int:
     return min(n_held, n - 1)
 
 
-def train_lowrank(rec: RecordingFFN, n_held: int, rank: int, epochs: int, batch: int, lr: float, seed: int,
-                  dtype: torch.dtype, progress: bool = True) -> list[TrainResult]:
+def train_lowrank(
+    rec: RecordingFFN,
+    n_held: int,
+    rank: int,
+    epochs: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    dtype: torch.dtype,
+    progress: bool = True,
+) -> list[TrainResult]:
     """Every layer's low-rank predictor, trained on the recorded tokens but the last `n_held`."""
     from tqdm import tqdm
 
@@ -143,18 +153,34 @@ def train_lowrank(rec: RecordingFFN, n_held: int, rank: int, epochs: int, batch:
     with tqdm(total=steps * c.n_layers, desc="train", unit="step", disable=not progress) as bar:
         for layer in range(c.n_layers):
             bar.set_postfix(layer=layer)
-            results.append(train_layer(rec.x[layer], rec.y[layer], c.ffn_dims[layer], rank, n_held, epochs=epochs,
-                                       batch=batch, lr=lr, seed=seed * 1000 + layer, dtype=dtype, progress=bar))
+            results.append(
+                train_layer(
+                    rec.x[layer],
+                    rec.y[layer],
+                    c.ffn_dims[layer],
+                    rank,
+                    n_held,
+                    epochs=epochs,
+                    batch=batch,
+                    lr=lr,
+                    seed=seed * 1000 + layer,
+                    dtype=dtype,
+                    progress=bar,
+                )
+            )
     return results
 
 
-def quantize_shadows(rec: RecordingFFN, store: Store, n_held: int, seed: int,
-                     progress: bool = True) -> list[TrainResult]:
+def quantize_shadows(
+    rec: RecordingFFN, store: Store, n_held: int, seed: int, progress: bool = True
+) -> list[TrainResult]:
     """Every layer's 4-bit shadow, with its held-out score quantiles."""
     from tqdm import tqdm
 
-    return [_shadow(rec, store, layer, n_held, seed * 1000 + layer)
-            for layer in tqdm(range(rec.config.n_layers), desc="shadow", unit="layer", disable=not progress)]
+    return [
+        _shadow(rec, store, layer, n_held, seed * 1000 + layer)
+        for layer in tqdm(range(rec.config.n_layers), desc="shadow", unit="layer", disable=not progress)
+    ]
 
 
 def _shadow(rec: RecordingFFN, store: Store, layer: int, n_held: int, seed: int) -> TrainResult:
@@ -163,7 +189,7 @@ def _shadow(rec: RecordingFFN, store: Store, layer: int, n_held: int, seed: int)
     d, c = rec.dense, rec.config
     n = c.ffn_dims[layer]
     w1, b1 = d.w1[layer], d.b1[layer]
-    inverse = order_inverse(store.layers[layer].order)      # rows in store positions -> original ids
+    inverse = order_inverse(store.layers[layer].order)  # rows in store positions -> original ids
     if c.gated:
         w1 = torch.cat([in_original_ids(w1[:n], inverse, dim=0), in_original_ids(w1[n:], inverse, dim=0)])
     else:
@@ -172,8 +198,8 @@ def _shadow(rec: RecordingFFN, store: Store, layer: int, n_held: int, seed: int)
     shadow = ShadowLayer.from_weights(w1, c.gated, b1 if not c.gated else None)
     N = rec.pos
     gen = torch.Generator().manual_seed(seed)
-    z = torch.cat([shadow.scores(rec.x[layer][s:min(s + 4096, N)]) for s in range(N - n_held, N, 4096)])
-    y = torch.cat([unpack_bits(rec.y[layer][s:min(s + 4096, N)], n) for s in range(N - n_held, N, 4096)])
+    z = torch.cat([shadow.scores(rec.x[layer][s : min(s + 4096, N)]) for s in range(N - n_held, N, 4096)])
+    y = torch.cat([unpack_bits(rec.y[layer][s : min(s + 4096, N)], n) for s in range(N - n_held, N, 4096)])
     return TrainResult(shadow, sample_quantiles(z[y], gen), sample_quantiles(z[~y], gen), float(y.float().mean()), 0.0)
 
 
@@ -182,23 +208,41 @@ def rates(rec: RecordingFFN, layer: int) -> Tensor:
     n, N = rec.config.ffn_dims[layer], rec.pos
     counts = torch.zeros(n, dtype=torch.float64)
     for s in range(0, N, 4096):
-        counts += unpack_bits(rec.y[layer][s:min(s + 4096, N)], n).sum(0, dtype=torch.float64)
+        counts += unpack_bits(rec.y[layer][s : min(s + 4096, N)], n).sum(0, dtype=torch.float64)
     return (counts / max(N, 1)).float()
 
 
 def expected_means(results: list[TrainResult], recall: float) -> dict[str, float]:
     """Held-out means over layers at the chosen thresholds: recall, precision, predicted share."""
-    per_layer = [expected(r.pos_quantiles, r.neg_quantiles, r.pos_rate, threshold_for_recall(r.pos_quantiles, recall))
-                 for r in results]
+    per_layer = [
+        expected(r.pos_quantiles, r.neg_quantiles, r.pos_rate, threshold_for_recall(r.pos_quantiles, recall))
+        for r in results
+    ]
     k = len(results)
-    return {"recall": round(sum(e["recall"] for e in per_layer) / k, 4),
-            "precision": round(sum(e["precision"] for e in per_layer) / k, 4),
-            "predicted_share": round(sum(e["predicted"] for e in per_layer) / k, 4)}
+    return {
+        "recall": round(sum(e["recall"] for e in per_layer) / k, 4),
+        "precision": round(sum(e["precision"] for e in per_layer) / k, 4),
+        "predicted_share": round(sum(e["predicted"] for e in per_layer) / k, 4),
+    }
 
 
-def calibrate_store(store: Store, dense: DenseWeights, ids: list[int], kind: str, rank: int, sparsity: float,
-                    recall: float, epochs: int, seed: int, chunk: int, heldout: float, batch: int, lr: float,
-                    progress: bool = True, started: float | None = None) -> dict[str, Any]:
+def calibrate_store(
+    store: Store,
+    dense: DenseWeights,
+    ids: list[int],
+    kind: str,
+    rank: int,
+    sparsity: float,
+    recall: float,
+    epochs: int,
+    seed: int,
+    chunk: int,
+    heldout: float,
+    batch: int,
+    lr: float,
+    progress: bool = True,
+    started: float | None = None,
+) -> dict[str, Any]:
     """Record, train (or quantize), save and record in the manifest the predictors of `store`
     calibrated on the token ids `ids` (arguments checked by the caller); returns the manifest
     entry written, with timings in seconds since `started` (default: now) under "seconds"."""
@@ -216,14 +260,31 @@ def calibrate_store(store: Store, dense: DenseWeights, ids: list[int], kind: str
         # the rank actually trained: train_layer caps it at the layer's width (min(rank, dim, n))
         rank = max(r.predictor.rank for r in results)
     assert rec.thresholds is not None
-    for layer, r in enumerate(results):                 # per-neuron activity (hot pinning reads it)
+    for layer, r in enumerate(results):  # per-neuron activity (hot pinning reads it)
         r.rate = rates(rec, layer)
-    meta = dict(kind=kind, rank=rank, keep=keep, sparsity=sparsity, tokens=len(ids), heldout_tokens=n_held,
-                epochs=epochs, seed=seed, label=rec.kind, chunk=chunk, batch=batch, lr=lr)
+    meta = dict(
+        kind=kind,
+        rank=rank,
+        keep=keep,
+        sparsity=sparsity,
+        tokens=len(ids),
+        heldout_tokens=n_held,
+        epochs=epochs,
+        seed=seed,
+        label=rec.kind,
+        chunk=chunk,
+        batch=batch,
+        lr=lr,
+    )
     path = save_predictors(store.path / PREDICTORS, results, recall, rec.thresholds, meta)
     del rec
-    entry = {"file": PREDICTORS, "bytes": path.stat().st_size, **meta, "recall": recall,
-             "expected": expected_means(results, recall)}
+    entry = {
+        "file": PREDICTORS,
+        "bytes": path.stat().st_size,
+        **meta,
+        "recall": recall,
+        "expected": expected_means(results, recall),
+    }
     _write_manifest_entry(store, entry)
     entry["seconds"] = {"record": round(t_record, 1), "total": round(time.perf_counter() - t0, 1)}
     return entry

@@ -1,12 +1,12 @@
 """What "active" means for a neuron, and the bit-packed labels calibration keeps.
 
-  - ReLU FFNs (OPT): neuron i is active for a token when act_i > 0 (natural sparsity).
-  - SwiGLU / GELU FFNs (Llama, OpenELM): magnitude sparsity (CATS/TEAL): active when
-    |silu(gate_i) * up_i| exceeds a per-layer threshold, the (1 - keep) quantile of that
-    magnitude over the calibration tokens, so `keep` is the share of (token, neuron) pairs that
-    are active on average (keep = 1 - sparsity). A per-layer threshold rather than a per-token
-    top-k: tokens with more activation mass get more neurons, and the label is a property of
-    one (token, neuron) pair, which is what a per-neuron logit can learn.
+- ReLU FFNs (OPT): neuron i is active for a token when act_i > 0 (natural sparsity).
+- SwiGLU / GELU FFNs (Llama, OpenELM): magnitude sparsity (CATS/TEAL): active when
+  |silu(gate_i) * up_i| exceeds a per-layer threshold, the (1 - keep) quantile of that
+  magnitude over the calibration tokens, so `keep` is the share of (token, neuron) pairs that
+  are active on average (keep = 1 - sparsity). A per-layer threshold rather than a per-token
+  top-k: tokens with more activation mass get more neurons, and the label is a property of
+  one (token, neuron) pair, which is what a per-neuron logit can learn.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from ..models.layers import ACTIVATIONS
 
 
 def label_kind(config: ModelConfig) -> str:
-    """"relu" (act > 0) for plain ReLU FFNs, else "magnitude" (|act| over a threshold)."""
+    """ "relu" (act > 0) for plain ReLU FFNs, else "magnitude" (|act| over a threshold)."""
     return "relu" if not config.gated and config.act == "relu" else "magnitude"
 
 
 def activations(config: ModelConfig, w1: Tensor, x: Tensor, b1: Tensor | None = None) -> Tensor:
     """Every neuron's activation, (T, n) float32, from DenseFFN-style weights: w1 (2n, D) gate
     rows then up rows (gated) or (n, D) up rows; b1 (n,) fc1 bias. Columns in w1's row order."""
-    h = F.linear(x.float(), w1.float())                                  # (T, 2n) or (T, n)
+    h = F.linear(x.float(), w1.float())  # (T, 2n) or (T, n)
     act = ACTIVATIONS[config.act]
     if config.gated:
         g, u = h.chunk(2, dim=-1)

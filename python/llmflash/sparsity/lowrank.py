@@ -30,16 +30,16 @@ from .shadow import ShadowLayer
 
 @dataclass
 class LayerPredictor:
-    in_w: Tensor       # (R, D)
-    in_b: Tensor       # (R,)   float32
-    out_w: Tensor      # (n, R)
-    out_b: Tensor      # (n,)   float32
+    in_w: Tensor  # (R, D)
+    in_b: Tensor  # (R,)   float32
+    out_w: Tensor  # (n, R)
+    out_b: Tensor  # (n,)   float32
 
     def __post_init__(self) -> None:
         # No nonlinearity between the maps, so the first bias folds into the second:
         # (x A^T + a) B^T + b = (x A^T) B^T + (a B^T + b). Decode then costs two GEMVs and a
         # compare, about half the time of the unfused maps.
-        self.bias = F.linear(self.in_b.float()[None], self.out_w.float())[0] + self.out_b.float()   # (n,)
+        self.bias = F.linear(self.in_b.float()[None], self.out_w.float())[0] + self.out_b.float()  # (n,)
 
     def scores(self, x: Tensor) -> Tensor:
         """x (T, D) -> (T, n): the logits less their bias, in the weights' dtype for decode
@@ -65,17 +65,27 @@ class LayerPredictor:
 
 @dataclass
 class TrainResult:
-    predictor: "LayerPredictor | ShadowLayer"   # ShadowLayer for kind "shadow"
-    pos_quantiles: Tensor       # (Q,) held-out logits of active pairs
-    neg_quantiles: Tensor       # (Q,)
-    pos_rate: float             # share of held-out pairs that are active
-    loss: float                 # last epoch's mean training loss
+    predictor: "LayerPredictor | ShadowLayer"  # ShadowLayer for kind "shadow"
+    pos_quantiles: Tensor  # (Q,) held-out logits of active pairs
+    neg_quantiles: Tensor  # (Q,)
+    pos_rate: float  # share of held-out pairs that are active
+    loss: float  # last epoch's mean training loss
     rate: Tensor | None = None  # (n,) per neuron: share of calibration tokens on which it is active
 
 
-def train_layer(x: Tensor, packed: Tensor, n: int, rank: int, heldout: int, epochs: int = 2,
-                batch: int = 512, lr: float = 3e-3, seed: int = 0, dtype: torch.dtype = torch.float16,
-                progress: Any = None) -> TrainResult:
+def train_layer(
+    x: Tensor,
+    packed: Tensor,
+    n: int,
+    rank: int,
+    heldout: int,
+    epochs: int = 2,
+    batch: int = 512,
+    lr: float = 3e-3,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float16,
+    progress: Any = None,
+) -> TrainResult:
     """Fit one layer's predictor on x[:-heldout] (N, D) and bit-packed labels (N, ceil(n/8)),
     with balanced binary cross-entropy (positives weighted by #inactive / #active) and Adam
     (one-cycle learning rate). Then measure the held-out logits, computed with the weights
@@ -96,11 +106,11 @@ def train_layer(x: Tensor, packed: Tensor, n: int, rank: int, heldout: int, epoc
     sd = xtr.std(0, unbiased=False).clamp_min(1e-6)
     pos = 0
     for s in range(0, ntr, 4096):
-        pos += int(unpack_bits(packed[s:min(s + 4096, ntr)], n).sum())
+        pos += int(unpack_bits(packed[s : min(s + 4096, ntr)], n).sum())
     total = ntr * n
     pos_weight = torch.tensor((total - pos) / max(pos, 1)).clamp(0.01, 100.0)
     params = _initial(rank, D, n, pos / max(total, 1), gen)
-    xs = (xtr - mu) / sd                                                   # standardized
+    xs = (xtr - mu) / sd  # standardized
     del xtr
     loss = _fit(params, xs, packed, n, pos_weight, epochs, min(batch, ntr), lr, gen, progress)
     with torch.no_grad():
@@ -108,11 +118,18 @@ def train_layer(x: Tensor, packed: Tensor, n: int, rank: int, heldout: int, epoc
         in_w, in_b, out_w, out_b = (p.detach() for p in params)
         a_w = in_w / sd
         pred = LayerPredictor(a_w.to(dtype), (in_b - a_w @ mu).float(), out_w.to(dtype), out_b.float())
-        z = torch.cat([F.linear(F.linear(x[s:s + 4096].float(), pred.in_w.float(), pred.in_b),
-                                pred.out_w.float(), pred.out_b) for s in range(ntr, N, 4096)])
-        y = torch.cat([unpack_bits(packed[s:min(s + 4096, N)], n) for s in range(ntr, N, 4096)])
-        return TrainResult(pred, sample_quantiles(z[y], gen), sample_quantiles(z[~y], gen), float(y.float().mean()),
-                           loss)
+        z = torch.cat(
+            [
+                F.linear(
+                    F.linear(x[s : s + 4096].float(), pred.in_w.float(), pred.in_b), pred.out_w.float(), pred.out_b
+                )
+                for s in range(ntr, N, 4096)
+            ]
+        )
+        y = torch.cat([unpack_bits(packed[s : min(s + 4096, N)], n) for s in range(ntr, N, 4096)])
+        return TrainResult(
+            pred, sample_quantiles(z[y], gen), sample_quantiles(z[~y], gen), float(y.float().mean()), loss
+        )
 
 
 def _initial(rank: int, D: int, n: int, rate: float, gen: torch.Generator) -> list[Tensor]:
@@ -127,8 +144,18 @@ def _initial(rank: int, D: int, n: int, rate: float, gen: torch.Generator) -> li
     return [p.requires_grad_() for p in (in_w, torch.zeros(rank), out_w, out_b)]
 
 
-def _fit(params: list[Tensor], xs: Tensor, packed: Tensor, n: int, pos_weight: Tensor, epochs: int, batch: int,
-         lr: float, gen: torch.Generator, progress: Any) -> float:
+def _fit(
+    params: list[Tensor],
+    xs: Tensor,
+    packed: Tensor,
+    n: int,
+    pos_weight: Tensor,
+    epochs: int,
+    batch: int,
+    lr: float,
+    gen: torch.Generator,
+    progress: Any,
+) -> float:
     """Train `params` in place on the standardized inputs `xs` (ntr, D); the last epoch's mean loss."""
     in_w, in_b, out_w, out_b = params
     ntr = xs.shape[0]
@@ -141,8 +168,8 @@ def _fit(params: list[Tensor], xs: Tensor, packed: Tensor, n: int, pos_weight: T
             perm = torch.randperm(ntr, generator=gen)
             loss_sum, loss_n = 0.0, 0
             for s in range(steps_per_epoch):
-                idx = perm[s * batch:(s + 1) * batch]
-                yb = unpack_bits(packed[idx], n).float()                   # (B, n)
+                idx = perm[s * batch : (s + 1) * batch]
+                yb = unpack_bits(packed[idx], n).float()  # (B, n)
                 z = F.linear(F.linear(xs[idx], in_w, in_b), out_w, out_b)  # (B, n)
                 loss = F.binary_cross_entropy_with_logits(z, yb, pos_weight=pos_weight)
                 opt.zero_grad(set_to_none=True)

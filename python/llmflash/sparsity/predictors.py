@@ -20,25 +20,37 @@ from .shadow import ShadowLayer
 class Predictors:
     """The calibrated predictors of a store, as a wanted-set source (llmflash.sparsity.source):
 
-        ids = predictors(layer, x)      # x (T, D) -> sorted unique original neuron ids (union over T)
+    ids = predictors(layer, x)      # x (T, D) -> sorted unique original neuron ids (union over T)
     """
 
-    def __init__(self, layers: list[LayerPredictor | ShadowLayer], thresholds: list[float], pos_quantiles: Tensor,
-                 neg_quantiles: Tensor, pos_rate: Tensor, label_thresholds: Tensor, meta: dict[str, Any],
-                 path: Path | None = None, stay: float | None = None, rates: list[Tensor] | None = None,
-                 hot: list[Tensor] | None = None, cold: list[Tensor] | None = None):
+    def __init__(
+        self,
+        layers: list[LayerPredictor | ShadowLayer],
+        thresholds: list[float],
+        pos_quantiles: Tensor,
+        neg_quantiles: Tensor,
+        pos_rate: Tensor,
+        label_thresholds: Tensor,
+        meta: dict[str, Any],
+        path: Path | None = None,
+        stay: float | None = None,
+        rates: list[Tensor] | None = None,
+        hot: list[Tensor] | None = None,
+        cold: list[Tensor] | None = None,
+    ):
         self.layers = layers
         # Hot pinning (read_predictors(hot=share)): per layer, the `hot` neurons (original ids,
         # the most often active on the calibration text) stay resident and are computed every
         # token; `layers[i]` then predicts only the `cold` ones (original ids of its rows).
         self.rates, self.hot, self.cold = rates, hot, cold
         self.thresholds = thresholds
-        self.cuts = [t - L.bias for t, L in zip(thresholds, layers)]      # (n,) float32 per layer
+        self.cuts = [t - L.bias for t, L in zip(thresholds, layers)]  # (n,) float32 per layer
         # Hysteresis (`stay`, a second, higher target recall): a neuron the cache holds stays
         # wanted while its logit clears the lower threshold of that recall (see `select`).
         self.stay = stay
-        self.stay_cuts = None if stay is None else [
-            threshold_for_recall(q, stay) - L.bias for q, L in zip(pos_quantiles, layers)]
+        self.stay_cuts = (
+            None if stay is None else [threshold_for_recall(q, stay) - L.bias for q, L in zip(pos_quantiles, layers)]
+        )
         self.pos_quantiles = pos_quantiles
         self.neg_quantiles = neg_quantiles
         self.pos_rate = pos_rate
@@ -62,12 +74,25 @@ class Predictors:
             if r is not None and not 0.0 < r <= 1.0:
                 raise ValueError(f"predictor {name} must be in (0, 1], not {r}")
         if stay is not None and stay < recall:
-            raise ValueError(f"predictor stay recall {stay} is below the recall {recall}: a cached neuron "
-                             "would need a higher score to stay than a new one to enter")
+            raise ValueError(
+                f"predictor stay recall {stay} is below the recall {recall}: a cached neuron "
+                "would need a higher score to stay than a new one to enter"
+            )
         th = [threshold_for_recall(q, recall) for q in self.pos_quantiles]
-        return Predictors(self.layers, th, self.pos_quantiles, self.neg_quantiles, self.pos_rate,
-                          self.label_thresholds, {**self.meta, "recall": recall}, self.path, stay=stay,
-                          rates=self.rates, hot=self.hot, cold=self.cold)
+        return Predictors(
+            self.layers,
+            th,
+            self.pos_quantiles,
+            self.neg_quantiles,
+            self.pos_rate,
+            self.label_thresholds,
+            {**self.meta, "recall": recall},
+            self.path,
+            stay=stay,
+            rates=self.rates,
+            hot=self.hot,
+            cold=self.cold,
+        )
 
     def logits(self, layer: int, x: Tensor) -> Tensor:
         return self.layers[layer].logits(x)
@@ -78,7 +103,7 @@ class Predictors:
         m = self.layers[layer].scores(x) > self.cuts[layer]
         if self.cold is None:
             return m
-        assert self.hot is not None                    # cold and hot are set together
+        assert self.hot is not None  # cold and hot are set together
         out = torch.ones(m.shape[0], len(self.cold[layer]) + len(self.hot[layer]), dtype=torch.bool)
         out[:, self.cold[layer]] = m
         return out
@@ -100,14 +125,15 @@ class Predictors:
         Without `stay`, the plain prediction."""
         if self.stay_cuts is None:
             return self(layer, x)
-        s = self.layers[layer].scores(x)                                 # (T, n) (cold: (T, n_cold))
+        s = self.layers[layer].scores(x)  # (T, n) (cold: (T, n_cold))
         held = cached if self.cold is None else cached[self.cold[layer]]
         return self._to_ids(layer, _ids((s > self.cuts[layer]) | ((s > self.stay_cuts[layer]) & held)))
 
     def expected(self, layer: int) -> dict[str, float]:
         """Held-out estimates at the current threshold: recall, precision, predicted share."""
-        return expected(self.pos_quantiles[layer], self.neg_quantiles[layer], float(self.pos_rate[layer]),
-                        self.thresholds[layer])
+        return expected(
+            self.pos_quantiles[layer], self.neg_quantiles[layer], float(self.pos_rate[layer]), self.thresholds[layer]
+        )
 
     @property
     def kind(self) -> str:

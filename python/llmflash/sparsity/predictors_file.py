@@ -40,8 +40,13 @@ VERSION = 1
 MAX_PREDICTORS_BYTES = 1 << 34
 
 
-def save_predictors(path: str | os.PathLike[str], results: list[TrainResult], recall: float,
-                    label_thresholds: list[float], meta: dict[str, Any]) -> Path:
+def save_predictors(
+    path: str | os.PathLike[str],
+    results: list[TrainResult],
+    recall: float,
+    label_thresholds: list[float],
+    meta: dict[str, Any],
+) -> Path:
     """Write predictors.safetensors atomically (a hidden temporary sibling, then os.replace)."""
     from safetensors.torch import save_file
 
@@ -84,8 +89,11 @@ def _parse_meta(md: dict[str, str] | None, path: Path) -> dict[str, Any]:
     if md.get("format") != FORMAT:
         raise StoreError(f"not a predictors file (metadata format {md.get('format')!r:.40}, expected {FORMAT!r})", path)
     if md.get("version") != str(VERSION):
-        raise StoreError(f"unknown predictors version {md.get('version')!r:.20} (this llmflash reads {VERSION}): "
-                         "run `llmflash calibrate` again", path)
+        raise StoreError(
+            f"unknown predictors version {md.get('version')!r:.20} (this llmflash reads {VERSION}): "
+            "run `llmflash calibrate` again",
+            path,
+        )
     out: dict[str, Any] = {"label": md.get("label", ""), "kind": md.get("kind", "lowrank")}
     if out["kind"] not in KINDS:
         raise StoreError(f"metadata kind = {out['kind']!r:.40} (expected one of {', '.join(KINDS)})", path)
@@ -107,8 +115,9 @@ def _parse_meta(md: dict[str, str] | None, path: Path) -> dict[str, Any]:
     return out
 
 
-def read_predictors(path: str | os.PathLike[str], config: ModelConfig,
-                    dtype: torch.dtype | None = None, hot: float = 0.0) -> Predictors:
+def read_predictors(
+    path: str | os.PathLike[str], config: ModelConfig, dtype: torch.dtype | None = None, hot: float = 0.0
+) -> Predictors:
     """Open and validate a predictors file against `config` (every name, shape and dtype; finite
     values; metadata). Any problem is a StoreError naming the file. `hot` (a share in [0, 1)):
     pin that share of each layer's neurons, the most often active by the file's per-neuron
@@ -130,8 +139,11 @@ def read_predictors(path: str | os.PathLike[str], config: ModelConfig,
     hot_ids = cold_ids = None
     if hot > 0:
         if rates is None:
-            raise StoreError("hot pinning needs per-neuron rates, which this predictors file (written "
-                             "before they were recorded) lacks: run `llmflash calibrate` again", path)
+            raise StoreError(
+                "hot pinning needs per-neuron rates, which this predictors file (written "
+                "before they were recorded) lacks: run `llmflash calibrate` again",
+                path,
+            )
         hot_ids, cold_ids = zip(*(hot_split(r, hot) for r in rates))
     layers = [_layer(t, config, meta["kind"], i, None if cold_ids is None else cold_ids[i], dtype) for i in range(L)]
     thresholds = t.check("thresholds", (L,)).float()
@@ -143,9 +155,19 @@ def read_predictors(path: str | os.PathLike[str], config: ModelConfig,
         raise StoreError("pos_quantiles / neg_quantiles are not increasing", path)
     if bool(((pos_rate < 0) | (pos_rate > 1)).any()):
         raise StoreError("pos_rate is outside [0, 1]", path)
-    return Predictors(layers, thresholds.tolist(), pos_q, neg_q, pos_rate, label_thresholds, meta, path,
-                      rates=rates, hot=None if hot_ids is None else list(hot_ids),
-                      cold=None if cold_ids is None else list(cold_ids))
+    return Predictors(
+        layers,
+        thresholds.tolist(),
+        pos_q,
+        neg_q,
+        pos_rate,
+        label_thresholds,
+        meta,
+        path,
+        rates=rates,
+        hot=None if hot_ids is None else list(hot_ids),
+        cold=None if cold_ids is None else list(cold_ids),
+    )
 
 
 def _read_tensors(path: Path, config: ModelConfig) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -165,11 +187,14 @@ def _read_tensors(path: Path, config: ModelConfig) -> tuple[dict[str, Any], dict
                     want |= {f"layers.{i}.shadow.bias"} if shadow_bias else set()
                 else:
                     want |= {f"layers.{i}.{a}.{b}" for a in ("in", "out") for b in ("weight", "bias")}
-            want |= {f"layers.{i}.rate" for i in range(L)} & names             # optional
+            want |= {f"layers.{i}.rate" for i in range(L)} & names  # optional
             missing, extra = sorted(want - names), sorted(names - want)
             if missing:
-                raise StoreError(f"missing tensors {missing[:4]}{' ...' if len(missing) > 4 else ''} "
-                                 f"(a predictors file for {L} layers)", path)
+                raise StoreError(
+                    f"missing tensors {missing[:4]}{' ...' if len(missing) > 4 else ''} "
+                    f"(a predictors file for {L} layers)",
+                    path,
+                )
             if extra:
                 raise StoreError(f"unexpected tensors {extra[:4]}", path)
             # copies, not views of the file's memory map: a small tensor kept (a rate, a quantile)
@@ -217,35 +242,39 @@ def _rates(t: _Checked, config: ModelConfig) -> list[Tensor] | None:
     return rates
 
 
-def _layer(t: _Checked, config: ModelConfig, kind: str, i: int, cold: Tensor | None,
-           dtype: torch.dtype | None) -> LayerPredictor | ShadowLayer:
+def _layer(
+    t: _Checked, config: ModelConfig, kind: str, i: int, cold: Tensor | None, dtype: torch.dtype | None
+) -> LayerPredictor | ShadowLayer:
     """Layer i's predictor; with `cold` (hot pinning), its rows for those neurons only."""
     D, n = config.dim, config.ffn_dims[i]
     if kind == "shadow":
         if D % SHADOW_GROUP:
-            raise StoreError(f"shadow predictors need a width divisible by {SHADOW_GROUP}; the model's is {D}",
-                             t.path)
+            raise StoreError(f"shadow predictors need a width divisible by {SHADOW_GROUP}; the model's is {D}", t.path)
         rows = 2 * n if config.gated else n
         codes = t.check(f"layers.{i}.shadow.codes", (rows, D // 2), (torch.uint8,))
         scales = t.check(f"layers.{i}.shadow.scales", (rows, D // SHADOW_GROUP)).half()
         shadow_bias = not config.gated and config.ffn_bias
         bias = t.check(f"layers.{i}.shadow.bias", (n,)).float() if shadow_bias else None
-        if cold is not None:                           # only the cold neurons' rows, packed once
+        if cold is not None:  # only the cold neurons' rows, packed once
             sel = torch.cat([cold, cold + n]) if config.gated else cold
             codes, scales, bias = codes[sel], scales[sel], None if bias is None else bias[cold]
         return ShadowLayer(codes.contiguous(), scales.contiguous(), config.gated, bias).release_codes()
     w = t.t[f"layers.{i}.in.weight"]
     if w.dim() != 2 or not 1 <= w.shape[0] <= max(D, n):
-        raise StoreError(f"layers.{i}.in.weight has shape {tuple(w.shape)}, expected (R, {D}) with "
-                         f"1 <= R <= {max(D, n)}", t.path)
+        raise StoreError(
+            f"layers.{i}.in.weight has shape {tuple(w.shape)}, expected (R, {D}) with 1 <= R <= {max(D, n)}", t.path
+        )
     R = w.shape[0]
     in_w = t.check(f"layers.{i}.in.weight", (R, D))
     out_w, out_b = t.check(f"layers.{i}.out.weight", (n, R)), t.check(f"layers.{i}.out.bias", (n,))
-    if cold is not None:                               # only the cold neurons' output rows
+    if cold is not None:  # only the cold neurons' output rows
         out_w, out_b = out_w[cold], out_b[cold]
     return LayerPredictor(
-        in_w.to(dtype) if dtype is not None else in_w, t.check(f"layers.{i}.in.bias", (R,)).float(),
-        out_w.to(dtype or in_w.dtype).contiguous(), out_b.float().contiguous())
+        in_w.to(dtype) if dtype is not None else in_w,
+        t.check(f"layers.{i}.in.bias", (R,)).float(),
+        out_w.to(dtype or in_w.dtype).contiguous(),
+        out_b.float().contiguous(),
+    )
 
 
 def hot_split(rate: Tensor, share: float) -> tuple[Tensor, Tensor]:
@@ -253,13 +282,14 @@ def hot_split(rate: Tensor, share: float) -> tuple[Tensor, Tensor]:
     `rate` (ties: lower id first), and the rest. The cold count is a multiple of 16 (torch's
     CPU int4 kernel packs shadow rows 16 at a time) and at least 16 (or all, if fewer)."""
     n = rate.numel()
-    order = torch.sort(-rate, stable=True).indices                       # most often active first
+    order = torch.sort(-rate, stable=True).indices  # most often active first
     cold = min(n, max(16, -(-(n - int(round(share * n))) // 16) * 16))
-    return torch.sort(order[:n - cold]).values, torch.sort(order[n - cold:]).values
+    return torch.sort(order[: n - cold]).values, torch.sort(order[n - cold :]).values
 
 
-def load_predictors(store: Store | str | os.PathLike[str], recall: float | None = None,
-                    stay: float | None = None, hot: float = 0.0) -> Predictors:
+def load_predictors(
+    store: Store | str | os.PathLike[str], recall: float | None = None, stay: float | None = None, hot: float = 0.0
+) -> Predictors:
     """The store's calibrated predictors as a wanted-set source; `recall` re-chooses every
     layer's threshold for that target recall (from the held-out quantiles in the file); `stay`
     (a higher recall) adds hysteresis for cached neurons (Predictors.select); `hot` pins the
@@ -268,15 +298,18 @@ def load_predictors(store: Store | str | os.PathLike[str], recall: float | None 
     the file): a StoreError naming the file otherwise."""
     if not isinstance(store, Store):
         store = Store(store)
-    if (store.path / PREDICTORS).is_file():              # (a missing file: read_predictors says so)
-        store.check_file(PREDICTORS)                     # version 4: size and CRC-32 as recorded
+    if (store.path / PREDICTORS).is_file():  # (a missing file: read_predictors says so)
+        store.check_file(PREDICTORS)  # version 4: size and CRC-32 as recorded
     p = read_predictors(store.path / PREDICTORS, store.config, dtype=store.dtype, hot=hot)
     entry = store.manifest.get("predictors")
     if entry is not None:
         size = (store.path / PREDICTORS).stat().st_size
         if not isinstance(entry, dict) or entry.get("bytes") != size:
-            raise StoreError(f"the manifest's predictors entry does not match the file ({size} bytes): "
-                             "replaced or half-written; run `llmflash calibrate` again", store.path / PREDICTORS)
+            raise StoreError(
+                f"the manifest's predictors entry does not match the file ({size} bytes): "
+                "replaced or half-written; run `llmflash calibrate` again",
+                store.path / PREDICTORS,
+            )
     if recall is None and stay is None:
         return p
     return p.with_recall(p.recall if recall is None else recall, stay)

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-QUANTILES = 1001                     # stored quantile levels of held-out logits: 0.1% resolution
+QUANTILES = 1001  # stored quantile levels of held-out logits: 0.1% resolution
 
 
 def sample_quantiles(v: Tensor, gen: torch.Generator, limit: int = 1 << 22) -> Tensor:

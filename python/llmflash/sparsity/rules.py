@@ -32,18 +32,18 @@ class _FullActivations:
     def __init__(self, store: Store):
         self.config = store.config
         self.weights = []
-        biases = store.up_biases()                           # (n,) float32 per layer, store order
+        biases = store.up_biases()  # (n,) float32 per layer, store order
         for i, L in enumerate(store.layers):
             parts = split_bundles(store.read_layer(i).float(), store.config)
             if biases[i] is not None:
                 parts["bias"] = biases[i]
-            inverse = order_inverse(L.order)                 # rows back to original neuron ids
+            inverse = order_inverse(L.order)  # rows back to original neuron ids
             parts = {k: in_original_ids(v, inverse, dim=0) for k, v in parts.items()}
             self.weights.append(parts)
 
     def activations(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        w, x = self.weights[layer], x.float()                # x: (T, D)
-        up = x @ w["up"].T                                   # (T, N)
+        w, x = self.weights[layer], x.float()  # x: (T, D)
+        up = x @ w["up"].T  # (T, N)
         if "bias" in w:
             up = up + w["bias"]
         if self.config.gated:
@@ -59,9 +59,9 @@ class Oracle(_FullActivations):
         self.keep = keep
 
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        act = self.activations(layer, x)                     # (T, N)
+        act = self.activations(layer, x)  # (T, N)
         if not self.config.gated and self.config.act == "relu":
             return torch.nonzero((act > 0).any(dim=0)).flatten()
         k = max(1, int(round(self.keep * act.shape[1])))
-        top = torch.topk(act.abs(), k, dim=1).indices        # (T, k)
+        top = torch.topk(act.abs(), k, dim=1).indices  # (T, k)
         return torch.unique(top)

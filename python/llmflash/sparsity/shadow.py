@@ -38,7 +38,8 @@ from torch import Tensor
 
 GROUP = 32
 _INT4_CPU = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
-    torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+    torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
+)
 
 
 def quantize4(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -47,7 +48,7 @@ def quantize4(w: Tensor) -> tuple[Tensor, Tensor]:
     if D % GROUP:
         raise ValueError(f"shadow predictors need a model width divisible by {GROUP} (got {D})")
     g = w.float().view(rows, D // GROUP, GROUP)
-    scales = (g.abs().amax(-1) / 7).half().float()                     # what the file will hold
+    scales = (g.abs().amax(-1) / 7).half().float()  # what the file will hold
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
     c = (torch.round(g / scales[..., None]).clamp(-7, 7) + 8).to(torch.uint8).view(rows, D)
     return (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous(), scales.half()
@@ -68,10 +69,10 @@ def dequantize4(codes: Tensor, scales: Tensor) -> Tensor:
 
 @dataclass
 class ShadowLayer:
-    codes: Tensor                   # (rows, D/2) uint8
-    scales: Tensor                  # (rows, D/GROUP) float16
+    codes: Tensor  # (rows, D/2) uint8
+    scales: Tensor  # (rows, D/GROUP) float16
     gated: bool
-    up_bias: Tensor | None = None   # (n,) float32, ReLU FFNs
+    up_bias: Tensor | None = None  # (n,) float32, ReLU FFNs
     _packed: Tensor | None = field(default=None, repr=False)
     _sz: Tensor | None = field(default=None, repr=False)
     _dense: Tensor | None = field(default=None, repr=False)
@@ -80,14 +81,14 @@ class ShadowLayer:
         rows = self.rows = self.codes.shape[0]
         self.dim = self.codes.shape[1] * 2
         self.n = rows // 2 if self.gated else rows
-        self.bias = torch.zeros(self.n)            # the Predictors interface: logits = scores + bias
+        self.bias = torch.zeros(self.n)  # the Predictors interface: logits = scores + bias
         if _INT4_CPU:
             try:
                 self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack4(self.codes), 1)
-                s = self.scales.t().to(torch.bfloat16)                    # (D/GROUP, rows)
+                s = self.scales.t().to(torch.bfloat16)  # (D/GROUP, rows)
                 self._sz = torch.stack([s, torch.zeros_like(s)], dim=-1).contiguous()
                 return
-            except RuntimeError:                   # a torch build without the CPU kernel
+            except RuntimeError:  # a torch build without the CPU kernel
                 self._packed = None
         self._dense = dequantize4(self.codes, self.scales)
 
@@ -100,7 +101,8 @@ class ShadowLayer:
     def _product(self, x: Tensor) -> Tensor:
         if self._packed is not None:
             return torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.to(torch.bfloat16).contiguous(), self._packed, GROUP, self._sz).float()
+                x.to(torch.bfloat16).contiguous(), self._packed, GROUP, self._sz
+            ).float()
         return F.linear(x.float(), self._dense)
 
     def scores(self, x: Tensor) -> Tensor:
@@ -125,7 +127,7 @@ class ShadowLayer:
         """Drop the file form (codes, scales) once the kernel's packed form exists: at run time
         only that is needed, and it is what the memory budget counts."""
         if self._packed is not None or self._dense is not None:
-            self.codes = self.scales = None                      # type: ignore[assignment]
+            self.codes = self.scales = None  # type: ignore[assignment]
         return self
 
     def nbytes(self) -> int:

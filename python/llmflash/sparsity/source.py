@@ -41,7 +41,7 @@ def _share(spec: Any, what: str, value: str) -> float:
         v = float(value)
     except ValueError:
         v = math.nan
-    if not 0.0 < v <= 1.0:                      # also NaN
+    if not 0.0 < v <= 1.0:  # also NaN
         raise InvalidArgumentError(f"sparsity {spec!r}: {what} must be a number in (0, 1], not {value!r}")
     return v
 
@@ -51,20 +51,24 @@ def make_source(spec: str | WantedSource, store: Store, hot: float = 0.0) -> Wan
     'predictor:RECALL', 'predictor:RECALL/STAY' (hysteresis: Predictors.select), or a callable.
     `hot` pins that share of each layer's neurons (predictors only: read_predictors)."""
     try:
-        hot_ok = 0.0 <= float(hot) < 1.0        # also rejects NaN
+        hot_ok = 0.0 <= float(hot) < 1.0  # also rejects NaN
     except (TypeError, ValueError):
         hot_ok = False
     if not hot_ok or isinstance(hot, bool):
         raise InvalidArgumentError(f"hot share must be a number in [0, 1), not {hot!r}")
     hot = float(hot)
     if hot and not str(spec).startswith("predictor"):
-        raise InvalidArgumentError(f"hot pinning needs the calibrated predictors (their per-neuron rates), not "
-                                   f"{spec!r}; for a ready source, pin with load_predictors(store, hot=...)")
+        raise InvalidArgumentError(
+            f"hot pinning needs the calibrated predictors (their per-neuron rates), not "
+            f"{spec!r}; for a ready source, pin with load_predictors(store, hot=...)"
+        )
     if callable(spec):
         return spec
     if not isinstance(spec, str):
-        raise InvalidArgumentError(f"sparsity must be a string (all, oracle[:KEEP], predictor[:RECALL[/STAY]]) "
-                                   f"or a callable source, not {spec!r}")
+        raise InvalidArgumentError(
+            f"sparsity must be a string (all, oracle[:KEEP], predictor[:RECALL[/STAY]]) "
+            f"or a callable source, not {spec!r}"
+        )
     name, colon, arg = spec.partition(":")
     if name == "all":
         if colon:
@@ -78,7 +82,9 @@ def make_source(spec: str | WantedSource, store: Store, hot: float = 0.0) -> Wan
         r = _share(spec, "RECALL", recall) if recall else None
         st = _share(spec, "STAY", stay) if stay else None
         if r is not None and st is not None and st < r:
-            raise InvalidArgumentError(f"sparsity {spec!r}: STAY ({st}) must be >= RECALL ({r}): a cached neuron "
-                                       "would need a higher score to stay than a new one to enter")
+            raise InvalidArgumentError(
+                f"sparsity {spec!r}: STAY ({st}) must be >= RECALL ({r}): a cached neuron "
+                "would need a higher score to stay than a new one to enter"
+            )
         return load_predictors(store, recall=r, stay=st, hot=hot)
     raise InvalidArgumentError(f"unknown sparsity {spec!r}: use all, oracle[:KEEP] or predictor[:RECALL[/STAY]]")

@@ -1,10 +1,10 @@
 """The llmflash store: the folder one converted model lives in.
 
-    layout.py     the format: file names, versions, the bundle layout of ffn.bin, LayerRegion
-    checksums.py  file and manifest checksums, careful reads, atomic writes (replace_file)
-    manifest.py   writing manifest.json, and validating it as hostile input
-    store.py      Store: an opened, validated store, read on demand
-    leftovers.py  what an interrupted conversion leaves, recovered when a store is opened
+layout.py     the format: file names, versions, the bundle layout of ffn.bin, LayerRegion
+checksums.py  file and manifest checksums, careful reads, atomic writes (replace_file)
+manifest.py   writing manifest.json, and validating it as hostile input
+store.py      Store: an opened, validated store, read on demand
+leftovers.py  what an interrupted conversion leaves, recovered when a store is opened
 """
 
 from .checksums import file_entry, replace_file
@@ -37,7 +37,33 @@ from .layout import (
 from .manifest import write_manifest
 from .store import Store
 
-__all__ = ["ALIGN", "BUNDLE_CRCS", "CHECKSUMMED", "DTYPES", "FFN", "FORMAT", "ITEMSIZE", "KNOWN_FILES", "MANIFEST",
-           "MAX_MANIFEST_BYTES", "PREDICTORS", "RESIDENT", "SAFETENSORS_DTYPES", "TOKENIZER", "V1", "V2", "V3",
-           "VERSION", "LayerRegion", "Store", "align_up", "crc32_per_bundle", "expected_resident", "file_entry",
-           "plan_regions", "replace_file", "split_bundles", "write_manifest"]
+__all__ = [
+    "ALIGN",
+    "BUNDLE_CRCS",
+    "CHECKSUMMED",
+    "DTYPES",
+    "FFN",
+    "FORMAT",
+    "ITEMSIZE",
+    "KNOWN_FILES",
+    "MANIFEST",
+    "MAX_MANIFEST_BYTES",
+    "PREDICTORS",
+    "RESIDENT",
+    "SAFETENSORS_DTYPES",
+    "TOKENIZER",
+    "V1",
+    "V2",
+    "V3",
+    "VERSION",
+    "LayerRegion",
+    "Store",
+    "align_up",
+    "crc32_per_bundle",
+    "expected_resident",
+    "file_entry",
+    "plan_regions",
+    "replace_file",
+    "split_bundles",
+    "write_manifest",
+]

@@ -27,8 +27,8 @@ import torch
 
 from ..errors import StoreError
 
-HASH_CHUNK = 8 << 20                 # bytes read at a time when hashing a file
-MAX_FILE_BYTES = 1 << 50             # the largest size or offset a manifest may state
+HASH_CHUNK = 8 << 20  # bytes read at a time when hashing a file
+MAX_FILE_BYTES = 1 << 50  # the largest size or offset a manifest may state
 
 
 def manifest_int(v: Any, what: str, path: Path, lo: int = 0, hi: int = MAX_FILE_BYTES) -> int:
@@ -115,7 +115,7 @@ def parse_manifest(data: bytes, mpath: Path) -> dict[str, Any]:
         raise StoreError(f"manifest is not valid UTF-8 ({e.reason} at byte {e.start})", mpath) from None
     except ValueError as e:
         raise StoreError(f"manifest is not valid JSON ({e})", mpath) from None
-    except RecursionError:                   # '[' * 200000: deeper than the parser's stack
+    except RecursionError:  # '[' * 200000: deeper than the parser's stack
         raise StoreError("manifest is not valid JSON (nested too deeply)", mpath) from None
     if not isinstance(m, dict):
         raise StoreError("manifest is not a JSON object", mpath)
@@ -133,9 +133,12 @@ def compare_file(path: Path, rec: dict[str, int], when: str, hint: str) -> None:
     except OSError as e:
         raise StoreError(f"cannot read: {os_reason(e)}", path) from None
     if (size, crc) != (rec["bytes"], rec["crc32"]):
-        raise StoreError(f"checksum mismatch ({size} bytes, CRC-32 {crc:#010x}; the manifest records "
-                         f"{rec['bytes']} bytes, {rec['crc32']:#010x}): the file is corrupt or was changed "
-                         f"after {when}; {hint}", path)
+        raise StoreError(
+            f"checksum mismatch ({size} bytes, CRC-32 {crc:#010x}; the manifest records "
+            f"{rec['bytes']} bytes, {rec['crc32']:#010x}): the file is corrupt or was changed "
+            f"after {when}; {hint}",
+            path,
+        )
 
 
 def is_finite(t: torch.Tensor) -> bool:
@@ -153,8 +156,9 @@ def check_finite(name: str, t: torch.Tensor, path: Path) -> None:
         raise StoreError(f"{name} holds non-finite values (NaN or Inf): the weights are corrupt", path)
 
 
-def read_records(files: Any, folder: Path, mpath: Path, names: tuple[str, ...], required: tuple[str, ...],
-                 at_open: tuple[str, ...]) -> dict[str, dict[str, int]]:
+def read_records(
+    files: Any, folder: Path, mpath: Path, names: tuple[str, ...], required: tuple[str, ...], at_open: tuple[str, ...]
+) -> dict[str, dict[str, int]]:
     """A version-4 manifest's `files` (its value `files`), each entry well formed and one of
     `names`, every one of `required` recorded; each of `at_open` that is recorded must be there at
     its recorded size (a cheap stat: the hashes run where each file is loaded), and one that is
@@ -166,9 +170,11 @@ def read_records(files: Any, folder: Path, mpath: Path, names: tuple[str, ...], 
         if name not in names:
             raise StoreError(f"files[{name!r:.40}] is not a file with a recorded checksum ({', '.join(names)})", mpath)
         if not isinstance(e, dict) or set(e) != {"bytes", "crc32"}:
-            raise StoreError(f"files[{name!r}] must be {{\"bytes\": N, \"crc32\": C}}", mpath)
-        out[name] = {"bytes": manifest_int(e["bytes"], f"files[{name!r}].bytes", mpath),
-                     "crc32": manifest_int(e["crc32"], f"files[{name!r}].crc32", mpath, 0, 0xFFFFFFFF)}
+            raise StoreError(f'files[{name!r}] must be {{"bytes": N, "crc32": C}}', mpath)
+        out[name] = {
+            "bytes": manifest_int(e["bytes"], f"files[{name!r}].bytes", mpath),
+            "crc32": manifest_int(e["crc32"], f"files[{name!r}].crc32", mpath, 0, 0xFFFFFFFF),
+        }
     for name in required:
         if name not in out:
             raise StoreError(f"files[{name!r}] is missing: a version-4 manifest records it", mpath)
@@ -176,13 +182,19 @@ def read_records(files: Any, folder: Path, mpath: Path, names: tuple[str, ...], 
         path = folder / name
         if name not in out:
             if path.exists():
-                raise StoreError("not recorded in the manifest's files: added after conversion (convert again "
-                                 "with it, e.g. --tokenizer)", path)
+                raise StoreError(
+                    "not recorded in the manifest's files: added after conversion (convert again "
+                    "with it, e.g. --tokenizer)",
+                    path,
+                )
             continue
         if not path.is_file():
             raise StoreError("missing (the manifest records it)", path)
         size = path.stat().st_size
         if size != out[name]["bytes"]:
-            raise StoreError(f"file is {size} bytes but the manifest records {out[name]['bytes']}: truncated, "
-                             "or changed after conversion", path)
+            raise StoreError(
+                f"file is {size} bytes but the manifest records {out[name]['bytes']}: truncated, "
+                "or changed after conversion",
+                path,
+            )
     return out

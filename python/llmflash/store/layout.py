@@ -56,9 +56,9 @@ from ..models.config import ModelConfig
 
 FORMAT = "llmflash-store"
 VERSION = 4
-V3 = 3            # no file or manifest checksums (read as is, unchecked)
-V2 = 2            # no bundles.crc32 (read as is)
-V1 = 1            # read when the config has no FFN bias (same layout; see above)
+V3 = 3  # no file or manifest checksums (read as is, unchecked)
+V2 = 2  # no bundles.crc32 (read as is)
+V1 = 1  # read when the config has no FFN bias (same layout; see above)
 ALIGN = 4096
 MANIFEST = "manifest.json"
 RESIDENT = "resident.safetensors"
@@ -67,7 +67,7 @@ TOKENIZER = "tokenizer.json"
 PREDICTORS = "predictors.safetensors"
 BUNDLE_CRCS = "bundles.crc32"
 KNOWN_FILES = frozenset({MANIFEST, RESIDENT, FFN, TOKENIZER, PREDICTORS, BUNDLE_CRCS})
-CHECKSUMMED = (RESIDENT, BUNDLE_CRCS, TOKENIZER, PREDICTORS)   # version 4: manifest["files"] entries
+CHECKSUMMED = (RESIDENT, BUNDLE_CRCS, TOKENIZER, PREDICTORS)  # version 4: manifest["files"] entries
 MAX_MANIFEST_BYTES = 64 << 20
 
 DTYPES: dict[str, torch.dtype] = {
@@ -76,7 +76,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
 }
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
-SAFETENSORS_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}   # safetensors' header names
+SAFETENSORS_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}  # safetensors' header names
 
 
 def crc32_per_bundle(data: Any, bundle_bytes: int) -> np.ndarray:
@@ -84,8 +84,9 @@ def crc32_per_bundle(data: Any, bundle_bytes: int) -> np.ndarray:
     back to back): what bundles.crc32 records and what is checked against it."""
     mv = memoryview(data).cast("B")
     k = len(mv) // bundle_bytes
-    return np.fromiter((zlib.crc32(mv[j * bundle_bytes:(j + 1) * bundle_bytes]) for j in range(k)),
-                       dtype=np.uint32, count=k)
+    return np.fromiter(
+        (zlib.crc32(mv[j * bundle_bytes : (j + 1) * bundle_bytes]) for j in range(k)), dtype=np.uint32, count=k
+    )
 
 
 def align_up(n: int, a: int = ALIGN) -> int:
@@ -103,7 +104,7 @@ class LayerRegion:
     region_bytes: int
     fields: tuple[tuple[str, int], ...]
     crc32: int
-    order: tuple[int, ...] | None   # store position -> original neuron id; None = identity
+    order: tuple[int, ...] | None  # store position -> original neuron id; None = identity
 
     @property
     def payload_bytes(self) -> int:
@@ -173,6 +174,6 @@ def split_bundles(bundles: torch.Tensor, config: ModelConfig) -> dict[str, torch
     each. (OPT's fc1 bias is resident: Store.up_biases.)"""
     out, col = {}, 0
     for name, k in config.bundle_fields:
-        out[name] = bundles[:, col:col + k]
+        out[name] = bundles[:, col : col + k]
         col += k
     return out

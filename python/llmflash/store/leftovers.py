@@ -41,8 +41,18 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 # SYS_renameat2 by machine, for a C library without a renameat2() wrapper (glibc < 2.28).
-_SYS_RENAMEAT2 = {"x86_64": 316, "amd64": 316, "aarch64": 276, "arm64": 276, "riscv64": 276,
-                  "i386": 353, "i686": 353, "ppc64le": 357, "ppc64": 357, "s390x": 347}
+_SYS_RENAMEAT2 = {
+    "x86_64": 316,
+    "amd64": 316,
+    "aarch64": 276,
+    "arm64": 276,
+    "riscv64": 276,
+    "i386": 353,
+    "i686": 353,
+    "ppc64le": 357,
+    "ppc64": 357,
+    "s390x": 347,
+}
 # The kernel or the file system cannot do this kind of rename: fall back to plain renames.
 UNSUPPORTED = frozenset({errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)})
 _LEFTOVER = re.compile(r"(tmp|old)-([1-9][0-9]{0,9})")
@@ -64,8 +74,14 @@ def _make_call(libc, machine: str):
         return None
     sc = libc.syscall
     sc.restype = ctypes.c_long
-    return lambda a, b, flags: sc(ctypes.c_long(nr), ctypes.c_int(_AT_FDCWD), ctypes.c_char_p(a),
-                                  ctypes.c_int(_AT_FDCWD), ctypes.c_char_p(b), ctypes.c_uint(flags))
+    return lambda a, b, flags: sc(
+        ctypes.c_long(nr),
+        ctypes.c_int(_AT_FDCWD),
+        ctypes.c_char_p(a),
+        ctypes.c_int(_AT_FDCWD),
+        ctypes.c_char_p(b),
+        ctypes.c_uint(flags),
+    )
 
 
 def _renameat2_function():
@@ -132,7 +148,7 @@ def pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (OSError, OverflowError, ValueError):   # EPERM: someone else's live process
+    except (OSError, OverflowError, ValueError):  # EPERM: someone else's live process
         return True
     return True
 
@@ -159,7 +175,7 @@ def manifest_problem(path: Path) -> str | None:
             m = json.loads(f.read(S.MAX_MANIFEST_BYTES + 1))
     except OSError as e:
         return f"unreadable: {e.strerror}"
-    except (ValueError, UnicodeDecodeError, RecursionError):       # RecursionError: hostile nesting
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: hostile nesting
         return "not valid JSON"
     if not isinstance(m, dict):
         return "not a JSON object"
@@ -221,10 +237,10 @@ def find_leftovers(dst: Path) -> list[tuple[Path, str, int]]:
     if name in ("", ".", ".."):
         return []
     prefix, found = f".{name}.", []
-    with os.scandir(dst.parent) as it:                       # the one listing of the parent
+    with os.scandir(dst.parent) as it:  # the one listing of the parent
         for e in it:
             if e.name.startswith(prefix):
-                m = _LEFTOVER.fullmatch(e.name[len(prefix):])
+                m = _LEFTOVER.fullmatch(e.name[len(prefix) :])
                 if m is not None:
                     found.append((dst.parent / e.name, m.group(1), int(m.group(2))))
     return found
@@ -254,8 +270,8 @@ def recover(dst: str | os.PathLike[str]) -> None:
                 continue
             dead.remove((old, "old"))
             break
-    for p, kind in dead:        # an old store is kept only while it is the only copy of dst
-        if not holds_only_store_files(p):                      # not ours after all: never deleted
+    for p, kind in dead:  # an old store is kept only while it is the only copy of dst
+        if not holds_only_store_files(p):  # not ours after all: never deleted
             continue
         if kind == "tmp" or os.path.lexists(dst) or not is_complete_store(p):
             try:

@@ -71,8 +71,8 @@ class Checked:
     dtype: torch.dtype
     config: ModelConfig
     layers: list[LayerRegion]
-    has_bundle_crcs: bool                         # version 3 and later: bundles.crc32
-    files: dict[str, dict[str, int]] | None       # version 4: recorded sizes and CRC-32s
+    has_bundle_crcs: bool  # version 3 and later: bundles.crc32
+    files: dict[str, dict[str, int]] | None  # version 4: recorded sizes and CRC-32s
 
 
 def check_manifest(m: dict[str, Any], folder: Path) -> Checked:
@@ -89,9 +89,15 @@ def check_manifest(m: dict[str, Any], folder: Path) -> Checked:
         # new file, the old manifest) leaves a store that opens and can be calibrated again.
         files = None
         if version == VERSION:
-            files = read_records(m.get("files"), folder, mpath, CHECKSUMMED, required=(RESIDENT, BUNDLE_CRCS),
-                                 at_open=(RESIDENT, BUNDLE_CRCS, TOKENIZER))
-    except RecursionError:                   # a deep value that parsed, met again by repr() or ==
+            files = read_records(
+                m.get("files"),
+                folder,
+                mpath,
+                CHECKSUMMED,
+                required=(RESIDENT, BUNDLE_CRCS),
+                at_open=(RESIDENT, BUNDLE_CRCS, TOKENIZER),
+            )
+    except RecursionError:  # a deep value that parsed, met again by repr() or ==
         raise StoreError("manifest holds a value nested too deeply", mpath) from None
     return Checked(version, dtype, DTYPES[dtype], config, layers, version >= V3, files)
 
@@ -105,12 +111,15 @@ def _check_header(m: dict[str, Any], mpath: Path) -> tuple[int, str]:
     if version not in (V1, V2, V3, VERSION) or isinstance(version, bool):
         raise StoreError(
             f"unknown format version {version!r:.20} (this llmflash reads versions {V1} to {VERSION}); "
-            "re-run `llmflash convert` or upgrade llmflash", mpath)
+            "re-run `llmflash convert` or upgrade llmflash",
+            mpath,
+        )
     if "manifest_crc32" in m or version == VERSION:
         want_crc = _int(m.get("manifest_crc32"), "manifest_crc32", mpath, 0, 0xFFFFFFFF)
         if manifest_crc32(m) != want_crc:
-            raise StoreError("the manifest does not match its manifest_crc32: corrupt, or edited after "
-                             "conversion", mpath)
+            raise StoreError(
+                "the manifest does not match its manifest_crc32: corrupt, or edited after conversion", mpath
+            )
     dtype = m.get("dtype")
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise StoreError(f"dtype {dtype!r:.40} is not one of {sorted(DTYPES)}", mpath)
@@ -121,8 +130,9 @@ def _check_header(m: dict[str, Any], mpath: Path) -> tuple[int, str]:
         try:
             template.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise StoreError(f"chat_template is not valid UTF-8 text ({e.reason} at character {e.start})",
-                             mpath) from None
+            raise StoreError(
+                f"chat_template is not valid UTF-8 text ({e.reason} at character {e.start})", mpath
+            ) from None
     return version, dtype
 
 
@@ -139,19 +149,19 @@ def _check_config(m: dict[str, Any], mpath: Path, version: int) -> ModelConfig:
         raise StoreError(
             f"format version {V1} store of a model with an FFN bias: the bundle layout changed in "
             f"version {V2} (the fc1 bias moved from ffn.bin's bundles to resident.safetensors); "
-            "re-run `llmflash convert` on the source model", mpath)
+            "re-run `llmflash convert` on the source model",
+            mpath,
+        )
     return config
 
 
-def _check_layers(m: dict[str, Any], mpath: Path, ffn_path: Path, config: ModelConfig,
-                  dtype: str) -> list[LayerRegion]:
+def _check_layers(m: dict[str, Any], mpath: Path, ffn_path: Path, config: ModelConfig, dtype: str) -> list[LayerRegion]:
     """The layers' regions: each well formed, matching the config, aligned, in order without
     overlap, and inside ffn.bin (whose size must be the manifest's ffn_bytes)."""
     ffn_size = ffn_path.stat().st_size
     declared = _int(m.get("ffn_bytes"), "ffn_bytes", mpath)
     if ffn_size != declared:
-        raise StoreError(f"file is {ffn_size} bytes but the manifest says {declared}: truncated or replaced",
-                         ffn_path)
+        raise StoreError(f"file is {ffn_size} bytes but the manifest says {declared}: truncated or replaced", ffn_path)
     layers = m.get("layers")
     if not isinstance(layers, list) or len(layers) != config.n_layers:
         raise StoreError(f"layers must list {config.n_layers} regions", mpath)
@@ -162,8 +172,7 @@ def _check_layers(m: dict[str, Any], mpath: Path, ffn_path: Path, config: ModelC
     return regions
 
 
-def _check_region(i: int, L: Any, mpath: Path, config: ModelConfig, dtype: str, end: int,
-                  ffn_size: int) -> LayerRegion:
+def _check_region(i: int, L: Any, mpath: Path, config: ModelConfig, dtype: str, end: int, ffn_size: int) -> LayerRegion:
     """layers[i] as a LayerRegion, its fields checked on their own and against the config, the
     region after the previous one's `end` and inside ffn.bin (`ffn_size` bytes)."""
     if not isinstance(L, dict):
@@ -174,8 +183,9 @@ def _check_region(i: int, L: Any, mpath: Path, config: ModelConfig, dtype: str, 
     rb = _int(L.get("region_bytes"), f"layers[{i}].region_bytes", mpath)
     crc = _int(L.get("crc32"), f"layers[{i}].crc32", mpath, 0, 0xFFFFFFFF)
     fields = L.get("fields")
-    if (not isinstance(fields, list) or not all(isinstance(f, list) and len(f) == 2 and isinstance(f[0], str)
-                                                and type(f[1]) is int for f in fields)):
+    if not isinstance(fields, list) or not all(
+        isinstance(f, list) and len(f) == 2 and isinstance(f[0], str) and type(f[1]) is int for f in fields
+    ):
         raise StoreError(f"layers[{i}].fields = {fields!r:.60} is not a list of [name, integer] pairs", mpath)
     fields = tuple((a, b) for a, b in fields)
     if n != config.ffn_dims[i]:
@@ -183,8 +193,10 @@ def _check_region(i: int, L: Any, mpath: Path, config: ModelConfig, dtype: str, 
     want_fields = tuple((name, k) for name, k in config.bundle_fields)
     want_bundle = config.bundle_values * ITEMSIZE[dtype]
     if fields != want_fields or bb != want_bundle:
-        raise StoreError(f"layers[{i}] bundle layout {fields}/{bb} B does not match the config "
-                         f"({want_fields}/{want_bundle} B)", mpath)
+        raise StoreError(
+            f"layers[{i}] bundle layout {fields}/{bb} B does not match the config ({want_fields}/{want_bundle} B)",
+            mpath,
+        )
     if off % ALIGN or rb % ALIGN:
         raise StoreError(f"layers[{i}] offset {off} / size {rb} not {ALIGN}-byte aligned", mpath)
     if rb < n * bb or rb > n * bb + ALIGN:
@@ -196,8 +208,12 @@ def _check_region(i: int, L: Any, mpath: Path, config: ModelConfig, dtype: str, 
     order = L.get("order")
     if order is not None:
         # ints only (not bools, not floats: 1.0 == 1 would pass the permutation test)
-        if (not isinstance(order, list) or len(order) != n or not all(type(x) is int for x in order)
-                or sorted(order) != list(range(n))):
+        if (
+            not isinstance(order, list)
+            or len(order) != n
+            or not all(type(x) is int for x in order)
+            or sorted(order) != list(range(n))
+        ):
             raise StoreError(f"layers[{i}].order is not a permutation of the integers 0..{n - 1}", mpath)
         order = tuple(order)
     return LayerRegion(i, off, n, bb, rb, fields, crc, order)
@@ -210,7 +226,8 @@ def _check_bundle_crcs(cpath: Path, version: int, regions: list[LayerRegion]) ->
         if not cpath.is_file():
             raise StoreError(f"missing: a version-{version} store holds one CRC-32 per bundle", cpath)
         if cpath.stat().st_size != want:
-            raise StoreError(f"file is {cpath.stat().st_size} bytes, expected {want} (4 per bundle): "
-                             "truncated or replaced", cpath)
+            raise StoreError(
+                f"file is {cpath.stat().st_size} bytes, expected {want} (4 per bundle): truncated or replaced", cpath
+            )
     elif cpath.exists():
         raise StoreError(f"unexpected in a version-{version} store (versions {V3} and later have it)", cpath)

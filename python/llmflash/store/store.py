@@ -28,7 +28,7 @@ from .layout import (
 from .leftovers import recover
 from .manifest import check_manifest, read_manifest
 
-_REDO = {PREDICTORS: ("run `llmflash calibrate` again", "calibration")}   # remedy and writer, if not convert
+_REDO = {PREDICTORS: ("run `llmflash calibrate` again", "calibration")}  # remedy and writer, if not convert
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -40,7 +40,7 @@ class Store:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
-        recover(self.path)                       # clean up after interrupted conversions
+        recover(self.path)  # clean up after interrupted conversions
         if not self.path.exists():
             raise StoreError("no such store folder", self.path)
         if not self.path.is_dir():
@@ -50,10 +50,12 @@ class Store:
                 raise StoreError(f"missing {name}: not a complete llmflash store", self.path / name)
         for name in sorted(os.listdir(self.path)):
             if name not in KNOWN_FILES and not name.startswith("."):
-                raise StoreError("unexpected file in the store (a store holds only "
-                                 f"{', '.join(sorted(KNOWN_FILES))})", self.path / name)
+                raise StoreError(
+                    f"unexpected file in the store (a store holds only {', '.join(sorted(KNOWN_FILES))})",
+                    self.path / name,
+                )
         self.manifest: dict[str, Any] = read_manifest(self.path / MANIFEST)
-        self._checked: set[str] = set()          # files whose checksum matched (once per Store)
+        self._checked: set[str] = set()  # files whose checksum matched (once per Store)
         v = check_manifest(self.manifest, self.path)
         self.dtype_name: str = v.dtype_name
         self.dtype: torch.dtype = v.dtype
@@ -78,8 +80,10 @@ class Store:
         rec = self.files.get(name)
         hint, when = _REDO.get(name, ("convert the model again", "conversion"))
         if rec is None:
-            raise StoreError(f"not recorded in the manifest's files: added after conversion or by an interrupted "
-                             f"writer; {hint}", path)
+            raise StoreError(
+                f"not recorded in the manifest's files: added after conversion or by an interrupted writer; {hint}",
+                path,
+            )
         compare_file(path, rec, when, hint)
         self._checked.add(name)
         return True
@@ -112,9 +116,11 @@ class Store:
         for name, shape in want.items():
             if tuple(tensors[name].shape) != shape:
                 raise StoreError(f"{name} has shape {tuple(tensors[name].shape)}, expected {shape}", rpath)
-            if tensors[name].dtype != self.dtype:        # the writer stores every tensor in the store dtype
-                raise StoreError(f"{name} is {_dtype_name(tensors[name].dtype)}, expected {self.dtype_name} "
-                                 "(the manifest's dtype)", rpath)
+            if tensors[name].dtype != self.dtype:  # the writer stores every tensor in the store dtype
+                raise StoreError(
+                    f"{name} is {_dtype_name(tensors[name].dtype)}, expected {self.dtype_name} (the manifest's dtype)",
+                    rpath,
+                )
             check_finite(name, tensors[name], rpath)
         return tensors
 
@@ -153,8 +159,11 @@ class Store:
                     if shape != (n,):
                         raise StoreError(f"{name} has shape {shape}, expected {(n,)}", rpath)
                     if dt != SAFETENSORS_DTYPES[self.dtype_name]:
-                        raise StoreError(f"{name} is {dt}, expected {SAFETENSORS_DTYPES[self.dtype_name]} "
-                                         f"({self.dtype_name}, the manifest's dtype)", rpath)
+                        raise StoreError(
+                            f"{name} is {dt}, expected {SAFETENSORS_DTYPES[self.dtype_name]} "
+                            f"({self.dtype_name}, the manifest's dtype)",
+                            rpath,
+                        )
                     out.append(f.get_tensor(name).float())
                     check_finite(name, out[-1], rpath)
         except OSError as e:
@@ -171,8 +180,9 @@ class Store:
             f.seek(L.offset)
             got = f.readinto(memoryview(buf))
         if got != L.payload_bytes:
-            raise StoreError(f"short read of layer {i} at offset {L.offset}: {got} of {L.payload_bytes} bytes",
-                             self.ffn_path)
+            raise StoreError(
+                f"short read of layer {i} at offset {L.offset}: {got} of {L.payload_bytes} bytes", self.ffn_path
+            )
         if verify:
             self.check_region(i, buf)
         t = torch.from_numpy(buf).view(self.dtype)
@@ -182,15 +192,16 @@ class Store:
         """StoreError unless `payload` (layer i's payload bytes, read whole) matches the region's CRC-32."""
         L = self.layers[i]
         if zlib.crc32(payload) != L.crc32:
-            raise StoreError(f"checksum mismatch in layer {i}'s region at offset {L.offset}: the file is corrupt",
-                             self.ffn_path)
+            raise StoreError(
+                f"checksum mismatch in layer {i}'s region at offset {L.offset}: the file is corrupt", self.ffn_path
+            )
 
     def bundle_crcs(self, i: int) -> np.ndarray | None:
         """Layer i's per-bundle CRC-32s, (n_neurons,) uint32 in store order; None before
         version 3."""
         if not self.has_bundle_crcs:
             return None
-        self.check_file(BUNDLE_CRCS)                     # the whole table, on its first read (version 4)
+        self.check_file(BUNDLE_CRCS)  # the whole table, on its first read (version 4)
         start = sum(L.n_neurons for L in self.layers[:i])
         n = self.layers[i].n_neurons
         return np.fromfile(self.path / BUNDLE_CRCS, dtype="<u4", count=n, offset=4 * start).astype(np.uint32)
@@ -205,16 +216,18 @@ class Store:
             raise ValueError(f"bundle positions must be ascending and in [0, {L.n_neurons})")
         bb = L.bundle_bytes
         out = np.empty(len(pos) * bb, dtype=np.uint8)
-        starts = np.flatnonzero(np.diff(pos, prepend=-2) != 1)           # first index of each run
+        starts = np.flatnonzero(np.diff(pos, prepend=-2) != 1)  # first index of each run
         ends = np.append(starts[1:], len(pos))
         fd = os.open(self.ffn_path, os.O_RDONLY)
         try:
             for a, b in zip(starts.tolist(), ends.tolist()):
                 want = (b - a) * bb
-                got = os.preadv(fd, [memoryview(out)[a * bb:b * bb]], L.offset + int(pos[a]) * bb)
+                got = os.preadv(fd, [memoryview(out)[a * bb : b * bb]], L.offset + int(pos[a]) * bb)
                 if got != want:
-                    raise StoreError(f"short read of layer {i}'s bundles {int(pos[a])}..{int(pos[b - 1])}: "
-                                     f"{got} of {want} bytes", self.ffn_path)
+                    raise StoreError(
+                        f"short read of layer {i}'s bundles {int(pos[a])}..{int(pos[b - 1])}: {got} of {want} bytes",
+                        self.ffn_path,
+                    )
         finally:
             os.close(fd)
         crcs = self.bundle_crcs(i)
@@ -222,8 +235,10 @@ class Store:
             bad = np.flatnonzero(crc32_per_bundle(out, bb) != crcs[pos])
             if len(bad):
                 j = int(pos[bad[0]])
-                raise StoreError(f"checksum mismatch in layer {i}'s bundle {j} at offset "
-                                 f"{L.offset + j * bb}: the file is corrupt", self.ffn_path)
+                raise StoreError(
+                    f"checksum mismatch in layer {i}'s bundle {j} at offset {L.offset + j * bb}: the file is corrupt",
+                    self.ffn_path,
+                )
         return torch.from_numpy(out).view(self.dtype).view(len(pos), -1)
 
     def tokenizer(self):
@@ -238,4 +253,3 @@ class Store:
             return Tokenizer.from_file(str(tpath))
         except Exception as e:  # tokenizers raises a bare Exception subclass
             raise StoreError(f"cannot read tokenizer: {e}", tpath) from None
-

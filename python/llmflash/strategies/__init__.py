@@ -25,9 +25,12 @@ def make_ffn(name: str, store: Store, **options: Any):
     check_strategy(name, options)
     if name == "dense":
         from .dense import DenseFFN
+
         return DenseFFN(store)
     if name == "naive":
         from .naive import NaiveFFN
+
         return NaiveFFN(store, **options)
     from .flash import FlashFFN  # "flash", the last of STRATEGIES
+
     return FlashFFN(store, **options)

@@ -17,8 +17,9 @@ from ..store import split_bundles
 from ..threads import native_threads
 
 
-def bundle_ffn(x: Tensor, up: Tensor, down: Tensor, gate: Tensor | None = None,
-               bias: Tensor | None = None, act: str = "silu") -> Tensor:
+def bundle_ffn(
+    x: Tensor, up: Tensor, down: Tensor, gate: Tensor | None = None, bias: Tensor | None = None, act: str = "silu"
+) -> Tensor:
     """The FFN over a set of neurons given as rows: x (T, D); up, gate, down (n, D); bias (n,)
     the rows' fc1 biases (float32, resident, gathered for these rows). Returns (T, D) float32.
 
@@ -28,18 +29,18 @@ def bundle_ffn(x: Tensor, up: Tensor, down: Tensor, gate: Tensor | None = None,
     half-precision GEMM, models/layers.py); for one token a GEMV reads them in place.
     """
     f = ACTIVATIONS[act]
-    h = linear(x, up)                                                     # (T, n)
+    h = linear(x, up)  # (T, n)
     if gate is not None:
         if bias is not None:
             raise ValueError("a gated FFN with an fc1 bias is not a supported layout")
-        h = f(linear(x, gate)) * h                                        # (T, n)
+        h = f(linear(x, gate)) * h  # (T, n)
     else:
         if bias is not None:
             h = h + bias.float()
         h = f(h)
     if h.shape[0] == 1 and down.dtype != torch.float32:
-        return rows_gemv(down, h[0]).unsqueeze(0)                         # (1, D)
-    return torch.matmul(h, down.float())                                  # (T, D)
+        return rows_gemv(down, h[0]).unsqueeze(0)  # (1, D)
+    return torch.matmul(h, down.float())  # (T, D)
 
 
 def rows_gemv(down: Tensor, h: Tensor) -> Tensor:
@@ -66,13 +67,24 @@ def rows_ffn(x: Tensor, rows: Tensor, config, bias: Tensor | None = None, pick=N
     activation is not 0), about twice as fast as split views and torch products. Everything else
     goes through bundle_ffn."""
     gated = bool(config.gated)
-    if (x.shape[0] == 1 and rows.dtype == torch.float16 and rows.shape[0] > 0 and rows.stride(1) == 1
-            and (config.act == "silu" if gated else config.act == "relu") and not (gated and bias is not None)):
+    if (
+        x.shape[0] == 1
+        and rows.dtype == torch.float16
+        and rows.shape[0] > 0
+        and rows.stride(1) == 1
+        and (config.act == "silu" if gated else config.act == "relu")
+        and not (gated and bias is not None)
+    ):
         from .._native import f16_bundle_ffn
 
-        y = f16_bundle_ffn(rows.view(torch.int16).numpy(), x[0].float().contiguous().numpy(), gated,
-                           None if bias is None else bias.float().contiguous().numpy(), native_threads(),
-                           None if pick is None else np.ascontiguousarray(pick, dtype=np.uint32))
+        y = f16_bundle_ffn(
+            rows.view(torch.int16).numpy(),
+            x[0].float().contiguous().numpy(),
+            gated,
+            None if bias is None else bias.float().contiguous().numpy(),
+            native_threads(),
+            None if pick is None else np.ascontiguousarray(pick, dtype=np.uint32),
+        )
         return torch.from_numpy(y).unsqueeze(0)
     if pick is not None:
         idx = torch.from_numpy(np.asarray(pick, dtype=np.int64))

@@ -28,9 +28,9 @@ class DenseFFN:
         c = store.config
         self.config = c
         self.act = ACTIVATIONS[c.act]
-        self.w1: list[Tensor] = []            # (2n, D) gate rows then up rows, or (n, D) up rows
-        self.w2: list[Tensor] = []            # (D, n)  down_proj / fc2 as in Hugging Face
-        self.b1: list[Tensor | None] = store.up_biases()   # (n,) fc1 bias (OPT), float32, store order
+        self.w1: list[Tensor] = []  # (2n, D) gate rows then up rows, or (n, D) up rows
+        self.w2: list[Tensor] = []  # (D, n)  down_proj / fc2 as in Hugging Face
+        self.b1: list[Tensor | None] = store.up_biases()  # (n,) fc1 bias (OPT), float32, store order
         for i in range(c.n_layers):
             parts = split_bundles(store.read_layer(i, verify=True), c)
             rows = [parts["gate"], parts["up"]] if c.gated else [parts["up"]]
@@ -39,14 +39,14 @@ class DenseFFN:
 
     def __call__(self, layer: int, x: Tensor) -> Tensor:
         """x (T, D) -> (T, D) float32."""
-        h = linear(x, self.w1[layer])                                     # (T, 2n) or (T, n)
+        h = linear(x, self.w1[layer])  # (T, 2n) or (T, n)
         if self.config.gated:
-            g, u = h.chunk(2, dim=-1)                                     # (T, n) each
+            g, u = h.chunk(2, dim=-1)  # (T, n) each
             h = self.act(g) * u
         else:
             b = self.b1[layer]
             h = self.act(h + b if b is not None else h)
-        return linear(h, self.w2[layer])                                  # (T, D)
+        return linear(h, self.w2[layer])  # (T, D)
 
     def stats(self) -> dict[str, float]:
         tensors = [*self.w1, *self.w2, *(b for b in self.b1 if b is not None)]

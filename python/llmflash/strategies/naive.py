@@ -24,7 +24,7 @@ from ..io import ALIGN, AlignedBuf, Reader, as_tensor
 from ..store import Store
 from .base import rows_ffn
 
-PIECE = 1 << 20          # request size: 1 MiB reads at 32 in flight run at the disk's full speed
+PIECE = 1 << 20  # request size: 1 MiB reads at 32 in flight run at the disk's full speed
 
 
 class NaiveFFN:
@@ -33,24 +33,26 @@ class NaiveFFN:
     def __init__(self, store: Store, concurrency: int = 32, verify_reads: bool = True, engine: str = "auto"):
         self.store, self.config = store, store.config
         self.verify_reads = verify_reads
-        self.reader = Reader(store.ffn_path, concurrency=concurrency, engine=engine)   # engine: see io.Reader
+        self.reader = Reader(store.ffn_path, concurrency=concurrency, engine=engine)  # engine: see io.Reader
         self.buf = AlignedBuf(max(L.region_bytes for L in store.layers))
-        self.bytes_view = as_tensor(self.buf)                               # (bytes,) uint8, zero-copy
-        self.b1 = store.up_biases()                                         # (n,) float32 fc1 bias (OPT)
+        self.bytes_view = as_tensor(self.buf)  # (bytes,) uint8, zero-copy
+        self.b1 = store.up_biases()  # (n,) float32 fc1 bias (OPT)
         self.io_s = self.compute_s = 0.0
         self.bytes_read = 0
 
     def _read(self, layer: int) -> Tensor:
         L = self.store.layers[layer]
-        if self.verify_reads:                                               # GIL released
-            self.reader.read_region_checked(L.offset, L.region_bytes, self.buf, L.payload_bytes, L.crc32,
-                                            f"layer {layer}'s region")
+        if self.verify_reads:  # GIL released
+            self.reader.read_region_checked(
+                L.offset, L.region_bytes, self.buf, L.payload_bytes, L.crc32, f"layer {layer}'s region"
+            )
         else:
-            self.reader.read([(L.offset + o, min(PIECE, L.region_bytes - o), self.buf, o)
-                              for o in range(0, L.region_bytes, PIECE)])
+            self.reader.read(
+                [(L.offset + o, min(PIECE, L.region_bytes - o), self.buf, o) for o in range(0, L.region_bytes, PIECE)]
+            )
         self.bytes_read += L.region_bytes
-        payload = self.bytes_view[:L.payload_bytes].view(self.store.dtype)
-        return payload.view(L.n_neurons, -1)                                # (n, bundle_values)
+        payload = self.bytes_view[: L.payload_bytes].view(self.store.dtype)
+        return payload.view(L.n_neurons, -1)  # (n, bundle_values)
 
     def __call__(self, layer: int, x: Tensor) -> Tensor:
         t0 = time.perf_counter()
@@ -62,8 +64,13 @@ class NaiveFFN:
         return y
 
     def stats(self) -> dict[str, float]:
-        return {"ffn_io_s": self.io_s, "ffn_compute_s": self.compute_s, "mgmt_s": 0.0,
-                "bytes_read": float(self.bytes_read), "ffn_buffer_bytes": float(self.buf.capacity)}
+        return {
+            "ffn_io_s": self.io_s,
+            "ffn_compute_s": self.compute_s,
+            "mgmt_s": 0.0,
+            "bytes_read": float(self.bytes_read),
+            "ffn_buffer_bytes": float(self.buf.capacity),
+        }
 
     def reset_stats(self) -> None:
         self.io_s = self.compute_s = 0.0

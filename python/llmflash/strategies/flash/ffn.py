@@ -55,10 +55,10 @@ class Laps:
 class Pending(NamedTuple):
     """An admission lookahead started for a layer before its FFN call."""
 
-    step: int                 # the token it is for
+    step: int  # the token it is for
     adm: Admission
-    wanted: np.ndarray        # the set admitted (store positions): final, or a guess to check
-    live: Tensor | None       # for a sticky source that checks a guess: the live mask before it
+    wanted: np.ndarray  # the set admitted (store positions): final, or a guess to check
+    live: Tensor | None  # for a sticky source that checks a guess: the live mask before it
 
 
 class FlashFFN:
@@ -67,14 +67,39 @@ class FlashFFN:
 
     name = "flash"
 
-    def __init__(self, store: Store, memory: str | int | float | None = None, window: int = 4,
-                 sparsity: str | WantedSource | None = None, profile: Any = None, concurrency: int | None = None,
-                 overlap: bool = True, coalesce: bool = True, reuse: bool = True, engine: str | None = None,
-                 compute: str = "live", lookahead: bool | str = False, hot: float = 0.0,
-                 fill_holes: bool = True):
+    def __init__(
+        self,
+        store: Store,
+        memory: str | int | float | None = None,
+        window: int = 4,
+        sparsity: str | WantedSource | None = None,
+        profile: Any = None,
+        concurrency: int | None = None,
+        overlap: bool = True,
+        coalesce: bool = True,
+        reuse: bool = True,
+        engine: str | None = None,
+        compute: str = "live",
+        lookahead: bool | str = False,
+        hot: float = 0.0,
+        fill_holes: bool = True,
+    ):
         self.store, self.config = store, store.config
-        self.options = FlashOptions(memory, window, sparsity, profile, concurrency, overlap, coalesce, reuse,
-                                    engine, compute, lookahead, hot, fill_holes)
+        self.options = FlashOptions(
+            memory,
+            window,
+            sparsity,
+            profile,
+            concurrency,
+            overlap,
+            coalesce,
+            reuse,
+            engine,
+            compute,
+            lookahead,
+            hot,
+            fill_holes,
+        )
         s = build(store, self.options)
         self.source, self.layers, self.plan, self.model_bytes = s.source, s.layers, s.plan, s.model_bytes
         self.profile, self.reader, self.scratch, self.scratch_rows = s.profile, s.reader, s.scratch, s.scratch_rows
@@ -84,9 +109,17 @@ class FlashFFN:
         self.t = {"io": 0.0, "compute": 0.0, "predict": 0.0}
         # lookahead: neurons read ahead, wanted neurons the guess missed (read at the layer), and
         # for checked guesses the sizes of guess, wanted set and their overlap
-        self.ahead = {"ahead_read": 0, "ahead_missed": 0, "guess_named": 0, "guess_right": 0, "wanted_named": 0,
-                      "guess_hits": 0, "guess_overflow": 0, "guess_admissions": 0}
-        self._ahead: list[Pending | None] = [None] * len(self.layers)   # started early, per layer
+        self.ahead = {
+            "ahead_read": 0,
+            "ahead_missed": 0,
+            "guess_named": 0,
+            "guess_right": 0,
+            "wanted_named": 0,
+            "guess_hits": 0,
+            "guess_overflow": 0,
+            "guess_admissions": 0,
+        }
+        self._ahead: list[Pending | None] = [None] * len(self.layers)  # started early, per layer
 
     def _hook_lookahead(self) -> None:
         """lookahead "layer": the source's `ahead(layer, x)` names layer+1's neurons from layer's
@@ -98,7 +131,7 @@ class FlashFFN:
         self._verify = self._peek is not None and not getattr(self.source, "ahead_exact", False)
         self._guess_early = getattr(self.source, "early", None) if overlap and mode == "attention" else None
         if self._guess_early is not None:
-            self.early = self._early       # the transformer looks for this hook (models.transformer)
+            self.early = self._early  # the transformer looks for this hook (models.transformer)
             self._verify = True
 
     def __call__(self, layer: int, x: Tensor) -> Tensor:
@@ -107,22 +140,22 @@ class FlashFFN:
             self.step += 1
         lay = self.layers[layer]
         laps = Laps(lay.cache)
-        wanted, adm = self._admit(layer, x, laps)        # name the wanted neurons, begin their reads
+        wanted, adm = self._admit(layer, x, laps)  # name the wanted neurons, begin their reads
         if self._peek is not None and layer + 1 < len(self.layers):
-            self._read_ahead(layer, x, laps)             # and layer+1's
+            self._read_ahead(layer, x, laps)  # and layer+1's
         x = x.to(lay.rows.dtype)
         y = torch.zeros(x.shape[0], self.config.dim, dtype=torch.float32)
         bias = lay.row_bias()
         ready, filling = lay.rows_to_compute(adm, wanted if self.options.compute == "wanted" else None)
-        if lay.hot_rows is not None:                     # hot pinning: resident, always computed
+        if lay.hot_rows is not None:  # hot pinning: resident, always computed
             y += rows_ffn(x, lay.hot_rows, self.config, lay.hot_bias)
-        y += self._some_rows(x, lay.rows, bias, ready)   # the cached rows, while the reads run
+        y += self._some_rows(x, lay.rows, bias, ready)  # the cached rows, while the reads run
         laps.lap("compute")
         lay.cache.wait()
         laps.lap("io")
         y += self._some_rows(x, lay.rows, bias, filling)  # the rows just read
         laps.lap("compute")
-        self._overflow(lay, x, y, adm.overflow, laps)     # the wanted neurons the cache could not hold
+        self._overflow(lay, x, y, adm.overflow, laps)  # the wanted neurons the cache could not hold
         laps.add_to(self.t)
         return y
 
@@ -169,7 +202,7 @@ class FlashFFN:
         if ids is None:
             return
         nxt = self.layers[layer + 1]
-        own = Laps(nxt.cache)                # layer+1's management is taken out of this I/O
+        own = Laps(nxt.cache)  # layer+1's management is taken out of this I/O
         wanted = nxt.positions(ids)
         live = nxt.live_mask() if self._sticky and self._verify else None
         self._ahead[layer + 1] = Pending(self.step, self._begin_ahead(nxt.cache, wanted, self.step), wanted, live)
@@ -208,8 +241,8 @@ class FlashFFN:
         ids = np.asarray(overflow, dtype=np.uint32)
         size = self.scratch_rows.shape[0]
         for start in range(0, len(ids), size or 1):
-            chunk = ids[start:start + size]
-            k = lay.cache.read_neurons(chunk, self.scratch)               # row i = chunk[i]
+            chunk = ids[start : start + size]
+            k = lay.cache.read_neurons(chunk, self.scratch)  # row i = chunk[i]
             laps.lap("io")
             b = None if lay.bias is None else lay.bias[torch.from_numpy(chunk[:k].astype(np.int64))]
             y += rows_ffn(x, self.scratch_rows[:k], self.config, b)
@@ -251,12 +284,20 @@ class FlashFFN:
         # eviction, index updates, staging -> slot copies (the CRC checks of bundles read are part
         # of reading them: in I/O when the token waits for them, reported on their own as crc_s)
         mgmt = (out.get("mgmt_ns", 0.0) - out.get("crc_ns", 0.0)) / 1e9
-        out.update({"ffn_io_s": self.t["io"], "ffn_compute_s": self.t["compute"],
-                    "predict_s": self.t["predict"], "mgmt_s": mgmt, "crc_s": out.get("crc_ns", 0.0) / 1e9,
-                    "cache_capacity_neurons": float(sum(self.plan.capacities)),
-                    "hot_neurons": float(sum(len(lay.hot_rows) for lay in self.layers if lay.hot_rows is not None)),
-                    **{k: float(v) for k, v in self.ahead.items()},
-                    "budget_bytes": float(self.plan.budget), "steps": float(self.step)})
+        out.update(
+            {
+                "ffn_io_s": self.t["io"],
+                "ffn_compute_s": self.t["compute"],
+                "predict_s": self.t["predict"],
+                "mgmt_s": mgmt,
+                "crc_s": out.get("crc_ns", 0.0) / 1e9,
+                "cache_capacity_neurons": float(sum(self.plan.capacities)),
+                "hot_neurons": float(sum(len(lay.hot_rows) for lay in self.layers if lay.hot_rows is not None)),
+                **{k: float(v) for k, v in self.ahead.items()},
+                "budget_bytes": float(self.plan.budget),
+                "steps": float(self.step),
+            }
+        )
         return out
 
     def reset_stats(self) -> None:

@@ -20,12 +20,12 @@ class FlashLayer:
     are in store order (a store may keep a layer's neurons permuted: LayerRegion.order)."""
 
     region: LayerRegion
-    position: np.ndarray | None   # original neuron id -> store position (int64); None: the same
-    bias: Tensor | None           # OPT's fc1 biases (n,) float32, store order, resident
-    hot_rows: Tensor | None       # pinned bundles (k, bundle_values): resident, computed every token
-    hot_bias: Tensor | None       # their fc1 biases (k,)
+    position: np.ndarray | None  # original neuron id -> store position (int64); None: the same
+    bias: Tensor | None  # OPT's fc1 biases (n,) float32, store order, resident
+    hot_rows: Tensor | None  # pinned bundles (k, bundle_values): resident, computed every token
+    hot_bias: Tensor | None  # their fc1 biases (k,)
     cache: NeuronCache | None = None
-    rows: Tensor | None = None    # (capacity, bundle_values) view of the cache's slot matrix
+    rows: Tensor | None = None  # (capacity, bundle_values) view of the cache's slot matrix
 
     @property
     def n_neurons(self) -> int:
@@ -73,7 +73,7 @@ class FlashLayer:
         if wanted is not None:
             pick = self.cache.rows_of(wanted)
             pick = np.sort(pick[(pick >= 0) & (pick < n)])
-            pick = pick[np.diff(pick, prepend=-1) != 0]      # a duplicated id counts once (rows are >= 0)
+            pick = pick[np.diff(pick, prepend=-1) != 0]  # a duplicated id counts once (rows are >= 0)
         else:
             pick = np.arange(n)
         new = filling[pick]

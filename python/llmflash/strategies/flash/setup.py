@@ -19,9 +19,9 @@ from ...store import PREDICTORS, RESIDENT, Store
 from .layer import FlashLayer
 from .options import FlashOptions
 
-SCRATCH_NEURONS = 1024    # overflow chunk: rows streamed at a time when a layer's cache is full
-URING_DEPTH = 128         # reads in flight on the default io_uring engine (a virtio disk's queue holds 256)
-POOL_THREADS = 32         # reads in flight with the pread pool ("auto", "threads")
+SCRATCH_NEURONS = 1024  # overflow chunk: rows streamed at a time when a layer's cache is full
+URING_DEPTH = 128  # reads in flight on the default io_uring engine (a virtio disk's queue holds 256)
+POOL_THREADS = 32  # reads in flight with the pread pool ("auto", "threads")
 
 
 def model_bytes(store: Store) -> tuple[int, int]:
@@ -40,11 +40,11 @@ class FlashSetup:
     source: WantedSource
     layers: list[FlashLayer]
     plan: CachePlan
-    model_bytes: int          # what 1.0x of the budget means
+    model_bytes: int  # what 1.0x of the budget means
     profile: Profile
     reader: Reader
-    scratch: AlignedBuf       # the overflow area every layer streams through
-    scratch_rows: Tensor      # (rows, bundle_values) view of it
+    scratch: AlignedBuf  # the overflow area every layer streams through
+    scratch_rows: Tensor  # (rows, bundle_values) view of it
 
 
 def build(store: Store, opts: FlashOptions) -> FlashSetup:
@@ -58,16 +58,22 @@ def build(store: Store, opts: FlashOptions) -> FlashSetup:
     # as documented). OPT's fc1 biases are counted at the resident file's store-dtype size.
     fixed = resident + int(getattr(source, "nbytes", lambda: 0)()) + sum(lay.resident_bytes() for lay in layers)
     bb = store.layers[0].bundle_bytes
-    plan = plan_caches(budget, fixed, [lay.n_cold for lay in layers], bb, scratch_neurons=SCRATCH_NEURONS,
-                       store_name=str(store.path), reuse=opts.reuse)
+    plan = plan_caches(
+        budget,
+        fixed,
+        [lay.n_cold for lay in layers],
+        bb,
+        scratch_neurons=SCRATCH_NEURONS,
+        store_name=str(store.path),
+        reuse=opts.reuse,
+    )
     profile = opts.profile if opts.profile is not None else load_profile()
     reader = open_reader(store, opts)
     for lay, cap in zip(layers, plan.capacities):
         open_cache(store, lay, cap, reader, profile, opts)
     rows = plan.scratch // bb
     scratch = AlignedBuf(max(1, rows) * bb)
-    return FlashSetup(source, layers, plan, resident + ffn, profile, reader, scratch,
-                      bundle_view(store, scratch, rows))
+    return FlashSetup(source, layers, plan, resident + ffn, profile, reader, scratch, bundle_view(store, scratch, rows))
 
 
 def wanted_source(store: Store, opts: FlashOptions) -> WantedSource:
@@ -78,14 +84,19 @@ def wanted_source(store: Store, opts: FlashOptions) -> WantedSource:
         # holds the full FFN outside the budget: `llmflash calibrate` to deploy).
         sparsity = "predictor" if (store.path / PREDICTORS).is_file() else "oracle"
         if sparsity == "oracle":
-            warnings.warn(f"{store.path}: no predictors (run `llmflash calibrate`); using the oracle, "
-                          "which keeps the full FFN in DRAM outside the memory budget", stacklevel=5)
+            warnings.warn(
+                f"{store.path}: no predictors (run `llmflash calibrate`); using the oracle, "
+                "which keeps the full FFN in DRAM outside the memory budget",
+                stacklevel=5,
+            )
     source = make_source(sparsity, store, hot=opts.hot)
     if opts.lookahead == "layer" and not hasattr(source, "ahead"):
         source = NextLayerGuess(source)
     if opts.lookahead == "attention" and not store.config.pre_norm:
-        raise InvalidArgumentError(f"{store.path}: lookahead='attention' needs a pre-norm model (the guess "
-                                   "reads the FFN norm of the attention input); use lookahead='layer'")
+        raise InvalidArgumentError(
+            f"{store.path}: lookahead='attention' needs a pre-norm model (the guess "
+            "reads the FFN norm of the attention input); use lookahead='layer'"
+        )
     if opts.lookahead == "attention" and not hasattr(source, "early"):
         source = SameLayerGuess(source)
     return source
@@ -117,13 +128,14 @@ def open_reader(store: Store, opts: FlashOptions) -> Reader:
     if opts.engine is None:
         try:
             return Reader(store.ffn_path, concurrency=opts.concurrency or URING_DEPTH, engine="io_uring")
-        except (OSError, ValueError, RuntimeError):    # no io_uring here (seccomp, old kernel)
+        except (OSError, ValueError, RuntimeError):  # no io_uring here (seccomp, old kernel)
             return Reader(store.ffn_path, concurrency=opts.concurrency or POOL_THREADS)
     return Reader(store.ffn_path, concurrency=opts.concurrency or POOL_THREADS, engine=opts.engine)
 
 
-def open_cache(store: Store, lay: FlashLayer, capacity: int, reader: Reader, profile: Profile,
-               opts: FlashOptions) -> None:
+def open_cache(
+    store: Store, lay: FlashLayer, capacity: int, reader: Reader, profile: Profile, opts: FlashOptions
+) -> None:
     """The layer's NeuronCache of `capacity` rows; every bundle read is checked against its CRC-32
     as it lands (a StoreError) when the store has them. New neurons take the rows evictions
     emptied (no move: rust/cache.rs, set_fill_holes), so the compute that overlaps the reads takes
@@ -131,8 +143,17 @@ def open_cache(store: Store, lay: FlashLayer, capacity: int, reader: Reader, pro
     closed by moving the last live row in, new neurons appended), whose moves run before the
     reads start."""
     L = lay.region
-    cache = NeuronCache(reader, L.offset, L.n_neurons, L.bundle_bytes, capacity, opts.window, profile=profile,
-                        allow_whole=opts.coalesce, max_gap_bytes=None if opts.coalesce else 0)
+    cache = NeuronCache(
+        reader,
+        L.offset,
+        L.n_neurons,
+        L.bundle_bytes,
+        capacity,
+        opts.window,
+        profile=profile,
+        allow_whole=opts.coalesce,
+        max_gap_bytes=None if opts.coalesce else 0,
+    )
     crcs = store.bundle_crcs(L.index)
     if crcs is not None:
         cache.set_bundle_crcs(crcs)
