@@ -23,7 +23,7 @@ from .args import Parser
 from .texts import CALIBRATION_CHARS, default_text
 
 HELP = "train the per-layer sparsity predictors of a store"
-DESCRIPTION = "`llmflash calibrate`: train the sparsity predictors of a store (llmflash.predictor)."
+DESCRIPTION = "`llmflash calibrate`: train the sparsity predictors of a store (llmflash.sparsity)."
 DEFAULTS = dict(
     tokens=16384, rank=128, sparsity=0.5, recall=0.99, epochs=2, seed=0, chunk=512, heldout=0.125, batch=512, lr=3e-3
 )
