@@ -1,6 +1,6 @@
 """A conversion killed at any point never loses the destination, and what it leaves beside it
 (`.NAME.tmp-PID`, `.NAME.old-PID`) is recovered or deleted by the next `convert` to that
-destination or the next opening of the store (llmflash.leftovers), unless its process still runs.
+destination or the next opening of the store (llmflash.store.leftovers), unless its process still runs.
 
 Kills are real: a child process converts with a hook that calls os._exit at the chosen moment."""
 

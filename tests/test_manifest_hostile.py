@@ -138,7 +138,7 @@ def _deny(monkeypatch, module, name: str) -> None:
 
 @pytest.mark.parametrize("version", [4, 3])
 def test_permission_denied_says_so(store, monkeypatch, capsys, version):
-    """Version 4 hashes the file first (llmflash.checksums opens it); version 3 opens it before
+    """Version 4 hashes the file first (llmflash.store.checksums opens it); version 3 opens it before
     safetensors does: either way the message is the system's reason, not "no such file"."""
     if version == 3:
         edit_manifest(store, lambda m: m.update(version=3))

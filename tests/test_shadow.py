@@ -1,4 +1,4 @@
-"""Shadow predictors (llmflash.shadow): 4-bit gate/up rows as the wanted-set scorer, calibrated
+"""Shadow predictors (llmflash.sparsity.shadow): 4-bit gate/up rows as the wanted-set scorer, calibrated
 and evaluated end to end on tiny random-weight stores."""
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ What is guaranteed:
   system cannot exchange, the old store is renamed aside to `.NAME.old-PID`, the new one renamed
   in, the old one deleted; a failure in between puts the old one back.
 - A killed conversion leaves only those hidden siblings. The next conversion to the destination
-  or the next opening of the store (llmflash.leftovers.recover) deletes the ones of dead
+  or the next opening of the store (llmflash.store.leftovers.recover) deletes the ones of dead
   processes, and first renames an old store back if a kill between the two renames left the
   destination missing. Leftovers of live processes are never touched.
 """
@@ -78,7 +78,7 @@ def check_destination(dst: Path, src: Path | None, force: bool) -> str:
     not a store, a file, a symbolic link: the link is refused rather than followed or replaced,
     so that neither its target nor the link is lost by surprise).
     Before looking at dst, recovers or deletes what dead processes' interrupted conversions left
-    beside it (llmflash.leftovers.recover): a destination a kill left missing comes back.
+    beside it (llmflash.store.leftovers.recover): a destination a kill left missing comes back.
     Returns "absent", "empty" or "store": what the finished store replaces."""
     if src is not None:
         if _inside(dst, src):

@@ -7,11 +7,11 @@ CRC-32 per region. OPT's fc1 bias is not in the bundle: converters pass it with 
 tensors (layers.{i}.ffn.up_bias, in source order, which is the order the bundles are written).
 An interrupted conversion leaves only the temporary folder, which is removed on the way out
 (if the process was killed, the next conversion to the destination or the next opening of the
-store deletes it: llmflash.leftovers). A failed write (disk full, any OSError or
+store deletes it: llmflash.store.leftovers). A failed write (disk full, any OSError or
 SafetensorError) is a ConvertError naming the file, the temporary folder removed. Non-finite
 weights (NaN, or a value the store dtype cannot hold, which the cast turns into Inf) are refused,
 naming the tensor. At the end it records each file's size and CRC-32 and the manifest's own
-(store format version 4: llmflash.checksums).
+(store format version 4: llmflash.store.checksums).
 
 The destination's checks and the swap that replaces an old store live in convert/destination.py.
 """
