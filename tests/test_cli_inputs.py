@@ -309,19 +309,19 @@ def test_budget_message_has_meaningful_units():
 
 
 def test_llmflash_errors_exit_2_on_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
-    import llmflash.cli as cli
+    import llmflash.commands.convert as convert_command
     from llmflash.errors import StoreError
 
     def store_error(args):
         raise StoreError("first line\nsecond line", "x/manifest.json")
 
-    monkeypatch.setattr(cli, "_cmd_convert", store_error)
+    monkeypatch.setattr(convert_command, "run", store_error)
     rc, err = run(["convert", "a", "b"], capsys)
     assert_one_line_error(rc, err, "x/manifest.json: first line second line")
 
     def bug(args):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(cli, "_cmd_convert", bug)
+    monkeypatch.setattr(convert_command, "run", bug)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["convert", "a", "b"])

@@ -1,0 +1,28 @@
+"""`llmflash convert SRC DST`: a Hugging Face folder or a GGUF file into a store (llmflash.convert)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+def register(sub: Any) -> None:
+    """Add the `convert` subcommand to the `llmflash` parser's subparsers."""
+    c = sub.add_parser("convert", help="convert a Hugging Face folder or a GGUF file into a store")
+    c.add_argument("src", help="HF folder (config.json + *.safetensors) or .gguf file")
+    c.add_argument("dst", help="store folder to create")
+    c.add_argument("--dtype", choices=DTYPES, default="float16")
+    c.add_argument("--force", action="store_true", help="replace DST if it exists")
+    c.add_argument("--tokenizer", help="tokenizer.json (or a folder holding one) for sources that ship none")
+    c.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..convert import convert
+
+    dst = convert(args.src, args.dst, dtype=args.dtype, force=args.force, tokenizer=args.tokenizer)
+    print(f"wrote {dst}", file=sys.stderr)
+    return 0
