@@ -31,7 +31,7 @@ from ..models.layers import linear
 from ..models.transformer import Transformer
 from ..sparsity import NextLayerGuess, Predictors, SameLayerGuess, make_source
 from ..sparsity.labels import activations, label_kind, labels
-from ..sparsity.neurons import in_original_ids, order_inverse
+from ..sparsity.neurons import in_original_ids, in_store_positions, order_inverse
 from ..store import Store
 from ..strategies import make_ffn
 from ..strategies.dense import DenseFFN
@@ -72,8 +72,7 @@ class _ProbeFFN:
                 dtype=torch.float64,
             )
             if self.restrict:
-                order = self.order[layer]
-                act = act * (pred if order is None else pred[:, order])  # back to store positions
+                act = act * in_store_positions(pred, self.order[layer])  # back to store positions
         return linear(act, d.w2[layer])  # (T, D)
 
     def layer_table(self) -> list[dict[str, float]]:

@@ -86,19 +86,19 @@ class FlashFFN:
     ):
         self.store, self.config = store, store.config
         self.options = FlashOptions(
-            memory,
-            window,
-            sparsity,
-            profile,
-            concurrency,
-            overlap,
-            coalesce,
-            reuse,
-            engine,
-            compute,
-            lookahead,
-            hot,
-            fill_holes,
+            memory=memory,
+            window=window,
+            sparsity=sparsity,
+            profile=profile,
+            concurrency=concurrency,
+            overlap=overlap,
+            coalesce=coalesce,
+            reuse=reuse,
+            engine=engine,
+            compute=compute,
+            lookahead=lookahead,
+            hot=hot,
+            fill_holes=fill_holes,
         )
         s = build(store, self.options)
         self.source, self.layers, self.plan, self.model_bytes = s.source, s.layers, s.plan, s.model_bytes

@@ -1,4 +1,7 @@
-"""FlashFFN's options, checked in one place before anything is read or allocated."""
+"""FlashFFN's options and the checks that need nothing but their values (compute, window,
+concurrency, engine, lookahead), run before anything is read or allocated. The rest is checked
+where it is interpreted: `sparsity` and `hot` by sparsity.make_source (which also loads the
+predictors), `memory` by budget.parse_memory against the model's size."""
 
 from __future__ import annotations
 
