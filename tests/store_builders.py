@@ -22,9 +22,9 @@ from llmflash.store import CHECKSUMMED, PREDICTORS, VERSION, expected_resident, 
 from llmflash.store.checksums import file_entry
 
 
-def opt_config() -> ModelConfig:
-    """A plain ReLU FFN with fc1/fc2 biases, like OPT."""
-    return tiny_config(
+def opt_config(**kw) -> ModelConfig:
+    """A plain ReLU FFN with fc1/fc2 biases, like OPT (tiny_config's sizes; `kw` overrides)."""
+    base = dict(
         arch="opt",
         gated=False,
         act="relu",
@@ -36,6 +36,7 @@ def opt_config() -> ModelConfig:
         learned_pos=True,
         pos_offset=2,
     )
+    return tiny_config(**{**base, **kw})
 
 
 def tiny_config(**kw) -> ModelConfig:

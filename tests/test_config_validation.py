@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import store_builders
 import torch
 from conftest import tiny_tokenizer_json
 from safetensors.torch import load_file, save_file
@@ -37,38 +38,13 @@ LLAMA3 = {
 
 
 def tiny_config(**kw) -> ModelConfig:
-    base = dict(
-        arch="llama",
-        vocab_size=64,
-        dim=32,
-        n_layers=2,
-        head_dim=8,
-        n_heads=[4, 4],
-        n_kv_heads=[2, 2],
-        ffn_dims=[48, 40],
-        max_positions=128,
-        eos_token_ids=[1],
-        bos_token_id=0,
-    )
-    base.update(kw)
-    return ModelConfig(**base)
+    """store_builders.tiny_config with a BOS token id."""
+    return store_builders.tiny_config(**{"bos_token_id": 0, **kw})
 
 
 def opt_config(**kw) -> ModelConfig:
-    base = dict(
-        arch="opt",
-        gated=False,
-        act="relu",
-        ffn_bias=True,
-        norm="layer",
-        attn_bias=True,
-        n_kv_heads=[4, 4],
-        rope_theta=None,
-        learned_pos=True,
-        pos_offset=2,
-    )
-    base.update(kw)
-    return tiny_config(**base)
+    """store_builders.opt_config with a BOS token id."""
+    return store_builders.opt_config(**{"bos_token_id": 0, **kw})
 
 
 @pytest.fixture(scope="module")
