@@ -10,6 +10,12 @@ from pathlib import Path
 import numpy as np
 
 
+def _finite_mean(values: list[float]) -> float:
+    """The mean of the finite values; nan when there is none (fio unavailable), without numpy's warning."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 def bounds(rows, fio_runs, ffn_b: int) -> dict[str, float] | None:
     """What this run's disk and compute allow, against naive's measured token: I/O alone (naive's
     measured I/O time over flash's bytes at fio's rate for flash's request size: no compute on
@@ -19,8 +25,8 @@ def bounds(rows, fio_runs, ffn_b: int) -> dict[str, float] | None:
     by = {r["strategy"]: r for r in rows}
     if "naive" not in by or "flash" not in by or not fio_runs:
         return None
-    r1m = float(np.nanmean([f["mb_s_1m"] for f in fio_runs]))
-    rbs = float(np.nanmean([f["mb_s_flash_bs"] for f in fio_runs]))
+    r1m = _finite_mean([f["mb_s_1m"] for f in fio_runs])
+    rbs = _finite_mean([f["mb_s_flash_bs"] for f in fio_runs])
     flash_mb = by["flash"]["mb_read_per_token"]
     disk_ms = flash_mb / rbs * 1e3
     out = {
@@ -29,7 +35,7 @@ def bounds(rows, fio_runs, ffn_b: int) -> dict[str, float] | None:
         "bs_kib": fio_runs[0]["bs_flash"] // 1024,
         "x_io_only": by["naive"]["io_ms"] / disk_ms,
         "flash_disk_ms": disk_ms,
-        "cpu_us_per_read": float(np.nanmean([f.get("cpu_us_per_read_flash_bs", float("nan")) for f in fio_runs])),
+        "cpu_us_per_read": _finite_mean([f.get("cpu_us_per_read_flash_bs", float("nan")) for f in fio_runs]),
     }
     naive_ms = by["naive"]["ms_per_token"]
     # every core busy the whole token: the machine's CPU time per token (compute, the reads'
