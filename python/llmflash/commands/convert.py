@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-DTYPES = ("float16", "bfloat16", "float32")
+DTYPES = ("float16", "bfloat16", "float32", "q8_0", "q4_0", "q4_1")
 
 
 def register(sub: Any) -> None:

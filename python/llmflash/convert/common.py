@@ -79,6 +79,6 @@ def parse_dtype(dtype: str | torch.dtype) -> str:
     }
     name = str(dtype).strip().lower().removeprefix("torch.")
     name = aliases.get(name, name)
-    if name not in S.DTYPES:
-        raise ConvertError(f"unsupported dtype {dtype!r}; choose one of {sorted(S.DTYPES)}")
+    if name not in S.STORE_DTYPES:
+        raise ConvertError(f"unsupported dtype {dtype!r}; choose one of {', '.join(S.STORE_DTYPES)}")
     return name

@@ -35,6 +35,20 @@ from ..store.checksums import file_entry, is_finite, os_reason
 from .destination import check_destination, clear_own_leftover, fsync_dir, swap_in
 
 
+def check_quantizable(config: ModelConfig, dtype: str) -> None:
+    """ConvertError naming the tensor unless `dim` and every resident matrix's input width are
+    multiples of the 32-value block (a quantized store's requirement, store/layout.py)."""
+    from ..models.quant import BLOCK
+
+    if config.dim % BLOCK:
+        raise ConvertError(
+            f"--dtype {dtype}: the model width {config.dim} (the FFN bundles' rows) is not a multiple of {BLOCK}"
+        )
+    for name, (rows, cols) in S.quantized_names(config).items():
+        if cols % BLOCK:
+            raise ConvertError(f"--dtype {dtype}: tensor {name} has {cols} columns, not a multiple of {BLOCK}")
+
+
 class StoreWriter:
     def __init__(
         self,
@@ -47,14 +61,18 @@ class StoreWriter:
     ):
         """`source`: recorded in the manifest. `src`: the path converted from, if any; the
         destination must neither be it, nor lie inside it, nor contain it."""
-        if dtype not in S.DTYPES:
-            raise ConvertError(f"unsupported dtype {dtype!r}; choose one of {sorted(S.DTYPES)}")
+        if dtype not in S.STORE_DTYPES:
+            raise ConvertError(f"unsupported dtype {dtype!r}; choose one of {sorted(S.STORE_DTYPES)}")
         config.validate()
+        self.quant = dtype if dtype in S.QUANT_DTYPES else None
+        if self.quant:
+            check_quantizable(config, dtype)
         self.dst = Path(dst)
         self.src = None if src is None else Path(src)
         self.force = force
         check_destination(self.dst, self.src, force)
-        self.config, self.dtype_name, self.dtype = config, dtype, S.DTYPES[dtype]
+        # quantized stores: the dtype of their float tensors (norms, biases) and of the values quantized
+        self.config, self.dtype_name, self.dtype = config, dtype, S.DTYPES.get(dtype, torch.float32)
         self.source = source
         self.tmp = self.dst.parent / f".{self.dst.name}.tmp-{os.getpid()}"
         self.old = self.dst.parent / f".{self.dst.name}.old-{os.getpid()}"
@@ -124,12 +142,15 @@ class StoreWriter:
         if missing or extra:
             raise ConvertError(f"resident tensors do not match the config: missing {missing[:5]}, extra {extra[:5]}")
         out = {}
+        quantized = S.quantized_names(self.config) if self.quant else {}
         for name, shape in want.items():
             t = tensors[name]
             if tuple(t.shape) != shape:
                 raise ConvertError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
             out[name] = t.detach().to(self.dtype).contiguous()
             self._finite(name, out[name])
+            if name in quantized:
+                out[name] = self._quantize(out[name])
         with self._writing(S.RESIDENT):
             save_file(out, str(self.tmp / S.RESIDENT), metadata={"format": S.FORMAT})
 
@@ -151,6 +172,8 @@ class StoreWriter:
             cols.append(t.to(self.dtype))
         bundles = torch.cat(cols, dim=1).contiguous()  # (n, bundle_values)
         self._finite(f"layer {i}'s FFN", bundles)
+        if self.quant:  # each field its own dim/32 blocks
+            bundles = torch.cat([self._quantize(c.contiguous()) for c in cols], dim=1).contiguous()
         payload = bundles.view(torch.uint8).numpy().tobytes()
         offset, bb, region = self.regions[i]
         assert len(payload) == n * bb and self._ffn is not None
@@ -160,6 +183,15 @@ class StoreWriter:
             self._ffn.write(payload)
             self._ffn.write(b"\0" * (region - len(payload)))
         self.record_layer(i, payload)
+
+    def _quantize(self, t: torch.Tensor) -> torch.Tensor:
+        """(rows, cols) float32 -> (rows, cols/32 * block_bytes) uint8 in the store's block format
+        (gguf.quants: the same rounding as llama.cpp's converter)."""
+        from gguf import GGMLQuantizationType, quants
+
+        kind = getattr(GGMLQuantizationType, str(self.quant).upper())
+        q = quants.quantize(np.ascontiguousarray(t.float().numpy()), kind)
+        return torch.from_numpy(np.ascontiguousarray(q, dtype=np.uint8))
 
     def record_layer(self, i: int, payload: Any) -> None:
         """Layer i's manifest entry and per-bundle CRC-32s, from its payload as written to ffn.bin
@@ -198,7 +230,7 @@ class StoreWriter:
                     files[name] = file_entry(self.tmp / name)
         manifest = {
             "format": S.FORMAT,
-            "version": S.VERSION,
+            "version": S.VQ if self.quant else S.VERSION,
             "dtype": self.dtype_name,
             "source": self.source,
             "config": self.config.to_dict(),
@@ -208,6 +240,8 @@ class StoreWriter:
             "chat_template": self.extra.get("chat_template"),
             "files": files,
         }
+        if self.quant:
+            manifest["quantized"] = {k: list(v) for k, v in S.quantized_names(self.config).items()}
         with self._writing(S.MANIFEST):
             S.write_manifest(self.tmp, manifest)
         for name in os.listdir(self.tmp):  # durable before visible

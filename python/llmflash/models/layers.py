@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..threads import in_decode, native_threads
 from .config import check_rope_scaling
+from .quant import QTensor
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -37,13 +38,16 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
 UPCAST_ROWS = 16
 
 
-def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    """x (T, in) @ w (out, in).T + b -> (T, out) float32, w in the store dtype.
+def linear(x: Tensor, w: Tensor | QTensor, b: Tensor | None = None) -> Tensor:
+    """x (T, in) @ w (out, in).T + b -> (T, out) float32, w in the store dtype (or a QTensor of a
+    quantized store: few rows natively row by row, many through blocks of dequantized rows).
 
     Inside threads.decode_threads() (one token of a large float16 model), one float16 row goes to
     the native kernel (llmflash._native.f16_matvec: F16C + FMA, float32 accumulation and result,
     the configured threads): faster than torch's float16 linear for large models' shapes, which
     also rounds its result to float16."""
+    if isinstance(w, QTensor):
+        return w.linear(x, b)
     if w.dtype != torch.float32 and x.shape[0] >= UPCAST_ROWS:
         return F.linear(x.float(), w.float(), None if b is None else b.float())
     if (
@@ -60,6 +64,20 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
         y = torch.from_numpy(f16_matvec(w.view(torch.int16).numpy(), xs, native_threads())).unsqueeze(0)
         return y if b is None else y + b.float()
     return F.linear(x.to(w.dtype), w, b).float()
+
+
+def embedding(ids: Tensor, w: Tensor | QTensor) -> Tensor:
+    """Rows `ids` (T,) of the table w (V, E) as float32 (T, E); a QTensor dequantizes only those."""
+    if isinstance(w, QTensor):
+        return w.embedding(ids)
+    return F.embedding(ids, w).float()
+
+
+def table_rows(w: Tensor | QTensor, a: int, b: int) -> Tensor:
+    """Rows a..b-1 of the table w as float32 (learned positions)."""
+    if isinstance(w, QTensor):
+        return w.dequantize(slice(a, b))
+    return w[a:b].float()
 
 
 ACTIVATIONS = {

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import LlmflashError, StoreError
@@ -34,12 +33,15 @@ from .layers import (
     apply_rope,
     causal_attention,
     decode_attention,
+    embedding,
     layer_norm,
     linear,
     rms_norm,
     rope_inv_freq,
     rope_tables,
+    table_rows,
 )
+from .quant import QTensor
 
 
 class ContextLengthError(LlmflashError, ValueError):
@@ -103,7 +105,7 @@ class Weights(Protocol):
     dtype: torch.dtype
     path: os.PathLike[str]
 
-    def resident(self) -> dict[str, Tensor]: ...
+    def resident(self) -> dict[str, Tensor | QTensor]: ...
 
 
 @dataclass
@@ -116,10 +118,10 @@ class Norm:
 class Layer:
     attn_norm: Norm
     ffn_norm: Norm
-    q: Tensor  # (Hq*hd, D)
-    k: Tensor  # (Hkv*hd, D)
-    v: Tensor  # (Hkv*hd, D)
-    o: Tensor  # (D, Hq*hd)
+    q: Tensor | QTensor  # (Hq*hd, D)
+    k: Tensor | QTensor  # (Hkv*hd, D)
+    v: Tensor | QTensor  # (Hkv*hd, D)
+    o: Tensor | QTensor  # (D, Hq*hd)
     q_b: Tensor | None  # attention biases (OPT, Llama with attention_bias)
     k_b: Tensor | None
     v_b: Tensor | None
@@ -132,12 +134,13 @@ class Layer:
 
 
 class Transformer:
-    def __init__(self, config: ModelConfig, resident: dict[str, Tensor], ffn: FFN, dtype: torch.dtype | None = None):
+    def __init__(self, config: ModelConfig, resident: dict[str, Any], ffn: FFN, dtype: torch.dtype | None = None):
         c = self.config = config
         self.ffn = ffn
         self.source: str | os.PathLike[str] | None = None  # the store, named in errors
         self.dtype = dtype or resident["embed.weight"].dtype
-        w = lambda name: resident[name].to(self.dtype)  # noqa: E731
+        # a quantized store's matrices stay QTensors (their blocks); everything else in self.dtype
+        w = lambda name: resident[name] if isinstance(resident[name], QTensor) else resident[name].to(self.dtype)  # noqa: E731
         f32 = lambda name: resident[name].float()  # noqa: E731
         opt = lambda name, conv: conv(name) if name in resident else None  # noqa: E731
 
@@ -215,11 +218,11 @@ class Transformer:
     def _forward(self, tokens: Tensor, cache: KVCache, last_only: bool, T: int, start: int) -> Tensor:
         c = self.config
         cache.reserve(start + T)
-        x = F.embedding(tokens, self.embed).float()  # (T, E)
+        x = embedding(tokens, self.embed)  # (T, E) float32
         if self.project_in is not None:
             x = linear(x, self.project_in)  # (T, D)
         if self.pos_embed is not None:
-            x = x + self.pos_embed[start + c.pos_offset : start + c.pos_offset + T].float()
+            x = x + table_rows(self.pos_embed, start + c.pos_offset, start + c.pos_offset + T)
         cos, sin = self._rope(start, T)
         early = getattr(self.ffn, "early", None)
         for i, L in enumerate(self.layers):

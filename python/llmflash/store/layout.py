@@ -31,8 +31,21 @@ File checksums (version 4, store/checksums.py): the manifest's `files` records s
 of resident.safetensors, bundles.crc32, tokenizer.json and predictors.safetensors, and
 `manifest_crc32` the manifest's own; ffn.bin is covered by its regions' and bundles' CRCs.
 
-Versions: 4 is this layout. Version 3 is the same without the file and manifest checksums (it
-opens, without those checks; `llmflash verify` says what it could not check; a manifest of any
+Quantized stores (version 5; dtype "q8_0", "q4_0" or "q4_1", GGML's block formats, see
+llmflash.models.quant): each bundle field above is its `dim` values as dim/32 GGML blocks of
+32 values (34 / 18 / 20 bytes a block), so bundle_bytes = fields * dim/32 * block_bytes
+(SmolLM2 q4_1: 3 * 18 * 20 = 1,080 B), no longer a multiple of 4 KiB; the region layout,
+padding, region CRC and bundles.crc32 are as above. resident.safetensors holds every 2-D
+matrix (embeddings, learned positions, OPT's project_in/out, attention projections, LM head)
+as a U8 tensor (rows, cols/32 * block_bytes) under its usual name, quantized along its rows
+(every matrix's input width and `dim` must be multiples of 32); norms and biases (1-D) are
+float32. The manifest's `quantized` maps each such name to its logical [rows, cols], checked
+against the U8 tensor's shape (store/manifest.py). Float stores stay version 4, so readers of
+version 4 still open them.
+
+Versions: 4 is the float layout, 5 the quantized one (otherwise the same, checksums included).
+Version 3 is the same as 4 without the file and manifest checksums (it opens, without those
+checks; `llmflash verify` says what it could not check; a manifest of any
 version that carries a `manifest_crc32` is checked against it). Version 2 is version 3 without
 bundles.crc32 (it opens; flash then checks nothing per bundle: `llmflash verify` checks the
 regions). Version 1 kept the fc1 bias as the bundle's last value; for models
@@ -53,9 +66,11 @@ import numpy as np
 import torch
 
 from ..models.config import ModelConfig
+from ..models.quant import BLOCK, BLOCK_BYTES
 
 FORMAT = "llmflash-store"
 VERSION = 4
+VQ = 5  # quantized stores (dtype in QUANT_DTYPES)
 V3 = 3  # no file or manifest checksums (read as is, unchecked)
 V2 = 2  # no bundles.crc32 (read as is)
 V1 = 1  # read when the config has no FFN bias (same layout; see above)
@@ -76,6 +91,8 @@ DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
 }
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+QUANT_DTYPES = dict(BLOCK_BYTES)  # quantized store dtypes -> bytes per 32-value block
+STORE_DTYPES = (*DTYPES, *QUANT_DTYPES)  # every dtype a store may have
 SAFETENSORS_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}  # safetensors' header names
 
 
@@ -122,9 +139,21 @@ class LayerRegion:
         }
 
 
+def bundle_bytes_for(config: ModelConfig, dtype: str) -> int:
+    """One bundle's bytes in a store of `dtype` (float or quantized: see above)."""
+    if dtype in QUANT_DTYPES:
+        return len(config.bundle_fields) * (config.dim // BLOCK) * QUANT_DTYPES[dtype]
+    return config.bundle_values * ITEMSIZE[dtype]
+
+
+def quantized_names(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """The resident tensors a quantized store holds quantized: every 2-D one, by logical shape."""
+    return {k: (v[0], v[1]) for k, v in expected_resident(config).items() if len(v) == 2}
+
+
 def plan_regions(config: ModelConfig, dtype: str) -> list[tuple[int, int, int]]:
     """(offset, bundle_bytes, region_bytes) per layer for a new store, regions back to back."""
-    bundle_bytes = config.bundle_values * ITEMSIZE[dtype]
+    bundle_bytes = bundle_bytes_for(config, dtype)
     out, offset = [], 0
     for n in config.ffn_dims:
         region = align_up(n * bundle_bytes)

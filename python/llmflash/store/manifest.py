@@ -26,16 +26,19 @@ from .layout import (
     DTYPES,
     FFN,
     FORMAT,
-    ITEMSIZE,
     MANIFEST,
     MAX_MANIFEST_BYTES,
+    QUANT_DTYPES,
     RESIDENT,
     TOKENIZER,
     V1,
     V2,
     V3,
     VERSION,
+    VQ,
     LayerRegion,
+    bundle_bytes_for,
+    quantized_names,
 )
 
 
@@ -44,7 +47,7 @@ def write_manifest(folder: Path, m: dict[str, Any]) -> None:
     its checksum when it is a version-4 manifest (any other key of that name is dropped). The
     checksum is taken over the JSON as it will be read back (tuples as lists, keys as strings)."""
     m = json.loads(json.dumps({k: v for k, v in m.items() if k != "manifest_crc32"}))
-    if m.get("version") == VERSION:
+    if m.get("version") in (VERSION, VQ):
         m["manifest_crc32"] = manifest_crc32(m)
     text = json.dumps(m, indent=1)
     replace_file(Path(folder) / MANIFEST, lambda tmp: tmp.write_text(text, encoding="ascii"))
@@ -73,6 +76,8 @@ class Checked:
     layers: list[LayerRegion]
     has_bundle_crcs: bool  # version 3 and later: bundles.crc32
     files: dict[str, dict[str, int]] | None  # version 4: recorded sizes and CRC-32s
+    quant: str | None = None  # version 5: the block format ("q8_0", "q4_0", "q4_1")
+    quantized: dict[str, tuple[int, int]] | None = None  # version 5: quantized resident tensors' shapes
 
 
 def check_manifest(m: dict[str, Any], folder: Path) -> Checked:
@@ -88,7 +93,8 @@ def check_manifest(m: dict[str, Any], folder: Path) -> Checked:
         # recorded. Predictors are compared where they are loaded, so an interrupted calibrate (a
         # new file, the old manifest) leaves a store that opens and can be calibrated again.
         files = None
-        if version == VERSION:
+        quantized = _check_quantized(m, mpath, config, dtype) if version == VQ else None
+        if version in (VERSION, VQ):
             files = read_records(
                 m.get("files"),
                 folder,
@@ -99,7 +105,33 @@ def check_manifest(m: dict[str, Any], folder: Path) -> Checked:
             )
     except RecursionError:  # a deep value that parsed, met again by repr() or ==
         raise StoreError("manifest holds a value nested too deeply", mpath) from None
-    return Checked(version, dtype, DTYPES[dtype], config, layers, version >= V3, files)
+    quant = dtype if dtype in QUANT_DTYPES else None
+    torch_dtype = DTYPES.get(dtype, torch.float32)  # quantized: the compute dtype
+    return Checked(version, dtype, torch_dtype, config, layers, version >= V3, files, quant, quantized)
+
+
+def _check_quantized(m: dict[str, Any], mpath: Path, config: ModelConfig, dtype: str) -> dict[str, tuple[int, int]]:
+    """The manifest's `quantized` object: exactly the config's resident matrices, each with its
+    logical [rows, cols] (cols a multiple of 32)."""
+    q = m.get("quantized")
+    if not isinstance(q, dict):
+        raise StoreError(f"quantized is {type(q).__name__}, expected an object of name: [rows, cols]", mpath)
+    want = quantized_names(config)
+    unknown = sorted(str(k) for k in q if k not in want)
+    if unknown:
+        raise StoreError(f"quantized names unknown tensors {unknown[:3]!r:.80}", mpath)
+    missing = sorted(k for k in want if k not in q)
+    if missing:
+        raise StoreError(f"quantized lacks {missing[:3]}", mpath)
+    for name, shape in want.items():
+        v = q[name]
+        if not isinstance(v, list) or len(v) != 2 or not all(type(x) is int for x in v):
+            raise StoreError(f"quantized[{name!r}] = {v!r:.40} is not [rows, cols]", mpath)
+        if tuple(v) != shape:
+            raise StoreError(f"quantized[{name!r}] = {v} but the config says {list(shape)}", mpath)
+        if shape[1] % 32:
+            raise StoreError(f"quantized[{name!r}] has {shape[1]} columns, not a multiple of 32 ({dtype})", mpath)
+    return want
 
 
 def _check_header(m: dict[str, Any], mpath: Path) -> tuple[int, str]:
@@ -108,21 +140,27 @@ def _check_header(m: dict[str, Any], mpath: Path) -> tuple[int, str]:
     if m.get("format") != FORMAT:
         raise StoreError(f"format is {m.get('format')!r:.40}, expected {FORMAT!r}", mpath)
     version = m.get("version")
-    if version not in (V1, V2, V3, VERSION) or isinstance(version, bool):
+    if version not in (V1, V2, V3, VERSION, VQ) or isinstance(version, bool):
         raise StoreError(
-            f"unknown format version {version!r:.20} (this llmflash reads versions {V1} to {VERSION}); "
+            f"unknown format version {version!r:.20} (this llmflash reads versions {V1} to {VQ}); "
             "re-run `llmflash convert` or upgrade llmflash",
             mpath,
         )
-    if "manifest_crc32" in m or version == VERSION:
+    if "manifest_crc32" in m or version in (VERSION, VQ):
         want_crc = _int(m.get("manifest_crc32"), "manifest_crc32", mpath, 0, 0xFFFFFFFF)
         if manifest_crc32(m) != want_crc:
             raise StoreError(
                 "the manifest does not match its manifest_crc32: corrupt, or edited after conversion", mpath
             )
     dtype = m.get("dtype")
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise StoreError(f"dtype {dtype!r:.40} is not one of {sorted(DTYPES)}", mpath)
+    if not isinstance(dtype, str) or (dtype not in DTYPES and dtype not in QUANT_DTYPES):
+        raise StoreError(f"dtype {dtype!r:.40} is not one of {sorted(DTYPES) + sorted(QUANT_DTYPES)}", mpath)
+    if (version == VQ) != (dtype in QUANT_DTYPES):
+        raise StoreError(
+            f"dtype {dtype} in a version-{version} manifest: quantized dtypes ({', '.join(QUANT_DTYPES)}) "
+            f"are version {VQ}, and only they",
+            mpath,
+        )
     template = m.get("chat_template")
     if template is not None:
         if not isinstance(template, str):
@@ -191,7 +229,7 @@ def _check_region(i: int, L: Any, mpath: Path, config: ModelConfig, dtype: str, 
     if n != config.ffn_dims[i]:
         raise StoreError(f"layers[{i}].n_neurons = {n} but config.ffn_dims[{i}] = {config.ffn_dims[i]}", mpath)
     want_fields = tuple((name, k) for name, k in config.bundle_fields)
-    want_bundle = config.bundle_values * ITEMSIZE[dtype]
+    want_bundle = bundle_bytes_for(config, dtype)
     if fields != want_fields or bb != want_bundle:
         raise StoreError(
             f"layers[{i}] bundle layout {fields}/{bb} B does not match the config ({want_fields}/{want_bundle} B)",

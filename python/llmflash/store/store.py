@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import StoreError
+from ..models.quant import QTensor, row_bytes
 from .checksums import check_finite, compare_file, os_reason
 from .layout import (
     BUNDLE_CRCS,
@@ -64,6 +65,8 @@ class Store:
         self.ffn_path = self.path / FFN
         self.has_bundle_crcs = v.has_bundle_crcs
         self.files: dict[str, dict[str, int]] | None = v.files
+        self.quant: str | None = v.quant  # quantized stores: "q8_0" | "q4_0" | "q4_1" (dtype: float32)
+        self.quantized: dict[str, tuple[int, int]] = v.quantized or {}
 
     # -- checksums ---------------------------------------------------------------------------
     def check_file(self, name: str) -> bool:
@@ -94,8 +97,10 @@ class Store:
         t = self.manifest.get("chat_template")
         return t if isinstance(t, str) else None
 
-    def resident(self) -> dict[str, torch.Tensor]:
-        """Load resident.safetensors, checking every canonical name and shape is there."""
+    def resident(self) -> dict[str, Any]:
+        """Load resident.safetensors, checking every canonical name and shape is there. A
+        quantized store's matrices come back as models.quant.QTensor (their blocks, never
+        dequantized whole), its 1-D tensors as float32."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -113,7 +118,11 @@ class Store:
         extra = sorted(set(tensors) - set(want))
         if extra:
             raise StoreError(f"unexpected tensors {extra[:5]}", rpath)
+        out: dict[str, Any] = {}
         for name, shape in want.items():
+            if name in self.quantized:
+                out[name] = self._qtensor(name, tensors[name], rpath)
+                continue
             if tuple(tensors[name].shape) != shape:
                 raise StoreError(f"{name} has shape {tuple(tensors[name].shape)}, expected {shape}", rpath)
             if tensors[name].dtype != self.dtype:  # the writer stores every tensor in the store dtype
@@ -122,7 +131,25 @@ class Store:
                     rpath,
                 )
             check_finite(name, tensors[name], rpath)
-        return tensors
+            out[name] = tensors[name]
+        return out
+
+    def _qtensor(self, name: str, t: torch.Tensor, rpath: Path) -> QTensor:
+        """The quantized matrix `name` from its U8 tensor, checked against the manifest's shape."""
+        rows, cols = self.quantized[name]
+        kind = str(self.quant)
+        want = (rows, row_bytes(kind, cols))
+        if t.dtype != torch.uint8:
+            raise StoreError(f"{name} is {_dtype_name(t.dtype)}, expected uint8 blocks ({kind})", rpath)
+        if tuple(t.shape) != want:
+            raise StoreError(
+                f"{name} has shape {tuple(t.shape)}, expected {want} ({rows} x {cols} values in {kind} blocks): "
+                "truncated, or a wrong block count",
+                rpath,
+            )
+        q = QTensor(kind, (rows, cols), t)
+        check_finite(name, q.scales(), rpath)  # the only values that can be NaN or Inf
+        return q
 
     def _open_resident(self) -> Path:
         """resident.safetensors' path, once it is known to be readable (opened here first, so a
@@ -158,9 +185,10 @@ class Store:
                     shape, dt = tuple(sl.get_shape()), sl.get_dtype()
                     if shape != (n,):
                         raise StoreError(f"{name} has shape {shape}, expected {(n,)}", rpath)
-                    if dt != SAFETENSORS_DTYPES[self.dtype_name]:
+                    want_dt = SAFETENSORS_DTYPES.get(self.dtype_name, "F32")  # quantized: float32
+                    if dt != want_dt:
                         raise StoreError(
-                            f"{name} is {dt}, expected {SAFETENSORS_DTYPES[self.dtype_name]} "
+                            f"{name} is {dt}, expected {want_dt} "
                             f"({self.dtype_name}, the manifest's dtype)",
                             rpath,
                         )
@@ -173,7 +201,8 @@ class Store:
         return out
 
     def read_layer(self, i: int, verify: bool = True) -> torch.Tensor:
-        """Layer i's bundles, (n_neurons, bundle_values) in the store dtype, read whole (buffered)."""
+        """Layer i's bundles, (n_neurons, bundle_values) in the store dtype, read whole (buffered);
+        a quantized store's (n_neurons, bundle_bytes) uint8."""
         L = self.layers[i]
         buf = np.empty(L.payload_bytes, dtype=np.uint8)
         with open(self.ffn_path, "rb") as f:
@@ -185,6 +214,8 @@ class Store:
             )
         if verify:
             self.check_region(i, buf)
+        if self.quant:
+            return torch.from_numpy(buf).view(L.n_neurons, -1)
         t = torch.from_numpy(buf).view(self.dtype)
         return t.view(L.n_neurons, -1)
 
@@ -239,6 +270,8 @@ class Store:
                     f"checksum mismatch in layer {i}'s bundle {j} at offset {L.offset + j * bb}: the file is corrupt",
                     self.ffn_path,
                 )
+        if self.quant:
+            return torch.from_numpy(out).view(len(pos), -1)
         return torch.from_numpy(out).view(self.dtype).view(len(pos), -1)
 
     def tokenizer(self):

@@ -1,6 +1,9 @@
 """`dense`: every neuron of every layer in DRAM. The exactness reference for the other strategies,
 and the way to run a model that fits in memory.
 
+A quantized store's bundles stay as read, (n, bundle_bytes) uint8 per layer: one token runs
+natively on them (strategies/base.q_rows_ffn), a prompt dequantizes chunks of bundles.
+
 Memory: one copy of the FFN (the whole of ffn.bin, less its padding). Each layer's bundles are
 read once (CRC-checked), copied out into contiguous matrices, and the bundle buffer dropped, so
 the peak is one layer above that. Contiguous copies rather than strided views of the bundles:
@@ -19,6 +22,7 @@ from torch import Tensor
 from ..models.layers import ACTIVATIONS, linear
 from ..models.transformer import Transformer
 from ..store import Store, split_bundles
+from .base import q_rows_ffn
 
 
 class DenseFFN:
@@ -31,7 +35,12 @@ class DenseFFN:
         self.w1: list[Tensor] = []  # (2n, D) gate rows then up rows, or (n, D) up rows
         self.w2: list[Tensor] = []  # (D, n)  down_proj / fc2 as in Hugging Face
         self.b1: list[Tensor | None] = store.up_biases()  # (n,) fc1 bias (OPT), float32, store order
+        self.quant = store.quant
+        self.rows: list[Tensor] = []  # quantized stores: each layer's bundles as read, (n, bundle_bytes) uint8
         for i in range(c.n_layers):
+            if self.quant:
+                self.rows.append(store.read_layer(i, verify=True))
+                continue
             parts = split_bundles(store.read_layer(i, verify=True), c)
             rows = [parts["gate"], parts["up"]] if c.gated else [parts["up"]]
             self.w1.append(torch.cat(rows, dim=0).contiguous())
@@ -39,6 +48,8 @@ class DenseFFN:
 
     def __call__(self, layer: int, x: Tensor) -> Tensor:
         """x (T, D) -> (T, D) float32."""
+        if self.quant:
+            return q_rows_ffn(x, self.rows[layer], self.config, self.quant, self.b1[layer])
         h = linear(x, self.w1[layer])  # (T, 2n) or (T, n)
         if self.config.gated:
             g, u = h.chunk(2, dim=-1)  # (T, n) each
@@ -49,7 +60,7 @@ class DenseFFN:
         return linear(h, self.w2[layer])  # (T, D)
 
     def stats(self) -> dict[str, float]:
-        tensors = [*self.w1, *self.w2, *(b for b in self.b1 if b is not None)]
+        tensors = [*self.w1, *self.w2, *self.rows, *(b for b in self.b1 if b is not None)]
         return {"ffn_resident_bytes": float(sum(t.numel() * t.element_size() for t in tensors))}
 
 
