@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 
 /// Below this many multiply-adds one thread does the work (handing half to crate::par's helper
 /// costs a few microseconds).
-const SPLIT_MACS: usize = 2 << 20;
+pub(crate) const SPLIT_MACS: usize = 2 << 20;
 
 /// `y[d] = sum_i h[i] * f16(rows[i * stride + d])` for `i < h.len()`, `d < y.len()`.
 ///
@@ -56,7 +56,13 @@ fn check_rows(len: usize, n: usize, dim: usize, stride: usize) -> Result<()> {
 /// sum are fixed, so the result does not depend on which thread took which range (a
 /// timing-dependent summation order would change last bits from run to run, and top-k
 /// selections turn those into different neurons).
-fn split_rows(n: usize, work: usize, threads: usize, y: &mut [f32], run: impl Fn(usize, usize, &mut [f32]) + Sync) {
+pub(crate) fn split_rows(
+    n: usize,
+    work: usize,
+    threads: usize,
+    y: &mut [f32],
+    run: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
     y.iter_mut().for_each(|v| *v = 0.0);
     if threads < 2 || n < 2 || work < SPLIT_MACS {
         run(0, n, y);
@@ -255,7 +261,7 @@ const MATVEC_CHUNK_ROWS: usize = 64;
 
 /// `job(c)` for every `c < chunks`, on this thread and crate::par's helper, each claiming the
 /// next unclaimed index from one counter: a thread slowed by interrupts simply takes fewer.
-fn claimed(chunks: usize, job: impl Fn(usize) + Sync) {
+pub(crate) fn claimed(chunks: usize, job: impl Fn(usize) + Sync) {
     let next = AtomicUsize::new(0);
     let work = || loop {
         let c = next.fetch_add(1, Ordering::Relaxed);
@@ -267,11 +273,11 @@ fn claimed(chunks: usize, job: impl Fn(usize) + Sync) {
     crate::par::join(work, work);
 }
 
-/// An output written by both threads in disjoint chunks (f16_matvec, split_rows).
-struct RowsOut(*mut f32);
+/// An output written by both threads in disjoint chunks (f16_matvec, split_rows, crate::quant).
+pub(crate) struct RowsOut(pub(crate) *mut f32);
 
 impl RowsOut {
-    fn ptr(&self) -> *mut f32 {
+    pub(crate) fn ptr(&self) -> *mut f32 {
         self.0
     }
 }

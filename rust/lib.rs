@@ -12,6 +12,8 @@
 //! - [`profile`]: measured throughput by request size x concurrency (the paper's Figure 2).
 //! - [`stats`]: counters of what was read and how long it took.
 //! - [`gemv`]: the decode product over float16 bundle rows (faster than torch's for that layout).
+//! - [`quant`]: decode kernels over GGML block formats (q8_0, q4_0, q4_1): quantized matvec,
+//!   bundle FFN and dequantization, AVX2 or portable.
 //! - [`attend`]: decode attention over a float16 or float32 KV cache (no upcast copy).
 //! - [`par`]: two-way parallelism for those kernels on a persistent helper thread.
 //!
@@ -25,6 +27,7 @@ pub mod gemv;
 pub mod par;
 pub mod planner;
 pub mod profile;
+pub mod quant;
 pub mod reader;
 pub mod staging;
 pub mod stats;

@@ -263,6 +263,42 @@ def f16_matvec(w: np.ndarray, x: np.ndarray, threads: int = 2) -> np.ndarray:
     stride), x (in,) float32; the decode product of a projection. Without the GIL."""
     ...
 
+def q_matvec(kind: Literal["q8_0", "q4_0", "q4_1"], w: np.ndarray, x: np.ndarray, threads: int = 2) -> np.ndarray:
+    """(rows,) float32 = W @ x: w (rows, row_bytes) uint8 C-contiguous, each row x.size / 32 GGML
+    blocks of `kind` back to back; x (cols,) float32, cols a multiple of 32. The decode product of
+    a resident quantized matrix (attention, LM head). Without the GIL."""
+    ...
+
+def q_bundle_ffn(
+    kind: Literal["q8_0", "q4_0", "q4_1"],
+    rows: np.ndarray,
+    x: np.ndarray,
+    gated: bool,
+    bias: Optional[np.ndarray] = None,
+    threads: int = 2,
+    pick: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """One decode token's FFN over quantized bundles: rows (n, >= bundle bytes) uint8 (any row
+    stride, unit column stride), each [gate][up][down] (gated: silu(gate.x) * (up.x)) or [up][down]
+    (plain: relu(up.x + bias)), every field x.size values as blocks of `kind`; returns
+    sum_i h_i * down_i, (D,) float32, skipping down where h_i == 0. `pick` (k,) uint32: only those
+    bundles (bias still indexed by bundle). Without the GIL."""
+    ...
+
+def q_dequantize(kind: Literal["q8_0", "q4_0", "q4_1"], blocks: np.ndarray, n_values: int) -> np.ndarray:
+    """(n_values,) float32: the values of `blocks`, a 1-D uint8 array of exactly n_values / 32
+    blocks of `kind` (n_values a multiple of 32)."""
+    ...
+
+def q_set_portable(on: bool) -> bool:
+    """Force the quantized kernels' portable path (True) or let the CPU decide (False),
+    process-wide; returns the previous setting (tests compare both paths)."""
+    ...
+
+def q_simd() -> Literal["avx2", "portable"]:
+    """The path the quantized kernels take now."""
+    ...
+
 def attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, length: int, scale: float, threads: int = 2) -> np.ndarray:
     """One query position's attention: q (Hq, hd) float32; k, v (Hkv, capacity, hd) int16 float16
     bit patterns or float32, C-contiguous, positions [0, length) filled; query head h reads KV head

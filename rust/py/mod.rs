@@ -11,6 +11,7 @@ mod faults;
 mod gemv;
 mod planner;
 mod profile;
+mod quant;
 mod reader;
 
 #[pymodule]
@@ -28,6 +29,11 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gemv::f16_rows_gemv, m)?)?;
     m.add_function(wrap_pyfunction!(gemv::f16_bundle_ffn, m)?)?;
     m.add_function(wrap_pyfunction!(gemv::f16_matvec, m)?)?;
+    m.add_function(wrap_pyfunction!(quant::q_matvec, m)?)?;
+    m.add_function(wrap_pyfunction!(quant::q_bundle_ffn, m)?)?;
+    m.add_function(wrap_pyfunction!(quant::q_dequantize, m)?)?;
+    m.add_function(wrap_pyfunction!(quant::q_set_portable, m)?)?;
+    m.add_function(wrap_pyfunction!(quant::q_simd, m)?)?;
     m.add_function(wrap_pyfunction!(attend::attend_one, m)?)?;
     m.add_function(wrap_pyfunction!(faults::inject_fault, m)?)?;
     m.add_function(wrap_pyfunction!(faults::clear_faults, m)?)?;

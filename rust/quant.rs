@@ -1,0 +1,342 @@
+//! Decode kernels over GGML's 32-value block formats (q8_0, q4_0, q4_1): the matrix-vector
+//! product of a resident quantized matrix (attention, the LM head), the one-pass FFN over
+//! quantized bundle rows (crate::gemv's f16_bundle_ffn with quantized fields), and plain
+//! dequantization into float32 (prefill works on float32 blocks of rows).
+//!
+//! Why here: a quantized store reads 2 to 3.5 times fewer bytes per neuron than float16, and the
+//! bytes are only worth saving if they are decoded where they are used: each block is expanded
+//! in registers and multiplied into a float32 `x` (never quantized itself) or accumulated into a
+//! float32 `y`, so no dequantized copy of a row is ever written. Accumulation is in float32.
+//!
+//! Block layouts (little-endian, 32 values each; the `gguf` package's GGML_QUANT_SIZES):
+//! - q8_0, 34 bytes: float16 `d`, 32 x int8 `q`; value `d * q`.
+//! - q4_0, 18 bytes: float16 `d`, 16 bytes of nibbles; value j < 16 is byte j's low nibble,
+//!   value j + 16 its high nibble; value `d * (nibble - 8)`.
+//! - q4_1, 20 bytes: float16 `d`, float16 `m`, nibbles as q4_0; value `d * nibble + m`.
+//!
+//! The kernels run with AVX2 + FMA + F16C when the CPU has them (checked at run time), else as
+//! portable Rust that is always compiled; set_portable forces the latter (tests compare both).
+//! Threading is crate::gemv's: matrix rows in claimed chunks, bundles through split_rows, so
+//! results do not depend on which thread took which part.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::error::{Error, Result};
+use crate::gemv::{claimed, split_rows, RowsOut, SPLIT_MACS};
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod scalar;
+#[cfg(test)]
+mod tests;
+
+/// Values per block, in every format here.
+pub const BLOCK: usize = 32;
+
+/// A GGML block format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QType {
+    Q8_0,
+    Q4_0,
+    Q4_1,
+}
+
+impl QType {
+    /// Bytes per block of 32 values.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QType::Q8_0 => 34,
+            QType::Q4_0 => 18,
+            QType::Q4_1 => 20,
+        }
+    }
+
+    /// GGML's name: "q8_0", "q4_0", "q4_1".
+    pub fn name(self) -> &'static str {
+        match self {
+            QType::Q8_0 => "q8_0",
+            QType::Q4_0 => "q4_0",
+            QType::Q4_1 => "q4_1",
+        }
+    }
+
+    /// The format named `name` (GGML's lowercase names).
+    pub fn parse(name: &str) -> Result<QType> {
+        match name {
+            "q8_0" => Ok(QType::Q8_0),
+            "q4_0" => Ok(QType::Q4_0),
+            "q4_1" => Ok(QType::Q4_1),
+            _ => Err(Error::invalid(format!("unknown quantized type {name:?} (expected q8_0, q4_0 or q4_1)"))),
+        }
+    }
+
+    /// Bytes holding `values` values: `Error::Invalid` unless `values` is a multiple of 32.
+    pub fn row_bytes(self, values: usize) -> Result<usize> {
+        if values % BLOCK != 0 {
+            return Err(Error::invalid(format!(
+                "{}: {values} values is not a whole number of {BLOCK}-value blocks",
+                self.name()
+            )));
+        }
+        Ok(values / BLOCK * self.block_bytes())
+    }
+}
+
+/// Which kernels run: AVX2 + FMA + F16C, or the portable ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Simd {
+    Portable,
+    Avx2,
+}
+
+static PORTABLE: AtomicBool = AtomicBool::new(false);
+
+/// Force the portable kernels (`true`) or let the CPU decide (`false`), process-wide; returns
+/// the previous setting. For tests and comparisons: the results agree to rounding.
+pub fn set_portable(on: bool) -> bool {
+    PORTABLE.swap(on, Ordering::Relaxed)
+}
+
+/// The kernels the public functions run now.
+pub fn simd() -> Simd {
+    if !PORTABLE.load(Ordering::Relaxed) && avx2_available() {
+        Simd::Avx2
+    } else {
+        Simd::Portable
+    }
+}
+
+fn avx2_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// One format's kernels on one path; `Simd::Avx2` is only kept where the CPU has it, which the
+/// AVX2 calls below rely on.
+#[derive(Clone, Copy)]
+pub(crate) struct Kernels {
+    kind: QType,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    avx2: bool,
+}
+
+impl Kernels {
+    pub(crate) fn new(kind: QType, simd: Simd) -> Kernels {
+        Kernels { kind, avx2: simd == Simd::Avx2 && avx2_available() }
+    }
+
+    /// sum_j value_j * x[j] over the blocks of `row` (`x.len()` = 32 x blocks).
+    fn dot(self, row: &[u8], x: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: `avx2` is set only when the CPU has AVX2, FMA and F16C (Kernels::new), the
+            // one requirement of the #[target_feature] function beyond its bounds, which it checks.
+            return unsafe { avx2::dot(self.kind, row, x) };
+        }
+        scalar::dot(self.kind, row, x)
+    }
+
+    /// y[j] += h * value_j over the blocks of `row` (`y.len()` = 32 x blocks).
+    fn axpy(self, h: f32, row: &[u8], y: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: as in `dot`: the CPU has AVX2, FMA and F16C.
+            return unsafe { avx2::axpy(self.kind, h, row, y) };
+        }
+        scalar::axpy(self.kind, h, row, y)
+    }
+
+    /// out[j] = value_j over the blocks of `blocks` (`out.len()` = 32 x blocks).
+    fn dequantize(self, blocks: &[u8], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: as in `dot`: the CPU has AVX2, FMA and F16C.
+            return unsafe { avx2::dequantize(self.kind, blocks, out) };
+        }
+        scalar::dequantize(self.kind, blocks, out)
+    }
+}
+
+/// Rows of q_matvec's output per claimed chunk (as gemv's MATVEC_CHUNK_ROWS).
+const MATVEC_CHUNK_ROWS: usize = 64;
+
+/// `y = W x` for `W` a row-major quantized matrix of `rows` rows of `cols` values (each row
+/// cols / 32 blocks back to back, rows back to back: `w.len()` = rows x row bytes exactly),
+/// `x.len() == cols`, `y.len() == rows`. Large products split the rows between two threads in
+/// claimed chunks; each row is computed whole by one thread, so the result does not depend on
+/// the split.
+pub fn q_matvec(
+    kind: QType,
+    w: &[u8],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    y: &mut [f32],
+    threads: usize,
+) -> Result<()> {
+    q_matvec_on(simd(), kind, w, rows, cols, x, y, threads)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn q_matvec_on(
+    simd: Simd,
+    kind: QType,
+    w: &[u8],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    y: &mut [f32],
+    threads: usize,
+) -> Result<()> {
+    let row_bytes = kind.row_bytes(cols)?;
+    if x.len() != cols || y.len() != rows {
+        return Err(Error::invalid(format!(
+            "{} matvec: a {rows} x {cols} matrix times x of {} values into y of {}",
+            kind.name(),
+            x.len(),
+            y.len()
+        )));
+    }
+    if rows.checked_mul(row_bytes) != Some(w.len()) {
+        return Err(Error::invalid(format!(
+            "{} matvec: {rows} rows of {cols} values take {row_bytes} bytes each, not the {} given in all",
+            kind.name(),
+            w.len()
+        )));
+    }
+    let k = Kernels::new(kind, simd);
+    let run = |lo: usize, out: &mut [f32]| {
+        for (o, v) in out.iter_mut().enumerate() {
+            *v = k.dot(&w[(lo + o) * row_bytes..][..row_bytes], x);
+        }
+    };
+    if threads < 2 || rows < 2 || rows * cols < SPLIT_MACS {
+        run(0, y);
+        return Ok(());
+    }
+    let out = RowsOut(y.as_mut_ptr());
+    claimed(rows.div_ceil(MATVEC_CHUNK_ROWS), |c| {
+        let lo = c * MATVEC_CHUNK_ROWS;
+        let hi = (lo + MATVEC_CHUNK_ROWS).min(rows);
+        // SAFETY: `claimed` hands each chunk index to exactly one call, so the ranges [lo, hi)
+        // written here are disjoint and inside y (hi <= rows = y.len()); y is borrowed mutably by
+        // this function, which returns only after `claimed` has ended both threads.
+        run(lo, unsafe { std::slice::from_raw_parts_mut(out.ptr().add(lo), hi - lo) });
+    });
+    Ok(())
+}
+
+/// A whole FFN over quantized bundles for one token, in one pass over each bundle:
+/// `h_i = relu(up_i . x + bias_i)` (plain) or `silu(gate_i . x) * (up_i . x)` (gated), then
+/// `y += h_i * down_i`, skipping the down field where `h_i == 0`. Bundle i starts at byte
+/// `i * stride` and holds `[gate_i,] up_i, down_i`, each `x.len()` values (a multiple of 32) as
+/// blocks of `kind`. `pick`: the bundles to compute (each `< n`, bias indexed by bundle), or all.
+#[allow(clippy::too_many_arguments)]
+pub fn q_bundle_ffn(
+    kind: QType,
+    bundles: &[u8],
+    stride: usize,
+    n: usize,
+    gated: bool,
+    x: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    threads: usize,
+    pick: Option<&[u32]>,
+) -> Result<()> {
+    q_bundle_ffn_on(simd(), kind, bundles, stride, n, gated, x, bias, y, threads, pick)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn q_bundle_ffn_on(
+    simd: Simd,
+    kind: QType,
+    bundles: &[u8],
+    stride: usize,
+    n: usize,
+    gated: bool,
+    x: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    threads: usize,
+    pick: Option<&[u32]>,
+) -> Result<()> {
+    let dim = x.len();
+    let fields = if gated { 3 } else { 2 };
+    if y.len() != dim || bias.is_some_and(|b| b.len() != n) || gated && bias.is_some() {
+        return Err(Error::invalid(format!(
+            "{} bundle FFN: x has {dim} values, y {}, bias {:?} for {n} bundles (gated {gated})",
+            kind.name(),
+            y.len(),
+            bias.map(|b| b.len())
+        )));
+    }
+    let field = kind.row_bytes(dim)?;
+    let size = fields * field;
+    if n > 0 {
+        let need = (n - 1).checked_mul(stride).and_then(|v| v.checked_add(size));
+        match need {
+            Some(need) if need <= bundles.len() && size <= stride => {}
+            _ => {
+                return Err(Error::invalid(format!(
+                    "{} bundle FFN: {n} bundles of {size} bytes ({fields} x {dim} values) at stride {stride} \
+                     need more than the {} given",
+                    kind.name(),
+                    bundles.len()
+                )))
+            }
+        }
+    }
+    if let Some(bad) = pick.and_then(|p| p.iter().find(|&&i| i as usize >= n)) {
+        return Err(Error::invalid(format!("{} bundle FFN: picked bundle {bad} of {n}", kind.name())));
+    }
+    let k = Kernels::new(kind, simd);
+    let count = pick.map_or(n, |p| p.len());
+    let run = |lo: usize, hi: usize, out: &mut [f32]| {
+        for j in lo..hi {
+            let i = pick.map_or(j, |p| p[j] as usize);
+            let b = &bundles[i * stride..i * stride + size];
+            let (gate, rest) = if gated { b.split_at(field) } else { (&b[..0], b) };
+            let (up, down) = rest.split_at(field);
+            let u = k.dot(up, x);
+            let h = if gated {
+                let g = k.dot(gate, x);
+                g / (1.0 + (-g).exp()) * u
+            } else {
+                (u + bias.map_or(0.0, |b| b[i])).max(0.0)
+            };
+            if h != 0.0 {
+                k.axpy(h, down, out);
+            }
+        }
+    };
+    split_rows(count, count * dim * fields, threads, y, run);
+    Ok(())
+}
+
+/// `out` = the values of `blocks` (`blocks.len()` = out.len() / 32 blocks of `kind` exactly).
+pub fn q_dequantize(kind: QType, blocks: &[u8], out: &mut [f32]) -> Result<()> {
+    q_dequantize_on(simd(), kind, blocks, out)
+}
+
+pub(crate) fn q_dequantize_on(simd: Simd, kind: QType, blocks: &[u8], out: &mut [f32]) -> Result<()> {
+    let need = kind.row_bytes(out.len())?;
+    if blocks.len() != need {
+        return Err(Error::invalid(format!(
+            "{}: {} values take {need} bytes, not {}",
+            kind.name(),
+            out.len(),
+            blocks.len()
+        )));
+    }
+    Kernels::new(kind, simd).dequantize(blocks, out);
+    Ok(())
+}

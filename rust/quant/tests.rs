@@ -1,0 +1,337 @@
+//! quant tests: the block layouts on hand-made blocks, the AVX2 kernels against the portable ones,
+//! the products against a float64 sum over dequantized values (both paths, one and two threads),
+//! and bad arguments.
+
+use super::*;
+use proptest::prelude::*;
+
+const KINDS: [QType; 3] = [QType::Q8_0, QType::Q4_0, QType::Q4_1];
+const PATHS: [Simd; 2] = [Simd::Portable, Simd::Avx2];
+
+/// f32 -> float16 bits for normal values, truncating (the tests only need some valid scale).
+fn f16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let sign = ((b >> 16) & 0x8000) as u16;
+    if x == 0.0 {
+        return sign;
+    }
+    let exp = ((b >> 23) & 0xff) as i32 - 127 + 15;
+    sign | ((exp as u16) << 10) | ((b >> 13) & 0x3ff) as u16
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f32 {
+        (self.next() % 2048) as f32 / 1024.0 - 1.0
+    }
+}
+
+/// `blocks` random blocks of `kind`: random quants, scales of magnitude 0.01 to 0.1, either sign.
+fn random_blocks(kind: QType, blocks: usize, rng: &mut Rng) -> Vec<u8> {
+    let mut out = Vec::with_capacity(blocks * kind.block_bytes());
+    for _ in 0..blocks {
+        let scale = |rng: &mut Rng| {
+            let u = rng.unit();
+            f16_bits((0.01 + 0.09 * u.abs()).copysign(u)).to_le_bytes()
+        };
+        out.extend_from_slice(&scale(rng));
+        if kind == QType::Q4_1 {
+            out.extend_from_slice(&scale(rng));
+        }
+        let quants = if kind == QType::Q8_0 { BLOCK } else { BLOCK / 2 };
+        out.extend((0..quants).map(|_| rng.next() as u8));
+    }
+    out
+}
+
+/// `n` bundles of `fields` fields of `dim` values, each followed by `pad` bytes: (bytes, stride).
+fn random_bundles(kind: QType, n: usize, fields: usize, dim: usize, pad: usize, rng: &mut Rng) -> (Vec<u8>, usize) {
+    let mut out = vec![];
+    for _ in 0..n {
+        out.extend(random_blocks(kind, fields * dim / BLOCK, rng));
+        out.extend((0..pad).map(|_| rng.next() as u8));
+    }
+    (out, fields * kind.row_bytes(dim).unwrap() + pad)
+}
+
+fn values(kind: QType, bytes: &[u8]) -> Vec<f32> {
+    let mut out = vec![0f32; bytes.len() / kind.block_bytes() * BLOCK];
+    q_dequantize_on(Simd::Portable, kind, bytes, &mut out).unwrap();
+    out
+}
+
+fn dot64(a: &[f32], x: &[f32]) -> f64 {
+    a.iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum()
+}
+
+/// |got - want| within `tol` of the largest |want| (the output's scale), element by element.
+fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!((g as f64 - w).abs() <= tol * scale, "{what}: [{i}] got {g}, want {w} (scale {scale})");
+    }
+}
+
+#[test]
+fn names_and_sizes() {
+    for kind in KINDS {
+        assert_eq!(QType::parse(kind.name()).unwrap(), kind);
+    }
+    assert_eq!([34, 18, 20], KINDS.map(|k| k.block_bytes()));
+    assert!(QType::parse("q5_0").is_err());
+    assert_eq!(QType::Q4_1.row_bytes(576).unwrap() * 3, 1_080);
+    assert_eq!(QType::Q4_0.row_bytes(4096).unwrap() * 2, 4_608);
+    assert_eq!(QType::Q8_0.row_bytes(4096).unwrap() * 2, 8_704);
+    assert!(QType::Q8_0.row_bytes(33).is_err());
+}
+
+#[test]
+fn block_layouts_on_hand_made_blocks() {
+    let two = f16_bits(2.0).to_le_bytes();
+    let half = f16_bits(0.5).to_le_bytes();
+    // q8_0: d = 2, q = -16..16
+    let mut b8 = two.to_vec();
+    b8.extend((0..32).map(|j| (j as i8 - 16) as u8));
+    // q4_0 / q4_1: byte j = (high j + 16 -> 15 - j % 16, low j -> j % 16)
+    let nibbles: Vec<u8> = (0..16u8).map(|j| j | ((15 - j) << 4)).collect();
+    let b40 = [&two[..], &nibbles].concat();
+    let b41 = [&two[..], &half, &nibbles].concat();
+    for simd in PATHS {
+        let mut out = [0f32; 32];
+        q_dequantize_on(simd, QType::Q8_0, &b8, &mut out).unwrap();
+        assert!(out.iter().enumerate().all(|(j, &v)| v == 2.0 * (j as f32 - 16.0)), "{simd:?} {out:?}");
+        let nib = |j: usize| if j < 16 { j as f32 } else { (31 - j) as f32 };
+        q_dequantize_on(simd, QType::Q4_0, &b40, &mut out).unwrap();
+        assert!(out.iter().enumerate().all(|(j, &v)| v == 2.0 * (nib(j) - 8.0)), "{simd:?} {out:?}");
+        q_dequantize_on(simd, QType::Q4_1, &b41, &mut out).unwrap();
+        assert!(out.iter().enumerate().all(|(j, &v)| v == 2.0 * nib(j) + 0.5), "{simd:?} {out:?}");
+    }
+}
+
+#[test]
+fn avx2_kernels_match_the_portable_ones() {
+    let mut rng = Rng(7);
+    for kind in KINDS {
+        for blocks in [0, 1, 3, 18, 128] {
+            let row = random_blocks(kind, blocks, &mut rng);
+            let x: Vec<f32> = (0..blocks * BLOCK).map(|_| rng.unit()).collect();
+            let (s, v) = (Kernels::new(kind, Simd::Portable), Kernels::new(kind, Simd::Avx2));
+            let terms: f32 = values(kind, &row).iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
+            let (ds, dv) = (s.dot(&row, &x), v.dot(&row, &x));
+            assert!((ds - dv).abs() <= 1e-5 * (terms + 1e-6), "{kind:?} {blocks}: {ds} vs {dv}");
+            let (mut ys, mut yv) = (x.clone(), x.clone());
+            s.axpy(-0.75, &row, &mut ys);
+            v.axpy(-0.75, &row, &mut yv);
+            for (a, b) in ys.iter().zip(&yv) {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{kind:?} axpy {a} vs {b}");
+            }
+            let (mut os, mut ov) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+            s.dequantize(&row, &mut os);
+            v.dequantize(&row, &mut ov);
+            for (a, b) in os.iter().zip(&ov) {
+                assert!((a - b).abs() <= 1e-6 * a.abs().max(1e-6), "{kind:?} dequantize {a} vs {b}");
+            }
+        }
+    }
+}
+
+#[test]
+fn matvec_matches_a_float64_sum_on_both_paths_and_splits() {
+    let mut rng = Rng(11);
+    // 1024 x 2048 reaches SPLIT_MACS, so two threads split it.
+    for (rows, cols) in [(1, 32), (7, 96), (37, 576), (1024, 2048)] {
+        for kind in KINDS {
+            let w = random_blocks(kind, rows * cols / BLOCK, &mut rng);
+            let x: Vec<f32> = (0..cols).map(|_| rng.unit()).collect();
+            let vals = values(kind, &w);
+            let want: Vec<f64> = vals.chunks_exact(cols).map(|r| dot64(r, &x)).collect();
+            let mut first: Option<Vec<f32>> = None;
+            for simd in PATHS {
+                for threads in [1, 2] {
+                    let mut y = vec![f32::NAN; rows];
+                    q_matvec_on(simd, kind, &w, rows, cols, &x, &mut y, threads).unwrap();
+                    assert_close(&y, &want, 1e-4, &format!("{kind:?} {rows}x{cols} {simd:?} t{threads}"));
+                    if simd == Simd::Avx2 || !avx2_available() {
+                        // one path's results do not depend on the thread split
+                        match &first {
+                            Some(f) => assert_eq!(f, &y, "{kind:?} {rows}x{cols} split"),
+                            None => first = Some(y),
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The bundle FFN by float64 sums over dequantized bundles.
+#[allow(clippy::too_many_arguments)]
+fn ffn_reference(
+    kind: QType,
+    bundles: &[u8],
+    stride: usize,
+    gated: bool,
+    x: &[f32],
+    bias: Option<&[f32]>,
+    rows: &[usize],
+) -> Vec<f64> {
+    let dim = x.len();
+    let field = kind.row_bytes(dim).unwrap();
+    let mut y = vec![0f64; dim];
+    for &i in rows {
+        let f = |k: usize| values(kind, &bundles[i * stride + k * field..][..field]);
+        let h = if gated {
+            let (g, u) = (dot64(&f(0), x), dot64(&f(1), x));
+            g / (1.0 + (-g).exp()) * u
+        } else {
+            (dot64(&f(0), x) + bias.map_or(0.0, |b| b[i] as f64)).max(0.0)
+        };
+        let down = f(if gated { 2 } else { 1 });
+        y.iter_mut().zip(&down).for_each(|(a, &d)| *a += h * d as f64);
+    }
+    y
+}
+
+#[test]
+fn bundle_ffn_matches_a_float64_sum_on_both_paths_and_splits() {
+    let mut rng = Rng(5);
+    // (n, dim, pad): the last reaches SPLIT_MACS for both layouts.
+    for (n, dim, pad) in [(1, 32, 0), (9, 64, 3), (40, 576, 0), (1024, 1024, 16)] {
+        for kind in KINDS {
+            for gated in [false, true] {
+                let fields = if gated { 3 } else { 2 };
+                let (bundles, stride) = random_bundles(kind, n, fields, dim, pad, &mut rng);
+                let x: Vec<f32> = (0..dim).map(|_| rng.unit()).collect();
+                let bias: Option<Vec<f32>> = (!gated).then(|| (0..n).map(|_| 0.2 * rng.unit()).collect());
+                let pick: Vec<u32> = (0..n as u32).rev().step_by(3).collect();
+                for (p, rows) in
+                    [(None, (0..n).collect::<Vec<_>>()), (Some(&pick[..]), pick.iter().map(|&i| i as usize).collect())]
+                {
+                    let want = ffn_reference(kind, &bundles, stride, gated, &x, bias.as_deref(), &rows);
+                    let mut first: Option<Vec<f32>> = None;
+                    for simd in PATHS {
+                        for threads in [1, 2] {
+                            let mut y = vec![f32::NAN; dim];
+                            let what =
+                                format!("{kind:?} n{n} D{dim} gated {gated} pick {} {simd:?} t{threads}", p.is_some());
+                            q_bundle_ffn_on(
+                                simd,
+                                kind,
+                                &bundles,
+                                stride,
+                                n,
+                                gated,
+                                &x,
+                                bias.as_deref(),
+                                &mut y,
+                                threads,
+                                p,
+                            )
+                            .unwrap();
+                            assert_close(&y, &want, 1e-4, &what);
+                            if threads == 2 && (simd == Simd::Avx2 || !avx2_available()) {
+                                match &first {
+                                    Some(f) => assert_eq!(f, &y, "{what}: two runs differ"),
+                                    None => first = Some(y),
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn empty_inputs() {
+    for kind in KINDS {
+        let mut y: Vec<f32> = vec![];
+        q_matvec(kind, &[], 0, 64, &[0.5; 64], &mut y, 2).unwrap();
+        let mut y = vec![f32::NAN; 64];
+        q_bundle_ffn(kind, &[], 0, 0, true, &[0.5; 64], None, &mut y, 2, None).unwrap();
+        assert!(y.iter().all(|&v| v == 0.0));
+        let row = random_blocks(kind, 4, &mut Rng(3));
+        let mut y = vec![f32::NAN; 64];
+        q_bundle_ffn(kind, &row, row.len(), 1, false, &[0.5; 64], None, &mut y, 2, Some(&[])).unwrap();
+        assert!(y.iter().all(|&v| v == 0.0));
+        q_dequantize(kind, &[], &mut []).unwrap();
+    }
+}
+
+fn message(r: Result<()>) -> String {
+    match r {
+        Err(Error::Invalid { what }) => what,
+        other => panic!("expected Error::Invalid, got {other:?}"),
+    }
+}
+
+#[test]
+fn rejects_bad_arguments() {
+    let k = QType::Q4_0;
+    let w = vec![0u8; 2 * 36];
+    let x = [0.5f32; 64];
+    let mut y = [0f32; 2];
+    assert!(message(q_matvec(k, &w, 2, 60, &x[..60], &mut y, 1)).contains("whole number"));
+    assert!(message(q_matvec(k, &w, 2, 64, &x[..32], &mut y, 1)).contains("x of 32"));
+    assert!(message(q_matvec(k, &w, 3, 64, &x, &mut [0f32; 3], 1)).contains("72 given"));
+    assert!(message(q_matvec(k, &w[..71], 2, 64, &x, &mut y, 1)).contains("71 given"));
+    assert!(q_matvec(k, &w, 2, 64, &x, &mut y, 1).is_ok());
+
+    let b = vec![0u8; 3 * 36 * 2];
+    let mut y = [0f32; 64];
+    let ffn = |b: &[u8], stride, n, gated, bias: Option<&[f32]>, y: &mut [f32], pick: Option<&[u32]>| {
+        message(q_bundle_ffn(k, b, stride, n, gated, &x, bias, y, 1, pick))
+    };
+    assert!(ffn(&b, 72, 3, false, None, &mut y, Some(&[0, 3])).contains("picked bundle 3 of 3"));
+    assert!(ffn(&b, 72, 3, true, None, &mut y, None).contains("need more"));
+    assert!(ffn(&b, 60, 3, false, None, &mut y, None).contains("at stride 60"));
+    assert!(ffn(&b[..215], 72, 3, false, None, &mut y, None).contains("215 given"));
+    assert!(ffn(&b, 72, 3, false, Some(&[0.0; 2]), &mut y, None).contains("bias Some(2)"));
+    assert!(ffn(&b, 108, 2, true, Some(&[0.0; 2]), &mut y, None).contains("gated true"));
+    assert!(ffn(&b, 72, 3, false, None, &mut y[..32], None).contains("y 32"));
+    assert!(q_bundle_ffn(k, &b, 72, 3, false, &x, Some(&[0.0; 3]), &mut y, 1, Some(&[2, 0])).is_ok());
+    assert!(message(q_bundle_ffn(k, &b, 72, 3, false, &x[..40], None, &mut y[..40], 1, None)).contains("whole number"));
+
+    assert!(message(q_dequantize(k, &w[..35], &mut [0f32; 32])).contains("not 35"));
+    assert!(message(q_dequantize(k, &w, &mut [0f32; 48])).contains("whole number"));
+}
+
+#[test]
+fn portable_switch() {
+    // The only test that touches the process-wide switch (the others choose a path per call).
+    let before = set_portable(true);
+    assert_eq!(simd(), Simd::Portable);
+    set_portable(false);
+    assert_eq!(simd() == Simd::Avx2, avx2_available());
+    set_portable(before);
+}
+
+proptest! {
+    #[test]
+    fn both_paths_agree_on_any_shape(kind in 0usize..3, n in 0usize..12, blocks in 1usize..6, pad in 0usize..40,
+                                     gated in any::<bool>(), seed in any::<u64>()) {
+        let kind = KINDS[kind];
+        let mut rng = Rng(seed | 1);
+        let dim = blocks * BLOCK;
+        let fields = if gated { 3 } else { 2 };
+        let (bundles, stride) = random_bundles(kind, n, fields, dim, pad, &mut rng);
+        let x: Vec<f32> = (0..dim).map(|_| rng.unit()).collect();
+        let want = ffn_reference(kind, &bundles, stride, gated, &x, None, &(0..n).collect::<Vec<_>>());
+        for simd in PATHS {
+            let mut y = vec![f32::NAN; dim];
+            q_bundle_ffn_on(simd, kind, &bundles, stride, n, gated, &x, None, &mut y, 1, None).unwrap();
+            assert_close(&y, &want, 1e-4, &format!("{kind:?} {simd:?}"));
+        }
+    }
+}
