@@ -36,43 +36,7 @@ def row_bytes(kind: str, cols: int) -> int:
 def _native():
     from .. import _native
 
-    if hasattr(_native, "q_matvec"):
-        return _native
-    return _GgufFallback  # TEMPORARY until the Rust kernels land on main
-
-
-class _GgufFallback:  # TEMPORARY: gguf.quants in numpy, same signatures as the kernels
-    @staticmethod
-    def q_dequantize(kind: str, blocks: np.ndarray, n_values: int) -> np.ndarray:
-        from gguf import GGMLQuantizationType as T
-        from gguf import quants
-
-        t = {"q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1}[kind]
-        return quants.dequantize(blocks.reshape(-1, BLOCK_BYTES[kind]), t).reshape(-1)[:n_values].astype(np.float32)
-
-    @staticmethod
-    def q_matvec(kind: str, w: np.ndarray, x: np.ndarray, threads: int = 2) -> np.ndarray:
-        rows = w.shape[0]
-        f = _GgufFallback.q_dequantize(kind, w, rows * x.shape[0]).reshape(rows, -1)
-        return (f.astype(np.float64) @ x.astype(np.float64)).astype(np.float32)
-
-    @staticmethod
-    def q_bundle_ffn(kind, rows, x, gated, bias=None, threads=2, pick=None):
-        D = x.shape[0]
-        fields = 3 if gated else 2
-        bb = fields * row_bytes(kind, D)
-        r = rows if pick is None else rows[np.asarray(pick, dtype=np.int64)]
-        n = r.shape[0]
-        f = _GgufFallback.q_dequantize(kind, np.ascontiguousarray(r[:, :bb]), n * fields * D).reshape(n, fields, D)
-        if gated:
-            g, u = f[:, 0] @ x, f[:, 1] @ x
-            h = g / (1 + np.exp(-g)) * u
-        else:
-            u = f[:, 0] @ x
-            if bias is not None:
-                u = u + (bias if pick is None else bias[np.asarray(pick, dtype=np.int64)])
-            h = np.maximum(u, 0)
-        return (h.astype(np.float32) @ f[:, -1]).astype(np.float32)
+    return _native
 
 
 def dequantize_blocks(kind: str, data: np.ndarray, n_values: int) -> np.ndarray:

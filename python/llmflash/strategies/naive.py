@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..io import ALIGN, AlignedBuf, Reader, as_tensor
 from ..store import Store
-from .base import rows_ffn
+from .base import q_rows_ffn, rows_ffn
 
 PIECE = 1 << 20  # request size: 1 MiB reads at 32 in flight run at the disk's full speed
 
@@ -51,6 +51,8 @@ class NaiveFFN:
                 [(L.offset + o, min(PIECE, L.region_bytes - o), self.buf, o) for o in range(0, L.region_bytes, PIECE)]
             )
         self.bytes_read += L.region_bytes
+        if self.store.quant:  # (n, bundle_bytes) uint8 blocks
+            return self.bytes_view[: L.payload_bytes].view(L.n_neurons, -1)
         payload = self.bytes_view[: L.payload_bytes].view(self.store.dtype)
         return payload.view(L.n_neurons, -1)  # (n, bundle_values)
 
@@ -58,7 +60,10 @@ class NaiveFFN:
         t0 = time.perf_counter()
         bundles = self._read(layer)
         t1 = time.perf_counter()
-        y = rows_ffn(x, bundles, self.config, self.b1[layer])
+        if self.store.quant:
+            y = q_rows_ffn(x, bundles, self.config, self.store.quant, self.b1[layer])
+        else:
+            y = rows_ffn(x, bundles, self.config, self.b1[layer])
         self.io_s += t1 - t0
         self.compute_s += time.perf_counter() - t1
         return y
