@@ -18,7 +18,7 @@ from llmflash.models.config import ModelConfig
 from llmflash.sparsity.labels import pack_bits
 from llmflash.sparsity.lowrank import train_layer
 from llmflash.sparsity.predictors_file import save_predictors
-from llmflash.store import CHECKSUMMED, PREDICTORS, VERSION, expected_resident, write_manifest
+from llmflash.store import CHECKSUMMED, PREDICTORS, VERSION, VQ, expected_resident, write_manifest
 from llmflash.store.checksums import file_entry
 
 
@@ -95,7 +95,7 @@ def reseal(store: Path) -> Path:
     checksum): for tests that change or add a file on purpose to meet the checks behind the
     checksums (or older tools' ways of editing a store)."""
     m = json.loads((store / "manifest.json").read_text())
-    if m.get("version") == VERSION:
+    if m.get("version") in (VERSION, VQ):
         m["files"] = {n: file_entry(store / n) for n in CHECKSUMMED if (store / n).is_file()}
         if m.get("predictors") is not None and (store / PREDICTORS).is_file():
             m["predictors"]["bytes"] = (store / PREDICTORS).stat().st_size

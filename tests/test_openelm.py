@@ -8,60 +8,28 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import tiny_tokenizer_json
-from openelm_builders import DIVISOR, FFN, GROUPS, HD, HEADS, KV_HEADS, D, L, V, hf_config, random_weights, save_openelm
+from openelm_builders import (
+    DIVISOR,
+    FFN,
+    GROUPS,
+    HD,
+    HEADS,
+    KV_HEADS,
+    D,
+    L,
+    V,
+    hf_config,
+    random_weights,
+    ref_forward,
+    save_openelm,
+)
 
 from llmflash.convert.hf import convert_hf
 from llmflash.errors import ConvertError
 from llmflash.models.openelm import make_divisible, openelm_dims
 from llmflash.models.transformer import greedy
 from llmflash.strategies.dense import load_dense
-
-
-# -- the reference, after corenet's GeneralGPTModel / HF OpenELMForCausalLM ------------------------
-def ref_rms_norm(x, weight, eps=1e-6):
-    return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
-
-
-def ref_rope(query, key, freq_constant=10000):
-    """OpenELMRotaryEmbedding.forward: [B, H, S, hd]; queries take the last positions of the keys."""
-    dim, key_len, query_len = key.shape[-1], key.shape[2], query.shape[2]
-    inv_freq = 1.0 / (freq_constant ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    theta = torch.einsum("i,j->ij", torch.arange(key_len, dtype=torch.float32), inv_freq)
-    emb = torch.cat((theta, theta), dim=-1)
-    cos, sin = emb.cos()[None, None], emb.sin()[None, None]
-
-    def rot(x, s, c):
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * c + torch.cat((-x2, x1), dim=-1) * s
-
-    q = rot(query.float(), sin[..., key_len - query_len : key_len, :], cos[..., key_len - query_len : key_len, :])
-    k = rot(key.float(), sin[..., :key_len, :], cos[..., :key_len, :])
-    return q.type_as(query), k.type_as(key)
-
-
-def ref_forward(w: dict[str, torch.Tensor], ids: torch.Tensor, tie: bool = True) -> torch.Tensor:
-    """Logits [S, V] for one sequence, full causal attention, no cache."""
-    x = F.embedding(ids[None], w["transformer.token_embeddings.weight"])  # [1, S, d]
-    B, S, _ = x.shape
-    for i in range(L):
-        p, hq, hkv = f"transformer.layers.{i}.", HEADS[i], KV_HEADS[i]
-        y = ref_rms_norm(x, w[p + "attn_norm.weight"])
-        qkv = F.linear(y, w[p + "attn.qkv_proj.weight"]).reshape(B, S, hq + 2 * hkv, HD).transpose(1, 2)
-        q, k, v = qkv.split([hq, hkv, hkv], dim=1)
-        q, k = ref_rms_norm(q, w[p + "attn.q_norm.weight"]), ref_rms_norm(k, w[p + "attn.k_norm.weight"])
-        q, k = ref_rope(q, k)
-        k, v = k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0, is_causal=True)
-        a = a.transpose(1, 2).contiguous().reshape(B, S, hq * HD)
-        x = x + F.linear(a, w[p + "attn.out_proj.weight"])
-        y = ref_rms_norm(x, w[p + "ffn_norm.weight"])
-        y1, y2 = F.linear(y, w[p + "ffn.proj_1.weight"]).chunk(2, dim=-1)
-        x = x + F.linear(F.silu(y1) * y2, w[p + "ffn.proj_2.weight"])
-    x = ref_rms_norm(x, w["transformer.norm.weight"])
-    head = w["transformer.token_embeddings.weight"] if tie else w["lm_head.weight"]
-    return F.linear(x, head)[0]
 
 
 @pytest.fixture(scope="module")

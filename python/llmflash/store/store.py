@@ -188,8 +188,7 @@ class Store:
                     want_dt = SAFETENSORS_DTYPES.get(self.dtype_name, "F32")  # quantized: float32
                     if dt != want_dt:
                         raise StoreError(
-                            f"{name} is {dt}, expected {want_dt} "
-                            f"({self.dtype_name}, the manifest's dtype)",
+                            f"{name} is {dt}, expected {want_dt} ({self.dtype_name}, the manifest's dtype)",
                             rpath,
                         )
                     out.append(f.get_tensor(name).float())

@@ -1,0 +1,309 @@
+"""Quantized stores (q8_0, q4_0, q4_1; issue 18): files, bundle sizes, `verify`, and logits
+against an independent reference: transformers (OpenELM: the reference forward) with every weight
+the store quantizes replaced by gguf.quants' own round trip (quantize, dequantize) of it, in
+float32. The store quantizes matrices along their input width and the FFN's down matrix by
+columns (a neuron's down column is a bundle field), so the reference rounds down_proj.T."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_tokenizer_json
+from gguf_builders import write_tiny_gguf
+from openelm_builders import V as ELM_V
+from openelm_builders import hf_config, random_weights, ref_forward, save_openelm
+from safetensors import safe_open
+from store_builders import edit_manifest, reseal, run_cli
+
+from llmflash.api import FlashModel
+from llmflash.convert.gguf import convert_gguf
+from llmflash.convert.hf import convert_hf
+from llmflash.errors import ConvertError, InvalidArgumentError, StoreError
+from llmflash.models.quant import BLOCK_BYTES, QTensor
+from llmflash.store import Store
+from llmflash.strategies.dense import load_dense
+from llmflash.verify import verify_store
+
+KINDS = ("q8_0", "q4_0", "q4_1")
+GGML = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
+GGML["q4_1"] = gguf.GGMLQuantizationType.Q4_1
+VARIANTS = {
+    "llama_gqa": ("llama", {}),
+    "opt_pre_ln": ("opt", {}),
+    "opt_post_ln": ("opt", dict(do_layer_norm_before=False)),
+    "opt_proj": ("opt", dict(word_embed_proj_dim=32)),
+}
+PROMPT_LEN = 20  # >= UPCAST_ROWS: the prompt takes the dequantize-blocks path, decode the kernels
+
+
+def rt(w: torch.Tensor, kind: str) -> torch.Tensor:
+    """w (rows, cols) rounded as the store rounds it: quantized along rows, dequantized (gguf)."""
+    q = gguf.quants.quantize(np.ascontiguousarray(w.detach().float().numpy()), GGML[kind])
+    return torch.from_numpy(gguf.quants.dequantize(q, GGML[kind]).reshape(w.shape).astype(np.float32))
+
+
+def quantized_reference(model: torch.nn.Module, kind: str) -> torch.nn.Module:
+    """A float32 copy of the transformers model with every 2-D weight rounded as the store does."""
+    ref = copy.deepcopy(model)
+    if any(p.dtype != torch.float32 for p in ref.parameters()):
+        ref = ref.float()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():  # tied weights appear once
+            if p.dim() != 2:
+                continue
+            if name.endswith(("down_proj.weight", "fc2.weight")):
+                p.copy_(rt(p.t(), kind).t())
+            else:
+                p.copy_(rt(p, kind))
+    return ref.eval()
+
+
+def prompt(seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 128, (PROMPT_LEN,), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    scale = max(1.0, ref.abs().max().item())
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max().item() <= 1e-3 * scale
+
+
+def decode_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of every position, computed one token at a time through the KV cache."""
+    cache = model.new_cache(len(ids))
+    return torch.cat([model.forward(ids[t : t + 1], cache) for t in range(len(ids))])
+
+
+def convert_quiet(src: Path, dst: Path, kind: str, **kw) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no tokenizer.json"
+        return convert_hf(src, dst, dtype=kind, **kw)
+
+
+@pytest.fixture(scope="module", params=[(v, k) for v in VARIANTS for k in KINDS], ids=lambda p: f"{p[0]}-{p[1]}")
+def hf_store(request, make_hf, tmp_path_factory):
+    variant, kind = request.param
+    arch, kw = VARIANTS[variant]
+    hf = make_hf(variant, arch, **kw)
+    dst = convert_quiet(hf.path, tmp_path_factory.mktemp("q") / "m.llmflash", kind)
+    return hf, dst, kind
+
+
+# -- the files ----------------------------------------------------------------------------------
+def test_files_sizes_and_verify(hf_store):
+    hf, dst, kind = hf_store
+    m = json.loads((dst / "manifest.json").read_text())
+    assert (m["version"], m["dtype"]) == (5, kind)
+    store = Store(dst)
+    c = store.config
+    fields = 3 if c.gated else 2
+    for L in store.layers:
+        assert L.bundle_bytes == fields * c.dim // 32 * BLOCK_BYTES[kind]
+    with safe_open(str(dst / "resident.safetensors"), framework="pt") as f:
+        for name in f.keys():
+            t = f.get_tensor(name)
+            if name in m["quantized"]:
+                rows, cols = m["quantized"][name]
+                assert t.dtype == torch.uint8 and tuple(t.shape) == (rows, cols // 32 * BLOCK_BYTES[kind])
+            else:
+                assert t.dim() == 1 and t.dtype == torch.float32, name
+    assert set(m["quantized"]) == {n for n, s in store.manifest["quantized"].items()}
+    assert isinstance(store.resident()["layers.0.attn.q.weight"], QTensor)
+    report = verify_store(dst, progress=False)
+    assert report.bundles == sum(L.n_neurons for L in store.layers)
+
+
+# -- the logits ---------------------------------------------------------------------------------
+def test_prefill_and_decode_match_quantized_reference(hf_store):
+    hf, dst, kind = hf_store
+    ref_model = quantized_reference(hf.model, kind)
+    ids = prompt()
+    with torch.no_grad():
+        ref = ref_model(ids[None]).logits[0].float()
+    model, _ = load_dense(dst)
+    assert_close(model.forward(ids, model.new_cache(PROMPT_LEN)), ref)  # prefill
+    assert_close(decode_logits(model, ids), ref)  # one token at a time
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "opt_pre_ln"])
+def test_naive_matches_dense(variant, make_hf, tmp_path):
+    arch, kw = VARIANTS[variant]
+    dst = convert_quiet(make_hf(variant, arch, **kw).path, tmp_path / "m.llmflash", "q4_0")
+    dense = FlashModel.open(dst, strategy="dense")
+    naive = FlashModel.open(dst, strategy="naive")
+    ids = prompt(3).tolist()
+    assert_close(naive.logits(ids), dense.logits(ids))
+    assert list(naive.generate_ids(ids[:5], 6)) == list(dense.generate_ids(ids[:5], 6))
+
+
+def test_flash_is_refused(make_hf, tmp_path):
+    dst = convert_quiet(make_hf("llama_gqa", "llama").path, tmp_path / "m.llmflash", "q8_0")
+    with pytest.raises(InvalidArgumentError, match="flash on quantized stores is not supported yet"):
+        FlashModel.open(dst, strategy="flash", memory="1x")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_openelm(kind, tmp_path):
+    w = random_weights(seed=2)
+    src = save_openelm(tmp_path / "hf", hf_config(), w)
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text(tiny_tokenizer_json(ELM_V))
+    dst = convert_quiet(src, tmp_path / "elm.llmflash", kind, tokenizer=tok)
+    rw = {}
+    for name, t in w.items():
+        if t.dim() != 2:
+            rw[name] = t
+        elif name.endswith("proj_2.weight"):
+            rw[name] = rt(t.t(), kind).t()
+        else:
+            rw[name] = rt(t, kind)
+    ids = torch.randint(0, ELM_V, (PROMPT_LEN,), generator=torch.Generator().manual_seed(5))
+    ref = ref_forward(rw, ids)
+    model, store = load_dense(dst)
+    assert [L.bundle_bytes for L in store.layers] == [3 * 128 // 32 * BLOCK_BYTES[kind]] * len(store.layers)
+    assert_close(model.forward(ids, model.new_cache(PROMPT_LEN)), ref)
+    assert_close(decode_logits(model, ids), ref)
+    verify_store(dst, progress=False)
+
+
+def test_gguf_source(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    src = tmp_path / "tiny.gguf"
+    write_tiny_gguf(src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    ids = torch.tensor([1, 40, 41, 260, 5, 77, 2, 100] * 3)
+    for kind in ("q8_0", "q4_1"):
+        dst = convert_gguf(src, tmp_path / f"{kind}.llmflash", dtype=kind)
+        with torch.no_grad():
+            ref = quantized_reference(hf, kind)(ids[None]).logits[0]
+        model, _ = load_dense(dst)
+        assert_close(model.forward(ids, model.new_cache(len(ids))), ref)
+        assert_close(decode_logits(model, ids[:8]), ref[:8])
+
+
+# -- sizes ----------------------------------------------------------------------------------------
+def test_smaller_than_float16(make_hf, tmp_path):
+    src = make_hf("llama_gqa", "llama").path
+    f16 = convert_quiet(src, tmp_path / "f16.llmflash", "float16")
+    size = lambda p: sum(f.stat().st_size for f in p.iterdir())  # noqa: E731
+    for kind in KINDS:
+        q = convert_quiet(src, tmp_path / f"{kind}.llmflash", kind)
+        assert size(q) < size(f16)
+
+
+# -- bad inputs -------------------------------------------------------------------------------------
+def test_width_not_multiple_of_32(make_hf, tmp_path):
+    hf = make_hf("llama_w48", "llama", hidden_size=48, num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(ConvertError, match="multiple of 32"):
+        convert_quiet(hf.path, tmp_path / "m.llmflash", "q8_0")
+    assert not (tmp_path / "m.llmflash").exists()
+
+
+def test_cli_convert_generate_and_bad_width(make_hf, tmp_path):
+    hf = make_hf("llama_gqa", "llama")
+    (tok := tmp_path / "tok").mkdir()
+    (tok / "tokenizer.json").write_text(tiny_tokenizer_json())
+    dst = tmp_path / "cli.llmflash"
+    r = run_cli("convert", str(hf.path), str(dst), "--dtype", "q4_0", "--tokenizer", str(tok))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("generate", str(dst), "-p", "t5 t7 t9", "-n", "4", "--strategy", "dense")
+    assert r.returncode == 0, r.stderr
+    bad = make_hf("llama_w48", "llama", hidden_size=48, num_attention_heads=4, num_key_value_heads=2)
+    r = run_cli("convert", str(bad.path), str(tmp_path / "bad.llmflash"), "--dtype", "q4_1", "--tokenizer", str(tok))
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "multiple of 32" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def pristine_q(make_hf, tmp_path_factory) -> Path:
+    return convert_quiet(make_hf("opt_pre_ln", "opt").path, tmp_path_factory.mktemp("pq") / "m.llmflash", "q4_1")
+
+
+@pytest.fixture
+def qstore(pristine_q, tmp_path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(pristine_q, tmp_path / "m.llmflash"))
+
+
+HOSTILE = {
+    "unknown dtype": (lambda m: m.update(dtype="q5_k"), "dtype"),
+    "float dtype at version 5": (lambda m: m.update(dtype="float16"), "dtype"),
+    "quantized dtype at version 4": (lambda m: m.update(version=4), "version"),
+    "no quantized list": (lambda m: m.pop("quantized"), "quantized"),
+    "quantized not an object": (lambda m: m.update(quantized=[1, 2]), "quantized"),
+    "unknown name": (lambda m: m["quantized"].update({"layers.9.attn.q.weight": [64, 64]}), "unknown"),
+    "missing name": (lambda m: m["quantized"].pop("embed.weight"), "lacks"),
+    "wrong shape": (lambda m: m["quantized"].update({"embed.weight": [128, 32]}), "config says"),
+    "shape not a pair": (lambda m: m["quantized"].update({"embed.weight": [128, 64.0]}), "rows, cols"),
+    "bool in shape": (lambda m: m["quantized"].update({"embed.weight": [True, 64]}), "rows, cols"),
+    "wrong bundle size": (lambda m: m["layers"][0].update(bundle_bytes=m["layers"][0]["bundle_bytes"] + 20), "bundle"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_manifest(qstore, case):
+    fn, words = HOSTILE[case]
+    edit_manifest(qstore, fn)
+    reseal(qstore)
+    with pytest.raises(StoreError, match=words) as e:
+        Store(qstore).resident()
+    assert "manifest.json" in str(e.value)
+
+
+def test_wrong_block_count_in_resident(qstore):
+    """A U8 tensor one block short per row: a StoreError naming resident.safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    path = qstore / "resident.safetensors"
+    t = load_file(str(path))
+    t["layers.0.attn.q.weight"] = t["layers.0.attn.q.weight"][:, :-20].contiguous()
+    save_file(t, str(path), metadata={"format": "llmflash-store"})
+    reseal(qstore)
+    with pytest.raises(StoreError, match="block count") as e:
+        Store(qstore).resident()
+    assert "resident.safetensors" in str(e.value)
+
+
+def test_nan_scale_in_resident(qstore):
+    from safetensors.torch import load_file, save_file
+
+    path = qstore / "resident.safetensors"
+    t = load_file(str(path))
+    w = t["embed.weight"].clone()
+    w[3, 0:2] = torch.tensor([0x00, 0x7E], dtype=torch.uint8)  # float16 NaN as block 0's scale
+    t["embed.weight"] = w
+    save_file(t, str(path), metadata={"format": "llmflash-store"})
+    reseal(qstore)
+    with pytest.raises(StoreError, match="non-finite"):
+        Store(qstore).resident()
+
+
+def test_truncated_ffn(qstore):
+    p = qstore / "ffn.bin"
+    with open(p, "r+b") as f:
+        f.truncate(p.stat().st_size - 100)
+    with pytest.raises(StoreError, match="ffn.bin"):
+        Store(qstore)
+
+
+def test_prefill_in_many_row_blocks(hf_store, monkeypatch):
+    """Prefill dequantizes at most DEQUANT_BYTES of rows at a time: with a tiny limit every
+    matrix and FFN goes in many blocks, and the logits stay the same."""
+    hf, dst, kind = hf_store
+    model, _ = load_dense(dst)
+    ids = prompt(4)
+    whole = model.forward(ids, model.new_cache(PROMPT_LEN))
+    monkeypatch.setattr("llmflash.models.quant.DEQUANT_BYTES", 4 * 64 * 5)
+    assert_close(model.forward(ids, model.new_cache(PROMPT_LEN)), whole)
