@@ -14,7 +14,9 @@ time (`dequantize(rows=...)`, llmflash._native.q_dequantize) for torch's GEMM.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,10 +35,19 @@ def row_bytes(kind: str, cols: int) -> int:
     return cols // BLOCK * BLOCK_BYTES[kind]
 
 
-def _native():
-    from .. import _native
+@functools.cache
+def _native() -> "_Kernels":
+    """The native kernels (llmflash._native's q_matvec, q_bundle_ffn, q_dequantize), imported lazily."""
+    from .._native import q_bundle_ffn, q_dequantize, q_matvec
 
-    return _native
+    return _Kernels(q_matvec, q_bundle_ffn, q_dequantize)
+
+
+@dataclass(frozen=True)
+class _Kernels:
+    q_matvec: Any
+    q_bundle_ffn: Any
+    q_dequantize: Any
 
 
 def dequantize_blocks(kind: str, data: np.ndarray, n_values: int) -> np.ndarray:
