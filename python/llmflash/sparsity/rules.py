@@ -34,7 +34,7 @@ class _FullActivations:
         self.weights = []
         biases = store.up_biases()  # (n,) float32 per layer, store order
         for i, L in enumerate(store.layers):
-            parts = split_bundles(store.read_layer(i).float(), store.config)
+            parts = split_bundles(store.read_layer_float(i), store.config)
             if biases[i] is not None:
                 parts["bias"] = biases[i]
             inverse = order_inverse(L.order)  # rows back to original neuron ids

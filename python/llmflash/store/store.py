@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import StoreError
-from ..models.quant import QTensor, row_bytes
+from ..models.quant import QTensor, dequantize_blocks, row_bytes
 from .checksums import check_finite, compare_file, os_reason
 from .layout import (
     BUNDLE_CRCS,
@@ -217,6 +217,16 @@ class Store:
             return torch.from_numpy(buf).view(L.n_neurons, -1)
         t = torch.from_numpy(buf).view(self.dtype)
         return t.view(L.n_neurons, -1)
+
+    def read_layer_float(self, i: int, verify: bool = True) -> torch.Tensor:
+        """Layer i's bundles as float32 (n_neurons, bundle_values) whatever the store dtype (a
+        quantized store's dequantized: a whole layer's float copy, for measurement aids such as
+        the oracle)."""
+        rows = self.read_layer(i, verify)
+        if not self.quant:
+            return rows.float()
+        n, k = rows.shape[0], self.config.bundle_values
+        return torch.from_numpy(dequantize_blocks(self.quant, rows.numpy(), n * k)).view(n, k)
 
     def check_region(self, i: int, payload: Any) -> None:
         """StoreError unless `payload` (layer i's payload bytes, read whole) matches the region's CRC-32."""

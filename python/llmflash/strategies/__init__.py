@@ -31,11 +31,6 @@ def make_ffn(name: str, store: Store, **options: Any):
         from .naive import NaiveFFN
 
         return NaiveFFN(store, **options)
-    if store.quant:
-        raise InvalidArgumentError(
-            f"flash on quantized stores is not supported yet ({store.quant} store {store.path}): "
-            "use --strategy dense or naive"
-        )
     from .flash import FlashFFN  # "flash", the last of STRATEGIES
 
     return FlashFFN(store, **options)

@@ -102,7 +102,7 @@ def _bundle_bytes(config, kind: str) -> int:
     return len(config.bundle_fields) * (config.dim // BLOCK) * BLOCK_BYTES[kind]
 
 
-def rows_ffn(x: Tensor, rows: Tensor, config, bias: Tensor | None = None, pick=None) -> Tensor:
+def rows_ffn(x: Tensor, rows: Tensor, config, bias: Tensor | None = None, pick=None, kind: str | None = None) -> Tensor:
     """The FFN over bundle rows (n, bundle_values) (store.split_bundles layout) for x (T, D),
     with the rows' fc1 biases (n,) or None: (T, D) float32. `pick` (k,) uint32 numpy: only
     those rows (bias still indexed by row), read in place by the native kernel.
@@ -110,7 +110,12 @@ def rows_ffn(x: Tensor, rows: Tensor, config, bias: Tensor | None = None, pick=N
     One decode token over float16 rows of a ReLU or SiLU-gated FFN runs natively in one pass per
     bundle (llmflash._native.f16_bundle_ffn: up (and gate) dot x, then the down row only where the
     activation is not 0), about twice as fast as split views and torch products. Everything else
-    goes through bundle_ffn."""
+    goes through bundle_ffn. uint8 rows are a quantized store's bundles of block format `kind`
+    (q_rows_ffn)."""
+    if rows.dtype == torch.uint8:
+        if kind is None:
+            raise ValueError("quantized bundle rows need their block format (kind)")
+        return q_rows_ffn(x, rows, config, kind, bias, pick)
     gated = bool(config.gated)
     if (
         x.shape[0] == 1

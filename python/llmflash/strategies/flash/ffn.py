@@ -85,6 +85,7 @@ class FlashFFN:
         fill_holes: bool = True,
     ):
         self.store, self.config = store, store.config
+        self.quant = store.quant  # quantized stores: the block format of the uint8 bundle rows
         self.options = FlashOptions(
             memory=memory,
             window=window,
@@ -143,12 +144,12 @@ class FlashFFN:
         wanted, adm = self._admit(layer, x, laps)  # name the wanted neurons, begin their reads
         if self._peek is not None and layer + 1 < len(self.layers):
             self._read_ahead(layer, x, laps)  # and layer+1's
-        x = x.to(lay.rows.dtype)
+        x = x.to(lay.rows.dtype) if lay.rows.dtype.is_floating_point else x.float()  # quantized: float32
         y = torch.zeros(x.shape[0], self.config.dim, dtype=torch.float32)
         bias = lay.row_bias()
         ready, filling = lay.rows_to_compute(adm, wanted if self.options.compute == "wanted" else None)
         if lay.hot_rows is not None:  # hot pinning: resident, always computed
-            y += rows_ffn(x, lay.hot_rows, self.config, lay.hot_bias)
+            y += rows_ffn(x, lay.hot_rows, self.config, lay.hot_bias, kind=self.quant)
         y += self._some_rows(x, lay.rows, bias, ready)  # the cached rows, while the reads run
         laps.lap("compute")
         lay.cache.wait()
@@ -245,7 +246,7 @@ class FlashFFN:
             k = lay.cache.read_neurons(chunk, self.scratch)  # row i = chunk[i]
             laps.lap("io")
             b = None if lay.bias is None else lay.bias[torch.from_numpy(chunk[:k].astype(np.int64))]
-            y += rows_ffn(x, self.scratch_rows[:k], self.config, b)
+            y += rows_ffn(x, self.scratch_rows[:k], self.config, b, kind=self.quant)
             laps.lap("compute")
 
     def _some_rows(self, x: Tensor, rows: Tensor, bias: Tensor | None, sel: np.ndarray) -> Tensor | float:
@@ -255,8 +256,9 @@ class FlashFFN:
             return 0.0
         lo, hi = int(sel[0]), int(sel[-1]) + 1
         if hi - lo == len(sel):
-            return rows_ffn(x, rows[lo:hi], self.config, None if bias is None else bias[lo:hi])
-        return rows_ffn(x, rows[:hi], self.config, None if bias is None else bias[:hi], pick=sel.astype(np.uint32))
+            return rows_ffn(x, rows[lo:hi], self.config, None if bias is None else bias[lo:hi], kind=self.quant)
+        b = None if bias is None else bias[:hi]
+        return rows_ffn(x, rows[:hi], self.config, b, pick=sel.astype(np.uint32), kind=self.quant)
 
     def _name(self, layer: int, x: Tensor, live: Tensor | None = None) -> np.ndarray:
         """This token's wanted set (store positions) from the source; a sticky source

@@ -162,6 +162,10 @@ def open_cache(
 
 
 def bundle_view(store: Store, buf: AlignedBuf, rows: int) -> Tensor:
-    """The first `rows` bundles of `buf` as a (rows, bundle_values) tensor of the store's dtype."""
+    """The first `rows` bundles of `buf` as a (rows, bundle_values) tensor of the store's dtype;
+    a quantized store's as (rows, bundle_bytes) uint8."""
+    if store.quant:
+        bb = store.layers[0].bundle_bytes
+        return as_tensor(buf, torch.uint8)[: rows * bb].view(rows, bb)
     n = rows * store.config.bundle_values
     return as_tensor(buf, store.dtype)[:n].view(rows, store.config.bundle_values)
