@@ -20,7 +20,7 @@ from gguf_builders import write_tiny_gguf
 from openelm_builders import V as ELM_V
 from openelm_builders import hf_config, random_weights, ref_forward, save_openelm
 from safetensors import safe_open
-from store_builders import edit_manifest, reseal, run_cli
+from store_builders import calibrate_args, edit_manifest, reseal, run_cli, shadow_args
 
 from llmflash.api import FlashModel
 from llmflash.convert.gguf import convert_gguf
@@ -162,6 +162,26 @@ def test_flash_matches_dense(variant, share, make_hf, tmp_path):
     assert_close(flash.logits(ids.tolist()), dense.logits(ids.tolist()))
     assert_close(decode_logits(flash.model, ids), decode_logits(dense.model, ids))
     assert flash.stats()["bytes_read"] > 0
+
+
+@pytest.mark.parametrize("how", ["lowrank", "shadow"])
+def test_calibrate_flash_hot_eval(how, make_hf, texts, tmp_path):
+    """The whole flash workflow on a quantized store: calibrate (the FFN dequantized for the
+    offline step), flash with the predictors and hot neurons, eval, verify."""
+    calib, held = texts
+    (tok := tmp_path / "tok").mkdir()
+    (tok / "tokenizer.json").write_text(tiny_tokenizer_json())
+    dst = tmp_path / "m.llmflash"
+    r = run_cli("convert", str(make_hf("opt_pre_ln", "opt").path), str(dst), "--dtype", "q8_0", "--tokenizer", str(tok))
+    assert r.returncode == 0, r.stderr
+    r = run_cli(*(calibrate_args if how == "lowrank" else shadow_args)(dst, calib))
+    assert r.returncode == 0, r.stderr
+    flash = ("--strategy", "flash", "--memory", "2x", "--hot", "0.3")
+    r = run_cli("generate", str(dst), "-p", "t5 t7 t9", "-n", "4", *flash)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("eval", str(dst), "--text", str(held), "--tokens", "150")
+    assert r.returncode == 0, r.stderr
+    assert run_cli("verify", str(dst)).returncode == 0
 
 
 @pytest.mark.parametrize("kind", KINDS)

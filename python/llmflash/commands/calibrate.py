@@ -65,7 +65,7 @@ def calibrate(
     if len(ids) < 2:
         raise LlmflashError(f"calibration text gave {len(ids)} tokens; need at least 2")
     with torch.inference_mode():
-        dense = DenseFFN(store)
+        dense = DenseFFN(store, dequantize=True)  # float weights: a quantized store's dequantized
     return calibrate_store(
         store,
         dense,

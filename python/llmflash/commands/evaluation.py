@@ -51,7 +51,7 @@ class _ProbeFFN:
     `restrict`, each token's FFN runs on its predicted neurons only."""
 
     def __init__(self, store: Store, predictors: Predictors | None, restrict: bool = False):
-        self.dense = DenseFFN(store)
+        self.dense = DenseFFN(store, dequantize=True)  # a quantized store: its float values (a measurement)
         self.config = store.config
         self.p = predictors
         self.restrict = restrict

@@ -28,20 +28,23 @@ from .base import q_rows_ffn
 class DenseFFN:
     name = "dense"
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, dequantize: bool = False):
+        """`dequantize`: a quantized store's FFN as float32 matrices w1/w2 like a float store's
+        (calibration reads them; a whole float copy, for that offline step only)."""
         c = store.config
         self.config = c
         self.act = ACTIVATIONS[c.act]
         self.w1: list[Tensor] = []  # (2n, D) gate rows then up rows, or (n, D) up rows
         self.w2: list[Tensor] = []  # (D, n)  down_proj / fc2 as in Hugging Face
         self.b1: list[Tensor | None] = store.up_biases()  # (n,) fc1 bias (OPT), float32, store order
-        self.quant = store.quant
+        self.quant = None if dequantize else store.quant
         self.rows: list[Tensor] = []  # quantized stores: each layer's bundles as read, (n, bundle_bytes) uint8
         for i in range(c.n_layers):
             if self.quant:
                 self.rows.append(store.read_layer(i, verify=True))
                 continue
-            parts = split_bundles(store.read_layer(i, verify=True), c)
+            layer = store.read_layer_float(i) if store.quant else store.read_layer(i, verify=True)
+            parts = split_bundles(layer, c)
             rows = [parts["gate"], parts["up"]] if c.gated else [parts["up"]]
             self.w1.append(torch.cat(rows, dim=0).contiguous())
             self.w2.append(parts["down"].t().contiguous())
