@@ -49,14 +49,15 @@ def rt(w: torch.Tensor, kind: str) -> torch.Tensor:
     return torch.from_numpy(gguf.quants.dequantize(q, GGML[kind]).reshape(w.shape).astype(np.float32))
 
 
-def quantized_reference(model: torch.nn.Module, kind: str) -> torch.nn.Module:
-    """A float32 copy of the transformers model with every 2-D weight rounded as the store does."""
+def quantized_reference(model: torch.nn.Module, kind: str, keep: tuple[str, ...] = ()) -> torch.nn.Module:
+    """A float32 copy of the transformers model with every 2-D weight rounded as the store does
+    (but those whose names end with one of `keep`: already in the store's blocks)."""
     ref = copy.deepcopy(model)
     if any(p.dtype != torch.float32 for p in ref.parameters()):
         ref = ref.float()
     with torch.no_grad():
         for name, p in ref.named_parameters():  # tied weights appear once
-            if p.dim() != 2:
+            if p.dim() != 2 or name.endswith(keep):
                 continue
             if name.endswith(("down_proj.weight", "fc2.weight")):
                 p.copy_(rt(p.t(), kind).t())
@@ -209,7 +210,20 @@ def test_openelm(kind, tmp_path):
     verify_store(dst, progress=False)
 
 
-def test_gguf_source(tmp_path):
+# GGUF tensors already in the store's block format along the right axis: kept byte for byte
+GGUF_KEPT = {
+    "q8_0": {"token_embd": "embed_tokens.weight", "ffn_gate": "gate_proj.weight"},
+    "q4_1": {"attn_q": "q_proj.weight"},
+    "q4_0": {"ffn_up": "up_proj.weight"},
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gguf_source(kind, tmp_path):
+    """A GGUF source (tests/gguf_builders: Q8_0 embeddings and gate, Q4_1 q, Q4_0 up, others in
+    other types): the tensors already in the store's kind keep their blocks (no second rounding),
+    the rest are rounded once from their values; logits match transformers' GGUF loader with the
+    same rounding."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     src = tmp_path / "tiny.gguf"
@@ -217,14 +231,30 @@ def test_gguf_source(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf = transformers.AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    dst = convert_gguf(src, tmp_path / f"{kind}.llmflash", dtype=kind)
+    kept = GGUF_KEPT[kind]
+    reader = gguf.GGUFReader(src)
+    raw = {t.name: np.asarray(t.data) for t in reader.tensors}
+    store = Store(dst)
+    res = store.resident()
+    if "token_embd" in kept:
+        assert np.array_equal(res["embed.weight"].data.numpy(), raw["token_embd.weight"])
+    if "attn_q" in kept:  # rows unpermuted (llama.cpp's Q/K order), each row's blocks as they were
+        q = raw["blk.0.attn_q.weight"]
+        want = q.reshape(4, 64 // 4 // 2, 2, -1).swapaxes(1, 2).reshape(q.shape)
+        assert np.array_equal(res["layers.0.attn.q.weight"].data.numpy(), want)
+    rb = 64 // 32 * BLOCK_BYTES[kind]
+    rows = store.read_layer(0).numpy()
+    if "ffn_gate" in kept:
+        assert np.array_equal(rows[:, :rb], raw["blk.0.ffn_gate.weight"])
+    if "ffn_up" in kept:
+        assert np.array_equal(rows[:, rb : 2 * rb], raw["blk.0.ffn_up.weight"])
     ids = torch.tensor([1, 40, 41, 260, 5, 77, 2, 100] * 3)
-    for kind in ("q8_0", "q4_1"):
-        dst = convert_gguf(src, tmp_path / f"{kind}.llmflash", dtype=kind)
-        with torch.no_grad():
-            ref = quantized_reference(hf, kind)(ids[None]).logits[0]
-        model, _ = load_dense(dst)
-        assert_close(model.forward(ids, model.new_cache(len(ids))), ref)
-        assert_close(decode_logits(model, ids[:8]), ref[:8])
+    with torch.no_grad():
+        ref = quantized_reference(hf, kind, keep=tuple(kept.values()))(ids[None]).logits[0]
+    model, _ = load_dense(dst)
+    assert_close(model.forward(ids, model.new_cache(len(ids))), ref)
+    assert_close(decode_logits(model, ids[:8]), ref[:8])
 
 
 # -- sizes ----------------------------------------------------------------------------------------

@@ -10,6 +10,12 @@ falls back to other types where a row length is not a multiple of a K-quant's 25
 A NaN or infinity among the dequantized values (bytes that are not what the header says) is an
 error naming the tensor, as is a value beyond float16's range when converting to float16.
 
+Quantized stores (--dtype q8_0 / q4_0 / q4_1): a matrix the store quantizes along its rows
+(embeddings, LM head, attention, FFN gate and up) that the GGUF already holds in that block
+format keeps its blocks byte for byte (no second rounding; Q/K rows are unpermuted as whole
+rows); every other tensor is dequantized and quantized once (the FFN's down matrix always: GGUF's
+rows run along the neurons, a bundle's down column along the model dimension).
+
 Layout facts (checked against transformers' own GGUF loader by tests/test_convert_gguf.py):
   * GGUF lists a tensor's dimensions fastest-first (ne[0] = columns), so a [576, 1536] `ffn_up`
     is HF's (1536, 576) `up_proj.weight`; the bytes are already row-major in HF's [out, in]
@@ -35,6 +41,8 @@ import torch
 
 from ..errors import ConvertError, LlmflashError, UnsupportedModelError
 from ..models.config import MAX_FFN, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, ModelConfig
+from ..models.quant import BLOCK_BYTES as QUANT_BYTES
+from ..models.quant import QTensor
 from .common import natural_key, parse_dtype, progress, regular_file
 from .gguf_layout import check_layout
 from .gguf_tokenizer import chat_template as _chat_template
@@ -42,6 +50,7 @@ from .gguf_tokenizer import tokenizer_json as _tokenizer_json
 from .writer import StoreWriter
 
 SUPPORTED_ARCHS = ("llama",)
+_KEEP = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1"}  # store dtype -> the GGUF type kept as it is
 _MAGIC = b"GGUF"
 
 # GGUF names inside a block -> canonical resident names (models/config.py); the FFN goes to ffn.bin.
@@ -336,13 +345,36 @@ def convert_gguf(
     def res(w: np.ndarray) -> torch.Tensor:  # cast at once: only the store dtype stays in memory
         return torch.from_numpy(w).to(target)
 
+    def own(name: str, shape: tuple[int, int], heads: int | None = None) -> Any:
+        """A matrix quantized along its rows: the GGUF's own blocks when they are the store's
+        block format (no second rounding; Q/K rows unpermuted as whole rows), else its values."""
+        t = names[name]
+        if (
+            dtype in _KEEP
+            and t.tensor_type.name == _KEEP[dtype]
+            and tuple(int(x) for x in t.data.shape)
+            == (
+                shape[0],
+                shape[1] // 32 * QUANT_BYTES[dtype],
+            )
+        ):
+            data = np.ascontiguousarray(t.data if heads is None else _unpermute(np.asarray(t.data), heads))
+            return QTensor(dtype, shape, torch.from_numpy(data.copy()))
+        w = get(name, shape)
+        return w if heads is None else _unpermute(w, heads)
+
     writer = StoreWriter(dst, cfg, dtype=dtype, source=str(src), force=force, src=src)  # fails fast on a bad dst
-    resident: dict[str, torch.Tensor] = {
-        "embed.weight": res(get("token_embd.weight", (cfg.vocab_size, d))),
+
+    def mat(name: str, shape: tuple[int, int], heads: int | None = None) -> Any:
+        w = own(name, shape, heads)
+        return w if isinstance(w, QTensor) else res(w)
+
+    resident: dict[str, Any] = {
+        "embed.weight": mat("token_embd.weight", (cfg.vocab_size, d)),
         "norm.weight": res(get("output_norm.weight", (d,))),
     }
     if not cfg.tie_embeddings:
-        resident["lm_head.weight"] = res(get("output.weight", (cfg.vocab_size, d)))
+        resident["lm_head.weight"] = mat("output.weight", (cfg.vocab_size, d))
     try:
         with writer as w:
             for i in progress(range(cfg.n_layers), desc=f"convert {src.name}", total=cfg.n_layers):
@@ -354,24 +386,24 @@ def convert_gguf(
                     "attn_output": (d, hq * hd),
                 }
                 for g, c in _ATTN.items():
-                    wt = get(f"{b}{g}.weight", shapes[g])
+                    heads = hq if g == "attn_q" else hkv if g == "attn_k" else None
+                    resident[f"{p}{c}.weight"] = mat(f"{b}{g}.weight", shapes[g], heads)
                     bias = None
                     if cfg.attn_bias:  # a missing one of q/k/v/o biases is zero
                         bn = f"{b}{g}.bias"
                         bias = get(bn, shapes[g][:1]) if bn in names else np.zeros(shapes[g][:1], np.float32)
-                    if g in ("attn_q", "attn_k"):
-                        heads = hq if g == "attn_q" else hkv
-                        wt = _unpermute(wt, heads)
-                        bias = _unpermute(bias, heads) if bias is not None else None
-                    resident[f"{p}{c}.weight"] = res(wt)
+                    if heads is not None and bias is not None:
+                        bias = _unpermute(bias, heads)
                     if bias is not None:
                         resident[f"{p}{c}.bias"] = res(bias)
                 for g, c in _NORMS.items():
                     resident[f"{p}{c}.weight"] = res(get(f"{b}{g}.weight", (d,)))
-                gate = get(f"{b}ffn_gate.weight", (n, d))
-                up = get(f"{b}ffn_up.weight", (n, d))
+                gate, up = own(f"{b}ffn_gate.weight", (n, d)), own(f"{b}ffn_up.weight", (n, d))
+                # down: GGUF's rows run along the neurons, a bundle's down column along the model
+                # dimension, so its blocks are made again from its values
                 down = get(f"{b}ffn_down.weight", (d, n))
-                w.write_layer(i, up=torch.from_numpy(up), down=torch.from_numpy(down), gate=torch.from_numpy(gate))
+                as_t = lambda a: a if isinstance(a, QTensor) else torch.from_numpy(a)  # noqa: E731
+                w.write_layer(i, up=as_t(up), down=torch.from_numpy(down), gate=as_t(gate))
             w.write_resident(resident)
             if tok_json is not None:
                 w.write_tokenizer(tok_json, chat)

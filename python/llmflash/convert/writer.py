@@ -31,6 +31,7 @@ import torch
 from .. import store as S
 from ..errors import ConvertError, StoreError
 from ..models.config import ModelConfig
+from ..models.quant import QTensor
 from ..store.checksums import file_entry, is_finite, os_reason
 from .destination import check_destination, clear_own_leftover, fsync_dir, swap_in
 
@@ -134,7 +135,9 @@ class StoreWriter:
             )
 
     # -- contents -------------------------------------------------------------------------------------
-    def write_resident(self, tensors: dict[str, torch.Tensor]) -> None:
+    def write_resident(self, tensors: dict[str, Any]) -> None:
+        """The canonical resident tensors (float, or QTensor blocks of the store's own kind for a
+        quantized store's matrices, kept as they are)."""
         from safetensors.torch import save_file
 
         want = S.expected_resident(self.config)
@@ -147,6 +150,9 @@ class StoreWriter:
             t = tensors[name]
             if tuple(t.shape) != shape:
                 raise ConvertError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+            if isinstance(t, QTensor):  # already in blocks (a GGUF source's own): kept as they are
+                out[name] = self._blocks(name, t)
+                continue
             out[name] = t.detach().to(self.dtype).contiguous()
             self._finite(name, out[name])
             if name in quantized:
@@ -154,9 +160,10 @@ class StoreWriter:
         with self._writing(S.RESIDENT):
             save_file(out, str(self.tmp / S.RESIDENT), metadata={"format": S.FORMAT})
 
-    def write_layer(self, i: int, up: torch.Tensor, down: torch.Tensor, gate: torch.Tensor | None = None) -> None:
+    def write_layer(self, i: int, up: Any, down: torch.Tensor, gate: Any = None) -> None:
         """Layer i's FFN in HF layout: gate/up (n, dim), down (dim, n). In order. (An fc1 bias
-        goes to write_resident as layers.{i}.ffn.up_bias.)"""
+        goes to write_resident as layers.{i}.ffn.up_bias.) A quantized store takes gate/up as
+        QTensors of its own kind too (kept as they are: no second rounding)."""
         if i != sum(x is not None for x in self.layers):
             raise ConvertError(f"layers must be written in order (got {i})")
         c, n = self.config, self.config.ffn_dims[i]
@@ -166,14 +173,18 @@ class StoreWriter:
             t = parts[name]
             if t is None:
                 raise ConvertError(f"layer {i}: missing FFN tensor {name!r}")
+            if isinstance(t, QTensor):  # gate/up rows already in the store's blocks (a GGUF's own)
+                if t.shape != (n, k):
+                    raise ConvertError(f"layer {i}: FFN {name} has shape {t.shape}, expected {(n, k)}")
+                cols.append(self._blocks(f"layer {i}'s FFN {name}", t))
+                continue
             t = t.detach()
             if tuple(t.shape) != (n, k):
                 raise ConvertError(f"layer {i}: FFN {name} has shape {tuple(t.shape)}, expected {(n, k)}")
-            cols.append(t.to(self.dtype))
-        bundles = torch.cat(cols, dim=1).contiguous()  # (n, bundle_values)
-        self._finite(f"layer {i}'s FFN", bundles)
-        if self.quant:  # each field its own dim/32 blocks
-            bundles = torch.cat([self._quantize(c.contiguous()) for c in cols], dim=1).contiguous()
+            t = t.to(self.dtype)
+            self._finite(f"layer {i}'s FFN", t)
+            cols.append(self._quantize(t.contiguous()) if self.quant else t)  # quantized: dim/32 blocks a field
+        bundles = torch.cat(cols, dim=1).contiguous()  # (n, bundle_values), or (n, bundle_bytes) uint8
         payload = bundles.view(torch.uint8).numpy().tobytes()
         offset, bb, region = self.regions[i]
         assert len(payload) == n * bb and self._ffn is not None
@@ -192,6 +203,14 @@ class StoreWriter:
         kind = getattr(GGMLQuantizationType, str(self.quant).upper())
         q = quants.quantize(np.ascontiguousarray(t.float().numpy()), kind)
         return torch.from_numpy(np.ascontiguousarray(q, dtype=np.uint8))
+
+    def _blocks(self, what: str, t: QTensor) -> torch.Tensor:
+        """A QTensor's blocks as they will be stored: its kind must be the store's, its scales finite."""
+        if t.kind != self.quant:
+            raise ConvertError(f"{what}: {t.kind} blocks in a {self.dtype_name} store")
+        if not is_finite(t.scales()):
+            raise ConvertError(f"{what} holds non-finite block scales (NaN or Inf): the source is corrupt")
+        return t.data.contiguous()
 
     def record_layer(self, i: int, payload: Any) -> None:
         """Layer i's manifest entry and per-bundle CRC-32s, from its payload as written to ffn.bin
