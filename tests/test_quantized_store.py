@@ -258,6 +258,13 @@ def test_gguf_source(kind, tmp_path):
 
 
 # -- sizes ----------------------------------------------------------------------------------------
+def test_force_replaces_a_quantized_store(make_hf, tmp_path):
+    src = make_hf("llama_gqa", "llama").path
+    dst = convert_quiet(src, tmp_path / "m.llmflash", "q4_0")
+    convert_quiet(src, dst, "q8_0", force=True)
+    assert Store(dst).quant == "q8_0"
+
+
 def test_smaller_than_float16(make_hf, tmp_path):
     src = make_hf("llama_gqa", "llama").path
     f16 = convert_quiet(src, tmp_path / "f16.llmflash", "float16")

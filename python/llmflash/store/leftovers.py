@@ -182,7 +182,7 @@ def manifest_problem(path: Path) -> str | None:
     if m.get("format") != S.FORMAT:
         return f"no format {S.FORMAT!r}"
     v = m.get("version")
-    if type(v) is not int or not S.V1 <= v <= S.VERSION:
+    if type(v) is not int or not S.V1 <= v <= S.VQ:
         return "no known format version"
     if not isinstance(m.get("config"), dict):
         return "no config object"
