@@ -214,11 +214,12 @@ def test_openelm(kind, tmp_path):
     verify_store(dst, progress=False)
 
 
-# GGUF tensors already in the store's block format along the right axis: kept byte for byte
+# GGUF tensors kept byte for byte: resident matrices in any of the three formats (the builder's
+# Q8_0 embeddings, Q4_1 q), FFN gate/up only in the store's own (Q8_0 gate, Q4_0 up)
 GGUF_KEPT = {
-    "q8_0": {"token_embd": "embed_tokens.weight", "ffn_gate": "gate_proj.weight"},
-    "q4_1": {"attn_q": "q_proj.weight"},
-    "q4_0": {"ffn_up": "up_proj.weight"},
+    "q8_0": {"token_embd": "embed_tokens.weight", "attn_q": "q_proj.weight", "ffn_gate": "gate_proj.weight"},
+    "q4_1": {"token_embd": "embed_tokens.weight", "attn_q": "q_proj.weight"},
+    "q4_0": {"token_embd": "embed_tokens.weight", "attn_q": "q_proj.weight", "ffn_up": "up_proj.weight"},
 }
 
 
@@ -243,6 +244,9 @@ def test_gguf_source(kind, tmp_path):
     res = store.resident()
     if "token_embd" in kept:
         assert np.array_equal(res["embed.weight"].data.numpy(), raw["token_embd.weight"])
+        assert res["embed.weight"].kind == "q8_0"
+        want_entry = [266, 64] if kind == "q8_0" else [266, 64, "q8_0"]
+        assert store.manifest["quantized"]["embed.weight"] == want_entry
     if "attn_q" in kept:  # rows unpermuted (llama.cpp's Q/K order), each row's blocks as they were
         q = raw["blk.0.attn_q.weight"]
         want = q.reshape(4, 64 // 4 // 2, 2, -1).swapaxes(1, 2).reshape(q.shape)
@@ -323,6 +327,8 @@ HOSTILE = {
     "missing name": (lambda m: m["quantized"].pop("embed.weight"), "lacks"),
     "wrong shape": (lambda m: m["quantized"].update({"embed.weight": [128, 32]}), "config says"),
     "shape not a pair": (lambda m: m["quantized"].update({"embed.weight": [128, 64.0]}), "rows, cols"),
+    "unknown kind": (lambda m: m["quantized"].update({"embed.weight": [128, 64, "q5_k"]}), "kind one of"),
+    "four entries": (lambda m: m["quantized"].update({"embed.weight": [128, 64, "q8_0", 1]}), "rows, cols"),
     "bool in shape": (lambda m: m["quantized"].update({"embed.weight": [True, 64]}), "rows, cols"),
     "wrong bundle size": (lambda m: m["layers"][0].update(bundle_bytes=m["layers"][0]["bundle_bytes"] + 20), "bundle"),
 }
@@ -336,6 +342,14 @@ def test_hostile_manifest(qstore, case):
     with pytest.raises(StoreError, match=words) as e:
         Store(qstore).resident()
     assert "manifest.json" in str(e.value)
+
+
+def test_other_kind_entry_must_match_the_bytes(qstore):
+    """An entry naming another kind than the U8 tensor's byte width: a StoreError, not a misread."""
+    edit_manifest(qstore, lambda m: m["quantized"].update({"embed.weight": [128, 64, "q8_0"]}))
+    reseal(qstore)
+    with pytest.raises(StoreError, match="block count"):
+        Store(qstore).resident()
 
 
 def test_wrong_block_count_in_resident(qstore):

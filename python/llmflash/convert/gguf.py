@@ -10,11 +10,13 @@ falls back to other types where a row length is not a multiple of a K-quant's 25
 A NaN or infinity among the dequantized values (bytes that are not what the header says) is an
 error naming the tensor, as is a value beyond float16's range when converting to float16.
 
-Quantized stores (--dtype q8_0 / q4_0 / q4_1): a matrix the store quantizes along its rows
-(embeddings, LM head, attention, FFN gate and up) that the GGUF already holds in that block
-format keeps its blocks byte for byte (no second rounding; Q/K rows are unpermuted as whole
-rows); every other tensor is dequantized and quantized once (the FFN's down matrix always: GGUF's
-rows run along the neurons, a bundle's down column along the model dimension).
+Quantized stores (--dtype q8_0 / q4_0 / q4_1): FFN gate and up matrices that the GGUF already
+holds in the store's block format keep their blocks byte for byte, and so do resident matrices
+(embeddings, LM head, attention) in any of the three formats (the manifest records such a
+tensor's own kind; SmolLM2's Q8_0 embeddings stay Q8_0 in a q4_1 store). No second rounding;
+Q/K rows are unpermuted as whole rows. Every other tensor is dequantized and quantized once
+(the FFN's down matrix always: GGUF's rows run along the neurons, a bundle's down column along
+the model dimension).
 
 Layout facts (checked against transformers' own GGUF loader by tests/test_convert_gguf.py):
   * GGUF lists a tensor's dimensions fastest-first (ne[0] = columns), so a [576, 1536] `ffn_up`
@@ -50,7 +52,7 @@ from .gguf_tokenizer import tokenizer_json as _tokenizer_json
 from .writer import StoreWriter
 
 SUPPORTED_ARCHS = ("llama",)
-_KEEP = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1"}  # store dtype -> the GGUF type kept as it is
+_KIND = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}  # GGUF types whose blocks a quantized store keeps
 _MAGIC = b"GGUF"
 
 # GGUF names inside a block -> canonical resident names (models/config.py); the FFN goes to ffn.bin.
@@ -345,28 +347,23 @@ def convert_gguf(
     def res(w: np.ndarray) -> torch.Tensor:  # cast at once: only the store dtype stays in memory
         return torch.from_numpy(w).to(target)
 
-    def own(name: str, shape: tuple[int, int], heads: int | None = None) -> Any:
+    def own(name: str, shape: tuple[int, int], heads: int | None = None, any_kind: bool = False) -> Any:
         """A matrix quantized along its rows: the GGUF's own blocks when they are the store's
-        block format (no second rounding; Q/K rows unpermuted as whole rows), else its values."""
+        block format (`any_kind`, a resident matrix: any of the store block formats) (no second
+        rounding; Q/K rows unpermuted as whole rows), else its values."""
         t = names[name]
-        if (
-            dtype in _KEEP
-            and t.tensor_type.name == _KEEP[dtype]
-            and tuple(int(x) for x in t.data.shape)
-            == (
-                shape[0],
-                shape[1] // 32 * QUANT_BYTES[dtype],
-            )
-        ):
+        kind = _KIND.get(t.tensor_type.name)
+        keep = dtype in _KIND.values() and kind is not None and (kind == dtype or any_kind)
+        if keep and tuple(int(x) for x in t.data.shape) == (shape[0], shape[1] // 32 * QUANT_BYTES[kind]):
             data = np.ascontiguousarray(t.data if heads is None else _unpermute(np.asarray(t.data), heads))
-            return QTensor(dtype, shape, torch.from_numpy(data.copy()))
+            return QTensor(kind, shape, torch.from_numpy(data.copy()))
         w = get(name, shape)
         return w if heads is None else _unpermute(w, heads)
 
     writer = StoreWriter(dst, cfg, dtype=dtype, source=str(src), force=force, src=src)  # fails fast on a bad dst
 
     def mat(name: str, shape: tuple[int, int], heads: int | None = None) -> Any:
-        w = own(name, shape, heads)
+        w = own(name, shape, heads, any_kind=True)
         return w if isinstance(w, QTensor) else res(w)
 
     resident: dict[str, Any] = {

@@ -81,6 +81,7 @@ class StoreWriter:
         self.layers: list[dict[str, Any] | None] = [None] * config.n_layers
         self.bundle_crcs: list[np.ndarray | None] = [None] * config.n_layers  # per layer, bundles.crc32
         self.extra: dict[str, Any] = {}
+        self.kinds: dict[str, str] = {}  # quantized resident matrices whose blocks are not self.quant
         self._ffn = None
 
     # -- context management: anything but a clean exit removes the temporary folder ---------------
@@ -151,7 +152,9 @@ class StoreWriter:
             if tuple(t.shape) != shape:
                 raise ConvertError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
             if isinstance(t, QTensor):  # already in blocks (a GGUF source's own): kept as they are
-                out[name] = self._blocks(name, t)
+                out[name] = self._blocks(name, t, any_kind=True)
+                if t.kind != self.quant:
+                    self.kinds[name] = t.kind
                 continue
             out[name] = t.detach().to(self.dtype).contiguous()
             self._finite(name, out[name])
@@ -204,9 +207,10 @@ class StoreWriter:
         q = quants.quantize(np.ascontiguousarray(t.float().numpy()), kind)
         return torch.from_numpy(np.ascontiguousarray(q, dtype=np.uint8))
 
-    def _blocks(self, what: str, t: QTensor) -> torch.Tensor:
-        """A QTensor's blocks as they will be stored: its kind must be the store's, its scales finite."""
-        if t.kind != self.quant:
+    def _blocks(self, what: str, t: QTensor, any_kind: bool = False) -> torch.Tensor:
+        """A QTensor's blocks as they will be stored: its kind must be the store's (a resident
+        matrix, `any_kind`: any block format, recorded in the manifest), its scales finite."""
+        if self.quant is None or (t.kind != self.quant and not any_kind):
             raise ConvertError(f"{what}: {t.kind} blocks in a {self.dtype_name} store")
         if not is_finite(t.scales()):
             raise ConvertError(f"{what} holds non-finite block scales (NaN or Inf): the source is corrupt")
@@ -260,7 +264,10 @@ class StoreWriter:
             "files": files,
         }
         if self.quant:
-            manifest["quantized"] = {k: list(v) for k, v in S.quantized_names(self.config).items()}
+            manifest["quantized"] = {
+                k: [*v, self.kinds[k]] if k in self.kinds else list(v)
+                for k, v in S.quantized_names(self.config).items()
+            }
         with self._writing(S.MANIFEST):
             S.write_manifest(self.tmp, manifest)
         for name in os.listdir(self.tmp):  # durable before visible

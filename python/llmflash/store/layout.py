@@ -40,8 +40,9 @@ matrix (embeddings, learned positions, OPT's project_in/out, attention projectio
 as a U8 tensor (rows, cols/32 * block_bytes) under its usual name, quantized along its rows
 (every matrix's input width and `dim` must be multiples of 32); norms and biases (1-D) are
 float32. The manifest's `quantized` maps each such name to its logical [rows, cols], checked
-against the U8 tensor's shape (store/manifest.py). Float stores stay version 4, so readers of
-version 4 still open them.
+against the U8 tensor's shape (store/manifest.py), or [rows, cols, kind] when that matrix's
+blocks are another of the three formats (a GGUF source's own, kept without a second
+rounding). Float stores stay version 4, so readers of version 4 still open them.
 
 Versions: 4 is the float layout, 5 the quantized one (otherwise the same, checksums included).
 Version 3 is the same as 4 without the file and manifest checksums (it opens, without those

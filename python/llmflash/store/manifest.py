@@ -77,7 +77,7 @@ class Checked:
     has_bundle_crcs: bool  # version 3 and later: bundles.crc32
     files: dict[str, dict[str, int]] | None  # version 4: recorded sizes and CRC-32s
     quant: str | None = None  # version 5: the block format ("q8_0", "q4_0", "q4_1")
-    quantized: dict[str, tuple[int, int]] | None = None  # version 5: quantized resident tensors' shapes
+    quantized: dict[str, tuple[int, int, str]] | None = None  # version 5: quantized resident tensors (rows, cols, kind)
 
 
 def check_manifest(m: dict[str, Any], folder: Path) -> Checked:
@@ -110,9 +110,12 @@ def check_manifest(m: dict[str, Any], folder: Path) -> Checked:
     return Checked(version, dtype, torch_dtype, config, layers, version >= V3, files, quant, quantized)
 
 
-def _check_quantized(m: dict[str, Any], mpath: Path, config: ModelConfig, dtype: str) -> dict[str, tuple[int, int]]:
+def _check_quantized(
+    m: dict[str, Any], mpath: Path, config: ModelConfig, dtype: str
+) -> dict[str, tuple[int, int, str]]:
     """The manifest's `quantized` object: exactly the config's resident matrices, each with its
-    logical [rows, cols] (cols a multiple of 32)."""
+    logical [rows, cols] (cols a multiple of 32) and, when its blocks are not the store's dtype
+    (a GGUF source's own kept as they were), their kind third. Returns name -> (rows, cols, kind)."""
     q = m.get("quantized")
     if not isinstance(q, dict):
         raise StoreError(f"quantized is {type(q).__name__}, expected an object of name: [rows, cols]", mpath)
@@ -123,15 +126,26 @@ def _check_quantized(m: dict[str, Any], mpath: Path, config: ModelConfig, dtype:
     missing = sorted(k for k in want if k not in q)
     if missing:
         raise StoreError(f"quantized lacks {missing[:3]}", mpath)
+    out = {}
     for name, shape in want.items():
         v = q[name]
-        if not isinstance(v, list) or len(v) != 2 or not all(type(x) is int for x in v):
-            raise StoreError(f"quantized[{name!r}] = {v!r:.40} is not [rows, cols]", mpath)
-        if tuple(v) != shape:
-            raise StoreError(f"quantized[{name!r}] = {v} but the config says {list(shape)}", mpath)
+        if (
+            not isinstance(v, list)
+            or len(v) not in (2, 3)
+            or not all(type(x) is int for x in v[:2])
+            or (len(v) == 3 and not (isinstance(v[2], str) and v[2] in QUANT_DTYPES))
+        ):
+            raise StoreError(
+                f"quantized[{name!r}] = {v!r:.60} is not [rows, cols] or [rows, cols, kind] "
+                f"(kind one of {', '.join(QUANT_DTYPES)})",
+                mpath,
+            )
+        if tuple(v[:2]) != shape:
+            raise StoreError(f"quantized[{name!r}] = {v[:2]} but the config says {list(shape)}", mpath)
         if shape[1] % 32:
             raise StoreError(f"quantized[{name!r}] has {shape[1]} columns, not a multiple of 32 ({dtype})", mpath)
-    return want
+        out[name] = (shape[0], shape[1], v[2] if len(v) == 3 else dtype)
+    return out
 
 
 def _check_header(m: dict[str, Any], mpath: Path) -> tuple[int, str]:

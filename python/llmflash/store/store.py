@@ -66,7 +66,7 @@ class Store:
         self.has_bundle_crcs = v.has_bundle_crcs
         self.files: dict[str, dict[str, int]] | None = v.files
         self.quant: str | None = v.quant  # quantized stores: "q8_0" | "q4_0" | "q4_1" (dtype: float32)
-        self.quantized: dict[str, tuple[int, int]] = v.quantized or {}
+        self.quantized: dict[str, tuple[int, int, str]] = v.quantized or {}  # name -> (rows, cols, kind)
 
     # -- checksums ---------------------------------------------------------------------------
     def check_file(self, name: str) -> bool:
@@ -136,8 +136,7 @@ class Store:
 
     def _qtensor(self, name: str, t: torch.Tensor, rpath: Path) -> QTensor:
         """The quantized matrix `name` from its U8 tensor, checked against the manifest's shape."""
-        rows, cols = self.quantized[name]
-        kind = str(self.quant)
+        rows, cols, kind = self.quantized[name]
         want = (rows, row_bytes(kind, cols))
         if t.dtype != torch.uint8:
             raise StoreError(f"{name} is {_dtype_name(t.dtype)}, expected uint8 blocks ({kind})", rpath)
