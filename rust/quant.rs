@@ -17,10 +17,11 @@
 //! The kernels run with AVX2 + FMA + F16C when the CPU has them (checked at run time), else as
 //! portable Rust that is always compiled; set_portable forces the latter (tests compare both).
 //! On the AVX2 path q4_0 and q4_1, whose cost is expanding nibbles rather than reading bytes,
-//! read x as `arrange` lays it out once per call (values 16..31 of each block divided by 16, and
-//! the block's sums of x), so a block expands with two byte shuffles and masks into float lanes
-//! that pair with x as they come, and the -8 (q4_0) and `m` (q4_1) terms cost one multiply-add a
-//! block through those sums; the bundle FFN's down fields defer them to once per call (`settle`).
+//! read x as `arrange` lays it out once per call (each block's 32 values recombined to pair with
+//! low nibbles and whole bytes, and the block's sums of x), so a block expands with two byte
+//! shuffles and masks into float lanes that pair with x as they come, and the -8 (q4_0) and `m`
+//! (q4_1) terms cost one multiply-add a block through those sums; the bundle FFN's down fields
+//! defer them to once per call (`settle`).
 //! x itself stays float32: results agree with the portable path to float32 rounding.
 //! Threading is crate::gemv's: matrix rows in claimed chunks, bundles through split_rows, so
 //! results do not depend on which thread took which part.
@@ -361,15 +362,15 @@ pub(crate) fn q_bundle_ffn_on(
     Ok(())
 }
 
-/// x laid out for the AVX2 nibble kernels' dot (crate::quant::avx2), block by block: its 32
-/// values with values 16..31 divided by 16 (exact: a power of two), then 8 lanes whose sum is
-/// the block's sum of x: for q4_0, lane l holds -8 (x[l] + x[8 + l] + x[16 + l] + x[24 + l]);
+/// x laid out for the AVX2 nibble kernels' dot (crate::quant::avx2), block by block: for
+/// j < 16, x[j] - x[16 + j] / 16 (the factor of the low nibble), then x[16 + j] / 16 (of the
+/// whole byte; exact, a power of two), then 8 lanes whose sum is the block's sum of x: for q4_0, lane l holds -8 (x[l] + x[8 + l] + x[16 + l] + x[24 + l]);
 /// for q4_1 the even lanes hold 0 and odd lane l those sums of lanes l - 1 and l (the kernel
 /// multiplies them by [d, m] pairs). Built once per call and shared by every row.
 fn arrange(kind: QType, x: &[f32]) -> Vec<f32> {
     let mut out = Vec::with_capacity(x.len() / BLOCK * (BLOCK + 8));
     for xb in x.chunks_exact(BLOCK) {
-        out.extend_from_slice(&xb[..16]);
+        out.extend((0..16).map(|j| xb[j] - xb[16 + j] / 16.0));
         out.extend(xb[16..].iter().map(|v| v / 16.0));
         let lane = |l: usize| xb[l] + xb[8 + l] + xb[16 + l] + xb[24 + l];
         if kind == QType::Q4_0 {

@@ -11,9 +11,12 @@
 //! register and one byte shuffle puts 8 of them into the low bytes of 8 int32 lanes; masking that
 //! with 0x0F gives 8 low nibbles and with 0xF0 the same bytes' high nibbles times 16, so 32
 //! values take two shuffles, four ANDs and four int -> float conversions, with no widening
-//! shuffles, no subtraction of 8 and no shifts. The factor 16 is folded into x (dot: x as
-//! crate::quant::arrange lays it out, its values 16..31 divided by 16, exactly) or into the
-//! scale (axpy), and the blocks' constant terms (-8 d for q4_0, m for q4_1) into one
+//! shuffles, no subtraction of 8 and no shifts. axpy folds the factor 16 into its scale. dot
+//! needs two ANDs fewer: with lo_j and hi_j value j's and j + 16's nibbles and b_j = lo_j +
+//! 16 hi_j the whole byte, lo_j x_j + hi_j x_{j+16} = lo_j (x_j - x_{j+16} / 16) + b_j x_{j+16} / 16,
+//! so it converts the low nibbles and the whole bytes and multiplies them with x as
+//! crate::quant::arrange lays it out once per call (both factors within 1/16 of the terms they
+//! replace, so no cancellation). The blocks' constant terms (-8 d for q4_0, m for q4_1) go into one
 //! multiply-add per block: dot starts each block's sum from arrange's -8 x sum (q4_0) or adds
 //! m times it (q4_1, as one multiply-add of [d, m] lane pairs); axpy leaves them per block in
 //! `off` for the caller to add once (crate::quant::settle) after all rows. A block's `d` (and
@@ -203,10 +206,11 @@ unsafe fn dm(blk: &[u8]) -> __m128 {
 }
 
 /// A q4 block's nibbles (16 bytes `q`) as float32: values 0..8, 8..16, then 16 x values
-/// 16..24 and 24..32.
+/// 16..24 and 24..32, or with `WHOLE` the whole bytes 0..8 and 8..16 (value j + 16 x value
+/// j + 16) in place of the last two.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn nibbles(q: &[u8]) -> [__m256; 4] {
+unsafe fn nibbles<const WHOLE: bool>(q: &[u8]) -> [__m256; 4] {
     let q = &q[..16];
     // SAFETY: q holds 16 bytes: one unaligned 16-byte load; the shuffle tables hold 32 bytes each.
     let (v, ia, ib) = unsafe {
@@ -218,11 +222,12 @@ unsafe fn nibbles(q: &[u8]) -> [__m256; 4] {
     };
     let (a, b) = (_mm256_shuffle_epi8(v, ia), _mm256_shuffle_epi8(v, ib));
     let (lo, hi) = (_mm256_set1_epi32(0x0F), _mm256_set1_epi32(0xF0));
+    let (a_hi, b_hi) = if WHOLE { (a, b) } else { (_mm256_and_si256(a, hi), _mm256_and_si256(b, hi)) };
     [
         _mm256_cvtepi32_ps(_mm256_and_si256(a, lo)),
         _mm256_cvtepi32_ps(_mm256_and_si256(b, lo)),
-        _mm256_cvtepi32_ps(_mm256_and_si256(a, hi)),
-        _mm256_cvtepi32_ps(_mm256_and_si256(b, hi)),
+        _mm256_cvtepi32_ps(a_hi),
+        _mm256_cvtepi32_ps(b_hi),
     ]
 }
 
@@ -257,11 +262,12 @@ unsafe fn dot_nib<const K: u8>(row: &[u8], px: &[f32], bb: usize) -> f32 {
 }
 
 /// acc += d * (nibbles . x - 8 sum x) for q4_0, or acc += d * (nibbles . x) and
-/// acc_m += m * sum x for q4_1, lane-wise, for one block and its ARRANGED floats `xb`.
+/// acc_m += m * sum x for q4_1, lane-wise, for one block and its ARRANGED floats `xb` (the low
+/// nibbles and whole bytes times arrange's two halves; see the module docs).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn nib_dot<const K: u8>(blk: &[u8], xb: &[f32], acc: &mut __m256, acc_m: &mut __m256) {
-    let q = nibbles(if K == Q4_1 { &blk[4..20] } else { &blk[2..18] });
+    let q = nibbles::<true>(if K == Q4_1 { &blk[4..20] } else { &blk[2..18] });
     let xb = &xb[..ARRANGED];
     // SAFETY: xb holds 40 floats and 8k + 8 <= 40 (k <= 4): unaligned 8-lane loads inside it.
     let v = |k: usize| unsafe { _mm256_loadu_ps(xb.as_ptr().add(8 * k)) };
@@ -296,7 +302,7 @@ unsafe fn axpy_nib<const K: u8>(h: f32, row: &[u8], y: &mut [f32], off: &mut [f3
     for ((blk, yb), o) in row.chunks_exact(bb).zip(y.chunks_exact_mut(BLOCK)).zip(off.iter_mut()) {
         let dm = dm(blk);
         let d = _mm256_broadcastss_ps(dm);
-        let q = nibbles(if K == Q4_1 { &blk[4..20] } else { &blk[2..18] });
+        let q = nibbles::<false>(if K == Q4_1 { &blk[4..20] } else { &blk[2..18] });
         let hd = _mm256_mul_ps(d, h1);
         let scale = [hd, hd, _mm256_mul_ps(d, h16), _mm256_mul_ps(d, h16)];
         for k in 0..4 {
