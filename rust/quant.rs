@@ -15,16 +15,15 @@
 //! - q4_1, 20 bytes: float16 `d`, float16 `m`, nibbles as q4_0; value `d * nibble + m`.
 //!
 //! The kernels run with AVX2 + FMA + F16C when the CPU has them (checked at run time), else as
-//! portable Rust that is always compiled; set_portable forces the latter (tests compare both).
-//! On the AVX2 path q4_0 and q4_1, whose cost is expanding nibbles rather than reading bytes,
-//! read x as `arrange` lays it out once per call (each block's 32 values recombined to pair with
-//! low nibbles and whole bytes, and the block's sums of x), so a block expands with two byte
-//! shuffles and masks into float lanes that pair with x as they come, and the -8 (q4_0) and `m`
-//! (q4_1) terms cost one multiply-add a block through those sums; the bundle FFN's down fields
-//! defer them to once per call (`settle`).
-//! x itself stays float32: results agree with the portable path to float32 rounding.
-//! Threading is crate::gemv's: matrix rows in claimed chunks, bundles through split_rows, so
-//! results do not depend on which thread took which part.
+//! portable Rust that is always compiled; set_portable forces the latter (tests compare both). On
+//! the AVX2 path q4_0 and q4_1, whose cost is expanding nibbles rather than reading bytes, read x
+//! as `arrange` lays it out once per call (each block's 32 values recombined to pair with low
+//! nibbles and whole bytes, and the block's sums of x), so a block expands with two byte shuffles
+//! and masks into float lanes that pair with x as they come, and the -8 (q4_0) and `m` (q4_1) terms
+//! cost one multiply-add a block through those sums; the bundle FFN's down fields defer them to
+//! once per call (`settle`). x itself stays float32: results agree with the portable path to
+//! float32 rounding. Threading is crate::gemv's: matrix rows in claimed chunks, bundles through
+//! split_rows, so results do not depend on which thread took which part.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -7,20 +7,21 @@
 //! q4_1, through the block's sum of x or a per-block offset).
 //!
 //! q4_0 and q4_1 have their own dot and axpy (`dot_nibbles`, `axpy_nibbles`), because there the
-//! expansion, not memory, is the cost (the kernels are bound by vector instructions per block): the block's 16 bytes are broadcast to both halves of a
-//! register and one byte shuffle puts 8 of them into the low bytes of 8 int32 lanes; masking that
-//! with 0x0F gives 8 low nibbles and with 0xF0 the same bytes' high nibbles times 16, so 32
-//! values take two shuffles, four ANDs and four int -> float conversions, with no widening
-//! shuffles, no subtraction of 8 and no shifts. axpy folds the factor 16 into its scale. dot
-//! needs two ANDs fewer: with lo_j and hi_j value j's and j + 16's nibbles and b_j = lo_j +
-//! 16 hi_j the whole byte, lo_j x_j + hi_j x_{j+16} = lo_j (x_j - x_{j+16} / 16) + b_j x_{j+16} / 16,
-//! so it converts the low nibbles and the whole bytes and multiplies them with x as
-//! crate::quant::arrange lays it out once per call (both factors within 1/16 of the terms they
-//! replace, so no cancellation). The blocks' constant terms (-8 d for q4_0, m for q4_1) go into one
-//! multiply-add per block: dot starts each block's sum from arrange's -8 x sum (q4_0) or adds
-//! m times it (q4_1, as one multiply-add of [d, m] lane pairs); axpy leaves them per block in
-//! `off` for the caller to add once (crate::quant::settle) after all rows. A block's `d` (and
-//! `m`) take one 4-byte load and one 4-lane conversion (`dm`).
+//! expansion, not memory, is the cost (the kernels are bound by vector instructions per block): the
+//! block's 16 bytes are broadcast to both halves of a register and one byte shuffle puts 8 of them
+//! into the low bytes of 8 int32 lanes; masking that with 0x0F gives 8 low nibbles and with 0xF0
+//! the same bytes' high nibbles times 16, so 32 values take two shuffles, four ANDs and four int ->
+//! float conversions, with no widening shuffles, no subtraction of 8 and no shifts. axpy folds the
+//! factor 16 into its scale. dot needs two ANDs fewer: with lo_j and hi_j value j's and j + 16's
+//! nibbles and b_j = lo_j + 16 hi_j the whole byte, lo_j x_j + hi_j x_{j+16} = lo_j (x_j - x_{j+16}
+//! / 16) + b_j (x_{j+16} / 16), so it converts the low nibbles and the whole bytes and multiplies
+//! them with x as crate::quant::arrange lays it out once per call (each new term is at most the old
+//! one plus 15/16 |x_{j+16}|, so no cancellation: the rounding stays float32's). The blocks'
+//! constant terms (-8 d for q4_0, m for q4_1) go into one multiply-add per block: dot starts each
+//! block's sum from arrange's -8 x sum (q4_0) or adds m times it (q4_1, as one multiply-add of [d,
+//! m] lane pairs); axpy leaves them per block in `off` for the caller to add once
+//! (crate::quant::settle) after all rows. A block's `d` (and `m`) take one 4-byte load and one
+//! 4-lane conversion (`dm`).
 
 use std::arch::x86_64::*;
 
