@@ -15,9 +15,15 @@
 //! - q4_1, 20 bytes: float16 `d`, float16 `m`, nibbles as q4_0; value `d * nibble + m`.
 //!
 //! The kernels run with AVX2 + FMA + F16C when the CPU has them (checked at run time), else as
-//! portable Rust that is always compiled; set_portable forces the latter (tests compare both).
-//! Threading is crate::gemv's: matrix rows in claimed chunks, bundles through split_rows, so
-//! results do not depend on which thread took which part.
+//! portable Rust that is always compiled; set_portable forces the latter (tests compare both). On
+//! the AVX2 path q4_0 and q4_1, whose cost is expanding nibbles rather than reading bytes, read x
+//! as `arrange` lays it out once per call (each block's 32 values recombined to pair with low
+//! nibbles and whole bytes, and the block's sums of x), so a block expands with two byte shuffles
+//! and masks into float lanes that pair with x as they come, and the -8 (q4_0) and `m` (q4_1) terms
+//! cost one multiply-add a block through those sums; the bundle FFN's down fields defer them to
+//! once per call (`settle`). x itself stays float32: results agree with the portable path to
+//! float32 rounding. Threading is crate::gemv's: matrix rows in claimed chunks, bundles through
+//! split_rows, so results do not depend on which thread took which part.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -133,24 +139,53 @@ impl Kernels {
         Kernels { kind, avx2: simd == Simd::Avx2 && avx2_available() }
     }
 
-    /// sum_j value_j * x[j] over the blocks of `row` (`x.len()` = 32 x blocks).
-    fn dot(self, row: &[u8], x: &[f32]) -> f32 {
+    /// Whether this runs the AVX2 nibble kernels (q4_0, q4_1), which read x as `arrange` lays it
+    /// out and leave the blocks' constant terms of axpy to `settle`.
+    fn nibbles(self) -> bool {
+        self.avx2 && self.kind != QType::Q8_0
+    }
+
+    /// x as `dot` reads it for one call: `arrange(kind, x)` for the nibble kernels, else empty
+    /// (the others read x itself).
+    fn prepare(self, x: &[f32]) -> Vec<f32> {
+        if self.nibbles() {
+            arrange(self.kind, x)
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// sum_j value_j * x[j] over the blocks of `row` (`x.len()` = 32 x blocks; `px` =
+    /// `self.prepare(x)`).
+    fn dot(self, row: &[u8], x: &[f32], px: &[f32]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         if self.avx2 {
-            // SAFETY: `avx2` is set only when the CPU has AVX2, FMA and F16C (Kernels::new), the
-            // one requirement of the #[target_feature] function beyond its bounds, which it checks.
+            if self.nibbles() {
+                // SAFETY: `avx2` is set only when the CPU has AVX2, FMA and F16C (Kernels::new),
+                // the one requirement of the #[target_feature] function beyond its bounds, which
+                // it checks.
+                return unsafe { avx2::dot_nibbles(self.kind, row, px) };
+            }
+            // SAFETY: as above: the CPU has AVX2, FMA and F16C.
             return unsafe { avx2::dot(self.kind, row, x) };
         }
         scalar::dot(self.kind, row, x)
     }
 
-    /// y[j] += h * value_j over the blocks of `row` (`y.len()` = 32 x blocks).
-    fn axpy(self, h: f32, row: &[u8], y: &mut [f32]) {
+    /// y[j] += h * value_j over the blocks of `row` (`y.len()` = 32 x blocks), except that the
+    /// nibble kernels add block b's constant term times h to `off[b]` instead (`off.len()` =
+    /// blocks), for `settle` to add into y once after all rows.
+    fn axpy(self, h: f32, row: &[u8], y: &mut [f32], off: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if self.avx2 {
+            if self.nibbles() {
+                // SAFETY: as in `dot`: the CPU has AVX2, FMA and F16C.
+                return unsafe { avx2::axpy_nibbles(self.kind, h, row, y, off) };
+            }
             // SAFETY: as in `dot`: the CPU has AVX2, FMA and F16C.
             return unsafe { avx2::axpy(self.kind, h, row, y) };
         }
+        let _ = off; // the portable kernel adds the constant terms itself
         scalar::axpy(self.kind, h, row, y)
     }
 
@@ -213,9 +248,10 @@ pub(crate) fn q_matvec_on(
         )));
     }
     let k = Kernels::new(kind, simd);
+    let px = k.prepare(x);
     let run = |lo: usize, out: &mut [f32]| {
         for (o, v) in out.iter_mut().enumerate() {
-            *v = k.dot(&w[(lo + o) * row_bytes..][..row_bytes], x);
+            *v = k.dot(&w[(lo + o) * row_bytes..][..row_bytes], x, &px);
         }
     };
     if threads < 2 || rows < 2 || rows * cols < SPLIT_MACS {
@@ -300,26 +336,57 @@ pub(crate) fn q_bundle_ffn_on(
     }
     let k = Kernels::new(kind, simd);
     let count = pick.map_or(n, |p| p.len());
+    let px = k.prepare(x);
     let run = |lo: usize, hi: usize, out: &mut [f32]| {
+        let mut off = vec![0f32; if k.nibbles() { dim / BLOCK } else { 0 }];
         for j in lo..hi {
             let i = pick.map_or(j, |p| p[j] as usize);
             let b = &bundles[i * stride..i * stride + size];
             let (gate, rest) = if gated { b.split_at(field) } else { (&b[..0], b) };
             let (up, down) = rest.split_at(field);
-            let u = k.dot(up, x);
+            let u = k.dot(up, x, &px);
             let h = if gated {
-                let g = k.dot(gate, x);
+                let g = k.dot(gate, x, &px);
                 g / (1.0 + (-g).exp()) * u
             } else {
                 (u + bias.map_or(0.0, |b| b[i])).max(0.0)
             };
             if h != 0.0 {
-                k.axpy(h, down, out);
+                k.axpy(h, down, out, &mut off);
             }
         }
+        settle(&off, out);
     };
     split_rows(count, count * dim * fields, threads, y, run);
     Ok(())
+}
+
+/// x laid out for the AVX2 nibble kernels' dot (crate::quant::avx2), block by block: for
+/// j < 16, x[j] - x[16 + j] / 16 (the factor of the low nibble), then x[16 + j] / 16 (of the
+/// whole byte; exact, a power of two), then 8 lanes whose sum is the block's sum of x: for q4_0, lane l holds -8 (x[l] + x[8 + l] + x[16 + l] + x[24 + l]);
+/// for q4_1 the even lanes hold 0 and odd lane l those sums of lanes l - 1 and l (the kernel
+/// multiplies them by [d, m] pairs). Built once per call and shared by every row.
+fn arrange(kind: QType, x: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len() / BLOCK * (BLOCK + 8));
+    for xb in x.chunks_exact(BLOCK) {
+        out.extend((0..16).map(|j| xb[j] - xb[16 + j] / 16.0));
+        out.extend(xb[16..].iter().map(|v| v / 16.0));
+        let lane = |l: usize| xb[l] + xb[8 + l] + xb[16 + l] + xb[24 + l];
+        if kind == QType::Q4_0 {
+            out.extend((0..8).map(|l| -8.0 * lane(l)));
+        } else {
+            out.extend((0..8).map(|l| if l % 2 == 1 { lane(l - 1) + lane(l) } else { 0.0 }));
+        }
+    }
+    out
+}
+
+/// y[32 b + j] += off[b] for every block b of `off` (the nibble kernels' deferred constant terms;
+/// nothing when `off` is empty).
+fn settle(off: &[f32], y: &mut [f32]) {
+    for (&o, yb) in off.iter().zip(y.chunks_exact_mut(BLOCK)) {
+        yb.iter_mut().for_each(|v| *v += o);
+    }
 }
 
 /// `out` = the values of `blocks` (`blocks.len()` = out.len() / 32 blocks of `kind` exactly).

@@ -1,9 +1,27 @@
-//! The AVX2 + FMA + F16C kernels: a block's 32 integers (q, nibble - 8, nibble) are widened in
-//! registers to four 8-lane float32 vectors, combined with x (dot), y (axpy) or nothing
-//! (dequantize), and scaled once per block by its float16 `d` (and `m` for q4_1, through the
-//! block's sum of x or a per-block offset). Callers must have checked that the CPU has all three
-//! features (crate::quant::Kernels); bounds come from `chunks_exact`, so only whole blocks are
-//! touched.
+//! The AVX2 + FMA + F16C kernels. Callers must have checked that the CPU has all three features
+//! (crate::quant::Kernels); bounds come from `chunks_exact`, so only whole blocks are touched.
+//!
+//! q8_0's dot and axpy, and every format's dequantize: a block's 32 integers (q, nibble - 8,
+//! nibble) are widened in registers to four 8-lane float32 vectors, combined with x (dot), y
+//! (axpy) or nothing (dequantize), and scaled once per block by its float16 `d` (and `m` for
+//! q4_1, through the block's sum of x or a per-block offset).
+//!
+//! q4_0 and q4_1 have their own dot and axpy (`dot_nibbles`, `axpy_nibbles`), because there the
+//! expansion, not memory, is the cost (the kernels are bound by vector instructions per block): the
+//! block's 16 bytes are broadcast to both halves of a register and one byte shuffle puts 8 of them
+//! into the low bytes of 8 int32 lanes; masking that with 0x0F gives 8 low nibbles and with 0xF0
+//! the same bytes' high nibbles times 16, so 32 values take two shuffles, four ANDs and four int ->
+//! float conversions, with no widening shuffles, no subtraction of 8 and no shifts. axpy folds the
+//! factor 16 into its scale. dot needs two ANDs fewer: with lo_j and hi_j value j's and j + 16's
+//! nibbles and b_j = lo_j + 16 hi_j the whole byte, lo_j x_j + hi_j x_{j+16} = lo_j (x_j - x_{j+16}
+//! / 16) + b_j (x_{j+16} / 16), so it converts the low nibbles and the whole bytes and multiplies
+//! them with x as crate::quant::arrange lays it out once per call (each new term is at most the old
+//! one plus 15/16 |x_{j+16}|, so no cancellation: the rounding stays float32's). The blocks'
+//! constant terms (-8 d for q4_0, m for q4_1) go into one multiply-add per block: dot starts each
+//! block's sum from arrange's -8 x sum (q4_0) or adds m times it (q4_1, as one multiply-add of [d,
+//! m] lane pairs); axpy leaves them per block in `off` for the caller to add once
+//! (crate::quant::settle) after all rows. A block's `d` (and `m`) take one 4-byte load and one
+//! 4-lane conversion (`dm`).
 
 use std::arch::x86_64::*;
 
@@ -13,12 +31,12 @@ const Q8_0: u8 = 0;
 const Q4_0: u8 = 1;
 const Q4_1: u8 = 2;
 
-/// The float16 at bytes `at..at + 2` of `blk` as float32 (F16C).
+/// The float16 at bytes `at..at + 2` of `blk` as float32 (`at` 0 or 2; see `dm`).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn half(blk: &[u8], at: usize) -> f32 {
-    let bits = u16::from_le_bytes([blk[at], blk[at + 1]]);
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    let v = dm(blk);
+    _mm_cvtss_f32(if at == 0 { v } else { _mm_movehdup_ps(v) })
 }
 
 /// The low 8 bytes of `v` as signed integers, widened to 8 float32 lanes.
@@ -161,5 +179,141 @@ unsafe fn scale_into<const K: u8, const ADD: bool>(h: f32, row: &[u8], y: &mut [
                 _mm256_storeu_ps(p, _mm256_fmadd_ps(hd, qk, base));
             }
         }
+    }
+}
+
+/// Floats per block of crate::quant::arrange's layout: 32 of x, then 8 of the block's sums.
+pub(super) const ARRANGED: usize = 40;
+
+/// Byte shuffles that put bytes 0..8 (`NIB_A`) or 8..16 (`NIB_B`) of a broadcast 16-byte block
+/// into the low bytes of 8 int32 lanes, zeroing the rest (index -1).
+#[rustfmt::skip]
+const NIB_A: [i8; 32] = [
+    0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1,
+    4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1,
+];
+#[rustfmt::skip]
+const NIB_B: [i8; 32] = [
+    8, -1, -1, -1, 9, -1, -1, -1, 10, -1, -1, -1, 11, -1, -1, -1,
+    12, -1, -1, -1, 13, -1, -1, -1, 14, -1, -1, -1, 15, -1, -1, -1,
+];
+
+/// The float16s at bytes 0..2 (`d`) and 2..4 (`m` of q4_1, else two quant bytes) of `blk` as
+/// float32 lanes 0 and 1: one 4-byte load and one 4-lane conversion.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dm(blk: &[u8]) -> __m128 {
+    _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]])))
+}
+
+/// A q4 block's nibbles (16 bytes `q`) as float32: values 0..8, 8..16, then 16 x values
+/// 16..24 and 24..32, or with `WHOLE` the whole bytes 0..8 and 8..16 (value j + 16 x value
+/// j + 16) in place of the last two.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nibbles<const WHOLE: bool>(q: &[u8]) -> [__m256; 4] {
+    let q = &q[..16];
+    // SAFETY: q holds 16 bytes: one unaligned 16-byte load; the shuffle tables hold 32 bytes each.
+    let (v, ia, ib) = unsafe {
+        (
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(q.as_ptr() as *const __m128i)),
+            _mm256_loadu_si256(NIB_A.as_ptr() as *const __m256i),
+            _mm256_loadu_si256(NIB_B.as_ptr() as *const __m256i),
+        )
+    };
+    let (a, b) = (_mm256_shuffle_epi8(v, ia), _mm256_shuffle_epi8(v, ib));
+    let (lo, hi) = (_mm256_set1_epi32(0x0F), _mm256_set1_epi32(0xF0));
+    let (a_hi, b_hi) = if WHOLE { (a, b) } else { (_mm256_and_si256(a, hi), _mm256_and_si256(b, hi)) };
+    [
+        _mm256_cvtepi32_ps(_mm256_and_si256(a, lo)),
+        _mm256_cvtepi32_ps(_mm256_and_si256(b, lo)),
+        _mm256_cvtepi32_ps(a_hi),
+        _mm256_cvtepi32_ps(b_hi),
+    ]
+}
+
+/// sum_j value_j * x[j] for q4_0 or q4_1 (`kind`), x given as crate::quant::arrange laid it out
+/// for `kind` (`px`: ARRANGED floats a block).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot_nibbles(kind: QType, row: &[u8], px: &[f32]) -> f32 {
+    match kind {
+        QType::Q4_1 => dot_nib::<Q4_1>(row, px, kind.block_bytes()),
+        _ => dot_nib::<Q4_0>(row, px, kind.block_bytes()),
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_nib<const K: u8>(row: &[u8], px: &[f32], bb: usize) -> f32 {
+    // Two accumulators (and two for q4_1's `m` terms), for even and odd blocks, as dot_k.
+    let (mut a0, mut a1, mut m0, mut m1) =
+        (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+    let pairs = row.chunks_exact(2 * bb).zip(px.chunks_exact(2 * ARRANGED));
+    for (blk2, xb2) in pairs {
+        let (b0, b1) = blk2.split_at(bb);
+        let (x0, x1) = xb2.split_at(ARRANGED);
+        nib_dot::<K>(b0, x0, &mut a0, &mut m0);
+        nib_dot::<K>(b1, x1, &mut a1, &mut m1);
+    }
+    let whole = row.len() / (2 * bb) * 2;
+    if let (Some(blk), Some(xb)) = (row.chunks_exact(bb).nth(whole), px.chunks_exact(ARRANGED).nth(whole)) {
+        nib_dot::<K>(blk, xb, &mut a0, &mut m0);
+    }
+    hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(m0, m1)))
+}
+
+/// acc += d * (nibbles . x - 8 sum x) for q4_0, or acc += d * (nibbles . x) and
+/// acc_m += m * sum x for q4_1, lane-wise, for one block and its ARRANGED floats `xb` (the low
+/// nibbles and whole bytes times arrange's two halves; see the module docs).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nib_dot<const K: u8>(blk: &[u8], xb: &[f32], acc: &mut __m256, acc_m: &mut __m256) {
+    let q = nibbles::<true>(if K == Q4_1 { &blk[4..20] } else { &blk[2..18] });
+    let xb = &xb[..ARRANGED];
+    // SAFETY: xb holds 40 floats and 8k + 8 <= 40 (k <= 4): unaligned 8-lane loads inside it.
+    let v = |k: usize| unsafe { _mm256_loadu_ps(xb.as_ptr().add(8 * k)) };
+    let (sums, dm) = (v(4), dm(blk));
+    let s0 = if K == Q4_0 { _mm256_fmadd_ps(q[0], v(0), sums) } else { _mm256_mul_ps(q[0], v(0)) };
+    let s1 = _mm256_mul_ps(q[1], v(1));
+    let s0 = _mm256_fmadd_ps(q[2], v(2), s0);
+    let s1 = _mm256_fmadd_ps(q[3], v(3), s1);
+    *acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(dm), _mm256_add_ps(s0, s1), *acc);
+    if K == Q4_1 {
+        // [d, m] in every pair of lanes times arrange's sums, which are 0 in the even lanes.
+        let dm4 = _mm256_castpd_ps(_mm256_broadcastsd_pd(_mm_castps_pd(dm)));
+        *acc_m = _mm256_fmadd_ps(dm4, sums, *acc_m);
+    }
+}
+
+/// y[j] += h * (value_j - c_b) over the whole blocks of `row` (q4_0 or q4_1, `kind`) and 32-value
+/// chunks of `y`, where c_b is block b's constant term (-8 d, or m), which goes to
+/// `off[b] += h * c_b` instead.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn axpy_nibbles(kind: QType, h: f32, row: &[u8], y: &mut [f32], off: &mut [f32]) {
+    match kind {
+        QType::Q4_1 => axpy_nib::<Q4_1>(h, row, y, off, kind.block_bytes()),
+        _ => axpy_nib::<Q4_0>(h, row, y, off, kind.block_bytes()),
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn axpy_nib<const K: u8>(h: f32, row: &[u8], y: &mut [f32], off: &mut [f32], bb: usize) {
+    let (h1, h16) = (_mm256_set1_ps(h), _mm256_set1_ps(h / 16.0));
+    for ((blk, yb), o) in row.chunks_exact(bb).zip(y.chunks_exact_mut(BLOCK)).zip(off.iter_mut()) {
+        let dm = dm(blk);
+        let d = _mm256_broadcastss_ps(dm);
+        let q = nibbles::<false>(if K == Q4_1 { &blk[4..20] } else { &blk[2..18] });
+        let hd = _mm256_mul_ps(d, h1);
+        let scale = [hd, hd, _mm256_mul_ps(d, h16), _mm256_mul_ps(d, h16)];
+        for k in 0..4 {
+            // SAFETY: yb holds 32 floats and 8k + 8 <= 32 (k < 4): an unaligned 8-lane load and
+            // store inside it.
+            unsafe {
+                let p = yb.as_mut_ptr().add(8 * k);
+                _mm256_storeu_ps(p, _mm256_fmadd_ps(scale[k], q[k], _mm256_loadu_ps(p)));
+            }
+        }
+        *o += if K == Q4_1 { h * half(blk, 2) } else { -8.0 * _mm256_cvtss_f32(hd) };
     }
 }

@@ -127,11 +127,14 @@ fn avx2_kernels_match_the_portable_ones() {
             let x: Vec<f32> = (0..blocks * BLOCK).map(|_| rng.unit()).collect();
             let (s, v) = (Kernels::new(kind, Simd::Portable), Kernels::new(kind, Simd::Avx2));
             let terms: f32 = values(kind, &row).iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
-            let (ds, dv) = (s.dot(&row, &x), v.dot(&row, &x));
+            let (ds, dv) = (s.dot(&row, &x, &s.prepare(&x)), v.dot(&row, &x, &v.prepare(&x)));
             assert!((ds - dv).abs() <= 1e-5 * (terms + 1e-6), "{kind:?} {blocks}: {ds} vs {dv}");
             let (mut ys, mut yv) = (x.clone(), x.clone());
-            s.axpy(-0.75, &row, &mut ys);
-            v.axpy(-0.75, &row, &mut yv);
+            for (k, y) in [(s, &mut ys), (v, &mut yv)] {
+                let mut off = vec![0f32; blocks];
+                k.axpy(-0.75, &row, y, &mut off);
+                settle(&off, y);
+            }
             for (a, b) in ys.iter().zip(&yv) {
                 assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{kind:?} axpy {a} vs {b}");
             }
