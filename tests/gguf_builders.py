@@ -8,6 +8,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import torch
 
 Q = gguf.GGMLQuantizationType
 
@@ -152,3 +153,15 @@ def write_tiny_gguf(
     out.write_tensors_to_file()
     out.close()
     return w
+
+
+# -- the rounding a quantized store applies, done by gguf.quants (the tests' independent reference)
+KINDS = ("q8_0", "q4_0", "q4_1")
+GGML = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
+GGML["q4_1"] = gguf.GGMLQuantizationType.Q4_1
+
+
+def rt(w: torch.Tensor, kind: str) -> torch.Tensor:
+    """w (rows, cols) rounded as the store rounds it: quantized along rows, dequantized (gguf)."""
+    q = gguf.quants.quantize(np.ascontiguousarray(w.detach().float().numpy()), GGML[kind])
+    return torch.from_numpy(gguf.quants.dequantize(q, GGML[kind]).reshape(w.shape).astype(np.float32))

@@ -176,3 +176,9 @@ def test_bundle_ffn_property(kind, n, blocks, gated, portable, seed):
         assert not got.any()
     else:
         _close(got, _ffn(fields, x, gated, bias, np.arange(n)))
+
+
+def test_dequantize_checks_the_length_before_allocating():
+    """A value count far beyond the blocks given is an error naming both, not an aborted allocation."""
+    with pytest.raises(ValueError, match="values take"):
+        native.q_dequantize("q8_0", np.zeros(34, dtype=np.uint8), 1 << 60)

@@ -127,3 +127,27 @@ def test_non_finite_weights_are_refused(tmp_path, what):
     ]
     assert name in str(e.value) and "non-finite" in str(e.value)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "dtype,value,where",
+    [("q4_1", -1e5, "ffn"), ("q8_0", 1e7, "ffn"), ("q4_1", -1e5, "resident")],
+)
+def test_quantized_block_scales_that_overflow_are_refused(tmp_path, dtype, value, where):
+    """Finite weights whose block scale (or q4_1's minimum) overflows float16 would make a store
+    that computes NaN: the conversion fails naming the tensor, and leaves no store."""
+    config = tiny_config()
+    g = torch.Generator().manual_seed(0)
+    dst = tmp_path / "q.llmflash"
+    resident = {k: torch.randn(s, generator=g) for k, s in expected_resident(config).items()}
+    n, d = config.ffn_dims[0], config.dim
+    up = torch.randn(n, d, generator=g)
+    if where == "ffn":
+        up[0, 0] = value
+    else:
+        resident["layers.0.attn.q.weight"][0, 0] = value
+    with pytest.raises(ConvertError, match="layer 0's FFN up|resident tensor layers.0.attn.q.weight"):
+        with W.StoreWriter(dst, config, dtype) as w:
+            w.write_resident(resident)
+            w.write_layer(0, up=up, down=torch.randn(d, n, generator=g), gate=torch.randn(n, d, generator=g))
+    assert not dst.exists()

@@ -117,6 +117,16 @@ pub fn q_dequantize<'py>(
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
     let kind = QType::parse(kind)?;
     let bytes = slice(&blocks, "blocks")?;
+    // Checked before allocating: a huge n_values is an error, not an aborted allocation.
+    let need = kind.row_bytes(n_values)?;
+    if bytes.len() != need {
+        return Err(Error::invalid(format!(
+            "{}: {n_values} values take {need} bytes, not {}",
+            kind.name(),
+            bytes.len()
+        ))
+        .into());
+    }
     let mut out = vec![0f32; n_values];
     py.detach(|| quant::q_dequantize(kind, bytes, &mut out))?;
     Ok(PyArray1::from_vec(py, out))

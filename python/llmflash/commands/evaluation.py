@@ -212,7 +212,7 @@ def _dense_pass(store: Store, ids: Tensor, predictors: Predictors | None, out: d
             "predicted_share": (tp + fp) / max(total, 1),
         }
     )
-    model.ffn = _ProbeFFN(store, predictors, restrict=True)
+    probe.restrict = True  # the same dense weights, each token's FFN on its predicted neurons only
     out["predictor_only"] = {"ppl": _perplexity(model.forward(ids, model.new_cache(N)), ids)}
     out["predictor_only"]["ratio"] = out["predictor_only"]["ppl"] / dense_ppl
 

@@ -334,7 +334,7 @@ def convert_gguf(
     if "tokenizer.ggml.model" in meta:
         tok_json, chat = _tokenizer_json(meta, src), _chat_template(meta)
 
-    # quantized stores: float32 here, the writer quantizes (a second rounding of GGUF blocks for now)
+    # quantized stores: float32 here for what the writer quantizes; blocks already in a kept format stay blocks
     target = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype, torch.float32)
     d, hd, n = cfg.dim, cfg.head_dim, cfg.ffn_dims[0]
     hq, hkv = cfg.n_heads[0], cfg.n_kv_heads[0]

@@ -159,7 +159,7 @@ class StoreWriter:
             out[name] = t.detach().to(self.dtype).contiguous()
             self._finite(name, out[name])
             if name in quantized:
-                out[name] = self._quantize(out[name])
+                out[name] = self._quantize(out[name], f"resident tensor {name}")
         with self._writing(S.RESIDENT):
             save_file(out, str(self.tmp / S.RESIDENT), metadata={"format": S.FORMAT})
 
@@ -186,7 +186,7 @@ class StoreWriter:
                 raise ConvertError(f"layer {i}: FFN {name} has shape {tuple(t.shape)}, expected {(n, k)}")
             t = t.to(self.dtype)
             self._finite(f"layer {i}'s FFN", t)
-            cols.append(self._quantize(t.contiguous()) if self.quant else t)  # quantized: dim/32 blocks a field
+            cols.append(self._quantize(t.contiguous(), f"layer {i}'s FFN {name}") if self.quant else t)  # dim/32 blocks
         bundles = torch.cat(cols, dim=1).contiguous()  # (n, bundle_values), or (n, bundle_bytes) uint8
         payload = bundles.view(torch.uint8).numpy().tobytes()
         offset, bb, region = self.regions[i]
@@ -198,14 +198,19 @@ class StoreWriter:
             self._ffn.write(b"\0" * (region - len(payload)))
         self.record_layer(i, payload)
 
-    def _quantize(self, t: torch.Tensor) -> torch.Tensor:
+    def _quantize(self, t: torch.Tensor, what: str) -> torch.Tensor:
         """(rows, cols) float32 -> (rows, cols/32 * block_bytes) uint8 in the store's block format
-        (gguf.quants: the same rounding as llama.cpp's converter)."""
+        (gguf.quants: the same rounding as llama.cpp's converter). Finite values can still give a
+        block a non-finite float16 scale or minimum (|w| beyond float16's range in q4_1, or about
+        8e6 in q8_0): a ConvertError naming `what`, never a store that computes NaN."""
         from gguf import GGMLQuantizationType, quants
 
         kind = getattr(GGMLQuantizationType, str(self.quant).upper())
         q = quants.quantize(np.ascontiguousarray(t.float().numpy()), kind)
-        return torch.from_numpy(np.ascontiguousarray(q, dtype=np.uint8))
+        data = torch.from_numpy(np.ascontiguousarray(q, dtype=np.uint8))
+        if not is_finite(QTensor(str(self.quant), (t.shape[0], t.shape[1]), data).scales()):
+            raise ConvertError(f"{what}: its {self.quant} block scales overflow float16 (values too large)")
+        return data
 
     def _blocks(self, what: str, t: QTensor, any_kind: bool = False) -> torch.Tensor:
         """A QTensor's blocks as they will be stored: its kind must be the store's (a resident
