@@ -206,7 +206,8 @@ class StoreWriter:
         from gguf import GGMLQuantizationType, quants
 
         kind = getattr(GGMLQuantizationType, str(self.quant).upper())
-        q = quants.quantize(np.ascontiguousarray(t.float().numpy()), kind)
+        with np.errstate(over="ignore"):  # an overflowing scale is checked just below, by name
+            q = quants.quantize(np.ascontiguousarray(t.float().numpy()), kind)
         data = torch.from_numpy(np.ascontiguousarray(q, dtype=np.uint8))
         if not is_finite(QTensor(str(self.quant), (t.shape[0], t.shape[1]), data).scales()):
             raise ConvertError(f"{what}: its {self.quant} block scales overflow float16 (values too large)")
