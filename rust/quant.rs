@@ -1,7 +1,8 @@
 //! Decode kernels over GGML's 32-value block formats (q8_0, q4_0, q4_1): the matrix-vector
-//! product of a resident quantized matrix (attention, the LM head), the one-pass FFN over
-//! quantized bundle rows (crate::gemv's f16_bundle_ffn with quantized fields), and plain
-//! dequantization into float32 (prefill works on float32 blocks of rows).
+//! product of a resident quantized matrix (attention, the LM head), the FFN over quantized
+//! bundle rows (`bundle`: gate/up rows in blocks, down columns as raw integers with the layer's
+//! resident scales), and plain dequantization into float32 (prefill works on float32 blocks of
+//! rows).
 //!
 //! Why here: a quantized store reads 2 to 3.5 times fewer bytes per neuron than float16, and the
 //! bytes are only worth saving if they are decoded where they are used: each block is expanded
@@ -20,18 +21,18 @@
 //! as `arrange` lays it out once per call (each block's 32 values recombined to pair with low
 //! nibbles and whole bytes, and the block's sums of x), so a block expands with two byte shuffles
 //! and masks into float lanes that pair with x as they come, and the -8 (q4_0) and `m` (q4_1) terms
-//! cost one multiply-add a block through those sums; the bundle FFN's down fields defer them to
-//! once per call (`settle`). x itself stays float32: results agree with the portable path to
+//! cost one multiply-add a block through those sums. x itself stays float32: results agree with the portable path to
 //! float32 rounding. Threading is crate::gemv's: matrix rows in claimed chunks, bundles through
 //! split_rows, so results do not depend on which thread took which part.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Error, Result};
-use crate::gemv::{claimed, split_rows, RowsOut, SPLIT_MACS};
+use crate::gemv::{claimed, RowsOut, SPLIT_MACS};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+pub mod bundle;
 mod scalar;
 #[cfg(test)]
 mod tests;
@@ -140,7 +141,7 @@ impl Kernels {
     }
 
     /// Whether this runs the AVX2 nibble kernels (q4_0, q4_1), which read x as `arrange` lays it
-    /// out and leave the blocks' constant terms of axpy to `settle`.
+    /// out.
     fn nibbles(self) -> bool {
         self.avx2 && self.kind != QType::Q8_0
     }
@@ -172,21 +173,26 @@ impl Kernels {
         scalar::dot(self.kind, row, x)
     }
 
-    /// y[j] += h * value_j over the blocks of `row` (`y.len()` = 32 x blocks), except that the
-    /// nibble kernels add block b's constant term times h to `off[b]` instead (`off.len()` =
-    /// blocks), for `settle` to add into y once after all rows.
-    fn axpy(self, h: f32, row: &[u8], y: &mut [f32], off: &mut [f32]) {
+    /// t[r] += h * q_r for a bundle's down field `q` (raw integers of the kind: int8, or
+    /// nibbles in GGML's order; crate::quant::bundle), `t.len()` its rows.
+    fn down_acc(self, h: f32, q: &[u8], t: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if self.avx2 {
-            if self.nibbles() {
-                // SAFETY: as in `dot`: the CPU has AVX2, FMA and F16C.
-                return unsafe { avx2::axpy_nibbles(self.kind, h, row, y, off) };
-            }
             // SAFETY: as in `dot`: the CPU has AVX2, FMA and F16C.
-            return unsafe { avx2::axpy(self.kind, h, row, y) };
+            return unsafe { avx2::down_acc(self.kind, h, q, t) };
         }
-        let _ = off; // the portable kernel adds the constant terms itself
-        scalar::axpy(self.kind, h, row, y)
+        scalar::down_acc(self.kind, h, q, t)
+    }
+
+    /// y[r] += d[r] (t[r] + c hs) + m[r] hs (c = -8 for q4_0, else 0; `m` for q4_1 only), with
+    /// `d` and `m` float16 bits: one group's down scales applied to its summed raw integers.
+    fn down_flush(self, d: &[u16], m: Option<&[u16]>, t: &[f32], hs: f32, y: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: as in `dot`: the CPU has AVX2, FMA and F16C.
+            return unsafe { avx2::down_flush(self.kind, d, m, t, hs, y) };
+        }
+        scalar::down_flush(self.kind, d, m, t, hs, y)
     }
 
     /// out[j] = value_j over the blocks of `blocks` (`out.len()` = 32 x blocks).
@@ -270,97 +276,6 @@ pub(crate) fn q_matvec_on(
     Ok(())
 }
 
-/// A whole FFN over quantized bundles for one token, in one pass over each bundle:
-/// `h_i = relu(up_i . x + bias_i)` (plain) or `silu(gate_i . x) * (up_i . x)` (gated), then
-/// `y += h_i * down_i`, skipping the down field where `h_i == 0`. Bundle i starts at byte
-/// `i * stride` and holds `[gate_i,] up_i, down_i`, each `x.len()` values (a multiple of 32) as
-/// blocks of `kind`. `pick`: the bundles to compute (each `< n`, bias indexed by bundle), or all.
-#[allow(clippy::too_many_arguments)]
-pub fn q_bundle_ffn(
-    kind: QType,
-    bundles: &[u8],
-    stride: usize,
-    n: usize,
-    gated: bool,
-    x: &[f32],
-    bias: Option<&[f32]>,
-    y: &mut [f32],
-    threads: usize,
-    pick: Option<&[u32]>,
-) -> Result<()> {
-    q_bundle_ffn_on(simd(), kind, bundles, stride, n, gated, x, bias, y, threads, pick)
-}
-
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn q_bundle_ffn_on(
-    simd: Simd,
-    kind: QType,
-    bundles: &[u8],
-    stride: usize,
-    n: usize,
-    gated: bool,
-    x: &[f32],
-    bias: Option<&[f32]>,
-    y: &mut [f32],
-    threads: usize,
-    pick: Option<&[u32]>,
-) -> Result<()> {
-    let dim = x.len();
-    let fields = if gated { 3 } else { 2 };
-    if y.len() != dim || bias.is_some_and(|b| b.len() != n) || gated && bias.is_some() {
-        return Err(Error::invalid(format!(
-            "{} bundle FFN: x has {dim} values, y {}, bias {:?} for {n} bundles (gated {gated})",
-            kind.name(),
-            y.len(),
-            bias.map(|b| b.len())
-        )));
-    }
-    let field = kind.row_bytes(dim)?;
-    let size = fields * field;
-    if n > 0 {
-        let need = (n - 1).checked_mul(stride).and_then(|v| v.checked_add(size));
-        match need {
-            Some(need) if need <= bundles.len() && size <= stride => {}
-            _ => {
-                return Err(Error::invalid(format!(
-                    "{} bundle FFN: {n} bundles of {size} bytes ({fields} x {dim} values) at stride {stride} \
-                     need more than the {} given",
-                    kind.name(),
-                    bundles.len()
-                )))
-            }
-        }
-    }
-    if let Some(bad) = pick.and_then(|p| p.iter().find(|&&i| i as usize >= n)) {
-        return Err(Error::invalid(format!("{} bundle FFN: picked bundle {bad} of {n}", kind.name())));
-    }
-    let k = Kernels::new(kind, simd);
-    let count = pick.map_or(n, |p| p.len());
-    let px = k.prepare(x);
-    let run = |lo: usize, hi: usize, out: &mut [f32]| {
-        let mut off = vec![0f32; if k.nibbles() { dim / BLOCK } else { 0 }];
-        for j in lo..hi {
-            let i = pick.map_or(j, |p| p[j] as usize);
-            let b = &bundles[i * stride..i * stride + size];
-            let (gate, rest) = if gated { b.split_at(field) } else { (&b[..0], b) };
-            let (up, down) = rest.split_at(field);
-            let u = k.dot(up, x, &px);
-            let h = if gated {
-                let g = k.dot(gate, x, &px);
-                g / (1.0 + (-g).exp()) * u
-            } else {
-                (u + bias.map_or(0.0, |b| b[i])).max(0.0)
-            };
-            if h != 0.0 {
-                k.axpy(h, down, out, &mut off);
-            }
-        }
-        settle(&off, out);
-    };
-    split_rows(count, count * dim * fields, threads, y, run);
-    Ok(())
-}
-
 /// x laid out for the AVX2 nibble kernels' dot (crate::quant::avx2), block by block: for
 /// j < 16, x[j] - x[16 + j] / 16 (the factor of the low nibble), then x[16 + j] / 16 (of the
 /// whole byte; exact, a power of two), then 8 lanes whose sum is the block's sum of x: for q4_0, lane l holds -8 (x[l] + x[8 + l] + x[16 + l] + x[24 + l]);
@@ -379,14 +294,6 @@ fn arrange(kind: QType, x: &[f32]) -> Vec<f32> {
         }
     }
     out
-}
-
-/// y[32 b + j] += off[b] for every block b of `off` (the nibble kernels' deferred constant terms;
-/// nothing when `off` is empty).
-fn settle(off: &[f32], y: &mut [f32]) {
-    for (&o, yb) in off.iter().zip(y.chunks_exact_mut(BLOCK)) {
-        yb.iter_mut().for_each(|v| *v += o);
-    }
 }
 
 /// `out` = the values of `blocks` (`blocks.len()` = out.len() / 32 blocks of `kind` exactly).

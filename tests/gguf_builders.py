@@ -165,3 +165,12 @@ def rt(w: torch.Tensor, kind: str) -> torch.Tensor:
     """w (rows, cols) rounded as the store rounds it: quantized along rows, dequantized (gguf)."""
     q = gguf.quants.quantize(np.ascontiguousarray(w.detach().float().numpy()), GGML[kind])
     return torch.from_numpy(gguf.quants.dequantize(q, GGML[kind]).reshape(w.shape).astype(np.float32))
+
+
+def rt_padded(w: torch.Tensor, kind: str) -> torch.Tensor:
+    """rt of w (rows, cols) with its columns padded with zeros to a multiple of 32 (as a quantized
+    store pads a layer's neurons in down_proj's blocks), cropped back."""
+    cols = -(-w.shape[1] // 32) * 32
+    padded = torch.zeros(w.shape[0], cols)
+    padded[:, : w.shape[1]] = w.detach().float()
+    return rt(padded, kind)[:, : w.shape[1]]

@@ -103,6 +103,25 @@ def reseal(store: Path) -> Path:
     return store
 
 
+def rebuild_crcs(store: Path) -> Path:
+    """Recompute every region's and bundle's CRC-32 from ffn.bin as it is now, and reseal: for
+    tests of content that is wrong although every checksum matches (a crafted store)."""
+    import zlib
+
+    from llmflash.store import crc32_per_bundle
+
+    m = json.loads((store / "manifest.json").read_text())
+    data = (store / "ffn.bin").read_bytes()
+    crcs = []
+    for L in m["layers"]:
+        payload = data[L["offset"] : L["offset"] + L["n_neurons"] * L["bundle_bytes"]]
+        L["crc32"] = zlib.crc32(payload)
+        crcs.append(crc32_per_bundle(payload, L["bundle_bytes"]))
+    (store / "bundles.crc32").write_bytes(np.concatenate(crcs).astype("<u4").tobytes())
+    write_manifest(store, m)
+    return reseal(store)
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "llmflash", *args],

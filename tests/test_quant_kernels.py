@@ -1,5 +1,6 @@
-"""The quantized decode kernels (rust/quant.rs) against an independent reference: blocks made
-and decoded by the `gguf` package (gguf.quants), products in float64 numpy. Every case runs on
+"""The quantized decode kernels (rust/quant.rs, rust/quant/bundle.rs) against an independent
+reference: blocks made and decoded by the `gguf` package (gguf.quants), the bundle layout built
+here from down_proj's blocks, products in float64 numpy. Every case runs on
 the AVX2 path (where the CPU has it) and on the portable path."""
 
 from __future__ import annotations
@@ -39,17 +40,49 @@ def _close(got: np.ndarray, want: np.ndarray, tol: float = 1e-4) -> None:
     np.testing.assert_allclose(got, want, rtol=0, atol=tol * scale)
 
 
+def _down_fields(kind: str, blocks: np.ndarray, dim: int, groups: int):
+    """down_proj's blocks along its rows (dim, groups * block bytes) -> each neuron's down field
+    (raw integers along the model dimension: int8, or nibbles with row k low and row k + 16 high
+    in each 32-row chunk) and the scales (groups, dim) float16 bits (and minimums for q4_1)."""
+    b = blocks.reshape(dim, groups, BLOCK_BYTES[kind])
+    d = np.ascontiguousarray(b[:, :, :2]).view(np.uint16)[:, :, 0].T.copy()
+    m = np.ascontiguousarray(b[:, :, 2:4]).view(np.uint16)[:, :, 0].T.copy() if kind == "q4_1" else None
+    qs = b[:, :, 4 if kind == "q4_1" else 2 :]
+    fields = []
+    for j in range(groups * 32):
+        g, k = divmod(j, 32)
+        if kind == "q8_0":
+            fields.append(qs[:, g, k].copy())  # (dim,) int8 bytes
+            continue
+        col = (qs[:, g, k] & 15) if k < 16 else (qs[:, g, k - 16] >> 4)  # (dim,) nibbles
+        c = col.reshape(dim // 32, 32)
+        fields.append((c[:, :16] | (c[:, 16:] << 4)).reshape(-1).astype(np.uint8))
+    return fields, d, m
+
+
 def _bundles(kind: str, rng, n: int, dim: int, gated: bool, pad: int = 0):
-    """n bundles of [gate,] up, down (each dim values, quantized) followed by `pad` spare bytes per
-    row, as an (n, bundle bytes) view of a wider array; and the fields' float64 values."""
-    count = 3 if gated else 2
+    """n bundles (rust/quant/bundle.rs: [gate,] up blocks, down integers, u32 group) of random
+    weights quantized by gguf.quants, in shuffled order, each row followed by `pad` spare bytes
+    (an (n, bundle bytes) view of a wider array); the down scales (d, m); and the fields'
+    float64 values in the rows' order (gguf.quants.dequantize)."""
+    rows_before = 2 if gated else 1
+    size = rows_before * dim // 32 * BLOCK_BYTES[kind] + (dim if kind == "q8_0" else dim // 2) + 4
+    groups = max(1, -(-n // 32))
     if n == 0:  # gguf.quants cannot quantize no rows
-        return np.zeros((0, count * dim // 32 * BLOCK_BYTES[kind]), np.uint8), []
-    fields = [_quantize(kind, rng.standard_normal((n, dim)) * 0.2) for _ in range(count)]
-    packed = np.concatenate(fields, axis=1)
-    wide = np.zeros((n, packed.shape[1] + pad), np.uint8)
-    wide[:, : packed.shape[1]] = packed
-    return wide[:, : packed.shape[1]], [_values(kind, f) for f in fields]
+        no = np.zeros((1, dim), np.uint16)
+        return np.zeros((0, size), np.uint8), no, no if kind == "q4_1" else None, []
+    rowq = [_quantize(kind, rng.standard_normal((n, dim)) * 0.2) for _ in range(rows_before)]
+    down = np.zeros((dim, groups * 32))
+    down[:, :n] = rng.standard_normal((dim, n)) * 0.2
+    dblocks = _quantize(kind, down)
+    dfields, d, m = _down_fields(kind, dblocks, dim, groups)
+    order = rng.permutation(n)
+    wide = np.zeros((n, size + pad), np.uint8)
+    for r, j in enumerate(order):
+        group = np.array([j // 32], "<u4").view(np.uint8)
+        wide[r, :size] = np.concatenate([q[j] for q in rowq] + [dfields[j], group])
+    values = [_values(kind, q)[order] for q in rowq] + [_values(kind, dblocks).reshape(dim, -1).T[order]]
+    return wide[:, :size], d, m, values
 
 
 def _ffn(fields, x, gated, bias, rows):
@@ -94,23 +127,27 @@ def test_matvec_of_no_rows():
 @pytest.mark.parametrize("gated", [False, True])
 def test_bundle_ffn_matches_float64(kind, n, dim, gated, path):
     rng = np.random.default_rng(n * dim + gated)
-    rows, fields = _bundles(kind, rng, n, dim, gated, pad=7)
-    assert rows.shape[1] == (3 if gated else 2) * dim // 32 * BLOCK_BYTES[kind]
+    rows, d, m, fields = _bundles(kind, rng, n, dim, gated, pad=7)
     x = rng.standard_normal(dim).astype(np.float32)
     bias = None if gated else (rng.standard_normal(n) * 0.3).astype(np.float32)
     every = np.arange(n)
     for threads in (1, 2):
-        got = native.q_bundle_ffn(kind, rows, x, gated, bias=bias, threads=threads)
+        got = native.q_bundle_ffn(kind, rows, x, gated, d, m, bias=bias, threads=threads)
         _close(got, _ffn(fields, x, gated, bias, every))
     pick = rng.permutation(n)[: n // 2 + 1].astype(np.uint32)
-    got = native.q_bundle_ffn(kind, rows, x, gated, bias=bias, pick=pick)
+    got = native.q_bundle_ffn(kind, rows, x, gated, d, m, bias=bias, pick=pick)
     _close(got, _ffn(fields, x, gated, bias, pick.astype(np.int64)))
+    flat = native.q_bundle_dequantize(kind, rows, dim, gated, d, m).reshape(n, -1, dim)
+    for f, want in enumerate(fields):
+        np.testing.assert_allclose(flat[:, f], want, rtol=1e-6, atol=0)
 
 
 def test_bundle_sizes_of_the_target_models():
-    assert 3 * 576 // 32 * BLOCK_BYTES["q4_1"] == 1080  # SmolLM2, gated
-    assert 2 * 4096 // 32 * BLOCK_BYTES["q4_0"] == 4608  # OPT-6.7B
-    assert 2 * 4096 // 32 * BLOCK_BYTES["q8_0"] == 8704
+    from llmflash.models.quant import bundle_bytes
+
+    assert bundle_bytes("q4_1", 576, gated=True) == 2 * 360 + 288 + 4 == 1012  # SmolLM2
+    assert bundle_bytes("q4_0", 4096, gated=False) == 2304 + 2048 + 4 == 4356  # OPT-6.7B
+    assert bundle_bytes("q8_0", 4096, gated=False) == 4352 + 4096 + 4 == 8452
 
 
 def test_portable_switch_reports_the_path():
@@ -138,15 +175,22 @@ def test_bad_arguments_raise_invalid_argument_errors():
     _raises("C-contiguous", native.q_matvec, "q4_0", np.zeros((3, 72), np.uint8)[:, ::2], x)
     _raises("x must be one contiguous", native.q_matvec, "q4_0", w, np.ones(128, np.float32)[::2])
 
-    rows = np.zeros((3, 72), np.uint8)
-    _raises("cannot hold 3 fields", native.q_bundle_ffn, "q4_0", rows, x, True)
-    _raises("picked bundle 3 of 3", native.q_bundle_ffn, "q4_0", rows, x, False, pick=np.array([0, 3], np.uint32))
-    _raises("bias Some.2.", native.q_bundle_ffn, "q4_0", rows, x, False, bias=np.zeros(2, np.float32))
-    _raises(
-        "gated true", native.q_bundle_ffn, "q4_0", np.zeros((3, 108), np.uint8), x, True, bias=np.zeros(3, np.float32)
-    )
-    _raises("unit column stride", native.q_bundle_ffn, "q4_0", np.zeros((3, 144), np.uint8)[:, ::2], x, False)
-    _raises("not a whole number", native.q_bundle_ffn, "q8_0", rows, np.ones(40, np.float32), False)
+    rows = np.zeros((3, 72), np.uint8)  # q4_0 plain bundles of 64 values: 36 + 32 + 4 bytes
+    d = np.zeros((2, 64), np.uint16)
+    ffn = native.q_bundle_ffn
+    _raises("cannot hold a bundle", ffn, "q4_0", rows, x, True, d)
+    _raises("picked bundle 3 of 3", ffn, "q4_0", rows, x, False, d, pick=np.array([0, 3], np.uint32))
+    _raises("bias Some.2.", ffn, "q4_0", rows, x, False, d, bias=np.zeros(2, np.float32))
+    _raises("gated true", ffn, "q4_0", np.zeros((3, 108), np.uint8), x, True, d, bias=np.zeros(3, np.float32))
+    _raises("unit column stride", ffn, "q4_0", np.zeros((3, 144), np.uint8)[:, ::2], x, False, d)
+    _raises("not a whole number", ffn, "q8_0", rows, np.ones(40, np.float32), False, d)
+    _raises("down_scale has rows of 32", ffn, "q4_0", rows, x, False, np.zeros((2, 32), np.uint16))
+    _raises("down minimums Some", ffn, "q4_0", rows, x, False, d, d)
+    _raises("down minimums None", ffn, "q4_1", np.zeros((3, 76), np.uint8), x, False, d)
+    far = rows.copy()
+    far[1, -4:] = np.array([2], "<u4").view(np.uint8)  # group 2 of 2
+    _raises("bundle 1 names down group 2, but the layer has 2", ffn, "q4_0", far, x, False, d)
+    _raises("bundle 1 names down group 2", native.q_bundle_dequantize, "q4_0", far, 64, False, d)
 
     _raises("not 35", native.q_dequantize, "q4_0", np.zeros(35, np.uint8), 32)
     _raises("not a whole number", native.q_dequantize, "q8_0", np.zeros(34, np.uint8), 33)
@@ -164,12 +208,12 @@ def test_bad_arguments_raise_invalid_argument_errors():
 def test_bundle_ffn_property(kind, n, blocks, gated, portable, seed):
     rng = np.random.default_rng(seed)
     dim = 32 * blocks
-    rows, fields = _bundles(kind, rng, n, dim, gated, pad=int(rng.integers(0, 5)))
+    rows, d, m, fields = _bundles(kind, rng, n, dim, gated, pad=int(rng.integers(0, 5)))
     x = rng.standard_normal(dim).astype(np.float32)
     bias = None if gated else (rng.standard_normal(n) * 0.3).astype(np.float32)
     before = native.q_set_portable(portable)
     try:
-        got = native.q_bundle_ffn(kind, rows, x, gated, bias=bias)
+        got = native.q_bundle_ffn(kind, rows, x, gated, d, m, bias=bias)
     finally:
         native.q_set_portable(before)
     if n == 0:

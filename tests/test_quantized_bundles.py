@@ -1,7 +1,8 @@
 """The quantized bundle layout, as a property (hypothesis): for any model shape and block kind,
-each bundle holds its neuron's gate/up rows and down column as exactly the blocks gguf.quants
-makes, any neuron subset read through a NeuronCache equals those rows of the region, and the FFN
-over them equals a float FFN written out here over the same rounded values."""
+each bundle holds its neuron's gate/up rows as exactly the blocks gguf.quants makes and, with the
+layer's resident scales, its down column as gguf.quants rounds down_proj along its rows (padded
+to whole 32-neuron blocks); any neuron subset read through a NeuronCache equals those rows of the
+region, and the FFN over them equals a float FFN written out here over the same rounded values."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from gguf_builders import GGML, KINDS, rt
+from gguf_builders import GGML, KINDS, rt, rt_padded
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -50,8 +51,8 @@ def q_layouts(draw):
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(q_layouts())
 def test_quantized_bundles_property(layout):
-    """Any layout and kind: each bundle is its gate/up rows' and down column's blocks exactly as
-    gguf.quants makes them; any neuron subset read through a NeuronCache (per-bundle CRCs on)
+    """Any layout and kind: each bundle is its gate/up rows' blocks exactly as gguf.quants makes
+    them, its down column gguf.quants' rounding of down_proj along its rows; any neuron subset read through a NeuronCache (per-bundle CRCs on)
     is those rows of the whole region, and the FFN over them picked in place (one token) or
     gathered (a prompt) equals the float FFN over the same rounded values."""
     from llmflash.convert.writer import StoreWriter
@@ -82,10 +83,13 @@ def test_quantized_bundles_property(layout):
         rb = D // 32 * BLOCK_BYTES[kind]
         whole = store.read_layer(layer)  # (n, bundle_bytes) uint8
         src = layers[layer]
-        fields = {"gate": src["gate"], "up": src["up"], "down": src["down"].t()}
-        for f, (name, _) in enumerate(config.bundle_fields):
+        fields = {"gate": src["gate"], "up": src["up"]}
+        for f, name in enumerate(["gate", "up"] if config.gated else ["up"]):
             want = gguf.quants.quantize(np.ascontiguousarray(fields[name].numpy()), GGML[kind])
             assert np.array_equal(whole[:, f * rb : (f + 1) * rb].numpy(), want)
+        q = store.q_bundles(layer)
+        down = rt_padded(src["down"], kind).t()  # (n, D): row j is neuron j's down column
+        assert torch.allclose(q.dequantize(whole)[:, -1], down, rtol=1e-6, atol=0)
         ids = np.asarray(subset, dtype=np.uint32)
         cache = NeuronCache(Reader(store.ffn_path, concurrency=4), L.offset, L.n_neurons, L.bundle_bytes, len(ids), 1)
         cache.set_bundle_crcs(store.bundle_crcs(layer))
@@ -96,12 +100,13 @@ def test_quantized_bundles_property(layout):
         assert torch.equal(slots, whole[torch.from_numpy(got_ids.astype(np.int64))])
         bias = store.up_biases()[layer]
         deq = {name: rt(t, kind) for name, t in fields.items() if t is not None}
+        deq["down"] = down
         sel = torch.from_numpy(got_ids.astype(np.int64))
         b = None if bias is None else bias[sel]
         for T in (1, 17):
             x = torch.randn(T, D, generator=g)
             ref = float_ffn(x, deq["up"][sel], deq["down"][sel], deq["gate"][sel] if config.gated else None, b)
-            out = rows_ffn(x, slots, config, b, kind=kind)
+            out = rows_ffn(x, slots, config, b, q=q)
             assert (out - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
         pick = np.arange(0, len(ids), 2, dtype=np.uint32)  # every other cached row, in place
         x = torch.randn(1, D, generator=g)
@@ -113,7 +118,7 @@ def test_quantized_bundles_property(layout):
             deq["gate"][sel][p] if config.gated else None,
             None if b is None else b[p],
         )
-        out = rows_ffn(x, slots, config, b, pick=pick, kind=kind)
+        out = rows_ffn(x, slots, config, b, pick=pick, q=q)
         assert (out - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
 
 

@@ -1,8 +1,9 @@
 """Quantized stores (q8_0, q4_0, q4_1; issue 18): files, bundle sizes, `verify`, and logits
 against an independent reference: transformers (OpenELM: the reference forward) with every weight
 the store quantizes replaced by gguf.quants' own round trip (quantize, dequantize) of it, in
-float32. The store quantizes matrices along their input width and the FFN's down matrix by
-columns (a neuron's down column is a bundle field), so the reference rounds down_proj.T."""
+float32. The store quantizes every matrix along its rows, the FFN's down matrix too (in blocks of
+32 neurons, as GGUF files hold it; store/layout.py), its neurons padded with zeros to a multiple
+of 32, so the reference rounds down_proj padded the same way."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_tokenizer_json
-from gguf_builders import KINDS, rt, write_tiny_gguf
+from gguf_builders import GGML, KINDS, byte_level_vocab, hf_weights, rt, rt_padded, write_tiny_gguf
 from openelm_builders import V as ELM_V
 from openelm_builders import hf_config, random_weights, ref_forward, save_openelm
 from safetensors import safe_open
-from store_builders import calibrate_args, edit_manifest, reseal, run_cli, shadow_args
+from store_builders import calibrate_args, edit_manifest, rebuild_crcs, reseal, run_cli, shadow_args
 
 from llmflash.api import FlashModel
 from llmflash.convert.gguf import convert_gguf
@@ -50,10 +51,7 @@ def quantized_reference(model: torch.nn.Module, kind: str, keep: tuple[str, ...]
         for name, p in ref.named_parameters():  # tied weights appear once
             if p.dim() != 2 or name.endswith(keep):
                 continue
-            if name.endswith(("down_proj.weight", "fc2.weight")):
-                p.copy_(rt(p.t(), kind).t())
-            else:
-                p.copy_(rt(p, kind))
+            p.copy_(rt_padded(p, kind) if name.endswith(("down_proj.weight", "fc2.weight")) else rt(p, kind))
     return ref.eval()
 
 
@@ -92,12 +90,13 @@ def hf_store(request, make_hf, tmp_path_factory):
 def test_files_sizes_and_verify(hf_store):
     hf, dst, kind = hf_store
     m = json.loads((dst / "manifest.json").read_text())
-    assert (m["version"], m["dtype"]) == (5, kind)
+    assert (m["version"], m["dtype"]) == (6, kind)
     store = Store(dst)
     c = store.config
-    fields = 3 if c.gated else 2
+    rows_before_down = 2 if c.gated else 1
+    down = c.dim if kind == "q8_0" else c.dim // 2
     for L in store.layers:
-        assert L.bundle_bytes == fields * c.dim // 32 * BLOCK_BYTES[kind]
+        assert L.bundle_bytes == rows_before_down * c.dim // 32 * BLOCK_BYTES[kind] + down + 4
     with safe_open(str(dst / "resident.safetensors"), framework="pt") as f:
         blocks = {name for name in f.keys() if f.get_tensor(name).dtype == torch.uint8}
         for name in f.keys():
@@ -105,6 +104,10 @@ def test_files_sizes_and_verify(hf_store):
             if name in m["quantized"]:
                 rows, cols = m["quantized"][name]
                 assert t.dtype == torch.uint8 and tuple(t.shape) == (rows, cols // 32 * BLOCK_BYTES[kind])
+            elif name.endswith((".ffn.down_scale", ".ffn.down_min")):
+                i = int(name.split(".")[1])
+                assert t.dtype == torch.float16 and tuple(t.shape) == (-(-c.ffn_dims[i] // 32), c.dim), name
+                assert name.endswith("down_scale") or kind == "q4_1"
             else:
                 assert t.dim() == 1 and t.dtype == torch.float32, name
     from llmflash.store import expected_resident
@@ -192,14 +195,13 @@ def test_openelm(kind, tmp_path):
     for name, t in w.items():
         if t.dim() != 2:
             rw[name] = t
-        elif name.endswith("proj_2.weight"):
-            rw[name] = rt(t.t(), kind).t()
         else:
             rw[name] = rt(t, kind)
     ids = torch.randint(0, ELM_V, (PROMPT_LEN,), generator=torch.Generator().manual_seed(5))
     ref = ref_forward(rw, ids)
     model, store = load_dense(dst)
-    assert [L.bundle_bytes for L in store.layers] == [3 * 128 // 32 * BLOCK_BYTES[kind]] * len(store.layers)
+    down = 128 if kind == "q8_0" else 64
+    assert [L.bundle_bytes for L in store.layers] == [2 * 128 // 32 * BLOCK_BYTES[kind] + down + 4] * len(store.layers)
     assert_close(model.forward(ids, model.new_cache(PROMPT_LEN)), ref)
     assert_close(decode_logits(model, ids), ref)
     verify_store(dst, progress=False)
@@ -217,13 +219,19 @@ GGUF_KEPT = {
 @pytest.mark.parametrize("kind", KINDS)
 def test_gguf_source(kind, tmp_path):
     """A GGUF source (tests/gguf_builders: Q8_0 embeddings and gate, Q4_1 q, Q4_0 up, others in
-    other types): the tensors already in the store's kind keep their blocks (no second rounding),
-    the rest are rounded once from their values; logits match transformers' GGUF loader with the
-    same rounding."""
+    other types; for q4_0 and q4_1 the FFN's down in the store's kind too): the tensors already in
+    the store's kind keep their blocks (no second rounding), down_proj's split into the bundles'
+    raw integers and the resident scales, the rest are rounded once from their values; logits
+    match transformers' GGUF loader with the same rounding."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     src = tmp_path / "tiny.gguf"
-    write_tiny_gguf(src)
+    down_kept = kind != "q8_0"  # q8_0: down stays Q5_1 in the file, rounded once into q8_0
+    override = None
+    if down_kept:
+        w = hf_weights(len(byte_level_vocab()[0]), 0)
+        override = {f"blk.{i}.ffn_down.weight": (w[f"{i}.down"], GGML[kind]) for i in range(2)}
+    write_tiny_gguf(src, override=override)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf = transformers.AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
@@ -248,12 +256,60 @@ def test_gguf_source(kind, tmp_path):
         assert np.array_equal(rows[:, :rb], raw["blk.0.ffn_gate.weight"])
     if "ffn_up" in kept:
         assert np.array_equal(rows[:, rb : 2 * rb], raw["blk.0.ffn_up.weight"])
+    keep = tuple(kept.values())
+    if down_kept:  # the file's down blocks, rebuilt from the bundles and the scales, byte for byte
+        assert np.array_equal(join_down(store, 0), raw["blk.0.ffn_down.weight"])
+        keep += ("down_proj.weight",)
     ids = torch.tensor([1, 40, 41, 260, 5, 77, 2, 100] * 3)
     with torch.no_grad():
-        ref = quantized_reference(hf, kind, keep=tuple(kept.values()))(ids[None]).logits[0]
+        ref = quantized_reference(hf, kind, keep=keep)(ids[None]).logits[0]
     model, _ = load_dense(dst)
     assert_close(model.forward(ids, model.new_cache(len(ids))), ref)
     assert_close(decode_logits(model, ids[:8]), ref[:8])
+
+
+def join_down(store: Store, i: int) -> np.ndarray:
+    """Layer i's down_proj as GGML blocks along its rows, (dim, n/32 * block_bytes) uint8, put
+    together here from the bundles' raw integers and the resident scales (the layout's own
+    definition, store/layout.py), in original neuron order."""
+    kind, D = store.quant, store.config.dim
+    rows = store.read_layer(i).numpy()
+    n = rows.shape[0]
+    fields_before = 2 if store.config.gated else 1
+    start = fields_before * D // 32 * BLOCK_BYTES[kind]
+    down = rows[:, start : start + (D if kind == "q8_0" else D // 2)]
+    group = rows[:, -4:].copy().view("<u4")[:, 0]
+    assert np.array_equal(group, np.arange(n) // 32)
+    q = store.q_bundles(i)
+    d = q.down_scale.numpy().T  # (D, groups)
+    if kind == "q8_0":
+        vals = down.T.reshape(D, n // 32, 32)  # row r, group, neuron in group
+    else:
+        nib = np.stack([down & 15, down >> 4], axis=-1)  # (n, D/2, 2): low = row k, high = row k + 16
+        per = nib.reshape(n, D // 32, 16, 2).transpose(0, 1, 3, 2).reshape(n, D)  # (n, D) values
+        vals = per.T.reshape(D, n // 32, 32)
+        vals = (vals[:, :, :16] | (vals[:, :, 16:] << 4)).astype(np.uint8)
+    head = [d.astype(np.float16)[:, :, None].view(np.uint8)]
+    if kind == "q4_1":
+        head.append(q.down_min.numpy().T.astype(np.float16)[:, :, None].view(np.uint8))
+    blocks = np.concatenate([h.reshape(D, n // 32, 2) for h in head] + [vals.view(np.uint8)], axis=2)
+    return blocks.reshape(D, -1)
+
+
+def test_ffn_width_not_a_multiple_of_32(make_hf, tmp_path):
+    """n = 80 neurons: the last down group holds 16 zero neurons (the padding), and the logits
+    still match the reference (down_proj padded the same way)."""
+    hf = make_hf("llama_ffn80", "llama", intermediate_size=80)
+    for kind in KINDS:
+        dst = convert_quiet(hf.path, tmp_path / f"{kind}.llmflash", kind)
+        store = Store(dst)
+        assert tuple(store.q_bundles(0).down_scale.shape) == (3, store.config.dim)
+        ids = prompt(2)
+        with torch.no_grad():
+            ref = quantized_reference(hf.model, kind)(ids[None]).logits[0].float()
+        model, _ = load_dense(dst)
+        assert_close(model.forward(ids, model.new_cache(PROMPT_LEN)), ref)
+        assert_close(decode_logits(model, ids), ref)
 
 
 # -- sizes ----------------------------------------------------------------------------------------
@@ -310,7 +366,8 @@ def qstore(pristine_q, tmp_path) -> Path:
 
 HOSTILE = {
     "unknown dtype": (lambda m: m.update(dtype="q5_k"), "dtype"),
-    "float dtype at version 5": (lambda m: m.update(dtype="float16"), "dtype"),
+    "float dtype at version 6": (lambda m: m.update(dtype="float16"), "dtype"),
+    "the first quantized layout (version 5)": (lambda m: m.update(version=5), "convert the model again"),
     "quantized dtype at version 4": (lambda m: m.update(version=4), "version"),
     "no quantized list": (lambda m: m.pop("quantized"), "quantized"),
     "quantized not an object": (lambda m: m.update(quantized=[1, 2]), "quantized"),
@@ -369,6 +426,47 @@ def test_nan_scale_in_resident(qstore):
     reseal(qstore)
     with pytest.raises(StoreError, match="non-finite"):
         Store(qstore).resident()
+
+
+@pytest.mark.parametrize("name", ["layers.1.ffn.down_scale", "layers.0.ffn.down_min"])
+def test_bad_down_scales(qstore, name):
+    """A down-scale table missing, of the wrong shape or holding a NaN: a StoreError naming
+    resident.safetensors, at load."""
+    from safetensors.torch import load_file, save_file
+
+    path = qstore / "resident.safetensors"
+    pristine = load_file(str(path))
+    for edit, words in (
+        (lambda t: t.pop(name), "missing"),
+        (lambda t: t.update({name: t[name][:-1].clone()}), "expected"),
+        (lambda t: t.update({name: t[name].float()}), "expected F16"),
+        (lambda t: t[name].__setitem__((0, 3), float("nan")), "non-finite"),
+    ):
+        t = {k: v.clone() for k, v in pristine.items()}
+        edit(t)
+        save_file(t, str(path), metadata={"format": "llmflash-store"})
+        reseal(qstore)
+        with pytest.raises(StoreError, match=words) as e:
+            Store(qstore).q_bundles(int(name.split(".")[1]))
+        assert "resident.safetensors" in str(e.value)
+
+
+def test_bundle_naming_a_group_out_of_range(qstore):
+    """A bundle whose group (its last 4 bytes) is beyond the layer's scales, with every CRC
+    recomputed to match: `verify` names the layer and bundle, the kernel refuses it (no read out
+    of bounds)."""
+    store = Store(qstore)
+    L = store.layers[0]
+    with open(qstore / "ffn.bin", "r+b") as f:
+        f.seek(L.offset + 5 * L.bundle_bytes - 4)
+        f.write(np.uint32(999).tobytes())
+    rebuild_crcs(qstore)
+    with pytest.raises(StoreError, match="bundle 4 names down group 999") as e:
+        verify_store(qstore, progress=False)
+    assert "ffn.bin" in str(e.value)
+    model, _ = load_dense(qstore)
+    with pytest.raises(ValueError, match="names down group 999"):
+        model.forward(torch.tensor([5]), model.new_cache(4))
 
 
 def test_truncated_ffn(qstore):

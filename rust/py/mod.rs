@@ -31,6 +31,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gemv::f16_matvec, m)?)?;
     m.add_function(wrap_pyfunction!(quant::q_matvec, m)?)?;
     m.add_function(wrap_pyfunction!(quant::q_bundle_ffn, m)?)?;
+    m.add_function(wrap_pyfunction!(quant::q_bundle_dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(quant::q_dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(quant::q_set_portable, m)?)?;
     m.add_function(wrap_pyfunction!(quant::q_simd, m)?)?;

@@ -1,10 +1,11 @@
-//! `q_matvec`, `q_bundle_ffn`, `q_dequantize`: decode kernels over GGML block formats
+//! `q_matvec`, `q_bundle_ffn`, `q_bundle_dequantize`, `q_dequantize`: decode kernels over GGML block formats
 //! (crate::quant), and the switch that forces their portable path.
 
 use numpy::{PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 use crate::error::Error;
+use crate::quant::bundle::{self, DownScales, Layout};
 use crate::quant::{self, QType};
 
 /// The elements of a 1-D array as one slice, or InvalidArgumentError naming `what`.
@@ -66,13 +67,29 @@ fn row_bytes<'a>(rows: &'a PyReadonlyArray2<'_, u8>) -> PyResult<(&'a [u8], usiz
     Ok((bytes, stride))
 }
 
+/// A layer's down scales from (groups, dim) uint16 arrays of float16 bits (C-contiguous).
+fn scales<'a>(
+    d: &'a PyReadonlyArray2<'_, u16>,
+    m: Option<&'a PyReadonlyArray2<'_, u16>>,
+    dim: usize,
+) -> PyResult<DownScales<'a>> {
+    let flat = |a: &'a PyReadonlyArray2<'_, u16>, what: &str| -> PyResult<&'a [u16]> {
+        if a.shape()[1] != dim {
+            return Err(Error::invalid(format!("{what} has rows of {}, expected {dim}", a.shape()[1])).into());
+        }
+        a.as_slice().map_err(|e| Error::invalid(format!("{what} must be one C-contiguous array ({e})")).into())
+    };
+    Ok(DownScales { d: flat(d, "down_scale")?, m: m.map(|m| flat(m, "down_min")).transpose()? })
+}
+
 /// One decode token's FFN over quantized bundles `rows` (n, >= bundle bytes) uint8 (any row
-/// stride, unit column stride), each `[gate][up][down]` (gated: silu(gate . x) * (up . x)) or
-/// `[up][down]` (plain: relu(up . x + bias), bias (n,) float32 or None), every field x.len()
-/// values of `kind`, times the down fields, summed: (D,) float32. `pick` (k,) uint32: only these
-/// bundles (bias still indexed by bundle). Without the GIL, on up to `threads` threads.
+/// stride, unit column stride), laid out as crate::quant::bundle documents (gated:
+/// silu(gate . x) * (up . x); plain: relu(up . x + bias), bias (n,) float32 or None), with the
+/// layer's down scales `down_scale` (and `down_min`, q4_1) (groups, dim) uint16 float16 bits:
+/// (D,) float32. `pick` (k,) uint32: only these bundles (bias still indexed by bundle). Without
+/// the GIL, on up to `threads` threads.
 #[pyfunction]
-#[pyo3(signature = (kind, rows, x, gated, bias = None, threads = 2, pick = None))]
+#[pyo3(signature = (kind, rows, x, gated, down_scale, down_min = None, bias = None, threads = 2, pick = None))]
 #[allow(clippy::too_many_arguments)]
 pub fn q_bundle_ffn<'py>(
     py: Python<'py>,
@@ -80,6 +97,8 @@ pub fn q_bundle_ffn<'py>(
     rows: PyReadonlyArray2<'py, u8>,
     x: PyReadonlyArray1<'py, f32>,
     gated: bool,
+    down_scale: PyReadonlyArray2<'py, u16>,
+    down_min: Option<PyReadonlyArray2<'py, u16>>,
     bias: Option<PyReadonlyArray1<'py, f32>>,
     threads: usize,
     pick: Option<PyReadonlyArray1<'py, u32>>,
@@ -87,11 +106,10 @@ pub fn q_bundle_ffn<'py>(
     let kind = QType::parse(kind)?;
     let n = rows.shape()[0];
     let x = slice(&x, "x")?;
-    let fields = if gated { 3 } else { 2 };
-    let size = fields * kind.row_bytes(x.len())?;
+    let size = Layout::new(kind, x.len(), gated)?.bytes();
     if rows.shape()[1] < size {
         return Err(Error::invalid(format!(
-            "{}: rows of {} bytes cannot hold {fields} fields of {} values ({size} bytes)",
+            "{}: rows of {} bytes cannot hold a bundle of {} values ({size} bytes)",
             kind.name(),
             rows.shape()[1],
             x.len()
@@ -99,11 +117,45 @@ pub fn q_bundle_ffn<'py>(
         .into());
     }
     let (bytes, stride) = row_bytes(&rows)?;
+    let sc = scales(&down_scale, down_min.as_ref(), x.len())?;
     let bias = bias.as_ref().map(|b| slice(b, "bias")).transpose()?;
     let pick = pick.as_ref().map(|p| slice(p, "pick")).transpose()?;
     let mut y = vec![0f32; x.len()];
-    py.detach(|| quant::q_bundle_ffn(kind, bytes, stride, n, gated, x, bias, &mut y, threads, pick))?;
+    py.detach(|| bundle::q_bundle_ffn(kind, bytes, stride, n, gated, x, bias, sc, &mut y, threads, pick))?;
     Ok(PyArray1::from_vec(py, y))
+}
+
+/// The float32 values of quantized bundles `rows` (n, >= bundle bytes) uint8 (as q_bundle_ffn)
+/// of width `dim`: (n * fields * dim,) float32, bundle i's `[gate,] up, down` in turn.
+#[pyfunction]
+#[pyo3(signature = (kind, rows, dim, gated, down_scale, down_min = None))]
+pub fn q_bundle_dequantize<'py>(
+    py: Python<'py>,
+    kind: &str,
+    rows: PyReadonlyArray2<'py, u8>,
+    dim: usize,
+    gated: bool,
+    down_scale: PyReadonlyArray2<'py, u16>,
+    down_min: Option<PyReadonlyArray2<'py, u16>>,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let kind = QType::parse(kind)?;
+    let n = rows.shape()[0];
+    let size = Layout::new(kind, dim, gated)?.bytes();
+    if n > 0 && rows.shape()[1] < size {
+        return Err(Error::invalid(format!(
+            "{}: rows of {} bytes cannot hold a bundle of {dim} values ({size} bytes)",
+            kind.name(),
+            rows.shape()[1]
+        ))
+        .into());
+    }
+    let (bytes, stride) = row_bytes(&rows)?;
+    let sc = scales(&down_scale, down_min.as_ref(), dim)?;
+    let fields = if gated { 3 } else { 2 };
+    // Checked before allocating: n rows of an existing array bound the size.
+    let mut out = vec![0f32; n * fields * dim];
+    py.detach(|| bundle::q_bundle_dequantize(kind, bytes, stride, n, gated, dim, sc, &mut out))?;
+    Ok(PyArray1::from_vec(py, out))
 }
 
 /// The `n_values` values (a multiple of 32) of `blocks`, a 1-D uint8 array of exactly

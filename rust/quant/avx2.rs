@@ -1,27 +1,29 @@
 //! The AVX2 + FMA + F16C kernels. Callers must have checked that the CPU has all three features
 //! (crate::quant::Kernels); bounds come from `chunks_exact`, so only whole blocks are touched.
 //!
-//! q8_0's dot and axpy, and every format's dequantize: a block's 32 integers (q, nibble - 8,
-//! nibble) are widened in registers to four 8-lane float32 vectors, combined with x (dot), y
-//! (axpy) or nothing (dequantize), and scaled once per block by its float16 `d` (and `m` for
-//! q4_1, through the block's sum of x or a per-block offset).
+//! q8_0's dot and every format's dequantize: a block's 32 integers (q, nibble - 8, nibble) are
+//! widened in registers to four 8-lane float32 vectors, combined with x (dot) or nothing
+//! (dequantize), and scaled once per block by its float16 `d` (and `m` for q4_1, through the
+//! block's sum of x or an offset).
 //!
-//! q4_0 and q4_1 have their own dot and axpy (`dot_nibbles`, `axpy_nibbles`), because there the
-//! expansion, not memory, is the cost (the kernels are bound by vector instructions per block): the
-//! block's 16 bytes are broadcast to both halves of a register and one byte shuffle puts 8 of them
-//! into the low bytes of 8 int32 lanes; masking that with 0x0F gives 8 low nibbles and with 0xF0
-//! the same bytes' high nibbles times 16, so 32 values take two shuffles, four ANDs and four int ->
-//! float conversions, with no widening shuffles, no subtraction of 8 and no shifts. axpy folds the
-//! factor 16 into its scale. dot needs two ANDs fewer: with lo_j and hi_j value j's and j + 16's
-//! nibbles and b_j = lo_j + 16 hi_j the whole byte, lo_j x_j + hi_j x_{j+16} = lo_j (x_j - x_{j+16}
-//! / 16) + b_j (x_{j+16} / 16), so it converts the low nibbles and the whole bytes and multiplies
-//! them with x as crate::quant::arrange lays it out once per call (each new term is at most the old
-//! one plus 15/16 |x_{j+16}|, so no cancellation: the rounding stays float32's). The blocks'
-//! constant terms (-8 d for q4_0, m for q4_1) go into one multiply-add per block: dot starts each
-//! block's sum from arrange's -8 x sum (q4_0) or adds m times it (q4_1, as one multiply-add of [d,
-//! m] lane pairs); axpy leaves them per block in `off` for the caller to add once
-//! (crate::quant::settle) after all rows. A block's `d` (and `m`) take one 4-byte load and one
-//! 4-lane conversion (`dm`).
+//! q4_0 and q4_1 have their own dot (`dot_nibbles`), because there the expansion, not memory, is
+//! the cost (the kernel is bound by vector instructions per block): the block's 16 bytes are
+//! broadcast to both halves of a register and one byte shuffle puts 8 of them into the low bytes
+//! of 8 int32 lanes; masking that with 0x0F gives 8 low nibbles and with 0xF0 the same bytes'
+//! high nibbles times 16, so 32 values take two shuffles, four ANDs and four int -> float
+//! conversions, with no widening shuffles, no subtraction of 8 and no shifts. dot needs two ANDs
+//! fewer: with lo_j and hi_j value j's and j + 16's nibbles and b_j = lo_j + 16 hi_j the whole
+//! byte, lo_j x_j + hi_j x_{j+16} = lo_j (x_j - x_{j+16} / 16) + b_j (x_{j+16} / 16), so it
+//! converts the low nibbles and the whole bytes and multiplies them with x as
+//! crate::quant::arrange lays it out once per call (each new term is at most the old one plus
+//! 15/16 |x_{j+16}|, so no cancellation: the rounding stays float32's). The blocks' constant terms
+//! (-8 d for q4_0, m for q4_1) go into one multiply-add per block: dot starts each block's sum
+//! from arrange's -8 x sum (q4_0) or adds m times it (q4_1, as one multiply-add of [d, m] lane
+//! pairs). A block's `d` (and `m`) take one 4-byte load and one 4-lane conversion (`dm`).
+//!
+//! The bundle FFN's down fields (crate::quant::bundle) are raw integers without scales:
+//! `down_acc` expands them as above (int8 widened, or nibbles with the factor 16 folded into
+//! h / 16) into one multiply-add a value, and `down_flush` applies a group's float16 scales.
 
 use std::arch::x86_64::*;
 
@@ -142,42 +144,28 @@ unsafe fn block_dot<const K: u8>(blk: &[u8], xb: &[f32], acc: &mut __m256, acc_m
     }
 }
 
-/// y[j] += h * value_j over the whole blocks of `row` and 32-value chunks of `y`.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn axpy(kind: QType, h: f32, row: &[u8], y: &mut [f32]) {
-    match kind {
-        QType::Q8_0 => scale_into::<Q8_0, true>(h, row, y, kind.block_bytes()),
-        QType::Q4_0 => scale_into::<Q4_0, true>(h, row, y, kind.block_bytes()),
-        QType::Q4_1 => scale_into::<Q4_1, true>(h, row, y, kind.block_bytes()),
-    }
-}
-
 /// out[j] = value_j over the whole blocks of `blocks` and 32-value chunks of `out`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn dequantize(kind: QType, blocks: &[u8], out: &mut [f32]) {
     match kind {
-        QType::Q8_0 => scale_into::<Q8_0, false>(1.0, blocks, out, kind.block_bytes()),
-        QType::Q4_0 => scale_into::<Q4_0, false>(1.0, blocks, out, kind.block_bytes()),
-        QType::Q4_1 => scale_into::<Q4_1, false>(1.0, blocks, out, kind.block_bytes()),
+        QType::Q8_0 => scale_into::<Q8_0>(1.0, blocks, out, kind.block_bytes()),
+        QType::Q4_0 => scale_into::<Q4_0>(1.0, blocks, out, kind.block_bytes()),
+        QType::Q4_1 => scale_into::<Q4_1>(1.0, blocks, out, kind.block_bytes()),
     }
 }
 
-/// y[j] = (ADD ? y[j] : 0) + h * value_j, block by block.
+/// y[j] = h * value_j, block by block.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn scale_into<const K: u8, const ADD: bool>(h: f32, row: &[u8], y: &mut [f32], bb: usize) {
+unsafe fn scale_into<const K: u8>(h: f32, row: &[u8], y: &mut [f32], bb: usize) {
     for (blk, yb) in row.chunks_exact(bb).zip(y.chunks_exact_mut(BLOCK)) {
         let q = ints::<K>(blk);
         let hd = _mm256_set1_ps(h * half(blk, 0));
         let hm = _mm256_set1_ps(if K == Q4_1 { h * half(blk, 2) } else { 0.0 });
         for (k, &qk) in q.iter().enumerate() {
-            // SAFETY: yb holds 32 floats and 8k + 8 <= 32 (k < 4): an unaligned 8-lane load and
-            // store inside it.
-            unsafe {
-                let p = yb.as_mut_ptr().add(8 * k);
-                let base = if ADD { _mm256_add_ps(_mm256_loadu_ps(p), hm) } else { hm };
-                _mm256_storeu_ps(p, _mm256_fmadd_ps(hd, qk, base));
-            }
+            // SAFETY: yb holds 32 floats and 8k + 8 <= 32 (k < 4): an unaligned 8-lane store
+            // inside it.
+            unsafe { _mm256_storeu_ps(yb.as_mut_ptr().add(8 * k), _mm256_fmadd_ps(hd, qk, hm)) };
         }
     }
 }
@@ -285,35 +273,61 @@ unsafe fn nib_dot<const K: u8>(blk: &[u8], xb: &[f32], acc: &mut __m256, acc_m: 
     }
 }
 
-/// y[j] += h * (value_j - c_b) over the whole blocks of `row` (q4_0 or q4_1, `kind`) and 32-value
-/// chunks of `y`, where c_b is block b's constant term (-8 d, or m), which goes to
-/// `off[b] += h * c_b` instead.
+/// t[r] += h * q_r over a down field's raw integers `q` (crate::quant::bundle): int8 (q8_0), or
+/// nibbles in GGML's order (q4_0, q4_1; expanded as `nibbles`, the high ones times 16, which
+/// h / 16 undoes exactly).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn axpy_nibbles(kind: QType, h: f32, row: &[u8], y: &mut [f32], off: &mut [f32]) {
-    match kind {
-        QType::Q4_1 => axpy_nib::<Q4_1>(h, row, y, off, kind.block_bytes()),
-        _ => axpy_nib::<Q4_0>(h, row, y, off, kind.block_bytes()),
+pub(super) unsafe fn down_acc(kind: QType, h: f32, q: &[u8], t: &mut [f32]) {
+    let h1 = _mm256_set1_ps(h);
+    if kind == QType::Q8_0 {
+        for (qc, tc) in q.chunks_exact(8).zip(t.chunks_exact_mut(8)) {
+            // SAFETY: qc holds 8 bytes and tc 8 floats: an unaligned 8-byte load, an 8-lane load
+            // and store, each inside its chunk.
+            unsafe {
+                let v = widen(_mm_loadl_epi64(qc.as_ptr() as *const __m128i));
+                _mm256_storeu_ps(tc.as_mut_ptr(), _mm256_fmadd_ps(h1, v, _mm256_loadu_ps(tc.as_ptr())));
+            }
+        }
+        return;
+    }
+    let h16 = _mm256_set1_ps(h / 16.0);
+    let scale = [h1, h1, h16, h16];
+    for (qc, tc) in q.chunks_exact(BLOCK / 2).zip(t.chunks_exact_mut(BLOCK)) {
+        let v = nibbles::<false>(qc);
+        for k in 0..4 {
+            // SAFETY: tc holds 32 floats and 8k + 8 <= 32 (k < 4): an unaligned 8-lane load and
+            // store inside it.
+            unsafe {
+                let p = tc.as_mut_ptr().add(8 * k);
+                _mm256_storeu_ps(p, _mm256_fmadd_ps(scale[k], v[k], _mm256_loadu_ps(p)));
+            }
+        }
     }
 }
 
-#[inline]
+/// y[r] += d[r] (t[r] + c hs) + m[r] hs (c = -8 for q4_0, else 0; `m` for q4_1), `d` and `m`
+/// float16 bits, 8 rows at a time (rows come in multiples of 32).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn axpy_nib<const K: u8>(h: f32, row: &[u8], y: &mut [f32], off: &mut [f32], bb: usize) {
-    let (h1, h16) = (_mm256_set1_ps(h), _mm256_set1_ps(h / 16.0));
-    for ((blk, yb), o) in row.chunks_exact(bb).zip(y.chunks_exact_mut(BLOCK)).zip(off.iter_mut()) {
-        let dm = dm(blk);
-        let d = _mm256_broadcastss_ps(dm);
-        let q = nibbles::<false>(if K == Q4_1 { &blk[4..20] } else { &blk[2..18] });
-        let hd = _mm256_mul_ps(d, h1);
-        let scale = [hd, hd, _mm256_mul_ps(d, h16), _mm256_mul_ps(d, h16)];
-        for k in 0..4 {
-            // SAFETY: yb holds 32 floats and 8k + 8 <= 32 (k < 4): an unaligned 8-lane load and
-            // store inside it.
-            unsafe {
-                let p = yb.as_mut_ptr().add(8 * k);
-                _mm256_storeu_ps(p, _mm256_fmadd_ps(scale[k], q[k], _mm256_loadu_ps(p)));
+pub(super) unsafe fn down_flush(kind: QType, d: &[u16], m: Option<&[u16]>, t: &[f32], hs: f32, y: &mut [f32]) {
+    let c = _mm256_set1_ps(if kind == QType::Q4_0 { -8.0 * hs } else { 0.0 });
+    let hv = _mm256_set1_ps(hs);
+    let halves = |s: &[u16]| {
+        // SAFETY: s holds 8 float16 (the chunks below): one unaligned 16-byte load.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr() as *const __m128i)) }
+    };
+    let rows = d.chunks_exact(8).zip(t.chunks_exact(8)).zip(y.chunks_exact_mut(8)).enumerate();
+    for (r, ((dc, tc), yc)) in rows {
+        // SAFETY: tc and yc hold 8 floats each: unaligned 8-lane loads and a store inside them.
+        unsafe {
+            let mut acc = _mm256_fmadd_ps(
+                halves(dc),
+                _mm256_add_ps(_mm256_loadu_ps(tc.as_ptr()), c),
+                _mm256_loadu_ps(yc.as_ptr()),
+            );
+            if let Some(m) = m {
+                acc = _mm256_fmadd_ps(halves(&m[8 * r..][..8]), hv, acc);
             }
+            _mm256_storeu_ps(yc.as_mut_ptr(), acc);
         }
-        *o += if K == Q4_1 { h * half(blk, 2) } else { -8.0 * _mm256_cvtss_f32(hd) };
     }
 }

@@ -41,11 +41,27 @@ pub(super) fn dot(kind: QType, row: &[u8], x: &[f32]) -> f32 {
     sum
 }
 
-pub(super) fn axpy(kind: QType, h: f32, row: &[u8], y: &mut [f32]) {
-    for (blk, yb) in row.chunks_exact(kind.block_bytes()).zip(y.chunks_exact_mut(BLOCK)) {
-        for (acc, v) in yb.iter_mut().zip(decode(kind, blk)) {
-            *acc += h * v;
+/// t[r] += h * q_r over a down field's raw integers (int8, or nibbles in GGML's order).
+pub(super) fn down_acc(kind: QType, h: f32, q: &[u8], t: &mut [f32]) {
+    if kind == QType::Q8_0 {
+        for (o, &v) in t.iter_mut().zip(q) {
+            *o += h * (v as i8) as f32;
         }
+        return;
+    }
+    for (qc, tc) in q.chunks_exact(BLOCK / 2).zip(t.chunks_exact_mut(BLOCK)) {
+        for (j, &v) in qc.iter().enumerate() {
+            tc[j] += h * (v & 15) as f32;
+            tc[j + 16] += h * (v >> 4) as f32;
+        }
+    }
+}
+
+/// y[r] += d[r] (t[r] + c hs) + m[r] hs (c = -8 for q4_0, else 0; `m` for q4_1).
+pub(super) fn down_flush(kind: QType, d: &[u16], m: Option<&[u16]>, t: &[f32], hs: f32, y: &mut [f32]) {
+    let c = if kind == QType::Q4_0 { -8.0 * hs } else { 0.0 };
+    for (r, o) in y.iter_mut().enumerate() {
+        *o += f16_to_f32(d[r]) * (t[r] + c) + m.map_or(0.0, |m| f16_to_f32(m[r]) * hs);
     }
 }
 

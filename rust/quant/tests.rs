@@ -1,5 +1,6 @@
 //! quant tests: the block layouts on hand-made blocks, the AVX2 kernels against the portable ones,
-//! the products against a float64 sum over dequantized values (both paths, one and two threads),
+//! the products (matvec, the bundle FFN with its down scales) against a float64 sum over values
+//! decoded here (both paths, one and two threads),
 //! and bad arguments.
 
 use super::*;
@@ -53,14 +54,55 @@ fn random_blocks(kind: QType, blocks: usize, rng: &mut Rng) -> Vec<u8> {
     out
 }
 
-/// `n` bundles of `fields` fields of `dim` values, each followed by `pad` bytes: (bytes, stride).
-fn random_bundles(kind: QType, n: usize, fields: usize, dim: usize, pad: usize, rng: &mut Rng) -> (Vec<u8>, usize) {
+/// `n` bundles in crate::quant::bundle's layout (random gate/up blocks, down integers and groups
+/// below `groups`), each followed by `pad` bytes: (bytes, stride).
+fn random_bundles(
+    kind: QType,
+    n: usize,
+    gated: bool,
+    dim: usize,
+    groups: usize,
+    pad: usize,
+    rng: &mut Rng,
+) -> (Vec<u8>, usize) {
+    let lay = bundle::Layout::new(kind, dim, gated).unwrap();
     let mut out = vec![];
     for _ in 0..n {
-        out.extend(random_blocks(kind, fields * dim / BLOCK, rng));
+        out.extend(random_blocks(kind, lay.rows * dim / BLOCK, rng));
+        out.extend((0..lay.down).map(|_| rng.next() as u8));
+        out.extend(((rng.next() % groups as u64) as u32).to_le_bytes());
         out.extend((0..pad).map(|_| rng.next() as u8));
     }
-    (out, fields * kind.row_bytes(dim).unwrap() + pad)
+    (out, lay.bytes() + pad)
+}
+
+/// A layer's random down scales (magnitude 0.01 to 0.1, either sign), `groups` x `dim`, and
+/// minimums for q4_1.
+fn random_scales(kind: QType, groups: usize, dim: usize, rng: &mut Rng) -> (Vec<u16>, Option<Vec<u16>>) {
+    let mut one = || {
+        let u = rng.unit();
+        f16_bits((0.01 + 0.09 * u.abs()).copysign(u))
+    };
+    let d: Vec<u16> = (0..groups * dim).map(|_| one()).collect();
+    let m = (kind == QType::Q4_1).then(|| (0..groups * dim).map(|_| one()).collect());
+    (d, m)
+}
+
+/// A down field's values, decoded here from the layout's definition (float64).
+fn down_values(kind: QType, q: &[u8], d: &[u16], m: Option<&[u16]>) -> Vec<f64> {
+    (0..d.len())
+        .map(|r| {
+            let raw = match kind {
+                QType::Q8_0 => q[r] as i8 as f64,
+                _ => {
+                    let byte = q[r / 32 * 16 + r % 16];
+                    let nib = if r % 32 < 16 { byte & 15 } else { byte >> 4 };
+                    nib as f64 - if kind == QType::Q4_0 { 8.0 } else { 0.0 }
+                }
+            };
+            crate::gemv::f16_to_f32(d[r]) as f64 * raw + m.map_or(0.0, |m| crate::gemv::f16_to_f32(m[r]) as f64)
+        })
+        .collect()
 }
 
 fn values(kind: QType, bytes: &[u8]) -> Vec<f32> {
@@ -129,14 +171,17 @@ fn avx2_kernels_match_the_portable_ones() {
             let terms: f32 = values(kind, &row).iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
             let (ds, dv) = (s.dot(&row, &x, &s.prepare(&x)), v.dot(&row, &x, &v.prepare(&x)));
             assert!((ds - dv).abs() <= 1e-5 * (terms + 1e-6), "{kind:?} {blocks}: {ds} vs {dv}");
+            // a down field's raw integers (the row's bytes after its first scale), then a flush
+            let q = &row[..bundle::down_bytes(kind, x.len()).min(row.len())];
+            let (d, m) = random_scales(kind, 1, x.len(), &mut rng);
             let (mut ys, mut yv) = (x.clone(), x.clone());
             for (k, y) in [(s, &mut ys), (v, &mut yv)] {
-                let mut off = vec![0f32; blocks];
-                k.axpy(-0.75, &row, y, &mut off);
-                settle(&off, y);
+                let mut t = x.iter().map(|v| v * 0.5).collect::<Vec<_>>();
+                k.down_acc(-0.75, q, &mut t);
+                k.down_flush(&d, m.as_deref(), &t, 1.25, y);
             }
             for (a, b) in ys.iter().zip(&yv) {
-                assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{kind:?} axpy {a} vs {b}");
+                assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{kind:?} down {a} vs {b}");
             }
             let (mut os, mut ov) = (vec![0f32; x.len()], vec![0f32; x.len()]);
             s.dequantize(&row, &mut os);
@@ -177,7 +222,21 @@ fn matvec_matches_a_float64_sum_on_both_paths_and_splits() {
     }
 }
 
-/// The bundle FFN by float64 sums over dequantized bundles.
+/// A bundle's float64 values, fields `[gate,] up, down` (float64 sums over the blocks'
+/// dequantized values and `down_values`).
+fn bundle_values(kind: QType, b: &[u8], gated: bool, dim: usize, d: &[u16], m: Option<&[u16]>) -> Vec<Vec<f64>> {
+    let lay = bundle::Layout::new(kind, dim, gated).unwrap();
+    let mut out: Vec<Vec<f64>> = (0..lay.rows)
+        .map(|f| values(kind, &b[f * lay.field..][..lay.field]).iter().map(|&v| v as f64).collect())
+        .collect();
+    let at = lay.bytes() - 4;
+    let g = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) as usize;
+    let rows = g * dim..(g + 1) * dim;
+    out.push(down_values(kind, &b[lay.rows * lay.field..][..lay.down], &d[rows.clone()], m.map(|m| &m[rows])));
+    out
+}
+
+/// The bundle FFN by float64 sums over `bundle_values`.
 #[allow(clippy::too_many_arguments)]
 fn ffn_reference(
     kind: QType,
@@ -186,21 +245,21 @@ fn ffn_reference(
     gated: bool,
     x: &[f32],
     bias: Option<&[f32]>,
+    sc: (&[u16], Option<&[u16]>),
     rows: &[usize],
 ) -> Vec<f64> {
     let dim = x.len();
-    let field = kind.row_bytes(dim).unwrap();
+    let dot = |a: &[f64]| a.iter().zip(x).map(|(&a, &b)| a * b as f64).sum::<f64>();
     let mut y = vec![0f64; dim];
     for &i in rows {
-        let f = |k: usize| values(kind, &bundles[i * stride + k * field..][..field]);
+        let f = bundle_values(kind, &bundles[i * stride..], gated, dim, sc.0, sc.1);
         let h = if gated {
-            let (g, u) = (dot64(&f(0), x), dot64(&f(1), x));
+            let (g, u) = (dot(&f[0]), dot(&f[1]));
             g / (1.0 + (-g).exp()) * u
         } else {
-            (dot64(&f(0), x) + bias.map_or(0.0, |b| b[i] as f64)).max(0.0)
+            (dot(&f[0]) + bias.map_or(0.0, |b| b[i] as f64)).max(0.0)
         };
-        let down = f(if gated { 2 } else { 1 });
-        y.iter_mut().zip(&down).for_each(|(a, &d)| *a += h * d as f64);
+        y.iter_mut().zip(&f[f.len() - 1]).for_each(|(a, &d)| *a += h * d);
     }
     y
 }
@@ -208,26 +267,28 @@ fn ffn_reference(
 #[test]
 fn bundle_ffn_matches_a_float64_sum_on_both_paths_and_splits() {
     let mut rng = Rng(5);
-    // (n, dim, pad): the last reaches SPLIT_MACS for both layouts.
-    for (n, dim, pad) in [(1, 32, 0), (9, 64, 3), (40, 576, 0), (1024, 1024, 16)] {
+    // (n, dim, groups, pad): the last reaches SPLIT_MACS for both layouts.
+    for (n, dim, groups, pad) in [(1, 32, 1, 0), (9, 64, 3, 3), (40, 576, 2, 0), (1024, 1024, 32, 16)] {
         for kind in KINDS {
             for gated in [false, true] {
-                let fields = if gated { 3 } else { 2 };
-                let (bundles, stride) = random_bundles(kind, n, fields, dim, pad, &mut rng);
+                let (bundles, stride) = random_bundles(kind, n, gated, dim, groups, pad, &mut rng);
+                let (d, m) = random_scales(kind, groups, dim, &mut rng);
+                let sc = bundle::DownScales { d: &d, m: m.as_deref() };
                 let x: Vec<f32> = (0..dim).map(|_| rng.unit()).collect();
                 let bias: Option<Vec<f32>> = (!gated).then(|| (0..n).map(|_| 0.2 * rng.unit()).collect());
                 let pick: Vec<u32> = (0..n as u32).rev().step_by(3).collect();
                 for (p, rows) in
                     [(None, (0..n).collect::<Vec<_>>()), (Some(&pick[..]), pick.iter().map(|&i| i as usize).collect())]
                 {
-                    let want = ffn_reference(kind, &bundles, stride, gated, &x, bias.as_deref(), &rows);
+                    let want =
+                        ffn_reference(kind, &bundles, stride, gated, &x, bias.as_deref(), (&d, m.as_deref()), &rows);
                     let mut first: Option<Vec<f32>> = None;
                     for simd in PATHS {
                         for threads in [1, 2] {
                             let mut y = vec![f32::NAN; dim];
                             let what =
                                 format!("{kind:?} n{n} D{dim} gated {gated} pick {} {simd:?} t{threads}", p.is_some());
-                            q_bundle_ffn_on(
+                            bundle::q_bundle_ffn_on(
                                 simd,
                                 kind,
                                 &bundles,
@@ -236,6 +297,7 @@ fn bundle_ffn_matches_a_float64_sum_on_both_paths_and_splits() {
                                 gated,
                                 &x,
                                 bias.as_deref(),
+                                sc,
                                 &mut y,
                                 threads,
                                 p,
@@ -257,16 +319,40 @@ fn bundle_ffn_matches_a_float64_sum_on_both_paths_and_splits() {
 }
 
 #[test]
+fn bundle_dequantize_matches_the_layout() {
+    let mut rng = Rng(11);
+    for kind in KINDS {
+        for gated in [false, true] {
+            let (n, dim, groups) = (7, 96, 4);
+            let (bundles, stride) = random_bundles(kind, n, gated, dim, groups, 5, &mut rng);
+            let (d, m) = random_scales(kind, groups, dim, &mut rng);
+            let fields = if gated { 3 } else { 2 };
+            let mut out = vec![f32::NAN; n * fields * dim];
+            let sc = bundle::DownScales { d: &d, m: m.as_deref() };
+            bundle::q_bundle_dequantize(kind, &bundles, stride, n, gated, dim, sc, &mut out).unwrap();
+            let want: Vec<f64> = (0..n)
+                .flat_map(|i| bundle_values(kind, &bundles[i * stride..], gated, dim, &d, m.as_deref()).concat())
+                .collect();
+            for (j, (&g, &w)) in out.iter().zip(&want).enumerate() {
+                assert!((g as f64 - w).abs() <= 1e-6 * (1.0 + w.abs()), "{kind:?} gated {gated} value {j}: {g} vs {w}");
+            }
+        }
+    }
+}
+
+#[test]
 fn empty_inputs() {
     for kind in KINDS {
         let mut y: Vec<f32> = vec![];
         q_matvec(kind, &[], 0, 64, &[0.5; 64], &mut y, 2).unwrap();
+        let (d, m) = random_scales(kind, 1, 64, &mut Rng(3));
+        let sc = bundle::DownScales { d: &d, m: m.as_deref() };
         let mut y = vec![f32::NAN; 64];
-        q_bundle_ffn(kind, &[], 0, 0, true, &[0.5; 64], None, &mut y, 2, None).unwrap();
+        bundle::q_bundle_ffn(kind, &[], 0, 0, true, &[0.5; 64], None, sc, &mut y, 2, None).unwrap();
         assert!(y.iter().all(|&v| v == 0.0));
-        let row = random_blocks(kind, 4, &mut Rng(3));
+        let (row, stride) = random_bundles(kind, 1, false, 64, 1, 0, &mut Rng(3));
         let mut y = vec![f32::NAN; 64];
-        q_bundle_ffn(kind, &row, row.len(), 1, false, &[0.5; 64], None, &mut y, 2, Some(&[])).unwrap();
+        bundle::q_bundle_ffn(kind, &row, stride, 1, false, &[0.5; 64], None, sc, &mut y, 2, Some(&[])).unwrap();
         assert!(y.iter().all(|&v| v == 0.0));
         q_dequantize(kind, &[], &mut []).unwrap();
     }
@@ -291,10 +377,13 @@ fn rejects_bad_arguments() {
     assert!(message(q_matvec(k, &w[..71], 2, 64, &x, &mut y, 1)).contains("71 given"));
     assert!(q_matvec(k, &w, 2, 64, &x, &mut y, 1).is_ok());
 
-    let b = vec![0u8; 3 * 36 * 2];
+    // q4_0 plain bundles of 64 values: 36 B up, 32 B down, 4 B group = 72 B.
+    let b = vec![0u8; 3 * 72];
     let mut y = [0f32; 64];
+    let d = vec![0u16; 2 * 64];
+    let sc = bundle::DownScales { d: &d, m: None };
     let ffn = |b: &[u8], stride, n, gated, bias: Option<&[f32]>, y: &mut [f32], pick: Option<&[u32]>| {
-        message(q_bundle_ffn(k, b, stride, n, gated, &x, bias, y, 1, pick))
+        message(bundle::q_bundle_ffn(k, b, stride, n, gated, &x, bias, sc, y, 1, pick))
     };
     assert!(ffn(&b, 72, 3, false, None, &mut y, Some(&[0, 3])).contains("picked bundle 3 of 3"));
     assert!(ffn(&b, 72, 3, true, None, &mut y, None).contains("need more"));
@@ -303,8 +392,23 @@ fn rejects_bad_arguments() {
     assert!(ffn(&b, 72, 3, false, Some(&[0.0; 2]), &mut y, None).contains("bias Some(2)"));
     assert!(ffn(&b, 108, 2, true, Some(&[0.0; 2]), &mut y, None).contains("gated true"));
     assert!(ffn(&b, 72, 3, false, None, &mut y[..32], None).contains("y 32"));
-    assert!(q_bundle_ffn(k, &b, 72, 3, false, &x, Some(&[0.0; 3]), &mut y, 1, Some(&[2, 0])).is_ok());
-    assert!(message(q_bundle_ffn(k, &b, 72, 3, false, &x[..40], None, &mut y[..40], 1, None)).contains("whole number"));
+    let ok = |sc| bundle::q_bundle_ffn(k, &b, 72, 3, false, &x, Some(&[0.0; 3]), sc, &mut [0f32; 64], 1, Some(&[2, 0]));
+    assert!(ok(sc).is_ok());
+    assert!(message(ok(bundle::DownScales { d: &d[..100], m: None })).contains("not whole rows of 64"));
+    assert!(message(ok(bundle::DownScales { d: &d, m: Some(&d) })).contains("down minimums Some(128)"));
+    let mut far = b.clone();
+    far[72 + 68..72 + 72].copy_from_slice(&2u32.to_le_bytes()); // bundle 1 names group 2 of 2
+    assert!(message(bundle::q_bundle_ffn(k, &far, 72, 3, false, &x, None, sc, &mut y, 1, None))
+        .contains("bundle 1 names down group 2, but the layer has 2"));
+    let q41 = bundle::DownScales { d: &d, m: None };
+    let b41 = vec![0u8; 3 * 76];
+    assert!(message(bundle::q_bundle_ffn(QType::Q4_1, &b41, 76, 3, false, &x, None, q41, &mut y, 1, None))
+        .contains("down minimums None"));
+    assert!(message(bundle::q_bundle_ffn(k, &b, 72, 3, false, &x[..40], None, sc, &mut y[..40], 1, None))
+        .contains("whole number"));
+    let mut out = vec![0f32; 3 * 2 * 64];
+    assert!(bundle::q_bundle_dequantize(k, &b, 72, 3, false, 64, sc, &mut out).is_ok());
+    assert!(message(bundle::q_bundle_dequantize(k, &b, 72, 3, false, 64, sc, &mut out[1..])).contains("into 383"));
 
     assert!(message(q_dequantize(k, &w[..35], &mut [0f32; 32])).contains("not 35"));
     assert!(message(q_dequantize(k, &w, &mut [0f32; 48])).contains("whole number"));
@@ -323,17 +427,19 @@ fn portable_switch() {
 proptest! {
     #[test]
     fn both_paths_agree_on_any_shape(kind in 0usize..3, n in 0usize..12, blocks in 1usize..6, pad in 0usize..40,
-                                     gated in any::<bool>(), seed in any::<u64>()) {
+                                     groups in 1usize..4, gated in any::<bool>(), seed in any::<u64>()) {
         let kind = KINDS[kind];
         let mut rng = Rng(seed | 1);
         let dim = blocks * BLOCK;
-        let fields = if gated { 3 } else { 2 };
-        let (bundles, stride) = random_bundles(kind, n, fields, dim, pad, &mut rng);
+        let (bundles, stride) = random_bundles(kind, n, gated, dim, groups, pad, &mut rng);
+        let (d, m) = random_scales(kind, groups, dim, &mut rng);
         let x: Vec<f32> = (0..dim).map(|_| rng.unit()).collect();
-        let want = ffn_reference(kind, &bundles, stride, gated, &x, None, &(0..n).collect::<Vec<_>>());
+        let rows: Vec<usize> = (0..n).collect();
+        let want = ffn_reference(kind, &bundles, stride, gated, &x, None, (&d, m.as_deref()), &rows);
         for simd in PATHS {
             let mut y = vec![f32::NAN; dim];
-            q_bundle_ffn_on(simd, kind, &bundles, stride, n, gated, &x, None, &mut y, 1, None).unwrap();
+            let sc = bundle::DownScales { d: &d, m: m.as_deref() };
+            bundle::q_bundle_ffn_on(simd, kind, &bundles, stride, n, gated, &x, None, sc, &mut y, 1, None).unwrap();
             assert_close(&y, &want, 1e-4, &format!("{kind:?} {simd:?}"));
         }
     }

@@ -10,13 +10,13 @@ falls back to other types where a row length is not a multiple of a K-quant's 25
 A NaN or infinity among the dequantized values (bytes that are not what the header says) is an
 error naming the tensor, as is a value beyond float16's range when converting to float16.
 
-Quantized stores (--dtype q8_0 / q4_0 / q4_1): FFN gate and up matrices that the GGUF already
-holds in the store's block format keep their blocks byte for byte, and so do resident matrices
+Quantized stores (--dtype q8_0 / q4_0 / q4_1): FFN gate, up and down matrices that the GGUF
+already holds in the store's block format keep their blocks byte for byte, and so do resident matrices
 (embeddings, LM head, attention) in any of the three formats (the manifest records such a
 tensor's own kind; SmolLM2's Q8_0 embeddings stay Q8_0 in a q4_1 store). No second rounding;
-Q/K rows are unpermuted as whole rows. Every other tensor is dequantized and quantized once
-(the FFN's down matrix always: GGUF's rows run along the neurons, a bundle's down column along
-the model dimension).
+Q/K rows are unpermuted as whole rows. The FFN's down matrix keeps its blocks too: its rows run
+along the neurons in blocks of 32, which is how a quantized store holds it (store/layout.py).
+Every other tensor is dequantized and quantized once.
 
 Layout facts (checked against transformers' own GGUF loader by tests/test_convert_gguf.py):
   * GGUF lists a tensor's dimensions fastest-first (ne[0] = columns), so a [576, 1536] `ffn_up`
@@ -396,11 +396,11 @@ def convert_gguf(
                 for g, c in _NORMS.items():
                     resident[f"{p}{c}.weight"] = res(get(f"{b}{g}.weight", (d,)))
                 gate, up = own(f"{b}ffn_gate.weight", (n, d)), own(f"{b}ffn_up.weight", (n, d))
-                # down: GGUF's rows run along the neurons, a bundle's down column along the model
-                # dimension, so its blocks are made again from its values
-                down = get(f"{b}ffn_down.weight", (d, n))
+                # down's rows run along the neurons, in blocks of 32 neurons: a quantized store
+                # keeps those blocks as they are (store/layout.py)
+                down = own(f"{b}ffn_down.weight", (d, n))
                 as_t = lambda a: a if isinstance(a, QTensor) else torch.from_numpy(a)  # noqa: E731
-                w.write_layer(i, up=as_t(up), down=torch.from_numpy(down), gate=as_t(gate))
+                w.write_layer(i, up=as_t(up), down=as_t(down), gate=as_t(gate))
             w.write_resident(resident)
             if tok_json is not None:
                 w.write_tokenizer(tok_json, chat)

@@ -31,6 +31,7 @@ import torch
 from .. import store as S
 from ..errors import ConvertError, StoreError
 from ..models.config import ModelConfig
+from ..models import quant
 from ..models.quant import QTensor
 from ..store.checksums import file_entry, is_finite, os_reason
 from .destination import check_destination, clear_own_leftover, fsync_dir, swap_in
@@ -82,6 +83,9 @@ class StoreWriter:
         self.bundle_crcs: list[np.ndarray | None] = [None] * config.n_layers  # per layer, bundles.crc32
         self.extra: dict[str, Any] = {}
         self.kinds: dict[str, str] = {}  # quantized resident matrices whose blocks are not self.quant
+        # quantized stores: resident.safetensors is written at the end, with each layer's down scales
+        self._resident: dict[str, torch.Tensor] | None = None
+        self._scales: dict[str, torch.Tensor] = {}
         self._ffn = None
 
     # -- context management: anything but a clean exit removes the temporary folder ---------------
@@ -160,35 +164,28 @@ class StoreWriter:
             self._finite(name, out[name])
             if name in quantized:
                 out[name] = self._quantize(out[name], f"resident tensor {name}")
+        if self.quant:  # written by _finish, with the layers' down scales
+            self._resident = out
+            return
         with self._writing(S.RESIDENT):
             save_file(out, str(self.tmp / S.RESIDENT), metadata={"format": S.FORMAT})
 
-    def write_layer(self, i: int, up: Any, down: torch.Tensor, gate: Any = None) -> None:
+    def write_layer(self, i: int, up: Any, down: Any, gate: Any = None) -> None:
         """Layer i's FFN in HF layout: gate/up (n, dim), down (dim, n). In order. (An fc1 bias
-        goes to write_resident as layers.{i}.ffn.up_bias.) A quantized store takes gate/up as
+        goes to write_resident as layers.{i}.ffn.up_bias.) A quantized store takes them as
         QTensors of its own kind too (kept as they are: no second rounding)."""
         if i != sum(x is not None for x in self.layers):
             raise ConvertError(f"layers must be written in order (got {i})")
         c, n = self.config, self.config.ffn_dims[i]
-        parts = {"gate": gate, "up": up, "down": None if down is None else down.t()}
-        cols = []
-        for name, k in c.bundle_fields:
-            t = parts[name]
-            if t is None:
-                raise ConvertError(f"layer {i}: missing FFN tensor {name!r}")
-            if isinstance(t, QTensor):  # gate/up rows already in the store's blocks (a GGUF's own)
-                if t.shape != (n, k):
-                    raise ConvertError(f"layer {i}: FFN {name} has shape {t.shape}, expected {(n, k)}")
-                cols.append(self._blocks(f"layer {i}'s FFN {name}", t))
-                continue
-            t = t.detach()
-            if tuple(t.shape) != (n, k):
-                raise ConvertError(f"layer {i}: FFN {name} has shape {tuple(t.shape)}, expected {(n, k)}")
-            t = t.to(self.dtype)
-            self._finite(f"layer {i}'s FFN", t)
-            cols.append(self._quantize(t.contiguous(), f"layer {i}'s FFN {name}") if self.quant else t)  # dim/32 blocks
-        bundles = torch.cat(cols, dim=1).contiguous()  # (n, bundle_values), or (n, bundle_bytes) uint8
-        payload = bundles.view(torch.uint8).numpy().tobytes()
+        if self.quant:
+            payload = self._q_layer(i, n, gate, up, down)
+        else:
+            parts = {"gate": gate, "up": up, "down": None if down is None else down.t()}
+            cols = []
+            for name, k in c.bundle_fields:
+                t = self._ffn_part(i, name, parts[name], (n, k))
+                cols.append(t)
+            payload = torch.cat(cols, dim=1).contiguous().view(torch.uint8).numpy().tobytes()  # (n, bundle_values)
         offset, bb, region = self.regions[i]
         assert len(payload) == n * bb and self._ffn is not None
         if self._ffn.tell() != offset:
@@ -197,6 +194,52 @@ class StoreWriter:
             self._ffn.write(payload)
             self._ffn.write(b"\0" * (region - len(payload)))
         self.record_layer(i, payload)
+
+    def _ffn_part(self, i: int, name: str, t: Any, shape: tuple[int, int]) -> torch.Tensor:
+        """FFN matrix `name` of layer i, checked against `shape`, in the store dtype."""
+        if t is None:
+            raise ConvertError(f"layer {i}: missing FFN tensor {name!r}")
+        if isinstance(t, QTensor):
+            raise ConvertError(f"layer {i}'s FFN {name}: {t.kind} blocks in a {self.dtype_name} store")
+        t = t.detach()
+        if tuple(t.shape) != shape:
+            raise ConvertError(f"layer {i}: FFN {name} has shape {tuple(t.shape)}, expected {shape}")
+        t = t.to(self.dtype)
+        self._finite(f"layer {i}'s FFN", t)
+        return t
+
+    def _q_layer(self, i: int, n: int, gate: Any, up: Any, down: Any) -> bytes:
+        """A quantized store's layer: the bundles' bytes (store/layout.py), its down scales kept
+        for resident.safetensors. gate/up rows and down_proj's rows (along the neurons, in
+        blocks of 32: the last block padded with zero neurons) are quantized once, or kept as
+        given when they are QTensors of the store's kind."""
+        D = self.config.dim
+        rows = []
+        for name, t in (("gate", gate), ("up", up)) if self.config.gated else (("up", up),):
+            if isinstance(t, QTensor):  # gate/up rows already in the store's blocks (a GGUF's own)
+                if t.shape != (n, D):
+                    raise ConvertError(f"layer {i}: FFN {name} has shape {t.shape}, expected {(n, D)}")
+                rows.append(self._blocks(f"layer {i}'s FFN {name}", t))
+            else:
+                part = self._ffn_part(i, name, t, (n, D))
+                rows.append(self._quantize(part.contiguous(), f"layer {i}'s FFN {name}"))
+        g = quant.groups(n)
+        if isinstance(down, QTensor):
+            if down.shape != (D, n) or n % quant.BLOCK:
+                raise ConvertError(f"layer {i}: FFN down has shape {down.shape}, expected {(D, n)}")
+            blocks = self._blocks(f"layer {i}'s FFN down", down)
+        else:
+            part = self._ffn_part(i, "down", down, (D, n)).float()
+            padded = torch.zeros(D, g * quant.BLOCK)
+            padded[:, :n] = part
+            blocks = self._quantize(padded, f"layer {i}'s FFN down")
+        ints, d, m = quant.split_down(str(self.quant), blocks.numpy(), D, g)
+        self._scales[f"layers.{i}.ffn.down_scale"] = torch.from_numpy(d)
+        if m is not None:
+            self._scales[f"layers.{i}.ffn.down_min"] = torch.from_numpy(m)
+        group = (np.arange(n, dtype="<u4") // quant.BLOCK).view(np.uint8).reshape(n, 4)
+        parts = [r.numpy() for r in rows] + [ints[:n], group]
+        return np.concatenate(parts, axis=1).tobytes()
 
     def _quantize(self, t: torch.Tensor, what: str) -> torch.Tensor:
         """(rows, cols) float32 -> (rows, cols/32 * block_bytes) uint8 in the store's block format
@@ -248,6 +291,11 @@ class StoreWriter:
         missing = [i for i, L in enumerate(self.layers) if L is None]
         if missing:
             raise ConvertError(f"conversion incomplete: FFN layers {missing[:5]} not written")
+        if self.quant and self._resident is not None:
+            from safetensors.torch import save_file
+
+            with self._writing(S.RESIDENT):
+                save_file(self._resident | self._scales, str(self.tmp / S.RESIDENT), metadata={"format": S.FORMAT})
         if not (self.tmp / S.RESIDENT).exists():
             raise ConvertError("conversion incomplete: resident weights not written")
         with self._writing(S.BUNDLE_CRCS):

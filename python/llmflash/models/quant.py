@@ -10,6 +10,11 @@ A QTensor is a 2-D weight (rows, cols) quantized along its rows (cols a multiple
 bytes (rows, cols / 32 * block_bytes) uint8. It never becomes a whole float matrix: decode
 multiplies it natively (llmflash._native.q_matvec), prefill dequantizes blocks of rows at a
 time (`dequantize(rows=...)`, llmflash._native.q_dequantize) for torch's GEMM.
+
+A QBundles is what a quantized FFN layer's bundles need besides their bytes: the kind, the
+width, and the layer's down scales (store/layout.py: down_proj is quantized along its rows in
+blocks of 32 neurons, as a GGUF holds it; a bundle carries its down column's raw integers and
+its group, the layer keeps each group's scales resident).
 """
 
 from __future__ import annotations
@@ -37,17 +42,84 @@ def row_bytes(kind: str, cols: int) -> int:
 
 @functools.cache
 def _native() -> "_Kernels":
-    """The native kernels (llmflash._native's q_matvec, q_bundle_ffn, q_dequantize), imported lazily."""
-    from .._native import q_bundle_ffn, q_dequantize, q_matvec
+    """The native kernels (llmflash._native's q_matvec, q_bundle_ffn, q_bundle_dequantize,
+    q_dequantize), imported lazily."""
+    from .._native import q_bundle_dequantize, q_bundle_ffn, q_dequantize, q_matvec
 
-    return _Kernels(q_matvec, q_bundle_ffn, q_dequantize)
+    return _Kernels(q_matvec, q_bundle_ffn, q_bundle_dequantize, q_dequantize)
 
 
 @dataclass(frozen=True)
 class _Kernels:
     q_matvec: Any
     q_bundle_ffn: Any
+    q_bundle_dequantize: Any
     q_dequantize: Any
+
+
+def down_bytes(kind: str, dim: int) -> int:
+    """Bytes of a bundle's down field: `dim` raw integers (int8 for q8_0, nibbles for q4)."""
+    return dim if kind == "q8_0" else dim // 2
+
+
+def bundle_bytes(kind: str, dim: int, gated: bool) -> int:
+    """Bytes of one quantized bundle: [gate,] up as blocks, the down integers, the u32 group."""
+    return (2 if gated else 1) * row_bytes(kind, dim) + down_bytes(kind, dim) + 4
+
+
+def groups(n_neurons: int) -> int:
+    """Down-scale groups of a layer: one per 32 neurons (the last padded)."""
+    return -(-n_neurons // BLOCK)
+
+
+@dataclass(eq=False)
+class QBundles:
+    """A quantized FFN layer's bundle format: `kind`, width `dim`, `gated`, and its down scales
+    `down_scale` (and `down_min`, q4_1 only): (groups, dim) float16, row r of group g the scale of
+    down_proj's block (r, g). Bundle rows are (n, >= bundle_bytes) uint8 views."""
+
+    kind: str
+    dim: int
+    gated: bool
+    down_scale: Tensor  # (groups, dim) float16
+    down_min: Tensor | None  # (groups, dim) float16, q4_1
+
+    def __post_init__(self) -> None:
+        self._d = self.down_scale.contiguous().view(torch.int16).numpy().view(np.uint16)
+        self._m = None if self.down_min is None else self.down_min.contiguous().view(torch.int16).numpy().view(np.uint16)
+
+    @property
+    def fields(self) -> int:
+        return 3 if self.gated else 2
+
+    @property
+    def nbytes(self) -> int:
+        """DRAM of the down scales."""
+        return self._d.nbytes + (0 if self._m is None else self._m.nbytes)
+
+    def ffn(self, x: Tensor, rows: Tensor, bias: Tensor | None, pick: Any, threads: int) -> Tensor:
+        """One token's FFN over bundle rows natively (llmflash._native.q_bundle_ffn): (D,) float32."""
+        return torch.from_numpy(
+            _native().q_bundle_ffn(
+                self.kind,
+                rows.numpy(),
+                x.float().contiguous().numpy(),
+                self.gated,
+                self._d,
+                self._m,
+                None if bias is None else bias.float().contiguous().numpy(),
+                threads,
+                None if pick is None else np.ascontiguousarray(pick, dtype=np.uint32),
+            )
+        )
+
+    def dequantize(self, rows: Tensor) -> Tensor:
+        """Bundle rows (n, >= bundle_bytes) uint8 as float32 (n, fields, dim): [gate,] up, down."""
+        n = rows.shape[0]
+        if n == 0:
+            return torch.zeros(0, self.fields, self.dim)
+        out = _native().q_bundle_dequantize(self.kind, rows.numpy(), self.dim, self.gated, self._d, self._m)
+        return torch.from_numpy(out).view(n, self.fields, self.dim)
 
 
 def dequantize_blocks(kind: str, data: np.ndarray, n_values: int) -> np.ndarray:
@@ -124,3 +196,21 @@ class QTensor:
     def embedding(self, ids: Tensor) -> Tensor:
         """Rows `ids` (T,) as float32 (T, cols): only those rows are dequantized."""
         return self.dequantize(ids.long())
+
+
+def split_down(kind: str, blocks: np.ndarray, dim: int, n_groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """down_proj (dim, 32 n_groups) as GGML blocks along its rows (`blocks`: (dim, n_groups *
+    block_bytes) uint8) -> the bundles' down fields (32 n_groups, down_bytes) uint8 (neuron j's
+    raw integers along the model dimension, store/layout.py) and the scales `d` (n_groups, dim)
+    float16, with the minimums `m` for q4_1 (else None). Bytes are moved, never rounded."""
+    bb = BLOCK_BYTES[kind]
+    b = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(dim, n_groups, bb)
+    d = np.ascontiguousarray(b[:, :, 0:2]).view(np.float16).reshape(dim, n_groups).T.copy()
+    m = np.ascontiguousarray(b[:, :, 2:4]).view(np.float16).reshape(dim, n_groups).T.copy() if kind == "q4_1" else None
+    qs = b[:, :, (4 if kind == "q4_1" else 2) :]
+    if kind == "q8_0":  # (dim, groups, 32) -> (neurons, dim)
+        return np.ascontiguousarray(qs.transpose(1, 2, 0).reshape(n_groups * BLOCK, dim)), d, m
+    vals = np.concatenate([qs & 15, qs >> 4], axis=2)  # (dim, groups, 32): value k of each block
+    v = vals.transpose(1, 2, 0).reshape(n_groups * BLOCK, dim // BLOCK, BLOCK)  # (neurons, chunks, 32 rows)
+    packed = v[:, :, :16] | (v[:, :, 16:] << 4)
+    return np.ascontiguousarray(packed.reshape(n_groups * BLOCK, dim // 2)), d, m

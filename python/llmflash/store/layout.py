@@ -31,20 +31,35 @@ File checksums (version 4, store/checksums.py): the manifest's `files` records s
 of resident.safetensors, bundles.crc32, tokenizer.json and predictors.safetensors, and
 `manifest_crc32` the manifest's own; ffn.bin is covered by its regions' and bundles' CRCs.
 
-Quantized stores (version 5; dtype "q8_0", "q4_0" or "q4_1", GGML's block formats, see
-llmflash.models.quant): each bundle field above is its `dim` values as dim/32 GGML blocks of
-32 values (34 / 18 / 20 bytes a block), so bundle_bytes = fields * dim/32 * block_bytes
-(SmolLM2 q4_1: 3 * 18 * 20 = 1,080 B), no longer a multiple of 4 KiB; the region layout,
-padding, region CRC and bundles.crc32 are as above. resident.safetensors holds every 2-D
-matrix (embeddings, learned positions, OPT's project_in/out, attention projections, LM head)
-as a U8 tensor (rows, cols/32 * block_bytes) under its usual name, quantized along its rows
-(every matrix's input width and `dim` must be multiples of 32); norms and biases (1-D) are
-float32. The manifest's `quantized` maps each such name to its logical [rows, cols], checked
-against the U8 tensor's shape (store/manifest.py), or [rows, cols, kind] when that matrix's
-blocks are another of the three formats (a GGUF source's own, kept without a second
-rounding). Float stores stay version 4, so readers of version 4 still open them.
+Quantized stores (version 6; dtype "q8_0", "q4_0" or "q4_1", GGML's block formats, see
+llmflash.models.quant). A bundle is, little-endian:
+    gate  dim/32 blocks       row j of gate_proj, quantized along the model dimension (SwiGLU only)
+    up    dim/32 blocks       row j of up_proj / fc1
+    down  dim raw integers    column j of down_proj / fc2, without scales: int8 (q8_0, dim bytes)
+                              or nibbles (q4_0, q4_1: dim/2 bytes; in each 32-row chunk byte k
+                              holds row k low and row k + 16 high, GGML's order)
+    group uint32              the neuron's original id // 32
+so bundle_bytes = fields_before_down * dim/32 * block_bytes + down bytes + 4 (SmolLM2 q4_1:
+2 * 360 + 288 + 4 = 1,012 B), no longer a multiple of 4 KiB; the region layout, padding, region
+CRC and bundles.crc32 are as above. down_proj (dim, n) is quantized along its rows, in blocks of
+32 neurons (the last block of a layer whose n is not a multiple of 32 padded with zeros), as a
+GGUF file holds it: a GGUF's own blocks are kept, never rounded a second time. A block's scale
+(and q4_1's minimum) is shared by its 32 neurons, so it lives in resident.safetensors as
+`layers.{i}.ffn.down_scale` (and `layers.{i}.ffn.down_min`, q4_1), float16 (groups, dim) with
+groups = ceil(n / 32): row r of a neuron in group g has value d[g, r] * q (q8_0),
+d[g, r] * (q - 8) (q4_0) or d[g, r] * q + m[g, r] (q4_1). The group travels in the bundle, so
+reordering bundles keeps every neuron's scales. resident.safetensors holds every other 2-D matrix
+(embeddings, learned positions, OPT's project_in/out, attention projections, LM head) as a U8
+tensor (rows, cols/32 * block_bytes) under its usual name, quantized along its rows (every
+matrix's input width and `dim` must be multiples of 32); norms and biases (1-D) are float32.
+The manifest's `quantized` maps each such name to its logical [rows, cols], checked against the
+U8 tensor's shape (store/manifest.py), or [rows, cols, kind] when that matrix's blocks are
+another of the three formats (a GGUF source's own, kept without a second rounding). Float
+stores stay version 4, so readers of version 4 still open them. Version 5 was the first
+quantized layout (down columns quantized a second time, along the model dimension: 5% worse
+perplexity on SmolLM2's Q4_1 GGUF); it is refused with a message to convert again.
 
-Versions: 4 is the float layout, 5 the quantized one (otherwise the same, checksums included).
+Versions: 4 is the float layout, 6 the quantized one (otherwise the same, checksums included).
 Version 3 is the same as 4 without the file and manifest checksums (it opens, without those
 checks; `llmflash verify` says what it could not check; a manifest of any
 version that carries a `manifest_crc32` is checked against it). Version 2 is version 3 without
@@ -67,11 +82,14 @@ import numpy as np
 import torch
 
 from ..models.config import ModelConfig
-from ..models.quant import BLOCK, BLOCK_BYTES
+from ..models.quant import BLOCK_BYTES
+from ..models.quant import bundle_bytes as q_bundle_bytes
+from ..models.quant import groups as q_groups
 
 FORMAT = "llmflash-store"
 VERSION = 4
-VQ = 5  # quantized stores (dtype in QUANT_DTYPES)
+VQ = 6  # quantized stores (dtype in QUANT_DTYPES)
+VQ5 = 5  # the first quantized layout: refused (convert again; see above)
 V3 = 3  # no file or manifest checksums (read as is, unchecked)
 V2 = 2  # no bundles.crc32 (read as is)
 V1 = 1  # read when the config has no FFN bias (same layout; see above)
@@ -143,8 +161,18 @@ class LayerRegion:
 def bundle_bytes_for(config: ModelConfig, dtype: str) -> int:
     """One bundle's bytes in a store of `dtype` (float or quantized: see above)."""
     if dtype in QUANT_DTYPES:
-        return len(config.bundle_fields) * (config.dim // BLOCK) * QUANT_DTYPES[dtype]
+        return q_bundle_bytes(dtype, config.dim, bool(config.gated))
     return config.bundle_values * ITEMSIZE[dtype]
+
+
+def down_scale_shapes(config: ModelConfig, dtype: str) -> dict[str, tuple[int, int]]:
+    """A quantized store's per-layer down scales (and q4_1's minimums): name -> (groups, dim)."""
+    out = {}
+    for i, n in enumerate(config.ffn_dims):
+        out[f"layers.{i}.ffn.down_scale"] = (q_groups(n), config.dim)
+        if dtype == "q4_1":
+            out[f"layers.{i}.ffn.down_min"] = (q_groups(n), config.dim)
+    return out
 
 
 def quantized_names(config: ModelConfig) -> dict[str, tuple[int, int]]:

@@ -36,6 +36,7 @@ from .layout import (
     V3,
     VERSION,
     VQ,
+    VQ5,
     LayerRegion,
     bundle_bytes_for,
     quantized_names,
@@ -154,9 +155,16 @@ def _check_header(m: dict[str, Any], mpath: Path) -> tuple[int, str]:
     if m.get("format") != FORMAT:
         raise StoreError(f"format is {m.get('format')!r:.40}, expected {FORMAT!r}", mpath)
     version = m.get("version")
+    if version == VQ5 and not isinstance(version, bool):
+        raise StoreError(
+            f"format version {VQ5}: a quantized store in llmflash's first quantized layout, which "
+            "quantized the FFN's down columns a second time (about 5% worse perplexity); this llmflash "
+            f"reads quantized stores of version {VQ}: convert the model again with `llmflash convert`",
+            mpath,
+        )
     if version not in (V1, V2, V3, VERSION, VQ) or isinstance(version, bool):
         raise StoreError(
-            f"unknown format version {version!r:.20} (this llmflash reads versions {V1} to {VQ}); "
+            f"unknown format version {version!r:.20} (this llmflash reads versions {V1} to {VERSION} and {VQ}); "
             "re-run `llmflash convert` or upgrade llmflash",
             mpath,
         )

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import StoreError
-from ..models.quant import QTensor, dequantize_blocks, row_bytes
+from ..models.quant import QBundles, QTensor, row_bytes
 from .checksums import check_finite, compare_file, os_reason
 from .layout import (
     BUNDLE_CRCS,
@@ -24,6 +24,7 @@ from .layout import (
     SAFETENSORS_DTYPES,
     TOKENIZER,
     crc32_per_bundle,
+    down_scale_shapes,
     expected_resident,
 )
 from .leftovers import recover
@@ -112,10 +113,11 @@ class Store:
         except (SafetensorError, ValueError) as e:
             raise StoreError(f"cannot read resident weights: {e}", rpath) from None
         want = expected_resident(self.config)
-        missing = sorted(set(want) - set(tensors))
+        scales = down_scale_shapes(self.config, self.quant) if self.quant else {}  # read by q_bundles
+        missing = sorted((set(want) | set(scales)) - set(tensors))
         if missing:
             raise StoreError(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}", rpath)
-        extra = sorted(set(tensors) - set(want))
+        extra = sorted(set(tensors) - set(want) - set(scales))
         if extra:
             raise StoreError(f"unexpected tensors {extra[:5]}", rpath)
         out: dict[str, Any] = {}
@@ -198,6 +200,38 @@ class Store:
             raise StoreError(f"cannot read resident weights: {e}", rpath) from None
         return out
 
+    def q_bundles(self, i: int) -> QBundles | None:
+        """Layer i's quantized bundle format (its kind and resident down scales, float16
+        (groups, dim), checked for shape, dtype and finiteness); None for a float store. Reads
+        only those tensors of resident.safetensors."""
+        if not self.quant:
+            return None
+        from safetensors import SafetensorError, safe_open
+
+        rpath = self._open_resident()
+        shapes = down_scale_shapes(self.config, self.quant)
+        names = [f"layers.{i}.ffn.down_scale"] + ([f"layers.{i}.ffn.down_min"] if self.quant == "q4_1" else [])
+        got: list[torch.Tensor] = []
+        try:
+            with safe_open(str(rpath), framework="pt") as f:
+                keys = set(f.keys())
+                for name in names:
+                    if name not in keys:
+                        raise StoreError(f"missing tensor {name}", rpath)
+                    sl = f.get_slice(name)
+                    shape, dt = tuple(sl.get_shape()), sl.get_dtype()
+                    if shape != shapes[name]:
+                        raise StoreError(f"{name} has shape {shape}, expected {shapes[name]}", rpath)
+                    if dt != "F16":
+                        raise StoreError(f"{name} is {dt}, expected F16 (a quantized store's down scales)", rpath)
+                    got.append(f.get_tensor(name))
+                    check_finite(name, got[-1], rpath)
+        except OSError as e:
+            raise StoreError(f"cannot read resident weights: {os_reason(e)}", rpath) from None
+        except (SafetensorError, ValueError) as e:
+            raise StoreError(f"cannot read resident weights: {e}", rpath) from None
+        return QBundles(self.quant, self.config.dim, bool(self.config.gated), got[0], got[1] if len(got) > 1 else None)
+
     def read_layer(self, i: int, verify: bool = True) -> torch.Tensor:
         """Layer i's bundles, (n_neurons, bundle_values) in the store dtype, read whole (buffered);
         a quantized store's (n_neurons, bundle_bytes) uint8."""
@@ -222,10 +256,10 @@ class Store:
         quantized store's dequantized: a whole layer's float copy, for measurement aids such as
         the oracle)."""
         rows = self.read_layer(i, verify)
-        if not self.quant:
+        q = self.q_bundles(i)
+        if q is None:
             return rows.float()
-        n, k = rows.shape[0], self.config.bundle_values
-        return torch.from_numpy(dequantize_blocks(self.quant, rows.numpy(), n * k)).view(n, k)
+        return q.dequantize(rows).view(rows.shape[0], self.config.bundle_values)
 
     def check_region(self, i: int, payload: Any) -> None:
         """StoreError unless `payload` (layer i's payload bytes, read whole) matches the region's CRC-32."""

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..models.layers import ACTIVATIONS, linear
+from ..models.quant import QBundles
 from ..store import split_bundles
 from ..threads import native_threads
 
@@ -57,52 +58,31 @@ def rows_gemv(down: Tensor, h: Tensor) -> Tensor:
     return torch.mv(down.t(), h.to(down.dtype)).float()
 
 
-def q_rows_ffn(x: Tensor, rows: Tensor, config, kind: str, bias: Tensor | None = None, pick=None) -> Tensor:
-    """rows_ffn for a quantized store's bundles: rows (n, >= bundle_bytes) uint8, each bundle its
-    fields' GGML blocks (store/layout.py). One token of a SiLU-gated or ReLU FFN runs natively
-    (llmflash._native.q_bundle_ffn, dequantizing on the fly, `pick` read in place); otherwise
-    chunks of bundles are dequantized to float32 (at most DEQUANT_BYTES at once) and summed."""
-    from ..models.quant import DEQUANT_BYTES, dequantize_blocks
+def q_rows_ffn(x: Tensor, rows: Tensor, config, q: QBundles, bias: Tensor | None = None, pick=None) -> Tensor:
+    """rows_ffn for a quantized store's bundles: rows (n, >= bundle_bytes) uint8 in the layer's
+    bundle format `q` (store/layout.py). One token of a SiLU-gated or ReLU FFN runs natively
+    (QBundles.ffn: dequantizing on the fly, `pick` read in place); otherwise chunks of bundles are
+    dequantized to float32 (at most DEQUANT_BYTES at once) and summed."""
+    from ..models.quant import DEQUANT_BYTES
 
     gated = bool(config.gated)
     D = config.dim
-    fields = len(config.bundle_fields)
     if x.shape[0] == 1 and rows.shape[0] > 0 and (config.act == "silu" if gated else config.act == "relu"):
-        from ..models.quant import _native
-
-        y = _native().q_bundle_ffn(
-            kind,
-            rows.numpy(),
-            x[0].float().contiguous().numpy(),
-            gated,
-            None if bias is None else bias.float().contiguous().numpy(),
-            native_threads(),
-            None if pick is None else np.ascontiguousarray(pick, dtype=np.uint32),
-        )
-        return torch.from_numpy(y).unsqueeze(0)
+        return q.ffn(x[0], rows, bias, pick, native_threads()).unsqueeze(0)
     if pick is not None:
         idx = torch.from_numpy(np.asarray(pick, dtype=np.int64))
         rows, bias = rows[idx], None if bias is None else bias[idx]
     x = x.float()
     y = torch.zeros(x.shape[0], D)
-    step = max(1, DEQUANT_BYTES // (4 * fields * D))
+    step = max(1, DEQUANT_BYTES // (4 * q.fields * D))
     for a in range(0, rows.shape[0], step):
-        chunk = rows[a : a + step]
-        k = chunk.shape[0]
-        f = dequantize_blocks(kind, chunk.contiguous().numpy()[:, : _bundle_bytes(config, kind)], k * fields * D)
-        w = torch.from_numpy(f).view(k, fields, D)
+        w = q.dequantize(rows[a : a + step])
         b = None if bias is None else bias[a : a + step]
         y += bundle_ffn(x, w[:, -2], w[:, -1], w[:, 0] if gated else None, b, config.act)
     return y
 
 
-def _bundle_bytes(config, kind: str) -> int:
-    from ..models.quant import BLOCK, BLOCK_BYTES
-
-    return len(config.bundle_fields) * (config.dim // BLOCK) * BLOCK_BYTES[kind]
-
-
-def rows_ffn(x: Tensor, rows: Tensor, config, bias: Tensor | None = None, pick=None, kind: str | None = None) -> Tensor:
+def rows_ffn(x: Tensor, rows: Tensor, config, bias: Tensor | None = None, pick=None, q: QBundles | None = None) -> Tensor:
     """The FFN over bundle rows (n, bundle_values) (store.split_bundles layout) for x (T, D),
     with the rows' fc1 biases (n,) or None: (T, D) float32. `pick` (k,) uint32 numpy: only
     those rows (bias still indexed by row), read in place by the native kernel.
@@ -110,12 +90,12 @@ def rows_ffn(x: Tensor, rows: Tensor, config, bias: Tensor | None = None, pick=N
     One decode token over float16 rows of a ReLU or SiLU-gated FFN runs natively in one pass per
     bundle (llmflash._native.f16_bundle_ffn: up (and gate) dot x, then the down row only where the
     activation is not 0), about twice as fast as split views and torch products. Everything else
-    goes through bundle_ffn. uint8 rows are a quantized store's bundles of block format `kind`
+    goes through bundle_ffn. uint8 rows are a quantized store's bundles in the layer's format `q`
     (q_rows_ffn)."""
     if rows.dtype == torch.uint8:
-        if kind is None:
-            raise ValueError("quantized bundle rows need their block format (kind)")
-        return q_rows_ffn(x, rows, config, kind, bias, pick)
+        if q is None:
+            raise ValueError("quantized bundle rows need their layer's bundle format (QBundles)")
+        return q_rows_ffn(x, rows, config, q, bias, pick)
     gated = bool(config.gated)
     if (
         x.shape[0] == 1

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..models.layers import ACTIVATIONS, linear
+from ..models.quant import QBundles
 from ..models.transformer import Transformer
 from ..store import Store, split_bundles
 from .base import q_rows_ffn
@@ -39,9 +40,11 @@ class DenseFFN:
         self.b1: list[Tensor | None] = store.up_biases()  # (n,) fc1 bias (OPT), float32, store order
         self.quant = None if dequantize else store.quant
         self.rows: list[Tensor] = []  # quantized stores: each layer's bundles as read, (n, bundle_bytes) uint8
+        self.q: list[QBundles] = []  # and each layer's bundle format (its down scales)
         for i in range(c.n_layers):
             if self.quant:
                 self.rows.append(store.read_layer(i, verify=True))
+                self.q.append(store.q_bundles(i))
                 continue
             layer = store.read_layer_float(i) if store.quant else store.read_layer(i, verify=True)
             parts = split_bundles(layer, c)
@@ -52,7 +55,7 @@ class DenseFFN:
     def __call__(self, layer: int, x: Tensor) -> Tensor:
         """x (T, D) -> (T, D) float32."""
         if self.quant:
-            return q_rows_ffn(x, self.rows[layer], self.config, self.quant, self.b1[layer])
+            return q_rows_ffn(x, self.rows[layer], self.config, self.q[layer], self.b1[layer])
         h = linear(x, self.w1[layer])  # (T, 2n) or (T, n)
         if self.config.gated:
             g, u = h.chunk(2, dim=-1)  # (T, n) each
@@ -64,7 +67,8 @@ class DenseFFN:
 
     def stats(self) -> dict[str, float]:
         tensors = [*self.w1, *self.w2, *self.rows, *(b for b in self.b1 if b is not None)]
-        return {"ffn_resident_bytes": float(sum(t.numel() * t.element_size() for t in tensors))}
+        scales = sum(q.nbytes for q in self.q)
+        return {"ffn_resident_bytes": float(scales + sum(t.numel() * t.element_size() for t in tensors))}
 
 
 def load_dense(path: str | os.PathLike[str]) -> tuple[Transformer, Store]:

@@ -37,6 +37,7 @@ class NaiveFFN:
         self.buf = AlignedBuf(max(L.region_bytes for L in store.layers))
         self.bytes_view = as_tensor(self.buf)  # (bytes,) uint8, zero-copy
         self.b1 = store.up_biases()  # (n,) float32 fc1 bias (OPT)
+        self.q = [store.q_bundles(i) for i in range(store.config.n_layers)]  # quantized: down scales (resident)
         self.io_s = self.compute_s = 0.0
         self.bytes_read = 0
 
@@ -61,7 +62,7 @@ class NaiveFFN:
         bundles = self._read(layer)
         t1 = time.perf_counter()
         if self.store.quant:
-            y = q_rows_ffn(x, bundles, self.config, self.store.quant, self.b1[layer])
+            y = q_rows_ffn(x, bundles, self.config, self.q[layer], self.b1[layer])
         else:
             y = rows_ffn(x, bundles, self.config, self.b1[layer])
         self.io_s += t1 - t0

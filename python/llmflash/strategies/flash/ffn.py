@@ -149,12 +149,12 @@ class FlashFFN:
         bias = lay.row_bias()
         ready, filling = lay.rows_to_compute(adm, wanted if self.options.compute == "wanted" else None)
         if lay.hot_rows is not None:  # hot pinning: resident, always computed
-            y += rows_ffn(x, lay.hot_rows, self.config, lay.hot_bias, kind=self.quant)
-        y += self._some_rows(x, lay.rows, bias, ready)  # the cached rows, while the reads run
+            y += rows_ffn(x, lay.hot_rows, self.config, lay.hot_bias, q=lay.q)
+        y += self._some_rows(x, lay, bias, ready)  # the cached rows, while the reads run
         laps.lap("compute")
         lay.cache.wait()
         laps.lap("io")
-        y += self._some_rows(x, lay.rows, bias, filling)  # the rows just read
+        y += self._some_rows(x, lay, bias, filling)  # the rows just read
         laps.lap("compute")
         self._overflow(lay, x, y, adm.overflow, laps)  # the wanted neurons the cache could not hold
         laps.add_to(self.t)
@@ -246,19 +246,20 @@ class FlashFFN:
             k = lay.cache.read_neurons(chunk, self.scratch)  # row i = chunk[i]
             laps.lap("io")
             b = None if lay.bias is None else lay.bias[torch.from_numpy(chunk[:k].astype(np.int64))]
-            y += rows_ffn(x, self.scratch_rows[:k], self.config, b, kind=self.quant)
+            y += rows_ffn(x, self.scratch_rows[:k], self.config, b, q=lay.q)
             laps.lap("compute")
 
-    def _some_rows(self, x: Tensor, rows: Tensor, bias: Tensor | None, sel: np.ndarray) -> Tensor | float:
-        """The FFN over the cache rows `sel` (sorted): a slice when they are one run of rows, else
-        picked in place (native float16 decode) or gathered."""
+    def _some_rows(self, x: Tensor, lay: FlashLayer, bias: Tensor | None, sel: np.ndarray) -> Tensor | float:
+        """The FFN over `lay`'s cache rows `sel` (sorted): a slice when they are one run of rows,
+        else picked in place (native decode) or gathered."""
         if len(sel) == 0:
             return 0.0
+        rows = lay.rows
         lo, hi = int(sel[0]), int(sel[-1]) + 1
         if hi - lo == len(sel):
-            return rows_ffn(x, rows[lo:hi], self.config, None if bias is None else bias[lo:hi], kind=self.quant)
+            return rows_ffn(x, rows[lo:hi], self.config, None if bias is None else bias[lo:hi], q=lay.q)
         b = None if bias is None else bias[:hi]
-        return rows_ffn(x, rows[:hi], self.config, b, pick=sel.astype(np.uint32), kind=self.quant)
+        return rows_ffn(x, rows[:hi], self.config, b, pick=sel.astype(np.uint32), q=lay.q)
 
     def _name(self, layer: int, x: Tensor, live: Tensor | None = None) -> np.ndarray:
         """This token's wanted set (store positions) from the source; a sticky source

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ...io import Admission, NeuronCache
+from ...models.quant import QBundles
 from ...store import LayerRegion
 
 
@@ -26,6 +27,7 @@ class FlashLayer:
     hot_bias: Tensor | None  # their fc1 biases (k,)
     cache: NeuronCache | None = None
     rows: Tensor | None = None  # (capacity, bundle_values) view of the cache's slot matrix
+    q: QBundles | None = None  # quantized stores: the bundle format and resident down scales
 
     @property
     def n_neurons(self) -> int:
@@ -37,7 +39,8 @@ class FlashLayer:
         return self.n_neurons - (0 if self.hot_rows is None else len(self.hot_rows))
 
     def resident_bytes(self) -> int:
-        """DRAM the pinned rows and their biases take (inside the budget)."""
+        """DRAM the pinned rows and their biases take (inside the budget; the down scales of a
+        quantized store are in resident.safetensors, counted with it)."""
         return sum(t.numel() * t.element_size() for t in (self.hot_rows, self.hot_bias) if t is not None)
 
     def positions(self, ids: Any) -> np.ndarray:

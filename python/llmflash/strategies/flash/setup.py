@@ -109,7 +109,7 @@ def read_layers(store: Store, hot: list[Tensor] | None) -> list[FlashLayer]:
     layers = []
     for i, (L, bias) in enumerate(zip(store.layers, store.up_biases())):
         inverse = order_inverse(L.order)
-        lay = FlashLayer(L, None if inverse is None else inverse.numpy(), bias, None, None)
+        lay = FlashLayer(L, None if inverse is None else inverse.numpy(), bias, None, None, q=store.q_bundles(i))
         ids = hot[i] if hot is not None and i < len(hot) else []
         if len(ids):
             pos = np.sort(lay.positions(ids).astype(np.int64))
