@@ -187,36 +187,43 @@ pub(crate) fn q_bundle_ffn_on(
     let count = pick.map_or(n, |p| p.len());
     let px = k.prepare(x);
     let run = |lo: usize, hi: usize, out: &mut [f32]| {
-        // pass 1: h per bundle; (group << 32 | j, h) for the nonzero ones
-        let mut live: Vec<(u64, f32)> = Vec::with_capacity(hi - lo);
-        for j in lo..hi {
-            let i = pick.map_or(j, |p| p[j] as usize);
-            let b = &bundles[i * stride..][..size];
-            let u = k.dot(&b[(lay.rows - 1) * lay.field..][..lay.field], x, &px);
-            let h = if gated {
-                let g = k.dot(&b[..lay.field], x, &px);
-                g / (1.0 + (-g).exp()) * u
-            } else {
-                (u + bias.map_or(0.0, |b| b[i])).max(0.0)
-            };
-            if h != 0.0 {
-                live.push(((lay.group(b) as u64) << 32 | j as u64, h));
-            }
-        }
-        // pass 2: per group, T = sum h q, H = sum h, then y += d (T + c H) (+ m H)
-        live.sort_unstable_by_key(|e| e.0);
+        let mut live: Vec<(u64, f32)> = Vec::with_capacity(CHUNK);
         let mut t = vec![0f32; dim];
-        for run in live.chunk_by(|a, b| a.0 >> 32 == b.0 >> 32) {
-            let g = (run[0].0 >> 32) as usize;
-            t.fill(0.0);
-            let mut hs = 0f32;
-            for &(key, h) in run {
-                let i = pick.map_or(key as u32 as usize, |p| p[key as u32 as usize] as usize);
-                k.down_acc(h, &bundles[i * stride + lay.rows * lay.field..][..lay.down], &mut t);
-                hs += h;
+        // CHUNK bundles at a time, so that pass 2 finds their down fields still in cache
+        for a in (lo..hi).step_by(CHUNK) {
+            // pass 1: h per bundle; (group << 32 | j, h) for the nonzero ones
+            live.clear();
+            for j in a..(a + CHUNK).min(hi) {
+                let i = pick.map_or(j, |p| p[j] as usize);
+                if j + AHEAD < hi {
+                    prefetch(&bundles[pick.map_or(j + AHEAD, |p| p[j + AHEAD] as usize) * stride..][..size]);
+                }
+                let b = &bundles[i * stride..][..size];
+                let u = k.dot(&b[(lay.rows - 1) * lay.field..][..lay.field], x, &px);
+                let h = if gated {
+                    let g = k.dot(&b[..lay.field], x, &px);
+                    g / (1.0 + (-g).exp()) * u
+                } else {
+                    (u + bias.map_or(0.0, |b| b[i])).max(0.0)
+                };
+                if h != 0.0 {
+                    live.push(((lay.group(b) as u64) << 32 | j as u64, h));
+                }
             }
-            let rows = g * dim..(g + 1) * dim;
-            k.down_flush(&scales.d[rows.clone()], scales.m.map(|m| &m[rows]), &t, hs, out);
+            // pass 2: per group, T = sum h q, H = sum h, then y += d (T + c H) (+ m H)
+            live.sort_unstable_by_key(|e| e.0);
+            for same in live.chunk_by(|a, b| a.0 >> 32 == b.0 >> 32) {
+                let g = (same[0].0 >> 32) as usize;
+                t.fill(0.0);
+                let mut hs = 0f32;
+                for &(key, h) in same {
+                    let i = pick.map_or(key as u32 as usize, |p| p[key as u32 as usize] as usize);
+                    k.down_acc(h, &bundles[i * stride + lay.rows * lay.field..][..lay.down], &mut t);
+                    hs += h;
+                }
+                let rows = g * dim..(g + 1) * dim;
+                k.down_flush(&scales.d[rows.clone()], scales.m.map(|m| &m[rows]), &t, hs, out);
+            }
         }
     };
     split_rows(count, count * dim * (lay.rows + 1), threads, y, run);
@@ -265,3 +272,26 @@ pub fn q_bundle_dequantize(
 }
 
 const _: () = assert!(BLOCK == 32);
+
+/// Bundles ahead whose bytes pass 1 asks the CPU to fetch: a bundle is a few short runs of
+/// blocks, too short for the hardware prefetcher to stream (the q8_0 FFN out of cache ran at
+/// 3.7 GB/s without it).
+const AHEAD: usize = 8;
+
+/// Ask the CPU to bring `b`'s cache lines in (a hint: no effect on results, no fault).
+#[inline]
+fn prefetch(b: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for at in (0..b.len()).step_by(64) {
+        // SAFETY: a prefetch reads nothing architecturally and cannot fault; the address is
+        // inside `b`.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(b.as_ptr().add(at) as *const i8)
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = b;
+}
+
+/// Bundles per pass-1/pass-2 round of the FFN: their down fields are still in cache for pass 2.
+const CHUNK: usize = 64;

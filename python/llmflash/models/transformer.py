@@ -145,6 +145,8 @@ class Transformer:
         opt = lambda name, conv: conv(name) if name in resident else None  # noqa: E731
 
         self.embed = w("embed.weight")  # (V, E)
+        # a quantized store's products all run natively: its decode takes decode_threads() at any width
+        self.quantized = any(isinstance(t, QTensor) for t in resident.values())
         self.pos_embed = opt("pos_embed.weight", w)  # (P + offset, D)
         self.project_in = opt("project_in.weight", w)  # (D, E)
         self.project_out = opt("project_out.weight", w)  # (E, D)
@@ -209,8 +211,9 @@ class Transformer:
             # (with last_only, every chunk computes one row of logits, not chunk x vocab)
             outs = [self.forward(tokens[a : a + chunk], cache, last_only) for a in range(0, T, chunk)]
             return outs[-1] if last_only else torch.cat(outs)
-        # one token of a large float16 model: the products run natively, torch's ops on one thread
-        with decode_threads(T == 1 and native_decode(self.config.dim, self.dtype)):
+        # one token of a large float16 model or a quantized one: the products run natively,
+        # torch's ops on one thread
+        with decode_threads(T == 1 and (self.quantized or native_decode(self.config.dim, self.dtype))):
             return self._forward(tokens, cache, last_only, T, cache.length)
 
     __call__ = forward

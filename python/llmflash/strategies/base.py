@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..models.layers import ACTIVATIONS, linear
+from ..models.layers import ACTIVATIONS, UPCAST_ROWS, linear
 from ..models.quant import QBundles
 from ..store import split_bundles
 from ..threads import native_threads
@@ -60,15 +60,17 @@ def rows_gemv(down: Tensor, h: Tensor) -> Tensor:
 
 def q_rows_ffn(x: Tensor, rows: Tensor, config, q: QBundles, bias: Tensor | None = None, pick=None) -> Tensor:
     """rows_ffn for a quantized store's bundles: rows (n, >= bundle_bytes) uint8 in the layer's
-    bundle format `q` (store/layout.py). One token of a SiLU-gated or ReLU FFN runs natively
-    (QBundles.ffn: dequantizing on the fly, `pick` read in place); otherwise chunks of bundles are
-    dequantized to float32 (at most DEQUANT_BYTES at once) and summed."""
+    bundle format `q` (store/layout.py). Fewer than UPCAST_ROWS tokens of a SiLU-gated or ReLU FFN
+    run natively token by token (QBundles.ffn: dequantizing on the fly, `pick` read in place);
+    otherwise chunks of bundles are dequantized to float32 (at most DEQUANT_BYTES at once) and
+    summed."""
     from ..models.quant import DEQUANT_BYTES
 
     gated = bool(config.gated)
     D = config.dim
-    if x.shape[0] == 1 and rows.shape[0] > 0 and (config.act == "silu" if gated else config.act == "relu"):
-        return q.ffn(x[0], rows, bias, pick, native_threads()).unsqueeze(0)
+    if x.shape[0] < UPCAST_ROWS and rows.shape[0] > 0 and (config.act == "silu" if gated else config.act == "relu"):
+        # a few tokens (decode, a short prompt): natively, token by token, no float copy
+        return torch.stack([q.ffn(x[t], rows, bias, pick, native_threads()) for t in range(x.shape[0])])
     if pick is not None:
         idx = torch.from_numpy(np.asarray(pick, dtype=np.int64))
         rows, bias = rows[idx], None if bias is None else bias[idx]
