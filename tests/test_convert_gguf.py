@@ -15,7 +15,7 @@ from gguf_builders import DIM, FFN, HD, HEADS, KV_HEADS, LAYERS, TYPES, byte_lev
 from store_builders import edit_manifest
 
 from llmflash.convert.gguf import convert_gguf
-from llmflash.errors import ConvertError, LlmflashError, UnsupportedModelError
+from llmflash.errors import ConvertError, LlmflashError, StoreError, UnsupportedModelError
 from llmflash.store import Store, split_bundles
 
 gguf = pytest.importorskip("gguf")
@@ -358,3 +358,49 @@ def test_ensure_default_store_converts_once(tiny, monkeypatch, tmp_path):
     assert Store(p).manifest["version"] == 2
     assert defaults.ensure_default_store() == p and len(calls) == 3
     assert Store(p).has_bundle_crcs
+
+
+def test_ensure_default_store_quantized(tiny, monkeypatch, tmp_path):
+    """The default model as a quantized store: its own cache name, converted once, and a cached
+    store of the first quantized layout (version 5, refused at open) converted again."""
+    import llmflash.convert.gguf as G
+    from llmflash import defaults
+
+    monkeypatch.setenv("LLMFLASH_CACHE", str(tmp_path))
+    monkeypatch.setenv("LLMFLASH_QUIET", "1")
+    monkeypatch.setattr(defaults, "default_gguf_path", lambda: tiny[0])
+    calls = []
+    real = G.convert_gguf
+    monkeypatch.setattr(G, "convert_gguf", lambda *a, **k: calls.append(a) or real(*a, **k))
+    p = defaults.ensure_default_store("q4_1")
+    assert p.name == "smollm2-135m-instruct-q4_1.llmflash" and Store(p).quant == "q4_1" and len(calls) == 1
+    assert defaults.ensure_default_store("q4_1") == p and len(calls) == 1
+    edit_manifest(p, lambda m: m.update(version=5))
+    with pytest.raises(StoreError, match="convert the model again"):
+        Store(p)
+    assert defaults.ensure_default_store("q4_1") == p and len(calls) == 2
+    assert Store(p).manifest["version"] == 6
+
+
+def test_dtype_auto_keeps_the_gguf_ffn_blocks(tmp_path, capsys):
+    """--dtype auto (convert's default): a GGUF whose FFN is mostly Q4_0 / Q8_0 blocks becomes a
+    store of that kind, saying so; a GGUF whose FFN is mostly another type, float16; a Hugging
+    Face folder float16."""
+    from gguf_builders import hf_weights
+
+    from llmflash.cli import main
+    from llmflash.convert import resolve_dtype
+
+    w = hf_weights(len(byte_level_vocab()[0]), 0)
+    Q = gguf.GGMLQuantizationType
+    for down, want in ((Q.Q4_0, "q4_0"), (Q.Q8_0, "q8_0"), (Q.F16, "float16")):
+        src = tmp_path / f"{want}.gguf"
+        # the builder's gate is Q8_0 and up Q4_0; down (the largest share here: 2 of 2 layers) decides
+        override = {f"blk.{i}.ffn_{p}.weight": (w[f"{i}.{p}"], down) for i in range(2) for p in ("gate", "down")}
+        write_tiny_gguf(src, override=override)
+        assert resolve_dtype(src)[0] == want
+        dst = tmp_path / f"{want}.llmflash"
+        assert main(["convert", str(src), str(dst)]) == 0
+        assert f"--dtype auto: {want}" in capsys.readouterr().err
+        assert Store(dst).dtype_name == want
+    assert resolve_dtype(tmp_path) == ("float16", "a Hugging Face folder converts to float16")

@@ -52,7 +52,8 @@ def q_layouts(draw):
 @given(q_layouts())
 def test_quantized_bundles_property(layout):
     """Any layout and kind: each bundle is its gate/up rows' blocks exactly as gguf.quants makes
-    them, its down column gguf.quants' rounding of down_proj along its rows; any neuron subset read through a NeuronCache (per-bundle CRCs on)
+    them, its down column gguf.quants' rounding of down_proj along its rows; any neuron subset
+    read through a NeuronCache (per-bundle CRCs on)
     is those rows of the whole region, and the FFN over them picked in place (one token) or
     gathered (a prompt) equals the float FFN over the same rounded values."""
     from llmflash.convert.writer import StoreWriter

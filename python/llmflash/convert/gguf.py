@@ -53,6 +53,23 @@ from .writer import StoreWriter
 
 SUPPORTED_ARCHS = ("llama",)
 _KIND = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}  # GGUF types whose blocks a quantized store keeps
+
+
+def ffn_block_format(src: Path) -> tuple[str | None, str]:
+    """(store kind or None, GGUF type name) of the type holding most of the FFN's bytes (the
+    ffn_gate/up/down tensors of every block): what `--dtype auto` keeps. ConvertError naming
+    the file when it cannot be read as GGUF or holds no FFN tensors."""
+    reader = _open(src)
+    size: dict[str, int] = {}
+    for t in reader.tensors:
+        if t.name.startswith("blk.") and t.name.endswith((".ffn_gate.weight", ".ffn_up.weight", ".ffn_down.weight")):
+            size[t.tensor_type.name] = size.get(t.tensor_type.name, 0) + int(t.n_bytes)
+    if not size:
+        raise ConvertError("no FFN tensors (blk.N.ffn_up.weight ...): not a supported GGUF model", src)
+    name = max(size, key=lambda k: size[k])
+    return _KIND.get(name), name
+
+
 _MAGIC = b"GGUF"
 
 # GGUF names inside a block -> canonical resident names (models/config.py); the FFN goes to ffn.bin.
@@ -311,12 +328,14 @@ def convert_gguf(
     src: str | os.PathLike[str], dst: str | os.PathLike[str], dtype: str = "float16", force: bool = False
 ) -> Path:
     """Convert a llama-architecture GGUF file into the llmflash store `dst`; returns `dst`.
+    `dtype` "auto": the block format of most of its FFN's bytes when a store keeps it
+    (ffn_block_format), else float16.
 
     Raises ConvertError (naming the file) for anything malformed: not a GGUF, truncated, a tensor
     missing or of the wrong shape; UnsupportedModelError for another architecture, a tensor
     type the gguf package cannot dequantize, or a llama variant we do not model."""
     src, dst = Path(src), Path(dst)
-    dtype = parse_dtype(dtype)
+    dtype = (ffn_block_format(src)[0] or "float16") if dtype == "auto" else parse_dtype(dtype)
     reader = _open(src)
     meta = _metadata(reader, src)
     arch = meta.get("general.architecture")

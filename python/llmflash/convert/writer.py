@@ -30,8 +30,8 @@ import torch
 
 from .. import store as S
 from ..errors import ConvertError, StoreError
-from ..models.config import ModelConfig
 from ..models import quant
+from ..models.config import ModelConfig
 from ..models.quant import QTensor
 from ..store.checksums import file_entry, is_finite, os_reason
 from .destination import check_destination, clear_own_leftover, fsync_dir, swap_in

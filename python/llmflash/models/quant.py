@@ -85,8 +85,9 @@ class QBundles:
     down_min: Tensor | None  # (groups, dim) float16, q4_1
 
     def __post_init__(self) -> None:
-        self._d = self.down_scale.contiguous().view(torch.int16).numpy().view(np.uint16)
-        self._m = None if self.down_min is None else self.down_min.contiguous().view(torch.int16).numpy().view(np.uint16)
+        bits = lambda t: t.contiguous().view(torch.int16).numpy().view(np.uint16)  # noqa: E731
+        self._d = bits(self.down_scale)
+        self._m = None if self.down_min is None else bits(self.down_min)
 
     @property
     def fields(self) -> int:
@@ -198,7 +199,9 @@ class QTensor:
         return self.dequantize(ids.long())
 
 
-def split_down(kind: str, blocks: np.ndarray, dim: int, n_groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def split_down(
+    kind: str, blocks: np.ndarray, dim: int, n_groups: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """down_proj (dim, 32 n_groups) as GGML blocks along its rows (`blocks`: (dim, n_groups *
     block_bytes) uint8) -> the bundles' down fields (32 n_groups, down_bytes) uint8 (neuron j's
     raw integers along the model dimension, store/layout.py) and the scales `d` (n_groups, dim)

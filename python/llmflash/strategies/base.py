@@ -84,7 +84,9 @@ def q_rows_ffn(x: Tensor, rows: Tensor, config, q: QBundles, bias: Tensor | None
     return y
 
 
-def rows_ffn(x: Tensor, rows: Tensor, config, bias: Tensor | None = None, pick=None, q: QBundles | None = None) -> Tensor:
+def rows_ffn(
+    x: Tensor, rows: Tensor, config, bias: Tensor | None = None, pick=None, q: QBundles | None = None
+) -> Tensor:
     """The FFN over bundle rows (n, bundle_values) (store.split_bundles layout) for x (T, D),
     with the rows' fc1 biases (n,) or None: (T, D) float32. `pick` (k,) uint32 numpy: only
     those rows (bias still indexed by row), read in place by the native kernel.
