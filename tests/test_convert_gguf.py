@@ -401,6 +401,6 @@ def test_dtype_auto_keeps_the_gguf_ffn_blocks(tmp_path, capsys):
         assert resolve_dtype(src)[0] == want
         dst = tmp_path / f"{want}.llmflash"
         assert main(["convert", str(src), str(dst)]) == 0
-        assert f"--dtype auto: {want}" in capsys.readouterr().err
+        assert f"(--dtype auto: {want}," in capsys.readouterr().err
         assert Store(dst).dtype_name == want
     assert resolve_dtype(tmp_path) == ("float16", "a Hugging Face folder converts to float16")

@@ -29,10 +29,10 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..convert import convert, resolve_dtype
 
-    dtype = args.dtype
+    dtype, chose = args.dtype, ""
     if dtype == "auto":
         dtype, why = resolve_dtype(args.src)
-        print(f"llmflash: --dtype auto: {dtype} ({why})", file=sys.stderr)
+        chose = f" (--dtype auto: {dtype}, {why})"
     dst = convert(args.src, args.dst, dtype=dtype, force=args.force, tokenizer=args.tokenizer)
-    print(f"wrote {dst}", file=sys.stderr)
+    print(f"wrote {dst}{chose}", file=sys.stderr)
     return 0
