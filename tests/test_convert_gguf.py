@@ -395,7 +395,7 @@ def test_dtype_auto_keeps_the_gguf_ffn_blocks(tmp_path, capsys):
     Q = gguf.GGMLQuantizationType
     for down, want in ((Q.Q4_0, "q4_0"), (Q.Q8_0, "q8_0"), (Q.F16, "float16")):
         src = tmp_path / f"{want}.gguf"
-        # the builder's gate is Q8_0 and up Q4_0; down (the largest share here: 2 of 2 layers) decides
+        # gate and down (two thirds of the FFN's values) in the tested type; up stays the builder's Q4_0
         override = {f"blk.{i}.ffn_{p}.weight": (w[f"{i}.{p}"], down) for i in range(2) for p in ("gate", "down")}
         write_tiny_gguf(src, override=override)
         assert resolve_dtype(src)[0] == want

@@ -47,6 +47,7 @@ def outcome(src: Path, dst: Path, **kw) -> tuple[str | None, int, str]:
         message = str(e)
     err = io.StringIO()
     extra = [f"--tokenizer={kw['tokenizer']}"] if "tokenizer" in kw else []
+    extra += [f"--dtype={kw['dtype']}"] if "dtype" in kw else []
     with contextlib.redirect_stderr(err), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rc = main(["convert", str(src), str(dst), *extra])
@@ -204,8 +205,9 @@ def test_float16_overflow(tmp_path):
     norm = np.ones(DIM, np.float32)
     norm[0] = 1e6
     write_tiny_gguf(src, override={"output_norm.weight": (norm, Q.F32)})
-    assert_refused(src, tmp_path / "out", "'output_norm.weight'", "bfloat16")
+    assert_refused(src, tmp_path / "out", "'output_norm.weight'", "bfloat16", dtype="float16")
     convert(src, tmp_path / "ok", dtype="float32")
+    convert(src, tmp_path / "q", dtype="auto")  # the GGUF's q4/q8 FFN: norms stay float32 there
 
 
 @pytest.mark.parametrize(

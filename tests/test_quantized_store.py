@@ -21,7 +21,7 @@ from gguf_builders import GGML, KINDS, byte_level_vocab, hf_weights, rt, rt_padd
 from openelm_builders import V as ELM_V
 from openelm_builders import hf_config, random_weights, ref_forward, save_openelm
 from safetensors import safe_open
-from store_builders import calibrate_args, edit_manifest, rebuild_crcs, reseal, run_cli, shadow_args
+from store_builders import calibrate_args, edit_manifest, permute_store, rebuild_crcs, reseal, run_cli, shadow_args
 
 from llmflash.api import FlashModel
 from llmflash.convert.gguf import convert_gguf
@@ -140,6 +140,30 @@ def test_naive_matches_dense(variant, make_hf, tmp_path):
     ids = prompt(3).tolist()
     assert_close(naive.logits(ids), dense.logits(ids))
     assert list(naive.generate_ids(ids[:5], 6)) == list(dense.generate_ids(ids[:5], 6))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_permuted_store_equals_original(kind, make_hf, tmp_path):
+    """A quantized store whose neurons are kept in a random order (the manifest's `order`; OPT's
+    fc1 biases permuted alike): each bundle's down group travels with it, so dense, naive and
+    flash (half the FFN cached, the oracle) give the unpermuted store's dense logits."""
+    src = convert_quiet(make_hf("opt_pre_ln", "opt").path, tmp_path / "m.llmflash", kind)
+    path = permute_store(src, tmp_path / "perm.llmflash")
+    assert Store(path).layers[0].order is not None
+    verify_store(path, progress=False)  # every group is its neuron's
+    ids = prompt(7).tolist()
+    ref = FlashModel.open(src, strategy="dense").logits(ids)
+    from llmflash.strategies.flash.setup import model_bytes
+
+    resident, ffn = model_bytes(Store(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the oracle is outside the budget
+        for strategy, opts in (
+            ("dense", {}),
+            ("naive", {}),
+            ("flash", dict(memory=f"{resident + ffn // 2}B", sparsity="oracle")),
+        ):
+            assert_close(FlashModel.open(path, strategy=strategy, **opts).logits(ids), ref)
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa", "opt_pre_ln"])
@@ -451,22 +475,28 @@ def test_bad_down_scales(qstore, name):
         assert "resident.safetensors" in str(e.value)
 
 
-def test_bundle_naming_a_group_out_of_range(qstore):
-    """A bundle whose group (its last 4 bytes) is beyond the layer's scales, with every CRC
-    recomputed to match: `verify` names the layer and bundle, the kernel refuses it (no read out
-    of bounds)."""
+@pytest.mark.parametrize("group", [999, 1])
+def test_bundle_naming_a_wrong_group(qstore, group):
+    """A bundle whose group (its last 4 bytes) is not its neuron's (out of range, or another
+    group's in range), with every CRC recomputed to match: `verify` and `dense` name the layer,
+    bundle and ffn.bin; the kernel itself refuses an out-of-range one (no read out of bounds)."""
     store = Store(qstore)
     L = store.layers[0]
     with open(qstore / "ffn.bin", "r+b") as f:
         f.seek(L.offset + 5 * L.bundle_bytes - 4)
-        f.write(np.uint32(999).tobytes())
+        f.write(np.uint32(group).tobytes())
     rebuild_crcs(qstore)
-    with pytest.raises(StoreError, match="bundle 4 names down group 999") as e:
+    words = f"layer 0's bundle 4 .neuron 4. names down group {group}, not 0"
+    with pytest.raises(StoreError, match=words) as e:
         verify_store(qstore, progress=False)
     assert "ffn.bin" in str(e.value)
-    model, _ = load_dense(qstore)
-    with pytest.raises(ValueError, match="names down group 999"):
-        model.forward(torch.tensor([5]), model.new_cache(4))
+    with pytest.raises(StoreError, match=words):
+        load_dense(qstore)
+    rows = Store(qstore).read_layer(0)
+    x = torch.randn(1, L.fields[0][1])
+    if group == 999:
+        with pytest.raises(ValueError, match="bundle 4 names down group 999"):
+            Store(qstore).q_bundles(0).ffn(x[0], rows, None, None, 1)
 
 
 def test_truncated_ffn(qstore):

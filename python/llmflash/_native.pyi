@@ -274,15 +274,30 @@ def q_bundle_ffn(
     rows: np.ndarray,
     x: np.ndarray,
     gated: bool,
+    down_scale: np.ndarray,
+    down_min: Optional[np.ndarray] = None,
     bias: Optional[np.ndarray] = None,
     threads: int = 2,
     pick: Optional[np.ndarray] = None,
 ) -> np.ndarray:
     """One decode token's FFN over quantized bundles: rows (n, >= bundle bytes) uint8 (any row
-    stride, unit column stride), each [gate][up][down] (gated: silu(gate.x) * (up.x)) or [up][down]
-    (plain: relu(up.x + bias)), every field x.size values as blocks of `kind`; returns
-    sum_i h_i * down_i, (D,) float32, skipping down where h_i == 0. `pick` (k,) uint32: only those
-    bundles (bias still indexed by bundle). Without the GIL."""
+    stride, unit column stride), each [gate] up as blocks of `kind`, the down column's raw
+    integers and the u32 group (store/layout.py, version 6); gated: silu(gate.x) * (up.x), plain:
+    relu(up.x + bias). down_scale (and down_min, q4_1): the layer's (groups, dim) uint16 float16
+    bits. Returns sum_i h_i * down_i, (D,) float32, skipping bundles where h_i == 0. `pick` (k,)
+    uint32: only those bundles (bias still indexed by bundle). Without the GIL."""
+    ...
+
+def q_bundle_dequantize(
+    kind: Literal["q8_0", "q4_0", "q4_1"],
+    rows: np.ndarray,
+    dim: int,
+    gated: bool,
+    down_scale: np.ndarray,
+    down_min: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """The float32 values of quantized bundles (as q_bundle_ffn's rows) of width `dim`:
+    (n * fields * dim,) with bundle i's [gate,] up, down in turn. Without the GIL."""
     ...
 
 def q_dequantize(kind: Literal["q8_0", "q4_0", "q4_1"], blocks: np.ndarray, n_values: int) -> np.ndarray:

@@ -96,17 +96,8 @@ def verify_store(path: str | os.PathLike[str], progress: bool = True) -> VerifyR
         L = store.layers[i]
         rows = store.read_layer(i, verify=True)  # StoreError on a CRC-32 mismatch
         checked += L.payload_bytes
-        q = store.q_bundles(i)
-        if q is not None:  # each bundle's down group (its last 4 bytes) within the layer's scales
-            groups = rows[:, -4:].contiguous().numpy().view("<u4")[:, 0]
-            bad = np.flatnonzero(groups >= q.down_scale.shape[0])
-            if len(bad):
-                j = int(bad[0])
-                raise StoreError(
-                    f"layer {i}'s bundle {j} names down group {int(groups[j])}, but the layer has "
-                    f"{q.down_scale.shape[0]}: the bundle is corrupt",
-                    store.ffn_path,
-                )
+        if store.quant:  # each bundle's down group (its last 4 bytes): its neuron's
+            store.check_groups(i, rows)
         crcs = store.bundle_crcs(i)
         if crcs is not None:
             got = crc32_per_bundle(rows.contiguous().view(-1).view(torch.uint8).numpy(), L.bundle_bytes)

@@ -107,7 +107,7 @@ pub fn q_bundle_ffn<'py>(
     let n = rows.shape()[0];
     let x = slice(&x, "x")?;
     let size = Layout::new(kind, x.len(), gated)?.bytes();
-    if rows.shape()[1] < size {
+    if n > 0 && rows.shape()[1] < size {
         return Err(Error::invalid(format!(
             "{}: rows of {} bytes cannot hold a bundle of {} values ({size} bytes)",
             kind.name(),

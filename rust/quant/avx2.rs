@@ -312,7 +312,8 @@ pub(super) unsafe fn down_flush(kind: QType, d: &[u16], m: Option<&[u16]>, t: &[
     let c = _mm256_set1_ps(if kind == QType::Q4_0 { -8.0 * hs } else { 0.0 });
     let hv = _mm256_set1_ps(hs);
     let halves = |s: &[u16]| {
-        // SAFETY: s holds 8 float16 (the chunks below): one unaligned 16-byte load.
+        let s = &s[..8];
+        // SAFETY: s holds 8 float16 (checked just above): one unaligned 16-byte load inside it.
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr() as *const __m128i)) }
     };
     let rows = d.chunks_exact(8).zip(t.chunks_exact(8)).zip(y.chunks_exact_mut(8)).enumerate();

@@ -35,6 +35,9 @@ pub struct DownScales<'a> {
     pub m: Option<&'a [u16]>,
 }
 
+/// The widest bundle accepted (far above any model's; keeps every size computation in range).
+const MAX_DIM: usize = 1 << 24;
+
 /// Bytes of a bundle's down field: `dim` raw integers of `kind`.
 pub fn down_bytes(kind: QType, dim: usize) -> usize {
     if kind == QType::Q8_0 {
@@ -58,8 +61,8 @@ pub struct Layout {
 impl Layout {
     /// `Error::Invalid` unless `dim` is a positive multiple of 32.
     pub fn new(kind: QType, dim: usize, gated: bool) -> Result<Layout> {
-        if dim == 0 {
-            return Err(Error::invalid(format!("{}: bundles of 0 values", kind.name())));
+        if dim == 0 || dim > MAX_DIM {
+            return Err(Error::invalid(format!("{}: bundles of {dim} values (1 to {MAX_DIM})", kind.name())));
         }
         Ok(Layout { field: kind.row_bytes(dim)?, rows: if gated { 2 } else { 1 }, down: down_bytes(kind, dim) })
     }
@@ -187,43 +190,40 @@ pub(crate) fn q_bundle_ffn_on(
     let count = pick.map_or(n, |p| p.len());
     let px = k.prepare(x);
     let run = |lo: usize, hi: usize, out: &mut [f32]| {
-        let mut live: Vec<(u64, f32)> = Vec::with_capacity(CHUNK);
+        // pass 1: h per bundle; (group << 32 | j, h) for the nonzero ones
+        let mut live: Vec<(u64, f32)> = Vec::with_capacity(hi - lo);
+        for j in lo..hi {
+            let i = pick.map_or(j, |p| p[j] as usize);
+            if j + AHEAD < hi {
+                prefetch(&bundles[pick.map_or(j + AHEAD, |p| p[j + AHEAD] as usize) * stride..][..size]);
+            }
+            let b = &bundles[i * stride..][..size];
+            let u = k.dot(&b[(lay.rows - 1) * lay.field..][..lay.field], x, &px);
+            let h = if gated {
+                let g = k.dot(&b[..lay.field], x, &px);
+                g / (1.0 + (-g).exp()) * u
+            } else {
+                (u + bias.map_or(0.0, |b| b[i])).max(0.0)
+            };
+            if h != 0.0 {
+                live.push(((lay.group(b) as u64) << 32 | j as u64, h));
+            }
+        }
+        // pass 2: per group (over the whole range, whatever the bundles' order), T = sum h q,
+        // H = sum h, then y += d (T + c H) (+ m H)
+        live.sort_unstable_by_key(|e| e.0);
         let mut t = vec![0f32; dim];
-        // CHUNK bundles at a time, so that pass 2 finds their down fields still in cache
-        for a in (lo..hi).step_by(CHUNK) {
-            // pass 1: h per bundle; (group << 32 | j, h) for the nonzero ones
-            live.clear();
-            for j in a..(a + CHUNK).min(hi) {
-                let i = pick.map_or(j, |p| p[j] as usize);
-                if j + AHEAD < hi {
-                    prefetch(&bundles[pick.map_or(j + AHEAD, |p| p[j + AHEAD] as usize) * stride..][..size]);
-                }
-                let b = &bundles[i * stride..][..size];
-                let u = k.dot(&b[(lay.rows - 1) * lay.field..][..lay.field], x, &px);
-                let h = if gated {
-                    let g = k.dot(&b[..lay.field], x, &px);
-                    g / (1.0 + (-g).exp()) * u
-                } else {
-                    (u + bias.map_or(0.0, |b| b[i])).max(0.0)
-                };
-                if h != 0.0 {
-                    live.push(((lay.group(b) as u64) << 32 | j as u64, h));
-                }
+        for same in live.chunk_by(|a, b| a.0 >> 32 == b.0 >> 32) {
+            let g = (same[0].0 >> 32) as usize;
+            t.fill(0.0);
+            let mut hs = 0f32;
+            for &(key, h) in same {
+                let i = pick.map_or(key as u32 as usize, |p| p[key as u32 as usize] as usize);
+                k.down_acc(h, &bundles[i * stride + lay.rows * lay.field..][..lay.down], &mut t);
+                hs += h;
             }
-            // pass 2: per group, T = sum h q, H = sum h, then y += d (T + c H) (+ m H)
-            live.sort_unstable_by_key(|e| e.0);
-            for same in live.chunk_by(|a, b| a.0 >> 32 == b.0 >> 32) {
-                let g = (same[0].0 >> 32) as usize;
-                t.fill(0.0);
-                let mut hs = 0f32;
-                for &(key, h) in same {
-                    let i = pick.map_or(key as u32 as usize, |p| p[key as u32 as usize] as usize);
-                    k.down_acc(h, &bundles[i * stride + lay.rows * lay.field..][..lay.down], &mut t);
-                    hs += h;
-                }
-                let rows = g * dim..(g + 1) * dim;
-                k.down_flush(&scales.d[rows.clone()], scales.m.map(|m| &m[rows]), &t, hs, out);
-            }
+            let rows = g * dim..(g + 1) * dim;
+            k.down_flush(&scales.d[rows.clone()], scales.m.map(|m| &m[rows]), &t, hs, out);
         }
     };
     split_rows(count, count * dim * (lay.rows + 1), threads, y, run);
@@ -292,6 +292,3 @@ fn prefetch(b: &[u8]) {
     #[cfg(not(target_arch = "x86_64"))]
     let _ = b;
 }
-
-/// Bundles per pass-1/pass-2 round of the FFN: their down fields are still in cache for pass 2.
-const CHUNK: usize = 64;

@@ -45,6 +45,7 @@ from ..errors import ConvertError, LlmflashError, UnsupportedModelError
 from ..models.config import MAX_FFN, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, ModelConfig
 from ..models.quant import BLOCK_BYTES as QUANT_BYTES
 from ..models.quant import QTensor
+from ..store.checksums import is_finite
 from .common import natural_key, parse_dtype, progress, regular_file
 from .gguf_layout import check_layout
 from .gguf_tokenizer import chat_template as _chat_template
@@ -58,14 +59,15 @@ _KIND = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}  # GGUF types whose blo
 def ffn_block_format(src: Path) -> tuple[str | None, str]:
     """(store kind or None, GGUF type name) of the type holding most of the FFN's bytes (the
     ffn_gate/up/down tensors of every block): what `--dtype auto` keeps. ConvertError naming
-    the file when it cannot be read as GGUF or holds no FFN tensors."""
+    the file when it cannot be read as GGUF; (None, "absent") without FFN tensors (the converter
+    then says what is wrong with the file)."""
     reader = _open(src)
     size: dict[str, int] = {}
     for t in reader.tensors:
         if t.name.startswith("blk.") and t.name.endswith((".ffn_gate.weight", ".ffn_up.weight", ".ffn_down.weight")):
             size[t.tensor_type.name] = size.get(t.tensor_type.name, 0) + int(t.n_bytes)
     if not size:
-        raise ConvertError("no FFN tensors (blk.N.ffn_up.weight ...): not a supported GGUF model", src)
+        return None, "absent"
     name = max(size, key=lambda k: size[k])
     return _KIND.get(name), name
 
@@ -375,7 +377,12 @@ def convert_gguf(
         keep = dtype in _KIND.values() and kind is not None and (kind == dtype or any_kind)
         if keep and tuple(int(x) for x in t.data.shape) == (shape[0], shape[1] // 32 * QUANT_BYTES[kind]):
             data = np.ascontiguousarray(t.data if heads is None else _unpermute(np.asarray(t.data), heads))
-            return QTensor(kind, shape, torch.from_numpy(data.copy()))
+            q = QTensor(kind, shape, torch.from_numpy(data.copy()))
+            if not is_finite(q.scales()):  # kept as they are: checked here, naming the file's tensor
+                raise ConvertError(
+                    f"tensor {name!r} holds non-finite block scales (NaN or Inf): the file is corrupt", src
+                )
+            return q
         w = get(name, shape)
         return w if heads is None else _unpermute(w, heads)
 

@@ -232,6 +232,23 @@ class Store:
             raise StoreError(f"cannot read resident weights: {e}", rpath) from None
         return QBundles(self.quant, self.config.dim, bool(self.config.gated), got[0], got[1] if len(got) > 1 else None)
 
+    def check_groups(self, i: int, rows: torch.Tensor) -> None:
+        """StoreError naming ffn.bin unless every bundle of layer i (`rows`, its whole payload as
+        read, (n, bundle_bytes) uint8) names the down group its neuron belongs to: the original
+        id (LayerRegion.order) // 32. A bundle naming another group would be computed with another
+        group's scales (in range) or refused by the kernel (out of range)."""
+        L = self.layers[i]
+        got = rows[:, -4:].contiguous().numpy().view("<u4")[:, 0]
+        ids = np.arange(L.n_neurons) if L.order is None else np.asarray(L.order)
+        bad = np.flatnonzero(got != ids // 32)
+        if len(bad):
+            j = int(bad[0])
+            raise StoreError(
+                f"layer {i}'s bundle {j} (neuron {int(ids[j])}) names down group {int(got[j])}, not "
+                f"{int(ids[j]) // 32}: the bundle is corrupt",
+                self.ffn_path,
+            )
+
     def read_layer(self, i: int, verify: bool = True) -> torch.Tensor:
         """Layer i's bundles, (n_neurons, bundle_values) in the store dtype, read whole (buffered);
         a quantized store's (n_neurons, bundle_bytes) uint8."""

@@ -1,8 +1,9 @@
 """`dense`: every neuron of every layer in DRAM. The exactness reference for the other strategies,
 and the way to run a model that fits in memory.
 
-A quantized store's bundles stay as read, (n, bundle_bytes) uint8 per layer: one token runs
-natively on them (strategies/base.q_rows_ffn), a prompt dequantizes chunks of bundles.
+A quantized store's bundles stay as read, (n, bundle_bytes) uint8 per layer: decode and short
+prompts run natively on them (strategies/base.q_rows_ffn), a long prompt dequantizes chunks of
+bundles.
 
 Memory: one copy of the FFN (the whole of ffn.bin, less its padding). Each layer's bundles are
 read once (CRC-checked), copied out into contiguous matrices, and the bundle buffer dropped, so
@@ -44,6 +45,7 @@ class DenseFFN:
         for i in range(c.n_layers):
             if self.quant:
                 self.rows.append(store.read_layer(i, verify=True))
+                store.check_groups(i, self.rows[-1])  # a StoreError now, not the kernel's at a token
                 self.q.append(store.q_bundles(i))
                 continue
             layer = store.read_layer_float(i) if store.quant else store.read_layer(i, verify=True)
