@@ -23,7 +23,7 @@
 //! `m H` (q4_1) into y. Per neuron that is an unpack and one multiply-add a value; the scales are
 //! read once per group and token.
 
-use super::{Kernels, QType, Simd, BLOCK};
+use super::{prefetch, Kernels, QType, Simd, BLOCK};
 use crate::error::{Error, Result};
 use crate::gemv::split_rows;
 
@@ -277,18 +277,3 @@ const _: () = assert!(BLOCK == 32);
 /// blocks, too short for the hardware prefetcher to stream (the q8_0 FFN out of cache ran at
 /// 3.7 GB/s without it).
 const AHEAD: usize = 8;
-
-/// Ask the CPU to bring `b`'s cache lines in (a hint: no effect on results, no fault).
-#[inline]
-fn prefetch(b: &[u8]) {
-    #[cfg(target_arch = "x86_64")]
-    for at in (0..b.len()).step_by(64) {
-        // SAFETY: a prefetch reads nothing architecturally and cannot fault; the address is
-        // inside `b`.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(b.as_ptr().add(at) as *const i8)
-        };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = b;
-}
