@@ -15,6 +15,7 @@
 //! - [`quant`]: decode kernels over GGML block formats (q8_0, q4_0, q4_1): quantized matvec,
 //!   bundle FFN and dequantization, AVX2 or portable.
 //! - [`attend`]: decode attention over a float16 or float32 KV cache (no upcast copy).
+//! - [`decode`]: the attention half of a decoder layer for one token of a quantized model, in one call.
 //! - [`par`]: two-way parallelism for those kernels on a persistent helper thread.
 //!
 //! The core never imports pyo3; the Python bindings live in `py/` behind the `python` feature.
@@ -22,6 +23,7 @@
 pub mod aligned;
 pub mod attend;
 pub mod cache;
+pub mod decode;
 pub mod error;
 pub mod gemv;
 pub mod par;

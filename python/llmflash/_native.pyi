@@ -320,6 +320,42 @@ def attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, length: int, scale: 
     h // (Hq // Hkv). Returns (Hq * hd,) float32. Without the GIL."""
     ...
 
+class QAttention:
+    """One quantized layer's attention half for one decode token: q, k, v, o as (rows, row_bytes)
+    uint8 arrays of `kind` blocks, float32 norms, optional float32 biases (q, k, v, o) and
+    per-head q/k norms (OpenELM). Shapes are checked once, here (InvalidArgumentError)."""
+
+    def __init__(
+        self,
+        kind: Literal["q8_0", "q4_0", "q4_1"],
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        o: np.ndarray,
+        attn_norm: np.ndarray,
+        ffn_norm: np.ndarray,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        eps: float,
+        bias: Optional[Sequence[Optional[np.ndarray]]] = None,
+        qk_norm: Optional[Sequence[Optional[np.ndarray]]] = None,
+    ) -> None: ...
+    def step(
+        self,
+        x: np.ndarray,
+        pos: int,
+        k: np.ndarray,
+        v: np.ndarray,
+        cos: Optional[np.ndarray] = None,
+        sin: Optional[np.ndarray] = None,
+        threads: int = 1,
+    ) -> np.ndarray:
+        """x (dim,) float32 gains the attention's output in place; the token's keys and values go
+        into k, v ((kv_heads, capacity, head_dim) float32) at `pos`; cos, sin (head_dim,) are
+        RoPE's rows for `pos`. Returns rms_norm(x, ffn_norm). Without the GIL."""
+        ...
+
 # -- test-only: the reader's fault-injection hook (tests/test_faults.py); never used by the package --
 
 def _inject_fault(

@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 mod attend;
 mod buffer;
 mod cache;
+mod decode;
 mod errors;
 mod faults;
 mod gemv;
@@ -22,6 +23,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<cache::PyNeuronCache>()?;
     m.add_class::<cache::PyAdmission>()?;
     m.add_class::<planner::PyPlan>()?;
+    m.add_class::<decode::PyQAttention>()?;
     m.add_class::<profile::PyProfile>()?;
     m.add_function(wrap_pyfunction!(planner::plan, m)?)?;
     m.add_function(wrap_pyfunction!(profile::measure_point, m)?)?;

@@ -20,10 +20,10 @@ fn f16_bits(x: f32) -> u16 {
     sign | ((exp as u16) << 10) | ((b >> 13) & 0x3ff) as u16
 }
 
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -31,13 +31,13 @@ impl Rng {
     }
 
     /// Uniform in [-1, 1).
-    fn unit(&mut self) -> f32 {
+    pub(crate) fn unit(&mut self) -> f32 {
         (self.next() % 2048) as f32 / 1024.0 - 1.0
     }
 }
 
 /// `blocks` random blocks of `kind`: random quants, scales of magnitude 0.01 to 0.1, either sign.
-fn random_blocks(kind: QType, blocks: usize, rng: &mut Rng) -> Vec<u8> {
+pub(crate) fn random_blocks(kind: QType, blocks: usize, rng: &mut Rng) -> Vec<u8> {
     let mut out = Vec::with_capacity(blocks * kind.block_bytes());
     for _ in 0..blocks {
         let scale = |rng: &mut Rng| {
@@ -105,7 +105,7 @@ fn down_values(kind: QType, q: &[u8], d: &[u16], m: Option<&[u16]>) -> Vec<f64> 
         .collect()
 }
 
-fn values(kind: QType, bytes: &[u8]) -> Vec<f32> {
+pub(crate) fn values(kind: QType, bytes: &[u8]) -> Vec<f32> {
     let mut out = vec![0f32; bytes.len() / kind.block_bytes() * BLOCK];
     q_dequantize_on(Simd::Portable, kind, bytes, &mut out).unwrap();
     out

@@ -41,6 +41,7 @@ from .layers import (
     rope_tables,
     table_rows,
 )
+from .native_decode import cache_fits, decode_layers, native_layers
 from .quant import QTensor
 
 
@@ -179,6 +180,8 @@ class Transformer:
         # float32 values a token's pass holds at once: residual, norm, q/k/v/attention out, FFN hidden
         per_token = 4 * (6 * c.dim + 3 * max(c.ffn_dims))
         self.prefill_chunk = max(64, min(PREFILL_CHUNK, CHUNK_BYTES // per_token))
+        # a quantized RMSNorm model's decode token: each layer's attention half in one native call
+        self.native_layers = native_layers(self)
 
     @classmethod
     def from_store(cls, store: Weights, ffn: FFN) -> "Transformer":
@@ -227,16 +230,10 @@ class Transformer:
         if self.pos_embed is not None:
             x = x + table_rows(self.pos_embed, start + c.pos_offset, start + c.pos_offset + T)
         cos, sin = self._rope(start, T)
-        early = getattr(self.ffn, "early", None)
-        for i, L in enumerate(self.layers):
-            if c.pre_norm:
-                if early is not None:  # flash lookahead="attention": guess this layer's set now
-                    early(i, self._norm(x, L.ffn_norm).to(self.dtype))
-                x = x + self._attention(i, L, self._norm(x, L.attn_norm), cache, start, cos, sin)
-                x = x + self._ffn(i, L, self._norm(x, L.ffn_norm))
-            else:
-                x = self._norm(x + self._attention(i, L, x, cache, start, cos, sin), L.attn_norm)
-                x = self._norm(x + self._ffn(i, L, x), L.ffn_norm)
+        if T == 1 and self.native_layers is not None and cache_fits(cache):
+            x = decode_layers(self, x, cache, start, cos, sin)
+        else:
+            x = self._layers(x, cache, start, cos, sin)
         cache.length = start + T
         if last_only:
             x = x[-1:]
@@ -255,6 +252,20 @@ class Transformer:
                 self.source,
             )
         return logits
+
+    def _layers(self, x: Tensor, cache: KVCache, start: int, cos: Tensor | None, sin: Tensor | None) -> Tensor:
+        """x (T, D) through every layer, in torch; the cache gets the tokens' keys and values."""
+        early = getattr(self.ffn, "early", None)
+        for i, L in enumerate(self.layers):
+            if self.config.pre_norm:
+                if early is not None:  # flash lookahead="attention": guess this layer's set now
+                    early(i, self._norm(x, L.ffn_norm).to(self.dtype))
+                x = x + self._attention(i, L, self._norm(x, L.attn_norm), cache, start, cos, sin)
+                x = x + self._ffn(i, L, self._norm(x, L.ffn_norm))
+            else:
+                x = self._norm(x + self._attention(i, L, x, cache, start, cos, sin), L.attn_norm)
+                x = self._norm(x + self._ffn(i, L, x), L.ffn_norm)
+        return x
 
     def _norm(self, x: Tensor, n: Norm) -> Tensor:
         if self.config.norm == "rms":

@@ -1,0 +1,84 @@
+"""One decode token of a quantized pre-norm RMSNorm model (Llama family, OpenELM) with each layer's
+attention half in one native call (llmflash._native.QAttention: norm, q/k/v products, q/k norms,
+RoPE, the KV cache write, attention, the output product and residual, and the FFN's norm).
+
+Why: a small quantized model's token is dominated by per-op overhead, not arithmetic. The Python
+layer (transformer.py's `_attention`) dispatches about twenty torch ops a layer, a few
+microseconds each around products of a few microseconds; one native call does the same work in
+the same float32 order (the two agree to float32 rounding), on the quantized weights in place.
+The FFN stays the strategy's (dense, naive or flash), called with the returned input.
+
+Covered: every layer's q, k, v and o quantized in one kind, RMSNorm before attention and FFN,
+a float32 KV cache (a quantized store's), rotary embeddings or none. Anything else (OPT's
+LayerNorm and post-norm, float stores) runs the Python layer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..threads import native_threads
+from .quant import QTensor
+
+if TYPE_CHECKING:
+    from .transformer import KVCache, Transformer
+
+
+def native_layers(model: "Transformer") -> list[Any] | None:
+    """Each layer's llmflash._native.QAttention, or None where the model is not covered."""
+    c = model.config
+    if not (model.quantized and c.norm == "rms" and c.pre_norm and model.dtype == torch.float32):
+        return None
+    kinds = {w.kind if isinstance(w, QTensor) else None for L in model.layers for w in (L.q, L.k, L.v, L.o)}
+    if len(kinds) != 1 or None in kinds:
+        return None
+    from .._native import QAttention
+
+    f32 = lambda t: None if t is None else t.float().contiguous().numpy()  # noqa: E731
+    out = []
+    for L in model.layers:
+        out.append(
+            QAttention(
+                L.q.kind,
+                *(w.data.numpy() for w in (L.q, L.k, L.v, L.o)),
+                f32(L.attn_norm.weight),
+                f32(L.ffn_norm.weight),
+                L.n_heads,
+                L.n_kv_heads,
+                c.head_dim,
+                c.norm_eps,
+                bias=[f32(b) for b in (L.q_b, L.k_b, L.v_b, L.o_b)],
+                qk_norm=[f32(L.q_norm), f32(L.k_norm)],
+            )
+        )
+    return out
+
+
+def decode_layers(
+    model: "Transformer", x: Tensor, cache: "KVCache", pos: int, cos: Tensor | None, sin: Tensor | None
+) -> Tensor:
+    """x (1, D) float32 through every layer at position `pos` (the cache already has room):
+    (1, D) float32, the cache's keys and values written."""
+    layers = model.native_layers
+    early = getattr(model.ffn, "early", None)
+    xs = x[0].float().contiguous().clone()
+    xn = xs.numpy()  # the residual stream, updated in place by each step
+    rope = (
+        {} if cos is None or sin is None else {"cos": cos[0].contiguous().numpy(), "sin": sin[0].contiguous().numpy()}
+    )
+    threads = native_threads()
+    for i, L in enumerate(model.layers):
+        if early is not None:  # flash lookahead="attention": this layer's set guessed from its FFN norm now
+            early(i, model._norm(xs[None], L.ffn_norm))
+        h = layers[i].step(xn, pos, cache.k[i].numpy(), cache.v[i].numpy(), threads=threads, **rope)
+        y = model.ffn(i, torch.from_numpy(h)[None])  # (1, D)
+        xs += y[0] if L.down_bias is None else y[0] + L.down_bias
+    return xs[None]
+
+
+def cache_fits(cache: "KVCache") -> bool:
+    """Whether the cache is what the native step writes into: float32, C-contiguous."""
+    return all(t.dtype == torch.float32 and t.is_contiguous() for t in (*cache.k, *cache.v))

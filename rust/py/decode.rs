@@ -1,0 +1,165 @@
+//! `QAttention`: one quantized layer's attention half for one decode token (crate::decode), its
+//! weights held as the numpy arrays Python gave (no copy).
+
+use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadwriteArray1, PyReadwriteArray3};
+use numpy::{PyReadonlyArray2, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+
+use crate::decode::{attn_step, AttnLayer, KvMut, Position};
+use crate::error::Error;
+use crate::quant::QType;
+
+/// A layer's attention weights: q, k, v, o as (rows, row_bytes) uint8 arrays of `kind` blocks,
+/// float32 norms, optional float32 biases (q, k, v, o) and per-head q/k norms. Checked once here
+/// against the shape; `step` runs the layer for one token.
+#[pyclass(frozen, name = "QAttention", module = "llmflash._native")]
+pub struct PyQAttention {
+    kind: QType,
+    shape: [usize; 4], // dim, heads, kv_heads, head_dim
+    eps: f32,
+    w: [Py<PyArray2<u8>>; 4],
+    norms: [Py<PyArray1<f32>>; 2],
+    bias: [Option<Py<PyArray1<f32>>>; 4],
+    qk_norm: [Option<Py<PyArray1<f32>>>; 2],
+}
+
+/// Readonly borrows of every array, alive while a step uses their slices.
+struct Borrowed<'py> {
+    w: [PyReadonlyArray2<'py, u8>; 4],
+    norms: [PyReadonlyArray1<'py, f32>; 2],
+    bias: [Option<PyReadonlyArray1<'py, f32>>; 4],
+    qk_norm: [Option<PyReadonlyArray1<'py, f32>>; 2],
+}
+
+fn contiguous<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
+    a: &'a numpy::PyReadonlyArray<'_, T, D>,
+    what: &str,
+) -> PyResult<&'a [T]> {
+    a.as_slice().map_err(|e| not_contiguous(what, e))
+}
+
+fn not_contiguous(what: &str, e: impl std::fmt::Display) -> PyErr {
+    Error::invalid(format!("{what} must be one C-contiguous array ({e})")).into()
+}
+
+impl PyQAttention {
+    fn borrow<'py>(&self, py: Python<'py>) -> Borrowed<'py> {
+        let opt = |a: &Option<Py<PyArray1<f32>>>| a.as_ref().map(|a| a.bind(py).readonly());
+        Borrowed {
+            w: [0, 1, 2, 3].map(|i| self.w[i].bind(py).readonly()),
+            norms: [0, 1].map(|i| self.norms[i].bind(py).readonly()),
+            bias: [0, 1, 2, 3].map(|i| opt(&self.bias[i])),
+            qk_norm: [0, 1].map(|i| opt(&self.qk_norm[i])),
+        }
+    }
+
+    fn layer<'a>(&self, b: &'a Borrowed<'_>) -> PyResult<AttnLayer<'a>> {
+        let names = ["q", "k", "v", "o"];
+        let mut w: [&[u8]; 4] = [&[]; 4];
+        for i in 0..4 {
+            w[i] = contiguous(&b.w[i], names[i])?;
+        }
+        let mut bias: [Option<&[f32]>; 4] = [None; 4];
+        for i in 0..4 {
+            bias[i] = b.bias[i].as_ref().map(|a| contiguous(a, "a bias")).transpose()?;
+        }
+        let [dim, heads, kv_heads, head_dim] = self.shape;
+        Ok(AttnLayer {
+            kind: self.kind,
+            dim,
+            heads,
+            kv_heads,
+            head_dim,
+            eps: self.eps,
+            attn_norm: contiguous(&b.norms[0], "attn_norm")?,
+            ffn_norm: contiguous(&b.norms[1], "ffn_norm")?,
+            q: w[0],
+            k: w[1],
+            v: w[2],
+            o: w[3],
+            bias,
+            q_norm: b.qk_norm[0].as_ref().map(|a| contiguous(a, "q_norm")).transpose()?,
+            k_norm: b.qk_norm[1].as_ref().map(|a| contiguous(a, "k_norm")).transpose()?,
+        })
+    }
+}
+
+#[pymethods]
+impl PyQAttention {
+    #[new]
+    #[pyo3(signature = (kind, q, k, v, o, attn_norm, ffn_norm, heads, kv_heads, head_dim, eps, bias = None, qk_norm = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        kind: &str,
+        q: Py<PyArray2<u8>>,
+        k: Py<PyArray2<u8>>,
+        v: Py<PyArray2<u8>>,
+        o: Py<PyArray2<u8>>,
+        attn_norm: Py<PyArray1<f32>>,
+        ffn_norm: Py<PyArray1<f32>>,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        eps: f32,
+        bias: Option<[Option<Py<PyArray1<f32>>>; 4]>,
+        qk_norm: Option<[Option<Py<PyArray1<f32>>>; 2]>,
+    ) -> PyResult<Self> {
+        let dim = attn_norm.bind(py).len();
+        let this = PyQAttention {
+            kind: QType::parse(kind)?,
+            shape: [dim, heads, kv_heads, head_dim],
+            eps,
+            w: [q, k, v, o],
+            norms: [attn_norm, ffn_norm],
+            bias: bias.unwrap_or_default(),
+            qk_norm: qk_norm.unwrap_or_default(),
+        };
+        let b = this.borrow(py);
+        this.layer(&b)?.check()?;
+        drop(b);
+        Ok(this)
+    }
+
+    /// One token through the layer's attention half: `x` (dim,) float32 gains the attention's
+    /// output in place; the token's keys and values go into `k`, `v` ((kv_heads, capacity,
+    /// head_dim) float32, C-contiguous) at `pos`; `cos`, `sin` (head_dim,) are RoPE's rows for
+    /// `pos` (None: no rotary embeddings). Returns the FFN's input rms_norm(x, ffn_norm).
+    /// Without the GIL, products on up to `threads` threads.
+    #[pyo3(signature = (x, pos, k, v, cos = None, sin = None, threads = 1))]
+    #[allow(clippy::too_many_arguments)]
+    fn step<'py>(
+        &self,
+        py: Python<'py>,
+        mut x: PyReadwriteArray1<'py, f32>,
+        pos: usize,
+        mut k: PyReadwriteArray3<'py, f32>,
+        mut v: PyReadwriteArray3<'py, f32>,
+        cos: Option<PyReadonlyArray1<'py, f32>>,
+        sin: Option<PyReadonlyArray1<'py, f32>>,
+        threads: usize,
+    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let b = self.borrow(py);
+        let layer = self.layer(&b)?;
+        let capacity = k.shape()[1];
+        if v.shape() != k.shape() {
+            return Err(
+                Error::invalid(format!("keys {:?} and values {:?} differ in shape", k.shape(), v.shape())).into()
+            );
+        }
+        let rope = match (&cos, &sin) {
+            (Some(c), Some(s)) => Some((contiguous(c, "cos")?, contiguous(s, "sin")?)),
+            (None, None) => None,
+            _ => return Err(Error::invalid("cos and sin go together").into()),
+        };
+        let x = x.as_slice_mut().map_err(|e| not_contiguous("x", e))?;
+        let kc = k.as_slice_mut().map_err(|e| not_contiguous("keys", e))?;
+        let vc = v.as_slice_mut().map_err(|e| not_contiguous("values", e))?;
+        let mut h = vec![0f32; x.len()];
+        py.detach(|| {
+            let kv = KvMut { k: kc, v: vc, capacity };
+            attn_step(&layer, x, Position { pos, rope }, kv, threads, &mut h)
+        })?;
+        Ok(PyArray1::from_vec(py, h))
+    }
+}
