@@ -217,3 +217,26 @@ def split_down(
     v = vals.transpose(1, 2, 0).reshape(n_groups * BLOCK, dim // BLOCK, BLOCK)  # (neurons, chunks, 32 rows)
     packed = v[:, :, :16] | (v[:, :, 16:] << 4)
     return np.ascontiguousarray(packed.reshape(n_groups * BLOCK, dim // 2)), d, m
+
+
+def join_down(kind: str, fields: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
+    """split_down's inverse: the bundles' down fields (32 n_groups, down_bytes) uint8 in neuron
+    order and the scales `d` (and `m`, q4_1) (n_groups, dim) float16 -> down_proj (dim,
+    32 n_groups) as GGML blocks along its rows, (dim, n_groups * block_bytes) uint8: the blocks
+    the store was written from, byte for byte."""
+    n_groups, dim = d.shape
+    bb = BLOCK_BYTES[kind]
+    f = np.ascontiguousarray(fields, dtype=np.uint8)
+    if kind == "q8_0":  # (neurons, dim) -> (dim, groups, 32)
+        qs = f.reshape(n_groups, BLOCK, dim).transpose(2, 0, 1)
+    else:  # neuron j's nibbles: chunk c of 32 rows holds row c*32 + k in byte k's low (k < 16) or high nibble
+        packed = f.reshape(n_groups * BLOCK, dim // BLOCK, 16)
+        vals = np.concatenate([packed & 15, packed >> 4], axis=2).reshape(n_groups, BLOCK, dim)
+        v = vals.transpose(2, 0, 1)  # (dim, groups, 32): value k of block (row, group)
+        qs = v[:, :, :16] | (v[:, :, 16:] << 4)
+    out = np.empty((dim, n_groups, bb), dtype=np.uint8)
+    out[:, :, 0:2] = np.ascontiguousarray(d.T, dtype=np.float16).view(np.uint8).reshape(dim, n_groups, 2)
+    if kind == "q4_1":
+        out[:, :, 2:4] = np.ascontiguousarray(m.T, dtype=np.float16).view(np.uint8).reshape(dim, n_groups, 2)
+    out[:, :, (4 if kind == "q4_1" else 2) :] = qs
+    return out.reshape(dim, n_groups * bb)

@@ -1,9 +1,14 @@
 """`dense`: every neuron of every layer in DRAM. The exactness reference for the other strategies,
 and the way to run a model that fits in memory.
 
-A quantized store's bundles stay as read, (n, bundle_bytes) uint8 per layer: decode and short
-prompts run natively on them (strategies/base.q_rows_ffn), a long prompt dequantizes chunks of
-bundles.
+A quantized store's FFN becomes two quantized matrices per layer, in neuron order: the bundles'
+gate and up rows (2n, D) as they are, and down_proj (D, n) rebuilt from the bundles' raw integers
+and the resident group scales into the blocks the store was written from (models/quant.join_down:
+bytes moved, never rounded). Every product is then a row-major quantized matvec
+(models/quant.QTensor: native for a few tokens, dequantized blocks of rows for many), which reads
+down's blocks along the neurons about twice as fast as the bundle kernel's column-wise down
+accumulation (strategies/base.q_rows_ffn, kept for layers whose width is not whole groups of 32).
+No float copy is held.
 
 Memory: one copy of the FFN (the whole of ffn.bin, less its padding). Each layer's bundles are
 read once (CRC-checked), copied out into contiguous matrices, and the bundle buffer dropped, so
@@ -17,11 +22,12 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..models.layers import ACTIVATIONS, linear
-from ..models.quant import QBundles
+from ..models.quant import BLOCK, QBundles, QTensor, down_bytes, join_down, row_bytes
 from ..models.transformer import Transformer
 from ..store import Store, split_bundles
 from .base import q_rows_ffn
@@ -36,17 +42,25 @@ class DenseFFN:
         c = store.config
         self.config = c
         self.act = ACTIVATIONS[c.act]
-        self.w1: list[Tensor] = []  # (2n, D) gate rows then up rows, or (n, D) up rows
-        self.w2: list[Tensor] = []  # (D, n)  down_proj / fc2 as in Hugging Face
+        # (None for a quantized layer on the bundle kernel)
+        self.w1: list[Tensor | QTensor | None] = []  # (2n, D) gate rows then up rows, or (n, D) up rows
+        self.w2: list[Tensor | QTensor | None] = []  # (D, n)  down_proj / fc2 as in Hugging Face
         self.b1: list[Tensor | None] = store.up_biases()  # (n,) fc1 bias (OPT), float32, store order
         self.quant = None if dequantize else store.quant
         self.rows: list[Tensor] = []  # quantized stores: each layer's bundles as read, (n, bundle_bytes) uint8
         self.q: list[QBundles] = []  # and each layer's bundle format (its down scales)
         for i in range(c.n_layers):
             if self.quant:
-                self.rows.append(store.read_layer(i, verify=True))
-                store.check_groups(i, self.rows[-1])  # a StoreError now, not the kernel's at a token
-                self.q.append(store.q_bundles(i))
+                rows = store.read_layer(i, verify=True)
+                store.check_groups(i, rows)  # a StoreError now, not the kernel's at a token
+                q = store.q_bundles(i)
+                if rows.shape[0] % BLOCK:  # a partial last down group: the bundle kernel
+                    self.rows.append(rows)
+                    self.q.append(q)
+                    self.w1.append(None)
+                    self.w2.append(None)
+                else:
+                    self._quantized_matrices(store, i, rows, q)
                 continue
             layer = store.read_layer_float(i) if store.quant else store.read_layer(i, verify=True)
             parts = split_bundles(layer, c)
@@ -54,9 +68,29 @@ class DenseFFN:
             self.w1.append(torch.cat(rows, dim=0).contiguous())
             self.w2.append(parts["down"].t().contiguous())
 
+    def _quantized_matrices(self, store: Store, i: int, rows: Tensor, q: QBundles) -> None:
+        """Layer i's bundles `rows` (n, bundle_bytes) as w1 and w2 QTensors in neuron order (the
+        fc1 bias reordered with them)."""
+        c, kind, n = self.config, q.kind, rows.shape[0]
+        order = store.layers[i].order
+        if order is not None:  # store position -> neuron: put bundle p at row order[p]
+            inv = torch.from_numpy(np.argsort(np.asarray(order)))
+            rows = rows[inv]
+            if self.b1[i] is not None:
+                self.b1[i] = self.b1[i][inv]
+        rb, fields = row_bytes(kind, c.dim), q.fields - 1
+        w1 = rows[:, : fields * rb].contiguous().view(n, fields, rb).transpose(0, 1).reshape(fields * n, rb)
+        down = rows[:, fields * rb : fields * rb + down_bytes(kind, c.dim)].numpy()
+        m = None if q.down_min is None else q.down_min.numpy()
+        w2 = join_down(kind, down, q.down_scale.numpy(), m)
+        self.w1.append(QTensor(kind, (fields * n, c.dim), w1.contiguous()))
+        self.w2.append(QTensor(kind, (c.dim, n), torch.from_numpy(w2)))
+        self.rows.append(rows[:0])
+        self.q.append(q)
+
     def __call__(self, layer: int, x: Tensor) -> Tensor:
         """x (T, D) -> (T, D) float32."""
-        if self.quant:
+        if self.quant and self.rows[layer].shape[0]:
             return q_rows_ffn(x, self.rows[layer], self.config, self.q[layer], self.b1[layer])
         h = linear(x, self.w1[layer])  # (T, 2n) or (T, n)
         if self.config.gated:
@@ -68,9 +102,10 @@ class DenseFFN:
         return linear(h, self.w2[layer])  # (T, D)
 
     def stats(self) -> dict[str, float]:
-        tensors = [*self.w1, *self.w2, *self.rows, *(b for b in self.b1 if b is not None)]
-        scales = sum(q.nbytes for q in self.q)
-        return {"ffn_resident_bytes": float(scales + sum(t.numel() * t.element_size() for t in tensors))}
+        tensors = [t for t in (*self.w1, *self.w2, *self.rows, *self.b1) if t is not None]
+        scales = sum(q.nbytes for q, r in zip(self.q, self.rows) if r.shape[0])  # bundle kernel layers
+        size = lambda t: t.nbytes if isinstance(t, QTensor) else t.numel() * t.element_size()  # noqa: E731
+        return {"ffn_resident_bytes": float(scales + sum(size(t) for t in tensors))}
 
 
 def load_dense(path: str | os.PathLike[str]) -> tuple[Transformer, Store]:

@@ -1,0 +1,154 @@
+"""Quantized decode's native pieces: each layer's attention half in one call
+(models/native_decode.py, llmflash._native.QAttention) against the Python layer it replaces, and
+dense's FFN as two quantized matrices (down_proj's blocks rebuilt from the bundles,
+models/quant.join_down) against gguf.quants' own blocks and transformers."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_tokenizer_json
+from gguf_builders import GGML, KINDS, rt, rt_padded
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from openelm_builders import V as ELM_V
+from openelm_builders import hf_config, random_weights, save_openelm
+
+from llmflash._native import QAttention
+from llmflash.convert.hf import convert_hf
+from llmflash.errors import InvalidArgumentError
+from llmflash.models.quant import QTensor, join_down, split_down
+from llmflash.strategies.dense import load_dense
+
+
+def convert_quiet(src, dst, kind, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no tokenizer.json"
+        return convert_hf(src, dst, dtype=kind, **kw)
+
+
+def decode(model, ids: torch.Tensor) -> torch.Tensor:
+    """Every position's logits, one token at a time through the KV cache."""
+    cache = model.new_cache(len(ids))
+    return torch.cat([model.forward(ids[t : t + 1], cache) for t in range(len(ids))])
+
+
+def python_layers(model, ids: torch.Tensor) -> torch.Tensor:
+    """decode() with the native attention switched off: the torch layer path."""
+    saved, model.native_layers = model.native_layers, None
+    try:
+        return decode(model, ids)
+    finally:
+        model.native_layers = saved
+
+
+def ids(seed: int, n: int = 12, vocab: int = 128) -> torch.Tensor:
+    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("variant", ["llama_gqa", "llama_bias"])
+def test_native_attention_equals_the_python_layer(variant, kind, make_hf, tmp_path):
+    """Llama with grouped-query attention, and with attention biases (q, k, v, o): one native
+    call per layer gives the torch layers' logits to float32 rounding, token after token (the
+    KV cache it writes is read back by the next tokens)."""
+    kw = {"attention_bias": True} if variant == "llama_bias" else {}
+    dst = convert_quiet(make_hf(variant, "llama", **kw).path, tmp_path / "m.llmflash", kind)
+    model, _ = load_dense(dst)
+    assert model.native_layers is not None and len(model.native_layers) == model.config.n_layers
+    x = ids(1)
+    ours, ref = decode(model, x), python_layers(model, x)
+    assert (ours - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+def test_native_attention_openelm(tmp_path):
+    """OpenELM: per-layer head counts, q/k norms before RoPE, tied embeddings."""
+    src = save_openelm(tmp_path / "hf", hf_config(), random_weights(seed=3))
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text(tiny_tokenizer_json(ELM_V))
+    dst = convert_quiet(src, tmp_path / "elm.llmflash", "q8_0", tokenizer=tok)
+    model, _ = load_dense(dst)
+    assert model.native_layers is not None
+    assert len({L.n_heads for L in model.layers}) > 1
+    x = ids(2, vocab=ELM_V)
+    ours, ref = decode(model, x), python_layers(model, x)
+    assert (ours - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+def test_opt_and_float_stores_keep_the_python_layer(make_hf, tmp_path):
+    hf = make_hf("opt_pre_ln", "opt")
+    assert load_dense(convert_quiet(hf.path, tmp_path / "q.llmflash", "q4_0"))[0].native_layers is None  # LayerNorm
+    llama = make_hf("llama_gqa", "llama").path
+    assert load_dense(convert_quiet(llama, tmp_path / "f.llmflash", "float32"))[0].native_layers is None
+
+
+def test_qattention_refuses_bad_shapes():
+    d, hd, heads, kv = 64, 16, 4, 2
+    blocks = lambda rows, cols: np.zeros((rows, cols // 32 * 18), dtype=np.uint8)  # noqa: E731
+    ones = np.ones(d, dtype=np.float32)
+    args = [blocks(heads * hd, d), blocks(kv * hd, d), blocks(kv * hd, d), blocks(d, heads * hd), ones, ones]
+    att = QAttention("q4_0", *args, heads, kv, hd, 1e-5)
+    cache = np.zeros((kv, 4, hd), dtype=np.float32)
+    h = att.step(np.ones(d, dtype=np.float32), 0, cache, cache.copy())
+    assert h.shape == (d,) and np.isfinite(h).all()
+    with pytest.raises(InvalidArgumentError, match="o has"):
+        QAttention("q4_0", *args[:3], blocks(d - 1, heads * hd), *args[4:], heads, kv, hd, 1e-5)
+    with pytest.raises(InvalidArgumentError, match="whole groups"):
+        QAttention("q4_0", *args, heads, 3, hd, 1e-5)
+    with pytest.raises(InvalidArgumentError, match="q5_0"):
+        QAttention("q5_0", *args, heads, kv, hd, 1e-5)
+    with pytest.raises(InvalidArgumentError, match="position 4"):
+        att.step(np.ones(d, dtype=np.float32), 4, cache, cache.copy())
+    with pytest.raises(InvalidArgumentError, match="differ in shape"):
+        att.step(np.ones(d, dtype=np.float32), 0, cache, np.zeros((kv, 5, hd), dtype=np.float32))
+    with pytest.raises(InvalidArgumentError, match="cos and sin"):
+        att.step(np.ones(d, dtype=np.float32), 0, cache, cache.copy(), cos=np.ones(hd, dtype=np.float32))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    kind=st.sampled_from(KINDS), dim=st.sampled_from([32, 64, 96]), groups=st.integers(1, 4), seed=st.integers(0, 2**31)
+)
+def test_join_down_rebuilds_gguf_blocks(kind, dim, groups, seed):
+    """gguf.quants' blocks of a (dim, 32 groups) down_proj, split into bundle fields and scales
+    and joined again: the same bytes."""
+    w = np.random.default_rng(seed).standard_normal((dim, 32 * groups)).astype(np.float32)
+    blocks = gguf.quants.quantize(w, GGML[kind])
+    fields, d, m = split_down(kind, blocks, dim, groups)
+    assert np.array_equal(join_down(kind, fields, d, m), blocks)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dense_ffn_matrices_match_gguf_and_transformers(kind, make_hf, tmp_path):
+    """dense holds gate/up and down as QTensors whose dequantized values are gguf.quants' round
+    trip of the weights, and a width that is not whole groups of 32 (80 neurons) falls back to the
+    bundle kernel; both give the quantized reference's logits."""
+    for name, width in (("llama_gqa", 96), ("llama_ffn80", 80)):
+        hf = make_hf(name, "llama", intermediate_size=width)
+        model, store = load_dense(convert_quiet(hf.path, tmp_path / f"{name}-{kind}.llmflash", kind))
+        ffn = model.ffn
+        mlp = hf.model.model.layers[0].mlp
+        if width % 32 == 0:
+            assert isinstance(ffn.w2[0], QTensor) and ffn.w2[0].shape == (64, width)
+            down = ffn.w2[0].dequantize()
+            assert torch.equal(down, rt(mlp.down_proj.weight.detach(), kind))
+            gate_up = ffn.w1[0].dequantize()
+            assert torch.equal(gate_up[:width], rt(mlp.gate_proj.weight.detach(), kind))
+            assert torch.equal(gate_up[width:], rt(mlp.up_proj.weight.detach(), kind))
+        else:
+            assert ffn.w2[0] is None and ffn.rows[0].shape[0] == width
+        ref = copy.deepcopy(hf.model).float()
+        with torch.no_grad():
+            for pname, p in ref.named_parameters():
+                if p.dim() == 2:
+                    p.copy_(rt_padded(p, kind) if pname.endswith("down_proj.weight") else rt(p, kind))
+            x = ids(4, n=20)
+            want = ref(x[None]).logits[0]
+        got = decode(model, x)
+        assert (got - want).abs().max().item() <= 1e-3 * max(1.0, want.abs().max().item())
