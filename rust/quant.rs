@@ -6,8 +6,8 @@
 //!
 //! Why here: a quantized store reads 2 to 3.5 times fewer bytes per neuron than float16, and the
 //! bytes are only worth saving if they are decoded where they are used: each block is expanded
-//! in registers and multiplied into a float32 `x` (never quantized itself) or accumulated into a
-//! float32 `y`, so no dequantized copy of a row is ever written. Accumulation is in float32.
+//! in registers and multiplied into `x` or accumulated into a float32 `y`, so no dequantized copy
+//! of a row is ever written. Accumulation is in float32.
 //!
 //! Block layouts (little-endian, 32 values each; the `gguf` package's GGML_QUANT_SIZES):
 //! - q8_0, 34 bytes: float16 `d`, 32 x int8 `q`; value `d * q`.
@@ -16,14 +16,16 @@
 //! - q4_1, 20 bytes: float16 `d`, float16 `m`, nibbles as q4_0; value `d * nibble + m`.
 //!
 //! The kernels run with AVX2 + FMA + F16C when the CPU has them (checked at run time), else as
-//! portable Rust that is always compiled; set_portable forces the latter (tests compare both). On
-//! the AVX2 path q4_0 and q4_1, whose cost is expanding nibbles rather than reading bytes, read x
-//! as `arrange` lays it out once per call (each block's 32 values recombined to pair with low
-//! nibbles and whole bytes, and the block's sums of x), so a block expands with two byte shuffles
-//! and masks into float lanes that pair with x as they come, and the -8 (q4_0) and `m` (q4_1) terms
-//! cost one multiply-add a block through those sums. x itself stays float32: results agree with the portable path to
-//! float32 rounding. Threading is crate::gemv's: matrix rows in claimed chunks, bundles through
-//! split_rows, so results do not depend on which thread took which part.
+//! portable Rust that is always compiled; set_portable forces the latter (tests compare both).
+//! Dot products (matrix rows, bundles' gate/up rows) read x as `Xq` rounds it once per call:
+//! int16 integers at a scale per 32-value block, each within 1/65534 of its block's largest
+//! value. A block's product is then an exact integer sum (two multiply-add-pairs instructions
+//! on AVX2, where expanding the block into float lanes took four conversions and four
+//! multiply-adds: the kernel was bound by those, not by memory), scaled once by the block's `d`;
+//! both paths compute the same integers, so they differ only in float32 accumulation order.
+//! The down fields' accumulation (`down_acc`) and dequantization stay float32 throughout.
+//! Threading is crate::gemv's: matrix rows in claimed chunks, bundles through split_rows, so
+//! results do not depend on which thread took which part.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -140,37 +142,22 @@ impl Kernels {
         Kernels { kind, avx2: simd == Simd::Avx2 && avx2_available() }
     }
 
-    /// Whether this runs the AVX2 nibble kernels (q4_0, q4_1), which read x as `arrange` lays it
-    /// out.
-    fn nibbles(self) -> bool {
-        self.avx2 && self.kind != QType::Q8_0
+    /// x as `dot` reads it: `Xq::new(x)`, built once per call and shared by every row.
+    fn prepare(self, x: &[f32]) -> Xq {
+        Xq::new(self.kind, x)
     }
 
-    /// x as `dot` reads it for one call: `arrange(kind, x)` for the nibble kernels, else empty
-    /// (the others read x itself).
-    fn prepare(self, x: &[f32]) -> Vec<f32> {
-        if self.nibbles() {
-            arrange(self.kind, x)
-        } else {
-            Vec::new()
-        }
-    }
-
-    /// sum_j value_j * x[j] over the blocks of `row` (`x.len()` = 32 x blocks; `px` =
-    /// `self.prepare(x)`).
-    fn dot(self, row: &[u8], x: &[f32], px: &[f32]) -> f32 {
+    /// sum_j value_j * x[j] over the blocks of `row`, x as `prepare` rounded it (32 x the
+    /// blocks of `row` values).
+    fn dot(self, row: &[u8], xq: &Xq) -> f32 {
         #[cfg(target_arch = "x86_64")]
         if self.avx2 {
-            if self.nibbles() {
-                // SAFETY: `avx2` is set only when the CPU has AVX2, FMA and F16C (Kernels::new),
-                // the one requirement of the #[target_feature] function beyond its bounds, which
-                // it checks.
-                return unsafe { avx2::dot_nibbles(self.kind, row, px) };
-            }
-            // SAFETY: as above: the CPU has AVX2, FMA and F16C.
-            return unsafe { avx2::dot(self.kind, row, x) };
+            // SAFETY: `avx2` is set only when the CPU has AVX2, FMA and F16C (Kernels::new),
+            // the one requirement of the #[target_feature] function beyond its bounds, which
+            // it checks.
+            return unsafe { avx2::dot(self.kind, row, xq) };
         }
-        scalar::dot(self.kind, row, x)
+        scalar::dot(self.kind, row, xq)
     }
 
     /// t[r] += h * q_r for a bundle's down field `q` (raw integers of the kind: int8, or
@@ -287,7 +274,7 @@ pub(crate) fn q_matvec_on(
             if r + MATVEC_AHEAD < rows {
                 prefetch(&w[(r + MATVEC_AHEAD) * row_bytes..][..row_bytes]);
             }
-            *v = k.dot(&w[r * row_bytes..][..row_bytes], x, &px);
+            *v = k.dot(&w[r * row_bytes..][..row_bytes], &px);
         }
     };
     if threads < 2 || rows < 2 || rows * cols < Q_SPLIT_MACS {
@@ -306,24 +293,52 @@ pub(crate) fn q_matvec_on(
     Ok(())
 }
 
-/// x laid out for the AVX2 nibble kernels' dot (crate::quant::avx2), block by block: for
-/// j < 16, x[j] - x[16 + j] / 16 (the factor of the low nibble), then x[16 + j] / 16 (of the
-/// whole byte; exact, a power of two), then 8 lanes whose sum is the block's sum of x: for q4_0, lane l holds -8 (x[l] + x[8 + l] + x[16 + l] + x[24 + l]);
-/// for q4_1 the even lanes hold 0 and odd lane l those sums of lanes l - 1 and l (the kernel
-/// multiplies them by [d, m] pairs). Built once per call and shared by every row.
-fn arrange(kind: QType, x: &[f32]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(x.len() / BLOCK * (BLOCK + 8));
-    for xb in x.chunks_exact(BLOCK) {
-        out.extend((0..16).map(|j| xb[j] - xb[16 + j] / 16.0));
-        out.extend(xb[16..].iter().map(|v| v / 16.0));
-        let lane = |l: usize| xb[l] + xb[8 + l] + xb[16 + l] + xb[24 + l];
-        if kind == QType::Q4_0 {
-            out.extend((0..8).map(|l| -8.0 * lane(l)));
-        } else {
-            out.extend((0..8).map(|l| if l % 2 == 1 { lane(l - 1) + lane(l) } else { 0.0 }));
+/// The largest |x_int| of `Xq`: int16's range less one, so that negation cannot overflow.
+const XQ_MAX: f32 = 32767.0;
+
+/// x rounded for the dot products, once per call: each 32-value block `b` as int16 integers
+/// `xi = round(x / s_b)` at its own scale `s_b = max |x| / 32767`, so each value is off by at
+/// most 1/65534 of its block's largest (finer than float16's 1/2048 of itself for every value
+/// within 1/32 of the block's largest). A row's block then takes an exact integer dot product
+/// sum_j q_j xi_j, scaled once: `d s_b` for it and, for the constant terms, `c_b` (q4_0: the
+/// nibbles' -8 as `-8 s_b sum xi`; q4_1: `m` times `s_b sum xi`; q8_0: 0). A block holding a
+/// value that is not finite gets s_b = NaN, so every product with it is NaN, as in float.
+pub(crate) struct Xq {
+    xi: Vec<i16>,
+    /// [s_b, c_b] per block; c_b as above without the row's d (q4_0) or m (q4_1).
+    sc: Vec<[f32; 2]>,
+}
+
+impl Xq {
+    fn new(kind: QType, x: &[f32]) -> Xq {
+        let blocks = x.len() / BLOCK;
+        let mut xi = Vec::with_capacity(blocks * BLOCK);
+        let mut sc = Vec::with_capacity(blocks);
+        for xb in x.chunks_exact(BLOCK) {
+            let finite = xb.iter().all(|v| v.is_finite());
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            if !finite || amax == 0.0 {
+                xi.extend([0i16; BLOCK]);
+                sc.push(if finite { [0.0, 0.0] } else { [f32::NAN, f32::NAN] });
+                continue;
+            }
+            let inv = XQ_MAX / amax;
+            let mut sum = 0i32;
+            for &v in xb {
+                let q = (v * inv).round().clamp(-XQ_MAX, XQ_MAX) as i16;
+                sum += q as i32;
+                xi.push(q);
+            }
+            let s = amax / XQ_MAX;
+            let c = match kind {
+                QType::Q8_0 => 0.0,
+                QType::Q4_0 => -8.0 * s * sum as f32,
+                QType::Q4_1 => s * sum as f32,
+            };
+            sc.push([s, c]);
         }
+        Xq { xi, sc }
     }
-    out
 }
 
 /// `out` = the values of `blocks` (`blocks.len()` = out.len() / 32 blocks of `kind` exactly).

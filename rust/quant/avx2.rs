@@ -1,25 +1,17 @@
 //! The AVX2 + FMA + F16C kernels. Callers must have checked that the CPU has all three features
 //! (crate::quant::Kernels); bounds come from `chunks_exact`, so only whole blocks are touched.
 //!
-//! q8_0's dot and every format's dequantize: a block's 32 integers (q, nibble - 8, nibble) are
-//! widened in registers to four 8-lane float32 vectors, combined with x (dot) or nothing
-//! (dequantize), and scaled once per block by its float16 `d` (and `m` for q4_1, through the
-//! block's sum of x or an offset).
+//! dot: x comes rounded to int16 per block (crate::quant::Xq), so a block's product is integer
+//! arithmetic: its 32 weights are widened to int16 lanes (q8_0: two sign extensions; q4: one
+//! zero extension of the 16 bytes, then `& 15` gives values 0..16 and `>> 4` values 16..32, in
+//! the lanes that pair with x's two halves), two multiply-add-pairs give 8 int32 partial sums,
+//! and one conversion and one multiply-add scale them by `d s_b`. The block's constant term
+//! (q4_0's -8, q4_1's `m`) is one scalar lane: [d, m] (or d broadcast) times [s_b, c_b] gives
+//! both factors in one multiply. A block's `d` (and `m`) take one 4-byte load and one 4-lane
+//! conversion (`dm`).
 //!
-//! q4_0 and q4_1 have their own dot (`dot_nibbles`), because there the expansion, not memory, is
-//! the cost (the kernel is bound by vector instructions per block): the block's 16 bytes are
-//! broadcast to both halves of a register and one byte shuffle puts 8 of them into the low bytes
-//! of 8 int32 lanes; masking that with 0x0F gives 8 low nibbles and with 0xF0 the same bytes'
-//! high nibbles times 16, so 32 values take two shuffles, four ANDs and four int -> float
-//! conversions, with no widening shuffles, no subtraction of 8 and no shifts. dot needs two ANDs
-//! fewer: with lo_j and hi_j value j's and j + 16's nibbles and b_j = lo_j + 16 hi_j the whole
-//! byte, lo_j x_j + hi_j x_{j+16} = lo_j (x_j - x_{j+16} / 16) + b_j (x_{j+16} / 16), so it
-//! converts the low nibbles and the whole bytes and multiplies them with x as
-//! crate::quant::arrange lays it out once per call (each new term is at most the old one plus
-//! 15/16 |x_{j+16}|, so no cancellation: the rounding stays float32's). The blocks' constant terms
-//! (-8 d for q4_0, m for q4_1) go into one multiply-add per block: dot starts each block's sum
-//! from arrange's -8 x sum (q4_0) or adds m times it (q4_1, as one multiply-add of [d, m] lane
-//! pairs). A block's `d` (and `m`) take one 4-byte load and one 4-lane conversion (`dm`).
+//! dequantize: a block's 32 integers (q, nibble - 8, nibble) are widened to four 8-lane float32
+//! vectors and scaled by `d` (and offset by `m`).
 //!
 //! The bundle FFN's down fields (crate::quant::bundle) are raw integers without scales:
 //! `down_acc` expands them as above (int8 widened, or nibbles with the factor 16 folded into
@@ -27,7 +19,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{QType, BLOCK};
+use super::{QType, Xq, BLOCK};
 
 const Q8_0: u8 = 0;
 const Q4_0: u8 = 1;
@@ -74,19 +66,6 @@ unsafe fn ints<const K: u8>(blk: &[u8]) -> [__m256; 4] {
     [widen(lo), widen(_mm_srli_si128(lo, 8)), widen(hi), widen(_mm_srli_si128(hi, 8))]
 }
 
-/// The 32 float32 of `xb` (32 long) as four vectors.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load32(xb: &[f32]) -> [__m256; 4] {
-    let xb = &xb[..BLOCK];
-    let mut out = [_mm256_setzero_ps(); 4];
-    for (k, o) in out.iter_mut().enumerate() {
-        // SAFETY: xb holds 32 floats and 8k + 8 <= 32 (k < 4): an unaligned 8-lane load inside it.
-        *o = unsafe { _mm256_loadu_ps(xb.as_ptr().add(8 * k)) };
-    }
-    out
-}
-
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn hsum(v: __m256) -> f32 {
@@ -95,52 +74,79 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
-/// sum_j value_j * x[j] over the whole blocks of `row` and 32-value chunks of `x`.
+/// sum_j value_j * x[j] over the whole blocks of `row`, x as `xq` rounded it
+/// (crate::quant::Xq): per block the integers' exact sum times `d s_b`, plus `d c_b` (q8_0,
+/// q4_0) or `m c_b` (q4_1).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn dot(kind: QType, row: &[u8], x: &[f32]) -> f32 {
+pub(super) unsafe fn dot(kind: QType, row: &[u8], xq: &Xq) -> f32 {
     match kind {
-        QType::Q8_0 => dot_k::<Q8_0>(row, x, kind.block_bytes()),
-        QType::Q4_0 => dot_k::<Q4_0>(row, x, kind.block_bytes()),
-        QType::Q4_1 => dot_k::<Q4_1>(row, x, kind.block_bytes()),
+        QType::Q8_0 => dot_k::<Q8_0>(row, xq, kind.block_bytes()),
+        QType::Q4_0 => dot_k::<Q4_0>(row, xq, kind.block_bytes()),
+        QType::Q4_1 => dot_k::<Q4_1>(row, xq, kind.block_bytes()),
     }
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_k<const K: u8>(row: &[u8], x: &[f32], bb: usize) -> f32 {
-    // Two accumulators, for even and odd blocks (and two more for q4_1's `m` terms), so that
-    // consecutive blocks do not wait on one chain of dependent multiply-adds.
-    let (mut a0, mut a1, mut m0, mut m1) =
-        (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
-    let pairs = row.chunks_exact(2 * bb).zip(x.chunks_exact(2 * BLOCK));
-    for (blk2, xb2) in pairs {
+unsafe fn dot_k<const K: u8>(row: &[u8], xq: &Xq, bb: usize) -> f32 {
+    // Two accumulators, for even and odd blocks, so that consecutive blocks do not wait on one
+    // chain of dependent multiply-adds; the constant terms add up in lane 1 of `c`.
+    let (mut a0, mut a1, mut c) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm_setzero_ps());
+    let blocks = row.len() / bb;
+    let pairs = row.chunks_exact(2 * bb).zip(xq.xi.chunks_exact(2 * BLOCK)).zip(xq.sc.chunks_exact(2));
+    for ((blk2, xb2), sc2) in pairs {
         let (b0, b1) = blk2.split_at(bb);
         let (x0, x1) = xb2.split_at(BLOCK);
-        block_dot::<K>(b0, x0, &mut a0, &mut m0);
-        block_dot::<K>(b1, x1, &mut a1, &mut m1);
+        block_dot::<K>(b0, x0, &sc2[0], &mut a0, &mut c);
+        block_dot::<K>(b1, x1, &sc2[1], &mut a1, &mut c);
     }
-    let whole = row.len() / (2 * bb) * 2;
-    if let (Some(blk), Some(xb)) = (row.chunks_exact(bb).nth(whole), x.chunks_exact(BLOCK).nth(whole)) {
-        block_dot::<K>(blk, xb, &mut a0, &mut m0);
+    if blocks % 2 == 1 {
+        let last = blocks - 1;
+        if let (Some(xb), Some(sc)) = (xq.xi.chunks_exact(BLOCK).nth(last), xq.sc.get(last)) {
+            block_dot::<K>(&row[last * bb..][..bb], xb, sc, &mut a0, &mut c);
+        }
     }
-    hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(m0, m1)))
+    hsum(_mm256_add_ps(a0, a1)) + _mm_cvtss_f32(_mm_movehdup_ps(c))
 }
 
-/// acc += d * (q . x) and, for q4_1, acc_m += m * sum(x), lane-wise, for one block.
+/// acc += d s_b (q . xi) lane-wise and c[1] += d c_b (q4_1: m c_b), for one block, its 32
+/// rounded values `xb` and their [s_b, c_b].
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn block_dot<const K: u8>(blk: &[u8], xb: &[f32], acc: &mut __m256, acc_m: &mut __m256) {
-    let q = ints::<K>(blk);
-    let v = load32(xb);
-    let s = _mm256_fmadd_ps(
-        q[3],
-        v[3],
-        _mm256_fmadd_ps(q[2], v[2], _mm256_fmadd_ps(q[1], v[1], _mm256_mul_ps(q[0], v[0]))),
-    );
-    *acc = _mm256_fmadd_ps(_mm256_set1_ps(half(blk, 0)), s, *acc);
-    if K == Q4_1 {
-        let sx = _mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3]));
-        *acc_m = _mm256_fmadd_ps(_mm256_set1_ps(half(blk, 2)), sx, *acc_m);
+unsafe fn block_dot<const K: u8>(blk: &[u8], xb: &[i16], sc: &[f32; 2], acc: &mut __m256, c: &mut __m128) {
+    let xb = &xb[..BLOCK];
+    // SAFETY: xb holds 32 int16 (64 bytes): two unaligned 32-byte loads inside it; sc is 8 bytes:
+    // one unaligned 8-byte load.
+    let (x0, x1, scv) = unsafe {
+        (
+            _mm256_loadu_si256(xb.as_ptr() as *const __m256i),
+            _mm256_loadu_si256(xb.as_ptr().add(16) as *const __m256i),
+            _mm_castsi128_ps(_mm_loadl_epi64(sc.as_ptr() as *const __m128i)),
+        )
+    };
+    let p = if K == Q8_0 {
+        let q = &blk[2..2 + BLOCK];
+        // SAFETY: q holds 32 bytes: two unaligned 16-byte loads inside it.
+        let (w0, w1) = unsafe {
+            (
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(q.as_ptr() as *const __m128i)),
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(q.as_ptr().add(16) as *const __m128i)),
+            )
+        };
+        _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1))
+    } else {
+        let q = if K == Q4_1 { &blk[4..20] } else { &blk[2..18] };
+        // SAFETY: q holds 16 bytes: one unaligned 16-byte load.
+        let w = _mm256_cvtepu8_epi16(unsafe { _mm_loadu_si128(q.as_ptr() as *const __m128i) });
+        let (lo, hi) = (_mm256_and_si256(w, _mm256_set1_epi16(15)), _mm256_srli_epi16(w, 4));
+        _mm256_add_epi32(_mm256_madd_epi16(lo, x0), _mm256_madd_epi16(hi, x1))
+    };
+    // [d s_b, d c_b] or, for q4_1, [d s_b, m c_b]
+    let dm = dm(blk);
+    let f = _mm_mul_ps(if K == Q4_1 { dm } else { _mm_broadcastss_ps(dm) }, scv);
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcastss_ps(f), *acc);
+    if K != Q8_0 {
+        *c = _mm_add_ps(*c, f);
     }
 }
 
@@ -170,9 +176,6 @@ unsafe fn scale_into<const K: u8>(h: f32, row: &[u8], y: &mut [f32], bb: usize) 
     }
 }
 
-/// Floats per block of crate::quant::arrange's layout: 32 of x, then 8 of the block's sums.
-pub(super) const ARRANGED: usize = 40;
-
 /// Byte shuffles that put bytes 0..8 (`NIB_A`) or 8..16 (`NIB_B`) of a broadcast 16-byte block
 /// into the low bytes of 8 int32 lanes, zeroing the rest (index -1).
 #[rustfmt::skip]
@@ -195,11 +198,10 @@ unsafe fn dm(blk: &[u8]) -> __m128 {
 }
 
 /// A q4 block's nibbles (16 bytes `q`) as float32: values 0..8, 8..16, then 16 x values
-/// 16..24 and 24..32, or with `WHOLE` the whole bytes 0..8 and 8..16 (value j + 16 x value
-/// j + 16) in place of the last two.
+/// 16..24 and 24..32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn nibbles<const WHOLE: bool>(q: &[u8]) -> [__m256; 4] {
+unsafe fn nibbles(q: &[u8]) -> [__m256; 4] {
     let q = &q[..16];
     // SAFETY: q holds 16 bytes: one unaligned 16-byte load; the shuffle tables hold 32 bytes each.
     let (v, ia, ib) = unsafe {
@@ -211,66 +213,13 @@ unsafe fn nibbles<const WHOLE: bool>(q: &[u8]) -> [__m256; 4] {
     };
     let (a, b) = (_mm256_shuffle_epi8(v, ia), _mm256_shuffle_epi8(v, ib));
     let (lo, hi) = (_mm256_set1_epi32(0x0F), _mm256_set1_epi32(0xF0));
-    let (a_hi, b_hi) = if WHOLE { (a, b) } else { (_mm256_and_si256(a, hi), _mm256_and_si256(b, hi)) };
+    let (a_hi, b_hi) = (_mm256_and_si256(a, hi), _mm256_and_si256(b, hi));
     [
         _mm256_cvtepi32_ps(_mm256_and_si256(a, lo)),
         _mm256_cvtepi32_ps(_mm256_and_si256(b, lo)),
         _mm256_cvtepi32_ps(a_hi),
         _mm256_cvtepi32_ps(b_hi),
     ]
-}
-
-/// sum_j value_j * x[j] for q4_0 or q4_1 (`kind`), x given as crate::quant::arrange laid it out
-/// for `kind` (`px`: ARRANGED floats a block).
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn dot_nibbles(kind: QType, row: &[u8], px: &[f32]) -> f32 {
-    match kind {
-        QType::Q4_1 => dot_nib::<Q4_1>(row, px, kind.block_bytes()),
-        _ => dot_nib::<Q4_0>(row, px, kind.block_bytes()),
-    }
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_nib<const K: u8>(row: &[u8], px: &[f32], bb: usize) -> f32 {
-    // Two accumulators (and two for q4_1's `m` terms), for even and odd blocks, as dot_k.
-    let (mut a0, mut a1, mut m0, mut m1) =
-        (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
-    let pairs = row.chunks_exact(2 * bb).zip(px.chunks_exact(2 * ARRANGED));
-    for (blk2, xb2) in pairs {
-        let (b0, b1) = blk2.split_at(bb);
-        let (x0, x1) = xb2.split_at(ARRANGED);
-        nib_dot::<K>(b0, x0, &mut a0, &mut m0);
-        nib_dot::<K>(b1, x1, &mut a1, &mut m1);
-    }
-    let whole = row.len() / (2 * bb) * 2;
-    if let (Some(blk), Some(xb)) = (row.chunks_exact(bb).nth(whole), px.chunks_exact(ARRANGED).nth(whole)) {
-        nib_dot::<K>(blk, xb, &mut a0, &mut m0);
-    }
-    hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(m0, m1)))
-}
-
-/// acc += d * (nibbles . x - 8 sum x) for q4_0, or acc += d * (nibbles . x) and
-/// acc_m += m * sum x for q4_1, lane-wise, for one block and its ARRANGED floats `xb` (the low
-/// nibbles and whole bytes times arrange's two halves; see the module docs).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn nib_dot<const K: u8>(blk: &[u8], xb: &[f32], acc: &mut __m256, acc_m: &mut __m256) {
-    let q = nibbles::<true>(if K == Q4_1 { &blk[4..20] } else { &blk[2..18] });
-    let xb = &xb[..ARRANGED];
-    // SAFETY: xb holds 40 floats and 8k + 8 <= 40 (k <= 4): unaligned 8-lane loads inside it.
-    let v = |k: usize| unsafe { _mm256_loadu_ps(xb.as_ptr().add(8 * k)) };
-    let (sums, dm) = (v(4), dm(blk));
-    let s0 = if K == Q4_0 { _mm256_fmadd_ps(q[0], v(0), sums) } else { _mm256_mul_ps(q[0], v(0)) };
-    let s1 = _mm256_mul_ps(q[1], v(1));
-    let s0 = _mm256_fmadd_ps(q[2], v(2), s0);
-    let s1 = _mm256_fmadd_ps(q[3], v(3), s1);
-    *acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(dm), _mm256_add_ps(s0, s1), *acc);
-    if K == Q4_1 {
-        // [d, m] in every pair of lanes times arrange's sums, which are 0 in the even lanes.
-        let dm4 = _mm256_castpd_ps(_mm256_broadcastsd_pd(_mm_castps_pd(dm)));
-        *acc_m = _mm256_fmadd_ps(dm4, sums, *acc_m);
-    }
 }
 
 /// t[r] += h * q_r over a down field's raw integers `q` (crate::quant::bundle): int8 (q8_0), or
@@ -293,7 +242,7 @@ pub(super) unsafe fn down_acc(kind: QType, h: f32, q: &[u8], t: &mut [f32]) {
     let h16 = _mm256_set1_ps(h / 16.0);
     let scale = [h1, h1, h16, h16];
     for (qc, tc) in q.chunks_exact(BLOCK / 2).zip(t.chunks_exact_mut(BLOCK)) {
-        let v = nibbles::<false>(qc);
+        let v = nibbles(qc);
         for k in 0..4 {
             // SAFETY: tc holds 32 floats and 8k + 8 <= 32 (k < 4): an unaligned 8-lane load and
             // store inside it.

@@ -198,9 +198,9 @@ pub(crate) fn q_bundle_ffn_on(
                 prefetch(&bundles[pick.map_or(j + AHEAD, |p| p[j + AHEAD] as usize) * stride..][..size]);
             }
             let b = &bundles[i * stride..][..size];
-            let u = k.dot(&b[(lay.rows - 1) * lay.field..][..lay.field], x, &px);
+            let u = k.dot(&b[(lay.rows - 1) * lay.field..][..lay.field], &px);
             let h = if gated {
-                let g = k.dot(&b[..lay.field], x, &px);
+                let g = k.dot(&b[..lay.field], &px);
                 g / (1.0 + (-g).exp()) * u
             } else {
                 (u + bias.map_or(0.0, |b| b[i])).max(0.0)

@@ -1,7 +1,7 @@
 //! The portable kernels: each block decoded into 32 float32 values, then used. Always compiled;
 //! the reference the AVX2 kernels are tested against.
 
-use super::{QType, BLOCK};
+use super::{QType, Xq, BLOCK};
 use crate::gemv::f16_to_f32;
 
 /// The float16 at bytes `at..at + 2` of `b`.
@@ -33,10 +33,26 @@ pub(super) fn decode(kind: QType, blk: &[u8]) -> [f32; BLOCK] {
     v
 }
 
-pub(super) fn dot(kind: QType, row: &[u8], x: &[f32]) -> f32 {
+/// sum_j value_j * x[j], x as `xq` rounded it: per block the exact integer sum of q_j xi_j (q
+/// the raw integers: int8, or nibbles 0..15), then `d (s isum + c)`, or `d s isum + m c` for
+/// q4_1 (`c` as Xq holds it), as the AVX2 kernel does.
+pub(super) fn dot(kind: QType, row: &[u8], xq: &Xq) -> f32 {
     let mut sum = 0f32;
-    for (blk, xb) in row.chunks_exact(kind.block_bytes()).zip(x.chunks_exact(BLOCK)) {
-        sum += decode(kind, blk).iter().zip(xb).map(|(a, b)| a * b).sum::<f32>();
+    let blocks = row.chunks_exact(kind.block_bytes()).zip(xq.xi.chunks_exact(BLOCK)).zip(&xq.sc);
+    for ((blk, xb), &[s, c]) in blocks {
+        let d = half(blk, 0);
+        let isum: i32 = match kind {
+            QType::Q8_0 => blk[2..2 + BLOCK].iter().zip(xb).map(|(&q, &x)| (q as i8) as i32 * x as i32).sum(),
+            QType::Q4_0 | QType::Q4_1 => {
+                let qs = if kind == QType::Q4_1 { &blk[4..20] } else { &blk[2..18] };
+                let (lo, hi) = xb.split_at(16);
+                qs.iter().zip(lo.iter().zip(hi)).map(|(&q, (&l, &h))| (q & 15) as i32 * l as i32 + (q >> 4) as i32 * h as i32).sum()
+            }
+        };
+        sum += match kind {
+            QType::Q8_0 | QType::Q4_0 => d * s * isum as f32 + d * c,
+            QType::Q4_1 => d * s * isum as f32 + half(blk, 2) * c,
+        };
     }
     sum
 }

@@ -169,7 +169,7 @@ fn avx2_kernels_match_the_portable_ones() {
             let x: Vec<f32> = (0..blocks * BLOCK).map(|_| rng.unit()).collect();
             let (s, v) = (Kernels::new(kind, Simd::Portable), Kernels::new(kind, Simd::Avx2));
             let terms: f32 = values(kind, &row).iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
-            let (ds, dv) = (s.dot(&row, &x, &s.prepare(&x)), v.dot(&row, &x, &v.prepare(&x)));
+            let (ds, dv) = (s.dot(&row, &s.prepare(&x)), v.dot(&row, &v.prepare(&x)));
             assert!((ds - dv).abs() <= 1e-5 * (terms + 1e-6), "{kind:?} {blocks}: {ds} vs {dv}");
             // a down field's raw integers (the row's bytes after its first scale), then a flush
             let q = &row[..bundle::down_bytes(kind, x.len()).min(row.len())];
@@ -459,6 +459,55 @@ proptest! {
             let sc = bundle::DownScales { d: &d, m: m.as_deref() };
             bundle::q_bundle_ffn_on(simd, kind, &bundles, stride, n, gated, &x, None, sc, &mut y, 1, None).unwrap();
             assert_near(&y, &want, mag, 1e-4, &format!("{kind:?} {simd:?}"));
+        }
+    }
+}
+
+#[test]
+fn rounded_x_keeps_non_finite_values_and_zero_blocks() {
+    let mut rng = Rng(23);
+    for kind in KINDS {
+        let row = random_blocks(kind, 3, &mut rng);
+        let mut x: Vec<f32> = (0..96).map(|_| rng.unit()).collect();
+        x[32..64].iter_mut().for_each(|v| *v = 0.0); // a zero block: scale 0, no NaN from 0/0
+        for simd in PATHS {
+            let k = Kernels::new(kind, simd);
+            let want: f64 = values(kind, &row).iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
+            let got = k.dot(&row, &k.prepare(&x)) as f64;
+            let terms: f64 = values(kind, &row).iter().zip(&x).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+            assert!((got - want).abs() <= 1e-4 * terms, "{kind:?} {simd:?}: {got} vs {want}");
+            for bad in [f32::NAN, f32::INFINITY] {
+                let mut xb = x.clone();
+                xb[70] = bad;
+                assert!(k.dot(&row, &k.prepare(&xb)).is_nan(), "{kind:?} {simd:?}: {bad} in x");
+            }
+        }
+    }
+}
+
+#[test]
+fn rounded_x_is_within_its_bound_beside_an_outlier() {
+    // a block with one value 1000x the others: each value is off by at most 1/65534 of the
+    // block's largest, so the product is off by at most sum_j |w_j| amax / 65534
+    let mut rng = Rng(29);
+    for kind in KINDS {
+        let row = random_blocks(kind, 4, &mut rng);
+        let mut x: Vec<f32> = (0..128).map(|_| 0.01 * rng.unit()).collect();
+        x[5] = 10.0;
+        let vals = values(kind, &row);
+        let want: f64 = vals.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
+        let bound: f64 = vals
+            .chunks_exact(BLOCK)
+            .zip(x.chunks_exact(BLOCK))
+            .map(|(w, xb)| {
+                let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+                w.iter().map(|&v| (v as f64).abs()).sum::<f64>() * amax / 65534.0
+            })
+            .sum();
+        for simd in PATHS {
+            let k = Kernels::new(kind, simd);
+            let got = k.dot(&row, &k.prepare(&x)) as f64;
+            assert!((got - want).abs() <= bound * 1.01 + 1e-5 * want.abs(), "{kind:?} {simd:?}: {got} vs {want}");
         }
     }
 }
