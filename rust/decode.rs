@@ -192,5 +192,8 @@ fn rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
+mod ffn;
+pub use ffn::{decode_layers, ffn_step, FfnLayer};
+
 #[cfg(test)]
 mod tests;

@@ -356,6 +356,32 @@ class QAttention:
         RoPE's rows for `pos`. Returns rms_norm(x, ffn_norm). Without the GIL."""
         ...
 
+class QDecoder:
+    """A quantized gated model's layers for one decode token: each layer's QAttention, then its
+    FFN w1 (gate rows then up rows, 2n x row bytes) and w2 (dim x row bytes), `kind` blocks;
+    shapes checked here (InvalidArgumentError)."""
+
+    def __init__(
+        self,
+        kind: Literal["q8_0", "q4_0", "q4_1"],
+        attn: Sequence[QAttention],
+        w1: Sequence[np.ndarray],
+        w2: Sequence[np.ndarray],
+    ) -> None: ...
+    def run(
+        self,
+        x: np.ndarray,
+        pos: int,
+        k: Sequence[np.ndarray],
+        v: Sequence[np.ndarray],
+        cos: Optional[np.ndarray] = None,
+        sin: Optional[np.ndarray] = None,
+        threads: int = 1,
+    ) -> None:
+        """x (dim,) float32 through every layer in place (attention half, then x += W2 (silu(g) * u));
+        k[i], v[i] layer i's cache as QAttention.step takes it. Without the GIL."""
+        ...
+
 # -- test-only: the reader's fault-injection hook (tests/test_faults.py); never used by the package --
 
 def _inject_fault(

@@ -5,7 +5,7 @@ use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadwriteArr
 use numpy::{PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use crate::decode::{attn_step, AttnLayer, KvMut, Position};
+use crate::decode::{attn_step, decode_layers, AttnLayer, FfnLayer, KvMut, Position};
 use crate::error::Error;
 use crate::quant::QType;
 
@@ -161,5 +161,118 @@ impl PyQAttention {
             attn_step(&layer, x, Position { pos, rope }, kv, threads, &mut h)
         })?;
         Ok(PyArray1::from_vec(py, h))
+    }
+}
+
+/// A whole quantized gated model's layers for one decode token: each layer's QAttention, then
+/// its FFN `w1` (2n, row bytes) gate rows then up rows and `w2` (dim, row bytes), `kind` blocks.
+/// Checked once here; `run` takes a token through every layer in one call.
+#[pyclass(frozen, name = "QDecoder", module = "llmflash._native")]
+pub struct PyQDecoder {
+    kind: QType,
+    attn: Vec<Py<PyQAttention>>,
+    w1: Vec<Py<PyArray2<u8>>>,
+    w2: Vec<Py<PyArray2<u8>>>,
+}
+
+impl PyQDecoder {
+    fn ffn<'a>(&self, i: usize, w1: &'a PyReadonlyArray2<'_, u8>, w2: &'a PyReadonlyArray2<'_, u8>) -> PyResult<FfnLayer<'a>> {
+        Ok(FfnLayer {
+            kind: self.kind,
+            n: w1.shape()[0] / 2,
+            w1: contiguous(w1, &format!("layer {i}'s w1"))?,
+            w2: contiguous(w2, &format!("layer {i}'s w2"))?,
+        })
+    }
+}
+
+#[pymethods]
+impl PyQDecoder {
+    #[new]
+    fn new(
+        py: Python<'_>,
+        kind: &str,
+        attn: Vec<Py<PyQAttention>>,
+        w1: Vec<Py<PyArray2<u8>>>,
+        w2: Vec<Py<PyArray2<u8>>>,
+    ) -> PyResult<Self> {
+        if attn.len() != w1.len() || attn.len() != w2.len() {
+            return Err(Error::invalid(format!(
+                "decoder: {} attention layers, {} w1 and {} w2 matrices",
+                attn.len(),
+                w1.len(),
+                w2.len()
+            ))
+            .into());
+        }
+        let this = PyQDecoder { kind: QType::parse(kind)?, attn, w1, w2 };
+        for i in 0..this.attn.len() {
+            let (a, b) = (this.w1[i].bind(py).readonly(), this.w2[i].bind(py).readonly());
+            if a.shape()[0] % 2 != 0 {
+                return Err(Error::invalid(format!("layer {i}'s w1 has {} rows, not gate and up rows", a.shape()[0])).into());
+            }
+            let dim = this.attn[i].get().shape[0];
+            this.ffn(i, &a, &b)?.check(dim).map_err(|e| Error::invalid(format!("layer {i}: {e}")))?;
+        }
+        Ok(this)
+    }
+
+    /// One token through every layer: `x` (dim,) float32, the residual stream, updated in
+    /// place; `k[i]`, `v[i]` layer i's cache as QAttention.step takes it; `cos`, `sin` RoPE's
+    /// rows for `pos` (None: no rotary embeddings). Without the GIL, products on up to
+    /// `threads` threads.
+    #[pyo3(signature = (x, pos, k, v, cos = None, sin = None, threads = 1))]
+    #[allow(clippy::too_many_arguments)]
+    fn run<'py>(
+        &self,
+        py: Python<'py>,
+        mut x: PyReadwriteArray1<'py, f32>,
+        pos: usize,
+        mut k: Vec<PyReadwriteArray3<'py, f32>>,
+        mut v: Vec<PyReadwriteArray3<'py, f32>>,
+        cos: Option<PyReadonlyArray1<'py, f32>>,
+        sin: Option<PyReadonlyArray1<'py, f32>>,
+        threads: usize,
+    ) -> PyResult<()> {
+        let layers = self.attn.len();
+        if k.len() != layers || v.len() != layers {
+            return Err(Error::invalid(format!(
+                "decoder of {layers} layers given {} key and {} value caches",
+                k.len(),
+                v.len()
+            ))
+            .into());
+        }
+        let borrowed: Vec<Borrowed> = self.attn.iter().map(|a| a.get().borrow(py)).collect();
+        let mats: Vec<_> = (0..layers).map(|i| (self.w1[i].bind(py).readonly(), self.w2[i].bind(py).readonly())).collect();
+        let mut attn = Vec::with_capacity(layers);
+        let mut ffn = Vec::with_capacity(layers);
+        for i in 0..layers {
+            attn.push(self.attn[i].get().layer(&borrowed[i])?);
+            ffn.push(self.ffn(i, &mats[i].0, &mats[i].1)?);
+        }
+        let rope = match (&cos, &sin) {
+            (Some(c), Some(s)) => Some((contiguous(c, "cos")?, contiguous(s, "sin")?)),
+            (None, None) => None,
+            _ => return Err(Error::invalid("cos and sin go together").into()),
+        };
+        let mut kv = Vec::with_capacity(layers);
+        for (i, (kc, vc)) in k.iter_mut().zip(v.iter_mut()).enumerate() {
+            if kc.shape() != vc.shape() {
+                return Err(Error::invalid(format!(
+                    "layer {i}: keys {:?} and values {:?} differ in shape",
+                    kc.shape(),
+                    vc.shape()
+                ))
+                .into());
+            }
+            let capacity = kc.shape()[1];
+            let kk = kc.as_slice_mut().map_err(|e| not_contiguous("keys", e))?;
+            let vv = vc.as_slice_mut().map_err(|e| not_contiguous("values", e))?;
+            kv.push(KvMut { k: kk, v: vv, capacity });
+        }
+        let x = x.as_slice_mut().map_err(|e| not_contiguous("x", e))?;
+        py.detach(|| decode_layers(&attn, &ffn, x, Position { pos, rope }, kv, threads))?;
+        Ok(())
     }
 }

@@ -24,6 +24,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<cache::PyAdmission>()?;
     m.add_class::<planner::PyPlan>()?;
     m.add_class::<decode::PyQAttention>()?;
+    m.add_class::<decode::PyQDecoder>()?;
     m.add_class::<profile::PyProfile>()?;
     m.add_function(wrap_pyfunction!(planner::plan, m)?)?;
     m.add_function(wrap_pyfunction!(profile::measure_point, m)?)?;

@@ -6,7 +6,11 @@ Why: a small quantized model's token is dominated by per-op overhead, not arithm
 layer (transformer.py's `_attention`) dispatches about twenty torch ops a layer, a few
 microseconds each around products of a few microseconds; one native call does the same work in
 the same float32 order (the two agree to float32 rounding), on the quantized weights in place.
-The FFN stays the strategy's (dense, naive or flash), called with the returned input.
+The FFN stays the strategy's (dense, naive or flash), called with the returned input; where the
+strategy holds every layer's FFN as whole quantized matrices (dense, `native_matrices`), the whole
+token runs in one native call (llmflash._native.QDecoder: each layer's attention half, then its
+gate/up product, SiLU and down product), so a token costs one Python call instead of about four a
+layer.
 
 Covered: every layer's q, k, v and o quantized in one kind, RMSNorm before attention and FFN,
 a float32 KV cache (a quantized store's), rotary embeddings or none. Anything else (OPT's
@@ -57,6 +61,20 @@ def native_layers(model: "Transformer") -> list[Any] | None:
     return out
 
 
+def native_decoder(model: "Transformer") -> Any | None:
+    """A llmflash._native.QDecoder over the model's layers and its FFN's quantized matrices, or
+    None (no native attention, or an FFN that is not whole quantized SiLU matrices in one kind)."""
+    if model.native_layers is None:
+        return None
+    mats = getattr(model.ffn, "native_matrices", lambda: None)()
+    if mats is None or len({w.kind for pair in mats for w in pair}) != 1:
+        return None
+    from .._native import QDecoder
+
+    w1, w2 = [a.data.numpy() for a, _ in mats], [b.data.numpy() for _, b in mats]
+    return QDecoder(mats[0][0].kind, model.native_layers, w1, w2)
+
+
 def decode_layers(
     model: "Transformer", x: Tensor, cache: "KVCache", pos: int, cos: Tensor | None, sin: Tensor | None
 ) -> Tensor:
@@ -70,6 +88,10 @@ def decode_layers(
         {} if cos is None or sin is None else {"cos": cos[0].contiguous().numpy(), "sin": sin[0].contiguous().numpy()}
     )
     threads = native_threads()
+    decoder = model.native_decoder
+    if decoder is not None and early is None:
+        decoder.run(xn, pos, [k.numpy() for k in cache.k], [v.numpy() for v in cache.v], threads=threads, **rope)
+        return xs[None]
     for i, L in enumerate(model.layers):
         if early is not None:  # flash lookahead="attention": this layer's set guessed from its FFN norm now
             early(i, model._norm(xs[None], L.ffn_norm))

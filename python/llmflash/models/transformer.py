@@ -41,7 +41,7 @@ from .layers import (
     rope_tables,
     table_rows,
 )
-from .native_decode import cache_fits, decode_layers, native_layers
+from .native_decode import cache_fits, decode_layers, native_decoder, native_layers
 from .quant import QTensor
 
 
@@ -182,6 +182,15 @@ class Transformer:
         self.prefill_chunk = max(64, min(PREFILL_CHUNK, CHUNK_BYTES // per_token))
         # a quantized RMSNorm model's decode token: each layer's attention half in one native call
         self.native_layers = native_layers(self)
+        self._decoder: tuple[Any, Any] = (None, None)  # (the FFN it was built for, QDecoder or None)
+
+    @property
+    def native_decoder(self) -> Any | None:
+        """The whole-token native decoder (models/native_decode.native_decoder) for the current
+        FFN, or None; built again when the FFN object changes."""
+        if self._decoder[0] is not self.ffn:
+            self._decoder = (self.ffn, native_decoder(self))
+        return self._decoder[1]
 
     @classmethod
     def from_store(cls, store: Weights, ffn: FFN) -> "Transformer":

@@ -88,6 +88,16 @@ class DenseFFN:
         self.rows.append(rows[:0])
         self.q.append(q)
 
+    def native_matrices(self) -> list[tuple[QTensor, QTensor]] | None:
+        """Each layer's (w1, w2) QTensors for a whole-token native decode (models/native_decode:
+        gate rows then up rows, SiLU, no bias), or None where a layer is not that."""
+        c = self.config
+        if not (self.quant and c.gated and c.act == "silu") or any(b is not None for b in self.b1):
+            return None
+        if not all(isinstance(w, QTensor) for w in (*self.w1, *self.w2)):
+            return None
+        return list(zip(self.w1, self.w2))  # type: ignore[arg-type]
+
     def __call__(self, layer: int, x: Tensor) -> Tensor:
         """x (T, D) -> (T, D) float32."""
         if self.quant and self.rows[layer].shape[0]:
