@@ -3,6 +3,7 @@ held-out text (and transformers on the GGUF itself, the reference for the store 
 blocks) and `dense` decode tokens/s, the stores interleaved round by round in one process.
 
     python benches/bench_quantized.py [--tokens 1024] [--threads 1 2] [--out bench-out/quantized]
+        [--llama-bench PATH]   # llama.cpp on the same GGUF in the same rounds (benches/llama_bench.py)
 
 Converts the GGUF into OUT/{q8_0,q4_0,q4_1}.llmflash once (the float16 store is the cached
 default model). Not part of CI: run it with nothing else on the CPU.
@@ -12,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 import warnings
 from pathlib import Path
 
+import llama_bench
 import torch
 
 from llmflash.api import FlashModel
@@ -26,6 +27,7 @@ from llmflash.strategies.dense import load_dense
 
 KINDS = ("q8_0", "q4_1", "q4_0")
 NEW_TOKENS = 64
+PROMPT = 64  # prompt tokens for the prefill figure
 ROUNDS = 4
 
 
@@ -34,6 +36,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1024, help="held-out tokens for perplexity")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--out", default="bench-out/quantized")
+    ap.add_argument("--llama-bench", type=Path, help="a llama-bench binary (benches/llama_bench.py builds one)")
     a = ap.parse_args()
     gguf = default_gguf_path()
     out = Path(a.out)
@@ -51,16 +54,25 @@ def main() -> None:
         ids = _token_ids(store, None, None, a.tokens) if ids is None else ids
         ppl[k] = _perplexity(model.forward(ids, model.new_cache(len(ids))), ids)
     ref = _transformers_ppl(gguf, ids)
-    speed = {t: _decode_speed(stores, t) for t in a.threads}
+    speed = {t: _speeds(stores, t, a.llama_bench, gguf) for t in a.threads}
     print(f"GGUF {gguf.name}: {gguf.stat().st_size / 1e6:.1f} MB; transformers on it: perplexity {ref:.3f}")
-    head = " | ".join(f"decode tok/s {t} thr" for t in a.threads)
-    print(f"| store | size MB | x GGUF | perplexity | x float16 | {head} |")
+    print("| store | size MB | x GGUF | perplexity | x float16 |")
     for k in stores:
-        cols = " | ".join(f"{speed[t][k]:.1f}" for t in a.threads)
         print(
             f"| {k} | {size[k] / 1e6:.1f} | {size[k] / gguf.stat().st_size:.3f} | {ppl[k]:.3f} | "
-            f"{ppl[k] / ppl['float16']:.4f} | {cols} |"
+            f"{ppl[k] / ppl['float16']:.4f} |"
         )
+    ref_name = "llama.cpp" if a.llama_bench else "float16"
+    head = " | ".join(f"{f} {t} thr | x {ref_name}" for t in a.threads for f in ("decode", "prefill"))
+    print(f"\ntokens/s, {PROMPT}-token prompt, {NEW_TOKENS} new tokens (median of {ROUNDS} interleaved rounds)")
+    print(f"| run | {head} |")
+    for k in speed[a.threads[0]]:
+        cols = " | ".join(
+            f"{speed[t][k][f]:.1f} | {speed[t][k][f] / speed[t][ref_name][f]:.2f}"
+            for t in a.threads
+            for f in ("tg", "pp")
+        )
+        print(f"| {k} | {cols} |")
 
 
 def _transformers_ppl(gguf: Path, ids: torch.Tensor) -> float:
@@ -73,18 +85,26 @@ def _transformers_ppl(gguf: Path, ids: torch.Tensor) -> float:
         return _perplexity(hf(ids[None]).logits[0], ids)
 
 
-def _decode_speed(stores: dict[str, Path], threads: int) -> dict[str, float]:
-    """Median tokens/s of greedy `dense` decode, stores interleaved round by round."""
+def _speeds(stores: dict[str, Path], threads: int, llama: Path | None, gguf: Path) -> dict[str, dict[str, float]]:
+    """Median prefill and decode tokens/s ({"pp": .., "tg": ..}) of greedy `dense` generation per
+    store (PROMPT prompt tokens, NEW_TOKENS new ones; the model's own prefill/decode counters, so
+    tokenizing and sampling are left out, as llama-bench leaves them out), and llama-bench's on
+    the GGUF when given, all interleaved round by round."""
     torch.set_num_threads(threads)
     models = {k: FlashModel.open(p, strategy="dense") for k, p in stores.items()}
-    times: dict[str, list[float]] = {k: [] for k in stores}
+    prompt = list(range(100, 100 + PROMPT))
+    runs: dict[str, list[dict[str, float]]] = {k: [] for k in [*stores, *(["llama.cpp"] if llama else [])]}
     for r in range(ROUNDS + 1):
         for k, m in models.items():
-            t0 = time.perf_counter()
-            m.generate("The capital of France is", NEW_TOKENS, stop_at_eos=False)
+            before = m.stats()
+            m.generate(prompt, NEW_TOKENS, stop_at_eos=False)
+            after = m.stats()
+            d = {f: after[f] - before[f] for f in ("tokens_in", "prefill_s", "tokens_out", "decode_s")}
             if r:  # the first round warms up
-                times[k].append(time.perf_counter() - t0)
-    return {k: NEW_TOKENS / statistics.median(v) for k, v in times.items()}
+                runs[k].append({"pp": d["tokens_in"] / d["prefill_s"], "tg": d["tokens_out"] / d["decode_s"]})
+        if llama is not None and r:
+            runs["llama.cpp"].append(llama_bench.run(llama, gguf, threads, PROMPT, NEW_TOKENS))
+    return {k: {f: statistics.median(v[f] for v in rs) for f in ("pp", "tg")} for k, rs in runs.items()}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,71 @@
+"""llama.cpp's `llama-bench`, the reference local users pick: built once from the source that ships
+inside llama-cpp-python's source package on PyPI, then run for prompt (pp) and generation (tg)
+tokens/s.
+
+    python benches/llama_bench.py --build DIR     # about 6 minutes on 2 cores; prints the binary
+
+Not part of CI (CI never builds llama.cpp). The source package is fetched from PyPI's JSON API
+(the registry is the one network these machines reach); building needs cmake (`pip install
+cmake`) and a C++ compiler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tarfile
+import urllib.request
+from pathlib import Path
+
+PACKAGE = "llama-cpp-python"
+PYPI = "https://pypi.org"
+
+
+def build(dest: Path, version: str | None = None) -> Path:
+    """Download llama-cpp-python's sdist into `dest`, build llama-bench from its vendor/llama.cpp
+    (native CPU features but AMX, no network code), return the binary. Reuses an earlier build."""
+    dest.mkdir(parents=True, exist_ok=True)
+    found = sorted(dest.glob("*/vendor/llama.cpp/build/bin/llama-bench"))
+    if found:
+        return found[-1]
+    url = f"{PYPI}/pypi/{PACKAGE}/{version}/json" if version else f"{PYPI}/pypi/{PACKAGE}/json"
+    meta = json.load(urllib.request.urlopen(url))
+    sdist = next(f for f in meta["urls"] if f["packagetype"] == "sdist")
+    link = sdist["url"] if "://" in sdist["url"] else f"{PYPI}/{sdist['url'].lstrip('./')}"
+    archive = dest / sdist["filename"]
+    urllib.request.urlretrieve(link, archive)
+    with tarfile.open(archive) as t:
+        t.extractall(dest, filter="data")
+    src = next(dest.glob("*/vendor/llama.cpp"))
+    # The CPU's own features, less AMX: a VM can list AMX and still refuse its tiles (llama-bench's
+    # prompt pass then dies of SIGILL).
+    no_amx = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    flags = ["-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON", "-DCMAKE_BUILD_TYPE=Release"]
+    flags += [f"-DCMAKE_C_FLAGS={no_amx}", f"-DCMAKE_CXX_FLAGS={no_amx}"]
+    subprocess.run(["cmake", "-S", src, "-B", src / "build", *flags], check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", src / "build", "--target", "llama-bench", "-j"], check=True)
+    return src / "build" / "bin" / "llama-bench"
+
+
+def run(binary: Path, gguf: Path, threads: int, prompt: int, new: int, reps: int = 1) -> dict[str, float]:
+    """{"pp": prompt tokens/s, "tg": generated tokens/s} of one llama-bench run (its mean over
+    `reps` repetitions)."""
+    cmd = [binary, "-m", gguf, "-t", threads, "-p", prompt, "-n", new, "-r", reps, "-o", "json"]
+    out = subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True).stdout
+    speeds = {}
+    for row in json.loads(out):
+        speeds["pp" if row["n_prompt"] else "tg"] = float(row["avg_ts"])
+    return speeds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--build", type=Path, required=True, help="folder to download and build in")
+    ap.add_argument("--version", help="llama-cpp-python version (default: the newest)")
+    a = ap.parse_args()
+    print(build(a.build, a.version))
+
+
+if __name__ == "__main__":
+    main()
