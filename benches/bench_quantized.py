@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--out", default="bench-out/quantized")
     ap.add_argument("--llama-bench", type=Path, help="a llama-bench binary (benches/llama_bench.py builds one)")
+    ap.add_argument("--llama-bench-pp", type=Path, help="another for the prompt pass where the first's dies")
     a = ap.parse_args()
     gguf = default_gguf_path()
     out = Path(a.out)
@@ -54,7 +55,8 @@ def main() -> None:
         ids = _token_ids(store, None, None, a.tokens) if ids is None else ids
         ppl[k] = _perplexity(model.forward(ids, model.new_cache(len(ids))), ids)
     ref = _transformers_ppl(gguf, ids)
-    speed = {t: _speeds(stores, t, a.llama_bench, gguf) for t in a.threads}
+    llama = None if a.llama_bench is None else (a.llama_bench, a.llama_bench_pp or a.llama_bench)
+    speed = {t: _speeds(stores, t, llama, gguf) for t in a.threads}
     print(f"GGUF {gguf.name}: {gguf.stat().st_size / 1e6:.1f} MB; transformers on it: perplexity {ref:.3f}")
     print("| store | size MB | x GGUF | perplexity | x float16 |")
     for k in stores:
@@ -85,11 +87,14 @@ def _transformers_ppl(gguf: Path, ids: torch.Tensor) -> float:
         return _perplexity(hf(ids[None]).logits[0], ids)
 
 
-def _speeds(stores: dict[str, Path], threads: int, llama: Path | None, gguf: Path) -> dict[str, dict[str, float]]:
+def _speeds(
+    stores: dict[str, Path], threads: int, llama: tuple[Path, Path] | None, gguf: Path
+) -> dict[str, dict[str, float]]:
     """Median prefill and decode tokens/s ({"pp": .., "tg": ..}) of greedy `dense` generation per
     store (PROMPT prompt tokens, NEW_TOKENS new ones; the model's own prefill/decode counters, so
     tokenizing and sampling are left out, as llama-bench leaves them out), and llama-bench's on
-    the GGUF when given, all interleaved round by round."""
+    the GGUF when given (`llama`: the binaries for decode and for prefill), all interleaved round
+    by round."""
     torch.set_num_threads(threads)
     models = {k: FlashModel.open(p, strategy="dense") for k, p in stores.items()}
     prompt = list(range(100, 100 + PROMPT))
@@ -103,7 +108,9 @@ def _speeds(stores: dict[str, Path], threads: int, llama: Path | None, gguf: Pat
             if r:  # the first round warms up
                 runs[k].append({"pp": d["tokens_in"] / d["prefill_s"], "tg": d["tokens_out"] / d["decode_s"]})
         if llama is not None and r:
-            runs["llama.cpp"].append(llama_bench.run(llama, gguf, threads, PROMPT, NEW_TOKENS))
+            tg = llama_bench.run(llama[0], gguf, threads, PROMPT, NEW_TOKENS)["tg"]
+            pp = llama_bench.run(llama[1], gguf, threads, PROMPT, NEW_TOKENS)["pp"]
+            runs["llama.cpp"].append({"pp": pp, "tg": tg})
     return {k: {f: statistics.median(v[f] for v in rs) for f in ("pp", "tg")} for k, rs in runs.items()}
 
 
