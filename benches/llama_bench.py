@@ -60,8 +60,13 @@ def run(binary: Path, gguf: Path, threads: int, prompt: int, new: int, reps: int
             continue
         if done.returncode:
             raise RuntimeError(f"llama-bench failed ({done.returncode}): {done.stderr[-500:]}")
-        speeds[name] = float(json.loads(done.stdout)[0]["avg_ts"])
+        speeds.update(parse(done.stdout))
     return speeds
+
+
+def parse(stdout: str) -> dict[str, float]:
+    """{"pp" or "tg": tokens/s} from llama-bench's `-o json` output."""
+    return {("pp" if row["n_prompt"] else "tg"): float(row["avg_ts"]) for row in json.loads(stdout)}
 
 
 def main() -> None:
