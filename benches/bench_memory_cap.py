@@ -61,7 +61,7 @@ def _flash(store: Path, budget: int, threads: int) -> tuple[float, int]:
         "print((s1['tokens_out'] - s0['tokens_out']) / (s1['decode_s'] - s0['decode_s']))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code, str(store), budget, str(threads)], check=True, capture_output=True, text=True
+        [sys.executable, "-c", code, str(store), str(budget), str(threads)], check=True, capture_output=True, text=True
     )
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     return float(out.stdout.split()[-1]), rss
