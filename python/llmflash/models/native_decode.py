@@ -19,7 +19,7 @@ LayerNorm and post-norm, float stores) runs the Python layer.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,11 +27,11 @@ from torch import Tensor
 from ..threads import native_threads
 from .quant import QTensor
 
-if TYPE_CHECKING:
-    from .transformer import KVCache, Transformer
+# The model (models/transformer.Transformer) and its KV cache are typed Any here: transformer.py
+# imports this module, and the package keeps its imports acyclic.
 
 
-def native_layers(model: "Transformer") -> list[Any] | None:
+def native_layers(model: Any) -> list[Any] | None:
     """Each layer's llmflash._native.QAttention, or None where the model is not covered."""
     c = model.config
     if not (model.quantized and c.norm == "rms" and c.pre_norm and model.dtype == torch.float32):
@@ -61,7 +61,7 @@ def native_layers(model: "Transformer") -> list[Any] | None:
     return out
 
 
-def native_decoder(model: "Transformer") -> Any | None:
+def native_decoder(model: Any) -> Any | None:
     """A llmflash._native.QDecoder over the model's layers and its FFN's quantized matrices, or
     None (no native attention, or an FFN that is not whole quantized SiLU matrices in one kind)."""
     if model.native_layers is None:
@@ -75,9 +75,7 @@ def native_decoder(model: "Transformer") -> Any | None:
     return QDecoder(mats[0][0].kind, model.native_layers, w1, w2)
 
 
-def decode_layers(
-    model: "Transformer", x: Tensor, cache: "KVCache", pos: int, cos: Tensor | None, sin: Tensor | None
-) -> Tensor:
+def decode_layers(model: Any, x: Tensor, cache: Any, pos: int, cos: Tensor | None, sin: Tensor | None) -> Tensor:
     """x (1, D) float32 through every layer at position `pos` (the cache already has room):
     (1, D) float32, the cache's keys and values written."""
     layers = model.native_layers
@@ -101,6 +99,6 @@ def decode_layers(
     return xs[None]
 
 
-def cache_fits(cache: "KVCache") -> bool:
+def cache_fits(cache: Any) -> bool:
     """Whether the cache is what the native step writes into: float32, C-contiguous."""
     return all(t.dtype == torch.float32 and t.is_contiguous() for t in (*cache.k, *cache.v))
