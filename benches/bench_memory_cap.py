@@ -3,18 +3,19 @@ mmaps the GGUF) in a memory cgroup of its own overhead plus the weight budget, t
 cache dropped first; llmflash `flash` with `--memory` the same budget, its fixed overhead (torch,
 buffers) reported beside it. Rounds alternate the two.
 
-    python benches/bench_memory_cap.py STORE --budget 74MB [--threads 1] [--llama-bench PATH]
+    python benches/bench_memory_cap.py STORE --budget 74MB --llama-bench PATH [--threads 1]
 
 STORE: a quantized store of the embedded SmolLM2 (e.g. `llmflash convert GGUF q4_1.llmflash`),
-calibrated (`llmflash calibrate STORE --rank 32` fits beside the resident weights). Needs root
-and cgroup v1 or v2 memory control to cap llama.cpp; not part of CI.
+calibrated (`llmflash calibrate STORE --rank 32` fits beside the resident weights). PATH: a
+llama-bench built without AMX (an AMX build copies the weights into repacked buffers, which no
+cap below the model allows). Needs root and memory control (cgroup v1: a group under this
+process's own; v2: under the root) to cap llama.cpp; not part of CI.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,7 +42,8 @@ def main() -> None:
     budget = parse_memory(a.budget, gguf.stat().st_size)
     flash, llama, rss = [], [], 0
     for _ in range(ROUNDS):
-        tok_s, rss = _flash(a.store, budget, a.threads)
+        tok_s, peak = _flash(a.store, budget, a.threads)
+        rss = max(rss, peak)
         flash.append(tok_s)
         llama.append(_capped_llama(a.llama_bench, gguf, a.threads, LLAMA_OWN + budget))
     f, ll = statistics.median(flash), statistics.median(llama)
@@ -52,19 +54,21 @@ def main() -> None:
 
 
 def _flash(store: Path, budget: int, threads: int) -> tuple[float, int]:
-    """Decode tokens/s of flash with calibrated predictors in a fresh process, and its peak RSS."""
+    """Decode tokens/s of flash with calibrated predictors in a fresh process, and its peak RSS
+    (the child reports its own ru_maxrss)."""
     code = (
         "import sys, torch; from llmflash.api import FlashModel; torch.set_num_threads(int(sys.argv[3]));"
         "m = FlashModel.open(sys.argv[1], strategy='flash', memory=int(sys.argv[2]), sparsity='predictor');"
         f"m.generate(list(range(100, 116)), 8, stop_at_eos=False); s0 = m.stats();"
         f"m.generate(list(range(200, 216)), {NEW_TOKENS}, stop_at_eos=False); s1 = m.stats();"
-        "print((s1['tokens_out'] - s0['tokens_out']) / (s1['decode_s'] - s0['decode_s']))"
+        "import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,"
+        "(s1['tokens_out'] - s0['tokens_out']) / (s1['decode_s'] - s0['decode_s']))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, str(store), str(budget), str(threads)], check=True, capture_output=True, text=True
     )
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    return float(out.stdout.split()[-1]), rss
+    rss, tok_s = out.stdout.split()[-2:]
+    return float(tok_s), int(rss)
 
 
 def _drop_cache(path: Path) -> None:

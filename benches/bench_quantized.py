@@ -108,8 +108,8 @@ def _speeds(
             if r:  # the first round warms up
                 runs[k].append({"pp": d["tokens_in"] / d["prefill_s"], "tg": d["tokens_out"] / d["decode_s"]})
         if llama is not None and r:
-            tg = llama_bench.run(llama[0], gguf, threads, PROMPT, NEW_TOKENS)["tg"]
-            pp = llama_bench.run(llama[1], gguf, threads, PROMPT, NEW_TOKENS)["pp"]
+            tg = llama_bench.run(llama[0], gguf, threads, PROMPT, NEW_TOKENS, passes=("tg",))["tg"]
+            pp = llama_bench.run(llama[1], gguf, threads, PROMPT, NEW_TOKENS, passes=("pp",))["pp"]
             runs["llama.cpp"].append({"pp": pp, "tg": tg})
     return {k: {f: statistics.median(v[f] for v in rs) for f in ("pp", "tg")} for k, rs in runs.items()}
 

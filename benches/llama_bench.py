@@ -47,12 +47,16 @@ def build(dest: Path, version: str | None = None) -> Path:
     return src / "build" / "bin" / "llama-bench"
 
 
-def run(binary: Path, gguf: Path, threads: int, prompt: int, new: int, reps: int = 1) -> dict[str, float]:
+def run(
+    binary: Path, gguf: Path, threads: int, prompt: int, new: int, reps: int = 1, passes: tuple[str, ...] = ("pp", "tg")
+) -> dict[str, float]:
     """{"pp": prompt tokens/s, "tg": generated tokens/s}, each from its own llama-bench run (its
     mean over `reps` repetitions); NaN for a pass that died of a signal (the prompt pass of an
     AMX build in a VM that refuses AMX tiles)."""
     speeds = {}
     for name, p, n in (("pp", prompt, 0), ("tg", 0, new)):
+        if name not in passes:
+            continue
         cmd = [binary, "-m", gguf, "-t", threads, "-p", p, "-n", n, "-r", reps, "-o", "json"]
         done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
         if done.returncode < 0:

@@ -68,10 +68,17 @@ impl AttnLayer<'_> {
         let bad = |what: &str, got: usize, want: usize| {
             Error::invalid(format!("attention layer: {what} has {got} elements, expected {want}"))
         };
-        if self.heads == 0 || self.kv_heads == 0 || self.heads % self.kv_heads != 0 || self.head_dim % 2 != 0 {
+        if self.heads == 0
+            || self.kv_heads == 0
+            || self.heads % self.kv_heads != 0
+            || self.head_dim == 0
+            || self.head_dim % 2 != 0
+            || self.dim == 0
+        {
             return Err(Error::invalid(format!(
-                "attention layer: {} query heads, {} KV heads of {} values (expected whole groups, an even head size)",
-                self.heads, self.kv_heads, self.head_dim
+                "attention layer of width {}: {} query heads, {} KV heads of {} values (expected a width, \
+                 whole groups, a positive even head size)",
+                self.dim, self.heads, self.kv_heads, self.head_dim
             )));
         }
         for (what, got, want) in [
@@ -105,30 +112,37 @@ impl AttnLayer<'_> {
     }
 }
 
+impl AttnLayer<'_> {
+    /// `check`, and the lengths of one step's vectors, position and cache against the shape.
+    pub fn check_step(&self, x: usize, h: usize, at: Position, kv: &KvMut) -> Result<()> {
+        self.check()?;
+        let (d, hd) = (self.dim, self.head_dim);
+        let cache = self.kv_heads.checked_mul(kv.capacity).and_then(|n| n.checked_mul(hd));
+        if x != d || h != d || cache != Some(kv.k.len()) || cache != Some(kv.v.len()) || at.pos >= kv.capacity {
+            return Err(Error::invalid(format!(
+                "attention step: x {x} and h {h} values for a model of {d}, position {} in a cache of {} positions \
+                 ({} key and {} value elements for {} KV heads of {hd})",
+                at.pos,
+                kv.capacity,
+                kv.k.len(),
+                kv.v.len(),
+                self.kv_heads
+            )));
+        }
+        if let Some((c, s)) = at.rope.filter(|(c, s)| c.len() != hd || s.len() != hd) {
+            return Err(Error::invalid(format!("rope rows of {} and {} values for heads of {hd}", c.len(), s.len())));
+        }
+        Ok(())
+    }
+}
+
 /// The attention half of layer `w` for one token: `x` (dim) gains the attention's output in
 /// place, the cache gets the token's keys and values at `at.pos`, and `h` (dim) receives the
 /// FFN's input, rms_norm(x, ffn_norm). Products on up to `threads` threads.
 pub fn attn_step(w: &AttnLayer, x: &mut [f32], at: Position, kv: KvMut, threads: usize, h: &mut [f32]) -> Result<()> {
-    w.check()?;
+    w.check_step(x.len(), h.len(), at, &kv)?;
     let (d, hd) = (w.dim, w.head_dim);
     let (hq, hkv) = (w.heads * hd, w.kv_heads * hd);
-    let cache = w.kv_heads.checked_mul(kv.capacity).and_then(|n| n.checked_mul(hd));
-    if x.len() != d || h.len() != d || cache != Some(kv.k.len()) || cache != Some(kv.v.len()) || at.pos >= kv.capacity {
-        return Err(Error::invalid(format!(
-            "attention step: x {} and h {} values for a model of {d}, position {} in a cache of {} positions \
-             ({} key and {} value elements for {} KV heads of {hd})",
-            x.len(),
-            h.len(),
-            at.pos,
-            kv.capacity,
-            kv.k.len(),
-            kv.v.len(),
-            w.kv_heads
-        )));
-    }
-    if let Some((c, s)) = at.rope.filter(|(c, s)| c.len() != hd || s.len() != hd) {
-        return Err(Error::invalid(format!("rope rows of {} and {} values for heads of {hd}", c.len(), s.len())));
-    }
     let mut n = vec![0f32; d];
     rms_norm(x, w.attn_norm, w.eps, &mut n);
     let (mut q, mut k, mut v) = (vec![0f32; hq], vec![0f32; hkv], vec![0f32; hkv]);

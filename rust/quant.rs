@@ -323,10 +323,10 @@ impl Xq {
                 sc.push(if finite { [0.0, 0.0] } else { [f32::NAN, f32::NAN] });
                 continue;
             }
-            let inv = XQ_MAX / amax;
+            // v / amax first (in [-1, 1]): 32767 / amax overflows for a block below about 1e-34
             let mut sum = 0i32;
             for &v in xb {
-                let q = (v * inv).round().clamp(-XQ_MAX, XQ_MAX) as i16;
+                let q = (v / amax * XQ_MAX).round().clamp(-XQ_MAX, XQ_MAX) as i16;
                 sum += q as i32;
                 xi.push(q);
             }

@@ -98,7 +98,7 @@ def test_whole_token_decoder_equals_the_per_layer_calls(kind, make_hf, tmp_path)
     x = ids(4)
     ours = decode(model, x)
     ffn = model.ffn
-    model._decoder = (ffn, None)  # the per-layer path
+    model._decoder = (ffn, model.native_layers, None)  # the per-layer path
     ref = decode(model, x)
     assert (ours - ref).abs().max().item() <= SAME * max(1.0, ref.abs().max().item())
 
@@ -112,19 +112,54 @@ def test_whole_token_decoder_equals_the_per_layer_calls(kind, make_hf, tmp_path)
     assert (wrapped - ref).abs().max().item() <= SAME * max(1.0, ref.abs().max().item())
 
 
+def _random_q40(rng, rows: int, cols: int) -> np.ndarray:
+    return gguf.quants.quantize((rng.standard_normal((rows, cols)) * 0.2).astype(np.float32), GGML["q4_0"])
+
+
+def test_qdecoder_is_the_attention_step_then_the_swiglu_ffn():
+    """QDecoder.run on random q4_0 weights equals, layer by layer, QAttention.step followed by
+    the SwiGLU FFN written out here with q_matvec (gate rows first, then up rows): the same
+    kernels, so equal to float32 rounding; the keys and values land in the caches."""
+    from llmflash._native import q_matvec
+
+    rng = np.random.default_rng(3)
+    d, hd, heads, kv, n, cap = 64, 16, 4, 2, 32, 4
+    norm = lambda: (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)  # noqa: E731
+    atts, w1s, w2s = [], [], []
+    for _ in range(2):
+        mats = [_random_q40(rng, r, c) for r, c in ((heads * hd, d), (kv * hd, d), (kv * hd, d), (d, heads * hd))]
+        atts.append(QAttention("q4_0", *mats, norm(), norm(), heads, kv, hd, 1e-5))
+        w1s.append(_random_q40(rng, 2 * n, d))
+        w2s.append(_random_q40(rng, d, n))
+    dec = QDecoder("q4_0", atts, w1s, w2s)
+    x0 = rng.standard_normal(d).astype(np.float32)
+    cos, sin = np.cos(np.arange(hd) * 0.3, dtype=np.float32), np.sin(np.arange(hd) * 0.3, dtype=np.float32)
+    caches = [np.zeros((kv, cap, hd), dtype=np.float32) for _ in range(8)]
+    x = x0.copy()
+    dec.run(x, 1, caches[:2], caches[2:4], cos=cos, sin=sin)
+    ref = x0.copy()
+    for i in range(2):
+        h = atts[i].step(ref, 1, caches[4 + i], caches[6 + i], cos=cos, sin=sin)
+        gu = q_matvec("q4_0", w1s[i], h, threads=1)
+        g, u = gu[:n].astype(np.float64), gu[n:].astype(np.float64)
+        ref += q_matvec("q4_0", w2s[i], (g / (1 + np.exp(-g)) * u).astype(np.float32), threads=1)
+    np.testing.assert_allclose(x, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    for a, b in zip(caches[:4], caches[4:]):
+        assert np.abs(a[:, 1]).max() > 0 and np.array_equal(a[:, [0, 2, 3]], np.zeros_like(a[:, [0, 2, 3]]))
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * np.abs(b).max())
+
+
 def test_qdecoder_refuses_bad_shapes():
     d, hd, heads, kv, n = 64, 16, 4, 2, 32
     blocks = lambda rows, cols: np.zeros((rows, cols // 32 * 18), dtype=np.uint8)  # noqa: E731
     ones = np.ones(d, dtype=np.float32)
-    att = QAttention(
-        "q4_0", blocks(heads * hd, d), blocks(kv * hd, d), blocks(kv * hd, d), blocks(d, heads * hd), ones, ones,
-        heads, kv, hd, 1e-5,
-    )  # fmt: skip
+    mats = [blocks(heads * hd, d), blocks(kv * hd, d), blocks(kv * hd, d), blocks(d, heads * hd)]
+    att = QAttention("q4_0", *mats, ones, ones, heads, kv, hd, 1e-5)
     dec = QDecoder("q4_0", [att, att], [blocks(2 * n, d)] * 2, [blocks(d, n)] * 2)
     x = np.ones(d, dtype=np.float32)
     caches = [np.zeros((kv, 4, hd), dtype=np.float32) for _ in range(4)]
     dec.run(x, 0, caches[:2], caches[2:])
-    assert np.isfinite(x).all()
+    assert np.array_equal(x, ones)  # zero weights (d = 0 in every block): nothing added
     with pytest.raises(InvalidArgumentError, match="2 attention layers, 1 w1"):
         QDecoder("q4_0", [att, att], [blocks(2 * n, d)], [blocks(d, n)] * 2)
     with pytest.raises(InvalidArgumentError, match="not gate and up rows"):
@@ -135,6 +170,19 @@ def test_qdecoder_refuses_bad_shapes():
         dec.run(x, 0, caches[:1], caches[2:])
     with pytest.raises(InvalidArgumentError, match="position 4"):
         dec.run(x, 4, caches[:2], caches[2:])
+    with pytest.raises(InvalidArgumentError, match=r"layer 1's keys has shape \[1, 4, 32\]"):
+        flat = np.zeros((1, 4, kv * hd), dtype=np.float32)  # the right length, the wrong layout
+        dec.run(x, 0, [caches[0], flat], [caches[2], flat.copy()])
+    with pytest.raises(InvalidArgumentError, match="positive even head size"):
+        QAttention("q4_0", *mats, ones, ones, heads, kv, 0, 1e-5)
+    with pytest.raises(InvalidArgumentError, match="attn_norm is also an array this call writes"):
+        att2 = QAttention("q4_0", *mats, x, ones, heads, kv, hd, 1e-5)
+        att2.step(x, 0, caches[0], caches[2])
+    bad = QDecoder("q4_0", [att, att], [blocks(2 * n, d)] * 2, [blocks(d, n)] * 2)
+    x[:] = 2.0
+    with pytest.raises(InvalidArgumentError, match="layer 1"):
+        bad.run(x, 0, [caches[0], np.zeros((kv, 4, hd + 2), np.float32)], [caches[2], caches[3]])
+    assert np.array_equal(x, 2 * ones)  # checked before layer 0 changed anything
 
 
 def test_opt_and_float_stores_keep_the_python_layer(make_hf, tmp_path):

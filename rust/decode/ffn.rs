@@ -56,7 +56,8 @@ pub fn ffn_step(f: &FfnLayer, h: &[f32], x: &mut [f32], threads: usize) -> Resul
 
 /// One token through every layer: for each, the attention half (`attn_step`, writing the
 /// token's keys and values into `kv[i]` at `at.pos`) then the FFN half. `x` (dim) is the
-/// residual stream, updated in place.
+/// residual stream, updated in place. Every layer's shapes are checked first, so an error leaves
+/// `x` and the caches as they were.
 pub fn decode_layers(
     attn: &[AttnLayer],
     ffn: &[FfnLayer],
@@ -72,6 +73,12 @@ pub fn decode_layers(
             ffn.len(),
             kv.len()
         )));
+    }
+    // every layer checked before the first changes x or a cache
+    for (i, ((a, f), kv)) in attn.iter().zip(ffn).zip(&kv).enumerate() {
+        a.check_step(x.len(), x.len(), at, kv)
+            .and_then(|_| f.check(a.dim))
+            .map_err(|e| Error::invalid(format!("layer {i}: {e}")))?;
     }
     let mut h = vec![0f32; x.len()];
     for ((a, f), kv) in attn.iter().zip(ffn).zip(kv) {

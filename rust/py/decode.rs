@@ -1,5 +1,8 @@
 //! `QAttention`: one quantized layer's attention half for one decode token (crate::decode), its
-//! weights held as the numpy arrays Python gave (no copy).
+//! weights held as the numpy arrays Python gave (no copy), and `QDecoder`, a whole token through
+//! every layer. The calls run without the GIL on the arrays' memory: rust-numpy's borrow flags
+//! keep other native calls from writing them meanwhile, not plain Python code in another thread
+//! (FlashModel runs one forward pass at a time).
 
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadwriteArray1, PyReadwriteArray3};
 use numpy::{PyReadonlyArray2, PyUntypedArrayMethods};
@@ -42,15 +45,37 @@ fn not_contiguous(what: &str, e: impl std::fmt::Display) -> PyErr {
     Error::invalid(format!("{what} must be one C-contiguous array ({e})")).into()
 }
 
+/// A readonly borrow of a weight, or InvalidArgumentError where the array is being written by
+/// the same call (given as x or a cache too).
+fn read<'py, T: numpy::Element, D: numpy::ndarray::Dimension>(
+    a: &Py<numpy::PyArray<T, D>>,
+    py: Python<'py>,
+    what: &str,
+) -> PyResult<numpy::PyReadonlyArray<'py, T, D>> {
+    a.bind(py)
+        .try_readonly()
+        .map_err(|e| Error::invalid(format!("{what} is also an array this call writes ({e})")).into())
+}
+
+/// InvalidArgumentError unless a cache is (kv_heads, capacity, head_dim).
+fn check_cache(shape: &[usize], kv_heads: usize, head_dim: usize, what: &str) -> PyResult<()> {
+    if shape.len() != 3 || shape[0] != kv_heads || shape[2] != head_dim {
+        return Err(
+            Error::invalid(format!("{what} has shape {shape:?}, expected ({kv_heads}, capacity, {head_dim})")).into()
+        );
+    }
+    Ok(())
+}
+
 impl PyQAttention {
-    fn borrow<'py>(&self, py: Python<'py>) -> Borrowed<'py> {
-        let opt = |a: &Option<Py<PyArray1<f32>>>| a.as_ref().map(|a| a.bind(py).readonly());
-        Borrowed {
-            w: [0, 1, 2, 3].map(|i| self.w[i].bind(py).readonly()),
-            norms: [0, 1].map(|i| self.norms[i].bind(py).readonly()),
-            bias: [0, 1, 2, 3].map(|i| opt(&self.bias[i])),
-            qk_norm: [0, 1].map(|i| opt(&self.qk_norm[i])),
-        }
+    fn borrow<'py>(&self, py: Python<'py>) -> PyResult<Borrowed<'py>> {
+        let names = ["q", "k", "v", "o"];
+        let opt = |a: &Option<Py<PyArray1<f32>>>, what: &str| a.as_ref().map(|a| read(a, py, what)).transpose();
+        let [q, k, v, o] = [0, 1, 2, 3].map(|i| read(&self.w[i], py, names[i]));
+        let [an, fnorm] = [0, 1].map(|i| read(&self.norms[i], py, ["attn_norm", "ffn_norm"][i]));
+        let [b0, b1, b2, b3] = [0, 1, 2, 3].map(|i| opt(&self.bias[i], "a bias"));
+        let [qn, kn] = [0, 1].map(|i| opt(&self.qk_norm[i], ["q_norm", "k_norm"][i]));
+        Ok(Borrowed { w: [q?, k?, v?, o?], norms: [an?, fnorm?], bias: [b0?, b1?, b2?, b3?], qk_norm: [qn?, kn?] })
     }
 
     fn layer<'a>(&self, b: &'a Borrowed<'_>) -> PyResult<AttnLayer<'a>> {
@@ -115,7 +140,7 @@ impl PyQAttention {
             bias: bias.unwrap_or_default(),
             qk_norm: qk_norm.unwrap_or_default(),
         };
-        let b = this.borrow(py);
+        let b = this.borrow(py)?;
         this.layer(&b)?.check()?;
         drop(b);
         Ok(this)
@@ -139,8 +164,9 @@ impl PyQAttention {
         sin: Option<PyReadonlyArray1<'py, f32>>,
         threads: usize,
     ) -> PyResult<Bound<'py, PyArray1<f32>>> {
-        let b = self.borrow(py);
+        let b = self.borrow(py)?;
         let layer = self.layer(&b)?;
+        check_cache(k.shape(), self.shape[2], self.shape[3], "keys")?;
         let capacity = k.shape()[1];
         if v.shape() != k.shape() {
             return Err(
@@ -176,7 +202,12 @@ pub struct PyQDecoder {
 }
 
 impl PyQDecoder {
-    fn ffn<'a>(&self, i: usize, w1: &'a PyReadonlyArray2<'_, u8>, w2: &'a PyReadonlyArray2<'_, u8>) -> PyResult<FfnLayer<'a>> {
+    fn ffn<'a>(
+        &self,
+        i: usize,
+        w1: &'a PyReadonlyArray2<'_, u8>,
+        w2: &'a PyReadonlyArray2<'_, u8>,
+    ) -> PyResult<FfnLayer<'a>> {
         Ok(FfnLayer {
             kind: self.kind,
             n: w1.shape()[0] / 2,
@@ -207,9 +238,11 @@ impl PyQDecoder {
         }
         let this = PyQDecoder { kind: QType::parse(kind)?, attn, w1, w2 };
         for i in 0..this.attn.len() {
-            let (a, b) = (this.w1[i].bind(py).readonly(), this.w2[i].bind(py).readonly());
+            let (a, b) = (read(&this.w1[i], py, "w1")?, read(&this.w2[i], py, "w2")?);
             if a.shape()[0] % 2 != 0 {
-                return Err(Error::invalid(format!("layer {i}'s w1 has {} rows, not gate and up rows", a.shape()[0])).into());
+                return Err(
+                    Error::invalid(format!("layer {i}'s w1 has {} rows, not gate and up rows", a.shape()[0])).into()
+                );
             }
             let dim = this.attn[i].get().shape[0];
             this.ffn(i, &a, &b)?.check(dim).map_err(|e| Error::invalid(format!("layer {i}: {e}")))?;
@@ -243,8 +276,10 @@ impl PyQDecoder {
             ))
             .into());
         }
-        let borrowed: Vec<Borrowed> = self.attn.iter().map(|a| a.get().borrow(py)).collect();
-        let mats: Vec<_> = (0..layers).map(|i| (self.w1[i].bind(py).readonly(), self.w2[i].bind(py).readonly())).collect();
+        let borrowed = self.attn.iter().map(|a| a.get().borrow(py)).collect::<PyResult<Vec<_>>>()?;
+        let mats = (0..layers)
+            .map(|i| Ok((read(&self.w1[i], py, "w1")?, read(&self.w2[i], py, "w2")?)))
+            .collect::<PyResult<Vec<_>>>()?;
         let mut attn = Vec::with_capacity(layers);
         let mut ffn = Vec::with_capacity(layers);
         for i in 0..layers {
@@ -266,6 +301,8 @@ impl PyQDecoder {
                 ))
                 .into());
             }
+            let shape = self.attn[i].get().shape;
+            check_cache(kc.shape(), shape[2], shape[3], &format!("layer {i}'s keys"))?;
             let capacity = kc.shape()[1];
             let kk = kc.as_slice_mut().map_err(|e| not_contiguous("keys", e))?;
             let vv = vc.as_slice_mut().map_err(|e| not_contiguous("values", e))?;

@@ -46,7 +46,10 @@ pub(super) fn dot(kind: QType, row: &[u8], xq: &Xq) -> f32 {
             QType::Q4_0 | QType::Q4_1 => {
                 let qs = if kind == QType::Q4_1 { &blk[4..20] } else { &blk[2..18] };
                 let (lo, hi) = xb.split_at(16);
-                qs.iter().zip(lo.iter().zip(hi)).map(|(&q, (&l, &h))| (q & 15) as i32 * l as i32 + (q >> 4) as i32 * h as i32).sum()
+                qs.iter()
+                    .zip(lo.iter().zip(hi))
+                    .map(|(&q, (&l, &h))| (q & 15) as i32 * l as i32 + (q >> 4) as i32 * h as i32)
+                    .sum()
             }
         };
         sum += match kind {

@@ -511,3 +511,22 @@ fn rounded_x_is_within_its_bound_beside_an_outlier() {
         }
     }
 }
+
+#[test]
+fn rounded_x_keeps_tiny_blocks() {
+    // a block whose largest value is far below 1e-34 (32767 / amax would overflow): still
+    // within its bound, not reduced to signs
+    let mut rng = Rng(31);
+    for kind in KINDS {
+        let row = random_blocks(kind, 1, &mut rng);
+        let x: Vec<f32> = (0..32).map(|_| 1e-36 * rng.unit()).collect();
+        let vals = values(kind, &row);
+        let want: f64 = vals.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
+        let terms: f64 = vals.iter().zip(&x).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+        for simd in PATHS {
+            let k = Kernels::new(kind, simd);
+            let got = k.dot(&row, &k.prepare(&x)) as f64;
+            assert!((got - want).abs() <= 1e-3 * terms, "{kind:?} {simd:?}: {got} vs {want}");
+        }
+    }
+}

@@ -64,7 +64,7 @@ def native_layers(model: Any) -> list[Any] | None:
 def native_decoder(model: Any) -> Any | None:
     """A llmflash._native.QDecoder over the model's layers and its FFN's quantized matrices, or
     None (no native attention, or an FFN that is not whole quantized SiLU matrices in one kind)."""
-    if model.native_layers is None:
+    if model.native_layers is None or any(L.down_bias is not None for L in model.layers):
         return None
     mats = getattr(model.ffn, "native_matrices", lambda: None)()
     if mats is None or len({w.kind for pair in mats for w in pair}) != 1:

@@ -182,15 +182,17 @@ class Transformer:
         self.prefill_chunk = max(64, min(PREFILL_CHUNK, CHUNK_BYTES // per_token))
         # a quantized RMSNorm model's decode token: each layer's attention half in one native call
         self.native_layers = native_layers(self)
-        self._decoder: tuple[Any, Any] = (None, None)  # (the FFN it was built for, QDecoder or None)
+        self._decoder: tuple[Any, Any, Any] = (None, None, None)  # (FFN, native_layers, QDecoder or None)
 
     @property
     def native_decoder(self) -> Any | None:
         """The whole-token native decoder (models/native_decode.native_decoder) for the current
-        FFN, or None; built again when the FFN object changes."""
-        if self._decoder[0] is not self.ffn:
-            self._decoder = (self.ffn, native_decoder(self))
-        return self._decoder[1]
+        FFN and native layers, or None; built again when either object changes."""
+        ffn, layers, decoder = self._decoder
+        if ffn is not self.ffn or layers is not self.native_layers:
+            decoder = native_decoder(self)
+            self._decoder = (self.ffn, self.native_layers, decoder)
+        return decoder
 
     @classmethod
     def from_store(cls, store: Weights, ffn: FFN) -> "Transformer":
