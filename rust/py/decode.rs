@@ -57,14 +57,43 @@ fn read<'py, T: numpy::Element, D: numpy::ndarray::Dimension>(
         .map_err(|e| Error::invalid(format!("{what} is also an array this call writes ({e})")).into())
 }
 
-/// InvalidArgumentError unless a cache is (kv_heads, capacity, head_dim).
-fn check_cache(shape: &[usize], kv_heads: usize, head_dim: usize, what: &str) -> PyResult<()> {
-    if shape.len() != 3 || shape[0] != kv_heads || shape[2] != head_dim {
-        return Err(
-            Error::invalid(format!("{what} has shape {shape:?}, expected ({kv_heads}, capacity, {head_dim})")).into()
-        );
+/// A layer's keys and values (`shape`: the layer's [dim, heads, kv_heads, head_dim]) as the
+/// step writes them: both (kv_heads, capacity, head_dim), C-contiguous; else InvalidArgumentError
+/// naming them (`layer`: "" or "layer i's ").
+fn kv_mut<'a>(
+    k: &'a mut PyReadwriteArray3<'_, f32>,
+    v: &'a mut PyReadwriteArray3<'_, f32>,
+    shape: [usize; 4],
+    layer: &str,
+) -> PyResult<KvMut<'a>> {
+    let [_, _, kv_heads, head_dim] = shape;
+    let ks = k.shape().to_vec();
+    if ks.len() != 3 || ks[0] != kv_heads || ks[2] != head_dim {
+        return Err(Error::invalid(format!(
+            "{layer}keys has shape {ks:?}, expected ({kv_heads}, capacity, {head_dim})"
+        ))
+        .into());
     }
-    Ok(())
+    if v.shape() != ks {
+        return Err(Error::invalid(format!("{layer}keys {ks:?} and values {:?} differ in shape", v.shape())).into());
+    }
+    Ok(KvMut {
+        capacity: ks[1],
+        k: k.as_slice_mut().map_err(|e| not_contiguous("keys", e))?,
+        v: v.as_slice_mut().map_err(|e| not_contiguous("values", e))?,
+    })
+}
+
+/// RoPE's cos and sin rows for the token, or None for a model without rotary embeddings.
+fn rope_rows<'a>(
+    cos: &'a Option<PyReadonlyArray1<'_, f32>>,
+    sin: &'a Option<PyReadonlyArray1<'_, f32>>,
+) -> PyResult<Option<(&'a [f32], &'a [f32])>> {
+    match (cos, sin) {
+        (Some(c), Some(s)) => Ok(Some((contiguous(c, "cos")?, contiguous(s, "sin")?))),
+        (None, None) => Ok(None),
+        _ => Err(Error::invalid("cos and sin go together").into()),
+    }
 }
 
 impl PyQAttention {
@@ -166,26 +195,11 @@ impl PyQAttention {
     ) -> PyResult<Bound<'py, PyArray1<f32>>> {
         let b = self.borrow(py)?;
         let layer = self.layer(&b)?;
-        check_cache(k.shape(), self.shape[2], self.shape[3], "keys")?;
-        let capacity = k.shape()[1];
-        if v.shape() != k.shape() {
-            return Err(
-                Error::invalid(format!("keys {:?} and values {:?} differ in shape", k.shape(), v.shape())).into()
-            );
-        }
-        let rope = match (&cos, &sin) {
-            (Some(c), Some(s)) => Some((contiguous(c, "cos")?, contiguous(s, "sin")?)),
-            (None, None) => None,
-            _ => return Err(Error::invalid("cos and sin go together").into()),
-        };
+        let kv = kv_mut(&mut k, &mut v, self.shape, "")?;
+        let rope = rope_rows(&cos, &sin)?;
         let x = x.as_slice_mut().map_err(|e| not_contiguous("x", e))?;
-        let kc = k.as_slice_mut().map_err(|e| not_contiguous("keys", e))?;
-        let vc = v.as_slice_mut().map_err(|e| not_contiguous("values", e))?;
         let mut h = vec![0f32; x.len()];
-        py.detach(|| {
-            let kv = KvMut { k: kc, v: vc, capacity };
-            attn_step(&layer, x, Position { pos, rope }, kv, threads, &mut h)
-        })?;
+        py.detach(|| attn_step(&layer, x, Position { pos, rope }, kv, threads, &mut h))?;
         Ok(PyArray1::from_vec(py, h))
     }
 }
@@ -286,27 +300,10 @@ impl PyQDecoder {
             attn.push(self.attn[i].get().layer(&borrowed[i])?);
             ffn.push(self.ffn(i, &mats[i].0, &mats[i].1)?);
         }
-        let rope = match (&cos, &sin) {
-            (Some(c), Some(s)) => Some((contiguous(c, "cos")?, contiguous(s, "sin")?)),
-            (None, None) => None,
-            _ => return Err(Error::invalid("cos and sin go together").into()),
-        };
+        let rope = rope_rows(&cos, &sin)?;
         let mut kv = Vec::with_capacity(layers);
         for (i, (kc, vc)) in k.iter_mut().zip(v.iter_mut()).enumerate() {
-            if kc.shape() != vc.shape() {
-                return Err(Error::invalid(format!(
-                    "layer {i}: keys {:?} and values {:?} differ in shape",
-                    kc.shape(),
-                    vc.shape()
-                ))
-                .into());
-            }
-            let shape = self.attn[i].get().shape;
-            check_cache(kc.shape(), shape[2], shape[3], &format!("layer {i}'s keys"))?;
-            let capacity = kc.shape()[1];
-            let kk = kc.as_slice_mut().map_err(|e| not_contiguous("keys", e))?;
-            let vv = vc.as_slice_mut().map_err(|e| not_contiguous("values", e))?;
-            kv.push(KvMut { k: kk, v: vv, capacity });
+            kv.push(kv_mut(kc, vc, self.attn[i].get().shape, &format!("layer {i}'s "))?);
         }
         let x = x.as_slice_mut().map_err(|e| not_contiguous("x", e))?;
         py.detach(|| decode_layers(&attn, &ffn, x, Position { pos, rope }, kv, threads))?;
