@@ -20,7 +20,7 @@
 
 use crate::attend::{attend_one, KvCache, Shape};
 use crate::error::{Error, Result};
-use crate::quant::{q_matvec, QType};
+use crate::quant::{q_matvec, q_matvecs, QType};
 
 /// One layer's weights for [`attn_step`]: the four projections as `kind` blocks (rows back to
 /// back, each quantized along the model dimension), float32 norms and optional biases.
@@ -146,9 +146,7 @@ pub fn attn_step(w: &AttnLayer, x: &mut [f32], at: Position, kv: KvMut, threads:
     let mut n = vec![0f32; d];
     rms_norm(x, w.attn_norm, w.eps, &mut n);
     let (mut q, mut k, mut v) = (vec![0f32; hq], vec![0f32; hkv], vec![0f32; hkv]);
-    q_matvec(w.kind, w.q, hq, d, &n, &mut q, threads)?;
-    q_matvec(w.kind, w.k, hkv, d, &n, &mut k, threads)?;
-    q_matvec(w.kind, w.v, hkv, d, &n, &mut v, threads)?;
+    q_matvecs(w.kind, &mut [(w.q, hq, &mut q), (w.k, hkv, &mut k), (w.v, hkv, &mut v)], d, &n, threads)?;
     for (y, b) in [(&mut q, w.bias[0]), (&mut k, w.bias[1]), (&mut v, w.bias[2])] {
         add(y, b);
     }

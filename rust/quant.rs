@@ -239,6 +239,26 @@ pub fn q_matvec(
     q_matvec_on(simd(), kind, w, rows, cols, x, y, threads)
 }
 
+/// `y_i = W_i x` for several matrices of `cols` columns sharing one x (`mats`: each W with its
+/// rows and y, as q_matvec takes them): x is rounded once for all of them (a layer's q, k and v).
+pub fn q_matvecs(
+    kind: QType,
+    mats: &mut [(&[u8], usize, &mut [f32])],
+    cols: usize,
+    x: &[f32],
+    threads: usize,
+) -> Result<()> {
+    for (w, rows, y) in mats.iter() {
+        check_matvec(kind, w, *rows, cols, x, y)?;
+    }
+    let k = Kernels::new(kind, simd());
+    let px = k.prepare(x);
+    for (w, rows, y) in mats.iter_mut() {
+        matvec_prepared(k, w, *rows, cols, &px, y, threads);
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn q_matvec_on(
     simd: Simd,
@@ -250,6 +270,14 @@ pub(crate) fn q_matvec_on(
     y: &mut [f32],
     threads: usize,
 ) -> Result<()> {
+    check_matvec(kind, w, rows, cols, x, y)?;
+    let k = Kernels::new(kind, simd);
+    matvec_prepared(k, w, rows, cols, &k.prepare(x), y, threads);
+    Ok(())
+}
+
+/// The lengths q_matvec requires, as an InvalidArgumentError naming them.
+fn check_matvec(kind: QType, w: &[u8], rows: usize, cols: usize, x: &[f32], y: &[f32]) -> Result<()> {
     let row_bytes = kind.row_bytes(cols)?;
     if x.len() != cols || y.len() != rows {
         return Err(Error::invalid(format!(
@@ -266,8 +294,12 @@ pub(crate) fn q_matvec_on(
             w.len()
         )));
     }
-    let k = Kernels::new(kind, simd);
-    let px = k.prepare(x);
+    Ok(())
+}
+
+/// q_matvec's product once its lengths are checked (check_matvec) and x rounded (`px`).
+fn matvec_prepared(k: Kernels, w: &[u8], rows: usize, cols: usize, px: &Xq, y: &mut [f32], threads: usize) {
+    let row_bytes = w.len() / rows.max(1);
     let ahead = MATVEC_AHEAD_BYTES.div_ceil(row_bytes.max(1));
     let run = |lo: usize, out: &mut [f32]| {
         for (o, v) in out.iter_mut().enumerate() {
@@ -275,23 +307,23 @@ pub(crate) fn q_matvec_on(
             if r + ahead < rows {
                 prefetch(&w[(r + ahead) * row_bytes..][..row_bytes]);
             }
-            *v = k.dot(&w[r * row_bytes..][..row_bytes], &px);
+            *v = k.dot(&w[r * row_bytes..][..row_bytes], px);
         }
     };
     if threads < 2 || rows < 2 || rows * cols < Q_SPLIT_MACS {
         run(0, y);
-        return Ok(());
+        return;
     }
     let out = RowsOut(y.as_mut_ptr());
     claimed(rows.div_ceil(MATVEC_CHUNK_ROWS), |c| {
         let lo = c * MATVEC_CHUNK_ROWS;
         let hi = (lo + MATVEC_CHUNK_ROWS).min(rows);
         // SAFETY: `claimed` hands each chunk index to exactly one call, so the ranges [lo, hi)
-        // written here are disjoint and inside y (hi <= rows = y.len()); y is borrowed mutably by
-        // this function, which returns only after `claimed` has ended both threads.
+        // written here are disjoint and inside y (hi <= rows = y.len(), checked by
+        // check_matvec); y is borrowed mutably by this function, which returns only after
+        // `claimed` has ended both threads.
         run(lo, unsafe { std::slice::from_raw_parts_mut(out.ptr().add(lo), hi - lo) });
     });
-    Ok(())
 }
 
 /// The largest |x_int| of `Xq`: int16's range less one, so that negation cannot overflow.
