@@ -1,6 +1,6 @@
 """The `llmflash` command line: the top-level parser and the dispatch to the verbs, each of which
 lives in llmflash.commands (convert, generate and verify register with this parser; calibrate,
-eval, bench and profile-disk parse their own arguments). Bad input, usage errors included, prints
+place, eval, bench and profile-disk parse their own arguments). Bad input, usage errors included, prints
 one line on stderr (`llmflash: error: ...`) and exits with code 2; `--help` prints the usage."""
 
 from __future__ import annotations
@@ -9,14 +9,20 @@ import argparse
 import sys
 from typing import Sequence
 
-from .commands import bench, calibrate, convert, generate, profile_disk, verify
+from .commands import bench, calibrate, convert, generate, place, profile_disk, verify
 from .commands import eval as eval_command
 from .commands.args import Parser
 from .errors import LlmflashError
 from .heap import bound_heap
 
 # Subcommands with parsers of their own (main(argv) -> exit code), in the order `--help` lists them.
-OWN_PARSERS = {"profile-disk": profile_disk, "bench": bench, "calibrate": calibrate, "eval": eval_command}
+OWN_PARSERS = {
+    "profile-disk": profile_disk,
+    "bench": bench,
+    "calibrate": calibrate,
+    "place": place,
+    "eval": eval_command,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,8 +5,9 @@ CPython), one token at a time, and the strategies take turns token by token (A B
 the disk here is shared and throttled at times, so only figures measured side by side compare.
 Per strategy: ms per token split as the paper does (I/O, memory management, compute, where
 prediction, compute: everything else, attention and FFN math), bytes read per token, and for
-flash the minimum the wanted sets and cache capacity imply (the missing bundles), as a table,
-optionally JSON and a PNG bar chart.
+flash the minimum the wanted sets and cache capacity imply (the missing bundles), the read
+requests per token and their mean size (what neuron placement, `llmflash place`, changes), as
+a table, optionally JSON and a PNG bar chart.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         ("compute_ms", "{:>10.1f}"),
         ("mb_read_per_token", "{:>9.2f}"),
         ("mb_min_per_token", "{:>8.2f}"),
+        ("requests_per_token", "{:>8.0f}"),
+        ("kb_per_request", "{:>8.1f}"),
         ("hit_rate", "{:>6.2f}"),
         ("x_vs_naive", "{:>8.2f}"),
     ]
@@ -42,10 +45,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "compute ms",
         "MB read",
         "MB min",
+        "reads",
+        "KB/read",
         "hits",
         "x naive",
     ]
-    widths = [16, 9, 8, 8, 10, 10, 9, 8, 6, 8]
+    widths = [16, 9, 8, 8, 10, 10, 9, 8, 8, 8, 6, 8]
     lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(heads, widths)))]
     for r in rows:
         cells = []

@@ -156,6 +156,9 @@ def _rows(runs: list[Run], n: int) -> list[dict[str, Any]]:
             "compute_ms": max(0.0, ms - io - mgmt - pred),
             "mb_read_per_token": r.totals.get("bytes_read", 0.0) / n / 1e6,
         }
+        if r.totals.get("requests"):
+            row["requests_per_token"] = r.totals["requests"] / n
+            row["kb_per_request"] = r.totals.get("bytes_read", 0.0) / r.totals["requests"] / 1e3
         if "bytes_useful" in r.totals:
             hits, misses = r.totals.get("hits", 0.0), r.totals.get("misses", 0.0)
             row["mb_min_per_token"] = r.totals["bytes_useful"] / n / 1e6

@@ -78,6 +78,11 @@ def _flash_lines(f: dict[str, Any], lookahead: str | None) -> list[str]:
     ]
     if f.get("hot_share"):
         lines.append(f"{'':<18}hot: {f['hot_share']:.1%} of the FFN pinned (in wanted and cached)")
+    if f.get("requests_per_token"):
+        lines.append(
+            f"{'':<18}reads: {f['requests_per_token']:.0f} requests per token, {f['kb_per_request']:.1f} KB each; "
+            f"bytes read {f['read_share'] / max(f['useful_share'], 1e-12):.2f}x the neurons' bundles"
+        )
     if "ahead_read_share" in f:
         lines.append(
             f"{'':<18}lookahead ({lookahead}): {f['ahead_read_share']:.1%} of the FFN read early "

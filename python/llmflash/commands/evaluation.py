@@ -257,6 +257,9 @@ def _flash_row(
         "wanted_share": counting.share() + s.get("hot_neurons", 0.0) / n_total,  # named + hot
         "read_share": s.get("bytes_read", 0.0) / (steps * ffn_bytes),
         "useful_share": s.get("bytes_useful", 0.0) / (steps * ffn_bytes),
+        # the read requests per token and their mean size (neuron placement's effect)
+        "requests_per_token": s.get("requests", 0.0) / steps,
+        "kb_per_request": s.get("bytes_read", 0.0) / max(s.get("requests", 0.0), 1.0) / 1e3,
         # the FFN held in DRAM: the caches plus the pinned hot neurons
         "cached_share": (s.get("cache_capacity_neurons", 0.0) + s.get("hot_neurons", 0.0)) / n_total,
         "hot_share": s.get("hot_neurons", 0.0) / n_total,

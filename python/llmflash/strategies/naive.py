@@ -39,7 +39,7 @@ class NaiveFFN:
         self.b1 = store.up_biases()  # (n,) float32 fc1 bias (OPT)
         self.q = [store.q_bundles(i) for i in range(store.config.n_layers)]  # quantized: down scales (resident)
         self.io_s = self.compute_s = 0.0
-        self.bytes_read = 0
+        self.bytes_read = self.requests = 0
 
     def _read(self, layer: int) -> Tensor:
         L = self.store.layers[layer]
@@ -52,6 +52,7 @@ class NaiveFFN:
                 [(L.offset + o, min(PIECE, L.region_bytes - o), self.buf, o) for o in range(0, L.region_bytes, PIECE)]
             )
         self.bytes_read += L.region_bytes
+        self.requests += -(-L.region_bytes // PIECE)  # PIECE-sized reads either way
         if self.store.quant:  # (n, bundle_bytes) uint8 blocks
             return self.bytes_view[: L.payload_bytes].view(L.n_neurons, -1)
         payload = self.bytes_view[: L.payload_bytes].view(self.store.dtype)
@@ -75,12 +76,13 @@ class NaiveFFN:
             "ffn_compute_s": self.compute_s,
             "mgmt_s": 0.0,
             "bytes_read": float(self.bytes_read),
+            "requests": float(self.requests),
             "ffn_buffer_bytes": float(self.buf.capacity),
         }
 
     def reset_stats(self) -> None:
         self.io_s = self.compute_s = 0.0
-        self.bytes_read = 0
+        self.bytes_read = self.requests = 0
 
 
 assert PIECE % ALIGN == 0

@@ -274,7 +274,8 @@ class FlashFFN:
 
     def stats(self) -> dict[str, float]:
         """Summed over layers: the cache counters, plus seconds in prediction, I/O (waiting for
-        reads, including what overlapped none), memory management and compute."""
+        reads, including what overlapped none), memory management and compute, and the read
+        requests per step with their mean size."""
         out: dict[str, float] = {}
         for c in (lay.cache for lay in self.layers):
             for k, v in c.stats().items():
@@ -299,6 +300,10 @@ class FlashFFN:
                 **{k: float(v) for k, v in self.ahead.items()},
                 "budget_bytes": float(self.plan.budget),
                 "steps": float(self.step),
+                # what neuron placement (`llmflash place`) changes: reads per forward step (a
+                # decoded token; a prompt chunk counts once) and their mean size
+                "requests_per_token": out.get("requests", 0.0) / max(self.step, 1),
+                "bytes_per_request": out.get("bytes_read", 0.0) / max(out.get("requests", 0.0), 1.0),
             }
         )
         return out
