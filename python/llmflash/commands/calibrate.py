@@ -18,9 +18,8 @@ from typing import Any, Sequence
 
 from ..defaults import store_or_default
 from ..errors import InvalidArgumentError, LlmflashError
-from ..textfile import check_text_file
 from .args import Parser
-from .texts import CALIBRATION_CHARS, default_text
+from .texts import CALIBRATION_CHARS, default_text, read_texts, token_ids
 
 HELP = "train the per-layer sparsity predictors of a store"
 DESCRIPTION = "`llmflash calibrate`: train the sparsity predictors of a store (llmflash.sparsity)."
@@ -61,7 +60,7 @@ def calibrate(
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     store = Store(store_path)
-    ids = _token_ids(store, texts if texts is not None else [default_text()])[:tokens]
+    ids = token_ids(store, texts if texts is not None else [default_text()])[:tokens]
     if len(ids) < 2:
         raise LlmflashError(f"calibration text gave {len(ids)} tokens; need at least 2")
     with torch.inference_mode():
@@ -114,16 +113,6 @@ def _check(
         )
 
 
-def _token_ids(store: Any, texts: list[str]) -> list[int]:
-    tok = store.tokenizer()
-    if tok is None:
-        raise LlmflashError("the store has no tokenizer.json, so it cannot tokenize calibration text", store.path)
-    ids: list[int] = []
-    for t in texts:
-        ids += tok.encode(t).ids
-    return [i for i in ids if 0 <= i < store.config.vocab_size]
-
-
 def build_parser() -> Parser:
     p = Parser(prog="llmflash calibrate", description=DESCRIPTION)
     p.add_argument("store", nargs="?", default=None, help="store folder (default: the embedded SmolLM2-135M-Instruct)")
@@ -172,19 +161,6 @@ def build_parser() -> Parser:
     return p
 
 
-def _read_texts(files: list[str] | None) -> list[str] | None:
-    if not files:
-        return None
-    texts = []
-    for f in files:
-        check_text_file(f, "calibration text")
-        try:
-            texts.append(Path(f).read_text(encoding="utf-8", errors="replace"))
-        except OSError as e:
-            raise LlmflashError(f"cannot read calibration text: {e.strerror}", f) from None
-    return texts
-
-
 def main(argv: Sequence[str]) -> int:
     from ..store import PREDICTORS
     from ..threads import check_threads
@@ -192,7 +168,7 @@ def main(argv: Sequence[str]) -> int:
     a = build_parser().parse_args(list(argv))
     check_threads(a.threads)  # before the default model is converted
     path = store_or_default(a.store)
-    texts = _read_texts(a.text)
+    texts = read_texts(a.text)
     entry = calibrate(
         path,
         texts,

@@ -17,8 +17,7 @@ from typing import Sequence
 from ..defaults import store_or_default
 from ..errors import LlmflashError
 from .args import Parser
-from .calibrate import _read_texts, _token_ids
-from .texts import default_text
+from .texts import default_text, read_texts, token_ids
 
 HELP = "reorder a store's neurons by co-activation, so that each token's reads are few and large"
 DESCRIPTION = (
@@ -71,8 +70,8 @@ def main(argv: Sequence[str]) -> int:
     if a.tokens < 1:
         raise LlmflashError(f"--tokens must be at least 1, got {a.tokens}")
     path = store_or_default(a.store)
-    texts = _read_texts(a.text) or [default_text()]
-    ids = _token_ids(Store(path), texts)[: a.tokens]
+    texts = read_texts(a.text) or [default_text()]
+    ids = token_ids(Store(path), texts)[: a.tokens]
     r = place_store(path, ids, sparsity=a.sparsity, hot=a.hot, partners=a.partners, decay=a.decay, progress=not a.quiet)
     runs = r["runs_per_token"]
     print(
