@@ -11,10 +11,13 @@
 //!    even pieces (big requests gain nothing past the table's top size, and pieces spread one
 //!    run over several workers); with whole-page bundles, pieces hold whole bundles, so each
 //!    can be read straight into its rows (a piece cut mid-bundle must be staged and copied).
-//! 2. Whole region: read the entire region in even pieces of at most `max_request_bytes`.
-//!    For small bundles and a dense wanted set, many small requests cost several times more
-//!    than reading the whole region in large ones. Flash must never be slower than naive: the
-//!    cheaper plan wins.
+//! 2. One span: every page from the first wanted bundle's to the last's, in even pieces of at
+//!    most `max_request_bytes` (the whole region when the wanted set spans it). For small
+//!    bundles and a dense wanted set, many small requests cost several times more than reading
+//!    it all in large ones. Flash must never be slower than naive: the cheaper plan wins. The
+//!    span, not the whole region, so that a layer whose wanted neurons lie in one part of it (a
+//!    placed store keeps the pinned hot neurons, never read, together at the end) reads only
+//!    that part.
 //!
 //! Destination layout: the requests' data lie back to back in one buffer of `buffer_bytes`
 //! (request r at `dest_offset`, a multiple of 4 KiB so direct I/O can write it). The wanted
@@ -74,7 +77,7 @@ pub struct PlanOptions {
     pub max_request_bytes: u64,
     /// Reads in flight (the reader's concurrency): which column of the profile applies.
     pub concurrency: u32,
-    /// Consider reading the whole region when it is cheaper.
+    /// Consider reading one span (first to last wanted page) when it is cheaper.
     pub allow_whole: bool,
     /// Override the profile's bridgeable gap (bytes; rounded down to whole pages).
     pub max_gap_bytes: Option<u64>,
@@ -111,9 +114,10 @@ pub struct Plan {
     pub useful_bytes: u64,
     /// Widest gap (bytes) the sparse plan bridges rather than issuing another request.
     pub max_gap_bytes: u64,
-    /// The plan reads the entire region (cheaper than the sparse plan by the profile).
+    /// The plan reads one span, every page from the first wanted bundle's to the last's
+    /// (cheaper than the sparse plan by the profile; the whole region when the wanted set spans it).
     pub whole_region: bool,
-    /// Estimated seconds for the chosen plan, the sparse plan and the whole-region plan.
+    /// Estimated seconds for the chosen plan, the sparse plan and the one-span plan.
     pub est_seconds: f64,
     pub est_sparse_seconds: f64,
     pub est_whole_seconds: f64,
@@ -249,8 +253,11 @@ pub fn plan(wanted: &[u32], region: &Region, profile: &Profile, opts: &PlanOptio
     // whole bundles stay on them.
     let unit = if bb % PAGE == 0 { bb / PAGE } else { 1 };
     let (sparse, est_sparse_seconds) = split_cheapest(profile, &runs, max_pages, unit, opts.concurrency);
-    let whole_run: &[(u64, u64)] = if region_pages > 0 { &[(0, region_pages)] } else { &[] };
-    let (whole, est_whole_seconds) = split_cheapest(profile, whole_run, max_pages, unit, opts.concurrency);
+    let span: Vec<(u64, u64)> = match (runs.first(), runs.last()) {
+        (Some(first), Some(last)) => vec![(first.0, last.1.min(region_pages))],
+        _ => Vec::new(),
+    };
+    let (whole, est_whole_seconds) = split_cheapest(profile, &span, max_pages, unit, opts.concurrency);
 
     let whole_region = opts.allow_whole && !neurons.is_empty() && est_whole_seconds < est_sparse_seconds;
     let (chosen, est_seconds) = if whole_region { (whole, est_whole_seconds) } else { (sparse, est_sparse_seconds) };

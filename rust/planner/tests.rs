@@ -94,7 +94,8 @@ fn whole_region_when_dense_and_small() {
     .unwrap();
     assert!(p.whole_region, "{p:?}");
     assert!(p.est_seconds < p.est_sparse_seconds);
-    assert_eq!(p.buffer_bytes, r.region_bytes().unwrap());
+    // one span from neuron 0's first page to neuron 1532's last: 1294 of the region's 1296 pages
+    assert_eq!(p.buffer_bytes, (1533u64 * 3456).div_ceil(PAGE) * PAGE);
     assert!(p.requests.iter().all(|q| q.len <= 1 << 20));
     // Sparse wanted sets at the paper's bundle size stay sparse.
     let r = region(16384, 16384);
@@ -102,6 +103,22 @@ fn whole_region_when_dense_and_small() {
     let p = plan(&wanted, &r, &Profile::default(), &PlanOptions::default()).unwrap();
     assert!(!p.whole_region);
     assert!(p.est_seconds < p.est_whole_seconds);
+}
+
+#[test]
+fn one_span_leaves_out_what_lies_beyond_the_wanted_neurons() {
+    // A placed layer: the wanted neurons all in the first 900 of 1536 (the pinned hot ones, never
+    // wanted, at the end), dense enough that one span beats many requests; the span stops at
+    // the last wanted bundle instead of reading the whole region.
+    let r = region(1536, 1012);
+    let wanted: Vec<u32> = (3..900).step_by(8).collect();
+    let p =
+        plan(&wanted, &r, &Profile::default(), &PlanOptions { max_gap_bytes: Some(0), ..Default::default() }).unwrap();
+    assert!(p.whole_region, "{p:?}");
+    let (a, b) = (3 * 1012 / PAGE, (900 * 1012u64).div_ceil(PAGE)); // 899 is the last wanted
+    assert_eq!(p.requests[0].offset, r.offset + a * PAGE);
+    assert_eq!(p.buffer_bytes, (b - a) * PAGE);
+    assert!(p.buffer_bytes < r.region_bytes().unwrap() * 6 / 10);
 }
 
 #[test]
@@ -251,7 +268,11 @@ proptest! {
             prop_assert_eq!(run, 0, "trailing unwanted pages");
             prop_assert_eq!(pages.len() as u64, p.buffer_bytes / PAGE);
         } else {
-            prop_assert_eq!(p.buffer_bytes, region.region_bytes().unwrap());
+            // one span: every page from the first wanted bundle's to the last's
+            let (first, last) = (want[0] as u64, *want.last().unwrap() as u64);
+            let span = (last + 1) * bb;
+            prop_assert_eq!(p.buffer_bytes, span.div_ceil(PAGE) * PAGE - first * bb / PAGE * PAGE);
+            prop_assert_eq!(p.requests[0].offset, lo + first * bb / PAGE * PAGE);
             prop_assert!(p.est_whole_seconds < p.est_sparse_seconds);
         }
     }
