@@ -114,8 +114,8 @@ impl PyQAttention {
             w[i] = contiguous(&b.w[i], names[i])?;
         }
         let mut bias: [Option<&[f32]>; 4] = [None; 4];
-        for i in 0..4 {
-            bias[i] = b.bias[i].as_ref().map(|a| contiguous(a, "a bias")).transpose()?;
+        for (slot, given) in bias.iter_mut().zip(&b.bias) {
+            *slot = given.as_ref().map(|a| contiguous(a, "a bias")).transpose()?;
         }
         let [dim, heads, kv_heads, head_dim] = self.shape;
         Ok(AttnLayer {
