@@ -83,6 +83,7 @@ pub use crate::staging::StagingPool;
 pub use counters::CacheStats;
 use counters::{add, ns_since, Counters};
 use fill::{FillResult, Filler};
+pub use overflow::OverflowReader;
 
 /// `slot_of[neuron]` for a neuron that is not in the cache.
 pub const ABSENT: u32 = u32::MAX;

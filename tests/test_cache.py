@@ -476,3 +476,37 @@ def test_layer_cache_helper_and_read_neurons_checks(tmp_path):
     assert cache.read_neurons(adm.overflow, out) == 2
     assert np.array_equal(as_array(out)[bb:], bundle(data, 0, bb, 5))
     assert "NeuronCache(live=4" in repr(cache) and "Admission(" in repr(adm)
+
+
+def test_overflow_reader_runs_beside_the_owner(tmp_path):
+    """OverflowReader.read on a worker thread while the owning thread begins and waits for fills
+    (as flash reads a token's overflow beside its fill): the file's bytes every time, the same
+    checks as read_neurons, and the counters of the one cache."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llmflash.store import LayerRegion
+
+    n, bb = 300, 3456
+    path = tmp_path / "ffn.bin"
+    data = write_store(path, n, bb, 0, seed=7)
+    region = LayerRegion(0, 0, n, bb, align_up(n * bb), (("up", bb),), 0, None)
+    cache = layer_cache(Reader(path), region, capacity=20, window=1, profile=Profile.default())
+    reader = cache.overflow_reader()
+    assert "OverflowReader(300 neurons of 3456 bytes" in repr(reader)
+    with pytest.raises(ValueError, match="slot matrix"):
+        reader.read([4], cache.slots)
+    with pytest.raises(ValueError, match="out of range"):
+        reader.read([n], AlignedBuf(bb))
+    out = AlignedBuf(80 * bb)
+    with ThreadPoolExecutor(1) as pool:
+        for step in range(12):
+            wanted = sorted({(7 * k + 31 * step) % n for k in range(60)})
+            adm = cache.begin(wanted, step)
+            overflow = adm.overflow.copy()
+            job = pool.submit(reader.read, overflow, out)
+            cache.wait()  # the owner's mutable call while the worker reads
+            assert job.result() == len(overflow) > 0
+            got = as_array(out)
+            for k, j in enumerate(overflow):
+                assert np.array_equal(got[k * bb : (k + 1) * bb], bundle(data, 0, bb, int(j)))
+    assert cache.stats()["overflow"] > 0

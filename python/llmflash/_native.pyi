@@ -197,6 +197,7 @@ class NeuronCache:
     #   its neurons count as wanted at step - 1, so the check at `step` may evict the wrong ones
     def admit(self, wanted: _Ids, step: int) -> Admission: ...  # begin + wait, inline
     def read_neurons(self, wanted: _Ids, out: AlignedBuf) -> int: ...  # row k = wanted[k]
+    def overflow_reader(self) -> OverflowReader: ...  # read_neurons for another thread
     def set_bundle_crcs(self, crcs: Union[npt.NDArray[np.uint32], Sequence[int]]) -> None: ...
     #   crcs[j] = zlib.crc32 of bundle j; n_neurons entries; set once. From then on a bundle read
     #   whose CRC differs raises StoreError (wait/admit/begin drop the fill's neurons; read_neurons)
@@ -319,6 +320,12 @@ def attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, length: int, scale: 
     bit patterns or float32, C-contiguous, positions [0, length) filled; query head h reads KV head
     h // (Hq // Hkv). Returns (Hq * hd,) float32. Without the GIL."""
     ...
+
+class OverflowReader:
+    """A cache's read_neurons() usable from another thread while the cache's owner calls begin(),
+    wait() or admit() (it shares the reader, CRC table and counters, touches no row)."""
+
+    def read(self, wanted: _Ids, out: AlignedBuf) -> int: ...  # row k = wanted[k]; GIL released
 
 class QAttention:
     """One quantized layer's attention half for one decode token: q, k, v, o as (rows, row_bytes)

@@ -1,20 +1,73 @@
 //! Overflow streaming: bundles read past the cache into a caller's buffer (neurons wanted
 //! beyond a layer's capacity), planned and coalesced like a fill but never touching the rows.
+//!
+//! `OverflowReader` does it with what it shares with its cache (the reader, staging buffers,
+//! CRC table and counters) and nothing the cache mutates, so it can run on another thread while
+//! the owner admits, waits for fills and computes: flash starts a token's overflow reads as soon
+//! as it knows them, beside the fill, instead of after the cached rows are computed.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::counters::{add, ns_since};
-use super::{crc, NeuronCache};
+use super::{crc, NeuronCache, Shared};
 use crate::error::{Error, Result};
-use crate::planner::plan;
+use crate::planner::{plan, PlanOptions, Region};
+use crate::profile::Profile;
 use crate::reader::RawOp;
 
+/// A handle that reads one cache's bundles past its rows (see the module comment); cheap to
+/// clone, `Send + Sync`.
+#[derive(Clone)]
+pub struct OverflowReader {
+    shared: Arc<Shared>,
+    region: Region,
+    profile: Profile,
+    opts: PlanOptions,
+}
+
 impl NeuronCache {
+    /// This cache's overflow reader (its planner settings as they are now).
+    pub fn overflow_reader(&self) -> OverflowReader {
+        OverflowReader {
+            shared: Arc::clone(&self.shared),
+            region: self.region,
+            profile: self.profile.clone(),
+            opts: self.opts,
+        }
+    }
+
+    /// `OverflowReader::read_neurons` on this cache's reader.
+    pub fn read_neurons(&self, wanted: &[u32], dest: &mut [u8]) -> Result<usize> {
+        self.overflow_reader().read_neurons(wanted, dest)
+    }
+
+    /// `OverflowReader::read_neurons_raw` on this cache's reader.
+    ///
+    /// # Safety
+    /// As `OverflowReader::read_neurons_raw`.
+    pub unsafe fn read_neurons_raw(&self, wanted: &[u32], dest: *mut u8, dest_len: usize) -> Result<usize> {
+        // SAFETY: the caller upholds read_neurons_raw's contract, passed on unchanged.
+        unsafe { self.overflow_reader().read_neurons_raw(wanted, dest, dest_len) }
+    }
+}
+
+impl OverflowReader {
+    /// The cache's slot matrix (a destination must never be it).
+    pub fn slots(&self) -> &Arc<crate::aligned::AlignedBuf> {
+        &self.shared.slots
+    }
+
+    /// The layer's region.
+    pub fn region(&self) -> &Region {
+        &self.region
+    }
+
     /// Read the bundles of `wanted` (duplicates allowed) into `dest`, packed: row k (bytes
     /// `[k*bb, (k+1)*bb)`) = bundle `wanted[k]`. Returns `wanted.len()`. Does not touch the
-    /// cache's rows; may run while a fill is pending (overflow streaming). With a CRC table
-    /// (`set_bundle_crcs`) every bundle is checked before any is copied out: a mismatch is
-    /// `Error::Corrupt` and leaves `dest` untouched.
+    /// cache's rows; may run while a fill is pending and while the cache admits (overflow
+    /// streaming). With a CRC table (`set_bundle_crcs`) every bundle is checked before any is
+    /// copied out: a mismatch is `Error::Corrupt` and leaves `dest` untouched.
     pub fn read_neurons(&self, wanted: &[u32], dest: &mut [u8]) -> Result<usize> {
         // SAFETY: `dest` is an exclusive borrow of dest.len() writable bytes, alive for the call.
         unsafe { self.read_neurons_raw(wanted, dest.as_mut_ptr(), dest.len()) }
@@ -26,7 +79,12 @@ impl NeuronCache {
     /// `dest .. dest + dest_len` must be valid for writes and not accessed by anyone else until
     /// this call returns.
     pub unsafe fn read_neurons_raw(&self, wanted: &[u32], dest: *mut u8, dest_len: usize) -> Result<usize> {
-        self.check_ids(wanted)?;
+        let n = self.region.n_neurons;
+        if let Some(&bad) = wanted.iter().find(|&&j| j >= n) {
+            return Err(Error::invalid(format!(
+                "neuron {bad} is out of range: the layer has {n} neurons (ids 0..{n})"
+            )));
+        }
         let bb = self.shared.bundle_bytes;
         let need = wanted.len().checked_mul(bb).filter(|&b| b <= dest_len).ok_or_else(|| {
             Error::invalid(format!(

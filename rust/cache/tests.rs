@@ -444,6 +444,33 @@ fn check_rows(c: &NeuronCache, s: &Store, ready: usize) {
 fn a_cache_can_move_between_threads_and_be_shared() {
     fn send_sync<T: Send + Sync>() {}
     send_sync::<NeuronCache>();
+    send_sync::<super::OverflowReader>();
+}
+
+#[test]
+fn overflow_reads_on_another_thread_while_the_owner_admits_and_fills() {
+    // What flash does each token: the overflow's first chunk read by a worker thread while the
+    // owner begins, waits for and checks fills of the same layer.
+    let s = Store::new(400, 3456);
+    let mut c = s.cache(40, 1);
+    let bb = 3456;
+    let r = c.overflow_reader();
+    for step in 0..20u64 {
+        let wanted: Vec<u32> = (0..120).map(|k| ((k * 7 + step as u32 * 13) % 400)).collect();
+        let a = c.begin(&wanted, step).unwrap();
+        let overflow = a.overflow.clone();
+        let mut dest = AlignedBuf::zeroed(overflow.len().max(1) * bb).unwrap();
+        std::thread::scope(|sc| {
+            let reading = sc.spawn(|| r.read_neurons(&overflow, &mut dest).unwrap());
+            c.wait().unwrap();
+            check(&c, &s);
+            assert_eq!(reading.join().unwrap(), overflow.len());
+        });
+        for (k, &j) in overflow.iter().enumerate() {
+            assert_eq!(&dest[k * bb..(k + 1) * bb], s.bundle(j));
+        }
+    }
+    assert!(c.stats().overflow > 0);
 }
 
 #[test]

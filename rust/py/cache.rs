@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::buffer::PyAlignedBuf;
+use super::overflow::{read_into, PyOverflowReader};
 use super::planner::{as_int64_array, Wanted};
 use super::profile::PyProfile;
 use super::reader::PyReader;
@@ -16,7 +17,7 @@ use crate::error::Error;
 use crate::planner::{PlanOptions, Region};
 
 /// Neuron ids from a numpy array, a torch tensor or any sequence of ints.
-fn ids(wanted: &Bound<'_, PyAny>, n: u32) -> PyResult<Vec<u32>> {
+pub(super) fn ids(wanted: &Bound<'_, PyAny>, n: u32) -> PyResult<Vec<u32>> {
     Ok(match wanted.extract::<Wanted<'_>>() {
         Ok(w) => w.ids(n)?,
         Err(_) => as_int64_array(wanted)?.ids(n)?,
@@ -247,18 +248,13 @@ impl PyNeuronCache {
         wanted: &Bound<'_, PyAny>,
         out: &Bound<'_, PyAlignedBuf>,
     ) -> PyResult<usize> {
-        let ids = ids(wanted, self.cache.region().n_neurons)?;
-        let buf = &out.get().buf;
-        if std::sync::Arc::ptr_eq(buf, self.cache.slots()) {
-            return Err(Error::invalid("read_neurons cannot write into the cache's own slot matrix").into());
-        }
-        let (dest, len) = (Dest(buf.as_mut_ptr()), buf.len());
-        let cache = &self.cache;
-        // Python code may touch `out` meanwhile, as with any buffer handed to an I/O call.
-        // SAFETY: `out`, held until this returns, keeps the destination alive (nothing frees or
-        // moves it); it is not the slot matrix (checked) nor a staging buffer.
-        let n = py.detach(move || unsafe { cache.read_neurons_raw(&ids, dest.get(), len) })?;
-        Ok(n)
+        read_into(py, &self.cache.overflow_reader(), wanted, out)
+    }
+
+    /// An OverflowReader of this cache: read_neurons() for another thread, which may run it
+    /// while this one calls begin(), wait() or admit() (this object refuses a second thread).
+    fn overflow_reader(&self) -> PyOverflowReader {
+        PyOverflowReader { reader: self.cache.overflow_reader() }
     }
 
     /// Check every bundle read from now on against `crcs` (a 1-D numpy uint32 array or a sequence
@@ -412,13 +408,13 @@ impl PyNeuronCache {
 }
 
 /// A destination pointer carried across `py.detach` (raw pointers are not Send).
-struct Dest(*mut u8);
+pub(super) struct Dest(pub(super) *mut u8);
 // SAFETY: the pointer targets an AlignedBuf kept alive by a Python reference that the calling
 // function holds until the detached call has returned.
 unsafe impl Send for Dest {}
 
 impl Dest {
-    fn get(&self) -> *mut u8 {
+    pub(super) fn get(&self) -> *mut u8 {
         self.0
     }
 }

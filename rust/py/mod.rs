@@ -10,6 +10,7 @@ mod decode;
 mod errors;
 mod faults;
 mod gemv;
+mod overflow;
 mod planner;
 mod profile;
 mod quant;
@@ -22,6 +23,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<reader::PyReader>()?;
     m.add_class::<cache::PyNeuronCache>()?;
     m.add_class::<cache::PyAdmission>()?;
+    m.add_class::<overflow::PyOverflowReader>()?;
     m.add_class::<planner::PyPlan>()?;
     m.add_class::<decode::PyQAttention>()?;
     m.add_class::<decode::PyQDecoder>()?;

@@ -3,7 +3,10 @@ that starts a layer's reads before its FFN call."""
 
 from __future__ import annotations
 
+import os
+import threading
 import time
+from concurrent import futures
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -24,6 +27,20 @@ def _mgmt_ns(cache: NeuronCache) -> int:
     belong to reading (the paper's breakdown: I/O, memory management, compute)."""
     st = cache.stats()
     return st["mgmt_ns"] - st.get("crc_ns", 0)
+
+
+_worker: tuple[int, futures.ThreadPoolExecutor] | None = None
+_worker_lock = threading.Lock()
+
+
+def overflow_worker() -> futures.ThreadPoolExecutor:
+    """The process's one overflow-read thread (a forked child gets its own): the reads release
+    the GIL, so they run while the calling thread computes."""
+    global _worker
+    with _worker_lock:
+        if _worker is None or _worker[0] != os.getpid():
+            _worker = (os.getpid(), futures.ThreadPoolExecutor(1, thread_name_prefix="llmflash-overflow"))
+        return _worker[1]
 
 
 class Laps:
@@ -142,23 +159,38 @@ class FlashFFN:
         lay = self.layers[layer]
         laps = Laps(lay.cache)
         wanted, adm = self._admit(layer, x, laps)  # name the wanted neurons, begin their reads
-        if self._peek is not None and layer + 1 < len(self.layers):
-            self._read_ahead(layer, x, laps)  # and layer+1's
-        x = x.to(lay.rows.dtype) if lay.rows.dtype.is_floating_point else x.float()  # quantized: float32
-        y = torch.zeros(x.shape[0], self.config.dim, dtype=torch.float32)
-        bias = lay.row_bias()
-        ready, filling = lay.rows_to_compute(adm, wanted if self.options.compute == "wanted" else None)
-        if lay.hot_rows is not None:  # hot pinning: resident, always computed
-            y += rows_ffn(x, lay.hot_rows, self.config, lay.hot_bias, q=lay.q)
-        y += self._some_rows(x, lay, bias, ready)  # the cached rows, while the reads run
-        laps.lap("compute")
-        lay.cache.wait()
-        laps.lap("io")
-        y += self._some_rows(x, lay, bias, filling)  # the rows just read
-        laps.lap("compute")
-        self._overflow(lay, x, y, adm.overflow, laps)  # the wanted neurons the cache could not hold
+        overflow = np.asarray(adm.overflow, dtype=np.uint32)  # the wanted neurons the cache cannot hold
+        early = self._overflow_early(lay, overflow)  # their first chunk read beside the fill
+        try:
+            if self._peek is not None and layer + 1 < len(self.layers):
+                self._read_ahead(layer, x, laps)  # and layer+1's
+            x = x.to(lay.rows.dtype) if lay.rows.dtype.is_floating_point else x.float()  # quantized: float32
+            y = torch.zeros(x.shape[0], self.config.dim, dtype=torch.float32)
+            bias = lay.row_bias()
+            ready, filling = lay.rows_to_compute(adm, wanted if self.options.compute == "wanted" else None)
+            if lay.hot_rows is not None:  # hot pinning: resident, always computed
+                y += rows_ffn(x, lay.hot_rows, self.config, lay.hot_bias, q=lay.q)
+            y += self._some_rows(x, lay, bias, ready)  # the cached rows, while the reads run
+            laps.lap("compute")
+            lay.cache.wait()
+            laps.lap("io")
+            y += self._some_rows(x, lay, bias, filling)  # the rows just read
+            laps.lap("compute")
+            self._overflow(lay, x, y, overflow, laps, early)
+        finally:
+            if early is not None:  # never leave a read writing into the scratch area
+                futures.wait([early])
         laps.add_to(self.t)
         return y
+
+    def _overflow_early(self, lay: FlashLayer, ids: np.ndarray) -> futures.Future[int] | None:
+        """Start reading the first scratch chunk of the overflow `ids` on the overflow worker, so it
+        runs beside the fill and the compute on cached and hot rows (None: nothing to read, or
+        overlap off: flash-serial reads it after the compute, as the paper's baseline does)."""
+        if not len(ids) or not self.options.overlap or lay.overflow is None:
+            return None
+        chunk = ids[: self.scratch_rows.shape[0]]
+        return overflow_worker().submit(lay.overflow.read, chunk, self.scratch)
 
     def _admit(self, layer: int, x: Tensor, laps: Laps) -> tuple[np.ndarray, Admission]:
         """This token's wanted set (store positions) and the cache's admission of it: evict, plan
@@ -236,14 +268,19 @@ class FlashFFN:
         they were protected and pushed the true set to overflow)."""
         return cache.begin_guess(ids, step) if self._verify else cache.begin(ids, step)
 
-    def _overflow(self, lay: FlashLayer, x: Tensor, y: Tensor, overflow: Any, laps: Laps) -> None:
+    def _overflow(
+        self, lay: FlashLayer, x: Tensor, y: Tensor, ids: np.ndarray, laps: Laps, early: futures.Future[int] | None
+    ) -> None:
         """Add to `y` the FFN of the wanted neurons that did not fit the cache (store positions),
-        streamed through the scratch area a chunk at a time."""
-        ids = np.asarray(overflow, dtype=np.uint32)
+        streamed through the scratch area a chunk at a time; the first chunk's read is `early`'s
+        when it was started beside the fill (_overflow_early)."""
         size = self.scratch_rows.shape[0]
         for start in range(0, len(ids), size or 1):
             chunk = ids[start : start + size]
-            k = lay.cache.read_neurons(chunk, self.scratch)  # row i = chunk[i]
+            if start == 0 and early is not None:
+                k = early.result()  # its StoreError or FlashIOError, raised here
+            else:
+                k = lay.cache.read_neurons(chunk, self.scratch)  # row i = chunk[i]
             laps.lap("io")
             b = None if lay.bias is None else lay.bias[torch.from_numpy(chunk[:k].astype(np.int64))]
             y += rows_ffn(x, self.scratch_rows[:k], self.config, b, q=lay.q)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ...io import Admission, NeuronCache
+from ...io import Admission, NeuronCache, OverflowReader
 from ...models.quant import QBundles
 from ...store import LayerRegion
 
@@ -26,6 +26,7 @@ class FlashLayer:
     hot_rows: Tensor | None  # pinned bundles (k, bundle_values): resident, computed every token
     hot_bias: Tensor | None  # their fc1 biases (k,)
     cache: NeuronCache | None = None
+    overflow: OverflowReader | None = None  # the cache's read_neurons, for the overflow worker thread
     rows: Tensor | None = None  # (capacity, bundle_values) view of the cache's slot matrix
     q: QBundles | None = None  # quantized stores: the bundle format and resident down scales
 

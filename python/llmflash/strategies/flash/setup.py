@@ -159,6 +159,7 @@ def open_cache(
         cache.set_bundle_crcs(crcs)
     cache.fill_holes = opts.fill_holes
     lay.cache, lay.rows = cache, bundle_view(store, cache.slots, capacity)
+    lay.overflow = cache.overflow_reader()
 
 
 def bundle_view(store: Store, buf: AlignedBuf, rows: int) -> Tensor:
