@@ -10,7 +10,10 @@
      start and new neurons appended);
   3. while those reads are in flight, the FFN runs on the live rows the fill does not write
      (the admission's filled_rows); then on the rows just read; neurons beyond the layer's
-     capacity stream through one shared scratch area in chunks.
+     capacity stream through one shared scratch area in chunks, the first chunk's read started
+     on a worker thread as soon as the admission names it (NeuronCache.overflow_reader), so it
+     runs beside the fill and the compute on cached and pinned rows rather than after them (with
+     overlap=False, flash-serial, after them).
 
 Lookahead: a source with `ahead(layer, x)` (layer+1's neurons from layer's FFN input) gets
 layer+1's reads started while layer computes. Unless the source says its `ahead` is final
