@@ -63,7 +63,10 @@ def check_plan(p, wanted: list[int], n: int, bb: int, offset: int, max_request: 
         for t in {0, bb // 2, bb - 1}:
             assert page_file[(at + t) // PAGE] + (at + t) % PAGE == lo + j * bb + t
     if p.whole_region:
-        assert p.buffer_bytes == hi - lo and want
+        # one span: every page from the first wanted bundle's to the last's
+        first, last = want[0], want[-1]
+        assert reqs[0][0] == lo + first * bb // PAGE * PAGE
+        assert p.buffer_bytes == -(-(last + 1) * bb // PAGE) * PAGE - first * bb // PAGE * PAGE
     else:
         # No unwanted page outside a bridged gap, and no bridged gap over the allowance.
         wanted_pages = set()
@@ -142,10 +145,16 @@ def test_plan_inputs_and_errors():
 
 
 def test_whole_region_chosen_only_when_cheaper():
-    # SmolLM2-like: 1536 bundles of 3456 bytes. Every 4th neuron, no bridging: whole region wins.
+    # SmolLM2-like: 1536 bundles of 3456 bytes. Every 4th neuron, no bridging: one span wins, from
+    # neuron 0's page to neuron 1532's last (2 pages short of the region's end).
     p = plan(np.arange(0, 1536, 4), 3456, 0, 1536, max_gap_bytes=0)
     assert p.whole_region and p.est_whole_seconds < p.est_sparse_seconds
-    assert p.buffer_bytes == align_up(1536 * 3456)
+    assert p.buffer_bytes == align_up(1533 * 3456) == align_up(1536 * 3456) - 2 * PAGE
+    # A placed layer: wanted neurons only in the first 900 (the pinned ones at the end): the span
+    # stops at the last wanted bundle.
+    p = plan(np.arange(3, 900, 8), 1012, 0, 1536, max_gap_bytes=0)
+    assert p.whole_region and p.requests[0][0] == 0
+    assert p.buffer_bytes == align_up(900 * 1012) < 0.6 * align_up(1536 * 1012)
     # The paper's scale: 16 KiB bundles, 2.5% wanted: sparse wins by far.
     p = plan(np.arange(0, 16384, 40), 16384, 0, 16384)
     assert not p.whole_region and p.est_seconds * 5 < p.est_whole_seconds
