@@ -282,3 +282,23 @@ def test_eval_sticky_spec(llama_store, texts, capsys, monkeypatch):
     assert r["predictor"]["recall_target"] == 0.8 and r["predictor"]["stay"] == 0.99
     assert len(calls) >= 23 * 2  # flash named every layer's set with it
     assert r["flash"][0]["ppl"] > 1 and 0 < r["flash"][0]["wanted_share"] <= 1
+
+
+def test_recording_follows_a_forward_pass_split_into_several(llama_store, monkeypatch):
+    """A wide model's forward pass runs a calibration chunk as several passes through the layers
+    (Transformer.prefill_chunk): every token's FFN input still lands in its own row, the same as
+    with one pass (before, every pass wrote over the chunk's first rows)."""
+    import llmflash.models.transformer as transformer
+    from llmflash.sparsity.calibration import record
+    from llmflash.strategies.dense import DenseFFN
+
+    store = Store(llama_store)
+    dense = DenseFFN(store, dequantize=True)
+    ids = [(7 * t + 3) % 97 + 1 for t in range(100)]
+    whole = record(store, dense, ids, 0.5, 50, progress=False)
+    monkeypatch.setattr(transformer, "PREFILL_CHUNK", 8)  # each 50-token chunk: 7 passes
+    split = record(store, dense, ids, 0.5, 50, progress=False)
+    for a, b in zip(whole.x, split.x):
+        assert torch.allclose(a.float(), b.float(), atol=1e-4)
+    for a, b in zip(whole.y, split.y):
+        assert (a == b).float().mean() > 0.99

@@ -25,11 +25,15 @@ class _Recorder:
     def __init__(self, dense: Any, source: Any, n_tokens: int, ffn_dims: list[int]):
         self.dense, self.source = dense, source
         self.wanted = [torch.zeros(n_tokens, n, dtype=torch.bool) for n in ffn_dims]
-        self.at = 0  # the first token of the chunk being run
+        # per layer, the next token's row: the text runs in order, but a wide model's forward
+        # pass splits a chunk into several passes (Transformer.prefill_chunk), each calling every
+        # layer in turn
+        self.at = [0] * len(ffn_dims)
 
     def __call__(self, layer: int, x: Tensor) -> Tensor:
         T = x.shape[0]
-        rows = self.wanted[layer][self.at : self.at + T]
+        rows = self.wanted[layer][self.at[layer] : self.at[layer] + T]
+        self.at[layer] += T
         predict = getattr(self.source, "predict", None)
         if predict is not None:
             rows |= predict(layer, x)
@@ -52,7 +56,6 @@ def record_wanted(
     with torch.inference_mode(), tqdm(total=len(ids), desc="record", unit="tok", disable=not progress) as bar:
         for s in range(0, len(ids), chunk):
             piece = torch.tensor(ids[s : s + chunk], dtype=torch.long)
-            rec.at = s
             model.forward(piece, model.new_cache(piece.numel()), last_only=True)
             bar.update(piece.numel())
     return rec.wanted

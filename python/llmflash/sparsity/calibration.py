@@ -65,13 +65,17 @@ class RecordingFFN:
         self.threshold_tokens = threshold_tokens
         self._pending: list[list[Tensor]] = [[] for _ in range(c.n_layers)]  # |act| until thresholds
         self.pos = 0  # first row of the current chunk
+        # per layer, the next row to write: a wide model's forward pass splits a chunk into
+        # several passes (Transformer.prefill_chunk), each calling every layer in turn
+        self.at = [0] * c.n_layers
 
     def __call__(self, layer: int, x: Tensor) -> Tensor:
         T = x.shape[0]
         d = self.dense
         act = activations(self.config, d.w1[layer], x, d.b1[layer])  # (T, n) float32, store positions
         a = in_original_ids(act, self.inverse[layer])
-        rows = slice(self.pos, self.pos + T)
+        rows = slice(self.at[layer], self.at[layer] + T)
+        self.at[layer] += T
         self.x[layer][rows] = x
         if self.thresholds is None:
             self._pending[layer].append(a.abs())
@@ -82,6 +86,7 @@ class RecordingFFN:
     def end_chunk(self, T: int) -> None:
         """Advance past a chunk of T tokens; fix the label thresholds once enough tokens were seen."""
         self.pos += T
+        self.at = [self.pos] * len(self.at)
         if self.thresholds is None and self.pos >= min(self.threshold_tokens, self.capacity):
             self._fix_thresholds()
 
