@@ -12,7 +12,7 @@
 //!    sort them by priority; placed in store order) into the rows that steps 2-3 emptied, then
 //!    after the live rows, and returns the rest as `overflow` for the caller to stream itself;
 //! 5. plans the appended neurons' reads (the planner picks exact bundles, bridged runs or the
-//!    whole region by the disk profile) and starts them in the background.
+//!    one span by the disk profile) and starts them in the background.
 //!
 //! Live rows are always the contiguous block `[0, live)`, so the FFN runs on one matrix view
 //! with no gather (the paper's Figure 7). The paper deletes by moving the last live row into each
@@ -117,7 +117,7 @@ pub struct Admission {
     pub evicted_window: usize,
     pub evicted_capacity: usize,
     /// The plan for the appended neurons: bytes read (requests, bridged gaps, page padding),
-    /// bytes of wanted bundles, requests, whether it reads the whole region, its estimate.
+    /// bytes of wanted bundles, requests, whether it reads one span (first to last wanted page), its estimate.
     pub bytes_read: u64,
     pub bytes_useful: u64,
     pub requests: usize,

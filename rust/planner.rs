@@ -249,7 +249,7 @@ pub fn plan(wanted: &[u32], region: &Region, profile: &Profile, opts: &PlanOptio
             _ => runs.push((a, b)),
         }
     }
-    // Whole-page bundles: runs (and the whole region) start on bundle boundaries, so pieces of
+    // Whole-page bundles: runs (and the one span) start on bundle boundaries, so pieces of
     // whole bundles stay on them.
     let unit = if bb % PAGE == 0 { bb / PAGE } else { 1 };
     let (sparse, est_sparse_seconds) = split_cheapest(profile, &runs, max_pages, unit, opts.concurrency);

@@ -97,12 +97,20 @@ def test_placed_store_gives_the_same_logits(arch, make_hf, elm_store, tmp_path):
         kind, _, dtype = arch.partition("-")
         store = _convert(make_hf(kind, kind).path, tmp_path / "s.llmflash", dtype or "float32")
     before = {s: _logits(store, strategy=s) for s in ("dense", "naive")}
-    before_orders = [L.order for L in Store(store).layers]
+    old = Store(store)
+    before_orders = [L.order for L in old.layers]
+    # each layer's bundles in original neuron order (row j = neuron j's bundle)
+    by_id = [
+        old.read_layer(i)[torch.argsort(torch.tensor(L.order))] if L.order is not None else old.read_layer(i)
+        for i, L in enumerate(old.layers)
+    ]
     r = place_store(store, IDS, sparsity="oracle:0.3", progress=False)
     assert r["runs_per_token"]["after"] <= r["runs_per_token"]["before"]
     s = Store(store)
     assert s.manifest["placement"]["sparsity"] == "oracle:0.3"
     assert [L.order for L in s.layers] != before_orders
+    for i, L in enumerate(s.layers):  # bundle p is neuron order[p], wherever it was before
+        assert torch.equal(s.read_layer(i), by_id[i][torch.tensor(L.order)])
     assert verify_store(store, progress=False).bundles > 0
     # float32 stores: 1e-5 of the logits' scale; a quantized store's bundle kernel sums the down
     # contributions group by group in store order, so the permutation moves its float32 rounding
@@ -151,6 +159,52 @@ def test_a_corrupt_store_is_refused_and_left_alone(make_hf, tmp_path):
     assert "ffn.bin" in str(e.value)
     assert {p.name: p.read_bytes() for p in store.iterdir()} == files
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def _identity(store: Store) -> list[torch.Tensor]:
+    return [torch.arange(L.n_neurons) for L in store.layers]
+
+
+@pytest.mark.parametrize("where", ["ffn.bin", "bundles.crc32"])
+def test_the_rewrite_checks_what_it_moves(make_hf, tmp_path, where):
+    """Corruption that appears after the store was opened (past what recording read): the rewrite's
+    own checks refuse it, naming the file, and nothing changes."""
+    from llmflash.placement.rewrite import rewrite_store
+
+    store = _convert(make_hf("llama", "llama").path, tmp_path / "s.llmflash")
+    s = Store(store)
+    offset = s.layers[1].offset + 10 if where == "ffn.bin" else 4 * (s.layers[0].n_neurons + 3)
+    flip_bit(store / where, offset)
+    files = {p.name: p.read_bytes() for p in store.iterdir()}
+    with pytest.raises(StoreError) as e:
+        rewrite_store(s, _identity(s), {}, progress=False)
+    assert where in str(e.value)
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == files
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_store_changed_meanwhile_is_not_overwritten(make_hf, tmp_path):
+    from store_builders import edit_manifest
+
+    from llmflash.placement.rewrite import rewrite_store
+
+    store = _convert(make_hf("llama", "llama").path, tmp_path / "s.llmflash")
+    s = Store(store)
+    edit_manifest(store, lambda m: m.update(source="elsewhere"))  # as calibrate would, meanwhile
+    with pytest.raises(StoreError, match="changed while it was being placed"):
+        rewrite_store(s, _identity(s), {}, progress=False)
+    assert Store(store).manifest["source"] == "elsewhere" and "placement" not in Store(store).manifest
+
+
+def test_a_store_reached_through_a_link_is_placed_where_it_lies(make_hf, tmp_path):
+    real = _convert(make_hf("llama", "llama").path, tmp_path / "real" / "s.llmflash")
+    (tmp_path / "links").mkdir()
+    link = tmp_path / "links" / "s.llmflash"
+    link.symlink_to(real)
+    place_store(link, IDS, sparsity="oracle:0.3", progress=False)
+    assert link.is_symlink() and "placement" in Store(real).manifest
+    assert [p.name for p in (tmp_path / "links").iterdir()] == ["s.llmflash"]
+    assert [p.name for p in (tmp_path / "real").iterdir()] == ["s.llmflash"]
 
 
 def test_bad_arguments(make_hf, tmp_path):
@@ -207,3 +261,19 @@ def test_recording_follows_a_forward_pass_split_into_several(make_hf, tmp_path, 
     for a, b in zip(whole, split):
         assert bool(b.any(1).all())  # every token wants some neuron
         assert (a == b).float().mean() > 0.99
+
+
+def test_a_corrupt_bundle_read_as_overflow_is_a_store_error(make_hf, tmp_path):
+    """Flash reads the neurons its small caches cannot hold on a worker thread beside the fill: a
+    bundle failing its CRC there is a StoreError naming ffn.bin in the caller, and the model
+    keeps working on the bundles that are sound."""
+    store = _convert(make_hf("llama", "llama").path, tmp_path / "s.llmflash")
+    model = FlashModel.open(store, strategy="flash", sparsity="all", memory="0.8x")
+    ref = model.logits(PROMPT)
+    assert model.stats()["overflow"] > 0 and max(model.ffn.plan.capacities) < 96
+    L = Store(store).layers[1]
+    flip_bit(store / FFN, L.offset + 90 * L.bundle_bytes + 5)  # neuron 90: beyond any cache row
+    with pytest.raises(StoreError, match=r"ffn\.bin"):
+        model.logits(PROMPT)
+    flip_bit(store / FFN, L.offset + 90 * L.bundle_bytes + 5)  # repaired
+    assert torch.equal(model.logits(PROMPT), ref)

@@ -76,7 +76,7 @@ class Plan:
     @property
     def max_gap_bytes(self) -> int: ...  # widest gap bridged by the sparse plan
     @property
-    def whole_region(self) -> bool: ...  # the whole region was cheaper than sparse reads
+    def whole_region(self) -> bool: ...  # one span (first to last wanted page) was cheaper than sparse reads
     @property
     def est_seconds(self) -> float: ...
     @property

@@ -10,9 +10,9 @@
     cache.read_neurons(adm.overflow, scratch)   # what did not fit, packed row by row
 
 `wanted` are store positions (bundle j of the region; see LayerRegion.order for the original
-neuron ids). The planner chooses exact bundles, bridged runs or the whole region, whichever the
-disk profile (load_profile: the one `llmflash profile-disk` measured, else a default table) prices
-cheapest.
+neuron ids). The planner chooses exact bundles, bridged runs or one span (the first wanted page to
+the last), whichever the disk profile (load_profile: the one `llmflash profile-disk` measured,
+else a default table) prices cheapest.
 """
 
 from __future__ import annotations

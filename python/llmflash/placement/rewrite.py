@@ -8,8 +8,10 @@ per-neuron rates and the hot sets speak original neuron ids, and a quantized bun
 own down group, so they stay valid as they are (and are hard-linked, or copied, unchanged).
 
 Every region is read whole and checked against its CRC-32 and every bundle against
-bundles.crc32 before anything is written, so a corrupt store is refused (StoreError naming the
-file), never re-checksummed into a valid-looking one. The new store is written into the hidden
+bundles.crc32 before its permuted copy is written (into the temporary folder), so a corrupt store
+is refused (StoreError naming the file), never re-checksummed into a valid-looking one; and the
+manifest must still be the one read when placement began (a `calibrate` meanwhile is refused).
+A store reached through a symbolic link is placed where the link points. The new store is written into the hidden
 sibling `.NAME.tmp-PID`, opened and checked as a Store, and swapped in the way `convert --force`
 replaces a store (an atomic exchange where the kernel allows): an interrupted placement leaves
 the old store as it was, and only a hidden folder that the next opening of the store removes.
@@ -45,10 +47,13 @@ from ..store.checksums import os_reason
 def rewrite_store(store: Store, orders: list[torch.Tensor], record: dict[str, Any], progress: bool = True) -> None:
     """Replace the store at store.path with the same store whose layer i holds neuron
     orders[i][p] (an original id) at position p; `record` is kept as the manifest's `placement`."""
-    dst = store.path
+    # the real folder: a symbolic link to a store is followed (the link stays a link, the store it
+    # names is placed), and `.` or `..` get a name to put the temporary folder beside
+    dst = Path(os.path.realpath(store.path))
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     old = dst.parent / f".{dst.name}.old-{os.getpid()}"
     _check_orders(store, orders)
+    _check_unchanged(store)
     clear_own_leftover(tmp)
     try:
         tmp.mkdir()
@@ -85,6 +90,16 @@ def rewrite_store(store: Store, orders: list[torch.Tensor], record: dict[str, An
             pass  # a hidden leftover, removed when the store is next opened
         raise
     swap_in(tmp, dst, old)
+
+
+def _check_unchanged(store: Store) -> None:
+    """StoreError unless the store's manifest is still the one `store` read (recording takes
+    minutes: a `calibrate` meanwhile would leave the placed store recording the old predictors)."""
+    if Store(store.path).manifest != store.manifest:
+        raise StoreError(
+            "the store changed while it was being placed (calibrated again?); nothing was changed: run place again",
+            store.path / MANIFEST,
+        )
 
 
 def _check_orders(store: Store, orders: list[torch.Tensor]) -> None:
@@ -140,7 +155,7 @@ def _write_ffn(store: Store, moves: list[np.ndarray], path: Path, progress: bool
 
 def _write_resident(store: Store, moves: list[np.ndarray], path: Path) -> None:
     """resident.safetensors with each fc1 bias in the new store order, everything else as it was."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import save_file
 
     src = store.path / RESIDENT
@@ -158,6 +173,8 @@ def _write_resident(store: Store, moves: list[np.ndarray], path: Path) -> None:
             os.fsync(fh.fileno())
     except OSError as e:
         raise StoreError(f"cannot write the placed store: {os_reason(e)}", path) from None
+    except SafetensorError as e:  # safetensors' own write errors (a full disk among them)
+        raise StoreError(f"cannot write the placed store: {e}", path) from None
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

@@ -42,7 +42,7 @@ class FlashOptions:
     concurrency: reads in flight (None: 128 on io_uring, 32 with the pread pool).
     overlap: False reads, then computes (to measure what the overlap gains).
     coalesce: False reads only the wanted bundles' pages (neighbours still share a request),
-        never bridging a gap or taking the whole region (the "no coalescing" ablation).
+        never bridging a gap or taking one span (the "no coalescing" ablation).
     reuse: False keeps no cache: every wanted neuron streams through the scratch area every
         token (the paper's "predictor only" row).
     engine: "auto", "threads" or "io_uring" (None: io_uring, else the pread pool).
