@@ -2,10 +2,10 @@
 
 The dense model runs over the text in chunks (a fresh KV cache each, as calibration records),
 through an FFN that computes the dense result and notes, for every token and layer, the wanted
-set the store's sparsity source names for that token alone (original neuron ids): the calibrated
-predictors' per-token predictions (`Predictors.predict`, batched; hot neurons, which are always
-computed, included), or any other source called one token at a time (the oracle before
-calibration). A sticky source's hysteresis is left out: it depends on the cache, not on the text.
+set the store's sparsity source names for that token alone (original neuron ids): a source's
+per-token sets in one batched call where it has them (`predict`: the calibrated predictors, hot
+neurons included since they are always computed; the oracle before calibration), else the
+source called one token at a time. A sticky source's hysteresis is left out: it depends on the cache, not on the text.
 """
 
 from __future__ import annotations

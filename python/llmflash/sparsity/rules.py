@@ -59,9 +59,14 @@ class Oracle(_FullActivations):
         self.keep = keep
 
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return torch.nonzero(self.predict(layer, x).any(dim=0)).flatten()
+
+    def predict(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """(T, N) bool: each token's own wanted set (the call above is their union)."""
         act = self.activations(layer, x)  # (T, N)
         if not self.config.gated and self.config.act == "relu":
-            return torch.nonzero((act > 0).any(dim=0)).flatten()
+            return act > 0
         k = max(1, int(round(self.keep * act.shape[1])))
-        top = torch.topk(act.abs(), k, dim=1).indices  # (T, k)
-        return torch.unique(top)
+        out = torch.zeros(act.shape, dtype=torch.bool)
+        out.scatter_(1, torch.topk(act.abs(), k, dim=1).indices, True)
+        return out
