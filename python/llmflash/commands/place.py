@@ -27,8 +27,7 @@ DESCRIPTION = (
 
 
 def build_parser() -> Parser:
-    from ..placement import PLACE_TOKENS
-    from ..placement.order import DECAY, PARTNERS
+    from ..placement.settings import DECAY, PARTNERS, PLACE_TOKENS
 
     p = Parser(prog="llmflash place", description=DESCRIPTION)
     p.add_argument("store", nargs="?", default=None, help="store folder (default: the embedded SmolLM2-135M-Instruct)")

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-PARTNERS = 32  # affinities kept per neuron
-DECAY = 0.8  # per step, the weight of a placed neuron's affinities in choosing the next one
+from .settings import DECAY, PARTNERS
+
 ROW_BLOCK = 2048  # rows of the co-activation matrix computed at a time
 
 

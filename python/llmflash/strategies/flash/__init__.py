@@ -48,7 +48,8 @@ the window keeps twice the wanted set (the paper's OPT regime). With every neuro
 equals dense either way.
 
 Modules: options.py (FlashOptions, checked), setup.py (source, layers, memory plan, reader,
-caches), layer.py (one layer's state), ffn.py (FlashFFN, the per-token steps).
+caches), layer.py (one layer's state), ffn.py (FlashFFN, the per-token steps), overflow.py (the
+thread that reads overflow beside the fill).
 """
 
 from .ffn import FlashFFN

@@ -3,8 +3,6 @@ that starts a layer's reads before its FFN call."""
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 from concurrent import futures
 from typing import Any, NamedTuple
@@ -19,6 +17,7 @@ from ...store import Store
 from ..base import rows_ffn
 from .layer import FlashLayer
 from .options import FlashOptions
+from .overflow import overflow_worker
 from .setup import build
 
 
@@ -27,20 +26,6 @@ def _mgmt_ns(cache: NeuronCache) -> int:
     belong to reading (the paper's breakdown: I/O, memory management, compute)."""
     st = cache.stats()
     return st["mgmt_ns"] - st.get("crc_ns", 0)
-
-
-_worker: tuple[int, futures.ThreadPoolExecutor] | None = None
-_worker_lock = threading.Lock()
-
-
-def overflow_worker() -> futures.ThreadPoolExecutor:
-    """The process's one overflow-read thread (a forked child gets its own): the reads release
-    the GIL, so they run while the calling thread computes."""
-    global _worker
-    with _worker_lock:
-        if _worker is None or _worker[0] != os.getpid():
-            _worker = (os.getpid(), futures.ThreadPoolExecutor(1, thread_name_prefix="llmflash-overflow"))
-        return _worker[1]
 
 
 class Laps:
