@@ -7,7 +7,7 @@ import os
 import time
 from typing import Any
 
-from .settings import CHUNK
+from .settings import CHUNK, DECAY, PARTNERS
 
 
 def place_store(
@@ -34,8 +34,8 @@ def place_store(
     from .coactivation import record_wanted, runs_per_token
     from .rewrite import rewrite_store
 
-    k = O.PARTNERS if partners is None else check_int("partners", partners, 1, 4096)
-    d = O.DECAY if decay is None else decay
+    k = PARTNERS if partners is None else check_int("partners", partners, 1, 4096)
+    d = DECAY if decay is None else decay
     if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < d <= 1.0:
         raise InvalidArgumentError(f"decay must be a number in (0, 1], not {d!r}")
     if not ids:

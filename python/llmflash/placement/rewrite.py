@@ -39,9 +39,9 @@ from ..store import (
     crc32_per_bundle,
     file_entry,
     leftovers,
+    replace_file,
     write_manifest,
 )
-from ..store.checksums import os_reason
 
 
 def rewrite_store(store: Store, orders: list[torch.Tensor], record: dict[str, Any], progress: bool = True) -> None:
@@ -63,10 +63,10 @@ def rewrite_store(store: Store, orders: list[torch.Tensor], record: dict[str, An
             if (dst / name).is_file():
                 _link_or_copy(dst / name, tmp / name)
         moves = [_moves(store, i, o) for i, o in enumerate(orders)]  # new position -> old position
-        region_crcs = _write_ffn(store, moves, tmp / FFN, progress)
+        region_crcs, bundle_crcs = _write_ffn(store, moves, tmp / FFN, progress)
         if store.has_bundle_crcs:
-            table = np.concatenate([store.bundle_crcs(i)[mv] for i, mv in enumerate(moves)]).astype("<u4")
-            _write_bytes(tmp / BUNDLE_CRCS, table.tobytes())
+            table = np.concatenate(bundle_crcs).astype("<u4").tobytes()
+            replace_file(tmp / BUNDLE_CRCS, lambda t: t.write_bytes(table))
         if has_bias:
             _write_resident(store, moves, tmp / RESIDENT)
         m = dict(store.manifest)
@@ -117,16 +117,19 @@ def _moves(store: Store, i: int, order: torch.Tensor) -> np.ndarray:
     return pos[np.asarray(order, dtype=np.int64)]
 
 
-def _write_ffn(store: Store, moves: list[np.ndarray], path: Path, progress: bool) -> list[int]:
-    """ffn.bin with every region's bundles permuted (each region checked first); the regions' new CRC-32s."""
+def _write_ffn(store: Store, moves: list[np.ndarray], path: Path, progress: bool) -> tuple[list[int], list[np.ndarray]]:
+    """ffn.bin with every region's bundles permuted (each region and bundle checked first); the
+    regions' new CRC-32s and each layer's bundle CRC-32s in the new order (empty without a table)."""
     import zlib
 
     from tqdm import tqdm
 
-    crcs = []
+    region_crcs: list[int] = []
+    bundle_crcs: list[np.ndarray] = []
     size = store.ffn_path.stat().st_size
-    try:
-        with open(path, "wb") as f:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             for i in tqdm(range(len(store.layers)), desc="rewrite", unit="layer", disable=not progress):
                 L = store.layers[i]
                 rows = store.read_layer(i, verify=True).contiguous().view(torch.uint8).numpy()
@@ -140,22 +143,21 @@ def _write_ffn(store: Store, moves: list[np.ndarray], path: Path, progress: bool
                             "the store is corrupt (run `llmflash verify`); nothing was changed",
                             store.ffn_path,
                         )
+                    bundle_crcs.append(have[moves[i]])
                 payload = np.ascontiguousarray(rows[moves[i]]).tobytes()
-                crcs.append(zlib.crc32(payload))
+                region_crcs.append(zlib.crc32(payload))
                 f.seek(L.offset)
                 f.write(payload)
                 f.write(bytes(L.region_bytes - len(payload)))
             f.truncate(size)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise StoreError(f"cannot write the placed store: {os_reason(e)}", path) from None
-    return crcs
+
+    replace_file(path, write)
+    return region_crcs, bundle_crcs
 
 
 def _write_resident(store: Store, moves: list[np.ndarray], path: Path) -> None:
     """resident.safetensors with each fc1 bias in the new store order, everything else as it was."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
     src = store.path / RESIDENT
@@ -167,24 +169,7 @@ def _write_resident(store: Store, moves: list[np.ndarray], path: Path) -> None:
         name = f"layers.{i}.ffn.up_bias"
         if name in tensors:
             tensors[name] = tensors[name][torch.from_numpy(mv)].contiguous()
-    try:
-        save_file(tensors, str(path), metadata=meta)
-        with open(path, "rb") as fh:
-            os.fsync(fh.fileno())
-    except OSError as e:
-        raise StoreError(f"cannot write the placed store: {os_reason(e)}", path) from None
-    except SafetensorError as e:  # safetensors' own write errors (a full disk among them)
-        raise StoreError(f"cannot write the placed store: {e}", path) from None
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    try:
-        with open(path, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise StoreError(f"cannot write the placed store: {os_reason(e)}", path) from None
+    replace_file(path, lambda t: save_file(tensors, str(t), metadata=meta))
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
