@@ -3,6 +3,7 @@ exploit, without a disk in the way.
 
     python benches/bench_placement.py synthetic [--neurons 16384] [--tokens 2048] [--group 64]
     python benches/bench_placement.py store STORE [--sparsity predictor:0.8/0.99] [--hot 0.4]
+    python benches/bench_placement.py frontier STORE [--sparsity predictor:0.8/0.99] [--hot 0.4]
 
 synthetic: one OPT-6.7B-shaped layer (16,384 neurons) whose neurons fire in planted groups; the
 seconds its order takes (the issue's bound: a minute per layer), how many groups end up in one
@@ -16,6 +17,15 @@ reading exactly the 4 KiB pages those runs touch, as a multiple of the wanted bu
 gaps bridged: the floor a page-granular reader can reach in that order), for the wanted sets
 and for the window's entries (neurons wanted now but not in the last 4 tokens: what a cache
 holding the window must read).
+
+frontier: what a reader could trade between bytes and requests on held-out text, in the store's
+order and as converted. Per token and layer, the cold wanted bundles become byte ranges at a read
+granularity (4 KiB pages, as the planner reads; 512-byte sectors, the smallest direct read of a
+disk with 512-byte logical blocks), runs that touch merge, and every gap up to a limit is read
+through. For each limit: bytes read as a multiple of the wanted bundles' bytes, requests per
+token, KB per request and the seconds the disk profile (`llmflash profile-disk`, else the
+built-in table) prices them at (32 in flight, no cache: an upper bound on a token's reads). The
+limit the profile finds cheapest is marked, and so is the cheapest plan within 1.5x the bytes.
 """
 
 from __future__ import annotations
@@ -130,6 +140,75 @@ def store(a: argparse.Namespace) -> None:
         print(f"  {k:<24} {np.mean(v):.3f}x")
 
 
+def plan_runs(pos: np.ndarray, bundle: int, unit: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted store positions -> (run lengths, gaps between runs) in bytes at granularity `unit`."""
+    a, b = pos * bundle // unit, -(-(pos + 1) * bundle // unit)
+    keep = a[1:] > b[:-1]
+    s, e = np.r_[a[:1], a[1:][keep]], np.r_[b[:-1][keep], b[-1:]]
+    return (e - s) * unit, (s[1:] - e[:-1]) * unit
+
+
+def frontier(a: argparse.Namespace) -> None:
+    from llmflash.commands.texts import heldout_text, token_ids
+    from llmflash.io import load_profile
+    from llmflash.placement.coactivation import record_wanted
+    from llmflash.sparsity import make_source
+    from llmflash.store import Store
+    from llmflash.strategies.dense import DenseFFN
+
+    torch.set_num_threads(2)
+    s = Store(a.store)
+    src = make_source(a.sparsity, s, hot=a.hot)
+    held = record_wanted(s, DenseFFN(s, dequantize=True), src, token_ids(s, [heldout_text()])[: a.heldout], 512, False)
+    hot, profile = getattr(src, "hot", None), load_profile()
+    price: dict[int, float] = {}
+
+    def seconds(size: float) -> float:
+        k = int(size)
+        if k not in price:
+            price[k] = profile.request_seconds(k, 32)
+        return price[k]
+
+    T = held[0].shape[0]
+    print(f"{a.store}: {T} held-out tokens, {a.sparsity}, --hot {a.hot}; profile: {profile.source or 'built-in'}")
+    for name in ("as converted", "this store's order"):
+        for unit in (4096, 512):
+            limits = list(range(0, a.max_gap + 1, unit if unit == 4096 else 1024))
+            acc = np.zeros((len(limits), 3))  # bytes, requests, seconds
+            want = 0
+            for i, lay in enumerate(s.layers):
+                n, bb = held[i].shape[1], lay.bundle_bytes
+                cold = torch.ones(n, dtype=torch.bool)
+                if hot is not None:
+                    cold[hot[i]] = False
+                pos = np.arange(n) if name == "as converted" or lay.order is None else np.argsort(np.asarray(lay.order))
+                w = (held[i] & cold).numpy()
+                for t in range(T):
+                    p = np.sort(pos[np.flatnonzero(w[t])])
+                    if not len(p):
+                        continue
+                    want += len(p) * bb
+                    lens, gaps = plan_runs(p, bb, unit)
+                    for j, g in enumerate(limits):
+                        cut = gaps > g
+                        seg = np.r_[0, np.cumsum(cut)]
+                        size = np.bincount(seg, weights=lens, minlength=seg[-1] + 1)
+                        size += np.bincount(seg[1:], weights=np.where(cut, 0, gaps), minlength=seg[-1] + 1)
+                        acc[j] += (size.sum(), len(size), sum(seconds(x) for x in size))
+            best = int(np.argmin(acc[:, 2]))
+            within = [j for j in range(len(limits)) if acc[j, 0] <= 1.5 * want]
+            best15 = min(within, key=lambda j: acc[j, 2]) if within else None
+            print(f"\n{name}, {unit}-byte reads (wanted bundles {want / T / 1e6:.1f} MB/token)")
+            print(f"  {'gap <=':>8} {'bytes':>7} {'reads/tok':>10} {'KB/read':>8} {'ms/tok':>7}")
+            for j, g in enumerate(limits):
+                if g % 4096 and j not in (best, best15):
+                    continue
+                by, n, sec = acc[j]
+                mark = "  <- cheapest" if j == best else "  <- cheapest within 1.5x" if j == best15 else ""
+                row = f"{g / 1024:7.0f}K {by / want:6.2f}x {n / T:10.0f} {by / n / 1024:8.1f} {sec / T * 1e3:7.1f}"
+                print(f"  {row}{mark}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -148,6 +227,13 @@ def main() -> None:
     p.add_argument("--heldout", type=int, default=1024, help="held-out tokens to measure on")
     p.add_argument("--every", type=int, default=3, help="measure every k-th layer")
     p.set_defaults(run=store)
+    p = sub.add_parser("frontier")
+    p.add_argument("store")
+    p.add_argument("--sparsity", default="predictor:0.8/0.99")
+    p.add_argument("--hot", type=float, default=0.4)
+    p.add_argument("--heldout", type=int, default=256, help="held-out tokens to measure on")
+    p.add_argument("--max-gap", type=int, default=65536, help="widest gap limit tried (bytes)")
+    p.set_defaults(run=frontier)
     a = ap.parse_args()
     a.run(a)
 
