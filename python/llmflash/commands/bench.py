@@ -112,6 +112,11 @@ def main(argv: list[str]) -> int:
         metavar="SHARE",
         help="pin that share of each layer's neurons in DRAM (predictors only; default 0)",
     )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the math runs: cpu (default), cuda, cuda:N or auto (dense and naive on a GPU so far)",
+    )
     p.add_argument("--plot", help="write a PNG bar chart of the breakdown")
     p.add_argument("--json", help="write the table as JSON")
     a = p.parse_args(argv)
@@ -123,6 +128,7 @@ def main(argv: list[str]) -> int:
         a.tokens,
         strategies=tuple(s.strip() for s in a.strategies.split(",") if s.strip()),
         hot=a.hot,
+        device=a.device,
     )
     print(format_table(rows))
     if a.plot:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..api import FlashModel
+from ..device import resolve_device, synchronize
 from ..errors import InvalidArgumentError, check_int
 from ..sparsity import make_source
 from ..store import Store
@@ -56,8 +57,10 @@ def run_bench(
     strategies: tuple[str, ...] = ("naive", "flash"),
     progress: bool = True,
     hot: float = 0.0,
+    device: str | torch.device | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per run (a strategy, and for flash a memory budget): ms per token and its parts."""
+    """One row per run (a strategy, and for flash a memory budget): ms per token and its parts,
+    every strategy computing on `device` (llmflash.device; default the CPU)."""
     unknown = [s for s in strategies if s not in BENCH_STRATEGIES]
     if unknown or not strategies:
         raise InvalidArgumentError(
@@ -70,24 +73,36 @@ def run_bench(
     window = check_window(window)
     if not memories and any(s in strategies for s in ("flash", "ablation", "flash-serial")):
         raise InvalidArgumentError("bench needs at least one memory budget for the flash strategies")
+    dev = resolve_device(device)
     store = Store(store_path)
-    runs = _runs(store, memories, window, sparsity, strategies, hot)
+    runs = _runs(store, memories, window, sparsity, strategies, hot, dev)
     tok = runs[0].model.tokenizer
     text = calibration_text(20_000)
     ids = tok.encode(text).ids if tok is not None else list(range(prompt_tokens + tokens))
     ids = [i % store.config.vocab_size for i in ids[: prompt_tokens + tokens]]
-    _decode(runs, ids, prompt_tokens, progress)
+    _decode(runs, ids, prompt_tokens, progress, dev)
     return _rows(runs, len(ids) - prompt_tokens)
 
 
 def _runs(
-    store: Store, memories: list[str], window: int, sparsity: str, strategies: tuple[str, ...], hot: float
+    store: Store,
+    memories: list[str],
+    window: int,
+    sparsity: str,
+    strategies: tuple[str, ...],
+    hot: float,
+    dev: torch.device,
 ) -> list[Run]:
     runs: list[Run] = []
+    if dev.type != "cpu" and any(s not in ("dense", "naive") for s in strategies):
+        raise InvalidArgumentError(
+            f"bench on {dev}: strategies {', '.join(s for s in strategies if s not in ('dense', 'naive'))} "
+            "run on the CPU only so far (choose dense,naive, or --device cpu)"
+        )
     if "dense" in strategies:
-        runs.append(Run("dense", "dense", FlashModel(store, "dense", _make("dense", store))))
+        runs.append(Run("dense", "dense", FlashModel(store, "dense", make_ffn("dense", store, device=dev), dev)))
     if "naive" in strategies:
-        runs.append(Run("naive", "naive", FlashModel(store, "naive", _make("naive", store))))
+        runs.append(Run("naive", "naive", FlashModel(store, "naive", make_ffn("naive", store, device=dev), dev)))
     if "flash" in strategies:
         source = make_source(sparsity, store, hot=hot)  # shared: the oracle holds full weights once
         for mem in memories:
@@ -116,7 +131,7 @@ def _runs(
     return runs
 
 
-def _decode(runs: list[Run], ids: list[int], prompt_tokens: int, progress: bool) -> None:
+def _decode(runs: list[Run], ids: list[int], prompt_tokens: int, progress: bool, dev: torch.device) -> None:
     """Prefill each run (not timed), then decode token by token, the runs taking turns."""
     from tqdm import tqdm
 
@@ -132,6 +147,7 @@ def _decode(runs: list[Run], ids: list[int], prompt_tokens: int, progress: bool)
                 before = r.ffn_stats()
                 t0 = time.perf_counter()
                 r.model.model.forward(torch.tensor(ids[t : t + 1]), r.cache, last_only=True)
+                synchronize(dev)
                 r.ms.append((time.perf_counter() - t0) * 1e3)
                 for k, v in _delta(r.ffn_stats(), before).items():
                     r.totals[k] = r.totals.get(k, 0.0) + v

@@ -37,6 +37,12 @@ def register(sub: Any) -> None:
         help="FFN strategy (default: flash when --memory/--window/--sparsity/--hot is given, else dense)",
     )
     add_flash_flags(g)
+    g.add_argument(
+        "--device",
+        default="cpu",
+        help="where the weights live and the math runs: cpu (default), cuda, cuda:N or auto (cuda when torch "
+        "sees one); dense and naive on a GPU so far",
+    )
     g.add_argument("--stats", action="store_true", help="print timing and I/O counters to stderr")
     g.set_defaults(func=run)
 
@@ -69,7 +75,7 @@ def flash_options(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from ..api import FlashModel
 
-    model = FlashModel.open(args.store, strategy=args.strategy, **flash_options(args))
+    model = FlashModel.open(args.store, strategy=args.strategy, device=args.device, **flash_options(args))
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     pieces = model.generate(
         prompt,

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..device import on_cpu
 from ..threads import in_decode, native_threads
 from .config import check_rope_scaling
 from .quant import QTensor
@@ -48,6 +49,8 @@ def linear(x: Tensor, w: Tensor | QTensor, b: Tensor | None = None) -> Tensor:
     also rounds its result to float16."""
     if isinstance(w, QTensor):
         return w.linear(x, b)
+    if not on_cpu(w):  # a GPU: its half-precision products are fast at any shape
+        return F.linear(x.to(w.dtype), w, None if b is None else b.to(w.dtype)).float()
     if w.dtype != torch.float32 and x.shape[0] >= UPCAST_ROWS:
         return F.linear(x.float(), w.float(), None if b is None else b.float())
     if (
@@ -168,8 +171,8 @@ def _causal_block(q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
     qg = q.reshape(Hkv, g * T, hd)
     scores = torch.matmul(qg, k.transpose(1, 2)) * (hd**-0.5)  # (Hkv, g*T, S)
     if T > 1:
-        t = torch.arange(T).unsqueeze(1) + start  # (T, 1) query positions
-        future = torch.arange(S).unsqueeze(0) > t  # (T, S)
+        t = torch.arange(T, device=q.device).unsqueeze(1) + start  # (T, 1) query positions
+        future = torch.arange(S, device=q.device).unsqueeze(0) > t  # (T, S)
         scores = scores.view(Hkv, g, T, S).masked_fill(future, float("-inf")).view(Hkv, g * T, S)
     probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs, v)  # (Hkv, g*T, hd)
@@ -183,11 +186,12 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int) -
 
     The native kernel (llmflash._native.attend_one) reads float16 keys and values as they are,
     where the torch path upcast the whole cache to float32 every token; inside decode_threads()
-    it splits the KV heads between the configured threads. Other dtypes (bfloat16) and
-    non-contiguous caches go through causal_attention."""
+    it splits the KV heads between the configured threads. Other dtypes (bfloat16), non-contiguous
+    caches and a cache on a GPU go through causal_attention."""
     Hq, T, hd = q.shape
     if (
         T != 1
+        or not on_cpu(k_cache)
         or k_cache.dtype not in (torch.float16, torch.float32)
         or v_cache.dtype != k_cache.dtype
         or not (k_cache.is_contiguous() and v_cache.is_contiguous())

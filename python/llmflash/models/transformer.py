@@ -14,6 +14,10 @@ One sequence at a time (batch 1: the case the paper optimises). Per layer:
 
 The residual stream is float32 whatever the store dtype; matrix products take weights in the
 store dtype and give float32 (models/layers.py: `linear`, and the precision rules).
+
+On a GPU (`device`, llmflash.device) every resident tensor, the KV cache and the RoPE tables live
+there and the tokens go there; the logits come back as they are (the caller moves what it needs).
+A quantized store's block kernels are CPU code: such a model runs on the CPU only.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from ..errors import LlmflashError, StoreError
+from ..device import on_cpu
+from ..errors import InvalidArgumentError, LlmflashError, StoreError
 from ..threads import decode_threads, native_decode
 from .config import ModelConfig
 from .ffn import FFN
@@ -62,11 +67,17 @@ class KVCache:
     positions when the model has one (learned positions). Capacity <= 1.25 x length + KV_STEP."""
 
     def __init__(
-        self, n_kv_heads: list[int], head_dim: int, capacity: int, dtype: torch.dtype, limit: int | None = None
+        self,
+        n_kv_heads: list[int],
+        head_dim: int,
+        capacity: int,
+        dtype: torch.dtype,
+        limit: int | None = None,
+        device: torch.device | None = None,
     ):
         capacity = max(1, capacity if limit is None else min(capacity, limit))
-        self.k = [torch.zeros(h, capacity, head_dim, dtype=dtype) for h in n_kv_heads]
-        self.v = [torch.zeros(h, capacity, head_dim, dtype=dtype) for h in n_kv_heads]
+        self.k = [torch.zeros(h, capacity, head_dim, dtype=dtype, device=device) for h in n_kv_heads]
+        self.v = [torch.zeros(h, capacity, head_dim, dtype=dtype, device=device) for h in n_kv_heads]
         self.length = 0
         self.limit = limit
 
@@ -135,14 +146,24 @@ class Layer:
 
 
 class Transformer:
-    def __init__(self, config: ModelConfig, resident: dict[str, Any], ffn: FFN, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        resident: dict[str, Any],
+        ffn: FFN,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+    ):
         c = self.config = config
         self.ffn = ffn
         self.source: str | os.PathLike[str] | None = None  # the store, named in errors
         self.dtype = dtype or resident["embed.weight"].dtype
+        dev = self.device = device or torch.device("cpu")
+        if not on_cpu(dev) and any(isinstance(t, QTensor) for t in resident.values()):
+            raise InvalidArgumentError(f"a quantized model runs on the CPU only (device {dev} asked): use --device cpu")
         # a quantized store's matrices stay QTensors (their blocks); everything else in self.dtype
-        w = lambda name: resident[name] if isinstance(resident[name], QTensor) else resident[name].to(self.dtype)  # noqa: E731
-        f32 = lambda name: resident[name].float()  # noqa: E731
+        w = lambda name: resident[name] if isinstance(resident[name], QTensor) else resident[name].to(dev, self.dtype)  # noqa: E731
+        f32 = lambda name: resident[name].to(dev, torch.float32)  # noqa: E731
         opt = lambda name, conv: conv(name) if name in resident else None  # noqa: E731
 
         self.embed = w("embed.weight")  # (V, E)
@@ -195,9 +216,14 @@ class Transformer:
         return decoder
 
     @classmethod
-    def from_store(cls, store: Weights, ffn: FFN) -> "Transformer":
-        """A model over `store`'s resident weights (a Store checks them against the config) and `ffn`."""
-        model = cls(store.config, store.resident(), ffn, dtype=store.dtype)
+    def from_store(cls, store: Weights, ffn: FFN, device: torch.device | None = None) -> "Transformer":
+        """A model over `store`'s resident weights (a Store checks them against the config) and
+        `ffn`, on `device` (default the CPU)."""
+        if device is not None and not on_cpu(device) and getattr(store, "quant", None):
+            raise InvalidArgumentError(
+                f"a quantized store runs on the CPU only (device {device} asked): use --device cpu", store.path
+            )
+        model = cls(store.config, store.resident(), ffn, dtype=store.dtype, device=device)
         model.source = store.path
         return model
 
@@ -205,7 +231,8 @@ class Transformer:
         """An empty KV cache with room for max_len positions (it grows when needed: callers that
         only may reach max_len, like a generation, pass what they know will come)."""
         c = self.config
-        return KVCache(c.n_kv_heads, c.head_dim, max_len, self.dtype, limit=c.max_positions if c.learned_pos else None)
+        limit = c.max_positions if c.learned_pos else None
+        return KVCache(c.n_kv_heads, c.head_dim, max_len, self.dtype, limit=limit, device=self.device)
 
     # -- forward ------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -215,6 +242,7 @@ class Transformer:
         the LM head's T x V product at prefill). The cache advances by T."""
         if tokens.dim() != 1 or tokens.numel() == 0:
             raise ValueError(f"tokens must be a non-empty 1-D tensor, got shape {tuple(tokens.shape)}")
+        tokens = tokens.to(self.device)
         T, chunk = tokens.shape[0], min(self.prefill_chunk, PREFILL_CHUNK)
         if T > chunk:
             # a long prompt in chunks, each attending to the cache the chunks before filled: the
@@ -227,7 +255,8 @@ class Transformer:
             return outs[-1] if last_only else torch.cat(outs)
         # one token of a large float16 model or a quantized one: the products run natively,
         # torch's ops on one thread
-        with decode_threads(T == 1 and (self.quantized or native_decode(self.config.dim, self.dtype))):
+        native = on_cpu(self.device) and (self.quantized or native_decode(self.config.dim, self.dtype))
+        with decode_threads(T == 1 and native):
             return self._forward(tokens, cache, last_only, T, cache.length)
 
     __call__ = forward
@@ -287,7 +316,8 @@ class Transformer:
         if self.inv_freq is None:
             return None, None
         if self._cos.shape[0] < start + T:  # grow the tables
-            self._cos, self._sin = rope_tables(self.inv_freq, max(start + T, 2 * self._cos.shape[0], 256))
+            cos, sin = rope_tables(self.inv_freq, max(start + T, 2 * self._cos.shape[0], 256))
+            self._cos, self._sin = cos.to(self.device), sin.to(self.device)
         return self._cos[start : start + T], self._sin[start : start + T]  # (T, hd) each
 
     def _attention(

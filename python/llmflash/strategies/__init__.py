@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from ..errors import InvalidArgumentError
 from ..store import Store
 
@@ -21,16 +23,23 @@ def check_strategy(name: str, options: dict[str, Any]) -> None:
         raise InvalidArgumentError(f"strategy 'dense' takes no options, got {', '.join(sorted(options))}")
 
 
-def make_ffn(name: str, store: Store, **options: Any):
+def make_ffn(name: str, store: Store, device: torch.device | None = None, **options: Any):
+    """The strategy `name` over `store` with its `options`, computing on `device` (default the
+    CPU; dense and naive also on a GPU)."""
     check_strategy(name, options)
     if name == "dense":
         from .dense import DenseFFN
 
-        return DenseFFN(store)
+        return DenseFFN(store, device=device)
     if name == "naive":
         from .naive import NaiveFFN
 
-        return NaiveFFN(store, **options)
+        return NaiveFFN(store, device=device, **options)
+    if device is not None and device.type != "cpu":
+        raise InvalidArgumentError(
+            f"strategy 'flash' runs on the CPU only so far (device {device} asked): "
+            "use --device cpu, or dense or naive on the GPU"
+        )
     from .flash import FlashFFN  # "flash", the last of STRATEGIES
 
     return FlashFFN(store, **options)

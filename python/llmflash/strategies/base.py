@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..device import on_cpu
 from ..models.layers import ACTIVATIONS, UPCAST_ROWS, linear
 from ..models.quant import QBundles
 from ..store import split_bundles
@@ -39,6 +40,8 @@ def bundle_ffn(
         if bias is not None:
             h = h + bias.float()
         h = f(h)
+    if not on_cpu(down):  # a GPU multiplies half precision at any shape
+        return torch.matmul(h.to(down.dtype), down).float()
     if h.shape[0] == 1 and down.dtype != torch.float32:
         return rows_gemv(down, h[0]).unsqueeze(0)  # (1, D)
     return torch.matmul(h, down.float())  # (T, D)
@@ -103,6 +106,7 @@ def rows_ffn(
     gated = bool(config.gated)
     if (
         x.shape[0] == 1
+        and on_cpu(rows)
         and rows.dtype == torch.float16
         and rows.shape[0] > 0
         and rows.stride(1) == 1
@@ -121,7 +125,7 @@ def rows_ffn(
         )
         return torch.from_numpy(y).unsqueeze(0)
     if pick is not None:
-        idx = torch.from_numpy(np.asarray(pick, dtype=np.int64))
+        idx = torch.from_numpy(np.asarray(pick, dtype=np.int64)).to(rows.device)
         rows, bias = rows[idx], None if bias is None else bias[idx]
 
     p = split_bundles(rows, config)

@@ -12,7 +12,8 @@ No float copy is held.
 
 Memory: one copy of the FFN (the whole of ffn.bin, less its padding). Each layer's bundles are
 read once (CRC-checked), copied out into contiguous matrices, and the bundle buffer dropped, so
-the peak is one layer above that. Contiguous copies rather than strided views of the bundles:
+the peak is one layer above that (on a GPU, `device`: each layer's matrices go there as they are
+made, so host memory holds one layer). Contiguous copies rather than strided views of the bundles:
 gate and up fuse into one (2n, D) product, and with down transposed to (D, n) both products have
 the (out, in) layout whose half-precision matrix-vector kernel is fast (the (n, D) row layout
 runs several times slower in float16; see models/layers.py).
@@ -26,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..device import on_cpu
+from ..errors import InvalidArgumentError
 from ..models.layers import ACTIVATIONS, linear
 from ..models.quant import BLOCK, QBundles, QTensor, down_bytes, join_down, row_bytes
 from ..models.transformer import Transformer
@@ -36,16 +39,23 @@ from .base import q_rows_ffn
 class DenseFFN:
     name = "dense"
 
-    def __init__(self, store: Store, dequantize: bool = False):
+    def __init__(self, store: Store, dequantize: bool = False, device: torch.device | None = None):
         """`dequantize`: a quantized store's FFN as float32 matrices w1/w2 like a float store's
-        (calibration reads them; a whole float copy, for that offline step only)."""
+        (calibration reads them; a whole float copy, for that offline step only). `device`: where
+        the matrices live and the FFN runs (default the CPU; a float store's only on a GPU)."""
         c = store.config
         self.config = c
+        dev = self.device = device or torch.device("cpu")
+        if store.quant and not dequantize and not on_cpu(dev):
+            raise InvalidArgumentError(
+                f"a quantized store runs on the CPU only (device {dev} asked): use --device cpu", store.path
+            )
         self.act = ACTIVATIONS[c.act]
         # (None for a quantized layer on the bundle kernel)
         self.w1: list[Tensor | QTensor | None] = []  # (2n, D) gate rows then up rows, or (n, D) up rows
         self.w2: list[Tensor | QTensor | None] = []  # (D, n)  down_proj / fc2 as in Hugging Face
-        self.b1: list[Tensor | None] = store.up_biases()  # (n,) fc1 bias (OPT), float32, store order
+        # (n,) fc1 bias (OPT), float32, store order
+        self.b1: list[Tensor | None] = [None if b is None else b.to(dev) for b in store.up_biases()]
         self.quant = None if dequantize else store.quant
         self.rows: list[Tensor] = []  # quantized stores: each layer's bundles as read, (n, bundle_bytes) uint8
         self.q: list[QBundles] = []  # and each layer's bundle format (its down scales)
@@ -65,8 +75,8 @@ class DenseFFN:
             layer = store.read_layer_float(i) if store.quant else store.read_layer(i, verify=True)
             parts = split_bundles(layer, c)
             rows = [parts["gate"], parts["up"]] if c.gated else [parts["up"]]
-            self.w1.append(torch.cat(rows, dim=0).contiguous())
-            self.w2.append(parts["down"].t().contiguous())
+            self.w1.append(torch.cat(rows, dim=0).contiguous().to(dev))
+            self.w2.append(parts["down"].t().contiguous().to(dev))
 
     def _quantized_matrices(self, store: Store, i: int, rows: Tensor, q: QBundles) -> None:
         """Layer i's bundles `rows` (n, bundle_bytes) as w1 and w2 QTensors in neuron order (the

@@ -12,14 +12,21 @@ manifest's `layers[i].crc32` on every token. A corrupt ffn.bin, or one changed u
 model, is a StoreError naming the file, the layer and the offset, never wrong logits.
 `verify_reads=False` skips the hash (the unchecked baseline that benches/bench_naive_verify.py
 prices the check against); nothing else should turn it off.
+
+On a GPU (`device`) the checked region goes up into one device buffer sized for the largest
+layer, and the FFN runs there; the host keeps only the read buffer (`ffn_buffer_bytes`). A
+quantized store runs on the CPU only.
 """
 
 from __future__ import annotations
 
 import time
 
+import torch
 from torch import Tensor
 
+from ..device import on_cpu, synchronize
+from ..errors import InvalidArgumentError
 from ..io import ALIGN, AlignedBuf, Reader, as_tensor
 from ..store import Store
 from .base import q_rows_ffn, rows_ffn
@@ -30,13 +37,27 @@ PIECE = 1 << 20  # request size: 1 MiB reads at 32 in flight run at the disk's f
 class NaiveFFN:
     name = "naive"
 
-    def __init__(self, store: Store, concurrency: int = 32, verify_reads: bool = True, engine: str = "auto"):
+    def __init__(
+        self,
+        store: Store,
+        concurrency: int = 32,
+        verify_reads: bool = True,
+        engine: str = "auto",
+        device: torch.device | None = None,
+    ):
         self.store, self.config = store, store.config
+        dev = self.device = device or torch.device("cpu")
+        if store.quant and not on_cpu(dev):
+            raise InvalidArgumentError(
+                f"a quantized store runs on the CPU only (device {dev} asked): use --device cpu", store.path
+            )
         self.verify_reads = verify_reads
         self.reader = Reader(store.ffn_path, concurrency=concurrency, engine=engine)  # engine: see io.Reader
         self.buf = AlignedBuf(max(L.region_bytes for L in store.layers))
         self.bytes_view = as_tensor(self.buf)  # (bytes,) uint8, zero-copy
-        self.b1 = store.up_biases()  # (n,) float32 fc1 bias (OPT)
+        # on a GPU: where each region goes up to (None on the CPU: computed in place)
+        self.dev_bytes = None if on_cpu(dev) else torch.empty(self.buf.capacity, dtype=torch.uint8, device=dev)
+        self.b1 = [None if b is None else b.to(dev) for b in store.up_biases()]  # (n,) float32 fc1 bias (OPT)
         self.q = [store.q_bundles(i) for i in range(store.config.n_layers)]  # quantized: down scales (resident)
         self.io_s = self.compute_s = 0.0
         self.bytes_read = self.requests = 0
@@ -55,7 +76,10 @@ class NaiveFFN:
         self.requests += -(-L.region_bytes // PIECE)  # PIECE-sized reads either way
         if self.store.quant:  # (n, bundle_bytes) uint8 blocks
             return self.bytes_view[: L.payload_bytes].view(L.n_neurons, -1)
-        payload = self.bytes_view[: L.payload_bytes].view(self.store.dtype)
+        payload = self.bytes_view[: L.payload_bytes]
+        if self.dev_bytes is not None:
+            payload = self.dev_bytes[: L.payload_bytes].copy_(payload)
+        payload = payload.view(self.store.dtype)
         return payload.view(L.n_neurons, -1)  # (n, bundle_values)
 
     def __call__(self, layer: int, x: Tensor) -> Tensor:
@@ -66,6 +90,8 @@ class NaiveFFN:
             y = q_rows_ffn(x, bundles, self.config, self.q[layer], self.b1[layer])
         else:
             y = rows_ffn(x, bundles, self.config, self.b1[layer])
+        if self.dev_bytes is not None:  # the GPU's work counted where it ran, not at the next read
+            synchronize(self.device)
         self.io_s += t1 - t0
         self.compute_s += time.perf_counter() - t1
         return y

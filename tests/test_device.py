@@ -1,0 +1,202 @@
+"""`--device` / `device=`: where the weights live and the math runs (llmflash.device).
+
+CI has no GPU: the tests marked `cuda` skip there. The GPU code paths (products in the weights'
+dtype through torch, attention without the native kernel, naive's upload into a device buffer)
+also run on the CPU under `gpu_paths`, which makes every llmflash module that asks `on_cpu`
+hear "no": those paths must give the reference's logits (transformers, or the independent
+OpenELM forward) like the CPU paths do."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_tokenizer_json
+from openelm_builders import V, hf_config, random_weights, ref_forward, save_openelm
+
+from llmflash.api import FlashModel
+from llmflash.cli import main
+from llmflash.convert.hf import convert_hf
+from llmflash.device import resolve_device
+from llmflash.errors import InvalidArgumentError
+from llmflash.models.transformer import Transformer
+from llmflash.store import Store
+from llmflash.strategies import make_ffn
+from llmflash.strategies.dense import DenseFFN
+from llmflash.strategies.naive import NaiveFFN
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none)")
+OFF_CPU = torch.device("meta")  # a device that is not the CPU, on any machine
+TOL32 = 1e-4
+
+
+def patch_on_cpu(monkeypatch) -> None:
+    """Every llmflash module's `on_cpu` answers False: the GPU branches run on CPU tensors."""
+    import llmflash.device
+    import llmflash.models.layers  # noqa: F401  (loaded, so patched)
+    import llmflash.strategies.base  # noqa: F401
+
+    real, patched = llmflash.device.on_cpu, []
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("llmflash.") and mod is not llmflash.device and getattr(mod, "on_cpu", None) is real:
+            monkeypatch.setattr(mod, "on_cpu", lambda t: False)
+            patched.append(name)
+    assert {"models.layers", "models.transformer", "strategies.base", "strategies.dense", "strategies.naive"} <= {
+        n.removeprefix("llmflash.") for n in patched
+    }
+
+
+@pytest.fixture
+def gpu_paths(monkeypatch):
+    patch_on_cpu(monkeypatch)
+
+
+def convert(src, tmp_path, dtype="float32", **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no tokenizer.json"
+        return convert_hf(src, tmp_path / f"{dtype}.llmflash", dtype=dtype, **kw)
+
+
+def ids(n: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 120, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(store, strategy: str, device: str = "cpu") -> torch.Tensor:
+    return FlashModel.open(store, strategy=strategy, device=device).logits(ids())
+
+
+# -- naming a device --------------------------------------------------------------------------------
+def test_names_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for spec in (None, "cpu", " CPU ", "auto", torch.device("cpu")):
+        assert resolve_device(spec) == torch.device("cpu")
+    with pytest.raises(InvalidArgumentError, match="torch sees no CUDA GPU"):
+        resolve_device("cuda")
+    for bad in ("tpu", "cuda:x", "", "gpu0"):
+        with pytest.raises(InvalidArgumentError, match="not a device name"):
+            resolve_device(bad)
+    for other in ("mps", "meta"):
+        with pytest.raises(InvalidArgumentError, match="not supported"):
+            resolve_device(other)
+
+
+def test_names_with_one_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto") == resolve_device("cuda") == resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(InvalidArgumentError, match="sees 1 CUDA GPU"):
+        resolve_device("cuda:1")
+
+
+# -- the GPU paths, run on the CPU --------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+@pytest.mark.parametrize("strategy", ["dense", "naive"])
+def test_gpu_paths_match_transformers(kind, strategy, make_hf, tmp_path, gpu_paths):
+    hf = make_hf(kind, kind)
+    store = convert(hf.path, tmp_path)
+    with torch.no_grad():
+        ref = hf.model(ids()[None]).logits[0].float()
+    model = FlashModel.open(store, strategy=strategy)
+    assert isinstance(model.ffn, NaiveFFN) == (strategy == "naive")
+    if strategy == "naive":
+        assert model.ffn.dev_bytes is not None  # the upload path ran
+    assert (model.logits(ids()) - ref).abs().max().item() <= TOL32
+
+
+def test_gpu_paths_openelm_and_decode(tmp_path, gpu_paths):
+    w = random_weights()
+    src = save_openelm(tmp_path / "hf", hf_config(), w)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text(tiny_tokenizer_json(V))
+    store = convert(src, tmp_path, tokenizer=tmp_path / "tok")
+    x = ids()
+    ref = ref_forward(w, x)
+    for strategy in ("dense", "naive"):
+        m = FlashModel.open(store, strategy=strategy)
+        assert (m.logits(x) - ref).abs().max().item() <= TOL32
+        # token by token through the KV cache: decode attention without the native kernel
+        cache = m.model.new_cache(len(x))
+        steps = torch.cat([m.model.forward(x[t : t + 1], cache) for t in range(len(x))])
+        assert (steps - ref).abs().max().item() <= TOL32
+
+
+def test_gpu_paths_float16_close_to_cpu(make_hf, tmp_path, monkeypatch):
+    store = convert(make_hf("llama", "llama").path, tmp_path, "float16")
+    cpu = logits(store, "dense")
+    patch_on_cpu(monkeypatch)
+    for strategy in ("dense", "naive"):
+        off = logits(store, strategy)
+        assert ((off - cpu).norm() / cpu.norm()).item() <= 1e-2
+
+
+# -- what runs on the CPU only --------------------------------------------------------------------
+def test_cpu_only_parts_refuse_another_device(make_hf, tmp_path):
+    hf = make_hf("llama", "llama")
+    q = Store(convert(hf.path, tmp_path, "q4_0"))
+    for build in (
+        lambda: Transformer.from_store(q, None, device=OFF_CPU),
+        lambda: DenseFFN(q, device=OFF_CPU),
+        lambda: NaiveFFN(q, device=OFF_CPU),
+    ):
+        with pytest.raises(InvalidArgumentError, match="quantized store runs on the CPU only") as e:
+            build()
+        assert str(q.path) in str(e.value)
+    f = Store(convert(hf.path, tmp_path))
+    with pytest.raises(InvalidArgumentError, match="'flash' runs on the CPU only"):
+        make_ffn("flash", f, device=OFF_CPU, memory="1x", sparsity="all")
+
+
+def test_cli_device_errors_exit_2(make_hf, tmp_path, capsys, monkeypatch):
+    store = str(convert(make_hf("llama", "llama").path, tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv, what in (
+        (["generate", store, "-p", "t1", "-n", "1", "--device", "tpu"], "not a device name"),
+        (["generate", store, "-p", "t1", "-n", "1", "--device", "cuda"], "no CUDA GPU"),
+        (["bench", store, "--tokens", "1", "--strategies", "naive", "--device", "cuda"], "no CUDA GPU"),
+    ):
+        rc = main(argv)
+        err = capsys.readouterr().err
+        assert rc == 2 and what in err and "Traceback" not in err, err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    rc = main(["bench", store, "--tokens", "1", "--strategies", "naive,flash", "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "run on the CPU only" in err, err
+
+
+def test_cpu_device_is_the_default(make_hf, tmp_path):
+    store = convert(make_hf("llama", "llama").path, tmp_path)
+    m = FlashModel.open(store, strategy="naive", device="cpu")
+    assert m.stats()["device"] == "cpu" and m.ffn.dev_bytes is None
+    assert torch.equal(m.logits(ids()), logits(store, "naive"))
+
+
+# -- on a GPU ---------------------------------------------------------------------------------------
+@cuda
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+@pytest.mark.parametrize("strategy", ["dense", "naive"])
+def test_cuda_matches_cpu(kind, strategy, make_hf, tmp_path):
+    store32 = convert(make_hf(kind, kind).path, tmp_path)
+    assert (logits(store32, strategy, "cuda") - logits(store32, strategy)).abs().max().item() <= TOL32
+    store16 = convert(make_hf(kind, kind).path, tmp_path, "float16")
+    gpu, cpu = logits(store16, strategy, "cuda"), logits(store16, strategy)
+    assert ((gpu - cpu).norm() / cpu.norm()).item() <= 1e-2
+
+
+@cuda
+def test_cuda_openelm_matches_reference(tmp_path):
+    w = random_weights()
+    src = save_openelm(tmp_path / "hf", hf_config(), w)
+    store = convert(src, tmp_path)
+    for strategy in ("dense", "naive"):
+        assert (logits(store, strategy, "cuda") - ref_forward(w, ids())).abs().max().item() <= TOL32
+
+
+@cuda
+def test_cuda_generates_paris():
+    m = FlashModel.open(strategy="naive", device="cuda")
+    assert "Paris" in m.generate("The capital of France is", max_new_tokens=8)
+    s = m.stats()
+    assert s["device"].startswith("cuda") and s["device_allocated_bytes"] > 0
