@@ -30,6 +30,9 @@ Strategies (token by token, interleaved: the disk is shared and throttled):
   --uring [--uring-depth N]: flash-uring, flash-wanted-uring, flash-ahead-uring   every batch on
             io_uring with N reads in flight (the others: --engine, FlashFFN's default io_uring at
             128; `--engine auto` for the pread pool)
+--device cuda: every strategy computes on the GPU (attention weights and KV caches there, flash's
+caches in GPU memory under the same 50% budget, naive's regions sent up each token); the kernel
+microbenchmark, CPU code, is skipped.
 The strategies' order rotates from round to round (the disk is a token bucket: a fixed order
 would hand the first strategy the disk that naive and fio had just drained).
 Both FFNs decode with the library's own kernel (strategies.base.rows_ffn: one native F16C + FMA
@@ -64,6 +67,7 @@ from make_opt_store import DEFAULT_OUT, random_f16_bits  # noqa: E402
 from paper_scale_report import bounds, plot, print_table, summarize  # noqa: E402
 from wanted_sets import GuessReplay, LookaheadReplay, Params, Replay, generate, stats  # noqa: E402
 
+from llmflash.device import resolve_device, synchronize  # noqa: E402
 from llmflash.models.layers import decode_attention, linear  # noqa: E402
 from llmflash.store import Store, split_bundles  # noqa: E402
 from llmflash.strategies.base import bundle_ffn, rows_ffn  # noqa: E402
@@ -81,7 +85,7 @@ class Attention:
     attention of one query over a fixed KV cache of `context` positions, kept in float16 and
     read as stored (layers.decode_attention), as the library's Transformer decodes."""
 
-    def __init__(self, n_layers: int, dim: int, n_heads: int, context: int, seed: int):
+    def __init__(self, n_layers: int, dim: int, n_heads: int, context: int, seed: int, device: torch.device):
         rng = np.random.default_rng([seed, 99])
         self.dim, self.h, self.hd = dim, n_heads, dim // n_heads
         mk = lambda *s: torch.from_numpy(random_f16_bits(math.prod(s), rng)).view(torch.float16).view(*s)  # noqa: E731
@@ -95,6 +99,10 @@ class Attention:
         self.k = [torch.randn(n_heads, context + 1, self.hd, generator=g).half() for _ in range(n_layers)]
         self.v = [torch.randn(n_heads, context + 1, self.hd, generator=g).half() for _ in range(n_layers)]
         self.ln_w, self.ln_b = torch.ones(dim), torch.zeros(dim)
+        if device.type != "cpu":
+            for name in ("qkv", "o", "b_qkv", "b_o", "k", "v"):
+                setattr(self, name, [t.to(device) for t in getattr(self, name)])
+            self.ln_w, self.ln_b = self.ln_w.to(device), self.ln_b.to(device)
         self.s = 0.0
 
     @property
@@ -266,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="skip the flash-ahead strategy (layer+1's reads start during layer)",
     )
+    ap.add_argument("--device", default="cpu", help="where the math runs: cpu (default), cuda, cuda:N")
     ap.add_argument("--fio-seconds", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
@@ -274,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     torch.set_grad_enabled(False)
+    dev = resolve_device(a.device)
     store = Store(a.store)
     cfg = store.config
     resident_b, ffn_b = model_bytes(store)
@@ -292,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     def flash(source, **kw) -> FlashFFN:
         kw.setdefault("concurrency", a.concurrency)
         kw.setdefault("engine", a.engine)
-        return FlashFFN(store, memory=budget, window=a.window, sparsity=source, **kw)
+        return FlashFFN(store, memory=budget, window=a.window, sparsity=source, device=dev, **kw)
 
     strategies: dict[str, FlashFFN] = {"flash": flash(Replay(sets))}
     if a.lookahead:
@@ -324,8 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     cap = strategies["flash"].plan.capacities[0]
     gen = stats(sets, P.n_neurons, a.window, capacity=cap, skip=a.warmup)
     print("generator (measured tokens): " + ", ".join(f"{k} {v:.4f}" for k, v in gen.items()), file=sys.stderr)
-    naive = NaiveFFN(store)
-    attn = Attention(cfg.n_layers, cfg.dim, cfg.n_heads[0], a.context, a.seed)
+    naive = NaiveFFN(store, device=dev)
+    attn = Attention(cfg.n_layers, cfg.dim, cfg.n_heads[0], a.context, a.seed, dev)
     print(
         f"setup {time.perf_counter() - t0:.0f} s: caches {cap} neurons/layer "
         f"({cap / P.n_neurons:.1%} of the FFN), attention weights {attn.weight_bytes / 1e9:.2f} GB in DRAM",
@@ -333,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     g = torch.Generator().manual_seed(a.seed + 1)
-    xs = [torch.randn(1, cfg.dim, generator=g) for _ in range(a.warmup + a.tokens + a.naive_tokens)]
+    xs = [torch.randn(1, cfg.dim, generator=g).to(dev) for _ in range(a.warmup + a.tokens + a.naive_tokens)]
     for t in tqdm(range(a.warmup), desc="warm-up (window fill)", unit="tok"):
         for f in strategies.values():
             decode_token(attn, f, xs[t], cfg.n_layers)
@@ -347,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         before, att0, c0 = snapshot(f), attn.s, busy_seconds()
         t0 = time.perf_counter()
         decode_token(attn, f, x, cfg.n_layers)
+        synchronize(dev)
         wall = time.perf_counter() - t0
         d = {k: v - before[k] for k, v in snapshot(f).items()}
         d.update(wall_s=wall, attn_s=attn.s - att0, cpu_s=busy_seconds() - c0)
@@ -378,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                 {"mb_s_1m": mb_1m, "bs_flash": bs, "mb_s_flash_bs": mb_bs, "cpu_us_per_read_flash_bs": cpu_bs}
             )
 
-    micro = kernel_micro(strategies["flash"], naive, cfg)
+    micro = kernel_micro(strategies["flash"], naive, cfg) if dev.type == "cpu" else {}
     rows = summarize(records, fio_runs, ffn_b, cfg)
     out = {
         "store": str(a.store),
@@ -396,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         "kernel_micro_ms": micro,
         "records": records,
         "threads": torch.get_num_threads(),
+        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
         "loadavg": os.getloadavg(),
     }
     out["bounds"] = bounds(rows, fio_runs, ffn_b)

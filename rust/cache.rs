@@ -62,6 +62,14 @@
 //! not by the number of layers (30 layers each keeping a whole-region buffer would hold the entire
 //! FFN in DRAM and defeat the memory budget).
 //!
+//! External rows (`new_external`, for a slot matrix the caller keeps elsewhere, such as GPU
+//! memory): the cache keeps only its index and bookkeeping. Eviction moves are not done but
+//! listed in `Admission::moves` (`rows[dst] = rows[src]`, to apply in order before the rows are
+//! used), and each fill lands in a buffer of its own (taken from the staging pool: row k is the
+//! bundle of `filled_rows[k]`) that the owner takes with `take_landed` after `wait` and copies
+//! into its rows. An admission refuses to start while the last fill's bundles are not taken,
+//! so the caller's rows never silently miss a fill.
+//!
 //! Checksums (cache/crc.rs): given a table of one CRC-32 per bundle (`set_bundle_crcs`, once, with
 //! no fill pending), every bundle read is checked before it counts: a fill hashes its rows after
 //! the reads and staging copies and before any row is marked READY (a mismatch fails the fill
@@ -109,6 +117,11 @@ pub struct Admission {
     /// Unique wanted neurons that did not fit, in the caller's order (store positions): the
     /// caller streams them itself (`read_neurons`).
     pub overflow: Vec<u32>,
+    /// External rows only: the eviction moves `(dst, src)` since the last admission returned,
+    /// in order (`rows[dst] = rows[src]`), to apply to the caller's rows before using them.
+    /// Within one admission no source is an earlier destination; moves left by a failed
+    /// admission come first.
+    pub moves: Vec<(u32, u32)>,
     /// The rows this admission's fill writes, ascending (`misses` of them, in
     /// `[ready_rows, total_rows)`): with `fill_holes` they lie between live rows, so compute that
     /// overlaps the reads takes every row below `total_rows` but these.
@@ -135,6 +148,9 @@ struct Shared {
     region_offset: u64,
     /// One CRC-32 per bundle (store position), once `set_bundle_crcs` gave it; never replaced.
     crcs: OnceLock<Box<[u32]>>,
+    /// The rows live in the caller's memory (`new_external`): `slots` is empty, fills land in
+    /// a buffer of their own.
+    external: bool,
     state: Box<[AtomicU8]>,
     /// Epoch of the last fill that finished (successfully or not).
     done_epoch: AtomicU64,
@@ -166,6 +182,9 @@ pub struct NeuronCache {
     /// New neurons take the rows evictions emptied (see the module comment); false: the paper's
     /// scheme, every hole closed by a move and new neurons appended.
     fill_holes: bool,
+    /// External rows: moves not yet returned in an admission, and the last fill's bundles.
+    moves: Vec<(u32, u32)>,
+    landed: Option<AlignedBuf>,
 }
 
 impl NeuronCache {
@@ -180,6 +199,34 @@ impl NeuronCache {
         profile: Profile,
         opts: PlanOptions,
         staging: Option<Arc<StagingPool>>,
+    ) -> Result<NeuronCache> {
+        Self::build(reader, region, capacity, window, profile, opts, staging, false)
+    }
+
+    /// `new` for rows kept by the caller (the module comment's "External rows"): no slot matrix
+    /// is allocated; moves come in `Admission::moves` and each fill's bundles from `take_landed`.
+    pub fn new_external(
+        reader: Arc<Reader>,
+        region: Region,
+        capacity: usize,
+        window: u32,
+        profile: Profile,
+        opts: PlanOptions,
+        staging: Option<Arc<StagingPool>>,
+    ) -> Result<NeuronCache> {
+        Self::build(reader, region, capacity, window, profile, opts, staging, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        reader: Arc<Reader>,
+        region: Region,
+        capacity: usize,
+        window: u32,
+        profile: Profile,
+        opts: PlanOptions,
+        staging: Option<Arc<StagingPool>>,
+        external: bool,
     ) -> Result<NeuronCache> {
         region.validate()?;
         let n = region.n_neurons as usize;
@@ -197,7 +244,7 @@ impl NeuronCache {
         let bb = usize::try_from(region.bundle_bytes)
             .map_err(|_| Error::layout(format!("bundle of {} bytes does not fit in memory", region.bundle_bytes)))?;
         let bytes = capacity.checked_mul(bb).ok_or(Error::Alloc { bytes: u64::MAX })?;
-        let slots = Arc::new(AlignedBuf::zeroed(bytes)?);
+        let slots = Arc::new(AlignedBuf::zeroed(if external { 0 } else { bytes })?);
         let state = (0..capacity).map(|_| AtomicU8::new(EMPTY)).collect();
         let shared = Arc::new(Shared {
             reader,
@@ -206,6 +253,7 @@ impl NeuronCache {
             bundle_bytes: bb,
             region_offset: region.offset,
             crcs: OnceLock::new(),
+            external,
             state,
             done_epoch: AtomicU64::new(0),
             counters: Counters::default(),
@@ -229,7 +277,21 @@ impl NeuronCache {
             filler: None,
             inline_only: false,
             fill_holes: false,
+            moves: Vec::new(),
+            landed: None,
         })
+    }
+
+    /// Whether the rows live in the caller's memory (`new_external`).
+    pub fn is_external(&self) -> bool {
+        self.shared.external
+    }
+
+    /// External rows: the bundles of the last fill that finished, row k (of `bundle_bytes`) for
+    /// the admission's `filled_rows[k]`; None when there is none or it was taken. Call after
+    /// `wait` (or an inline `admit`), before the next admission.
+    pub fn take_landed(&mut self) -> Option<AlignedBuf> {
+        self.landed.take()
     }
 
     pub fn region(&self) -> &Region {
@@ -300,6 +362,9 @@ impl NeuronCache {
 
     /// The bytes of rows `[0, ready_rows)`: stable while borrowed (only `begin` moves them).
     pub fn ready_bytes(&self) -> &[u8] {
+        if self.shared.external {
+            return &[]; // the rows are the caller's
+        }
         // The filler writes only rows at or past `ready`; rows move only in `begin` (`&mut self`).
         // SAFETY: ready * bb <= slots.len(), nothing writes these bytes while this borrow lives,
         // and `self.shared` keeps the allocation alive.
@@ -425,8 +490,8 @@ impl NeuronCache {
                 .get_mut()
                 .unwrap_or_else(|e| e.into_inner())
                 .recv()
-                .unwrap_or_else(|_| FillResult { epoch, error: Some(self.filler_died()) }),
-            None => FillResult { epoch, error: Some(self.filler_died()) },
+                .unwrap_or_else(|_| FillResult { epoch, error: Some(self.filler_died()), landed: None }),
+            None => FillResult { epoch, error: Some(self.filler_died()), landed: None },
         };
         add(&self.shared.counters.wait_ns, ns_since(t0));
         if result.epoch != epoch {
@@ -436,6 +501,7 @@ impl NeuronCache {
                 result.epoch
             ))));
         }
+        self.landed = result.landed;
         self.settle(result.error)
     }
 }
@@ -458,3 +524,5 @@ mod overflow;
 mod tests;
 #[cfg(test)]
 mod tests_crc;
+#[cfg(test)]
+mod tests_external;

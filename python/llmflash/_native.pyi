@@ -154,6 +154,9 @@ class Admission:
     @property
     def overflow(self) -> npt.NDArray[np.int64]: ...  # did not fit: stream with read_neurons
     @property
+    def moves(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...  # external rows:
+    #   (dst, src): apply rows[dst[i]] = rows[src[i]] in order before using the rows
+    @property
     def evicted_window(self) -> int: ...
     @property
     def evicted_capacity(self) -> int: ...
@@ -190,6 +193,7 @@ class NeuronCache:
         concurrency: Optional[int] = None,
         allow_whole: bool = True,
         max_gap_bytes: Optional[int] = None,
+        external_rows: bool = False,  # rows kept by the caller: Admission.moves, take_landed()
     ) -> None: ...
     def begin(self, wanted: _Ids, step: int) -> Admission: ...  # evict, plan, start reads
     def wait(self) -> None: ...  # FlashIOError / StoreError (CRC): the fill's neurons were removed
@@ -203,6 +207,10 @@ class NeuronCache:
     #   whose CRC differs raises StoreError (wait/admit/begin drop the fill's neurons; read_neurons)
     @property
     def has_bundle_crcs(self) -> bool: ...
+    @property
+    def external_rows(self) -> bool: ...
+    def take_landed(self) -> Optional[AlignedBuf]: ...  # external rows, after wait(): row k of
+    #   bundle_bytes = the bundle of Admission.filled_rows[k]; needed before the next admission
     @property
     def slots(self) -> AlignedBuf: ...  # capacity * bundle_bytes bytes, zero-copy, same object
     @property

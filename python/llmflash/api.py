@@ -68,7 +68,7 @@ class FlashModel:
         (pin that share of each layer's neurons), concurrency=128 on io_uring, compute=,
         lookahead=; see llmflash.strategies.flash). Left out, it is "flash" when flash options are given,
         else "dense". `device`: "cpu" (default), "cuda", "cuda:N" or "auto" (cuda when torch sees
-        one): where the weights live and the math runs (dense and naive so far; llmflash.device)."""
+        one): where the weights live and the math runs (llmflash.device)."""
         if strategy is None:
             strategy = "flash" if options else "dense"
         check_strategy(strategy, options)  # before the default model is converted

@@ -1,9 +1,10 @@
 """Where a model's math runs: the CPU (the default) or a CUDA GPU.
 
 `--device` / `device=` takes `cpu`, `cuda`, `cuda:N` or `auto` (cuda when torch sees one, else
-cpu). On a GPU the resident weights, the KV cache and the FFN's matrices live in GPU memory and
-torch computes there; reading from flash stays on the host (the Rust reader), and what it reads
-goes up to the GPU. The CPU-only kernels (llmflash._native: float16 matrix-vector products, the
+cpu). On a GPU the resident weights, the KV cache and the FFN's matrices (dense), read buffer
+(naive) or neuron caches (flash: strategies/flash/device_rows.py) live in GPU memory and torch
+computes there; reading from flash stays on the host (the Rust reader), and what it reads goes
+up to the GPU. The CPU-only kernels (llmflash._native: float16 matrix-vector products, the
 quantized block kernels, the whole-token native decode) never see a GPU tensor: each caller asks
 `on_cpu` first.
 

@@ -10,7 +10,7 @@ use super::counters::{add, ns_since, Counters};
 use super::evict::Doom;
 use super::fill::{run_fill, Fill};
 use super::{Admission, NeuronCache, ABSENT, FILLING};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::planner::plan;
 
 impl NeuronCache {
@@ -19,6 +19,11 @@ impl NeuronCache {
     pub(super) fn begin_inner(&mut self, wanted: &[u32], step: u64, mark: u64, background: bool) -> Result<Admission> {
         self.check_ids(wanted)?;
         self.wait()?;
+        if self.landed.is_some() {
+            return Err(Error::invalid(
+                "external rows: the last fill's bundles were not taken (take_landed) before this admission",
+            ));
+        }
         let t0 = Instant::now();
         self.serial += 1;
         let serial = self.serial;
@@ -97,6 +102,7 @@ impl NeuronCache {
             misses: m,
             overflow: overflow.to_vec(),
             filled_rows: Vec::new(),
+            moves: Vec::new(),
             evicted_window,
             evicted_capacity,
             bytes_read: 0,
@@ -106,6 +112,7 @@ impl NeuronCache {
             est_seconds: 0.0,
         };
         if m == 0 {
+            adm.moves = std::mem::take(&mut self.moves);
             self.ready = self.live;
             count(&self.shared.counters);
             add(&self.shared.counters.mgmt_ns, ns_since(t0));
@@ -142,6 +149,7 @@ impl NeuronCache {
         adm.requests = p.requests.len();
         adm.whole_region = p.whole_region;
         adm.est_seconds = p.est_seconds;
+        adm.moves = std::mem::take(&mut self.moves);
         add(&self.shared.counters.mgmt_ns, ns_since(t0));
         self.pending = Some(serial);
         if background && self.start_filler() {
@@ -164,6 +172,7 @@ impl NeuronCache {
         let t0 = Instant::now();
         let r = run_fill(&self.shared, fill);
         add(&self.shared.counters.wait_ns, ns_since(t0));
+        self.landed = r.landed;
         self.settle(r.error)?;
         Ok(adm)
     }

@@ -68,10 +68,15 @@ impl NeuronCache {
                 break;
             }
             let last = end - 1;
-            // No fill is pending and compute may not read rows across a `begin` (module comment).
-            // SAFETY: h < last < live <= capacity: two distinct rows inside the slot matrix (kept
-            // alive by self.shared) that no other thread touches now.
-            unsafe { std::ptr::copy_nonoverlapping(base.add(last * bb), base.add(h * bb), bb) };
+            if self.shared.external {
+                self.moves.push((h as u32, last as u32)); // the caller's rows: it moves them
+            } else {
+                // No fill is pending and compute may not read rows across a `begin` (module
+                // comment).
+                // SAFETY: h < last < live <= capacity: two distinct rows inside the slot matrix
+                // (kept alive by self.shared) that no other thread touches now.
+                unsafe { std::ptr::copy_nonoverlapping(base.add(last * bb), base.add(h * bb), bb) };
+            }
             let j = self.neuron_of[last];
             self.neuron_of[h] = j;
             self.slot_of[j as usize] = h as u32;

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use super::{add, crc, ns_since, NeuronCache, Shared, ABSENT, EMPTY, READY};
+use crate::aligned::AlignedBuf;
 use crate::error::{Error, Result};
 use crate::planner::Plan;
 use crate::reader::RawOp;
@@ -16,7 +17,8 @@ use crate::reader::RawOp;
 pub(super) enum Target {
     /// At this offset of the fill's staging buffer (then copied into rows).
     Staging(usize),
-    /// Straight into rows starting at this one (page-multiple bundles read with no gap).
+    /// Straight into rows starting at this one (page-multiple bundles read with no gap): rows of
+    /// the slot matrix, or with external rows of the fill's landing buffer.
     Row(usize),
 }
 
@@ -36,18 +38,24 @@ pub(super) struct Fill {
     pub(super) staging_bytes: usize,
     /// Rows this fill writes (holes left by evictions, then rows after the live block).
     pub(super) rows: Vec<usize>,
+    /// Where each of `rows` lands: the same rows of the slot matrix, or with external rows the
+    /// rows 0, 1, ... of a landing buffer of `landing_bytes` (0: none) handed to the owner.
+    pub(super) dest_rows: Vec<usize>,
+    pub(super) landing_bytes: usize,
     /// The neuron (store position) of each of `rows`, for the CRC checks.
     pub(super) neurons: Vec<u32>,
     pub(super) requests: usize,
     pub(super) buffer_bytes: u64,
     pub(super) useful_bytes: u64,
-    /// (offset in staging, row) for every appended neuron read through staging.
+    /// (offset in staging, destination row) for every appended neuron read through staging.
     pub(super) copies: Vec<(usize, usize)>,
 }
 
 pub(super) struct FillResult {
     pub(super) epoch: u64,
     pub(super) error: Option<Error>,
+    /// External rows: the landing buffer of a fill that succeeded.
+    pub(super) landed: Option<AlignedBuf>,
 }
 
 pub(super) struct Filler {
@@ -59,25 +67,38 @@ pub(super) struct Filler {
 
 /// Run a fill: read its plan (into rows directly where it can, else into staging), copy each
 /// staged bundle into its row, check the rows against the CRC table (if any), then mark them READY.
+/// With external rows, "rows" are those of a landing buffer, returned in the result.
 pub(super) fn run_fill(shared: &Shared, fill: Fill) -> FillResult {
     let epoch = fill.epoch;
-    let finish = |error: Option<Error>| {
+    let finish = |error: Option<Error>, landed: Option<AlignedBuf>| {
         if error.is_some() {
             add(&shared.counters.failed_fills, 1);
         }
         shared.done_epoch.store(epoch, Ordering::Release);
-        FillResult { epoch, error }
+        FillResult { epoch, error, landed }
     };
-    let staging = if fill.staging_bytes > 0 {
-        match shared.staging.take(fill.staging_bytes) {
-            Ok(b) => Some(b),
-            Err(e) => return finish(Some(e)),
+    let take = |len: usize| if len > 0 { shared.staging.take(len).map(Some) } else { Ok(None) };
+    let staging = match take(fill.staging_bytes) {
+        Ok(b) => b,
+        Err(e) => return finish(Some(e), None),
+    };
+    let landing = match take(fill.landing_bytes) {
+        Ok(b) => b,
+        Err(e) => {
+            if let Some(b) = staging {
+                shared.staging.give(b);
+            }
+            return finish(Some(e), None);
         }
-    } else {
-        None
+    };
+    let give_back = |staging: Option<AlignedBuf>, landing: Option<AlignedBuf>| {
+        for b in [staging, landing].into_iter().flatten() {
+            shared.staging.give(b);
+        }
     };
     let bb = shared.bundle_bytes;
-    let rows = shared.slots.as_mut_ptr();
+    // The fill's destination rows: the landing buffer's (external rows), else the slot matrix's.
+    let rows = landing.as_ref().map_or_else(|| shared.slots.as_mut_ptr(), |b| b.as_mut_ptr());
     let ops: Vec<RawOp> = fill
         .ops
         .iter()
@@ -88,7 +109,8 @@ pub(super) fn run_fill(shared: &Shared, fill: Fill) -> FillResult {
                 (Target::Staging(at), Some(b)) => unsafe { b.as_mut_ptr().add(at) },
                 // SAFETY: `begin` checked that the request's rows are consecutive and below
                 // capacity, so row*bb + len <= capacity*bb, the size of the slot matrix (kept
-                // alive by `shared`): the pointer stays inside it.
+                // alive by `shared`); external rows are below the fill's n = landing_bytes / bb,
+                // the landing buffer's size: the pointer stays inside either.
                 (Target::Row(row), _) => unsafe { rows.add(row * bb) },
                 (Target::Staging(_), None) => std::ptr::null_mut(), // unreachable: staging_bytes > 0
             };
@@ -96,7 +118,8 @@ pub(super) fn run_fill(shared: &Shared, fill: Fill) -> FillResult {
         })
         .collect();
     if ops.iter().any(|o| o.dest.is_null()) {
-        return finish(Some(Error::invalid("cache fill staged a read without a staging buffer")));
+        give_back(staging, landing);
+        return finish(Some(Error::invalid("cache fill staged a read without a staging buffer")), None);
     }
     let t0 = Instant::now();
     // Staged destinations are distinct ranges of `staging` (ours, from the pool); direct ones are
@@ -106,25 +129,25 @@ pub(super) fn run_fill(shared: &Shared, fill: Fill) -> FillResult {
     let r = unsafe { shared.reader.read_raw(&ops) };
     add(&shared.counters.io_ns, ns_since(t0));
     if let Err(e) = r {
-        if let Some(b) = staging {
-            shared.staging.give(b);
-        }
-        return finish(Some(e));
+        give_back(staging, landing);
+        return finish(Some(e), None);
     }
     let t1 = Instant::now();
     if let Some(b) = &staging {
         for &(at, row) in &fill.copies {
-            // `begin` checked at + bb <= staging_bytes <= staging.len() and row < capacity; the
-            // row is this fill's until the owner receives its result (module comment).
+            // `begin` checked at + bb <= staging_bytes <= staging.len() and row < capacity (or <
+            // n, the landing buffer's rows); the row is this fill's until the owner receives its
+            // result (module comment).
             // SAFETY: so both ranges are in bounds, distinct allocations, alive and untouched by others.
             unsafe { std::ptr::copy_nonoverlapping(b.as_ptr().add(at), rows.add(row * bb), bb) };
         }
     }
     if let Some(table) = shared.crcs.get() {
         let t2 = Instant::now();
-        let bad = fill.rows.iter().zip(&fill.neurons).find_map(|(&row, &j)| {
-            // `fill_for` checked row < capacity; the row is this fill's (module comment), its
-            // reads and copies finished above on this thread or before read_raw returned.
+        let bad = fill.dest_rows.iter().zip(&fill.neurons).find_map(|(&row, &j)| {
+            // `fill_for` checked row < capacity (landing rows: < n); the row is this fill's
+            // (module comment), its reads and copies finished above on this thread or before
+            // read_raw returned.
             // SAFETY: so the range is inside the live slot matrix and nobody writes it meanwhile.
             let bytes = unsafe { std::slice::from_raw_parts(rows.add(row * bb), bb) };
             crc::mismatch(shared, table, j, bytes)
@@ -132,26 +155,22 @@ pub(super) fn run_fill(shared: &Shared, fill: Fill) -> FillResult {
         crc::count(shared, t2);
         if let Some(e) = bad {
             add(&shared.counters.mgmt_ns, ns_since(t1));
-            if let Some(b) = staging {
-                shared.staging.give(b);
-            }
-            return finish(Some(e));
+            give_back(staging, landing);
+            return finish(Some(e), None);
         }
     }
     for &row in &fill.rows {
         shared.state[row].store(READY, Ordering::Release);
     }
     add(&shared.counters.mgmt_ns, ns_since(t1));
-    if let Some(b) = staging {
-        shared.staging.give(b);
-    }
+    give_back(staging, None);
     add(&shared.counters.bytes_read, fill.buffer_bytes);
     add(&shared.counters.bytes_useful, fill.useful_bytes);
     let direct: usize = fill.ops.iter().filter(|o| matches!(o.target, Target::Row(_))).map(|o| o.len).sum();
     add(&shared.counters.bytes_direct, direct as u64);
     add(&shared.counters.requests, fill.requests as u64);
     shared.reader.stats().add_useful(fill.useful_bytes);
-    finish(None)
+    finish(None, landing)
 }
 
 impl NeuronCache {
@@ -204,6 +223,10 @@ impl NeuronCache {
                 self.capacity
             )));
         }
+        // Where the rows land: the slot matrix's rows, or with external rows 0..n of a landing
+        // buffer (aligned like the slot matrix, so whole-page bundles are read straight in too).
+        let external = self.shared.external;
+        let dest: Vec<usize> = if external { (0..n).collect() } else { rows.to_vec() };
         let align = crate::aligned::ALIGN as u64;
         let pages = bb % align == 0 && self.region.offset % align == 0;
         let mut ops = Vec::with_capacity(p.requests.len());
@@ -221,15 +244,15 @@ impl NeuronCache {
                 && first == Some(r.offset)
                 && r.len == group.len() as u64 * bb
                 && group.last().map(|&l| (l - group[0]) as usize + 1) == Some(group.len())
-                && rows[k0..k].windows(2).all(|w| w[1] == w[0] + 1);
+                && dest[k0..k].windows(2).all(|w| w[1] == w[0] + 1);
             if direct {
-                ops.push(FillOp { offset: r.offset, len: r.len as usize, target: Target::Row(rows[k0]) });
+                ops.push(FillOp { offset: r.offset, len: r.len as usize, target: Target::Row(dest[k0]) });
                 continue;
             }
             ops.push(FillOp { offset: r.offset, len: r.len as usize, target: Target::Staging(staged as usize) });
             // A bundle may run on into the next request (a run split at max_request_bytes); that
             // one starts mid-bundle, so it is staged too, right after this one.
-            for ((&landing, &row), &neuron) in p.landing[k0..k].iter().zip(&rows[k0..k]).zip(&p.neurons[k0..k]) {
+            for ((&landing, &row), &neuron) in p.landing[k0..k].iter().zip(&dest[k0..k]).zip(&p.neurons[k0..k]) {
                 match landing.checked_sub(r.dest_offset) {
                     Some(d) => copies.push((d + staged, row)),
                     None => return Err(Error::invalid(format!("plan lands neuron {neuron} before request {q}"))),
@@ -249,6 +272,8 @@ impl NeuronCache {
             ops,
             staging_bytes: staged as usize,
             rows: rows.to_vec(),
+            dest_rows: dest,
+            landing_bytes: if external { n * self.shared.bundle_bytes } else { 0 },
             neurons: p.neurons.clone(),
             requests: p.requests.len(),
             buffer_bytes: p.buffer_bytes,

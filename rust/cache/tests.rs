@@ -456,7 +456,7 @@ fn overflow_reads_on_another_thread_while_the_owner_admits_and_fills() {
     let bb = 3456;
     let r = c.overflow_reader();
     for step in 0..20u64 {
-        let wanted: Vec<u32> = (0..120).map(|k| ((k * 7 + step as u32 * 13) % 400)).collect();
+        let wanted: Vec<u32> = (0..120).map(|k| (k * 7 + step as u32 * 13) % 400).collect();
         let a = c.begin(&wanted, step).unwrap();
         let overflow = a.overflow.clone();
         let mut dest = AlignedBuf::zeroed(overflow.len().max(1) * bb).unwrap();

@@ -96,6 +96,14 @@ impl PyAdmission {
         i64_array(py, self.adm.filled_rows.iter().map(|&r| r as i64))
     }
 
+    /// External rows: the eviction moves to apply to the caller's rows, in order, before using
+    /// them: (dst, src) int64 arrays, rows[dst[i]] = rows[src[i]] (empty otherwise).
+    #[getter]
+    fn moves<'py>(&self, py: Python<'py>) -> (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>) {
+        let m = &self.adm.moves;
+        (i64_array(py, m.iter().map(|&(d, _)| d as i64)), i64_array(py, m.iter().map(|&(_, s)| s as i64)))
+    }
+
     #[getter]
     fn evicted_window(&self) -> usize {
         self.adm.evicted_window
@@ -182,7 +190,8 @@ impl PyNeuronCache {
     /// reader's.
     #[new]
     #[pyo3(signature = (reader, region_offset, n_neurons, bundle_bytes, capacity, window, profile = None,
-                        max_request_bytes = 1 << 20, concurrency = None, allow_whole = true, max_gap_bytes = None))]
+                        max_request_bytes = 1 << 20, concurrency = None, allow_whole = true, max_gap_bytes = None,
+                        external_rows = false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -197,6 +206,7 @@ impl PyNeuronCache {
         concurrency: Option<u32>,
         allow_whole: bool,
         max_gap_bytes: Option<u64>,
+        external_rows: bool,
     ) -> PyResult<PyNeuronCache> {
         let reader = reader.reader.clone();
         let concurrency = concurrency.unwrap_or(reader.concurrency().min(u32::MAX as usize) as u32);
@@ -204,7 +214,13 @@ impl PyNeuronCache {
         let profile = profile.map(|p| p.profile.clone()).unwrap_or_default();
         let region = Region { offset: region_offset, n_neurons, bundle_bytes };
         // Allocating (and zeroing) the slot matrix can take a while: without the GIL.
-        let cache = py.detach(move || NeuronCache::new(reader, region, capacity, window, profile, opts, None))?;
+        let cache = py.detach(move || {
+            if external_rows {
+                NeuronCache::new_external(reader, region, capacity, window, profile, opts, None)
+            } else {
+                NeuronCache::new(reader, region, capacity, window, profile, opts, None)
+            }
+        })?;
         let slots = Py::new(py, PyAlignedBuf::shared(cache.slots().clone()))?;
         Ok(PyNeuronCache { cache, slots })
     }
@@ -275,6 +291,21 @@ impl PyNeuronCache {
     #[getter]
     fn has_bundle_crcs(&self) -> bool {
         self.cache.has_bundle_crcs()
+    }
+
+    /// The rows live in the caller's memory (external_rows=True): moves come in Admission.moves
+    /// and each fill's bundles from take_landed(); `slots` is empty.
+    #[getter]
+    fn external_rows(&self) -> bool {
+        self.cache.is_external()
+    }
+
+    /// External rows: the last finished fill's bundles as an AlignedBuf, row k (bundle_bytes
+    /// each) for the admission's filled_rows[k]; None when there is none or it was taken. Take
+    /// it after wait() (or admit()) and before the next admission, which refuses to start
+    /// while one is left.
+    fn take_landed(&mut self) -> Option<PyAlignedBuf> {
+        self.cache.take_landed().map(PyAlignedBuf::from_buf)
     }
 
     /// The slot matrix: capacity * bundle_bytes bytes, row k = bytes [k*bb, (k+1)*bb). Always

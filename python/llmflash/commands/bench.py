@@ -115,7 +115,7 @@ def main(argv: list[str]) -> int:
     p.add_argument(
         "--device",
         default="cpu",
-        help="where the math runs: cpu (default), cuda, cuda:N or auto (dense and naive on a GPU so far)",
+        help="where the math runs: cpu (default), cuda, cuda:N or auto (cuda when torch sees one)",
     )
     p.add_argument("--plot", help="write a PNG bar chart of the breakdown")
     p.add_argument("--json", help="write the table as JSON")

@@ -94,11 +94,6 @@ def _runs(
     dev: torch.device,
 ) -> list[Run]:
     runs: list[Run] = []
-    if dev.type != "cpu" and any(s not in ("dense", "naive") for s in strategies):
-        raise InvalidArgumentError(
-            f"bench on {dev}: strategies {', '.join(s for s in strategies if s not in ('dense', 'naive'))} "
-            "run on the CPU only so far (choose dense,naive, or --device cpu)"
-        )
     if "dense" in strategies:
         runs.append(Run("dense", "dense", FlashModel(store, "dense", make_ffn("dense", store, device=dev), dev)))
     if "naive" in strategies:
@@ -106,8 +101,8 @@ def _runs(
     if "flash" in strategies:
         source = make_source(sparsity, store, hot=hot)  # shared: the oracle holds full weights once
         for mem in memories:
-            ffn = _make("flash", store, memory=mem, window=window, sparsity=source)
-            runs.append(Run(f"flash {mem}", "flash", FlashModel(store, "flash", ffn)))
+            ffn = make_ffn("flash", store, dev, memory=mem, window=window, sparsity=source)
+            runs.append(Run(f"flash {mem}", "flash", FlashModel(store, "flash", ffn, dev)))
     if "ablation" in strategies:  # the paper's Table: each technique's share
         source = source if "flash" in strategies else make_source(sparsity, store, hot=hot)
         for mem in memories:
@@ -121,13 +116,14 @@ def _runs(
             ):
                 if co and "flash" in strategies:
                     continue  # the flash row is this one
-                ffn = _make("flash", store, memory=mem, window=window, sparsity=source, coalesce=co, reuse=reuse)
-                runs.append(Run(label, "flash", FlashModel(store, "flash", ffn)))
+                opts = dict(memory=mem, window=window, sparsity=source, coalesce=co, reuse=reuse)
+                ffn = make_ffn("flash", store, dev, **opts)
+                runs.append(Run(label, "flash", FlashModel(store, "flash", ffn, dev)))
     if "flash-serial" in strategies:  # no read/compute overlap: what it gains
         source = source if "flash" in strategies else make_source(sparsity, store, hot=hot)
         for mem in memories:
-            ffn = _make("flash", store, memory=mem, window=window, sparsity=source, overlap=False)
-            runs.append(Run(f"serial {mem}", "flash", FlashModel(store, "flash", ffn)))
+            ffn = make_ffn("flash", store, dev, memory=mem, window=window, sparsity=source, overlap=False)
+            runs.append(Run(f"serial {mem}", "flash", FlashModel(store, "flash", ffn, dev)))
     return runs
 
 
@@ -186,7 +182,3 @@ def _rows(runs: list[Run], n: int) -> list[dict[str, Any]]:
     for row in rows:
         row["x_vs_naive"] = naive_ms / row["ms_per_token"] if naive_ms else float("nan")
     return rows
-
-
-def _make(name: str, store: Store, **options: Any):
-    return make_ffn(name, store, **options)

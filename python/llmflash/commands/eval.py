@@ -130,6 +130,11 @@ def main(argv: Sequence[str]) -> int:
         help="pin that share of each layer's neurons, the most often active in calibration, "
         "resident and always computed (the predictors then cover the rest; default 0)",
     )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where flash runs: cpu (default), cuda, cuda:N or auto (the dense reference runs on the CPU)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(list(argv))
@@ -147,6 +152,7 @@ def main(argv: Sequence[str]) -> int:
         lookahead=a.lookahead,
         hot=a.hot,
         text_file=a.text,
+        device=a.device,
     )
     print(json.dumps(r, indent=1) if a.json else format_report(r))
     return 0

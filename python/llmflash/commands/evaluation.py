@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..budget import parse_memory
+from ..device import resolve_device
 from ..errors import BudgetError, InvalidArgumentError, LlmflashError, check_int
 from ..models.layers import linear
 from ..models.transformer import Transformer
@@ -135,10 +136,13 @@ def evaluate(
     lookahead: str | None = None,
     hot: float = 0.0,
     text_file: str | os.PathLike[str] | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Dense and flash perplexity over `tokens` tokens of `text`, or of the file `text_file` (read
-    only as far as those tokens need), or of held-out documentation text."""
+    only as far as those tokens need), or of held-out documentation text. Flash runs on `device`
+    (llmflash.device; default the CPU); the dense reference pass, on the CPU."""
     threads = check_threads(threads)
+    dev = resolve_device(device)
     check_int("tokens", tokens, 2)
     if text_file is not None:
         check_text_file(text_file)
@@ -159,6 +163,7 @@ def evaluate(
         "sparsity": sparsity,
         "lookahead": lookahead,
         "hot": hot,
+        "device": str(dev),
     }
     if predictors is not None:
         out["predictor"] = {
@@ -172,7 +177,7 @@ def evaluate(
     guess = {"layer": NextLayerGuess, "attention": SameLayerGuess}.get(lookahead or "")
     out["flash"] = [
         _flash_row(
-            store, ids, mem, window, guess(source) if guess else source, lookahead, progress, out["dense"]["ppl"]
+            store, ids, mem, window, guess(source) if guess else source, lookahead, progress, out["dense"]["ppl"], dev
         )
         for mem in memories
     ]
@@ -226,6 +231,7 @@ def _flash_row(
     lookahead: str | None,
     progress: bool,
     dense_ppl: float,
+    device: torch.device,
 ) -> dict[str, Any]:
     """Flash at the budget `mem`, token by token: perplexity and the strategy's counters."""
     from tqdm import tqdm
@@ -233,10 +239,12 @@ def _flash_row(
     c, N = store.config, len(ids)
     counting = _Counting(source, c.ffn_dims)
     try:
-        ffn = make_ffn("flash", store, memory=mem, window=window, sparsity=counting, lookahead=lookahead or False)
+        ffn = make_ffn(
+            "flash", store, device, memory=mem, window=window, sparsity=counting, lookahead=lookahead or False
+        )
     except BudgetError as e:  # this budget cannot hold the resident part
         return {"memory": mem, "error": str(e)}
-    model = Transformer.from_store(store, ffn)
+    model = Transformer.from_store(store, ffn, device=device)
     cache = model.new_cache(N)
     nll = 0.0
     t0 = time.perf_counter()

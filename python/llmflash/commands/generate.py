@@ -41,7 +41,7 @@ def register(sub: Any) -> None:
         "--device",
         default="cpu",
         help="where the weights live and the math runs: cpu (default), cuda, cuda:N or auto (cuda when torch "
-        "sees one); dense and naive on a GPU so far",
+        "sees one); --memory is then GPU memory",
     )
     g.add_argument("--stats", action="store_true", help="print timing and I/O counters to stderr")
     g.set_defaults(func=run)

@@ -25,7 +25,7 @@ def check_strategy(name: str, options: dict[str, Any]) -> None:
 
 def make_ffn(name: str, store: Store, device: torch.device | None = None, **options: Any):
     """The strategy `name` over `store` with its `options`, computing on `device` (default the
-    CPU; dense and naive also on a GPU)."""
+    CPU)."""
     check_strategy(name, options)
     if name == "dense":
         from .dense import DenseFFN
@@ -35,11 +35,6 @@ def make_ffn(name: str, store: Store, device: torch.device | None = None, **opti
         from .naive import NaiveFFN
 
         return NaiveFFN(store, device=device, **options)
-    if device is not None and device.type != "cpu":
-        raise InvalidArgumentError(
-            f"strategy 'flash' runs on the CPU only so far (device {device} asked): "
-            "use --device cpu, or dense or naive on the GPU"
-        )
     from .flash import FlashFFN  # "flash", the last of STRATEGIES
 
-    return FlashFFN(store, **options)
+    return FlashFFN(store, device=device, **options)

@@ -11,14 +11,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ...device import synchronize
 from ...io import Admission, NeuronCache
 from ...sparsity import WantedSource
 from ...store import Store
 from ..base import rows_ffn
+from .device_rows import apply_moves, land
 from .layer import FlashLayer
 from .options import FlashOptions
 from .overflow import overflow_worker
-from .setup import build
+from .setup import build, bundle_view
 
 
 def _mgmt_ns(cache: NeuronCache) -> int:
@@ -85,6 +87,7 @@ class FlashFFN:
         lookahead: bool | str = False,
         hot: float = 0.0,
         fill_holes: bool = True,
+        device: torch.device | None = None,
     ):
         self.store, self.config = store, store.config
         self.quant = store.quant  # quantized stores: the block format of the uint8 bundle rows
@@ -102,10 +105,15 @@ class FlashFFN:
             lookahead=lookahead,
             hot=hot,
             fill_holes=fill_holes,
+            device=device,
         )
         s = build(store, self.options)
         self.source, self.layers, self.plan, self.model_bytes = s.source, s.layers, s.plan, s.model_bytes
         self.profile, self.reader, self.scratch, self.scratch_rows = s.profile, s.reader, s.scratch, s.scratch_rows
+        # on a GPU (device_rows.py): the overflow scratch there, and rows moved / sent up so far
+        self.scratch_device = s.scratch_device
+        self.device = None if s.scratch_device is None else s.scratch_device.device
+        self.device_rows = {"moved": 0, "landed": 0, "overflow_up": 0}
         self._sticky = bool(getattr(self.source, "sticky", False))
         self._hook_lookahead()
         self.step = 0
@@ -144,13 +152,16 @@ class FlashFFN:
         lay = self.layers[layer]
         laps = Laps(lay.cache)
         wanted, adm = self._admit(layer, x, laps)  # name the wanted neurons, begin their reads
+        if self.device is not None:  # the eviction moves, on the GPU rows, before any is used
+            self.device_rows["moved"] += apply_moves(lay.rows, adm)
+            laps.lap(None)  # (memory management: reported with the cache's, not as I/O)
         overflow = np.asarray(adm.overflow, dtype=np.uint32)  # the wanted neurons the cache cannot hold
         early = self._overflow_early(lay, overflow)  # their first chunk read beside the fill
         try:
             if self._peek is not None and layer + 1 < len(self.layers):
                 self._read_ahead(layer, x, laps)  # and layer+1's
             x = x.to(lay.rows.dtype) if lay.rows.dtype.is_floating_point else x.float()  # quantized: float32
-            y = torch.zeros(x.shape[0], self.config.dim, dtype=torch.float32)
+            y = torch.zeros(x.shape[0], self.config.dim, dtype=torch.float32, device=x.device)
             bias = lay.row_bias()
             ready, filling = lay.rows_to_compute(adm, wanted if self.options.compute == "wanted" else None)
             if lay.hot_rows is not None:  # hot pinning: resident, always computed
@@ -158,15 +169,24 @@ class FlashFFN:
             y += self._some_rows(x, lay, bias, ready)  # the cached rows, while the reads run
             laps.lap("compute")
             lay.cache.wait()
+            if self.device is not None:  # the fill's bundles up into their rows
+                self.device_rows["landed"] += land(lay.rows, lay.cache, adm, self._host_rows)
             laps.lap("io")
             y += self._some_rows(x, lay, bias, filling)  # the rows just read
             laps.lap("compute")
             self._overflow(lay, x, y, overflow, laps, early)
+            if self.device is not None:  # the GPU's work counted where it ran
+                synchronize(self.device)
+                laps.lap("compute")
         finally:
             if early is not None:  # never leave a read writing into the scratch area
                 futures.wait([early])
         laps.add_to(self.t)
         return y
+
+    def _host_rows(self, buf: Any, k: int) -> Tensor:
+        """The first k bundles of a host buffer (a fill's landed bundles) as rows."""
+        return bundle_view(self.store, buf, k)
 
     def _overflow_early(self, lay: FlashLayer, ids: np.ndarray) -> futures.Future[int] | None:
         """Start reading the first scratch chunk of the overflow `ids` on the overflow worker, so it
@@ -266,9 +286,13 @@ class FlashFFN:
                 k = early.result()  # its StoreError or FlashIOError, raised here
             else:
                 k = lay.cache.read_neurons(chunk, self.scratch)  # row i = chunk[i]
+            rows = self.scratch_rows[:k]
+            if self.scratch_device is not None:  # up to the GPU
+                rows = self.scratch_device[:k].copy_(rows)
+                self.device_rows["overflow_up"] += k
             laps.lap("io")
-            b = None if lay.bias is None else lay.bias[torch.from_numpy(chunk[:k].astype(np.int64))]
-            y += rows_ffn(x, self.scratch_rows[:k], self.config, b, q=lay.q)
+            b = None if lay.bias is None else lay.bias[torch.from_numpy(chunk[:k].astype(np.int64)).to(lay.bias.device)]
+            y += rows_ffn(x, rows, self.config, b, q=lay.q)
             laps.lap("compute")
 
     def _some_rows(self, x: Tensor, lay: FlashLayer, bias: Tensor | None, sel: np.ndarray) -> Tensor | float:
@@ -290,6 +314,7 @@ class FlashFFN:
         (so the set, and with compute="wanted" the result, does not depend on the guess), or
         the cache's live rows now."""
         lay = self.layers[layer]
+        x = x.cpu()  # the sources run on the host (on a GPU: the layer's input comes down)
         if not self._sticky:
             return lay.positions(self.source(layer, x))
         return lay.positions(self.source.select(layer, x, lay.live_mask() if live is None else live))
@@ -320,6 +345,7 @@ class FlashFFN:
                 "cache_capacity_neurons": float(sum(self.plan.capacities)),
                 "hot_neurons": float(sum(len(lay.hot_rows) for lay in self.layers if lay.hot_rows is not None)),
                 **{k: float(v) for k, v in self.ahead.items()},
+                **({} if self.device is None else {f"device_rows_{k}": float(v) for k, v in self.device_rows.items()}),
                 "budget_bytes": float(self.plan.budget),
                 "steps": float(self.step),
                 # what neuron placement (`llmflash place`) changes: reads per forward step (a
@@ -335,3 +361,4 @@ class FlashFFN:
             c.reset_stats()
         self.t = dict.fromkeys(self.t, 0.0)
         self.ahead = dict.fromkeys(self.ahead, 0)
+        self.device_rows = dict.fromkeys(self.device_rows, 0)

@@ -59,7 +59,9 @@ class FlashLayer:
         """The fc1 bias of each cache row (OPT), by the row's store position; None without biases.
         After begin, the row -> position map covers rows [0, total_rows) even while reads are
         pending."""
-        return None if self.bias is None else self.bias[torch.from_numpy(self.cache.slot_neurons())]
+        if self.bias is None:
+            return None
+        return self.bias[torch.from_numpy(self.cache.slot_neurons()).to(self.bias.device)]
 
     def rows_to_compute(self, adm: Admission, wanted: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """(ready, filling): the sorted cache rows to compute, split into those live before this

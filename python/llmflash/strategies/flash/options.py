@@ -51,6 +51,8 @@ class FlashOptions:
     hot: the share of each layer's neurons pinned resident (predictors only).
     fill_holes: False closes every hole left by evictions with a move before the reads start
         (the paper's scheme) instead of reading new neurons into the holes.
+    device: where the cache rows live and the FFN runs (a torch.device; None: the CPU;
+        device_rows.py says how a GPU differs).
     """
 
     memory: str | int | float | None = None
@@ -66,6 +68,7 @@ class FlashOptions:
     lookahead: bool | str | None = False
     hot: float = 0.0
     fill_holes: bool = True
+    device: Any = None
 
     def __post_init__(self) -> None:
         if self.compute not in ("live", "wanted"):

@@ -11,11 +11,13 @@ import torch
 from torch import Tensor
 
 from ...budget import CachePlan, parse_memory, plan_caches
+from ...device import on_cpu
 from ...errors import InvalidArgumentError
 from ...io import AlignedBuf, NeuronCache, Profile, Reader, as_tensor, load_profile
 from ...sparsity import NextLayerGuess, SameLayerGuess, WantedSource, make_source
 from ...sparsity.neurons import order_inverse
 from ...store import PREDICTORS, RESIDENT, Store
+from .device_rows import check_device_options
 from .layer import FlashLayer
 from .options import FlashOptions
 
@@ -45,15 +47,20 @@ class FlashSetup:
     reader: Reader
     scratch: AlignedBuf  # the overflow area every layer streams through
     scratch_rows: Tensor  # (rows, bundle_values) view of it
+    scratch_device: Tensor | None  # on a GPU: where each overflow chunk goes up to (same shape)
 
 
 def build(store: Store, opts: FlashOptions) -> FlashSetup:
     """Source, layers, plan, reader and caches for `store` under `opts` (a BudgetError when the
-    budget does not cover what must stay resident)."""
+    budget does not cover what must stay resident). On a GPU (`opts.device`) the cache rows,
+    pinned rows, biases and an overflow scratch live there (device_rows.py)."""
+    device = opts.device if opts.device is not None and not on_cpu(opts.device) else None
+    if device is not None:
+        check_device_options(store, device, opts.lookahead)
     source = wanted_source(store, opts)
     resident, ffn = model_bytes(store)
     budget = parse_memory(opts.memory, resident + ffn) if opts.memory is not None else resident + ffn
-    layers = read_layers(store, getattr(source, "hot", None))
+    layers = read_layers(store, getattr(source, "hot", None), device)
     # The predictors stay in DRAM too: inside the budget (the oracle is a measurement aid outside it,
     # as documented). OPT's fc1 biases are counted at the resident file's store-dtype size.
     fixed = resident + int(getattr(source, "nbytes", lambda: 0)()) + sum(lay.resident_bytes() for lay in layers)
@@ -70,10 +77,12 @@ def build(store: Store, opts: FlashOptions) -> FlashSetup:
     profile = opts.profile if opts.profile is not None else load_profile()
     reader = open_reader(store, opts)
     for lay, cap in zip(layers, plan.capacities):
-        open_cache(store, lay, cap, reader, profile, opts)
+        open_cache(store, lay, cap, reader, profile, opts, device)
     rows = plan.scratch // bb
     scratch = AlignedBuf(max(1, rows) * bb)
-    return FlashSetup(source, layers, plan, resident + ffn, profile, reader, scratch, bundle_view(store, scratch, rows))
+    scratch_rows = bundle_view(store, scratch, rows)
+    up = None if device is None else torch.empty_like(scratch_rows, device=device)
+    return FlashSetup(source, layers, plan, resident + ffn, profile, reader, scratch, scratch_rows, up)
 
 
 def wanted_source(store: Store, opts: FlashOptions) -> WantedSource:
@@ -102,19 +111,24 @@ def wanted_source(store: Store, opts: FlashOptions) -> WantedSource:
     return source
 
 
-def read_layers(store: Store, hot: list[Tensor] | None) -> list[FlashLayer]:
+def read_layers(store: Store, hot: list[Tensor] | None, device: torch.device | None = None) -> list[FlashLayer]:
     """Each layer's state but its cache: the id -> position map, the fc1 biases and the hot
     neurons' bundles (`hot`: original ids per layer, the source's pinned share), read into
-    resident rows that are computed every token and never named to the caches."""
+    resident rows that are computed every token and never named to the caches (on `device`
+    when one is given)."""
     layers = []
     for i, (L, bias) in enumerate(zip(store.layers, store.up_biases())):
+        if bias is not None and device is not None:
+            bias = bias.to(device)
         inverse = order_inverse(L.order)
         lay = FlashLayer(L, None if inverse is None else inverse.numpy(), bias, None, None, q=store.q_bundles(i))
         ids = hot[i] if hot is not None and i < len(hot) else []
         if len(ids):
             pos = np.sort(lay.positions(ids).astype(np.int64))
             lay.hot_rows = store.read_bundles(i, pos)
-            lay.hot_bias = None if bias is None else bias[torch.from_numpy(pos)]
+            lay.hot_bias = None if bias is None else bias[torch.from_numpy(pos).to(bias.device)]
+            if device is not None:
+                lay.hot_rows = lay.hot_rows.to(device)
         layers.append(lay)
     return layers
 
@@ -134,14 +148,21 @@ def open_reader(store: Store, opts: FlashOptions) -> Reader:
 
 
 def open_cache(
-    store: Store, lay: FlashLayer, capacity: int, reader: Reader, profile: Profile, opts: FlashOptions
+    store: Store,
+    lay: FlashLayer,
+    capacity: int,
+    reader: Reader,
+    profile: Profile,
+    opts: FlashOptions,
+    device: torch.device | None = None,
 ) -> None:
     """The layer's NeuronCache of `capacity` rows; every bundle read is checked against its CRC-32
     as it lands (a StoreError) when the store has them. New neurons take the rows evictions
     emptied (no move: rust/cache.rs, set_fill_holes), so the compute that overlaps the reads takes
     every row but the admission's filled_rows; fill_holes False is the paper's scheme (each hole
     closed by moving the last live row in, new neurons appended), whose moves run before the
-    reads start."""
+    reads start. On a GPU (`device`) the rows are a tensor there and the cache keeps only the
+    index (external rows, device_rows.py)."""
     L = lay.region
     cache = NeuronCache(
         reader,
@@ -153,12 +174,17 @@ def open_cache(
         profile=profile,
         allow_whole=opts.coalesce,
         max_gap_bytes=None if opts.coalesce else 0,
+        external_rows=device is not None,
     )
     crcs = store.bundle_crcs(L.index)
     if crcs is not None:
         cache.set_bundle_crcs(crcs)
     cache.fill_holes = opts.fill_holes
-    lay.cache, lay.rows = cache, bundle_view(store, cache.slots, capacity)
+    lay.cache = cache
+    if device is None:
+        lay.rows = bundle_view(store, cache.slots, capacity)
+    else:
+        lay.rows = torch.zeros(capacity, store.config.bundle_values, dtype=store.dtype, device=device)
     lay.overflow = cache.overflow_reader()
 
 
