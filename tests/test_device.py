@@ -251,3 +251,64 @@ def test_cuda_generates_paris():
     assert "Paris" in m.generate("The capital of France is", max_new_tokens=8)
     s = m.stats()
     assert s["device"].startswith("cuda") and s["device_allocated_bytes"] > 0
+
+
+# -- the upload path's ordering (CudaBackend's calls, recorded) ------------------------------------
+class Recording:
+    """A backend that does every copy at once and logs the stream calls Uploader makes."""
+
+    def __init__(self):
+        self.log: list[str] = []
+        self.events = 0
+
+    def pinned(self, shape, dtype):
+        return torch.empty(shape, dtype=dtype)
+
+    def copy_waits_for_compute(self):
+        self.log.append("copy stream waits for compute")
+
+    def on_copy_stream(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def record(self):
+        self.events += 1
+        self.log.append(f"record {self.events}")
+        return self.events
+
+    def host_wait(self, event):
+        self.log.append(f"host waits {event}")
+
+    def compute_waits(self, event):
+        self.log.append(f"compute waits {event}")
+
+
+def test_uploader_orders_its_copies():
+    from llmflash.strategies.flash.device_rows import Uploader
+
+    rec = Recording()
+    up = Uploader(torch.device("cpu"), 3, torch.float32, chunk_rows=2, backend=rec)
+    dst = torch.zeros(12, 3)
+    host = torch.arange(27, dtype=torch.float32).view(9, 3)
+    rows = np.array([11, 0, 5, 3, 7, 1, 9, 2, 4])
+    assert up.upload(dst, rows, host) == 9
+    assert torch.equal(dst[torch.from_numpy(rows)], host)
+    assert dst[[6, 8, 10]].abs().sum() == 0
+    # 5 chunks through 2 page-locked buffers: each refill waits for the copy that read it last
+    assert rec.log == [
+        "copy stream waits for compute",
+        "record 1",
+        "record 2",
+        "host waits 1",
+        "record 3",
+        "host waits 2",
+        "record 4",
+        "host waits 3",
+        "record 5",
+        "compute waits 5",
+    ]
+    rec.log.clear()
+    up.upload(dst, np.array([6]), host[:1])
+    assert rec.log == ["copy stream waits for compute", "host waits 4", "record 6", "compute waits 6"]
+    assert up.upload(dst, np.array([], dtype=np.int64), host[:0]) == 0 and up.host_bytes == 2 * 2 * 3 * 4

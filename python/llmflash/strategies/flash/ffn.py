@@ -16,11 +16,13 @@ from ...io import Admission, NeuronCache
 from ...sparsity import WantedSource
 from ...store import Store
 from ..base import rows_ffn
-from .device_rows import apply_moves, land
+from .device_rows import Uploader, apply_moves, land
 from .layer import FlashLayer
 from .options import FlashOptions
 from .overflow import overflow_worker
 from .setup import build, bundle_view
+
+UPLOAD_BYTES = 8 << 20  # on a GPU: each of the two page-locked chunks rows go up through
 
 
 def _mgmt_ns(cache: NeuronCache) -> int:
@@ -114,6 +116,10 @@ class FlashFFN:
         self.scratch_device = s.scratch_device
         self.device = None if s.scratch_device is None else s.scratch_device.device
         self.device_rows = {"moved": 0, "landed": 0, "overflow_up": 0}
+        self.uploader = None
+        if self.device is not None:  # host rows go up through UPLOAD_BYTES page-locked chunks
+            bb = store.layers[0].bundle_bytes
+            self.uploader = Uploader(self.device, self.config.bundle_values, store.dtype, UPLOAD_BYTES // bb)
         self._sticky = bool(getattr(self.source, "sticky", False))
         self._hook_lookahead()
         self.step = 0
@@ -170,7 +176,7 @@ class FlashFFN:
             laps.lap("compute")
             lay.cache.wait()
             if self.device is not None:  # the fill's bundles up into their rows
-                self.device_rows["landed"] += land(lay.rows, lay.cache, adm, self._host_rows)
+                self.device_rows["landed"] += land(self.uploader, lay.rows, lay.cache, adm, self._host_rows)
             laps.lap("io")
             y += self._some_rows(x, lay, bias, filling)  # the rows just read
             laps.lap("compute")
@@ -287,9 +293,9 @@ class FlashFFN:
             else:
                 k = lay.cache.read_neurons(chunk, self.scratch)  # row i = chunk[i]
             rows = self.scratch_rows[:k]
-            if self.scratch_device is not None:  # up to the GPU
-                rows = self.scratch_device[:k].copy_(rows)
-                self.device_rows["overflow_up"] += k
+            if self.uploader is not None and self.scratch_device is not None:  # up to the GPU
+                self.device_rows["overflow_up"] += self.uploader.upload(self.scratch_device, np.arange(k), rows)
+                rows = self.scratch_device[:k]
             laps.lap("io")
             b = None if lay.bias is None else lay.bias[torch.from_numpy(chunk[:k].astype(np.int64)).to(lay.bias.device)]
             y += rows_ffn(x, rows, self.config, b, q=lay.q)
@@ -345,7 +351,7 @@ class FlashFFN:
                 "cache_capacity_neurons": float(sum(self.plan.capacities)),
                 "hot_neurons": float(sum(len(lay.hot_rows) for lay in self.layers if lay.hot_rows is not None)),
                 **{k: float(v) for k, v in self.ahead.items()},
-                **({} if self.device is None else {f"device_rows_{k}": float(v) for k, v in self.device_rows.items()}),
+                **self._device_stats(),
                 "budget_bytes": float(self.plan.budget),
                 "steps": float(self.step),
                 # what neuron placement (`llmflash place`) changes: reads per forward step (a
@@ -354,6 +360,16 @@ class FlashFFN:
                 "bytes_per_request": out.get("bytes_read", 0.0) / max(out.get("requests", 0.0), 1.0),
             }
         )
+        return out
+
+    def _device_stats(self) -> dict[str, float]:
+        """On a GPU: rows moved there, sent up (fills, overflow), and what the host holds for it
+        (the read and overflow buffers, the page-locked upload chunks)."""
+        if self.uploader is None:
+            return {}
+        out = {f"device_rows_{k}": float(v) for k, v in self.device_rows.items()}
+        out["host_pinned_bytes"] = float(self.uploader.host_bytes)
+        out["host_scratch_bytes"] = float(self.scratch.capacity)
         return out
 
     def reset_stats(self) -> None:
