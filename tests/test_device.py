@@ -145,7 +145,7 @@ class Scripted:
         return np.flatnonzero(self.rng.random(self.dims[layer]) < self.share)
 
 
-def flash_logits(store, fill_holes: bool, steps: int = 10):
+def flash_logits(store, fill_holes: bool, steps: int = 10, lookahead=False):
     s = Store(store)
     resident, ffn = model_bytes(s)
     scratch = max(L.n_neurons for L in s.layers) * s.layers[0].bundle_bytes
@@ -155,6 +155,7 @@ def flash_logits(store, fill_holes: bool, steps: int = 10):
         window=1,
         sparsity=Scripted(s.config.ffn_dims, 0.45),
         fill_holes=fill_holes,
+        lookahead=lookahead,
     )
     x = ids(steps)
     cache = m.model.new_cache(steps)
@@ -162,19 +163,25 @@ def flash_logits(store, fill_holes: bool, steps: int = 10):
     return out, m.stats()
 
 
-@pytest.mark.parametrize("kind", ["llama", "opt"])
+LOOKAHEADS = [("llama", False), ("opt", False), ("llama", "layer"), ("opt", "attention")]
+
+
+@pytest.mark.parametrize("kind, lookahead", LOOKAHEADS)
 @pytest.mark.parametrize("fill_holes", [True, False])
-def test_gpu_paths_flash_equals_the_cpu_cache(kind, fill_holes, make_hf, tmp_path, monkeypatch):
+def test_gpu_paths_flash_equals_the_cpu_cache(kind, lookahead, fill_holes, make_hf, tmp_path, monkeypatch):
     """Flash with its rows kept outside the Rust cache (external rows: moves, landed fills and
-    overflow chunks sent up, as on a GPU) computes what the CPU cache computes."""
+    overflow chunks sent up, as on a GPU) computes what the CPU cache computes, with or without
+    lookahead (admissions begun a layer early, guesses checked at the layer)."""
     store = convert(make_hf(kind, kind).path, tmp_path)
-    cpu, cpu_stats = flash_logits(store, fill_holes)
+    cpu, cpu_stats = flash_logits(store, fill_holes, lookahead=lookahead)
     patch_on_cpu(monkeypatch)
-    ext, st = flash_logits(store, fill_holes)
+    ext, st = flash_logits(store, fill_holes, lookahead=lookahead)
     assert st["misses"] == cpu_stats["misses"] > 0 and st["overflow"] == cpu_stats["overflow"] > 0
     assert st["device_rows_landed"] == st["misses"] and st["device_rows_overflow_up"] >= st["overflow"]
     if not fill_holes:
         assert st["device_rows_moved"] > 0  # the paper's swap-delete, replayed on the rows
+    if lookahead:
+        assert st["ahead_read"] == cpu_stats["ahead_read"] > 0 and st["guess_admissions"] > 0
     assert (ext - cpu).abs().max().item() <= 1e-5
 
 
@@ -199,9 +206,6 @@ def test_cpu_only_parts_refuse_another_device(make_hf, tmp_path):
         with pytest.raises(InvalidArgumentError, match="quantized store runs on the CPU only") as e:
             build()
         assert str(q.path) in str(e.value)
-    f = Store(convert(hf.path, tmp_path))
-    with pytest.raises(InvalidArgumentError, match="lookahead runs on the CPU only"):
-        make_ffn("flash", f, device=OFF_CPU, memory="1x", sparsity="all", lookahead=True)
 
 
 def test_cli_device_errors_exit_2(make_hf, tmp_path, capsys, monkeypatch):

@@ -18,7 +18,9 @@ ordering, which the CPU tests check with a recording backend:
   - a chunk is refilled on the host only after the copy that last read it has finished;
   - the compute stream waits for the last copy before it runs anything after the upload.
 The predictors run on the host (a layer's FFN input comes down: D values), so their memory is
-host memory, still counted in the budget. Quantized stores and lookahead run on the CPU only.
+host memory, still counted in the budget. Lookahead works as on the CPU: a layer's admission
+started early has its moves applied at once, and a guess's fill goes up before the check at the
+layer admits the true set. Quantized stores run on the CPU only.
 """
 
 from __future__ import annotations
@@ -34,14 +36,12 @@ from ...errors import InvalidArgumentError
 from ...io import Admission, AlignedBuf, NeuronCache
 
 
-def check_device_options(store: Any, device: torch.device, lookahead: str | None) -> None:
+def check_device_options(store: Any, device: torch.device) -> None:
     """What flash cannot do on a GPU yet: an InvalidArgumentError naming it."""
     if store.quant:
         raise InvalidArgumentError(
             f"flash on {device}: a quantized store runs on the CPU only so far: use --device cpu", store.path
         )
-    if lookahead is not None:
-        raise InvalidArgumentError(f"flash on {device}: lookahead runs on the CPU only so far (lookahead=False)")
 
 
 def apply_moves(rows: Tensor, adm: Admission) -> int:

@@ -158,9 +158,6 @@ class FlashFFN:
         lay = self.layers[layer]
         laps = Laps(lay.cache)
         wanted, adm = self._admit(layer, x, laps)  # name the wanted neurons, begin their reads
-        if self.device is not None:  # the eviction moves, on the GPU rows, before any is used
-            self.device_rows["moved"] += apply_moves(lay.rows, adm)
-            laps.lap(None)  # (memory management: reported with the cache's, not as I/O)
         overflow = np.asarray(adm.overflow, dtype=np.uint32)  # the wanted neurons the cache cannot hold
         early = self._overflow_early(lay, overflow)  # their first chunk read beside the fill
         try:
@@ -175,8 +172,7 @@ class FlashFFN:
             y += self._some_rows(x, lay, bias, ready)  # the cached rows, while the reads run
             laps.lap("compute")
             lay.cache.wait()
-            if self.device is not None:  # the fill's bundles up into their rows
-                self.device_rows["landed"] += land(self.uploader, lay.rows, lay.cache, adm, self._host_rows)
+            self._landed(lay, adm)  # on a GPU: the fill's bundles up into their rows
             laps.lap("io")
             y += self._some_rows(x, lay, bias, filling)  # the rows just read
             laps.lap("compute")
@@ -219,7 +215,19 @@ class FlashFFN:
         laps.lap("predict")
         adm = lay.cache.begin(wanted, self.step) if self.options.overlap else lay.cache.admit(wanted, self.step)
         laps.lap("io")
-        return wanted, adm
+        return wanted, self._moved(lay, adm)
+
+    def _moved(self, lay: FlashLayer, adm: Admission) -> Admission:
+        """On a GPU: the admission's eviction moves applied to the layer's device rows at once (they
+        are done in the index already; no compute uses the rows before the next admission)."""
+        if self.device is not None:
+            self.device_rows["moved"] += apply_moves(lay.rows, adm)
+        return adm
+
+    def _landed(self, lay: FlashLayer, adm: Admission) -> None:
+        """On a GPU, after the wait: the admission's fill up into its device rows."""
+        if self.uploader is not None:
+            self.device_rows["landed"] += land(self.uploader, lay.rows, lay.cache, adm, self._host_rows)
 
     def _check_guess(self, layer: int, x: Tensor, pre: Pending, laps: Laps) -> tuple[np.ndarray, Admission]:
         """The layer's own set decides over a guess started early: the cache admits it (which
@@ -234,14 +242,18 @@ class FlashFFN:
         a["guess_overflow"] += len(pre.adm.overflow)
         a["guess_admissions"] += 1
         laps.lap("predict")
-        adm = self.layers[layer].cache.begin(wanted, self.step)
+        lay = self.layers[layer]
+        if self.device is not None:  # the guess's fill, which the check's begin settles, goes up first
+            lay.cache.wait()
+            self._landed(lay, pre.adm)
+        adm = self._moved(lay, lay.cache.begin(wanted, self.step))
         a["ahead_missed"] += adm.misses
         laps.lap("io")
         return wanted, adm
 
     def _read_ahead(self, layer: int, x: Tensor, laps: Laps) -> None:
         """Lookahead "layer": start layer+1's reads from the source's `ahead` on layer's input."""
-        ids = self._peek(layer, x)
+        ids = self._peek(layer, x.cpu())  # the sources run on the host
         laps.lap("predict")
         if ids is None:
             return
@@ -249,7 +261,8 @@ class FlashFFN:
         own = Laps(nxt.cache)  # layer+1's management is taken out of this I/O
         wanted = nxt.positions(ids)
         live = nxt.live_mask() if self._sticky and self._verify else None
-        self._ahead[layer + 1] = Pending(self.step, self._begin_ahead(nxt.cache, wanted, self.step), wanted, live)
+        adm = self._moved(nxt, self._begin_ahead(nxt.cache, wanted, self.step))
+        self._ahead[layer + 1] = Pending(self.step, adm, wanted, live)
         own.lap("io")
         own.add_to(self.t)
         laps.lap(None)
@@ -261,13 +274,13 @@ class FlashFFN:
         step = self.step + 1 if layer == 0 else self.step
         lay = self.layers[layer]
         laps = Laps(lay.cache)
-        ids = self._guess_early(layer, x)
+        ids = self._guess_early(layer, x.cpu())
         if ids is None:
             return
         guess = lay.positions(ids)
         laps.lap("predict")
         live = lay.live_mask() if self._sticky else None
-        self._ahead[layer] = Pending(step, self._begin_ahead(lay.cache, guess, step), guess, live)
+        self._ahead[layer] = Pending(step, self._moved(lay, self._begin_ahead(lay.cache, guess, step)), guess, live)
         laps.lap("io")
         laps.add_to(self.t)
 

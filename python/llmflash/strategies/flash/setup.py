@@ -56,7 +56,7 @@ def build(store: Store, opts: FlashOptions) -> FlashSetup:
     pinned rows, biases and an overflow scratch live there (device_rows.py)."""
     device = opts.device if opts.device is not None and not on_cpu(opts.device) else None
     if device is not None:
-        check_device_options(store, device, opts.lookahead)
+        check_device_options(store, device)
     source = wanted_source(store, opts)
     resident, ffn = model_bytes(store)
     budget = parse_memory(opts.memory, resident + ffn) if opts.memory is not None else resident + ffn
