@@ -485,12 +485,11 @@ impl NeuronCache {
         let Some(epoch) = self.pending else { return Ok(()) };
         let t0 = Instant::now();
         let result = match &mut self.filler {
-            Some(f) => f
-                .results
-                .get_mut()
-                .unwrap_or_else(|e| e.into_inner())
-                .recv()
-                .unwrap_or_else(|_| FillResult { epoch, error: Some(self.filler_died()), landed: None }),
+            Some(f) => f.results.get_mut().unwrap_or_else(|e| e.into_inner()).recv().unwrap_or_else(|_| FillResult {
+                epoch,
+                error: Some(self.filler_died()),
+                landed: None,
+            }),
             None => FillResult { epoch, error: Some(self.filler_died()), landed: None },
         };
         add(&self.shared.counters.wait_ns, ns_since(t0));
