@@ -145,7 +145,7 @@ class Scripted:
         return np.flatnonzero(self.rng.random(self.dims[layer]) < self.share)
 
 
-def flash_logits(store, fill_holes: bool, steps: int = 10, lookahead=False):
+def flash_logits(store, fill_holes: bool, steps: int = 10, lookahead=False, device="cpu"):
     s = Store(store)
     resident, ffn = model_bytes(s)
     scratch = max(L.n_neurons for L in s.layers) * s.layers[0].bundle_bytes
@@ -156,11 +156,12 @@ def flash_logits(store, fill_holes: bool, steps: int = 10, lookahead=False):
         sparsity=Scripted(s.config.ffn_dims, 0.45),
         fill_holes=fill_holes,
         lookahead=lookahead,
+        device=device,
     )
     x = ids(steps)
     cache = m.model.new_cache(steps)
     out = torch.cat([m.model.forward(x[:4], cache), *[m.model.forward(x[t : t + 1], cache) for t in range(4, steps)]])
-    return out, m.stats()
+    return out.cpu(), m.stats()
 
 
 LOOKAHEADS = [("llama", False), ("opt", False), ("llama", "layer"), ("opt", "attention")]
@@ -316,3 +317,33 @@ def test_uploader_orders_its_copies():
     up.upload(dst, np.array([6]), host[:1])
     assert rec.log == ["copy stream waits for compute", "host waits 4", "record 6", "compute waits 6"]
     assert up.upload(dst, np.array([], dtype=np.int64), host[:0]) == 0 and up.host_bytes == 2 * 2 * 3 * 4
+
+
+@cuda
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_cuda_flash_every_neuron_equals_dense(kind, make_hf, tmp_path):
+    store = convert(make_hf(kind, kind).path, tmp_path)
+    dense = logits(store, "dense", "cuda")
+    m = FlashModel.open(store, memory="1x", window=2, sparsity="all", device="cuda")
+    assert (m.logits(ids()) - dense).abs().max().item() <= TOL32
+
+
+@cuda
+def test_cuda_flash_matches_the_cpu_cache(make_hf, tmp_path):
+    """Evictions, moves, fills and overflow on GPU rows: the logits of the CPU cache's run."""
+    store = convert(make_hf("opt", "opt").path, tmp_path)
+    for fill_holes in (True, False):
+        cpu, cpu_stats = flash_logits(store, fill_holes)
+        gpu, st = flash_logits(store, fill_holes, device="cuda")
+        assert st["misses"] == cpu_stats["misses"] > 0 and st["device_rows_landed"] == st["misses"]
+        assert (gpu.cpu() - cpu).abs().max().item() <= TOL32
+
+
+@cuda
+def test_cuda_smollm2_flash_at_half_memory_and_bench(capsys):
+    m = FlashModel.open(memory="0.5x", device="cuda")
+    assert "Paris" in m.generate("The capital of France is", max_new_tokens=8)
+    assert m.stats()["device_rows_landed"] > 0
+    rc = main(["bench", str(m.store.path), "--device", "cuda", "--memory", "0.5x", "--tokens", "4"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "naive" in out and "flash 0.5x" in out
