@@ -65,10 +65,11 @@
 //! External rows (`new_external`, for a slot matrix the caller keeps elsewhere, such as GPU
 //! memory): the cache keeps only its index and bookkeeping. Eviction moves are not done but
 //! listed in `Admission::moves` (`rows[dst] = rows[src]`, to apply in order before the rows are
-//! used), and each fill lands in a buffer of its own (taken from the staging pool: row k is the
-//! bundle of `filled_rows[k]`) that the owner takes with `take_landed` after `wait` and copies
-//! into its rows. An admission refuses to start while the last fill's bundles are not taken,
-//! so the caller's rows never silently miss a fill.
+//! used), and each fill lands in a buffer of its own (from the staging pool, and back to it once
+//! the owner lets go: row k is the bundle of `filled_rows[k]`) that the owner reads with `landed`
+//! after `wait`, copies into its rows, then marks taken with `take_landed`. Bundles not taken by
+//! the next admission never reached the caller's rows: that admission drops their neurons, as
+//! for a failed fill, so the caller's rows never silently miss a fill.
 //!
 //! Checksums (cache/crc.rs): given a table of one CRC-32 per bundle (`set_bundle_crcs`, once, with
 //! no fill pending), every bundle read is checked before it counts: a fill hashes its rows after
@@ -119,8 +120,9 @@ pub struct Admission {
     pub overflow: Vec<u32>,
     /// External rows only: the eviction moves `(dst, src)` since the last admission returned,
     /// in order (`rows[dst] = rows[src]`), to apply to the caller's rows before using them.
-    /// Within one admission no source is an earlier destination; moves left by a failed
-    /// admission come first.
+    /// Moves made by one admission never read a row an earlier one of them wrote, nor write a
+    /// row twice; moves left by a failed admission come first, and across the two both can
+    /// happen, so apply them in order (or batched only when no row is both read and written).
     pub moves: Vec<(u32, u32)>,
     /// The rows this admission's fill writes, ascending (`misses` of them, in
     /// `[ready_rows, total_rows)`): with `fill_holes` they lie between live rows, so compute that
@@ -184,7 +186,11 @@ pub struct NeuronCache {
     fill_holes: bool,
     /// External rows: moves not yet returned in an admission, and the last fill's bundles.
     moves: Vec<(u32, u32)>,
-    landed: Option<AlignedBuf>,
+    /// The last fill's bundles and the rows they belong in, until the owner takes them.
+    landed: Option<(Arc<AlignedBuf>, Vec<usize>)>,
+    /// The last landing buffer taken: back to the staging pool at the next admission once the
+    /// owner holds no reference to it.
+    spent: Option<Arc<AlignedBuf>>,
 }
 
 impl NeuronCache {
@@ -279,6 +285,7 @@ impl NeuronCache {
             fill_holes: false,
             moves: Vec::new(),
             landed: None,
+            spent: None,
         })
     }
 
@@ -288,10 +295,19 @@ impl NeuronCache {
     }
 
     /// External rows: the bundles of the last fill that finished, row k (of `bundle_bytes`) for
-    /// the admission's `filled_rows[k]`; None when there is none or it was taken. Call after
-    /// `wait` (or an inline `admit`), before the next admission.
-    pub fn take_landed(&mut self) -> Option<AlignedBuf> {
-        self.landed.take()
+    /// the admission's `filled_rows[k]`; None when there is none or it was taken. Look after
+    /// `wait` (or an inline `admit`), copy them into their rows, then `take_landed`.
+    pub fn landed(&self) -> Option<Arc<AlignedBuf>> {
+        self.landed.as_ref().map(|(b, _)| b.clone())
+    }
+
+    /// `landed`, marking the bundles taken: their rows stay in the cache. Bundles not taken by
+    /// the next admission never reached their rows, so that admission drops their neurons (as
+    /// if their fill had failed) and reads them again when wanted.
+    pub fn take_landed(&mut self) -> Option<Arc<AlignedBuf>> {
+        let (buf, _) = self.landed.take()?;
+        self.spent = Some(buf.clone());
+        Some(buf)
     }
 
     pub fn region(&self) -> &Region {
@@ -500,7 +516,7 @@ impl NeuronCache {
                 result.epoch
             ))));
         }
-        self.landed = result.landed;
+        self.land(result.landed);
         self.settle(result.error)
     }
 }

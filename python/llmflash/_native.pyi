@@ -209,8 +209,10 @@ class NeuronCache:
     def has_bundle_crcs(self) -> bool: ...
     @property
     def external_rows(self) -> bool: ...
-    def take_landed(self) -> Optional[AlignedBuf]: ...  # external rows, after wait(): row k of
-    #   bundle_bytes = the bundle of Admission.filled_rows[k]; needed before the next admission
+    def landed(self) -> Optional[AlignedBuf]: ...  # external rows, after wait(): row k of
+    #   bundle_bytes = the bundle of Admission.filled_rows[k]
+    def take_landed(self) -> Optional[AlignedBuf]: ...  # landed(), marked taken once copied; the
+    #   next admission drops the neurons of bundles never taken
     @property
     def slots(self) -> AlignedBuf: ...  # capacity * bundle_bytes bytes, zero-copy, same object
     @property

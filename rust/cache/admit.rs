@@ -4,13 +4,15 @@
 //! background (or run them inline).
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::counters::{add, ns_since, Counters};
 use super::evict::Doom;
 use super::fill::{run_fill, Fill};
 use super::{Admission, NeuronCache, ABSENT, FILLING};
-use crate::error::{Error, Result};
+use crate::aligned::AlignedBuf;
+use crate::error::Result;
 use crate::planner::plan;
 
 impl NeuronCache {
@@ -19,12 +21,8 @@ impl NeuronCache {
     pub(super) fn begin_inner(&mut self, wanted: &[u32], step: u64, mark: u64, background: bool) -> Result<Admission> {
         self.check_ids(wanted)?;
         self.wait()?;
-        if self.landed.is_some() {
-            return Err(Error::invalid(
-                "external rows: the last fill's bundles were not taken (take_landed) before this admission",
-            ));
-        }
         let t0 = Instant::now();
+        let untaken = self.drop_untaken();
         self.serial += 1;
         let serial = self.serial;
 
@@ -42,6 +40,7 @@ impl NeuronCache {
         // 2. The window: its rows become holes (unindexed; their bytes stay until overwritten).
         let mut holes = self.take_holes(Doom::Window { step, window: self.window });
         let evicted_window = holes.len();
+        holes.extend(untaken);
 
         // 3. Capacity: evict least recently wanted neurons not wanted at this step.
         let missing: Vec<u32> = unique.iter().copied().filter(|&j| self.slot_of[j as usize] == ABSENT).collect();
@@ -172,8 +171,40 @@ impl NeuronCache {
         let t0 = Instant::now();
         let r = run_fill(&self.shared, fill);
         add(&self.shared.counters.wait_ns, ns_since(t0));
-        self.landed = r.landed;
-        self.settle(r.error)?;
+        self.land(r.landed);
+        if let Err(e) = self.settle(r.error) {
+            // The admission's moves were done in the index: the owner gets them with the next.
+            let later = std::mem::replace(&mut self.moves, adm.moves);
+            self.moves.extend(later);
+            return Err(e);
+        }
         Ok(adm)
+    }
+
+    /// Keep a fill's landed bundles for the owner (external rows).
+    pub(super) fn land(&mut self, landed: Option<(AlignedBuf, Vec<usize>)>) {
+        self.landed = landed.map(|(b, rows)| (Arc::new(b), rows));
+    }
+
+    /// Before an admission: the rows of bundles the owner did not take (they never reached
+    /// its rows) are unindexed and returned as holes; spent landing buffers go back to the pool.
+    fn drop_untaken(&mut self) -> Vec<usize> {
+        let mut holes = Vec::new();
+        if let Some((buf, rows)) = self.landed.take() {
+            for row in rows {
+                if self.neuron_of[row] != ABSENT {
+                    self.unindex(row);
+                    holes.push(row);
+                }
+            }
+            self.spent = Some(buf);
+        }
+        // The owner's views hold the other references; once they are gone the buffer is ours.
+        match self.spent.take().map(Arc::try_unwrap) {
+            Some(Ok(buf)) => self.shared.staging.give(buf),
+            Some(Err(held)) => self.spent = Some(held),
+            None => {}
+        }
+        holes
     }
 }

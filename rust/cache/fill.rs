@@ -54,8 +54,8 @@ pub(super) struct Fill {
 pub(super) struct FillResult {
     pub(super) epoch: u64,
     pub(super) error: Option<Error>,
-    /// External rows: the landing buffer of a fill that succeeded.
-    pub(super) landed: Option<AlignedBuf>,
+    /// External rows: the landing buffer of a fill that succeeded, and the rows it is for.
+    pub(super) landed: Option<(AlignedBuf, Vec<usize>)>,
 }
 
 pub(super) struct Filler {
@@ -70,7 +70,7 @@ pub(super) struct Filler {
 /// With external rows, "rows" are those of a landing buffer, returned in the result.
 pub(super) fn run_fill(shared: &Shared, fill: Fill) -> FillResult {
     let epoch = fill.epoch;
-    let finish = |error: Option<Error>, landed: Option<AlignedBuf>| {
+    let finish = |error: Option<Error>, landed: Option<(AlignedBuf, Vec<usize>)>| {
         if error.is_some() {
             add(&shared.counters.failed_fills, 1);
         }
@@ -123,7 +123,8 @@ pub(super) fn run_fill(shared: &Shared, fill: Fill) -> FillResult {
     }
     let t0 = Instant::now();
     // Staged destinations are distinct ranges of `staging` (ours, from the pool); direct ones are
-    // distinct rows of `fill.rows`, this fill's until the owner receives its result (module doc).
+    // distinct rows (`fill.dest_rows`) of the landing buffer (ours) or of the slot matrix, those
+    // rows (`fill.rows`) this fill's until the owner receives its result (module doc).
     // SAFETY: so the destinations are disjoint and nobody else touches them, and both stay alive
     // until read_raw returns, after every worker has finished writing.
     let r = unsafe { shared.reader.read_raw(&ops) };
@@ -170,7 +171,7 @@ pub(super) fn run_fill(shared: &Shared, fill: Fill) -> FillResult {
     add(&shared.counters.bytes_direct, direct as u64);
     add(&shared.counters.requests, fill.requests as u64);
     shared.reader.stats().add_useful(fill.useful_bytes);
-    finish(None, landing)
+    finish(None, landing.map(|b| (b, fill.rows)))
 }
 
 impl NeuronCache {

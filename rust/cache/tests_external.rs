@@ -8,6 +8,7 @@ use proptest::prelude::*;
 use super::tests::{check, Store, OFFSET};
 use super::*;
 use crate::error::Error;
+use crate::staging::StagingPool;
 
 fn external(s: &Store, capacity: usize, window: u32) -> NeuronCache {
     let opts = PlanOptions { concurrency: 4, ..Default::default() };
@@ -54,23 +55,73 @@ fn same_rows(ext: &NeuronCache, m: &Mirror, int: &NeuronCache, s: &Store) {
     }
 }
 
+/// Every live row of the mirror holds its neuron's bundle.
+fn mirror_holds(ext: &NeuronCache, m: &Mirror, s: &Store) {
+    for (row, &j) in ext.slot_neurons().iter().enumerate() {
+        assert_eq!(&m.rows[row * m.bb..(row + 1) * m.bb], s.bundle(j), "row {row} (neuron {j})");
+    }
+}
+
 #[test]
-fn no_slot_matrix_and_a_fill_must_be_taken() {
+fn bundles_not_taken_are_dropped_by_the_next_admission() {
     let s = Store::new(64, 3456);
-    let mut c = external(&s, 32, 2);
+    let pool = Arc::new(StagingPool::new(4));
+    let opts = PlanOptions { concurrency: 4, ..Default::default() };
+    let mut c =
+        NeuronCache::new_external(s.reader(), s.region, 32, 2, Profile::default(), opts, Some(pool.clone())).unwrap();
     assert!(c.is_external() && c.ready_bytes().is_empty());
     let a = c.begin(&[1, 2, 3], 0).unwrap();
     c.wait().unwrap();
     assert_eq!(a.misses, 3);
-    // the bundles were not taken: the next admission refuses, and nothing is lost
-    assert!(matches!(c.begin(&[4], 1), Err(Error::Invalid { .. })));
-    let buf = c.take_landed().unwrap();
+    let buf = c.landed().unwrap();
     for (k, j) in [1u32, 2, 3].iter().enumerate() {
         assert_eq!(&buf[k * 3456..(k + 1) * 3456], s.bundle(*j));
     }
-    c.begin(&[4], 1).unwrap();
+    // Looked at, never taken: the next admission drops 1, 2, 3 and reads 1 again with 4.
+    let b = c.begin(&[1, 4], 1).unwrap();
     c.wait().unwrap();
-    assert!(c.take_landed().is_some() && c.take_landed().is_none());
+    assert_eq!((b.hits, b.misses, c.live()), (0, 2, 2));
+    assert!(!c.contains(2) && !c.contains(3));
+    drop(buf);
+    let held = pool.held_bytes();
+    let taken = c.take_landed().unwrap();
+    assert!(c.take_landed().is_none() && c.contains(1) && c.contains(4));
+    // A taken buffer goes back to the pool at the next admission, once nobody holds it.
+    c.admit(&[1], 2).unwrap();
+    assert_eq!(pool.held_bytes(), held);
+    drop(taken);
+    c.admit(&[4], 3).unwrap();
+    assert!(pool.held_bytes() > held);
+}
+
+#[test]
+fn a_failed_fill_keeps_the_moves_of_its_admission() {
+    let s = Store::new(16, 4096);
+    let mut crcs: Vec<u32> = (0..16).map(|j| crc32fast::hash(s.bundle(j))).collect();
+    crcs[9] ^= 1;
+    for background in [false, true] {
+        let mut c = external(&s, 16, 1);
+        c.set_bundle_crcs(crcs.clone()).unwrap();
+        let mut m = Mirror { rows: vec![0; 16 * 4096], bb: 4096 };
+        let a = c.admit(&[1, 2, 3, 4], 0).unwrap();
+        m.land(&a, &mut c);
+        let a = c.admit(&[1, 4], 1).unwrap();
+        m.land(&a, &mut c);
+        // Step 2: the window evicts 2 and 3 (rows 1, 2); 4 moves from row 3 to row 1; bundle 9 fails.
+        if background {
+            let a = c.begin(&[5, 9], 2).unwrap();
+            m.moves(&a); // returned with the admission whose fill then fails
+            assert!(matches!(c.wait(), Err(Error::Corrupt { .. })));
+        } else {
+            assert!(matches!(c.admit(&[5, 9], 2), Err(Error::Corrupt { .. })));
+        }
+        assert_eq!(c.slot_neurons()[..], [1, 4]);
+        let a = c.admit(&[6], 2).unwrap();
+        assert_eq!(a.moves.contains(&(1, 3)), !background, "{:?}", a.moves);
+        m.moves(&a);
+        m.land(&a, &mut c);
+        mirror_holds(&c, &m, &s);
+    }
 }
 
 #[test]

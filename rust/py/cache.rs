@@ -301,11 +301,17 @@ impl PyNeuronCache {
     }
 
     /// External rows: the last finished fill's bundles as an AlignedBuf, row k (bundle_bytes
-    /// each) for the admission's filled_rows[k]; None when there is none or it was taken. Take
-    /// it after wait() (or admit()) and before the next admission, which refuses to start
-    /// while one is left.
+    /// each) for the admission's filled_rows[k]; None when there is none or it was taken. Read
+    /// it after wait() (or admit()), copy the bundles into their rows, then take_landed().
+    fn landed(&self) -> Option<PyAlignedBuf> {
+        self.cache.landed().map(PyAlignedBuf::shared)
+    }
+
+    /// landed(), marking the bundles taken (their neurons stay cached). Bundles not taken by the
+    /// next admission never reached their rows: that admission drops their neurons (read again
+    /// when wanted). The buffer goes back to the staging pool once nothing views it.
     fn take_landed(&mut self) -> Option<PyAlignedBuf> {
-        self.cache.take_landed().map(PyAlignedBuf::from_buf)
+        self.cache.take_landed().map(PyAlignedBuf::shared)
     }
 
     /// The slot matrix: capacity * bundle_bytes bytes, row k = bytes [k*bb, (k+1)*bb). Always

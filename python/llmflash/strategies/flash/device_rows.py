@@ -45,13 +45,13 @@ def check_device_options(store: Any, device: torch.device) -> None:
 
 
 def apply_moves(rows: Tensor, adm: Admission) -> int:
-    """Apply the admission's eviction moves to the device rows; the number of rows moved. Moves
-    of one admission never read a row an earlier one wrote (one batched copy); moves left by a
-    failed admission come first and may, so then they go one by one, in order."""
+    """Apply the admission's eviction moves to the device rows; the number of rows moved. One
+    admission's moves never read a row an earlier one wrote nor write one twice (one batched
+    copy); moves left by a failed admission come first and may, so then they go one by one."""
     dst, src = adm.moves
     if not len(dst):
         return 0
-    if np.intersect1d(dst, src).size:
+    if np.unique(dst).size < len(dst) or np.intersect1d(dst, src).size:
         for d, s in zip(dst.tolist(), src.tolist()):
             rows[d] = rows[s]
     else:
@@ -151,8 +151,11 @@ def land(
     up: Uploader, rows: Tensor, cache: NeuronCache, adm: Admission, view: Callable[[AlignedBuf, int], Tensor]
 ) -> int:
     """After the wait: the fill's bundles into their device rows (`view`: a host buffer's first
-    k bundles as a tensor); the bundles sent up."""
-    buf = cache.take_landed()
+    k bundles as a tensor), then marked taken; the bundles sent up. If the upload fails they stay
+    untaken, so the next admission drops their neurons instead of trusting rows never written."""
+    buf = cache.landed()
     if buf is None:
         return 0
-    return up.upload(rows, np.asarray(adm.filled_rows, dtype=np.int64), view(buf, adm.misses))
+    n = up.upload(rows, np.asarray(adm.filled_rows, dtype=np.int64), view(buf, adm.misses))
+    cache.take_landed()
+    return n

@@ -205,6 +205,9 @@ class FlashFFN:
         An admission lookahead started for this token is taken as is when final, else checked."""
         lay = self.layers[layer]
         pre, self._ahead[layer] = self._ahead[layer], None
+        if pre is not None and pre.step != self.step and self.device is not None:
+            lay.cache.wait()  # a stale lookahead's fill still goes up: its neurons stay cached
+            self._landed(lay, pre.adm)
         if pre is not None and pre.step == self.step:
             self.ahead["ahead_read"] += pre.adm.misses
             if self._verify:
