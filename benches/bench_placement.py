@@ -22,7 +22,8 @@ frontier: what a reader could trade between bytes and requests on held-out text,
 order and as converted. Per token and layer, the cold wanted bundles become byte ranges at a read
 granularity (4 KiB pages, as the planner reads; 512-byte sectors, the smallest direct read of a
 disk with 512-byte logical blocks), runs that touch merge, and every gap up to a limit is read
-through. For each limit: bytes read as a multiple of the wanted bundles' bytes, requests per
+through (limits in steps of 4 KiB, or 1 KiB at 512-byte granularity: half the runs, about the
+same curve). For each limit: bytes read as a multiple of the wanted bundles' bytes, requests per
 token, KB per request and the seconds the disk profile (`llmflash profile-disk`, else the
 built-in table) prices them at (32 in flight, no cache: an upper bound on a token's reads). The
 limit the profile finds cheapest is marked, and so is the cheapest plan within 1.5x the bytes.

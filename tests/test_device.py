@@ -216,6 +216,7 @@ def test_cli_device_errors_exit_2(make_hf, tmp_path, capsys, monkeypatch):
         (["generate", store, "-p", "t1", "-n", "1", "--device", "tpu"], "not a device name"),
         (["generate", store, "-p", "t1", "-n", "1", "--device", "cuda"], "no CUDA GPU"),
         (["bench", store, "--tokens", "1", "--strategies", "naive", "--device", "cuda"], "no CUDA GPU"),
+        (["eval", store, "--device", "tpu"], "not a device name"),
     ):
         rc = main(argv)
         err = capsys.readouterr().err
