@@ -91,6 +91,7 @@ pub use crate::staging::StagingPool;
 
 pub use counters::CacheStats;
 use counters::{add, ns_since, Counters};
+pub use crc::combine_groups;
 use fill::{FillResult, Filler};
 pub use overflow::OverflowReader;
 

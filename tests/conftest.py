@@ -63,7 +63,7 @@ def tiny_tokenizer_json(vocab: int = VOCAB) -> str:
 
 
 def build_hf(kind: str, folder: Path, seed: int = 0, max_shard_size: str | None = None, **overrides) -> HFModel:
-    """Build a seeded random model of `kind` ("llama" | "opt"), save it to `folder`."""
+    """Build a seeded random model of `kind` ("llama" | "mixtral" | "opt"), save it to `folder`."""
     import transformers
 
     torch.manual_seed(seed)
@@ -85,6 +85,24 @@ def build_hf(kind: str, folder: Path, seed: int = 0, max_shard_size: str | None 
         )
         kw.update(overrides)
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
+    elif kind == "mixtral":  # a Llama whose MLP is 8 experts, top-2
+        kw = dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            max_position_embeddings=128,
+            initializer_range=0.15,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        kw.update(overrides)
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**kw))
     elif kind == "opt":
         kw = dict(
             vocab_size=VOCAB,

@@ -92,6 +92,7 @@ class Plan:
     def __len__(self) -> int: ...  # number of requests
     def gather(self, buf: AlignedBuf) -> AlignedBuf: ...  # rows of bundle_bytes, row k = neurons[k]
 
+def combine_crcs(crcs: npt.NDArray[np.uint32], group: int, bundle_bytes: int) -> npt.NDArray[np.uint32]: ...
 def plan(
     wanted: _Ids,
     bundle_bytes: int,

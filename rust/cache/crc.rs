@@ -26,6 +26,25 @@ pub(super) fn mismatch(shared: &Shared, table: &[u32], neuron: u32, bytes: &[u8]
     })
 }
 
+/// The CRC-32s of runs of `group` consecutive bundles of `bundle_bytes` bytes each, from the
+/// bundles' own CRCs (zlib's crc32_combine, no data read): the table of a cache whose unit is
+/// such a run (a mixture-of-experts layer's expert: its neurons' bundles back to back).
+pub fn combine_groups(crcs: &[u32], group: usize, bundle_bytes: u64) -> Result<Vec<u32>> {
+    if group == 0 || crcs.len() % group != 0 {
+        return Err(Error::invalid(format!("{} bundle CRCs do not split into runs of {group}", crcs.len())));
+    }
+    Ok(crcs
+        .chunks(group)
+        .map(|run| {
+            let mut h = crc32fast::Hasher::new_with_initial_len(run[0], bundle_bytes);
+            for &c in &run[1..] {
+                h.combine(&crc32fast::Hasher::new_with_initial_len(c, bundle_bytes));
+            }
+            h.finalize()
+        })
+        .collect())
+}
+
 /// Count the time since `t0` as CRC work (callers count it in `mgmt_ns` too: crc_ns is a part).
 pub(super) fn count(shared: &Shared, t0: Instant) {
     add(&shared.counters.crc_ns, ns_since(t0));

@@ -157,3 +157,19 @@ fn crc_rows_already_live_are_checked_when_the_table_comes() {
     assert_eq!(live_set(&c), [5, 7, 8, 9]);
     check(&c, &s);
 }
+
+#[test]
+fn combined_crcs_are_the_crcs_of_the_runs() {
+    let s = Store::new(12, 1000);
+    let t = table(&s);
+    for group in [1usize, 3, 4, 12] {
+        let runs = combine_groups(&t, group, 1000).unwrap();
+        assert_eq!(runs.len(), 12 / group);
+        for (r, &crc) in runs.iter().enumerate() {
+            let bytes: Vec<u8> = (r * group..(r + 1) * group).flat_map(|j| s.bundle(j as u32).to_vec()).collect();
+            assert_eq!(crc, crc32fast::hash(&bytes), "run {r} of {group}");
+        }
+    }
+    assert!(matches!(combine_groups(&t, 5, 1000), Err(Error::Invalid { .. })));
+    assert!(matches!(combine_groups(&t, 0, 1000), Err(Error::Invalid { .. })));
+}

@@ -43,6 +43,20 @@ fn crc_table(x: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
     Ok(crcs.map_err(|c| Error::invalid(format!("bundle CRC {c} is outside [0, 2**32)")))?)
 }
 
+/// The CRC-32s of runs of `group` consecutive bundles (bundle_bytes each) from the bundles' own
+/// CRCs (crcs: 1-D uint32): the table of a cache whose unit is such a run, a mixture of experts'
+/// expert. zlib.crc32 of a run's bytes equals its entry.
+#[pyfunction]
+pub(super) fn combine_crcs<'py>(
+    py: Python<'py>,
+    crcs: &Bound<'py, PyAny>,
+    group: usize,
+    bundle_bytes: u64,
+) -> PyResult<Bound<'py, PyArray1<u32>>> {
+    let table = crc_table(crcs)?;
+    Ok(PyArray1::from_vec(py, crate::cache::combine_groups(&table, group, bundle_bytes)?))
+}
+
 fn i64_array<'py>(py: Python<'py>, it: impl Iterator<Item = i64>) -> Bound<'py, PyArray1<i64>> {
     PyArray1::from_vec(py, it.collect())
 }

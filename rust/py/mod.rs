@@ -29,6 +29,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<decode::PyQDecoder>()?;
     m.add_class::<profile::PyProfile>()?;
     m.add_function(wrap_pyfunction!(planner::plan, m)?)?;
+    m.add_function(wrap_pyfunction!(cache::combine_crcs, m)?)?;
     m.add_function(wrap_pyfunction!(profile::measure_point, m)?)?;
     m.add_function(wrap_pyfunction!(profile::measure, m)?)?;
     m.add_function(wrap_pyfunction!(gemv::f16_rows_gemv, m)?)?;

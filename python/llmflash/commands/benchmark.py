@@ -94,17 +94,22 @@ def _runs(
     dev: torch.device,
 ) -> list[Run]:
     runs: list[Run] = []
+    source_of = make_source
+    if store.config.n_experts:  # the router picks whole experts: no neuron source, no ablation
+        if "ablation" in strategies:
+            raise InvalidArgumentError("the ablation rows are neuron-level: not for a mixture-of-experts store")
+        source_of = lambda *a, **k: None  # noqa: E731
     if "dense" in strategies:
         runs.append(Run("dense", "dense", FlashModel(store, "dense", make_ffn("dense", store, device=dev), dev)))
     if "naive" in strategies:
         runs.append(Run("naive", "naive", FlashModel(store, "naive", make_ffn("naive", store, device=dev), dev)))
     if "flash" in strategies:
-        source = make_source(sparsity, store, hot=hot)  # shared: the oracle holds full weights once
+        source = source_of(sparsity, store, hot=hot)  # shared: the oracle holds full weights once
         for mem in memories:
-            ffn = make_ffn("flash", store, dev, memory=mem, window=window, sparsity=source)
+            ffn = make_ffn("flash", store, dev, memory=mem, window=window, **_src(source))
             runs.append(Run(f"flash {mem}", "flash", FlashModel(store, "flash", ffn, dev)))
     if "ablation" in strategies:  # the paper's Table: each technique's share
-        source = source if "flash" in strategies else make_source(sparsity, store, hot=hot)
+        source = source if "flash" in strategies else source_of(sparsity, store, hot=hot)
         for mem in memories:
             # predictor only: no cache (every predicted neuron read every token), exact pages;
             # + window: the neuron cache and its window; + coalescing: the planner's bridging and
@@ -120,11 +125,16 @@ def _runs(
                 ffn = make_ffn("flash", store, dev, **opts)
                 runs.append(Run(label, "flash", FlashModel(store, "flash", ffn, dev)))
     if "flash-serial" in strategies:  # no read/compute overlap: what it gains
-        source = source if "flash" in strategies else make_source(sparsity, store, hot=hot)
+        source = source if "flash" in strategies else source_of(sparsity, store, hot=hot)
         for mem in memories:
-            ffn = make_ffn("flash", store, dev, memory=mem, window=window, sparsity=source, overlap=False)
+            ffn = make_ffn("flash", store, dev, memory=mem, window=window, overlap=False, **_src(source))
             runs.append(Run(f"serial {mem}", "flash", FlashModel(store, "flash", ffn, dev)))
     return runs
+
+
+def _src(source: Any) -> dict[str, Any]:
+    """The sparsity option for flash: none for a mixture-of-experts store (its router decides)."""
+    return {} if source is None else {"sparsity": source}
 
 
 def _decode(runs: list[Run], ids: list[int], prompt_tokens: int, progress: bool, dev: torch.device) -> None:

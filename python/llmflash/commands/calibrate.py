@@ -60,6 +60,10 @@ def calibrate(
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     store = Store(store_path)
+    if store.config.n_experts:
+        raise InvalidArgumentError(
+            "a mixture-of-experts store needs no predictors: its router names the experts", store.path
+        )
     ids = token_ids(store, texts if texts is not None else [default_text()])[:tokens]
     if len(ids) < 2:
         raise LlmflashError(f"calibration text gave {len(ids)} tokens; need at least 2")

@@ -64,6 +64,8 @@ class _ProbeFFN:
 
     def __call__(self, layer: int, x: Tensor) -> Tensor:
         d = self.dense
+        if self.config.n_experts:  # routed: the experts' own sum (no predictors to probe)
+            return d(layer, x)
         act = activations(self.config, d.w1[layer], x, d.b1[layer])  # (T, n) store positions
         if self.p is not None:
             y = labels(self.kind, in_original_ids(act, self.inverse[layer]), float(self.p.label_thresholds[layer]))
@@ -154,7 +156,8 @@ def evaluate(
     set_threads(threads)
     store = Store(store_path)
     ids = _token_ids(store, text, text_file, tokens)
-    source = make_source(sparsity, store, hot=hot)
+    moe = bool(store.config.n_experts)  # the router names the experts: no neuron source
+    source = None if moe else make_source(sparsity, store, hot=hot)
     predictors = source if isinstance(source, Predictors) else None
     out: dict[str, Any] = {
         "store": str(store.path),
@@ -177,7 +180,15 @@ def evaluate(
     guess = {"layer": NextLayerGuess, "attention": SameLayerGuess}.get(lookahead or "")
     out["flash"] = [
         _flash_row(
-            store, ids, mem, window, guess(source) if guess else source, lookahead, progress, out["dense"]["ppl"], dev
+            store,
+            ids,
+            mem,
+            window,
+            guess(source) if guess and not moe else source,
+            lookahead,
+            progress,
+            out["dense"]["ppl"],
+            dev,
         )
         for mem in memories
     ]
@@ -237,10 +248,17 @@ def _flash_row(
     from tqdm import tqdm
 
     c, N = store.config, len(ids)
-    counting = _Counting(source, c.ffn_dims)
+    moe = bool(c.n_experts)
+    counting = None if moe else _Counting(source, c.ffn_dims)
     try:
         ffn = make_ffn(
-            "flash", store, device, memory=mem, window=window, sparsity=counting, lookahead=lookahead or False
+            "flash",
+            store,
+            device,
+            memory=mem,
+            window=window,
+            lookahead=lookahead or False,
+            **({} if counting is None else {"sparsity": counting}),
         )
     except BudgetError as e:  # this budget cannot hold the resident part
         return {"memory": mem, "error": str(e)}
@@ -262,7 +280,10 @@ def _flash_row(
         "memory": mem,
         "ppl": ppl,
         "ratio": ppl / dense_ppl,
-        "wanted_share": counting.share() + s.get("hot_neurons", 0.0) / n_total,  # named + hot
+        # named + hot; a mixture of experts: its top-k of E experts per layer
+        "wanted_share": c.experts_per_token / c.n_experts
+        if counting is None
+        else counting.share() + s.get("hot_neurons", 0.0) / n_total,
         "read_share": s.get("bytes_read", 0.0) / (steps * ffn_bytes),
         "useful_share": s.get("bytes_useful", 0.0) / (steps * ffn_bytes),
         # the read requests per token and their mean size (neuron placement's effect)
@@ -274,6 +295,10 @@ def _flash_row(
         "hit_rate": hits / max(hits + misses, 1.0),
         "ms_per_token": elapsed * 1e3 / (N - 1),
     }
+    if moe:  # whole experts: how many a token reads, what share the caches hold, how many hit
+        row["experts_read_per_token"] = s["experts_read_per_token"]
+        row["cached_share"] = s["cache_capacity_experts"] / (c.n_experts * c.n_layers)
+        row["hit_rate"] = s["expert_hit_rate"]
     if lookahead:
         # neurons the guesses read during the layer before, and those they missed (read at
         # the layer itself, not hidden behind compute), as shares of the FFN per token

@@ -26,10 +26,11 @@ from ..errors import ConvertError, UnsupportedModelError
 from .common import natural_key, parse_dtype, progress, regular_file
 from .destination import check_destination
 from .hf_archs import PLANS
+from .hf_moe import MOE_PLANS
 from .hf_source import CONFIG, Checkpoint, HFConfig, read_tokenizer
 from .writer import StoreWriter
 
-SUPPORTED = ("llama", "mistral", "opt", "openelm")
+SUPPORTED = ("llama", "mistral", "mixtral", "opt", "openelm")
 FP16_MAX = 65504.0
 
 
@@ -89,7 +90,7 @@ def convert_hf(
     if mt not in SUPPORTED:
         raise UnsupportedModelError(f"model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED)})", cfg_path)
     ck = Checkpoint(src)
-    plan = PLANS[mt](hf, ck, src)
+    plan = {**PLANS, **MOE_PLANS}[mt](hf, ck, src)
     try:
         plan.config.validate()
     except ValueError as e:

@@ -9,7 +9,7 @@ canonical resident tensors (llmflash.models.config) and each layer's FFN in Hugg
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -99,9 +99,35 @@ def _even_head_dim(hf: HFConfig, hd: int, key: str) -> None:
         raise ConvertError(f"{key} = {hd} is odd: RoPE needs an even head dimension", hf.path)
 
 
-def _llama(hf: HFConfig, ck: Checkpoint, folder: Path) -> Plan:
+@dataclass
+class FFNPlan:
+    """A Llama-family layer's FFN, for _llama: its width, its source tensors' shapes, and its
+    canonical resident tensors (a router) and FFN kwargs (gate, up, down in HF layout)."""
+
+    width: int
+    want: Callable[[str], dict[str, tuple[int, ...]]]  # layer prefix -> source tensor shapes
+    layer: Callable[[str, str], tuple[Tensors, Tensors]]  # (source prefix, canonical) -> (resident, FFN)
+    config: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields (the experts')
+
+
+def _mlp(hf: HFConfig, ck: Checkpoint) -> FFNPlan:
+    """The dense SwiGLU MLP (mlp.gate_proj, up_proj, down_proj)."""
+    n, d = hf.int("intermediate_size"), hf.int("hidden_size")
+
+    def want(p: str) -> dict[str, tuple[int, ...]]:
+        m = p + "mlp."
+        return {m + "gate_proj.weight": (n, d), m + "up_proj.weight": (n, d), m + "down_proj.weight": (d, n)}
+
+    def layer(p: str, q: str) -> tuple[Tensors, Tensors]:
+        return {}, {x: ck.get(p + f"mlp.{x}_proj.weight") for x in ("gate", "up", "down")}
+
+    return FFNPlan(n, want, layer)
+
+
+def _llama(hf: HFConfig, ck: Checkpoint, folder: Path, ffn: FFNPlan | None = None) -> Plan:
+    """Llama, Mistral and (with `ffn`, its experts) Mixtral."""
     mt = hf.get("model_type")
-    if mt == "mistral" and hf.get("sliding_window") is not None:
+    if mt in ("mistral", "mixtral") and hf.get("sliding_window") is not None:
         raise hf.unsupported(f"a sliding attention window ({hf.get('sliding_window')})")
     if hf.get("hidden_act", "silu") != "silu":
         raise hf.unsupported(f"hidden_act {hf.get('hidden_act')!r} (only silu)")
@@ -112,7 +138,8 @@ def _llama(hf: HFConfig, ck: Checkpoint, folder: Path) -> Plan:
     kv = hf.int("num_key_value_heads", heads)
     hd = hf.int("head_dim", d // heads)
     _even_head_dim(hf, hd, "head_dim" if hf.get("head_dim") is not None else "hidden_size / num_attention_heads")
-    n, V = hf.int("intermediate_size"), hf.int("vocab_size")
+    ffn = ffn or _mlp(hf, ck)
+    n, V = ffn.width, hf.int("vocab_size")
     if heads % kv:
         raise ConvertError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}", hf.path)
     theta, scaling = _rope(hf)
@@ -139,6 +166,7 @@ def _llama(hf: HFConfig, ck: Checkpoint, folder: Path) -> Plan:
         bos_token_id=bos,
         eos_token_ids=eos,
         name=folder.name,
+        **ffn.config,
     )
     want = {"model.embed_tokens.weight": (V, d), "model.norm.weight": (d,)}
     if not tie:
@@ -151,8 +179,7 @@ def _llama(hf: HFConfig, ck: Checkpoint, folder: Path) -> Plan:
             want[p + f"self_attn.{x}_proj.weight"] = shape
             if bias:
                 want[p + f"self_attn.{x}_proj.bias"] = (shape[0],)
-        want[p + "mlp.gate_proj.weight"] = want[p + "mlp.up_proj.weight"] = (n, d)
-        want[p + "mlp.down_proj.weight"] = (d, n)
+        want.update(ffn.want(p))
 
     def globals_() -> Tensors:
         g = {"embed.weight": ck.get("model.embed_tokens.weight"), "norm.weight": ck.get("model.norm.weight")}
@@ -162,7 +189,7 @@ def _llama(hf: HFConfig, ck: Checkpoint, folder: Path) -> Plan:
 
     def layer(i: int) -> tuple[Tensors, Tensors]:
         p, q = f"model.layers.{i}.", f"layers.{i}."
-        r = {
+        r: Tensors = {
             q + "attn_norm.weight": ck.get(p + "input_layernorm.weight"),
             q + "ffn_norm.weight": ck.get(p + "post_attention_layernorm.weight"),
         }
@@ -170,12 +197,9 @@ def _llama(hf: HFConfig, ck: Checkpoint, folder: Path) -> Plan:
             r[q + f"attn.{x}.weight"] = ck.get(p + f"self_attn.{x}_proj.weight")
             if bias:
                 r[q + f"attn.{x}.bias"] = ck.get(p + f"self_attn.{x}_proj.bias")
-        ffn = {
-            "gate": ck.get(p + "mlp.gate_proj.weight"),
-            "up": ck.get(p + "mlp.up_proj.weight"),
-            "down": ck.get(p + "mlp.down_proj.weight"),
-        }
-        return r, ffn
+        extra, weights = ffn.layer(p, q)
+        r.update(extra)
+        return r, weights
 
     unused = (r"(model\.)?lm_head\.weight",) if tie else ()  # a tied head is the embedding, as in transformers
     return Plan(cfg, want, globals_, layer, unused=unused)

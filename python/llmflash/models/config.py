@@ -21,9 +21,16 @@ Canonical tensor names in `resident.safetensors` (what the model code expects):
     layers.{i}.ffn.up_bias            (n_i,)   OPT fc1 bias, in store order: entry j belongs to
                                                bundle j of ffn.bin (neuron layers[i].order[j])
     layers.{i}.ffn.down_bias          (D,)     OPT fc2 bias
+    layers.{i}.ffn.router.weight      (E, D)   mixture of experts: the router (gate) over E experts
     norm.weight/.bias                 (D,)     final norm, when final_norm
     lm_head.weight                    (V, E)   only when not tie_embeddings
 The FFN weights live in `ffn.bin` as bundles (see llmflash.store).
+
+Mixture of experts (n_experts > 0, Mixtral): layer i's n_i = ffn_dims[i] neurons are its E
+routed experts back to back, expert e the neurons [e*F, (e+1)*F) with F = n_i / E (each a
+SwiGLU neuron like a dense model's), so an expert is one contiguous run of bundles in ffn.bin.
+A token's FFN is sum over its top-k experts e of w_e * expert_e(x), the router's softmax over
+all E, its top k kept (and divided by their sum when norm_topk_prob).
 """
 
 from __future__ import annotations
@@ -34,7 +41,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ARCHS = ("llama", "opt", "openelm")
-BOOL_FIELDS = ("gated", "attn_bias", "ffn_bias", "qk_norm", "pre_norm", "final_norm", "learned_pos", "tie_embeddings")
+BOOL_FIELDS = (
+    "gated",
+    "attn_bias",
+    "ffn_bias",
+    "qk_norm",
+    "pre_norm",
+    "final_norm",
+    "learned_pos",
+    "tie_embeddings",
+    "norm_topk_prob",
+)
 MAX_FLOAT = 3.0e38  # about float32's largest: RoPE's tables are float32
 # rope_scaling's keys per rope_type (besides rope_type itself), as the converters write them
 ROPE_SCALING_KEYS = {
@@ -111,6 +128,8 @@ MAX_FFN = 1 << 20  # FFN (intermediate) width
 MAX_HEADS = 4096  # attention heads, KV heads, head size
 MAX_VOCAB = 1 << 22
 MAX_POSITIONS = 1 << 24
+MAX_EXPERTS = 1 << 12  # routed experts per layer (DeepSeek-V3: 256)
+MOE_FIELDS = ("n_experts", "experts_per_token", "norm_topk_prob")
 
 
 @dataclass
@@ -142,13 +161,22 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     name: str = ""  # human-readable source name
+    n_experts: int = 0  # routed experts per layer (0: a dense FFN)
+    experts_per_token: int = 0  # top-k experts a token uses per layer
+    norm_topk_prob: bool = False  # the top-k router weights divided by their sum (Mixtral)
 
     def __post_init__(self) -> None:
         if _is_int(self.embed_dim) and self.embed_dim == 0:
             self.embed_dim = self.dim
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The manifest's config. A dense model's leaves out the mixture-of-experts fields, so
+        its manifest is the one earlier versions wrote and read."""
+        d = dataclasses.asdict(self)
+        if not self.n_experts:
+            for k in MOE_FIELDS:
+                del d[k]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -222,6 +250,31 @@ class ModelConfig:
         for j, t in enumerate(eos):
             if not _is_int(t) or not 0 <= t < self.vocab_size:
                 raise ValueError(f"config.eos_token_ids[{j}] = {t!r:.40} is not a token id in [0, {self.vocab_size})")
+        self._validate_experts()
+
+    def _validate_experts(self) -> None:
+        """The mixture-of-experts fields: none, or E experts, top-k in [1, E], every layer's
+        neurons E experts of equal width, a gated FFN without biases."""
+        e, k = self.n_experts, self.experts_per_token
+        if not _is_int(e) or not 0 <= e <= MAX_EXPERTS:
+            raise ValueError(f"config.n_experts = {e!r:.40} is not an integer in [0, {MAX_EXPERTS}]")
+        if not _is_int(k) or not (1 <= k <= e if e else k == 0):
+            raise ValueError(f"config.experts_per_token = {k!r:.40} is not an integer in [{min(e, 1)}, {e}]")
+        if not e:
+            return
+        for i, n in enumerate(self.ffn_dims):
+            if n % e:
+                raise ValueError(f"config.ffn_dims[{i}] = {n} is not {e} experts (config.n_experts) of equal width")
+        if not self.gated or self.ffn_bias:
+            raise ValueError("config.n_experts is set but the FFN is not gated without biases (experts are SwiGLU)")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    def expert_dim(self, layer: int) -> int:
+        """Neurons of one expert of `layer` (mixture of experts only)."""
+        return self.ffn_dims[layer] // self.n_experts
 
     @property
     def bundle_fields(self) -> list[tuple[str, int]]:

@@ -42,6 +42,10 @@ def place_store(
         raise InvalidArgumentError("placement needs at least one token of text")
     t0 = time.perf_counter()
     store = Store(store_path)
+    if store.config.n_experts:
+        raise InvalidArgumentError(
+            "a mixture-of-experts store is read whole expert by whole expert: no neuron order to place", store.path
+        )
     spec = sparsity or ("predictor" if "predictors" in store.manifest else "oracle")
     source = make_source(spec, store, hot=hot)
     with torch.inference_mode():

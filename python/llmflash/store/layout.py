@@ -215,6 +215,8 @@ def expected_resident(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         if c.qk_norm:
             want[p + "attn.q_norm.weight"] = (c.head_dim,)
             want[p + "attn.k_norm.weight"] = (c.head_dim,)
+        if c.n_experts:
+            want[p + "ffn.router.weight"] = (c.n_experts, d)
         if c.ffn_bias:
             want[p + "ffn.up_bias"] = (c.ffn_dims[i],)
             want[p + "ffn.down_bias"] = (d,)

@@ -171,28 +171,39 @@ class Store:
         resident.safetensors (memory-mapped), so an FFN strategy can hold them beside the model."""
         if not self.config.ffn_bias:
             return [None] * self.config.n_layers
+        return [t.float() for t in self._layer_tensors("ffn.up_bias", [(n,) for n in self.config.ffn_dims])]
+
+    def routers(self) -> list[torch.Tensor]:
+        """Per layer, a mixture of experts' router (E, D) in the store dtype (empty for a dense
+        model): read alone, like up_biases, for the FFN strategies that route."""
+        c = self.config
+        return self._layer_tensors("ffn.router.weight", [(c.n_experts, c.dim)] * c.n_layers) if c.n_experts else []
+
+    def _layer_tensors(self, suffix: str, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+        """layers.{i}.{suffix} for every layer, checked for its shape, the store dtype and
+        finiteness (StoreError naming resident.safetensors)."""
         from safetensors import SafetensorError, safe_open
 
         rpath = self._open_resident()
-        out: list[torch.Tensor | None] = []
+        out: list[torch.Tensor] = []
         try:
             with safe_open(str(rpath), framework="pt") as f:
                 names = set(f.keys())
-                for i, n in enumerate(self.config.ffn_dims):
-                    name = f"layers.{i}.ffn.up_bias"
+                for i, want in enumerate(shapes):
+                    name = f"layers.{i}.{suffix}"
                     if name not in names:
                         raise StoreError(f"missing tensor {name}", rpath)
                     sl = f.get_slice(name)
                     shape, dt = tuple(sl.get_shape()), sl.get_dtype()
-                    if shape != (n,):
-                        raise StoreError(f"{name} has shape {shape}, expected {(n,)}", rpath)
+                    if shape != want:
+                        raise StoreError(f"{name} has shape {shape}, expected {want}", rpath)
                     want_dt = SAFETENSORS_DTYPES.get(self.dtype_name, "F32")  # quantized: float32
                     if dt != want_dt:
                         raise StoreError(
                             f"{name} is {dt}, expected {want_dt} ({self.dtype_name}, the manifest's dtype)",
                             rpath,
                         )
-                    out.append(f.get_tensor(name).float())
+                    out.append(f.get_tensor(name))
                     check_finite(name, out[-1], rpath)
         except OSError as e:
             raise StoreError(f"cannot read resident weights: {os_reason(e)}", rpath) from None

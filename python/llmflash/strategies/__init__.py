@@ -27,6 +27,10 @@ def make_ffn(name: str, store: Store, device: torch.device | None = None, **opti
     """The strategy `name` over `store` with its `options`, computing on `device` (default the
     CPU)."""
     check_strategy(name, options)
+    if name != "dense" and store.config.n_experts:  # experts, not neurons, are read and cached
+        from .experts import ExpertFFN
+
+        return ExpertFFN(store, name, device=device, **options)
     if name == "dense":
         from .dense import DenseFFN
 

@@ -30,6 +30,7 @@ from torch import Tensor
 from ..device import on_cpu
 from ..errors import InvalidArgumentError
 from ..models.layers import ACTIVATIONS, linear
+from ..models.moe import route, routed_sum
 from ..models.quant import BLOCK, QBundles, QTensor, down_bytes, join_down, row_bytes
 from ..models.transformer import Transformer
 from ..store import Store, split_bundles
@@ -57,6 +58,9 @@ class DenseFFN:
         # (n,) fc1 bias (OPT), float32, store order
         self.b1: list[Tensor | None] = [None if b is None else b.to(dev) for b in store.up_biases()]
         self.quant = None if dequantize else store.quant
+        if c.n_experts and store.quant:
+            raise InvalidArgumentError("a quantized mixture-of-experts store is not supported yet", store.path)
+        self.routers = [r.to(dev) for r in store.routers()]  # mixture of experts: (E, D) per layer
         self.rows: list[Tensor] = []  # quantized stores: each layer's bundles as read, (n, bundle_bytes) uint8
         self.q: list[QBundles] = []  # and each layer's bundle format (its down scales)
         for i in range(c.n_layers):
@@ -110,6 +114,9 @@ class DenseFFN:
 
     def __call__(self, layer: int, x: Tensor) -> Tensor:
         """x (T, D) -> (T, D) float32."""
+        if self.routers:
+            experts, weights = route(x, self.routers[layer], self.config)
+            return routed_sum(x, experts, weights, lambda e, xs: self._expert(layer, e, xs))
         if self.quant and self.rows[layer].shape[0]:
             return q_rows_ffn(x, self.rows[layer], self.config, self.q[layer], self.b1[layer])
         h = linear(x, self.w1[layer])  # (T, 2n) or (T, n)
@@ -121,8 +128,16 @@ class DenseFFN:
             h = self.act(h + b if b is not None else h)
         return linear(h, self.w2[layer])  # (T, D)
 
+    def _expert(self, layer: int, e: int, x: Tensor) -> Tensor:
+        """Expert e of a mixture-of-experts layer on x (t, D): its slices of w1 (gate rows, then
+        up rows) and w2."""
+        n, f = self.config.ffn_dims[layer], self.config.expert_dim(layer)
+        w1, w2 = self.w1[layer], self.w2[layer]
+        g, u = linear(x, w1[e * f : (e + 1) * f]), linear(x, w1[n + e * f : n + (e + 1) * f])
+        return linear(self.act(g) * u, w2[:, e * f : (e + 1) * f])
+
     def stats(self) -> dict[str, float]:
-        tensors = [t for t in (*self.w1, *self.w2, *self.rows, *self.b1) if t is not None]
+        tensors = [t for t in (*self.w1, *self.w2, *self.rows, *self.b1, *self.routers) if t is not None]
         scales = sum(q.nbytes for q, r in zip(self.q, self.rows) if r.shape[0])  # bundle kernel layers
         size = lambda t: t.nbytes if isinstance(t, QTensor) else t.numel() * t.element_size()  # noqa: E731
         return {"ffn_resident_bytes": float(scales + sum(size(t) for t in tensors))}
