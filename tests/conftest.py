@@ -63,7 +63,8 @@ def tiny_tokenizer_json(vocab: int = VOCAB) -> str:
 
 
 def build_hf(kind: str, folder: Path, seed: int = 0, max_shard_size: str | None = None, **overrides) -> HFModel:
-    """Build a seeded random model of `kind` ("llama" | "mixtral" | "opt"), save it to `folder`."""
+    """Build a seeded random model of `kind` ("llama" | "mixtral" | "qwen2_moe" | "qwen3_moe" | "olmoe" | "opt"),
+    save it to `folder`."""
     import transformers
 
     torch.manual_seed(seed)
@@ -103,6 +104,35 @@ def build_hf(kind: str, folder: Path, seed: int = 0, max_shard_size: str | None 
         )
         kw.update(overrides)
         model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**kw))
+    elif kind in ("qwen2_moe", "qwen3_moe", "olmoe"):  # 8 experts, top-2; Qwen2-MoE: a shared expert
+        kw = dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=8,
+            num_experts_per_tok=2,
+            max_position_embeddings=128,
+            initializer_range=0.15,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+        if kind == "qwen2_moe":
+            kw.update(moe_intermediate_size=32, shared_expert_intermediate_size=40)
+        kw.update(overrides)
+        if kind == "qwen3_moe":
+            kw.update(moe_intermediate_size=32, norm_topk_prob=True, head_dim=16)
+        if kind == "qwen2_moe":
+            model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(**kw))
+        elif kind == "qwen3_moe":
+            model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**kw))
+        else:
+            kw["intermediate_size"] = 32  # OLMoE's experts are intermediate_size wide
+            model = transformers.OlmoeForCausalLM(transformers.OlmoeConfig(**kw))
     elif kind == "opt":
         kw = dict(
             vocab_size=VOCAB,

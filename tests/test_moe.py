@@ -22,11 +22,22 @@ PROMPT = [1, 5, 9, 3, 7, 2, 11, 4, 30, 17]
 STEPS = 8
 
 
+KINDS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+
 @pytest.fixture(scope="module")
-def mixtral(make_hf, convert_to):
-    hf = make_hf("mixtral", "mixtral")
-    (hf.path / "tokenizer.json").write_text(tiny_tokenizer_json())
-    return hf, convert_to(hf.path)
+def models(make_hf, convert_to):
+    out = {}
+    for kind in KINDS:
+        hf = make_hf(kind, kind)
+        (hf.path / "tokenizer.json").write_text(tiny_tokenizer_json())
+        out[kind] = (hf, convert_to(hf.path))
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixtral(models):
+    return models["mixtral"]
 
 
 def hf_steps(model, prompt: list[int], steps: int) -> tuple[torch.Tensor, list[int]]:
@@ -72,9 +83,10 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("strategy,opts", CASES, ids=[f"{s}-{o}" for s, o in CASES])
-def test_mixtral_matches_transformers(mixtral, strategy, opts):
-    hf, path = mixtral
+def test_matches_transformers(models, kind, strategy, opts):
+    hf, path = models[kind]
     ref, ref_tokens = hf_steps(hf.model, PROMPT, STEPS)
     opts = dict(opts)
     if "share" in opts:
@@ -184,6 +196,9 @@ def edit_config(path: Path, tmp_path: Path, **changes) -> Path:
         ({"n_experts": 4}, "router"),
         ({"n_experts": -1}, "n_experts"),
         ({"norm_topk_prob": "yes"}, "norm_topk_prob"),
+        ({"shared_expert_gate": True}, "shared_expert_gate"),
+        ({"shared_expert_dim": 16}, "shared"),
+        ({"qk_norm_all": True}, "qk_norm_all"),
     ],
 )
 def test_hostile_moe_manifest(mixtral, tmp_path, capsys, changes, what):
@@ -194,6 +209,36 @@ def test_hostile_moe_manifest(mixtral, tmp_path, capsys, changes, what):
     assert what in str(e.value) and ("manifest.json" in str(e.value) or "resident" in str(e.value)), str(e.value)
     assert main(["generate", str(bad), "-p", "t1", "-n", "1"]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_architectures_map_their_parts(models, convert_to, make_hf):
+    """Each source's own features reach the config; a dense store's manifest has none of the
+    later fields (earlier versions read it)."""
+    cfg = {k: Store(p).config for k, (_, p) in models.items()}
+    assert cfg["mixtral"].norm_topk_prob and not cfg["olmoe"].norm_topk_prob
+    assert (cfg["qwen2_moe"].shared_expert_dim, cfg["qwen2_moe"].shared_expert_gate) == (40, True)
+    assert cfg["qwen2_moe"].attn_bias and not cfg["mixtral"].attn_bias
+    assert cfg["olmoe"].qk_norm_all and cfg["qwen3_moe"].qk_norm and not cfg["qwen3_moe"].qk_norm_all
+    dense = convert_to(make_hf("llama", "llama").path)
+    written = json.loads((dense / "manifest.json").read_text())["config"]
+    assert not {"n_experts", "shared_expert_dim", "qk_norm_all"} & set(written)
+
+
+def test_unsupported_moe_layouts_are_refused(make_hf, tmp_path):
+    from llmflash import UnsupportedModelError
+    from llmflash.convert.hf import convert_hf
+
+    hf = make_hf("qwen2_moe", "qwen2_moe")
+    for key, value in (("mlp_only_layers", [1]), ("decoder_sparse_step", 2), ("use_sliding_window", True)):
+        src = tmp_path / key
+        import shutil
+
+        shutil.copytree(hf.path, src)
+        c = json.loads((src / "config.json").read_text())
+        c[key] = value
+        (src / "config.json").write_text(json.dumps(c))
+        with pytest.raises(UnsupportedModelError, match="config.json"):
+            convert_hf(src, tmp_path / f"{key}.llmflash")
 
 
 def test_neuron_options_are_refused(mixtral, capsys):
@@ -246,3 +291,83 @@ def test_neuron_commands_refuse_experts(mixtral, capsys, argv):
     assert main([*argv, str(path)]) == 2
     err = capsys.readouterr().err
     assert "mixture-of-experts" in err and str(path) in err and "Traceback" not in err
+
+
+def write_mixtral_gguf(path: Path, model) -> None:
+    """The HF Mixtral `model` as llama.cpp writes it: arch llama with expert_count, the Q/K row
+    permutation, stacked expert tensors and the router ffn_gate_inp (float32 throughout)."""
+    import gguf
+    from gguf_builders import llama_cpp_permute
+
+    c = model.config
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    out = gguf.GGUFWriter(path, "llama")
+    for key, value in (
+        ("block_count", c.num_hidden_layers),
+        ("context_length", c.max_position_embeddings),
+        ("embedding_length", c.hidden_size),
+        ("feed_forward_length", c.intermediate_size),
+        ("attention.head_count", c.num_attention_heads),
+        ("attention.head_count_kv", c.num_key_value_heads),
+        ("rope.dimension_count", c.hidden_size // c.num_attention_heads),
+        ("expert_count", c.num_local_experts),
+        ("expert_used_count", c.num_experts_per_tok),
+    ):
+        out.add_uint32(f"llama.{key}", value)
+    out.add_float32("llama.rope.freq_base", float(c.rope_parameters["rope_theta"]))
+    out.add_float32("llama.attention.layer_norm_rms_epsilon", c.rms_norm_eps)
+    out.add_uint32("tokenizer.ggml.bos_token_id", 1)
+    out.add_uint32("tokenizer.ggml.eos_token_id", 2)
+    out.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    out.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    out.add_tensor("output.weight", sd["lm_head.weight"])
+    for i in range(c.num_hidden_layers):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        out.add_tensor(b + "attn_q.weight", llama_cpp_permute(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads))
+        out.add_tensor(b + "attn_k.weight", llama_cpp_permute(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads))
+        out.add_tensor(b + "attn_v.weight", sd[p + "self_attn.v_proj.weight"])
+        out.add_tensor(b + "attn_output.weight", sd[p + "self_attn.o_proj.weight"])
+        out.add_tensor(b + "attn_norm.weight", sd[p + "input_layernorm.weight"])
+        out.add_tensor(b + "ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+        moe = p + "mlp."
+        out.add_tensor(b + "ffn_gate_inp.weight", sd[moe + "gate.weight"])
+        gate_up = sd[moe + "experts.gate_up_proj"]  # (E, 2F, D)
+        F = c.intermediate_size
+        out.add_tensor(b + "ffn_gate_exps.weight", np.ascontiguousarray(gate_up[:, :F]))
+        out.add_tensor(b + "ffn_up_exps.weight", np.ascontiguousarray(gate_up[:, F:]))
+        out.add_tensor(b + "ffn_down_exps.weight", np.ascontiguousarray(sd[moe + "experts.down_proj"]))
+    out.write_header_to_file()
+    out.write_kv_data_to_file()
+    out.write_tensors_to_file()
+    out.close()
+
+
+def test_gguf_mixtral_converts_to_its_hf_twin(mixtral, tmp_path):
+    from safetensors.torch import load_file
+
+    from llmflash.convert.gguf import convert_gguf
+
+    hf, path = mixtral
+    src = tmp_path / "mixtral.gguf"
+    write_mixtral_gguf(src, hf.model)
+    store = convert_gguf(src, tmp_path / "g.llmflash", dtype="float32")
+    a, b = Store(store), Store(path)
+    assert (a.config.n_experts, a.config.experts_per_token, a.config.ffn_dims) == (8, 2, b.config.ffn_dims)
+    assert (store / "ffn.bin").read_bytes() == (path / "ffn.bin").read_bytes()
+    ra, rb = load_file(str(store / "resident.safetensors")), load_file(str(path / "resident.safetensors"))
+    assert set(ra) == set(rb)
+    for k in ra:
+        assert torch.equal(ra[k], rb[k]), k
+    ref, _ = hf_steps(hf.model, PROMPT, 3)
+    got, _ = flash_steps(FlashModel.open(store, strategy="flash", memory="0.8x"), PROMPT, 3)
+    assert (got - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+def test_quantized_expert_stores_are_refused(mixtral, tmp_path):
+    from llmflash import ConvertError
+    from llmflash.convert.hf import convert_hf
+
+    hf, _ = mixtral
+    with pytest.raises(ConvertError, match="mixture-of-experts"):
+        convert_hf(hf.path, tmp_path / "q.llmflash", dtype="q8_0")
+    assert not (tmp_path / "q.llmflash").exists()

@@ -1,5 +1,6 @@
 """GGUF (llama.cpp) -> llmflash store, for the `llama` architecture (Llama 1/2/3 shapes, SmolLM2,
-TinyLlama, Mistral without sliding windows).
+TinyLlama, Mistral without sliding windows, and Mixtral: `expert_count` experts stacked in
+blk.N.ffn_{gate,up,down}_exps (E, F, D) / (E, D, F) in HF layout, the router ffn_gate_inp).
 
 Nothing in the file is trusted before convert/gguf_layout.py has walked its header: every count
 against the bytes left, every tensor's type, size, alignment and range against the file and the
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 
 from ..errors import ConvertError, LlmflashError, UnsupportedModelError
-from ..models.config import MAX_FFN, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, ModelConfig
+from ..models.config import MAX_EXPERTS, MAX_FFN, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, ModelConfig
 from ..models.quant import BLOCK_BYTES as QUANT_BYTES
 from ..models.quant import QTensor
 from ..store.checksums import is_finite
@@ -78,6 +79,7 @@ _MAGIC = b"GGUF"
 _ATTN = {"attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v", "attn_output": "attn.o"}
 _NORMS = {"attn_norm": "attn_norm", "ffn_norm": "ffn_norm"}
 _FFN = ("ffn_gate", "ffn_up", "ffn_down")
+_EXPERTS = ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")  # router, stacked experts
 FP16_MAX = 65504.0
 _BLK = re.compile(r"blk\.(\d+)\.(.+)\.(weight|bias)$")
 
@@ -209,8 +211,12 @@ def _config(meta: dict[str, Any], names: dict[str, Any], src: Path) -> ModelConf
     rot = _int(meta, f"{a}.rope.dimension_count", src, default=head_dim, hi=MAX_HEADS)
     if rot != head_dim:
         raise UnsupportedModelError(f"partial rotary embeddings ({rot} of {head_dim} dims) are not supported", src)
-    if meta.get(f"{a}.expert_count", 0):
-        raise UnsupportedModelError(f"mixture-of-experts ({meta[f'{a}.expert_count']} experts) is not supported", src)
+    experts = _int(meta, f"{a}.expert_count", src, default=0, hi=MAX_EXPERTS) if f"{a}.expert_count" in meta else 0
+    used = _int(meta, f"{a}.expert_used_count", src, hi=MAX_EXPERTS) if experts else 0
+    if experts:  # Mixtral: stacked ffn_{gate,up,down}_exps, each expert feed_forward_length wide
+        ffn = _int(meta, f"{a}.expert_feed_forward_length", src, default=ffn, hi=MAX_FFN)
+        if experts * ffn > MAX_FFN:
+            raise ConvertError(f"{experts} experts of {ffn} neurons exceed the {MAX_FFN} a layer may hold", src)
     if "rope_freqs.weight" in names:
         raise UnsupportedModelError("per-frequency RoPE factors (rope_freqs, Llama 3.1 style) are not supported", src)
     if n_heads % n_kv:
@@ -240,7 +246,7 @@ def _config(meta: dict[str, Any], names: dict[str, Any], src: Path) -> ModelConf
         head_dim=head_dim,
         n_heads=[n_heads] * n_layers,
         n_kv_heads=[n_kv] * n_layers,
-        ffn_dims=[ffn] * n_layers,
+        ffn_dims=[ffn * max(experts, 1)] * n_layers,
         norm="rms",
         norm_eps=_float(meta, f"{a}.attention.layer_norm_rms_epsilon", src, 1e-5),
         act="silu",
@@ -253,6 +259,9 @@ def _config(meta: dict[str, Any], names: dict[str, Any], src: Path) -> ModelConf
         bos_token_id=bos if isinstance(bos, int) else None,
         eos_token_ids=list(dict.fromkeys(eos)),
         name=str(meta.get("general.name") or src.stem),
+        n_experts=experts,
+        experts_per_token=used,
+        norm_topk_prob=bool(experts),  # llama.cpp's llama MoE graph (Mixtral) normalizes the top k
     )
     try:
         cfg.validate()
@@ -265,9 +274,10 @@ def _check_names(names: dict[str, Any], cfg: ModelConfig, src: Path) -> None:
     """Every tensor the model needs is there; nothing we would silently ignore is. Stops at the
     first missing name, so a hostile block count costs no more than the file's tensor table."""
     want = ["token_embd.weight", "output_norm.weight"]
+    ffn = _EXPERTS if cfg.n_experts else _FFN
     for i in range(cfg.n_layers):
-        want += [f"blk.{i}.{n}.weight" for n in (*_ATTN, *_NORMS, *_FFN)]
-        for name in want[-9:] if i else want:
+        want += [f"blk.{i}.{n}.weight" for n in (*_ATTN, *_NORMS, *ffn)]
+        for name in want[-(6 + len(ffn)) :] if i else want:
             if name not in names:
                 raise ConvertError(f"missing tensor {name!r}", src)
     allowed = set(want) | {"output.weight"}
@@ -421,10 +431,20 @@ def convert_gguf(
                         resident[f"{p}{c}.bias"] = res(bias)
                 for g, c in _NORMS.items():
                     resident[f"{p}{c}.weight"] = res(get(f"{b}{g}.weight", (d,)))
-                gate, up = own(f"{b}ffn_gate.weight", (n, d)), own(f"{b}ffn_up.weight", (n, d))
-                # down's rows run along the neurons, in blocks of 32 neurons: a quantized store
-                # keeps those blocks as they are (store/layout.py)
-                down = own(f"{b}ffn_down.weight", (d, n))
+                if cfg.n_experts:
+                    E = cfg.n_experts
+                    F = n // E
+                    resident[f"{p}ffn.router.weight"] = res(get(f"{b}ffn_gate_inp.weight", (E, d)))
+                    # (E, F, D) stacks: expert e's neurons [e*F, (e+1)*F) (models/config.py)
+                    gate = get(f"{b}ffn_gate_exps.weight", (E, F, d)).reshape(n, d)
+                    up = get(f"{b}ffn_up_exps.weight", (E, F, d)).reshape(n, d)
+                    down = np.ascontiguousarray(get(f"{b}ffn_down_exps.weight", (E, d, F)).transpose(1, 0, 2))
+                    down = down.reshape(d, n)
+                else:
+                    gate, up = own(f"{b}ffn_gate.weight", (n, d)), own(f"{b}ffn_up.weight", (n, d))
+                    # down's rows run along the neurons, in blocks of 32 neurons: a quantized store
+                    # keeps those blocks as they are (store/layout.py)
+                    down = own(f"{b}ffn_down.weight", (d, n))
                 as_t = lambda a: a if isinstance(a, QTensor) else torch.from_numpy(a)  # noqa: E731
                 w.write_layer(i, up=as_t(up), down=as_t(down), gate=as_t(gate))
             w.write_resident(resident)

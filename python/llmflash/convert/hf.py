@@ -30,7 +30,7 @@ from .hf_moe import MOE_PLANS
 from .hf_source import CONFIG, Checkpoint, HFConfig, read_tokenizer
 from .writer import StoreWriter
 
-SUPPORTED = ("llama", "mistral", "mixtral", "opt", "openelm")
+SUPPORTED = ("llama", "mistral", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "opt", "openelm")
 FP16_MAX = 65504.0
 
 

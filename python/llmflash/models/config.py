@@ -15,13 +15,17 @@ Canonical tensor names in `resident.safetensors` (what the model code expects):
     layers.{i}.attn.k.weight/.bias    (Hkv*hd, D)
     layers.{i}.attn.v.weight/.bias    (Hkv*hd, D)
     layers.{i}.attn.o.weight/.bias    (D, Hq*hd)
-    layers.{i}.attn.q_norm.weight     (hd,)    OpenELM
-    layers.{i}.attn.k_norm.weight     (hd,)    OpenELM
+    layers.{i}.attn.q_norm.weight     (hd,)    OpenELM; (Hq*hd,) with qk_norm_all (OLMoE)
+    layers.{i}.attn.k_norm.weight     (hd,)    OpenELM; (Hkv*hd,) with qk_norm_all
     layers.{i}.ffn_norm.weight/.bias  (D,)
     layers.{i}.ffn.up_bias            (n_i,)   OPT fc1 bias, in store order: entry j belongs to
                                                bundle j of ffn.bin (neuron layers[i].order[j])
     layers.{i}.ffn.down_bias          (D,)     OPT fc2 bias
     layers.{i}.ffn.router.weight      (E, D)   mixture of experts: the router (gate) over E experts
+    layers.{i}.ffn.shared.gate.weight (S, D)   a shared expert of S neurons every token uses (Qwen2-MoE),
+    layers.{i}.ffn.shared.up.weight   (S, D)   resident; the transformer adds it to the routed sum
+    layers.{i}.ffn.shared.down.weight (D, S)
+    layers.{i}.ffn.shared_gate.weight (1, D)   its sigmoid gate, with shared_expert_gate
     norm.weight/.bias                 (D,)     final norm, when final_norm
     lm_head.weight                    (V, E)   only when not tie_embeddings
 The FFN weights live in `ffn.bin` as bundles (see llmflash.store).
@@ -51,6 +55,8 @@ BOOL_FIELDS = (
     "learned_pos",
     "tie_embeddings",
     "norm_topk_prob",
+    "shared_expert_gate",
+    "qk_norm_all",
 )
 MAX_FLOAT = 3.0e38  # about float32's largest: RoPE's tables are float32
 # rope_scaling's keys per rope_type (besides rope_type itself), as the converters write them
@@ -129,7 +135,16 @@ MAX_HEADS = 4096  # attention heads, KV heads, head size
 MAX_VOCAB = 1 << 22
 MAX_POSITIONS = 1 << 24
 MAX_EXPERTS = 1 << 12  # routed experts per layer (DeepSeek-V3: 256)
-MOE_FIELDS = ("n_experts", "experts_per_token", "norm_topk_prob")
+# fields later than the first manifests: written only when not at their default, so a store that
+# uses none of them has the manifest earlier versions wrote and read
+LATER_FIELDS = (
+    "n_experts",
+    "experts_per_token",
+    "norm_topk_prob",
+    "shared_expert_dim",
+    "shared_expert_gate",
+    "qk_norm_all",
+)
 
 
 @dataclass
@@ -164,17 +179,20 @@ class ModelConfig:
     n_experts: int = 0  # routed experts per layer (0: a dense FFN)
     experts_per_token: int = 0  # top-k experts a token uses per layer
     norm_topk_prob: bool = False  # the top-k router weights divided by their sum (Mixtral)
+    shared_expert_dim: int = 0  # neurons of a shared expert every token uses (Qwen2-MoE; 0: none)
+    shared_expert_gate: bool = False  # the shared expert scaled by sigmoid(shared_gate . x)
+    qk_norm_all: bool = False  # the q/k RMSNorm spans the whole projection, not each head (OLMoE)
 
     def __post_init__(self) -> None:
         if _is_int(self.embed_dim) and self.embed_dim == 0:
             self.embed_dim = self.dim
 
     def to_dict(self) -> dict[str, Any]:
-        """The manifest's config. A dense model's leaves out the mixture-of-experts fields, so
-        its manifest is the one earlier versions wrote and read."""
+        """The manifest's config, without the LATER_FIELDS at their defaults."""
         d = dataclasses.asdict(self)
-        if not self.n_experts:
-            for k in MOE_FIELDS:
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for k in LATER_FIELDS:
+            if d[k] == defaults[k]:
                 del d[k]
         return d
 
@@ -250,6 +268,8 @@ class ModelConfig:
         for j, t in enumerate(eos):
             if not _is_int(t) or not 0 <= t < self.vocab_size:
                 raise ValueError(f"config.eos_token_ids[{j}] = {t!r:.40} is not a token id in [0, {self.vocab_size})")
+        if self.qk_norm_all and not self.qk_norm:
+            raise ValueError("config.qk_norm_all is set but config.qk_norm is not")
         self._validate_experts()
 
     def _validate_experts(self) -> None:
@@ -261,12 +281,21 @@ class ModelConfig:
         if not _is_int(k) or not (1 <= k <= e if e else k == 0):
             raise ValueError(f"config.experts_per_token = {k!r:.40} is not an integer in [{min(e, 1)}, {e}]")
         if not e:
+            if self.shared_expert_dim != 0 or self.shared_expert_gate is not False:
+                raise ValueError(
+                    "config.shared_expert_dim/shared_expert_gate are set without experts (config.n_experts)"
+                )
             return
         for i, n in enumerate(self.ffn_dims):
             if n % e:
                 raise ValueError(f"config.ffn_dims[{i}] = {n} is not {e} experts (config.n_experts) of equal width")
         if not self.gated or self.ffn_bias:
             raise ValueError("config.n_experts is set but the FFN is not gated without biases (experts are SwiGLU)")
+        s = self.shared_expert_dim
+        if not _is_int(s) or not 0 <= s <= MAX_FFN:
+            raise ValueError(f"config.shared_expert_dim = {s!r:.40} is not an integer in [0, {MAX_FFN}]")
+        if self.shared_expert_gate and not s:
+            raise ValueError("config.shared_expert_gate is set without a shared expert (config.shared_expert_dim)")
 
     @property
     def is_moe(self) -> bool:

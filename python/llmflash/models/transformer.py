@@ -143,6 +143,8 @@ class Layer:
     down_bias: Tensor | None  # (D,) float32, OPT fc2 bias
     n_heads: int
     n_kv_heads: int
+    shared: tuple[Tensor, Tensor, Tensor] | None = None  # a shared expert's gate, up, down (Qwen2-MoE)
+    shared_gate: Tensor | None = None  # (1, D) its sigmoid gate
 
 
 class Transformer:
@@ -194,6 +196,10 @@ class Transformer:
                     down_bias=opt(p + "ffn.down_bias", f32),
                     n_heads=c.n_heads[i],
                     n_kv_heads=c.n_kv_heads[i],
+                    shared=tuple(w(p + f"ffn.shared.{x}.weight") for x in ("gate", "up", "down"))  # type: ignore[arg-type]
+                    if c.shared_expert_dim
+                    else None,
+                    shared_gate=opt(p + "ffn.shared_gate.weight", w),
                 )
             )
         self.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling) if c.rope_theta is not None else None
@@ -325,10 +331,13 @@ class Transformer:
     ) -> Tensor:
         """x (T, D) -> (T, D) float32; writes this layer's keys and values into the cache."""
         c, hd, T = self.config, self.config.head_dim, x.shape[0]
-        q = linear(x, L.q, L.q_b).view(T, L.n_heads, hd).transpose(0, 1)  # (Hq, T, hd)
-        k = linear(x, L.k, L.k_b).view(T, L.n_kv_heads, hd).transpose(0, 1)  # (Hkv, T, hd)
+        q, k = linear(x, L.q, L.q_b), linear(x, L.k, L.k_b)  # (T, Hq*hd), (T, Hkv*hd)
+        if c.qk_norm_all and L.q_norm is not None and L.k_norm is not None:  # OLMoE: whole projections
+            q, k = rms_norm(q, L.q_norm, c.norm_eps), rms_norm(k, L.k_norm, c.norm_eps)
+        q = q.view(T, L.n_heads, hd).transpose(0, 1)  # (Hq, T, hd)
+        k = k.view(T, L.n_kv_heads, hd).transpose(0, 1)  # (Hkv, T, hd)
         v = linear(x, L.v, L.v_b).view(T, L.n_kv_heads, hd).transpose(0, 1)  # (Hkv, T, hd)
-        if L.q_norm is not None and L.k_norm is not None:  # OpenELM, before RoPE
+        if not c.qk_norm_all and L.q_norm is not None and L.k_norm is not None:  # OpenELM, before RoPE
             q, k = rms_norm(q, L.q_norm, c.norm_eps), rms_norm(k, L.k_norm, c.norm_eps)
         if cos is not None and sin is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -343,7 +352,14 @@ class Transformer:
         return linear(out, L.o, L.o_b)  # (T, D)
 
     def _ffn(self, i: int, L: Layer, x: Tensor) -> Tensor:
-        y = self.ffn(i, x.to(self.dtype)).float()  # (T, D)
+        x = x.to(self.dtype)
+        y = self.ffn(i, x).float()  # (T, D)
+        if L.shared is not None:  # resident, every token: a mixture of experts' shared expert
+            g, u, d = L.shared
+            s = linear(torch.nn.functional.silu(linear(x, g)) * linear(x, u), d)
+            if L.shared_gate is not None:
+                s = torch.sigmoid(linear(x, L.shared_gate)) * s
+            y = y + s.float()
         return y + L.down_bias if L.down_bias is not None else y
 
 

@@ -213,10 +213,16 @@ def expected_resident(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             if c.attn_bias:
                 want[p + f"attn.{n}.bias"] = (rows,)
         if c.qk_norm:
-            want[p + "attn.q_norm.weight"] = (c.head_dim,)
-            want[p + "attn.k_norm.weight"] = (c.head_dim,)
+            want[p + "attn.q_norm.weight"] = (q if c.qk_norm_all else c.head_dim,)
+            want[p + "attn.k_norm.weight"] = (kv if c.qk_norm_all else c.head_dim,)
         if c.n_experts:
             want[p + "ffn.router.weight"] = (c.n_experts, d)
+        if c.shared_expert_dim:
+            sd = c.shared_expert_dim
+            want[p + "ffn.shared.gate.weight"] = want[p + "ffn.shared.up.weight"] = (sd, d)
+            want[p + "ffn.shared.down.weight"] = (d, sd)
+        if c.shared_expert_gate:
+            want[p + "ffn.shared_gate.weight"] = (1, d)
         if c.ffn_bias:
             want[p + "ffn.up_bias"] = (c.ffn_dims[i],)
             want[p + "ffn.down_bias"] = (d,)
