@@ -79,6 +79,7 @@ CASES = [
     ("flash", {"share": 0.2, "window": 1}),
     ("flash", {"share": 0.0, "window": 0}),
     ("flash", {"share": 0.5, "lookahead": True}),
+    ("flash", {"share": 0.3, "lookahead": "attention", "window": 1}),
     ("flash", {"share": 0.3, "overlap": False}),
 ]
 
@@ -99,6 +100,7 @@ def test_matches_transformers(models, kind, strategy, opts):
         return
     s = fm.stats()
     assert s["experts_read_per_token"] > 0 and s["bytes_read"] >= s["bytes_useful"] > 0
+    assert 2 <= s["distinct_experts_per_layer"] <= 8
     if strategy == "naive":
         assert s["cache_capacity_experts"] == 0 and s["hits"] == 0
     if opts.get("lookahead"):
@@ -245,7 +247,7 @@ def test_neuron_options_are_refused(mixtral, capsys):
     _, path = mixtral
     from llmflash import InvalidArgumentError
 
-    for opts in ({"sparsity": "oracle"}, {"hot": 0.2}, {"lookahead": "attention"}):
+    for opts in ({"sparsity": "oracle"}, {"hot": 0.2}, {"compute": "wanted"}):
         with pytest.raises(InvalidArgumentError):
             FlashModel.open(path, strategy="flash", **opts)
 

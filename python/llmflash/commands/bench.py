@@ -51,6 +51,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "x naive",
     ]
     widths = [16, 9, 8, 8, 10, 10, 9, 8, 8, 8, 6, 8]
+    if any("experts_per_token" in r for r in rows):  # a mixture of experts: whole experts read per token
+        cols.insert(-2, ("experts_per_token", "{:>7.1f}"))
+        heads.insert(-2, "experts")
+        widths.insert(-2, 7)
     lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(heads, widths)))]
     for r in rows:
         cells = []

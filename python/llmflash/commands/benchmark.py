@@ -186,6 +186,10 @@ def _rows(runs: list[Run], n: int) -> list[dict[str, Any]]:
             row["mb_min_per_token"] = r.totals["bytes_useful"] / n / 1e6
             row["read_vs_min"] = r.totals["bytes_read"] / max(1.0, r.totals["bytes_useful"])
             row["hit_rate"] = hits / max(1.0, hits + misses)
+        if "experts_read_per_token" in r.totals:  # experts: what overflowed the caches was read too
+            read = r.totals.get("misses", 0.0) + r.totals.get("overflow", 0.0)
+            row["experts_per_token"] = read / n
+            row["hit_rate"] = r.totals.get("hits", 0.0) / max(1.0, r.totals.get("hits", 0.0) + read)
         if r.label == "naive":
             naive_ms = ms
         rows.append(row)

@@ -14,7 +14,8 @@ experts, compute the experts already there while they run, wait, compute the new
 stream the overflow through the scratch area. `naive` is the same with no cache: every routed
 expert read every token. Lookahead ("layer"): layer i+1's router applied to layer i's FFN input
 guesses its experts, whose reads start at once (begin_guess: a wrong guess costs reads, never
-correctness); the guess's accuracy is counted.
+correctness); "attention": each layer's own router on the FFN norm of its attention input
+guesses, the reads running beside the attention. The guess's precision is counted.
 
 CPU only so far (a GPU, like a quantized mixture-of-experts store, is an InvalidArgumentError).
 """
@@ -69,7 +70,9 @@ class ExpertFFN:
                 )
         self.options = o = FlashOptions(**options)
         if o.lookahead == "attention":
-            raise InvalidArgumentError("lookahead='attention' is not available for experts: use 'layer'", store.path)
+            if not c.pre_norm:
+                raise InvalidArgumentError("lookahead='attention' needs a pre-norm model", store.path)
+            self.early = self._early  # the transformer calls it before each layer's attention
         self.routers = store.routers()
         resident, ffn = model_bytes(store)
         budget = parse_memory(o.memory, resident + ffn) if o.memory is not None else resident + ffn
@@ -98,6 +101,9 @@ class ExpertFFN:
         self.t = {"io": 0.0, "compute": 0.0, "predict": 0.0}
         self.ahead = {"guess_named": 0, "guess_right": 0, "wanted_named": 0}
         self._guess: list[np.ndarray | None] = [None] * c.n_layers
+        # the experts each layer's router picked since the last reset_stats: how concentrated the
+        # routing is, which bounds what any cache can hit
+        self.routed = np.zeros((c.n_layers, c.n_experts), dtype=bool)
 
     def _view(self, buf: AlignedBuf, rows: int) -> Tensor:
         n = rows * self.config.bundle_values
@@ -111,10 +117,11 @@ class ExpertFFN:
         cache, F = self.caches[layer], self.F[layer]
         experts, weights = route(x, self.routers[layer], self.config)
         ids = np.asarray(expert_ids(experts), dtype=np.uint32)
+        self.routed[layer, ids] = True
         self._check_guess(layer, ids)
         t1 = time.perf_counter()
         adm = cache.begin(ids, self.step) if self.options.overlap else cache.admit(ids, self.step)
-        if self.options.lookahead and layer + 1 < self.config.n_layers:
+        if self.options.lookahead == "layer" and layer + 1 < self.config.n_layers:
             self._read_ahead(layer + 1, x)
         t2 = time.perf_counter()
         y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
@@ -163,6 +170,15 @@ class ExpertFFN:
         self.caches[nxt].begin_guess(guess, self.step)
         self._guess[nxt] = guess
 
+    def _early(self, layer: int, x: Tensor) -> None:
+        """Lookahead "attention": the layer's own router on the FFN norm of its attention input
+        (the residual before attention adds to it) guesses its experts; their reads run beside the
+        attention. Layer 0 comes before the call that advances the step: its guess is the next."""
+        step = self.step + 1 if layer == 0 else self.step
+        guess = np.asarray(expert_ids(route(x, self.routers[layer], self.config)[0]), dtype=np.uint32)
+        self.caches[layer].begin_guess(guess, step)
+        self._guess[layer] = guess
+
     def _check_guess(self, layer: int, ids: np.ndarray) -> None:
         guess, self._guess[layer] = self._guess[layer], None
         if guess is not None:
@@ -190,6 +206,7 @@ class ExpertFFN:
                 "experts_read_per_token": read / steps,
                 "expert_hit_rate": out.get("hits", 0.0) / max(1.0, out.get("hits", 0.0) + read),
                 "cache_capacity_experts": float(sum(self.plan.capacities)),
+                "distinct_experts_per_layer": float(self.routed.sum()) / self.config.n_layers,
                 "budget_bytes": float(self.plan.budget),
                 "steps": float(self.step),
                 "requests_per_token": out.get("requests", 0.0) / steps,
@@ -204,3 +221,4 @@ class ExpertFFN:
             c.reset_stats()
         self.t = dict.fromkeys(self.t, 0.0)
         self.ahead = dict.fromkeys(self.ahead, 0)
+        self.routed[:] = False
