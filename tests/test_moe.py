@@ -295,9 +295,10 @@ def test_neuron_commands_refuse_experts(mixtral, capsys, argv):
     assert "mixture-of-experts" in err and str(path) in err and "Traceback" not in err
 
 
-def write_mixtral_gguf(path: Path, model) -> None:
+def write_mixtral_gguf(path: Path, model, experts: str | None = None) -> None:
     """The HF Mixtral `model` as llama.cpp writes it: arch llama with expert_count, the Q/K row
-    permutation, stacked expert tensors and the router ffn_gate_inp (float32 throughout)."""
+    permutation, stacked expert tensors and the router ffn_gate_inp (float32; the experts in
+    the gguf type `experts` when given, quantized by gguf.quants along their rows)."""
     import gguf
     from gguf_builders import llama_cpp_permute
 
@@ -335,9 +336,17 @@ def write_mixtral_gguf(path: Path, model) -> None:
         out.add_tensor(b + "ffn_gate_inp.weight", sd[moe + "gate.weight"])
         gate_up = sd[moe + "experts.gate_up_proj"]  # (E, 2F, D)
         F = c.intermediate_size
-        out.add_tensor(b + "ffn_gate_exps.weight", np.ascontiguousarray(gate_up[:, :F]))
-        out.add_tensor(b + "ffn_up_exps.weight", np.ascontiguousarray(gate_up[:, F:]))
-        out.add_tensor(b + "ffn_down_exps.weight", np.ascontiguousarray(sd[moe + "experts.down_proj"]))
+        for name, w in (
+            ("ffn_gate_exps", gate_up[:, :F]),
+            ("ffn_up_exps", gate_up[:, F:]),
+            ("ffn_down_exps", sd[moe + "experts.down_proj"]),
+        ):
+            w = np.ascontiguousarray(w)
+            if experts is None:
+                out.add_tensor(b + name + ".weight", w)
+            else:
+                q = gguf.GGMLQuantizationType[experts]
+                out.add_tensor(b + name + ".weight", gguf.quants.quantize(w, q), raw_dtype=q)
     out.write_header_to_file()
     out.write_kv_data_to_file()
     out.write_tensors_to_file()
@@ -365,11 +374,57 @@ def test_gguf_mixtral_converts_to_its_hf_twin(mixtral, tmp_path):
     assert (got - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
 
 
-def test_quantized_expert_stores_are_refused(mixtral, tmp_path):
-    from llmflash import ConvertError
-    from llmflash.convert.hf import convert_hf
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_gguf_quantized_experts_keep_their_blocks(mixtral, convert_to, tmp_path, kind):
+    """A GGUF whose stacked experts are in the store's block format converts to the ffn.bin the
+    HF twin quantized once gives (the same gguf.quants blocks, no second rounding)."""
+    from llmflash.convert.gguf import convert_gguf
 
     hf, _ = mixtral
-    with pytest.raises(ConvertError, match="mixture-of-experts"):
-        convert_hf(hf.path, tmp_path / "q.llmflash", dtype="q8_0")
-    assert not (tmp_path / "q.llmflash").exists()
+    src = tmp_path / "mixtral.gguf"
+    write_mixtral_gguf(src, hf.model, experts=kind.upper())
+    store = convert_gguf(src, tmp_path / "g.llmflash", dtype=kind)
+    twin = convert_to(hf.path, dtype=kind)
+    assert (store / "ffn.bin").read_bytes() == (twin / "ffn.bin").read_bytes()
+    a, b = (
+        flash_steps(FlashModel.open(store, strategy="flash"), PROMPT, 2)[0],
+        flash_steps(FlashModel.open(twin), PROMPT, 2)[0],
+    )
+    assert (a - b).abs().max().item() <= 1e-3 * max(1.0, b.abs().max().item())
+
+
+def quantized_mixtral(model, kind: str):
+    """transformers' Mixtral with every weight rounded as a quantized store rounds it (gguf.quants
+    round trips): 2-D matrices along their rows, each expert's gate/up rows along D and its down
+    along its neurons; the router stays float32, as the store keeps it."""
+    import copy
+
+    from gguf_builders import rt, rt_padded
+
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("mlp.gate.weight") or p.dim() == 1:
+                continue
+            if p.dim() == 2:
+                p.copy_(rt(p, kind))
+            elif name.endswith("gate_up_proj"):
+                p.copy_(torch.stack([rt(w, kind) for w in p]))
+            else:  # down_proj (E, D, F): blocks along each expert's neurons
+                p.copy_(torch.stack([rt_padded(w, kind) for w in p]))
+    return ref.eval()
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1"])
+def test_quantized_experts_match_their_rounding(mixtral, convert_to, kind):
+    """A quantized expert store: dense, naive and flash (a small budget) equal transformers over
+    the same rounded weights within the quantized kernels' 1e-3, and flash equals dense."""
+    hf, _ = mixtral
+    path = convert_to(hf.path, dtype=kind)
+    ref, ref_tokens = hf_steps(quantized_mixtral(hf.model, kind), PROMPT * 2, 4)
+    dense, tokens = flash_steps(FlashModel.open(path, strategy="dense"), PROMPT * 2, 4)
+    scale = max(1.0, ref.abs().max().item())
+    assert (dense - ref).abs().max().item() <= 1e-3 * scale and tokens == ref_tokens
+    for opts in ({"strategy": "naive"}, {"strategy": "flash", "memory": expert_budget(path, 0.3), "window": 1}):
+        got, _ = flash_steps(FlashModel.open(path, **opts), PROMPT * 2, 4)
+        assert (got - dense).abs().max().item() <= 1e-4 * scale, opts

@@ -398,6 +398,25 @@ def convert_gguf(
 
     writer = StoreWriter(dst, cfg, dtype=dtype, source=str(src), force=force, src=src)  # fails fast on a bad dst
 
+    def experts(name: str, E: int, shape: tuple[int, int]) -> Any:
+        """A stack of E expert matrices of `shape` joined along the neurons: gate/up (E*F, D),
+        down (D, E*F). Blocks of the store's kind are kept (down's run along each expert's
+        neurons, so F must be whole blocks), else the values."""
+        t, down = names[name], shape[0] == d
+        kind = _KIND.get(t.tensor_type.name)
+        raw = tuple(int(x) for x in t.data.shape)
+        if kind == dtype and shape[1] % 32 == 0 and raw == (E, shape[0], shape[1] // 32 * QUANT_BYTES[kind]):
+            data = np.asarray(t.data)
+            data = data.transpose(1, 0, 2).reshape(shape[0], -1) if down else data.reshape(E * shape[0], -1)
+            q = QTensor(kind, (d, E * shape[1]) if down else (E * shape[0], d), torch.from_numpy(data.copy()))
+            if not is_finite(q.scales()):
+                raise ConvertError(
+                    f"tensor {name!r} holds non-finite block scales (NaN or Inf): the file is corrupt", src
+                )
+            return q
+        w = get(name, (E, *shape))
+        return np.ascontiguousarray(w.transpose(1, 0, 2)).reshape(d, -1) if down else w.reshape(-1, d)
+
     def mat(name: str, shape: tuple[int, int], heads: int | None = None) -> Any:
         w = own(name, shape, heads, any_kind=True)
         return w if isinstance(w, QTensor) else res(w)
@@ -436,10 +455,8 @@ def convert_gguf(
                     F = n // E
                     resident[f"{p}ffn.router.weight"] = res(get(f"{b}ffn_gate_inp.weight", (E, d)))
                     # (E, F, D) stacks: expert e's neurons [e*F, (e+1)*F) (models/config.py)
-                    gate = get(f"{b}ffn_gate_exps.weight", (E, F, d)).reshape(n, d)
-                    up = get(f"{b}ffn_up_exps.weight", (E, F, d)).reshape(n, d)
-                    down = np.ascontiguousarray(get(f"{b}ffn_down_exps.weight", (E, d, F)).transpose(1, 0, 2))
-                    down = down.reshape(d, n)
+                    gate, up = (experts(f"{b}ffn_{x}_exps.weight", E, (F, d)) for x in ("gate", "up"))
+                    down = experts(f"{b}ffn_down_exps.weight", E, (d, F))
                 else:
                     gate, up = own(f"{b}ffn_gate.weight", (n, d)), own(f"{b}ffn_up.weight", (n, d))
                     # down's rows run along the neurons, in blocks of 32 neurons: a quantized store

@@ -67,10 +67,6 @@ class StoreWriter:
             raise ConvertError(f"unsupported dtype {dtype!r}; choose one of {sorted(S.STORE_DTYPES)}")
         config.validate()
         self.quant = dtype if dtype in S.QUANT_DTYPES else None
-        if self.quant and config.n_experts:
-            raise ConvertError(
-                f"a {dtype} mixture-of-experts store is not supported yet: convert with --dtype float16 or bfloat16"
-            )
         if self.quant:
             check_quantizable(config, dtype)
         self.dst = Path(dst)

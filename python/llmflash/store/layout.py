@@ -176,8 +176,11 @@ def down_scale_shapes(config: ModelConfig, dtype: str) -> dict[str, tuple[int, i
 
 
 def quantized_names(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """The resident tensors a quantized store holds quantized: every 2-D one, by logical shape."""
-    return {k: (v[0], v[1]) for k, v in expected_resident(config).items() if len(v) == 2}
+    """The resident tensors a quantized store holds quantized: every 2-D one, by logical shape,
+    but a mixture of experts' router and shared-expert gate (small, and a top-k choice turns
+    rounding into other experts: float32 like the norms)."""
+    keep = ("ffn.router.weight", "ffn.shared_gate.weight")
+    return {k: (v[0], v[1]) for k, v in expected_resident(config).items() if len(v) == 2 and not k.endswith(keep)}
 
 
 def plan_regions(config: ModelConfig, dtype: str) -> list[tuple[int, int, int]]:

@@ -58,8 +58,6 @@ class DenseFFN:
         # (n,) fc1 bias (OPT), float32, store order
         self.b1: list[Tensor | None] = [None if b is None else b.to(dev) for b in store.up_biases()]
         self.quant = None if dequantize else store.quant
-        if c.n_experts and store.quant:
-            raise InvalidArgumentError("a quantized mixture-of-experts store is not supported yet", store.path)
         self.routers = [r.to(dev) for r in store.routers()]  # mixture of experts: (E, D) per layer
         self.rows: list[Tensor] = []  # quantized stores: each layer's bundles as read, (n, bundle_bytes) uint8
         self.q: list[QBundles] = []  # and each layer's bundle format (its down scales)
@@ -68,7 +66,7 @@ class DenseFFN:
                 rows = store.read_layer(i, verify=True)
                 store.check_groups(i, rows)  # a StoreError now, not the kernel's at a token
                 q = store.q_bundles(i)
-                if rows.shape[0] % BLOCK:  # a partial last down group: the bundle kernel
+                if rows.shape[0] % BLOCK or c.n_experts:  # a partial last down group, or experts: bundle kernel
                     self.rows.append(rows)
                     self.q.append(q)
                     self.w1.append(None)
@@ -132,6 +130,8 @@ class DenseFFN:
         """Expert e of a mixture-of-experts layer on x (t, D): its slices of w1 (gate rows, then
         up rows) and w2."""
         n, f = self.config.ffn_dims[layer], self.config.expert_dim(layer)
+        if self.quant:  # the expert's bundles, each carrying its down group (store/layout.py)
+            return q_rows_ffn(x, self.rows[layer][e * f : (e + 1) * f], self.config, self.q[layer])
         w1, w2 = self.w1[layer], self.w2[layer]
         g, u = linear(x, w1[e * f : (e + 1) * f]), linear(x, w1[n + e * f : n + (e + 1) * f])
         return linear(self.act(g) * u, w2[:, e * f : (e + 1) * f])

@@ -17,7 +17,8 @@ guesses its experts, whose reads start at once (begin_guess: a wrong guess costs
 correctness); "attention": each layer's own router on the FFN norm of its attention input
 guesses, the reads running beside the attention. The guess's precision is counted.
 
-CPU only so far (a GPU, like a quantized mixture-of-experts store, is an InvalidArgumentError).
+A quantized store's experts are its bundles as they are (each carries its down group: the
+layer's resident scales serve any subset). CPU only so far (a GPU is an InvalidArgumentError).
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ from torch import Tensor
 from ..budget import parse_memory, plan_caches
 from ..device import on_cpu
 from ..errors import InvalidArgumentError
-from ..io import AlignedBuf, NeuronCache, as_tensor, combine_crcs, load_profile
+from ..io import AlignedBuf, NeuronCache, combine_crcs, load_profile
 from ..models.moe import expert_ids, route
 from ..store import Store
 from .base import rows_ffn
 from .flash.options import FlashOptions
-from .flash.setup import model_bytes, open_reader
+from .flash.setup import bundle_view, model_bytes, open_reader
 
 # options of flash that name neuron-level machinery: an expert store has no use for them
 NEURON_ONLY = {"sparsity": None, "hot": 0.0, "compute": "live", "fill_holes": True, "coalesce": True}
@@ -52,8 +53,6 @@ class ExpertFFN:
         self.store, self.name = store, name
         if not c.n_experts:
             raise InvalidArgumentError("not a mixture-of-experts store", store.path)
-        if store.quant:
-            raise InvalidArgumentError("a quantized mixture-of-experts store is not supported yet", store.path)
         if device is not None and not on_cpu(device):
             raise InvalidArgumentError(
                 f"a mixture-of-experts store runs on the CPU only so far (device {device} asked): use --device cpu",
@@ -95,6 +94,7 @@ class ExpertFFN:
             self.caches.append(cache)
             self.rows.append(self._view(cache.slots, cap * F[i]))
         self.F = F
+        self.q = [store.q_bundles(i) for i in range(c.n_layers)]  # quantized: each layer's down scales
         self.scratch = AlignedBuf(max(1, self.plan.scratch))
         self.scratch_experts = self.plan.scratch // unit
         self.step = 0
@@ -106,8 +106,9 @@ class ExpertFFN:
         self.routed = np.zeros((c.n_layers, c.n_experts), dtype=bool)
 
     def _view(self, buf: AlignedBuf, rows: int) -> Tensor:
-        n = rows * self.config.bundle_values
-        return as_tensor(buf, self.store.dtype)[:n].view(rows, self.config.bundle_values)
+        """The first `rows` bundles of `buf`: (rows, bundle_values), or a quantized store's
+        (rows, bundle_bytes) uint8."""
+        return bundle_view(self.store, buf, rows)
 
     def __call__(self, layer: int, x: Tensor) -> Tensor:
         """x (T, D) -> (T, D) float32: the routed experts' sum (models/moe.py)."""
@@ -130,13 +131,13 @@ class ExpertFFN:
         live = [(int(e), int(r)) for e, r in zip(ids, rows) if 0 <= r < adm.total_rows]
         for e, r in live:  # the experts already there, while the reads run
             if r not in filled:
-                self._add(y, x, experts, weights, e, self.rows[layer][r * F : (r + 1) * F])
+                self._add(layer, y, x, experts, weights, e, self.rows[layer][r * F : (r + 1) * F])
         t3 = time.perf_counter()
         cache.wait()
         t4 = time.perf_counter()
         for e, r in live:
             if r in filled:
-                self._add(y, x, experts, weights, e, self.rows[layer][r * F : (r + 1) * F])
+                self._add(layer, y, x, experts, weights, e, self.rows[layer][r * F : (r + 1) * F])
         io = self._overflow(layer, x, y, experts, weights, np.asarray(adm.overflow, dtype=np.uint32))
         t5 = time.perf_counter()
         self.t["predict"] += t1 - t0
@@ -144,10 +145,10 @@ class ExpertFFN:
         self.t["compute"] += (t3 - t2) + (t5 - t4) - io
         return y
 
-    def _add(self, y: Tensor, x: Tensor, experts: Tensor, weights: Tensor, e: int, rows: Tensor) -> None:
+    def _add(self, layer: int, y: Tensor, x: Tensor, experts: Tensor, weights: Tensor, e: int, rows: Tensor) -> None:
         """y[t] += w_te * expert_e(x_t) for the tokens t routed to e, given its rows."""
         t, slot = torch.where(experts == e)
-        y.index_add_(0, t, rows_ffn(x[t], rows, self.config).float() * weights[t, slot, None])
+        y.index_add_(0, t, rows_ffn(x[t], rows, self.config, q=self.q[layer]).float() * weights[t, slot, None])
 
     def _overflow(self, layer: int, x: Tensor, y: Tensor, experts: Tensor, weights: Tensor, ids: np.ndarray) -> float:
         """The routed experts the cache could not hold, read through the scratch area a few at a
@@ -160,7 +161,7 @@ class ExpertFFN:
             io += time.perf_counter() - t0
             rows = self._view(self.scratch, len(chunk) * F)
             for k, e in enumerate(chunk.tolist()):
-                self._add(y, x, experts, weights, e, rows[k * F : (k + 1) * F])
+                self._add(layer, y, x, experts, weights, e, rows[k * F : (k + 1) * F])
         return io
 
     def _read_ahead(self, nxt: int, x: Tensor) -> None:
