@@ -1,8 +1,16 @@
 """Write an OLMoE-1B-7B-shaped Hugging Face checkpoint with random weights (~13.8 GB float16)
 and convert it to an llmflash store: the two forms of the same weights that bench_moe.py runs.
+Or (--shape mixtral-q4_0) a Mixtral-8x7B-shaped q4_0 store alone (~26 GB; no float twin fits).
 
     python benches/make_moe_model.py [--out /work/bench-data/olmoe-random]
         -> OUT/hf (config.json + one safetensors file per layer) and OUT/store.llmflash
+    python benches/make_moe_model.py --shape mixtral-q4_0 [--out /work/bench-data/mixtral-q4_0]
+        -> OUT/store.llmflash
+
+Mixtral-8x7B's shape: 32 layers, d = 4,096, 32 query heads and 8 KV heads of 128, 8 experts of
+14,336 neurons, top-2 (renormalised), vocab 32,000, untied LM head; every matrix in q4_0 blocks
+of random nibbles under float16 scales of 2^-9..2^-8 (random signs), norm weights 1, written
+through StoreWriter as blocks kept as they are (a GGUF's own would be).
 
 allenai/OLMoE-1B-7B-0924's shape: 16 layers, d = 2,048, 16 heads of 128 (no GQA), q/k RMSNorm
 over the whole projections, 64 experts of 1,024 SwiGLU neurons per layer, top-8 without
@@ -120,12 +128,68 @@ def make_hf(out: Path, seed: int = 0) -> Path:
     return out
 
 
+def random_q4_0(rows: int, cols: int, rng: np.random.Generator):
+    """A random q4_0 QTensor (rows, cols): each 18-byte block a float16 scale then 16 bytes of
+    nibbles."""
+    import torch
+
+    from llmflash.models.quant import QTensor, row_bytes
+
+    blocks = rows * cols // 32
+    data = rng.bit_generator.random_raw(-(-blocks * 18 // 8)).view(np.uint8)[: blocks * 18].reshape(blocks, 18)
+    scale = random_f16_bits(blocks, rng) & 0x83FF | 0x1800  # exponent 6: |d| in [2^-9, 2^-8)
+    data[:, :2] = scale.view(np.uint8).reshape(blocks, 2)
+    return QTensor("q4_0", (rows, cols), torch.from_numpy(data.reshape(rows, row_bytes("q4_0", cols))))
+
+
+def make_mixtral_q4_0(store: Path, seed: int = 0) -> Path:
+    """A Mixtral-8x7B-shaped q4_0 store of random blocks (module docstring)."""
+    import torch
+    from tqdm import tqdm
+
+    from llmflash.convert.writer import StoreWriter
+    from llmflash.models.config import ModelConfig
+
+    rng = np.random.default_rng(seed)
+    Lm, Dm, Em, Fm, Vm = 32, 4096, 8, 14336, 32000
+    cfg = ModelConfig(
+        arch="llama", vocab_size=Vm, dim=Dm, n_layers=Lm, head_dim=128, n_heads=[32] * Lm, n_kv_heads=[8] * Lm,
+        ffn_dims=[Em * Fm] * Lm, norm_eps=1e-5, max_positions=32768, rope_theta=1e6, tie_embeddings=False,
+        n_experts=Em, experts_per_token=2, norm_topk_prob=True,
+        name="Mixtral-8x7B shape, random q4_0 blocks (benches/make_moe_model.py)",
+    )  # fmt: skip
+    ones = torch.ones(Dm)
+    with StoreWriter(store, cfg, dtype="q4_0", force=True) as w:
+        resident = {"embed.weight": random_q4_0(Vm, Dm, rng), "lm_head.weight": random_q4_0(Vm, Dm, rng)}
+        resident["norm.weight"] = ones.clone()
+        for i in tqdm(range(Lm), desc="write Mixtral q4_0 layers"):
+            p = f"layers.{i}."
+            resident.update({p + "attn_norm.weight": ones.clone(), p + "ffn_norm.weight": ones.clone()})
+            for x, r in (("q", 4096), ("k", 1024), ("v", 1024)):
+                resident[p + f"attn.{x}.weight"] = random_q4_0(r, Dm, rng)
+            resident[p + "attn.o.weight"] = random_q4_0(Dm, 4096, rng)
+            router = torch.from_numpy(random_f16_bits(Em * Dm, rng).view(np.float16).astype(np.float32))
+            resident[p + "ffn.router.weight"] = router.view(Em, Dm)
+            n = Em * Fm
+            w.write_layer(i, up=random_q4_0(n, Dm, rng), gate=random_q4_0(n, Dm, rng), down=random_q4_0(Dm, n, rng))
+        w.write_resident(resident)
+    return store
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="write both again")
+    ap.add_argument("--shape", choices=["olmoe", "mixtral-q4_0"], default="olmoe")
     a = ap.parse_args()
+    if a.shape == "mixtral-q4_0":
+        out = a.out if a.out != DEFAULT_OUT else DEFAULT_OUT.with_name("mixtral-q4_0")
+        t0 = time.perf_counter()
+        store = make_mixtral_q4_0(out / "store.llmflash", a.seed)
+        size = sum(f.stat().st_size for f in store.iterdir() if f.is_file())
+        print(f"store: {store} ({size / 1e9:.2f} GB, {time.perf_counter() - t0:.0f} s)")
+        return 0
     if a.force and a.out.exists():
         shutil.rmtree(a.out)
     t0 = time.perf_counter()
