@@ -68,71 +68,43 @@ def build_hf(kind: str, folder: Path, seed: int = 0, max_shard_size: str | None 
     import transformers
 
     torch.manual_seed(seed)
+    # Llama-family decoders (the MoE ones too): initialisation wider than the default 0.02, so
+    # logits lie far enough apart that greedy choices are stable under float32 rounding
+    # differences between implementations.
+    llama = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.15,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    # the mixtures of experts: 8 experts of 32 neurons, top-2 (Qwen2-MoE with a shared expert)
+    moe = {
+        "mixtral": (transformers.MixtralForCausalLM, transformers.MixtralConfig, dict(num_local_experts=8)),
+        "qwen2_moe": (
+            transformers.Qwen2MoeForCausalLM,
+            transformers.Qwen2MoeConfig,
+            dict(num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=40, pad_token_id=0),
+        ),
+        "qwen3_moe": (
+            transformers.Qwen3MoeForCausalLM,
+            transformers.Qwen3MoeConfig,
+            dict(num_experts=8, moe_intermediate_size=32, norm_topk_prob=True, head_dim=16, pad_token_id=0),
+        ),
+        "olmoe": (transformers.OlmoeForCausalLM, transformers.OlmoeConfig, dict(num_experts=8, pad_token_id=0)),
+    }
     if kind == "llama":
-        # Initialisation wider than the default 0.02: logits far enough apart that greedy choices
-        # are stable under float32 rounding differences between implementations.
-        kw = dict(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            initializer_range=0.15,
-            tie_word_embeddings=False,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-        kw.update(overrides)
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
-    elif kind == "mixtral":  # a Llama whose MLP is 8 experts, top-2
-        kw = dict(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            num_local_experts=8,
-            num_experts_per_tok=2,
-            max_position_embeddings=128,
-            initializer_range=0.15,
-            tie_word_embeddings=False,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-        kw.update(overrides)
-        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**kw))
-    elif kind in ("qwen2_moe", "qwen3_moe", "olmoe"):  # 8 experts, top-2; Qwen2-MoE: a shared expert
-        kw = dict(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            num_experts=8,
-            num_experts_per_tok=2,
-            max_position_embeddings=128,
-            initializer_range=0.15,
-            tie_word_embeddings=False,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        )
-        if kind == "qwen2_moe":
-            kw.update(moe_intermediate_size=32, shared_expert_intermediate_size=40)
-        kw.update(overrides)
-        if kind == "qwen3_moe":
-            kw.update(moe_intermediate_size=32, norm_topk_prob=True, head_dim=16)
-        if kind == "qwen2_moe":
-            model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(**kw))
-        elif kind == "qwen3_moe":
-            model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**kw))
-        else:
-            kw["intermediate_size"] = 32  # OLMoE's experts are intermediate_size wide
-            model = transformers.OlmoeForCausalLM(transformers.OlmoeConfig(**kw))
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**llama, **overrides}))
+    elif kind in moe:
+        cls, config, extra = moe[kind]
+        kw = {**llama, "intermediate_size": 32, "num_experts_per_tok": 2, **extra, **overrides}
+        model = cls(config(**kw))
     elif kind == "opt":
         kw = dict(
             vocab_size=VOCAB,

@@ -295,7 +295,7 @@ def test_neuron_commands_refuse_experts(mixtral, capsys, argv):
     assert "mixture-of-experts" in err and str(path) in err and "Traceback" not in err
 
 
-def write_mixtral_gguf(path: Path, model, experts: str | None = None) -> None:
+def write_mixtral_gguf(path: Path, model, experts: str | None = None, kv: dict | None = None) -> None:
     """The HF Mixtral `model` as llama.cpp writes it: arch llama with expert_count, the Q/K row
     permutation, stacked expert tensors and the router ffn_gate_inp (float32; the experts in
     the gguf type `experts` when given, quantized by gguf.quants along their rows)."""
@@ -316,7 +316,7 @@ def write_mixtral_gguf(path: Path, model, experts: str | None = None) -> None:
         ("expert_count", c.num_local_experts),
         ("expert_used_count", c.num_experts_per_tok),
     ):
-        out.add_uint32(f"llama.{key}", value)
+        out.add_uint32(f"llama.{key}", (kv or {}).get(key, value))
     out.add_float32("llama.rope.freq_base", float(c.rope_parameters["rope_theta"]))
     out.add_float32("llama.attention.layer_norm_rms_epsilon", c.rms_norm_eps)
     out.add_uint32("tokenizer.ggml.bos_token_id", 1)
@@ -391,6 +391,28 @@ def test_gguf_quantized_experts_keep_their_blocks(mixtral, convert_to, tmp_path,
         flash_steps(FlashModel.open(twin), PROMPT, 2)[0],
     )
     assert (a - b).abs().max().item() <= 1e-3 * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "kv,what",
+    [
+        ({"expert_count": 4}, "ffn_gate_inp"),
+        ({"expert_used_count": 9}, "experts_per_token"),
+        ({"expert_used_count": 0}, "expert_used_count"),
+        ({"expert_count": 1 << 20}, "expert_count"),
+    ],
+)
+def test_hostile_gguf_experts(mixtral, tmp_path, capsys, kv, what):
+    """Expert metadata that disagrees with the tensors (or with itself) is a ConvertError naming
+    the file and what is wrong; the CLI exits 2 and writes nothing."""
+    hf, _ = mixtral
+    src = tmp_path / "bad.gguf"
+    write_mixtral_gguf(src, hf.model, kv=kv)
+    dst = tmp_path / "bad.llmflash"
+    assert main(["convert", str(src), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert str(src) in err and what in err and "Traceback" not in err, err
+    assert not dst.exists()
 
 
 def quantized_mixtral(model, kind: str):
