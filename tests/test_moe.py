@@ -415,8 +415,8 @@ def test_hostile_gguf_experts(mixtral, tmp_path, capsys, kv, what):
     assert not dst.exists()
 
 
-def quantized_mixtral(model, kind: str):
-    """transformers' Mixtral with every weight rounded as a quantized store rounds it (gguf.quants
+def quantized_moe(model, kind: str):
+    """transformers' mixture-of-experts model with every weight rounded as a quantized store rounds it (gguf.quants
     round trips): 2-D matrices along their rows, each expert's gate/up rows along D and its down
     along its neurons; the router stays float32, as the store keeps it."""
     import copy
@@ -437,13 +437,16 @@ def quantized_mixtral(model, kind: str):
     return ref.eval()
 
 
-@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1"])
-def test_quantized_experts_match_their_rounding(mixtral, convert_to, kind):
+@pytest.mark.parametrize(
+    "arch,kind",
+    [("mixtral", "q8_0"), ("mixtral", "q4_0"), ("mixtral", "q4_1"), ("olmoe", "q8_0"), ("qwen3_moe", "q4_0")],
+)
+def test_quantized_experts_match_their_rounding(models, convert_to, arch, kind):
     """A quantized expert store: dense, naive and flash (a small budget) equal transformers over
     the same rounded weights within the quantized kernels' 1e-3, and flash equals dense."""
-    hf, _ = mixtral
+    hf, _ = models[arch]
     path = convert_to(hf.path, dtype=kind)
-    ref, ref_tokens = hf_steps(quantized_mixtral(hf.model, kind), PROMPT * 2, 4)
+    ref, ref_tokens = hf_steps(quantized_moe(hf.model, kind), PROMPT * 2, 4)
     dense, tokens = flash_steps(FlashModel.open(path, strategy="dense"), PROMPT * 2, 4)
     scale = max(1.0, ref.abs().max().item())
     assert (dense - ref).abs().max().item() <= 1e-3 * scale and tokens == ref_tokens

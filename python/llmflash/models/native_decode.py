@@ -36,6 +36,8 @@ def native_layers(model: Any) -> list[Any] | None:
     c = model.config
     if not (model.quantized and c.norm == "rms" and c.pre_norm and model.dtype == torch.float32):
         return None
+    if c.qk_norm_all:  # the kernel norms each head; OLMoE's q/k norm spans the whole projection
+        return None
     kinds = {w.kind if isinstance(w, QTensor) else None for L in model.layers for w in (L.q, L.k, L.v, L.o)}
     if len(kinds) != 1 or None in kinds:
         return None
