@@ -453,3 +453,17 @@ def test_quantized_experts_match_their_rounding(models, convert_to, arch, kind):
     for opts in ({"strategy": "naive"}, {"strategy": "flash", "memory": expert_budget(path, 0.3), "window": 1}):
         got, _ = flash_steps(FlashModel.open(path, **opts), PROMPT * 2, 4)
         assert (got - dense).abs().max().item() <= 1e-4 * scale, opts
+
+
+def test_verify_checks_an_expert_store(models, tmp_path, capsys):
+    import shutil
+
+    _, path = models["qwen2_moe"]
+    assert main(["verify", str(path)]) == 0
+    bad = tmp_path / "bad.llmflash"
+    shutil.copytree(path, bad)
+    flip_bit(bad / "ffn.bin", Store(bad).layers[1].offset + 100)
+    capsys.readouterr()
+    assert main(["verify", str(bad)]) != 0
+    out = capsys.readouterr()
+    assert "ffn.bin" in out.out + out.err
