@@ -107,6 +107,18 @@ def test_matches_transformers(models, kind, strategy, opts):
         assert s["guess_named"] > 0 and 0 <= s["guess_right"] <= s["guess_named"]
 
 
+def test_lookahead_does_not_count_the_guesses_as_tokens(mixtral):
+    """A guess's admission is taken out of the counts: the admissions are the tokens' (one per
+    layer and step) and experts read never exceed the routed ones plus the guesses."""
+    _, path = mixtral
+    for mode in ("layer", "attention"):
+        fm = FlashModel.open(path, strategy="flash", memory=expert_budget(path, 0.3), window=1, lookahead=mode)
+        flash_steps(fm, PROMPT, STEPS)
+        s = fm.stats()
+        assert s["admissions"] == s["steps"] * fm.store.config.n_layers, mode
+        assert s["hits"] + s["misses"] + s["overflow"] <= s["wanted_named"] + s["guess_named"] + len(PROMPT) * 16
+
+
 def test_expert_cache_hits_and_window(mixtral):
     """With room for every expert and a long window, what a token's experts were read once they
     are hits; the bytes read cover exactly the experts read (no neuron-level reads)."""
@@ -189,6 +201,19 @@ def edit_config(path: Path, tmp_path: Path, **changes) -> Path:
     return dst
 
 
+def test_a_permuted_expert_store_is_refused(mixtral, tmp_path):
+    import shutil
+
+    from store_builders import edit_manifest
+
+    _, path = mixtral
+    bad = tmp_path / "perm.llmflash"
+    shutil.copytree(path, bad)
+    edit_manifest(bad, lambda m: m["layers"][0].update(order=list(range(m["layers"][0]["n_neurons"]))[::-1]))
+    with pytest.raises(StoreError, match=r"layers\[0\].order"):
+        Store(bad)
+
+
 @pytest.mark.parametrize(
     "changes,what",
     [
@@ -201,6 +226,7 @@ def edit_config(path: Path, tmp_path: Path, **changes) -> Path:
         ({"shared_expert_gate": True}, "shared_expert_gate"),
         ({"shared_expert_dim": 16}, "shared"),
         ({"qk_norm_all": True}, "qk_norm_all"),
+        ({"act": "gelu"}, "SiLU"),
     ],
 )
 def test_hostile_moe_manifest(mixtral, tmp_path, capsys, changes, what):
@@ -287,10 +313,13 @@ def test_eval_on_experts_equals_dense(mixtral):
         assert row["wanted_share"] == 2 / 8
 
 
-@pytest.mark.parametrize("argv", [["calibrate"], ["place"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["calibrate"], ["place"], ["eval", "--hot", "0.2"], ["bench", "--tokens", "1", "--hot", "0.2"]],
+)
 def test_neuron_commands_refuse_experts(mixtral, capsys, argv):
     _, path = mixtral
-    assert main([*argv, str(path)]) == 2
+    assert main([argv[0], str(path), *argv[1:]]) == 2
     err = capsys.readouterr().err
     assert "mixture-of-experts" in err and str(path) in err and "Traceback" not in err
 
@@ -418,7 +447,7 @@ def test_hostile_gguf_experts(mixtral, tmp_path, capsys, kv, what):
 def quantized_moe(model, kind: str):
     """transformers' mixture-of-experts model with every weight rounded as a quantized store rounds it (gguf.quants
     round trips): 2-D matrices along their rows, each expert's gate/up rows along D and its down
-    along its neurons; the router stays float32, as the store keeps it."""
+    along its neurons; the router and a shared expert's gate stay float32, as the store keeps them."""
     import copy
 
     from gguf_builders import rt, rt_padded
@@ -426,7 +455,7 @@ def quantized_moe(model, kind: str):
     ref = copy.deepcopy(model)
     with torch.no_grad():
         for name, p in ref.named_parameters():
-            if name.endswith("mlp.gate.weight") or p.dim() == 1:
+            if name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")) or p.dim() == 1:
                 continue
             if p.dim() == 2:
                 p.copy_(rt(p, kind))
@@ -439,12 +468,24 @@ def quantized_moe(model, kind: str):
 
 @pytest.mark.parametrize(
     "arch,kind",
-    [("mixtral", "q8_0"), ("mixtral", "q4_0"), ("mixtral", "q4_1"), ("olmoe", "q8_0"), ("qwen3_moe", "q4_0")],
+    [
+        ("mixtral", "q8_0"),
+        ("mixtral", "q4_0"),
+        ("mixtral", "q4_1"),
+        ("olmoe", "q8_0"),
+        ("qwen3_moe", "q4_0"),
+        ("qwen2_moe", "q8_0"),
+    ],
 )
-def test_quantized_experts_match_their_rounding(models, convert_to, arch, kind):
+def test_quantized_experts_match_their_rounding(models, make_hf, convert_to, arch, kind):
     """A quantized expert store: dense, naive and flash (a small budget) equal transformers over
-    the same rounded weights within the quantized kernels' 1e-3, and flash equals dense."""
-    hf, _ = models[arch]
+    the same rounded weights within the quantized kernels' 1e-3, and flash equals dense; decode
+    runs the native attention kernels (and must still add Qwen2-MoE's shared expert)."""
+    hf = (
+        make_hf("qwen2_moe64", "qwen2_moe", shared_expert_intermediate_size=64)
+        if arch == "qwen2_moe"
+        else models[arch][0]
+    )
     path = convert_to(hf.path, dtype=kind)
     ref, ref_tokens = hf_steps(quantized_moe(hf.model, kind), PROMPT * 2, 4)
     dense, tokens = flash_steps(FlashModel.open(path, strategy="dense"), PROMPT * 2, 4)

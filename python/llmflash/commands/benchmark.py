@@ -96,8 +96,10 @@ def _runs(
     runs: list[Run] = []
     source_of = make_source
     if store.config.n_experts:  # the router picks whole experts: no neuron source, no ablation
-        if "ablation" in strategies:
-            raise InvalidArgumentError("the ablation rows are neuron-level: not for a mixture-of-experts store")
+        if "ablation" in strategies or hot:
+            raise InvalidArgumentError(
+                "--hot and the ablation rows are neuron-level: not for a mixture-of-experts store", store.path
+            )
         source_of = lambda *a, **k: None  # noqa: E731
     if "dense" in strategies:
         runs.append(Run("dense", "dense", FlashModel(store, "dense", make_ffn("dense", store, device=dev), dev)))

@@ -157,6 +157,8 @@ def evaluate(
     store = Store(store_path)
     ids = _token_ids(store, text, text_file, tokens)
     moe = bool(store.config.n_experts)  # the router names the experts: no neuron source
+    if moe and hot:
+        raise InvalidArgumentError("--hot pins neurons: a mixture-of-experts store reads whole experts", store.path)
     source = None if moe else make_source(sparsity, store, hot=hot)
     predictors = source if isinstance(source, Predictors) else None
     out: dict[str, Any] = {

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from ..errors import ConvertError
+from ..models.config import MAX_FFN
 from .hf_archs import FFNPlan, Plan, Tensors, _llama
 from .hf_source import Checkpoint, HFConfig
 
@@ -35,6 +36,8 @@ def _experts(
     if k > E:
         raise ConvertError(f"num_experts_per_tok = {k} exceeds the {E} experts", hf.path)
     F = hf.int(width)
+    if E * F > MAX_FFN:  # before a plan of E experts' tensor names is built
+        raise ConvertError(f"{E} experts of {F} neurons exceed the {MAX_FFN} a layer may hold", hf.path)
     S = hf.int("shared_expert_intermediate_size") if shared else 0
     d = hf.int("hidden_size")
     g, u, dn = names

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import ConvertError, UnsupportedModelError
-from ..models.config import MAX_FFN, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, finite_number
+from ..models.config import MAX_EXPERTS, MAX_FFN, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, finite_number
 from .common import regular_file
 
 CONFIG = "config.json"
@@ -36,6 +36,11 @@ LIMITS = {
     "head_dim": MAX_HEADS,
     "num_gqa_groups": MAX_HEADS,
     "vocab_size": MAX_VOCAB,
+    "num_experts": MAX_EXPERTS,
+    "num_local_experts": MAX_EXPERTS,
+    "num_experts_per_tok": MAX_EXPERTS,
+    "moe_intermediate_size": MAX_FFN,
+    "shared_expert_intermediate_size": MAX_FFN,
 }
 
 

@@ -289,8 +289,10 @@ class ModelConfig:
         for i, n in enumerate(self.ffn_dims):
             if n % e:
                 raise ValueError(f"config.ffn_dims[{i}] = {n} is not {e} experts (config.n_experts) of equal width")
-        if not self.gated or self.ffn_bias:
-            raise ValueError("config.n_experts is set but the FFN is not gated without biases (experts are SwiGLU)")
+        if not self.gated or self.ffn_bias or self.act != "silu":
+            raise ValueError(
+                "config.n_experts is set but the FFN is not SiLU-gated without biases (experts are SwiGLU)"
+            )
         s = self.shared_expert_dim
         if not _is_int(s) or not 0 <= s <= MAX_FFN:
             raise ValueError(f"config.shared_expert_dim = {s!r:.40} is not an integer in [0, {MAX_FFN}]")

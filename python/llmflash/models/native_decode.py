@@ -96,8 +96,7 @@ def decode_layers(model: Any, x: Tensor, cache: Any, pos: int, cos: Tensor | Non
         if early is not None:  # flash lookahead="attention": this layer's set guessed from its FFN norm now
             early(i, model._norm(xs[None], L.ffn_norm))
         h = layers[i].step(xn, pos, cache.k[i].numpy(), cache.v[i].numpy(), threads=threads, **rope)
-        y = model.ffn(i, torch.from_numpy(h)[None])  # (1, D)
-        xs += y[0] if L.down_bias is None else y[0] + L.down_bias
+        xs += model._ffn(i, L, torch.from_numpy(h)[None])[0]  # the FFN, OPT's fc2 bias, a shared expert
     return xs[None]
 
 

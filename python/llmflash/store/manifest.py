@@ -266,6 +266,8 @@ def _check_region(i: int, L: Any, mpath: Path, config: ModelConfig, dtype: str, 
     if off + rb > ffn_size:
         raise StoreError(f"layers[{i}] region [{off}, {off + rb}) lies outside ffn.bin ({ffn_size} bytes)", mpath)
     order = L.get("order")
+    if order is not None and config.n_experts:
+        raise StoreError(f"layers[{i}].order is set, but a mixture of experts keeps its experts in place", mpath)
     if order is not None:
         # ints only (not bools, not floats: 1.0 == 1 would pass the permutation test)
         if (

@@ -58,8 +58,14 @@ class ExpertFFN:
                 f"a mixture-of-experts store runs on the CPU only so far (device {device} asked): use --device cpu",
                 store.path,
             )
-        if name == "naive":
-            options = {k: v for k, v in options.items() if k in ("concurrency", "engine")}
+        if name == "naive":  # naive's options, the expert reads always CRC-checked
+            unknown = sorted(set(options) - {"concurrency", "engine", "verify_reads"})
+            if unknown or options.pop("verify_reads", True) is not True:
+                raise InvalidArgumentError(
+                    "naive on a mixture-of-experts store takes concurrency and engine only, "
+                    f"not {unknown or 'verify_reads=False'}",
+                    store.path,
+                )
             options["reuse"] = False
         for k, default in NEURON_ONLY.items():
             if options.get(k, default) != default:
@@ -68,6 +74,8 @@ class ExpertFFN:
                     store.path,
                 )
         self.options = o = FlashOptions(**options)
+        if not o.overlap:  # reads then compute, nothing started early (as FlashFFN)
+            o = self.options = FlashOptions(**{**options, "lookahead": False})
         if o.lookahead == "attention":
             if not c.pre_norm:
                 raise InvalidArgumentError("lookahead='attention' needs a pre-norm model", store.path)
@@ -99,8 +107,12 @@ class ExpertFFN:
         self.scratch_experts = self.plan.scratch // unit
         self.step = 0
         self.t = {"io": 0.0, "compute": 0.0, "predict": 0.0}
-        self.ahead = {"guess_named": 0, "guess_right": 0, "wanted_named": 0}
-        self._guess: list[np.ndarray | None] = [None] * c.n_layers
+        # the guesses' own admissions are not tokens': their hits and overflow (named, never read)
+        # are taken out of the caches' counts, as FlashFFN does
+        self.ahead = dict.fromkeys(
+            ("guess_named", "guess_right", "wanted_named", "guess_hits", "guess_overflow", "guess_admissions"), 0
+        )
+        self._guess: list[tuple[np.ndarray, Any] | None] = [None] * c.n_layers
         # the experts each layer's router picked since the last reset_stats: how concentrated the
         # routing is, which bounds what any cache can hit
         self.routed = np.zeros((c.n_layers, c.n_experts), dtype=bool)
@@ -167,25 +179,30 @@ class ExpertFFN:
     def _read_ahead(self, nxt: int, x: Tensor) -> None:
         """Lookahead: layer nxt's router on this layer's FFN input guesses its experts; their
         reads start now (begin_guess) and the guess is checked when nxt routes for real."""
-        guess = np.asarray(expert_ids(route(x, self.routers[nxt], self.config)[0]), dtype=np.uint32)
-        self.caches[nxt].begin_guess(guess, self.step)
-        self._guess[nxt] = guess
+        self._begin_guess(nxt, x, self.step)
 
     def _early(self, layer: int, x: Tensor) -> None:
         """Lookahead "attention": the layer's own router on the FFN norm of its attention input
         (the residual before attention adds to it) guesses its experts; their reads run beside the
         attention. Layer 0 comes before the call that advances the step: its guess is the next."""
-        step = self.step + 1 if layer == 0 else self.step
+        self._begin_guess(layer, x, self.step + 1 if layer == 0 else self.step)
+
+    def _begin_guess(self, layer: int, x: Tensor, step: int) -> None:
+        """Route x with the layer's router and start reading the experts it names."""
         guess = np.asarray(expert_ids(route(x, self.routers[layer], self.config)[0]), dtype=np.uint32)
-        self.caches[layer].begin_guess(guess, step)
-        self._guess[layer] = guess
+        self._guess[layer] = (guess, self.caches[layer].begin_guess(guess, step))
 
     def _check_guess(self, layer: int, ids: np.ndarray) -> None:
-        guess, self._guess[layer] = self._guess[layer], None
-        if guess is not None:
-            self.ahead["guess_named"] += len(guess)
-            self.ahead["guess_right"] += len(np.intersect1d(guess, ids))
-            self.ahead["wanted_named"] += len(ids)
+        pending, self._guess[layer] = self._guess[layer], None
+        if pending is not None:
+            guess, adm = pending
+            a = self.ahead
+            a["guess_named"] += len(guess)
+            a["guess_right"] += len(np.intersect1d(guess, ids))
+            a["wanted_named"] += len(ids)
+            a["guess_hits"] += adm.hits
+            a["guess_overflow"] += len(adm.overflow)
+            a["guess_admissions"] += 1
 
     def stats(self) -> dict[str, float]:
         """Summed over layers: the caches' counters (hits, misses, overflow count experts; bytes
@@ -195,6 +212,10 @@ class ExpertFFN:
         for c in self.caches:
             for k, v in c.stats().items():
                 out[k] = out.get(k, 0.0) + float(v)
+        a = self.ahead
+        out["hits"] = out.get("hits", 0.0) - a["guess_hits"]
+        out["overflow"] = out.get("overflow", 0.0) - a["guess_overflow"]
+        out["admissions"] = out.get("admissions", 0.0) - a["guess_admissions"]
         steps = max(self.step, 1)
         read = out.get("misses", 0.0) + out.get("overflow", 0.0)
         out.update(
