@@ -295,22 +295,6 @@ impl NeuronCache {
         self.shared.external
     }
 
-    /// External rows: the bundles of the last fill that finished, row k (of `bundle_bytes`) for
-    /// the admission's `filled_rows[k]`; None when there is none or it was taken. Look after
-    /// `wait` (or an inline `admit`), copy them into their rows, then `take_landed`.
-    pub fn landed(&self) -> Option<Arc<AlignedBuf>> {
-        self.landed.as_ref().map(|(b, _)| b.clone())
-    }
-
-    /// `landed`, marking the bundles taken: their rows stay in the cache. Bundles not taken by
-    /// the next admission never reached their rows, so that admission drops their neurons (as
-    /// if their fill had failed) and reads them again when wanted.
-    pub fn take_landed(&mut self) -> Option<Arc<AlignedBuf>> {
-        let (buf, _) = self.landed.take()?;
-        self.spent = Some(buf.clone());
-        Some(buf)
-    }
-
     pub fn region(&self) -> &Region {
         &self.region
     }
@@ -416,48 +400,11 @@ impl NeuronCache {
     }
 
     pub fn stats(&self) -> CacheStats {
-        let c = &self.shared.counters;
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        CacheStats {
-            admissions: l(&c.admissions),
-            hits: l(&c.hits),
-            misses: l(&c.misses),
-            overflow: l(&c.overflow),
-            evicted_window: l(&c.evicted_window),
-            evicted_capacity: l(&c.evicted_capacity),
-            bytes_read: l(&c.bytes_read),
-            bytes_useful: l(&c.bytes_useful),
-            bytes_direct: l(&c.bytes_direct),
-            requests: l(&c.requests),
-            failed_fills: l(&c.failed_fills),
-            io_ns: l(&c.io_ns),
-            wait_ns: l(&c.wait_ns),
-            mgmt_ns: l(&c.mgmt_ns),
-            crc_ns: l(&c.crc_ns),
-        }
+        self.shared.counters.snapshot()
     }
 
     pub fn reset_stats(&self) {
-        let c = &self.shared.counters;
-        for a in [
-            &c.admissions,
-            &c.hits,
-            &c.misses,
-            &c.overflow,
-            &c.evicted_window,
-            &c.evicted_capacity,
-            &c.bytes_read,
-            &c.bytes_useful,
-            &c.bytes_direct,
-            &c.requests,
-            &c.failed_fills,
-            &c.io_ns,
-            &c.wait_ns,
-            &c.mgmt_ns,
-            &c.crc_ns,
-        ] {
-            a.store(0, Ordering::Relaxed);
-        }
+        self.shared.counters.reset()
     }
 
     fn check_ids(&self, wanted: &[u32]) -> Result<()> {
@@ -535,6 +482,7 @@ mod counters;
 mod crc;
 mod evict;
 mod fill;
+mod landed;
 mod overflow;
 #[cfg(test)]
 mod tests;

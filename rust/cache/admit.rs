@@ -4,14 +4,12 @@
 //! background (or run them inline).
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Instant;
 
 use super::counters::{add, ns_since, Counters};
 use super::evict::Doom;
 use super::fill::{run_fill, Fill};
 use super::{Admission, NeuronCache, ABSENT, FILLING};
-use crate::aligned::AlignedBuf;
 use crate::error::Result;
 use crate::planner::plan;
 
@@ -179,32 +177,5 @@ impl NeuronCache {
             return Err(e);
         }
         Ok(adm)
-    }
-
-    /// Keep a fill's landed bundles for the owner (external rows).
-    pub(super) fn land(&mut self, landed: Option<(AlignedBuf, Vec<usize>)>) {
-        self.landed = landed.map(|(b, rows)| (Arc::new(b), rows));
-    }
-
-    /// Before an admission: the rows of bundles the owner did not take (they never reached
-    /// its rows) are unindexed and returned as holes; spent landing buffers go back to the pool.
-    fn drop_untaken(&mut self) -> Vec<usize> {
-        let mut holes = Vec::new();
-        if let Some((buf, rows)) = self.landed.take() {
-            for row in rows {
-                if self.neuron_of[row] != ABSENT {
-                    self.unindex(row);
-                    holes.push(row);
-                }
-            }
-            self.spent = Some(buf);
-        }
-        // The owner's views hold the other references; once they are gone the buffer is ours.
-        match self.spent.take().map(Arc::try_unwrap) {
-            Some(Ok(buf)) => self.shared.staging.give(buf),
-            Some(Err(held)) => self.spent = Some(held),
-            None => {}
-        }
-        holes
     }
 }

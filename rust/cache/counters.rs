@@ -85,3 +85,50 @@ pub(super) fn add(c: &AtomicU64, v: u64) {
 pub(super) fn ns_since(t: Instant) -> u64 {
     t.elapsed().as_nanos().min(u64::MAX as u128) as u64
 }
+
+impl Counters {
+    /// The counters now, as `NeuronCache::stats` returns them.
+    pub(super) fn snapshot(&self) -> CacheStats {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CacheStats {
+            admissions: l(&self.admissions),
+            hits: l(&self.hits),
+            misses: l(&self.misses),
+            overflow: l(&self.overflow),
+            evicted_window: l(&self.evicted_window),
+            evicted_capacity: l(&self.evicted_capacity),
+            bytes_read: l(&self.bytes_read),
+            bytes_useful: l(&self.bytes_useful),
+            bytes_direct: l(&self.bytes_direct),
+            requests: l(&self.requests),
+            failed_fills: l(&self.failed_fills),
+            io_ns: l(&self.io_ns),
+            wait_ns: l(&self.wait_ns),
+            mgmt_ns: l(&self.mgmt_ns),
+            crc_ns: l(&self.crc_ns),
+        }
+    }
+
+    /// Every counter back to 0.
+    pub(super) fn reset(&self) {
+        for a in [
+            &self.admissions,
+            &self.hits,
+            &self.misses,
+            &self.overflow,
+            &self.evicted_window,
+            &self.evicted_capacity,
+            &self.bytes_read,
+            &self.bytes_useful,
+            &self.bytes_direct,
+            &self.requests,
+            &self.failed_fills,
+            &self.io_ns,
+            &self.wait_ns,
+            &self.mgmt_ns,
+            &self.crc_ns,
+        ] {
+            a.store(0, Ordering::Relaxed);
+        }
+    }
+}
