@@ -26,11 +26,18 @@ from .hf_source import Checkpoint, HFConfig
 
 
 def _experts(
-    hf: HFConfig, ck: Checkpoint, block: str, names: tuple[str, str, str], width: str, shared: bool = False
+    hf: HFConfig,
+    ck: Checkpoint,
+    block: str,
+    names: tuple[str, str, str],
+    width: str,
+    shared: bool = False,
+    norm_topk: bool | None = None,
 ) -> FFNPlan:
     """The routed experts under `block` (e.g. "mlp."), their (gate, up, down) tensor names, the
-    config key of an expert's width, and with `shared` Qwen2-MoE's shared expert and its gate."""
-    mixtral = block == "block_sparse_moe."
+    config key of an expert's width, with `shared` Qwen2-MoE's shared expert and its gate;
+    `norm_topk`: whether the top-k weights are renormalised (None: config.json's norm_topk_prob;
+    Mixtral always does and has no such key)."""
     E = hf.int("num_local_experts" if hf.get("num_local_experts") is not None else "num_experts")  # either name
     k = hf.int("num_experts_per_tok")
     if k > E:
@@ -69,7 +76,11 @@ def _experts(
             r[q + "ffn.shared_gate.weight"] = ck.get(p + block + "shared_expert_gate.weight")
         return r, ffn
 
-    config = {"n_experts": E, "experts_per_token": k, "norm_topk_prob": mixtral or hf.bool("norm_topk_prob", False)}
+    config = {
+        "n_experts": E,
+        "experts_per_token": k,
+        "norm_topk_prob": hf.bool("norm_topk_prob", False) if norm_topk is None else norm_topk,
+    }
     if S:
         config.update(shared_expert_dim=S, shared_expert_gate=True)
     return FFNPlan(E * F, want, layer, config)
@@ -97,7 +108,9 @@ def _mixtral(hf: HFConfig, ck: Checkpoint, folder: Path) -> Plan:
         hf,
         ck,
         folder,
-        _experts(hf, ck, "block_sparse_moe.", ("w1.weight", "w3.weight", "w2.weight"), "intermediate_size"),
+        _experts(
+            hf, ck, "block_sparse_moe.", ("w1.weight", "w3.weight", "w2.weight"), "intermediate_size", norm_topk=True
+        ),
     )
 
 

@@ -30,7 +30,7 @@ def routed_sum(x: Tensor, experts: Tensor, weights: Tensor, expert_ffn: Callable
     """sum_t,slot weights[t, slot] * expert_ffn(experts[t, slot], x[t]) as (T, D) float32: each
     expert used once, over the tokens routed to it, in ascending expert order."""
     y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-    for e in torch.unique(experts).tolist():
+    for e in expert_ids(experts):
         t, slot = torch.where(experts == e)
         y.index_add_(0, t, expert_ffn(e, x[t]).float() * weights[t, slot, None])
     return y

@@ -41,7 +41,9 @@ from .flash.options import FlashOptions
 from .flash.setup import bundle_view, model_bytes, open_reader
 
 # options of flash that name neuron-level machinery: an expert store has no use for them
-NEURON_ONLY = {"sparsity": None, "hot": 0.0, "compute": "live", "fill_holes": True, "coalesce": True}
+NEURON_ONLY = {
+    k: FlashOptions.__dataclass_fields__[k].default for k in ("sparsity", "hot", "compute", "fill_holes", "coalesce")
+}
 
 
 class ExpertFFN:
@@ -100,7 +102,7 @@ class ExpertFFN:
                 cache.set_bundle_crcs(combine_crcs(crcs, F[i], L.bundle_bytes))
             cache.fill_holes = True
             self.caches.append(cache)
-            self.rows.append(self._view(cache.slots, cap * F[i]))
+            self.rows.append(bundle_view(store, cache.slots, cap * F[i]))
         self.F = F
         self.q = [store.q_bundles(i) for i in range(c.n_layers)]  # quantized: each layer's down scales
         self.scratch = AlignedBuf(max(1, self.plan.scratch))
@@ -116,11 +118,6 @@ class ExpertFFN:
         # the experts each layer's router picked since the last reset_stats: how concentrated the
         # routing is, which bounds what any cache can hit
         self.routed = np.zeros((c.n_layers, c.n_experts), dtype=bool)
-
-    def _view(self, buf: AlignedBuf, rows: int) -> Tensor:
-        """The first `rows` bundles of `buf`: (rows, bundle_values), or a quantized store's
-        (rows, bundle_bytes) uint8."""
-        return bundle_view(self.store, buf, rows)
 
     def __call__(self, layer: int, x: Tensor) -> Tensor:
         """x (T, D) -> (T, D) float32: the routed experts' sum (models/moe.py)."""
@@ -171,7 +168,7 @@ class ExpertFFN:
             t0 = time.perf_counter()
             self.caches[layer].read_neurons(chunk, self.scratch)
             io += time.perf_counter() - t0
-            rows = self._view(self.scratch, len(chunk) * F)
+            rows = bundle_view(self.store, self.scratch, len(chunk) * F)
             for k, e in enumerate(chunk.tolist()):
                 self._add(layer, y, x, experts, weights, e, rows[k * F : (k + 1) * F])
         return io
