@@ -95,14 +95,30 @@ class FlashModel:
 
     def chat_prompt(self, user: str, system: str | None = None) -> list[int]:
         """Token ids of a one-turn chat, rendered with the model's chat template."""
-        tok = self._need_tokenizer()
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        return self.chat_ids(messages)
+
+    def chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation ({"role", "content"} dicts, oldest first), rendered with
+        the model's chat template and ending where the assistant's answer begins. Not checked
+        against the vocabulary or the context: prompt_ids does that."""
+        tok = self._need_tokenizer()
+        messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
         bos = tok.id_to_token(self.config.bos_token_id) if self.config.bos_token_id is not None else ""
         text = render_chat(self.store.chat_template, messages, bos_token=bos or "", source=self.store.path / MANIFEST)
         ids = tok.encode(text, add_special_tokens=False).ids
         if not ids:
             raise ChatTemplateError("the chat template rendered an empty prompt", self.store.path / MANIFEST)
         return ids
+
+    def prompt_ids(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
+        """The token ids generate() would start from: `prompt` encoded (wrapped in the chat
+        template with chat=True) or, given as ids, checked against the vocabulary. An
+        InvalidArgumentError for an empty prompt or an id out of range; the context is not
+        checked here (generate does that)."""
+        if chat and isinstance(prompt, str):
+            return self._ids(self.chat_prompt(prompt), text=True)
+        return self._ids(prompt)
 
     def _ids(self, prompt: str | Sequence[int], text: bool = False) -> list[int]:
         """The prompt's token ids, checked; text: they came from text (the tokenizer's)."""
@@ -158,10 +174,7 @@ class FlashModel:
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0)
         if seed is not None:
             seed = check_int("seed", seed, -(1 << 63), (1 << 64) - 1)
-        if chat and isinstance(prompt, str):
-            ids = self._ids(self.chat_prompt(prompt), text=True)
-        else:
-            ids = self._ids(prompt)
+        ids = self.prompt_ids(prompt, chat)
         limit = self.config.max_positions
         if len(ids) >= limit:
             raise InvalidArgumentError(f"prompt of {len(ids)} tokens does not fit the model's {limit} positions")

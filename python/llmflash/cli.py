@@ -1,5 +1,5 @@
 """The `llmflash` command line: the top-level parser and the dispatch to the verbs, each of which
-lives in llmflash.commands (convert, generate and verify register with this parser; calibrate,
+lives in llmflash.commands (convert, generate, serve and verify register with this parser; calibrate,
 place, eval, bench and profile-disk parse their own arguments). Bad input, usage errors included, prints
 one line on stderr (`llmflash: error: ...`) and exits with code 2; `--help` prints the usage."""
 
@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from .commands import bench, calibrate, convert, generate, place, profile_disk, verify
+from .commands import bench, calibrate, convert, generate, place, profile_disk, serve, verify
 from .commands import eval as eval_command
 from .commands.args import Parser
 from .errors import LlmflashError
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert.register(sub)
     generate.register(sub)
+    serve.register(sub)
     verify.register(sub)
     for command, module in OWN_PARSERS.items():
         sub.add_parser(command, help=module.HELP, add_help=False)
