@@ -13,12 +13,7 @@ from ..errors import InvalidArgumentError
 def register(sub: Any) -> None:
     """Add the `generate` subcommand to the `llmflash` parser's subparsers."""
     g = sub.add_parser("generate", help="generate text from a store")
-    g.add_argument(
-        "store",
-        nargs="?",
-        default=None,
-        help="store folder (default: the embedded SmolLM2-135M-Instruct, converted once into the cache)",
-    )
+    add_store_argument(g)
     g.add_argument("-p", "--prompt", help="prompt text (default: read stdin)")
     g.add_argument("-n", type=int, default=128, help="maximum new tokens (default 128)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -31,20 +26,34 @@ def register(sub: Any) -> None:
         "(default 1: no cut; 0: the top token only)",
     )
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument(
+    add_model_options(g)
+    g.add_argument("--stats", action="store_true", help="print timing and I/O counters to stderr")
+    g.set_defaults(func=run)
+
+
+def add_store_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "store",
+        nargs="?",
+        default=None,
+        help="store folder (default: the embedded SmolLM2-135M-Instruct, converted once into the cache)",
+    )
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--strategy, the flash flags and --device: how a command that runs the model opens it."""
+    p.add_argument(
         "--strategy",
         choices=("dense", "naive", "flash"),
         help="FFN strategy (default: flash when --memory/--window/--sparsity/--hot is given, else dense)",
     )
-    add_flash_flags(g)
-    g.add_argument(
+    add_flash_flags(p)
+    p.add_argument(
         "--device",
         default="cpu",
         help="where the weights live and the math runs: cpu (default), cuda, cuda:N or auto (cuda when torch "
         "sees one); --memory is then GPU memory",
     )
-    g.add_argument("--stats", action="store_true", help="print timing and I/O counters to stderr")
-    g.set_defaults(func=run)
 
 
 def add_flash_flags(p: argparse.ArgumentParser) -> None:

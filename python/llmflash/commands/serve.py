@@ -14,24 +14,17 @@ import sys
 from typing import Any
 
 from ..errors import BudgetError, InvalidArgumentError
-from .generate import add_flash_flags, flash_options
+from .generate import add_model_options, add_store_argument, flash_options
 
 
 def register(sub: Any) -> None:
     """Add the `serve` subcommand to the `llmflash` parser's subparsers."""
     s = sub.add_parser("serve", help="serve a store over an OpenAI-compatible HTTP API")
-    s.add_argument(
-        "store",
-        nargs="?",
-        default=None,
-        help="store folder (default: the embedded SmolLM2-135M-Instruct, converted once into the cache)",
-    )
+    add_store_argument(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     s.add_argument("--model-name", help="the model's id in the API (default: the store folder's name)")
-    s.add_argument("--strategy", choices=("dense", "naive", "flash"), help="FFN strategy, as for generate")
-    add_flash_flags(s)
-    s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto, as for generate")
+    add_model_options(s)
     s.add_argument(
         "--queue", type=int, default=16, help="requests that may wait while one is generated (default 16); more: 503"
     )
