@@ -120,8 +120,10 @@ def test_eight_clients_a_full_queue_and_clients_that_leave(store):
             sock.close()
         wait_until(lambda: httpx.get(s.url + "/health").json() | {"status": 0} == {
             "status": 0, "model": model, "waiting": 0, "running": 0}, 30, "the slots to free")  # fmt: skip
-        assert metric(s, "llmflash_requests_dropped_total") == CLIENTS - 1
-        assert metric(s, 'llmflash_requests_total{outcome="cancelled"}') == 1
+        # the one generated is cancelled; the waiting ones dropped (or cancelled, if the worker took
+        # one before the event loop saw its client leave)
+        left = metric(s, "llmflash_requests_dropped_total") + metric(s, 'llmflash_requests_total{outcome="cancelled"}')
+        assert left == CLIENTS
         assert metric(s, "llmflash_completion_tokens_total") - before < LONG / 4
         text = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0)
         assert text.choices[0].text == want[PROMPTS[0], False]

@@ -13,7 +13,7 @@ import socket
 import sys
 from typing import Any
 
-from ..errors import BudgetError, InvalidArgumentError
+from ..errors import BudgetError, InvalidArgumentError, StoreError
 from .generate import add_model_options, add_store_argument, flash_options
 
 
@@ -93,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
 
     max_body = check(args)
     model = FlashModel.open(args.store, strategy=args.strategy, device=args.device, **flash_options(args))
+    if model.tokenizer is None:
+        raise StoreError(
+            "this store has no tokenizer.json: a server answers in text (convert with --tokenizer)", model.store.path
+        )
     name = args.model_name or model.store.path.name.removesuffix(".llmflash")
     settings = Settings(
         model_name=name,

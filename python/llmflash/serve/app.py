@@ -90,12 +90,14 @@ def create_app(model: FlashModel, settings: Settings) -> Starlette:
                 return model.prompt_ids(model.chat_ids(messages))
             assert isinstance(req, CompletionRequest)
             return model.prompt_ids(req.prompt_value())
-        except (LlmflashError, ValueError) as e:  # an empty prompt, an id out of range, a template error
+        except (LlmflashError, ValueError, TypeError) as e:  # an empty prompt, an id out of range, a
+            # template error, text the tokenizer refuses (a lone UTF-16 surrogate)
             param = "messages" if isinstance(req, ChatRequest) else "prompt"
             raise RequestError(str(e), param=param) from None
 
     async def prepare(request: Request, kind: type[Sampling]) -> tuple[Any, list[int], int]:
-        req = parse(kind, await read_body(request, settings.max_body))
+        body = await read_body(request, settings.max_body)
+        req = await run_in_threadpool(parse, kind, body)  # up to --max-body of JSON: off the event loop
         check_model(req.model)
         ids = await run_in_threadpool(tokenize, req)
         if len(ids) > max_prompt:

@@ -128,16 +128,24 @@ class Engine:
                 self._run(job)
             except Exception as e:  # never lose the worker: the job gets a 500, the log the traceback
                 log.exception("generation failed")
+                self._release()
+                self.metrics.finish(RequestRecord(job.kind, len(job.ids), 0.0), "error")
                 job.emit("error", RequestError(f"generation failed: {type(e).__name__}", 500, type="server_error"))
             finally:
-                with self._cond:
-                    self.running = None
+                self._release()
+
+    def _release(self) -> None:
+        """The slot is free: done before the job's last event, so that a client sending its next
+        request on reading the answer finds it free."""
+        with self._cond:
+            self.running = None
 
     def _run(self, job: Job) -> None:
         record = RequestRecord(job.kind, len(job.ids), queued_s=time.monotonic() - job.arrived)
         if job.expired():
-            job.emit("error", timeout_error(job.timeout))
+            self._release()
             self.metrics.finish(record, "timeout")
+            job.emit("error", timeout_error(job.timeout))
             return
         before = self.model.stats()
         t0 = time.perf_counter()
@@ -171,16 +179,18 @@ class Engine:
                     job.emit("text", text)
         except LlmflashError as e:  # a store that turned bad under us (a failed or corrupt read)
             log.error("generation failed: %s", e)
-            job.emit("error", RequestError(f"generation failed: {e}", 500, type="server_error"))
-            outcome = "error"
+            outcome, failure = "error", RequestError(f"generation failed: {e}", 500, type="server_error")
         record.completion_tokens = job.completion_tokens
         record.total_s = time.perf_counter() - t0
         record.add_flash(before, self.model.stats())
+        self._release()
+        self.metrics.finish(record, outcome)
         if outcome == "timeout":
             job.emit("error", timeout_error(job.timeout))
+        elif outcome == "error":
+            job.emit("error", failure)
         elif outcome in ("stop", "length"):
             job.emit("end", outcome)
-        self.metrics.finish(record, outcome)
 
 
 def timeout_error(seconds: float) -> RequestError:

@@ -95,7 +95,7 @@ class Metrics:
                 base = name.split("{")[0]
                 out += [f"# HELP llmflash_{base} {help_}", f"# TYPE llmflash_{base} {kind}"]
             if value is not None:
-                out.append(f"llmflash_{name} {value:g}" if isinstance(value, float) else f"llmflash_{name} {value}")
+                out.append(f"llmflash_{name} {value!r}")  # repr: every digit of a float
         return "\n".join(out) + "\n"
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -122,7 +122,9 @@ class ChatRequest(Sampling):
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # left to right, ids first: pydantic's default ("smart") tries every branch, and a body of
+    # two million ids then took 0.5 GB and half a second to parse instead of 23 MB and 0.03 s
+    prompt: Annotated[list[int] | str | list[str] | list[list[int]], Field(union_mode="left_to_right")]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for text completions
     echo: Literal[False] = False
     suffix: None = None
@@ -144,7 +146,7 @@ class CompletionRequest(Sampling):
         return p[0] if isinstance(p, list) and isinstance(p[0], (str, list)) else p  # type: ignore[return-value]
 
     def limit(self) -> int | None:
-        return self.max_tokens
+        return 16 if self.max_tokens is None else self.max_tokens  # null: OpenAI's default
 
 
 def parse(kind: type[Sampling], body: bytes) -> Any:
