@@ -13,7 +13,7 @@ import socket
 import sys
 from typing import Any
 
-from ..errors import BudgetError, InvalidArgumentError, StoreError
+from ..errors import BudgetError, InvalidArgumentError, StoreError, check_int
 from .generate import add_model_options, add_store_argument, flash_options
 
 
@@ -49,14 +49,11 @@ def check(args: argparse.Namespace) -> int:
     """The server's own limits, checked before the model is opened; returns --max-body in bytes."""
     from ..budget import parse_memory
 
-    if not 0 <= args.port <= 65535:
-        raise InvalidArgumentError(f"--port must be in [0, 65535], not {args.port}")
-    if args.queue < 0:
-        raise InvalidArgumentError(f"--queue must be >= 0, not {args.queue}")
+    check_int("--port", args.port, 0, 65535)
+    check_int("--queue", args.queue, 0)
     for flag in ("max_prompt_tokens", "max_tokens"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise InvalidArgumentError(f"--{flag.replace('_', '-')} must be >= 1, not {value}")
+        if getattr(args, flag) is not None:
+            check_int(f"--{flag.replace('_', '-')}", getattr(args, flag), 1)
     if not args.timeout > 0:
         raise InvalidArgumentError(f"--timeout must be a positive number of seconds, not {args.timeout}")
     try:

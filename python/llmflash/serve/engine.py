@@ -124,29 +124,26 @@ class Engine:
                     self.metrics.cancelled += 1
                     continue
                 self.running = job
+            record = RequestRecord(job.kind, len(job.ids), queued_s=time.monotonic() - job.arrived)
             try:
-                self._run(job)
+                outcome, last = self._run(job, record)
             except Exception as e:  # never lose the worker: the job gets a 500, the log the traceback
                 log.exception("generation failed")
-                self._release()
-                self.metrics.finish(RequestRecord(job.kind, len(job.ids), 0.0), "error")
-                job.emit("error", RequestError(f"generation failed: {type(e).__name__}", 500, type="server_error"))
-            finally:
-                self._release()
+                failure = RequestError(f"generation failed: {type(e).__name__}", 500, type="server_error")
+                outcome, last = "error", ("error", failure)
+            # The slot is free before the job's last event, so that a client sending its next
+            # request on reading the answer finds it free.
+            with self._cond:
+                self.running = None
+            self.metrics.finish(record, outcome)
+            if last is not None:
+                job.emit(*last)
 
-    def _release(self) -> None:
-        """The slot is free: done before the job's last event, so that a client sending its next
-        request on reading the answer finds it free."""
-        with self._cond:
-            self.running = None
-
-    def _run(self, job: Job) -> None:
-        record = RequestRecord(job.kind, len(job.ids), queued_s=time.monotonic() - job.arrived)
+    def _run(self, job: Job, record: RequestRecord) -> tuple[str, tuple | None]:
+        """Generate `job`, sending its text as it comes; returns the outcome and the last event
+        (None for a cancelled job: nobody reads it), which the caller sends once the slot is free."""
         if job.expired():
-            self._release()
-            self.metrics.finish(record, "timeout")
-            job.emit("error", timeout_error(job.timeout))
-            return
+            return "timeout", ("error", timeout_error(job.timeout))
         before = self.model.stats()
         t0 = time.perf_counter()
         dec, stops = IncrementalDecoder(self.model.tokenizer), StopMatcher(job.stops)
@@ -183,14 +180,13 @@ class Engine:
         record.completion_tokens = job.completion_tokens
         record.total_s = time.perf_counter() - t0
         record.add_flash(before, self.model.stats())
-        self._release()
-        self.metrics.finish(record, outcome)
+        if outcome == "cancelled":
+            return outcome, None
         if outcome == "timeout":
-            job.emit("error", timeout_error(job.timeout))
-        elif outcome == "error":
-            job.emit("error", failure)
-        elif outcome in ("stop", "length"):
-            job.emit("end", outcome)
+            return outcome, ("error", timeout_error(job.timeout))
+        if outcome == "error":
+            return outcome, ("error", failure)
+        return outcome, ("end", outcome)
 
 
 def timeout_error(seconds: float) -> RequestError:
